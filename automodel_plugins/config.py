@@ -1,0 +1,100 @@
+"""Read a model's ``config.json`` into a transformers config, with errors that name the file and the field.
+
+transformers' own errors for a bad config are a ``JSONDecodeError`` without the path, or a long hint to upgrade;
+this module checks the JSON first so the user learns which file and which field is wrong. It never reaches the
+hub and never runs code shipped with a checkpoint. transformers is imported on call, not at import.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from automodel_plugins.errors import ConfigError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+CONFIG_NAME = "config.json"
+
+
+def load_config(path: str | Path) -> PretrainedConfig:
+    """Load the config of a model directory, or of a ``config.json`` path, from local files only.
+
+    Raises :class:`ConfigError` naming the file (and the field) for a missing file, malformed JSON, a value that
+    is not an object, or a missing or unknown ``model_type`` (also in nested ``*_config`` objects).
+    """
+    file = config_file(path)
+    _check_model_types(file, _read_object(file))
+    from transformers import AutoConfig
+
+    # A file named config.json is loaded through its directory, so name_or_path is the model directory.
+    source = file.parent if file.name == CONFIG_NAME else file
+    try:
+        return AutoConfig.from_pretrained(str(source), local_files_only=True, trust_remote_code=False)
+    except Exception as exc:
+        raise ConfigError(
+            file, f"transformers cannot build this config: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def config_file(path: str | Path) -> Path:
+    """The ``config.json`` that ``path`` (a model directory or the file itself) designates."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CONFIG_NAME
+        if not path.is_file():
+            raise ConfigError(path.parent, f"no {CONFIG_NAME} in this directory")
+        return path
+    if not path.is_file():
+        raise ConfigError(path, "no such file or directory")
+    return path
+
+
+def _read_object(file: Path) -> dict[str, Any]:
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(file, f"cannot read: {exc}") from exc
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(file, f"malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(file, f"expected a JSON object, got a JSON {_json_kind(data)}")
+    return data
+
+
+def _check_model_types(file: Path, data: dict[str, Any]) -> None:
+    """Check the top-level ``model_type`` and those of nested sub-configs (``text_config`` and the like)."""
+    _check_model_type(file, data, "model_type", required=True)
+    for key, value in data.items():
+        if isinstance(value, dict) and "model_type" in value:
+            _check_model_type(file, value, f"{key}.model_type", required=False)
+
+
+def _check_model_type(file: Path, data: dict[str, Any], field: str, *, required: bool) -> None:
+    from transformers import __version__ as transformers_version
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    model_type = data.get("model_type")
+    if model_type is None and not required:
+        return
+    if model_type is None:
+        raise ConfigError(file, f"missing field {field!r}")
+    if not isinstance(model_type, str):
+        raise ConfigError(file, f"field {field!r} must be a string, got a JSON {_json_kind(model_type)}")
+    if model_type not in CONFIG_MAPPING:
+        close = difflib.get_close_matches(model_type, list(CONFIG_MAPPING.keys()), n=3)
+        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ConfigError(
+            file,
+            f"unknown model_type {model_type!r} in field {field!r} (transformers {transformers_version}){hint}",
+        )
+
+
+def _json_kind(value: object) -> str:
+    kinds = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
+    return kinds.get(type(value), "number")

@@ -1,0 +1,124 @@
+"""Exceptions users catch. Each names the plugin, file, key or field at fault."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+
+class AutomodelPluginsError(Exception):
+    """Base of every error this package raises on purpose."""
+
+
+# --- registry ---------------------------------------------------------------------------------------------
+
+
+class PluginError(AutomodelPluginsError):
+    """A plugin failed: import, validation, or an exception inside one of its hooks."""
+
+    def __init__(self, plugin: str, hook: str | None, message: str) -> None:
+        self.plugin = plugin
+        self.hook = hook
+        where = f"plugin {plugin!r}" + (f" in hook {hook!r}" if hook else "")
+        super().__init__(f"{where}: {message}")
+
+
+class UnknownPluginError(AutomodelPluginsError):
+    """``AUTOMODEL_PLUGINS`` (or a caller) named a plugin that is not installed."""
+
+    def __init__(self, names: Iterable[str], available: Iterable[str]) -> None:
+        self.names = sorted(names)
+        self.available = sorted(available)
+        super().__init__(
+            f"unknown plugin(s) {', '.join(map(repr, self.names))} in AUTOMODEL_PLUGINS; "
+            f"installed: {', '.join(self.available) or '(none)'}"
+        )
+
+
+class AmbiguousClaimError(AutomodelPluginsError):
+    """Several plugins claim the same config at the same highest priority."""
+
+    def __init__(self, claimants: Iterable[str], priority: int) -> None:
+        self.claimants = sorted(claimants)
+        self.priority = priority
+        super().__init__(
+            f"plugins {', '.join(map(repr, self.claimants))} all claim this config at priority {priority}; "
+            "select one with AUTOMODEL_PLUGINS=<name> or uninstall the others"
+        )
+
+
+class NoPluginClaimError(AutomodelPluginsError):
+    """``require_plugin=True`` and no plugin claimed the config."""
+
+
+# --- config and checkpoint --------------------------------------------------------------------------------
+
+
+class ConfigError(AutomodelPluginsError, ValueError):
+    """A ``config.json`` that cannot be read or does not describe a model we can build."""
+
+    def __init__(self, path: str | Path | None, message: str) -> None:
+        self.path = None if path is None else Path(path)
+        super().__init__(f"{path}: {message}" if path is not None else message)
+
+
+class UnsupportedQuantizationError(ConfigError):
+    """The config declares a quantization method the claiming plugin does not handle."""
+
+
+class CheckpointError(AutomodelPluginsError, ValueError):
+    """A checkpoint that cannot be loaded as it is. ``path`` and ``key`` name the culprit when known."""
+
+    def __init__(self, message: str, *, path: str | Path | None = None, key: str | None = None) -> None:
+        self.path = None if path is None else Path(path)
+        self.key = key
+        where = " ".join(p for p in (str(path) if path is not None else "", f"[{key}]" if key else "") if p)
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A safetensors file that is truncated, has a malformed header, or an index that does not parse."""
+
+
+class UnsafeCheckpointPathError(CheckpointError):
+    """An index entry that resolves outside the checkpoint directory."""
+
+
+class MissingKeysError(CheckpointError):
+    """Model tensors the checkpoint does not provide."""
+
+    def __init__(self, keys: Iterable[str], *, path: str | Path | None = None) -> None:
+        self.keys = sorted(keys)
+        super().__init__(f"{len(self.keys)} model tensor(s) missing from the checkpoint: {_listing(self.keys)}", path=path)
+
+
+class UnexpectedKeysError(CheckpointError):
+    """Checkpoint tensors that no model tensor consumes."""
+
+    def __init__(self, keys: Iterable[str], *, path: str | Path | None = None) -> None:
+        self.keys = sorted(keys)
+        super().__init__(f"{len(self.keys)} checkpoint tensor(s) the model does not use: {_listing(self.keys)}", path=path)
+
+
+class ShapeMismatchError(CheckpointError):
+    """A checkpoint tensor whose shape differs from the model's."""
+
+
+class DtypeMismatchError(CheckpointError):
+    """A checkpoint tensor whose dtype cannot be loaded into the model's tensor."""
+
+
+class ScaleError(CheckpointError):
+    """An FP8 weight without a scale, or a scale that is not finite and positive or does not fit the weight."""
+
+
+def _listing(keys: list[str], limit: int = 20) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+# --- model fix-ups ----------------------------------------------------------------------------------------
+
+
+class RotaryRepairError(AutomodelPluginsError):
+    """A rotary module whose buffers cannot be recomputed; names the module and its class."""

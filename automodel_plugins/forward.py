@@ -1,0 +1,268 @@
+"""The shared fused-loss forward: a stock causal-LM forward whose loss never materializes ``[tokens, vocab]``.
+
+A plugin's ``forward_override`` hook returns ``fused_loss_forward(type(model).forward, vocab_size=...)``; the
+host binds the result on the stock instance (``types.MethodType``), so the class, ``save_pretrained``, PEFT
+and ``generate`` are untouched. The returned function runs the stock base model (``self.base_model``, which
+holds the vision tower too for VLMs) with the caller's arguments, then:
+
+* with ``labels``: the loss comes from the fused linear cross-entropy over the final hidden states of every
+  position and ``lm_head.weight`` (+ bias), with transformers' ``ForCausalLMLoss`` semantics (labels shifted
+  inside unless ``shift_labels`` is given; ``num_items_in_batch`` divides the sum, else mean over labels);
+* logits come from ``lm_head`` on the positions ``logits_to_keep`` keeps, exactly as stock, unless the
+  call is labelled and ``skip_logits`` is on (the load option, or the per-call ``skip_logits=`` keyword):
+  then ``logits`` is ``None`` and ``[B, S, V]`` is never allocated;
+* ``hidden_states`` carries the final hidden state ``[B, S, H]`` (the input of ``lm_head``) unless the base
+  model returned its own per-layer tuple (``output_hidden_states``), which is kept as is.
+
+See ``docs/forward-override.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import typing
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from automodel_plugins.ops.linear_cross_entropy import linear_cross_entropy
+
+__all__ = ["SKIP_LOGITS_OPTION", "causal_lm_fused_loss", "fused_loss_forward", "slice_positions"]
+
+SKIP_LOGITS_OPTION = "skip_logits"
+# Arguments of the stock forward that feed the head and the loss only; the base model never sees them.
+_HEAD_ARGS = ("labels", "logits_to_keep", "shift_labels", "num_items_in_batch")
+_COMPOSED_FIELDS = ("loss", "logits", "hidden_states")
+
+VocabSize = int | Callable[[Any], int]
+
+
+def fused_loss_forward(
+    stock_forward: Callable[..., Any],
+    *,
+    vocab_size: VocabSize,
+    ignore_index: int = -100,
+    memory_budget_bytes: int | None = None,
+    output_class: type | None = None,
+) -> Callable[..., Any]:
+    """Build ``forward(self, *args, **kwargs)`` to bind on an instance whose class forward is ``stock_forward``.
+
+    ``vocab_size``: the head's vocabulary size, or a function of the model's config returning it (checked
+    against ``lm_head.weight`` at call time, so a tensor-parallel-sharded head fails loudly instead of
+    computing a wrong loss). ``memory_budget_bytes``: bytes of fp32 logits per chunk of the fused op (its
+    default when ``None``). ``output_class``: the output dataclass, when the stock return annotation does not
+    name exactly one ``ModelOutput`` subclass. The result wraps ``stock_forward`` (``functools.wraps``) so
+    ``inspect.signature`` reports the stock signature, which ``generate`` reads.
+    """
+    function = getattr(stock_forward, "__func__", stock_forward)  # a bound method's signature lacks self
+    signature = inspect.signature(function)
+    resolved_output = output_class or stock_output_class(function)
+
+    @functools.wraps(function)
+    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        skip_logits = kwargs.pop(SKIP_LOGITS_OPTION, None)
+        return_dict = _return_dict(self, kwargs)
+        call = _bind(signature, self, args, kwargs)
+        head = {name: call.pop(name, None) for name in _HEAD_ARGS}
+        outputs = self.base_model(**call, return_dict=True)
+        hidden = outputs[0]
+        loss = None
+        if head["labels"] is not None:
+            _check_loss_function(self)
+            loss = causal_lm_fused_loss(
+                hidden,
+                _lm_head(self, _vocab_size(vocab_size, self.config)),
+                head["labels"],
+                shift_labels=head["shift_labels"],
+                num_items_in_batch=head["num_items_in_batch"],
+                ignore_index=ignore_index,
+                memory_budget_bytes=memory_budget_bytes,
+            )
+        logits = None
+        if loss is None or not _skip_logits(self, skip_logits):
+            keep = 0 if head["logits_to_keep"] is None else head["logits_to_keep"]
+            logits = self.lm_head(slice_positions(hidden, keep))
+        output = _compose_output(resolved_output, outputs, loss=loss, logits=logits, final_hidden=hidden)
+        return output if return_dict else output.to_tuple()
+
+    return forward
+
+
+def causal_lm_fused_loss(
+    hidden: torch.Tensor,
+    head: nn.Linear,
+    labels: torch.Tensor,
+    *,
+    shift_labels: torch.Tensor | None = None,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    ignore_index: int = -100,
+    memory_budget_bytes: int | None = None,
+) -> torch.Tensor:
+    """transformers' ``ForCausalLMLoss`` on ``head(hidden)``, computed by the fused op (fp32 result, like stock).
+
+    ``labels`` are aligned with the inputs: position ``t`` predicts ``labels[t + 1]`` (the last position gets
+    ``ignore_index``). ``shift_labels``, already aligned with the predictions, replaces that shift (context
+    parallelism hands those in). ``num_items_in_batch`` (the label count over a whole gradient-accumulation
+    batch) divides the summed loss; otherwise it is the mean over non-ignored labels (0 when all are ignored,
+    where stock gives NaN). The weight is read now, inside the forward, where FSDP2 has it unsharded.
+    """
+    if shift_labels is None:
+        shift_labels = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    target = shift_labels.to(hidden.device)
+    if num_items_in_batch is None:
+        reduction, normalizer = "mean", None
+    else:
+        reduction = "sum"
+        normalizer = (
+            num_items_in_batch.to(hidden.device)
+            if torch.is_tensor(num_items_in_batch)
+            else num_items_in_batch
+        )
+    loss = linear_cross_entropy(
+        hidden,
+        head.weight,
+        target,
+        bias=head.bias,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        normalizer=normalizer,
+        memory_budget_bytes=memory_budget_bytes,
+    )
+    return loss.float()
+
+
+def slice_positions(hidden: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+    """The positions of ``[B, S, H]`` that stock keeps for logits (transformers' ``slice_logits_to_keep``).
+
+    An int ``N`` keeps the last ``N`` positions (0 keeps all); a 1-D tensor keeps those positions in every
+    row; a 2-D int tensor ``[B, K]`` keeps per-row positions; a 2-D bool mask keeps its ``True`` positions,
+    flattened to ``[N_true, H]``. Kept here rather than imported so the semantics hold across transformers 5.x.
+    """
+    if isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.ndim == 2:
+        if logits_to_keep.dtype == torch.bool:
+            return hidden[logits_to_keep]
+        return torch.take_along_dim(hidden, logits_to_keep[..., None], dim=1)
+    if isinstance(logits_to_keep, int):
+        return hidden[:, slice(-logits_to_keep, None), :]
+    return hidden[:, logits_to_keep, :]
+
+
+def stock_output_class(stock_forward: Callable[..., Any]) -> type:
+    """The single ``ModelOutput`` subclass named by the stock forward's return annotation (``tuple | X``)."""
+    from transformers.utils import ModelOutput
+
+    unwrapped = inspect.unwrap(stock_forward)
+    annotation = inspect.signature(unwrapped).return_annotation
+    if isinstance(annotation, str):
+        annotation = eval(annotation, unwrapped.__globals__)  # a postponed annotation of the stock module
+    members = typing.get_args(annotation) or (annotation,)
+    classes = [t for t in members if isinstance(t, type) and issubclass(t, ModelOutput)]
+    if len(classes) != 1:
+        raise TypeError(
+            f"cannot tell the output class of {unwrapped.__qualname__} from its return annotation "
+            f"{annotation!r}; pass output_class= to fused_loss_forward"
+        )
+    return classes[0]
+
+
+# --- helpers ----------------------------------------------------------------------------------------------
+
+
+def _return_dict(model: nn.Module, kwargs: dict[str, Any]) -> bool:
+    """``can_return_tuple``'s rule: an explicit ``return_dict`` wins over ``config.return_dict`` (default True)."""
+    default = getattr(getattr(model, "config", None), "return_dict", True)
+    passed = kwargs.pop("return_dict", None)
+    chosen = default if passed is None else passed
+    return True if chosen is None else bool(chosen)
+
+
+def _bind(
+    signature: inspect.Signature, model: nn.Module, args: tuple, kwargs: dict[str, Any]
+) -> dict[str, Any]:
+    """Name every argument the caller passed (positional ones by the stock signature), ``**kwargs`` flattened.
+
+    Arguments left at their default are not passed on: the base model applies the same defaults (and its own
+    config-driven ones, such as ``use_cache``).
+    """
+    bound = signature.bind(model, *args, **kwargs)
+    call: dict[str, Any] = {}
+    for name, value in list(bound.arguments.items())[1:]:  # the first is self
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            call.update(value)
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            raise TypeError(f"forward takes no extra positional arguments, got {len(value)}")
+        else:
+            call[name] = value
+    return call
+
+
+def _vocab_size(vocab_size: VocabSize, config: Any) -> int:
+    """The builder's vocabulary size, resolving a function of the config at call time."""
+    return int(vocab_size(config) if callable(vocab_size) else vocab_size)
+
+
+def _lm_head(model: nn.Module, vocab_size: int) -> nn.Linear:
+    """``model.lm_head``, checked to hold the full ``[V, H]`` head as a plain tensor."""
+    head = model.lm_head
+    weight = head.weight
+    if _is_dtensor(weight):
+        raise RuntimeError(
+            "lm_head.weight is a DTensor at forward time (tensor-parallel, or an FSDP2 unit of its own): the fused "
+            "loss needs the full head; shard lm_head together with its parent module, or not at all"
+        )
+    if weight.dim() != 2 or weight.shape[0] != vocab_size:
+        raise RuntimeError(
+            f"lm_head.weight has shape {tuple(weight.shape)}; the fused loss needs the full [vocab={vocab_size}, "
+            "hidden] head"
+        )
+    return head
+
+
+def _check_loss_function(model: nn.Module) -> None:
+    """Refuse a user-set ``model.loss_function``: this forward would silently not call it."""
+    if getattr(model, "_loss_function", None) is not None:
+        raise RuntimeError(
+            "model.loss_function was replaced, but this forward computes the causal-LM loss itself with the fused "
+            "linear cross-entropy; delete the replacement or load the model without the forward override"
+        )
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed
+        return False
+    return isinstance(tensor, DTensor)
+
+
+def _skip_logits(model: nn.Module, per_call: bool | None) -> bool:
+    """The per-call ``skip_logits=`` if given, else the load option on ``model.automodel_composition``."""
+    if per_call is not None:
+        return bool(per_call)
+    options: Mapping[str, Any] = getattr(getattr(model, "automodel_composition", None), "options", None) or {}
+    return bool(options.get(SKIP_LOGITS_OPTION, False))
+
+
+def _compose_output(
+    output_class: type,
+    outputs: Any,
+    *,
+    loss: torch.Tensor | None,
+    logits: torch.Tensor | None,
+    final_hidden: torch.Tensor,
+) -> Any:
+    """The stock output: loss and logits, every base-model field the class shares, and the hidden states."""
+    names = {f.name for f in dataclasses.fields(output_class)}
+    values: dict[str, Any] = {"loss": loss, "logits": logits}
+    for field in dataclasses.fields(outputs):
+        if field.name in names and field.name not in _COMPOSED_FIELDS:
+            values[field.name] = getattr(outputs, field.name)
+    if "hidden_states" in names:
+        layers = getattr(outputs, "hidden_states", None)
+        values["hidden_states"] = layers if layers is not None else final_hidden
+    return output_class(**{k: v for k, v in values.items() if k in names})

@@ -1,0 +1,74 @@
+"""The four hooks a plugin may implement. Each is a documented spec; plugins implement any subset.
+
+Order of a load (see ``pipeline.py``)::
+
+    config ─> claim_config (every plugin) ─> stock class on meta ─> state_dict_adapter (winner)
+           ─> stream tensors through the adapter ─> post_materialize (winner) ─> tie weights
+           ─> forward_override (winner) ─> the stock model, returned
+
+Only ``claim_config`` is asked of every plugin. The other three are asked of the plugin whose claim won, and
+of no other, so two plugins never half-compose one model. An exception raised inside any hook reaches the
+caller as :class:`~automodel_plugins.errors.PluginError` naming the plugin and the hook.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from automodel_plugins.markers import hookspec
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from transformers import PretrainedConfig, PreTrainedModel
+
+    from automodel_plugins.adapter import StateDictAdapter
+    from automodel_plugins.checkpoint import Checkpoint
+    from automodel_plugins.claim import Claim
+
+
+@hookspec
+def claim_config(config: PretrainedConfig) -> Claim | None:
+    """Say whether this plugin serves ``config``.
+
+    Called on every loaded plugin. Return a :class:`~automodel_plugins.Claim` (a reason, and a priority that
+    defaults to 0) or ``None``. The highest priority wins; two claims at the same highest priority raise
+    :class:`~automodel_plugins.errors.AmbiguousClaimError`. Must be cheap and side-effect free: ``list
+    --config`` asks it of every installed plugin.
+
+    A plugin that raises here is reported with the exception (``list --config``) or makes the load fail;
+    it is never taken as a silent "no".
+    """
+
+
+@hookspec
+def state_dict_adapter(config: PretrainedConfig, checkpoint: Checkpoint) -> StateDictAdapter | None:
+    """Return the adapter that maps this checkpoint's tensors onto the model's tensor names and values.
+
+    The adapter is asked, for each tensor of the model, where its value lives in the checkpoint (the data
+    key, an FP8 scale key and block size, keys consumed but dropped such as activation scales) and maps model
+    names back to checkpoint names for saving. The host streams one tensor (or one slice of it, on a sharded
+    model) at a time through it, and fails on checkpoint keys no model tensor consumed. ``checkpoint`` exposes
+    keys, dtypes and shapes without reading tensor data, so the adapter can detect the on-disk layout.
+    Return ``None`` to use the identity mapping.
+    """
+
+
+@hookspec
+def post_materialize(model: PreTrainedModel, config: PretrainedConfig) -> None:
+    """Fix the model up once its tensors are real: recompute non-persistent buffers, re-tie weights.
+
+    Called after the weights are loaded (``from_pretrained``, ``load_weights``) and once by ``build_model``
+    while the model is still on the meta device, where a plugin installs fix-ups that run later (for example
+    a one-shot forward pre-hook on each rotary module).
+    """
+
+
+@hookspec
+def forward_override(model: PreTrainedModel, config: PretrainedConfig) -> Callable[..., Any] | None:
+    """Return a function to bind as ``model.forward`` on this instance, or ``None`` to keep the stock one.
+
+    The function takes ``self`` first, like the stock method, and keeps its signature; the model's class is
+    not changed, so ``save_pretrained``, ``generate`` and PEFT keep working. Load options reach it through
+    ``model.automodel_composition``.
+    """

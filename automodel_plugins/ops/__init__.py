@@ -1,0 +1,11 @@
+"""Fused training ops that need only torch (kept import-light: no transformers here)."""
+
+from __future__ import annotations
+
+from automodel_plugins.ops.linear_cross_entropy import (
+    choose_chunk_size,
+    default_memory_budget,
+    linear_cross_entropy,
+)
+
+__all__ = ["choose_chunk_size", "default_memory_budget", "linear_cross_entropy"]

@@ -1,0 +1,204 @@
+"""Forward + backward of an LM-head loss: naive vs torch's chunked ``F.linear_cross_entropy`` vs ours.
+
+Each measurement runs in a fresh subprocess of this script (``--worker PATH``), so one path's allocator state
+cannot flatter or hurt another; the paths alternate order across repeats and the table shows medians.
+Extra peak memory is measured over the process's footprint right before the measured step (inputs and
+already-allocated ``.grad`` buffers excluded): on CPU the RSS high-water mark (``VmHWM``, reset through
+``/proc/self/clear_refs``; a sampling thread where that is unavailable), on CUDA ``max_memory_allocated``.
+
+    python benchmarks/bench_linear_cross_entropy.py            # N=4096 H=1024 V=65536 fp32, 3 repeats
+    python benchmarks/bench_linear_cross_entropy.py --quick    # small shape, for a smoke run
+    python benchmarks/bench_linear_cross_entropy.py --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import re
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+PATHS = ("naive", "torch_chunked", "ours")
+TARGETS = (  # (label, numerator, denominator, metric, limit)
+    ("extra peak memory ours / naive", "ours", "naive", "extra_mb", 0.10),
+    ("time ours / naive", "ours", "naive", "seconds", 1.10),
+    ("time ours / torch chunked", "ours", "torch_chunked", "seconds", 1.00),
+)
+
+
+# --- worker (one path, one process) -------------------------------------------------------------------
+
+
+def _loss_fn(path: str) -> Callable:
+    import torch
+    import torch.nn.functional as F
+
+    if path == "naive":
+        return lambda h, w, y: F.cross_entropy(h @ w.T, y, ignore_index=-100)
+    if path == "torch_chunked":
+        options = torch.nn.LinearCrossEntropyOptions()
+        return lambda h, w, y: F.linear_cross_entropy(h, w, y, ignore_index=-100, options=options)
+    if path == "ours":
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from automodel_plugins.ops import linear_cross_entropy
+
+        return lambda h, w, y: linear_cross_entropy(h, w, y, ignore_index=-100)
+    raise ValueError(f"unknown path {path!r}; choose from {PATHS}")
+
+
+def _status_kib(field: str) -> int:
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE).group(1))
+
+
+class _CpuPeak:
+    """Peak RSS during a block: the kernel's high-water mark when it can be reset, else a sampling thread."""
+
+    def __enter__(self) -> _CpuPeak:
+        gc.collect()
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            self.sampler = None
+        except OSError:
+            self.sampler = threading.Thread(target=self._sample, daemon=True)
+        self.base_kib = _status_kib("VmRSS")
+        self.peak_kib = self.base_kib
+        self.done = threading.Event()
+        if self.sampler is not None:
+            self.sampler.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self.done.wait(0.002):
+            self.peak_kib = max(self.peak_kib, _status_kib("VmRSS"))
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
+        if self.sampler is not None:
+            self.sampler.join()
+        else:
+            self.peak_kib = _status_kib("VmHWM")
+        self.method = "VmHWM" if self.sampler is None else "sampled VmRSS"
+
+
+def _worker(path: str, n: int, hidden: int, vocab: int, device: str, seed: int) -> dict:
+    import torch
+
+    torch.manual_seed(seed)
+    h = (torch.randn(n, hidden, device=device) * 1.0).requires_grad_()
+    w = (torch.randn(vocab, hidden, device=device) * hidden**-0.5).requires_grad_()
+    y = torch.randint(0, vocab, (n,), device=device)
+    y[::7] = -100  # 1 in 7 targets ignored (prompt / padding tokens)
+    fn = _loss_fn(path)
+    fn(h, w, y).backward()  # warm-up; also allocates h.grad and w.grad, which are excluded below
+    h.grad.zero_()
+    w.grad.zero_()
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync()
+    if device.startswith("cuda"):
+        gc.collect()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        start = time.perf_counter()
+        loss = fn(h, w, y)
+        loss.backward()
+        sync()
+        seconds = time.perf_counter() - start
+        extra = torch.cuda.max_memory_allocated() - base
+        base_mb, method = base / 2**20, "cuda max_memory_allocated"
+    else:
+        with _CpuPeak() as peak:
+            start = time.perf_counter()
+            loss = fn(h, w, y)
+            loss.backward()
+            seconds = time.perf_counter() - start
+        extra = (peak.peak_kib - peak.base_kib) * 1024
+        base_mb, method = peak.base_kib / 1024, peak.method
+    return {
+        "path": path,
+        "seconds": seconds,
+        "extra_mb": extra / 2**20,
+        "base_mb": base_mb,
+        "loss": float(loss),
+        "grad_w_norm": float(w.grad.norm()),
+        "memory_method": method,
+    }
+
+
+# --- driver -------------------------------------------------------------------------------------------
+
+
+def _run_worker(path: str, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, __file__, "--worker", path, "--n", str(args.n), "--hidden", str(args.hidden)]
+    cmd += ["--vocab", str(args.vocab), "--device", args.device, "--seed", str(args.seed)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {path} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _median(rows: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in rows)
+
+
+def _report(results: dict[str, list[dict]], args: argparse.Namespace) -> bool:
+    print(
+        f"\nN={args.n} H={args.hidden} V={args.vocab} fp32 on {args.device}, 1/7 targets ignored, "
+        f"forward+backward, median of {args.repeats} (memory: {results['ours'][0]['memory_method']})"
+    )
+    print(f"| path | time (s) | runs (s) | extra peak (MB) | base (MB) | loss |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for path in PATHS:
+        rows = results[path]
+        runs = ", ".join(f"{r['seconds']:.2f}" for r in rows)
+        print(
+            f"| {path} | {_median(rows, 'seconds'):.2f} | {runs} | {_median(rows, 'extra_mb'):.0f} | "
+            f"{_median(rows, 'base_mb'):.0f} | {rows[0]['loss']:.6f} |"
+        )
+    all_pass = True
+    print()
+    for label, num, den, metric, limit in TARGETS:
+        ratio = _median(results[num], metric) / max(_median(results[den], metric), 1e-9)
+        ok = ratio <= limit
+        all_pass &= ok
+        print(f"{label:<34} {ratio:6.3f}  (target <= {limit:.2f})  {'PASS' if ok else 'FAIL'}")
+    losses = [results[p][0]["loss"] for p in PATHS]
+    print(f"max loss difference between paths: {max(losses) - min(losses):.2e}")
+    return all_pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="N=1024 H=256 V=16384")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--n", type=int, default=None)
+    parser.add_argument("--hidden", type=int, default=None)
+    parser.add_argument("--vocab", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--worker", choices=PATHS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    default = (1024, 256, 16384) if args.quick else (4096, 1024, 65536)
+    args.n, args.hidden, args.vocab = (v or d for v, d in zip((args.n, args.hidden, args.vocab), default))
+    if args.worker:
+        print(json.dumps(_worker(args.worker, args.n, args.hidden, args.vocab, args.device, args.seed)))
+        return 0
+    results: dict[str, list[dict]] = {p: [] for p in PATHS}
+    for repeat in range(args.repeats):
+        order = PATHS if repeat % 2 == 0 else PATHS[::-1]
+        for path in order:
+            row = _run_worker(path, args)
+            results[path].append(row)
+            print(f"repeat {repeat} {path:<14} {row['seconds']:7.2f} s  extra {row['extra_mb']:7.0f} MB", flush=True)
+    return 0 if _report(results, args) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""The four hooks of the Mistral3 FP8 plugin, each a few lines over the host's shared machinery.
+
+Imports of torch and transformers stay inside the hooks: ``automodel-plugins list`` imports this module and
+must stay fast.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from automodel_plugins import Claim, hookimpl
+from automodel_plugins.quantization import quantization_dict
+
+
+@hookimpl
+def claim_config(config: Any) -> Claim | None:
+    """Mistral3 VLMs with a Ministral3 text model, FP8 or unquantized. Anything else is not ours."""
+    text_config = getattr(config, "text_config", None)
+    if getattr(config, "model_type", None) != "mistral3" or getattr(text_config, "model_type", None) != "ministral3":
+        return None
+    quantization = quantization_dict(config)
+    if quantization is None:
+        return Claim(reason="mistral3 VLM with a ministral3 text model, unquantized")
+    if quantization.get("quant_method") != "fp8":
+        return None
+    block = quantization.get("weight_block_size")
+    granularity = f"{block[0]}x{block[1]} block" if block else "per-tensor"
+    return Claim(reason=f"mistral3 VLM with a ministral3 text model, {granularity} FP8 weights")
+
+
+@hookimpl
+def state_dict_adapter(config: Any, checkpoint: Any) -> Any:
+    """Legacy or runtime key layout (from the checkpoint's keys), FP8 scales under any accepted name."""
+    from automodel_plugins.adapter import fp8_adapter_for
+
+    from automodel_plugins_mistral3_fp8.layout import detect_layout, renames_for
+
+    layout = detect_layout(checkpoint.keys(), where=checkpoint.directory)
+    return fp8_adapter_for(config, checkpoint, renames=renames_for(layout), layout=layout)
+
+
+@hookimpl
+def post_materialize(model: Any, config: Any) -> None:
+    """Recompute the text and vision rotary buffers now, and once more at each rotary module's first call
+    (after a user's ``to_empty``), since meta init leaves them as garbage that no checkpoint restores."""
+    from automodel_plugins.rotary import repair_rotary
+
+    repair_rotary(model)
+
+
+@hookimpl
+def forward_override(model: Any, config: Any) -> Any:
+    """The stock forward, except that a labelled call computes its loss with the fused linear cross-entropy
+    from the final hidden states, never materializing ``[tokens, vocab]`` logits for the loss."""
+    from automodel_plugins_mistral3_fp8.forward import mistral3_forward
+
+    return mistral3_forward(model, config)

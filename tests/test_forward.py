@@ -1,0 +1,337 @@
+"""The host's fused-loss forward builder on stock text-only and VLM classes, each checked against its own
+stock forward: the builder knows no model, so any causal LM whose base model sits at ``base_model`` works."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import types
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+)
+from transformers.loss.loss_utils import ForCausalLMLoss
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_utils import slice_logits_to_keep
+
+from automodel_plugins.forward import (
+    causal_lm_fused_loss,
+    fused_loss_forward,
+    slice_positions,
+    stock_output_class,
+)
+
+ATOL = 1e-5
+VOCAB = 256
+SEQ = 12
+TEXT = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "vocab_size": VOCAB,
+    "tie_word_embeddings": False,
+}
+QWEN_IMAGE_TOKEN, QWEN_VISION_START, QWEN_VISION_END = 200, 199, 198
+
+
+# --- tiny stock models and their batches ------------------------------------------------------------------
+
+
+def text_batch() -> dict[str, Any]:
+    gen = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(0, VOCAB, (2, SEQ), generator=gen)
+    labels = input_ids.clone()
+    labels[0, :4] = -100
+    labels[1, :2] = -100
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+
+
+def mistral() -> tuple[nn.Module, dict[str, Any]]:
+    torch.manual_seed(0)
+    return MistralForCausalLM(MistralConfig(**TEXT)).eval(), text_batch()
+
+
+def llama() -> tuple[nn.Module, dict[str, Any]]:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**TEXT)).eval(), text_batch()
+
+
+def qwen3_vl() -> tuple[nn.Module, dict[str, Any]]:
+    """Qwen3-VL with one 4x4-patch image (4 tokens after the 2x2 merge), 3-D rope positions and deepstack."""
+    torch.manual_seed(0)
+    text = {k: v for k, v in TEXT.items() if k != "tie_word_embeddings"}
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}
+    vision = {
+        "depth": 1,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_heads": 2,
+        "out_hidden_size": 64,
+        "patch_size": 8,
+        "temporal_patch_size": 2,
+        "spatial_merge_size": 2,
+        "deepstack_visual_indexes": [0],
+        "num_position_embeddings": 16,
+    }
+    config = Qwen3VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=QWEN_IMAGE_TOKEN,
+        vision_start_token_id=QWEN_VISION_START,
+        vision_end_token_id=QWEN_VISION_END,
+        tie_word_embeddings=False,
+    )
+    batch = text_batch()
+    batch["input_ids"].clamp_(max=QWEN_VISION_END - 1)
+    batch["input_ids"][0, 2:8] = torch.tensor([QWEN_VISION_START, *[QWEN_IMAGE_TOKEN] * 4, QWEN_VISION_END])
+    batch["labels"] = torch.where(batch["labels"] == -100, -100, batch["input_ids"])
+    gen = torch.Generator().manual_seed(2)
+    batch["pixel_values"] = torch.randn(16, 3 * 2 * 8 * 8, generator=gen)
+    batch["image_grid_thw"] = torch.tensor([[1, 4, 4]])
+    batch["mm_token_type_ids"] = (batch["input_ids"] == QWEN_IMAGE_TOKEN).int()
+    return Qwen3VLForConditionalGeneration(config).eval(), batch
+
+
+def text_vocab(config: Any) -> int:
+    """Where the vocabulary lives: the text sub-config of a VLM, the config itself otherwise."""
+    return getattr(config, "text_config", config).vocab_size
+
+
+FACTORIES: dict[str, Callable[[], tuple[nn.Module, dict[str, Any]]]] = {
+    "mistral": mistral,
+    "llama": llama,
+    "qwen3_vl": qwen3_vl,
+}
+
+
+def decoder_projection(model: nn.Module) -> str:
+    """The first text decoder layer's query projection, wherever the class nests its decoder."""
+    return next(
+        name for name, _ in model.named_parameters() if name.endswith("layers.0.self_attn.q_proj.weight")
+    )
+
+
+def bind(model: nn.Module, **options: Any) -> nn.Module:
+    builder = fused_loss_forward(type(model).forward, vocab_size=text_vocab, **options)
+    model.forward = types.MethodType(builder, model)
+    return model
+
+
+def without_labels(batch: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+@pytest.fixture(params=list(FACTORIES))
+def case(request: pytest.FixtureRequest) -> tuple[nn.Module, nn.Module, dict[str, Any]]:
+    """(stock, overridden, batch): two copies of the same weights."""
+    model, batch = FACTORIES[request.param]()
+    return model, bind(copy.deepcopy(model)), batch
+
+
+# --- any stock causal LM ----------------------------------------------------------------------------------
+
+
+def test_loss_and_gradients_equal_stock(case: tuple[nn.Module, nn.Module, dict[str, Any]]) -> None:
+    stock, fused, batch = case
+    expected, got = stock(**batch), fused(**batch)
+    torch.testing.assert_close(got.loss, expected.loss, atol=ATOL, rtol=0)
+    expected.loss.backward()
+    got.loss.backward()
+    for name in ("lm_head.weight", decoder_projection(stock)):
+        torch.testing.assert_close(
+            fused.get_parameter(name).grad, stock.get_parameter(name).grad, atol=ATOL, rtol=0, msg=name
+        )
+
+
+def test_logits_and_output_class_as_stock(case: tuple[nn.Module, nn.Module, dict[str, Any]]) -> None:
+    stock, fused, batch = case
+    expected, got = stock(**without_labels(batch)), fused(**without_labels(batch))
+    assert type(got) is type(expected)
+    assert torch.equal(got.logits, expected.logits)
+    assert torch.equal(fused.lm_head(got.hidden_states), got.logits)
+
+
+def test_skip_logits_per_call(case: tuple[nn.Module, nn.Module, dict[str, Any]]) -> None:
+    stock, fused, batch = case
+    got = fused(**batch, skip_logits=True)
+    assert got.logits is None
+    torch.testing.assert_close(got.loss, stock(**batch).loss, atol=ATOL, rtol=0)
+
+
+def test_generate_and_signature_as_stock(case: tuple[nn.Module, nn.Module, dict[str, Any]]) -> None:
+    stock, fused, batch = case
+    assert inspect.signature(fused.forward) == inspect.signature(stock.forward)
+    assert type(fused) is type(stock)
+    kwargs = {"max_new_tokens": 3, "do_sample": False}
+    assert torch.equal(
+        fused.generate(**without_labels(batch), **kwargs), stock.generate(**without_labels(batch), **kwargs)
+    )
+
+
+def test_return_dict_false(case: tuple[nn.Module, nn.Module, dict[str, Any]]) -> None:
+    stock, fused, batch = case
+    expected = stock(**batch, use_cache=False, return_dict=False)
+    got = fused(**batch, use_cache=False, return_dict=False)
+    assert isinstance(got, tuple)
+    torch.testing.assert_close(got[0], expected[0], atol=ATOL, rtol=0)
+    assert torch.equal(got[1], expected[1])
+
+
+# --- loss semantics ---------------------------------------------------------------------------------------
+
+
+def test_lm_head_bias_enters_loss_and_gets_its_gradient() -> None:
+    stock, batch = llama()
+    stock.lm_head = nn.Linear(TEXT["hidden_size"], VOCAB, bias=True)
+    nn.init.normal_(stock.lm_head.bias)
+    fused = bind(copy.deepcopy(stock))
+    expected, got = stock(**batch), fused(**batch, skip_logits=True)
+    torch.testing.assert_close(got.loss, expected.loss, atol=ATOL, rtol=0)
+    expected.loss.backward()
+    got.loss.backward()
+    torch.testing.assert_close(fused.lm_head.bias.grad, stock.lm_head.bias.grad, atol=ATOL, rtol=0)
+
+
+def test_all_labels_ignored_gives_zero_loss_not_nan() -> None:
+    """A deliberate difference: stock's mean over zero labels is NaN, which poisons a whole accumulation step."""
+    stock, batch = mistral()
+    batch["labels"].fill_(-100)
+    assert torch.isnan(stock(**batch).loss)
+    got = bind(stock)(**batch).loss
+    assert got.item() == 0.0
+    got.backward()
+    assert not stock.lm_head.weight.grad.any()
+
+
+@pytest.mark.parametrize("num_items", [None, 11, torch.tensor(11)])
+@pytest.mark.parametrize("given_shift", [False, True])
+def test_causal_lm_fused_loss_equals_for_causal_lm_loss(num_items: Any, given_shift: bool) -> None:
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(2, 7, 16, generator=gen, requires_grad=True)
+    head = nn.Linear(16, 50, bias=False)
+    labels = torch.randint(0, 50, (2, 7), generator=gen)
+    labels[0, 3:] = -100
+    shift = torch.randint(0, 50, (2, 7), generator=gen) if given_shift else None
+    expected = ForCausalLMLoss(head(hidden), labels, 50, num_items_in_batch=num_items, shift_labels=shift)
+    got = causal_lm_fused_loss(hidden, head, labels, shift_labels=shift, num_items_in_batch=num_items)
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+    (grad_expected,) = torch.autograd.grad(expected, hidden)
+    (grad_got,) = torch.autograd.grad(got, hidden)
+    torch.testing.assert_close(grad_got, grad_expected, atol=ATOL, rtol=0)
+
+
+def test_memory_budget_reaches_the_op(monkeypatch: pytest.MonkeyPatch) -> None:
+    import automodel_plugins.forward as forward_module
+
+    seen: list[Any] = []
+    real = forward_module.linear_cross_entropy
+
+    def spy(*args: Any, **kwargs: Any) -> torch.Tensor:
+        seen.append(kwargs["memory_budget_bytes"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(forward_module, "linear_cross_entropy", spy)
+    stock, batch = llama()
+    fused = bind(copy.deepcopy(stock), memory_budget_bytes=4096)
+    torch.testing.assert_close(fused(**batch).loss, stock(**batch).loss, atol=ATOL, rtol=0)
+    assert seen == [4096]
+
+
+# --- builder pieces ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "keep",
+    [
+        0,
+        3,
+        torch.tensor([0, 4, 11]),
+        torch.tensor([[1, 2], [9, 0]]),
+        torch.arange(SEQ).remainder(4).eq(1).expand(2, SEQ),
+    ],
+    ids=["int-all", "int-last-3", "1d", "2d-positions", "2d-bool"],
+)
+def test_slice_positions_matches_transformers(keep: int | torch.Tensor) -> None:
+    hidden = torch.randn(2, SEQ, 8)
+    assert torch.equal(slice_positions(hidden, keep), slice_logits_to_keep(hidden, keep))
+
+
+def test_stock_output_class_from_the_return_annotation() -> None:
+    assert stock_output_class(LlamaForCausalLM.forward) is CausalLMOutputWithPast
+
+    def unannotated(self: Any, input_ids: Any = None) -> Any: ...
+
+    with pytest.raises(TypeError, match="output_class="):
+        stock_output_class(unannotated)
+
+
+def test_explicit_output_class_and_bound_method() -> None:
+    """A bound stock method works as well as the class function; ``output_class`` skips the annotation."""
+    stock, batch = llama()
+    fused = copy.deepcopy(stock)
+    builder = fused_loss_forward(fused.forward, vocab_size=VOCAB, output_class=CausalLMOutputWithPast)
+    fused.forward = types.MethodType(builder, fused)
+    assert inspect.signature(fused.forward) == inspect.signature(stock.forward)
+    torch.testing.assert_close(fused(**batch).loss, stock(**batch).loss, atol=ATOL, rtol=0)
+
+
+def test_vocab_size_mismatch_with_the_head_is_refused() -> None:
+    model, batch = llama()
+    model.forward = types.MethodType(fused_loss_forward(type(model).forward, vocab_size=VOCAB * 2), model)
+    with pytest.raises(RuntimeError, match="full"):
+        model(**batch)
+    assert model(**without_labels(batch)).logits.shape[-1] == VOCAB  # unlabelled calls never read the head
+
+
+def test_deprecated_past_key_values_name_still_reaches_the_cache() -> None:
+    """transformers 5.24 renamed ``past_key_values`` to ``cache`` and still accepts the old keyword."""
+    stock, batch = llama()
+    fused = bind(copy.deepcopy(stock))
+    inputs = without_labels(batch)
+    prefix = {k: v[:, :-1] for k, v in inputs.items()}
+    last = {k: v[:, -1:] for k, v in inputs.items() if k == "input_ids"}
+    cache = fused(**prefix, use_cache=True).cache
+    with pytest.warns(FutureWarning, match="past_key_values"):
+        step = fused(**last, attention_mask=inputs["attention_mask"], past_key_values=cache)
+    torch.testing.assert_close(step.logits[:, -1], stock(**inputs).logits[:, -1], atol=ATOL, rtol=0)
+
+
+@pytest.fixture
+def single_rank_mesh() -> Any:
+    """A one-rank gloo process group and CPU mesh, torn down after the test."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("needs torch.distributed and no process group already running")
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_head_is_refused(single_rank_mesh: Any) -> None:
+    """A DTensor head at forward time (tensor parallel, or lm_head as its own FSDP2 unit) is not the full head."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    model, batch = llama()
+    bind(model)
+    model.lm_head.weight = nn.Parameter(
+        distribute_tensor(model.lm_head.weight.detach(), single_rank_mesh, [Shard(0)])
+    )
+    with pytest.raises(RuntimeError, match="DTensor"):
+        model(**batch, skip_logits=True)

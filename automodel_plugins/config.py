@@ -98,3 +98,10 @@ def _check_model_type(file: Path, data: dict[str, Any], field: str, *, required:
 def _json_kind(value: object) -> str:
     kinds = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
     return kinds.get(type(value), "number")
+
+
+def config_file_exists(path: str | Path) -> bool:
+    """Whether a checkpoint path (directory, or a file inside one) has a ``config.json`` beside its tensors."""
+    path = Path(path)
+    directory = path if path.is_dir() else path.parent
+    return (directory / CONFIG_NAME).is_file()

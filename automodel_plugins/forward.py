@@ -68,11 +68,12 @@ def fused_loss_forward(
         return_dict = _return_dict(self, kwargs)
         call = _bind(signature, self, args, kwargs)
         head = {name: call.pop(name, None) for name in _HEAD_ARGS}
+        if head["labels"] is not None:
+            _check_loss_function(self)  # before the base model's forward, which it would waste
         outputs = self.base_model(**call, return_dict=True)
         hidden = outputs[0]
         loss = None
         if head["labels"] is not None:
-            _check_loss_function(self)
             loss = causal_lm_fused_loss(
                 hidden,
                 _lm_head(self, _vocab_size(vocab_size, self.config)),

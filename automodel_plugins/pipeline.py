@@ -20,10 +20,10 @@ from torch import nn
 
 from automodel_plugins.adapter import Fp8StateDictAdapter, StateDictAdapter
 from automodel_plugins.checkpoint import Checkpoint
-from automodel_plugins.config import load_config
+from automodel_plugins.config import config_file_exists, load_config
 from automodel_plugins.errors import CheckpointError, ConfigError, PluginError
 from automodel_plugins.loading import LoadReport, ensure_no_meta, model_tensors, plan_load, stream_into
-from automodel_plugins.registry import Registry, get_registry
+from automodel_plugins.registry import ClaimVerdict, Registry, get_registry
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
@@ -66,15 +66,16 @@ def from_pretrained(
     """
     registry = registry or get_registry()
     config = load_config(path)
-    plugin = registry.resolve(config, require_plugin=require_plugin)
-    if plugin is None:
+    claim = registry.winning_claim(config, require_plugin=require_plugin)
+    if claim is None:
         return _stock_from_pretrained(path, config, dtype=dtype, device=device, **stock_kwargs)
+    plugin = claim.plugin
     if stock_kwargs:
         raise TypeError(f"options {sorted(stock_kwargs)} only apply to the stock path; plugin {plugin!r} claimed this config")
     dtype = resolve_dtype(config, dtype)
     device = torch.device(device)
     model = _build_on_meta(config, dtype)
-    composition = _compose(registry, plugin, config, skip_logits=skip_logits)
+    composition = _compose(registry, claim, skip_logits=skip_logits)
     with Checkpoint.open(path) as checkpoint:
         adapter = _adapter(registry, plugin, config, checkpoint)
         plan = plan_load(model_tensors(model), adapter, checkpoint)
@@ -105,10 +106,11 @@ def build_model(
     """
     registry = registry or get_registry()
     config = path_or_config if not isinstance(path_or_config, (str, Path)) else load_config(path_or_config)
-    plugin = registry.resolve(config, require_plugin=require_plugin)
+    claim = registry.winning_claim(config, require_plugin=require_plugin)
+    plugin = None if claim is None else claim.plugin
     dtype = resolve_dtype(config, dtype)
     model = _build_on_meta(config, dtype)
-    composition = _compose(registry, plugin, config, skip_logits=skip_logits)
+    composition = _compose(registry, claim, skip_logits=skip_logits)
     if plugin is not None:
         registry.call(plugin, "post_materialize", model=model, config=config)
         _bind_forward(registry, plugin, model, config, composition)
@@ -138,8 +140,11 @@ def load_weights(
     registry = registry or get_registry()
     composition: Composition | None = getattr(model, COMPOSITION_ATTR, None)
     plugin = composition.plugin if composition else registry.resolve(model.config)
+    # The checkpoint's own config says how it is stored (FP8 block size, modules never converted); the
+    # model's config stopped declaring a quantization once a first load dequantized it.
+    checkpoint_config = load_config(path) if config_file_exists(path) else model.config
     with Checkpoint.open(path) as checkpoint:
-        adapter = _adapter(registry, plugin, model.config, checkpoint)
+        adapter = _adapter(registry, plugin, checkpoint_config, checkpoint)
         plan = plan_load(model_tensors(model), adapter, checkpoint, allow_unused=stage)
         device = next((t.device for t in model.parameters()), torch.device("cpu"))
         report = stream_into(model, plan, checkpoint, dtype=model.dtype, device=device, assign=False, progress=progress)
@@ -198,15 +203,13 @@ def _stock_from_pretrained(
     return model
 
 
-def _compose(registry: Registry, plugin: str | None, config: PretrainedConfig, *, skip_logits: bool) -> Composition:
-    reason = None
-    if plugin is not None:
-        reason = next((v.reason for v in registry.claims(config) if v.plugin == plugin and v.claimed), None)
+def _compose(registry: Registry, claim: ClaimVerdict | None, *, skip_logits: bool) -> Composition:
+    plugin = None if claim is None else claim.plugin
     return Composition(
         plugin=plugin,
         plugin_version=registry.version(plugin) if plugin else None,
         distribution=registry.distribution(plugin) if plugin else None,
-        claim_reason=reason,
+        claim_reason=claim.reason if claim else None,
         options={"skip_logits": skip_logits},
     )
 

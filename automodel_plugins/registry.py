@@ -241,13 +241,20 @@ class Registry:
         Raises :class:`PluginError` when a claim raised, :class:`AmbiguousClaimError` on a tie at the top
         priority, and :class:`NoPluginClaimError` when nobody claims and ``require_plugin`` is set.
         """
+        claim = self.winning_claim(config, require_plugin=require_plugin)
+        return None if claim is None else claim.plugin
+
+    def winning_claim(self, config: PretrainedConfig, *, require_plugin: bool = False) -> ClaimVerdict | None:
+        """Like :meth:`resolve`, but the winner's whole verdict (its reason and priority), asking each plugin once."""
         verdicts = self.claims(config)
         winner = pick_winner(verdicts)
-        if winner is None and require_plugin:
-            asked = ", ".join(v.plugin for v in verdicts) or "(no plugins loaded)"
-            model_type = getattr(config, "model_type", None)
-            raise NoPluginClaimError(f"no plugin claims model_type {model_type!r}; asked: {asked}")
-        return winner
+        if winner is None:
+            if require_plugin:
+                asked = ", ".join(v.plugin for v in verdicts) or "(no plugins loaded)"
+                model_type = getattr(config, "model_type", None)
+                raise NoPluginClaimError(f"no plugin claims model_type {model_type!r}; asked: {asked}")
+            return None
+        return next(v for v in verdicts if v.plugin == winner)
 
     def call(self, plugin: str, hook: str, **kwargs: Any) -> Any:
         """Call ``plugin``'s implementation of ``hook`` only; ``None`` when it does not implement it.

@@ -153,7 +153,7 @@ def _report(results: dict[str, list[dict]], args: argparse.Namespace) -> bool:
         f"\nN={args.n} H={args.hidden} V={args.vocab} fp32 on {args.device}, 1/7 targets ignored, "
         f"forward+backward, median of {args.repeats} (memory: {results['ours'][0]['memory_method']})"
     )
-    print(f"| path | time (s) | runs (s) | extra peak (MB) | base (MB) | loss |")
+    print("| path | time (s) | runs (s) | extra peak (MB) | base (MB) | loss |")
     print("| --- | --- | --- | --- | --- | --- |")
     for path in PATHS:
         rows = results[path]
@@ -175,7 +175,9 @@ def _report(results: dict[str, list[dict]], args: argparse.Namespace) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="N=1024 H=256 V=16384")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
@@ -186,7 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker", choices=PATHS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     default = (1024, 256, 16384) if args.quick else (4096, 1024, 65536)
-    args.n, args.hidden, args.vocab = (v or d for v, d in zip((args.n, args.hidden, args.vocab), default))
+    args.n, args.hidden, args.vocab = (
+        v or d for v, d in zip((args.n, args.hidden, args.vocab), default, strict=True)
+    )
     if args.worker:
         print(json.dumps(_worker(args.worker, args.n, args.hidden, args.vocab, args.device, args.seed)))
         return 0
@@ -196,7 +200,10 @@ def main(argv: list[str] | None = None) -> int:
         for path in order:
             row = _run_worker(path, args)
             results[path].append(row)
-            print(f"repeat {repeat} {path:<14} {row['seconds']:7.2f} s  extra {row['extra_mb']:7.0f} MB", flush=True)
+            print(
+                f"repeat {repeat} {path:<14} {row['seconds']:7.2f} s  extra {row['extra_mb']:7.0f} MB",
+                flush=True,
+            )
     return 0 if _report(results, args) else 1
 
 

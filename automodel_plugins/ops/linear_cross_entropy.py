@@ -102,7 +102,9 @@ def _check_options(
             raise ValueError('normalizer divides a scalar loss; it cannot be used with reduction="none"')
         if isinstance(normalizer, torch.Tensor):
             if normalizer.numel() != 1:
-                raise ValueError(f"normalizer tensor must hold one value, got shape {tuple(normalizer.shape)}")
+                raise ValueError(
+                    f"normalizer tensor must hold one value, got shape {tuple(normalizer.shape)}"
+                )
             value = float(normalizer.detach().reshape(()).item())
         elif isinstance(normalizer, Real) and not isinstance(normalizer, bool):
             value = float(normalizer)

@@ -21,6 +21,8 @@ import pytest
 if TYPE_CHECKING:
     from automodel_plugins.registry import Registry
 
+pytest_plugins = ["automodel_plugins.testing.fixtures"]  # checkpoint factories and plugin_registry
+
 FakeDistribution = Callable[..., Path]
 RunCli = Callable[..., "subprocess.CompletedProcess[str]"]
 

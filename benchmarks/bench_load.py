@@ -1,0 +1,255 @@
+"""Loading the FP8 Mistral3 checkpoint: ``automodel_plugins.from_pretrained`` vs transformers' own loader.
+
+Both load the same ~0.33B-parameter FP8 checkpoint (``benchmarks/_checkpoint.py``, generated once) into the stock
+``Mistral3ForConditionalGeneration`` in BF16 on CPU. Transformers dequantizes through its
+``FineGrainedFP8Config(dequantize=True)`` path (automatic on CPU). Each measurement is a fresh process of this script
+(``--worker``); the two loaders alternate, and the table shows medians of ``--repeats`` runs each.
+
+Per process, after every import and right before the load: ``gc.collect()``, baseline = ``VmRSS``, the kernel's
+high-water mark reset through ``/proc/self/clear_refs`` (checked; a 2 ms ``VmRSS`` sampling thread otherwise).
+Peak = ``VmHWM`` - baseline (anonymous + file-backed pages, i.e. memory-mapped checkpoint pages this process
+touched count too). Time = wall (and CPU) seconds of the load call alone. After measuring, the worker checks the
+model is usable (no meta tensor, every float parameter BF16 on CPU, one text forward) and digests every tensor;
+the driver requires ours and transformers' state dicts to be bit-identical and their next-token top-5 to match.
+The shard files are read once beforehand so both loaders start from a warm page cache.
+
+Targets: peak / BF16 parameter bytes <= 0.75 and <= transformers'; wall time ours / transformers <= 1.0.
+
+    python benchmarks/bench_load.py                 # 3 processes per loader
+    python benchmarks/bench_load.py --repeats 5 [--kind block] [--path DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import hashlib
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+LOADERS = ("ours", "transformers")
+PEAK_TARGET = 0.75
+TIME_TARGET = 1.0
+
+
+# --- memory measurement (shared with bench_train_step.py) --------------------------------------------------
+
+
+def status_kib(field: str) -> int:
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE).group(1))
+
+
+class PeakRss:
+    """Peak RSS over the baseline taken on entry: the kernel's ``VmHWM`` after resetting it through
+    ``/proc/self/clear_refs`` (verified: a failed reset leaves ``VmHWM`` above ``VmRSS``), else a sampling thread."""
+
+    def __enter__(self) -> PeakRss:
+        gc.collect()
+        self.sampler: threading.Thread | None = None
+        self.base_kib = status_kib("VmRSS")
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            reset = status_kib("VmHWM") <= status_kib("VmRSS") + 1024
+        except OSError:
+            reset = False
+        self.method = "VmHWM reset via /proc/self/clear_refs"
+        if not reset:
+            self.method = "VmRSS sampled every 2 ms"
+            self.peak_kib = self.base_kib
+            self.done = threading.Event()
+            self.sampler = threading.Thread(target=self._sample, daemon=True)
+            self.sampler.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self.done.wait(0.002):
+            self.peak_kib = max(self.peak_kib, status_kib("VmRSS"))
+
+    def __exit__(self, *exc: object) -> None:
+        if self.sampler is not None:
+            self.done.set()
+            self.sampler.join()
+            self.peak_kib = max(self.peak_kib, status_kib("VmRSS"))
+        else:
+            self.peak_kib = status_kib("VmHWM")
+        self.end_kib = status_kib("VmRSS")
+
+    @property
+    def extra_bytes(self) -> int:
+        return (self.peak_kib - self.base_kib) * 1024
+
+
+# --- worker: one load in this process ----------------------------------------------------------------------
+
+
+def _tensor_digest(tensor) -> str:
+    import torch
+
+    data = tensor.detach().contiguous().view(torch.uint8) if tensor.numel() else tensor.detach()
+    return hashlib.blake2b(data.numpy().tobytes() if tensor.numel() else b"", digest_size=8).hexdigest()
+
+
+def worker(loader: str, path: str) -> dict:
+    import torch
+    import transformers  # noqa: F401  (imported before the baseline, by both loaders)
+    from transformers import Mistral3ForConditionalGeneration
+
+    import automodel_plugins
+    import automodel_plugins.pipeline  # noqa: F401
+
+    with PeakRss() as peak:
+        wall, cpu = time.perf_counter(), time.process_time()
+        if loader == "ours":
+            model = automodel_plugins.from_pretrained(path, dtype=torch.bfloat16, progress=False)
+        else:
+            model = Mistral3ForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+
+    # Usable? Checked after measuring (digesting touches every memory-mapped page).
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    bad = [n for n, t in tensors.items() if t.is_meta or t.device.type != "cpu"]
+    bad += [n for n, t in model.named_parameters() if t.is_floating_point() and t.dtype != torch.bfloat16]
+    with torch.no_grad():
+        ids = torch.arange(100, 116).unsqueeze(0)
+        logits = model(input_ids=ids).logits[0, -1].float()
+    return {
+        "loader": loader,
+        "class": type(model).__name__,
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "peak_bytes": peak.extra_bytes,
+        "after_bytes": (peak.end_kib - peak.base_kib) * 1024,
+        "base_mib": peak.base_kib / 1024,
+        "memory_method": peak.method,
+        "bad_tensors": bad[:5],
+        "digests": {n: _tensor_digest(t) for n, t in sorted(model.state_dict().items())},
+        "top5": logits.topk(5).indices.tolist(),
+        "composition": str(getattr(getattr(model, "automodel_composition", None), "load", None)),
+    }
+
+
+# --- driver ------------------------------------------------------------------------------------------------
+
+
+def run_worker(loader: str, path: Path) -> dict:
+    env = {**os.environ, "AUTOMODEL_PLUGINS_PROGRESS": "0", "TQDM_DISABLE": "1"}
+    cmd = [sys.executable, __file__, "--worker", loader, "--path", str(path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{loader} worker failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def warm_page_cache(path: Path) -> None:
+    for file in sorted(path.glob("*.safetensors")):
+        with open(file, "rb", buffering=0) as fh:
+            while fh.read(64 << 20):
+                pass
+
+
+def check_equal(results: dict[str, list[dict]]) -> list[str]:
+    """Problems: a loader's model unusable, or the two models not bit-identical."""
+    problems = []
+    for loader, rows in results.items():
+        for row in rows:
+            if row["bad_tensors"]:
+                problems.append(f"{loader}: tensors on meta / not cpu / not bf16: {row['bad_tensors']}")
+    ours, theirs = results["ours"][0], results["transformers"][0]
+    if set(ours["digests"]) != set(theirs["digests"]):
+        problems.append(f"state dict keys differ: {sorted(set(ours['digests']) ^ set(theirs['digests']))[:5]}")
+    differ = [k for k in ours["digests"] if k in theirs["digests"] and ours["digests"][k] != theirs["digests"][k]]
+    if differ:
+        problems.append(f"{len(differ)} tensor(s) differ, e.g. {differ[:3]}")
+    if ours["top5"] != theirs["top5"]:
+        problems.append(f"next-token top-5 differ: {ours['top5']} vs {theirs['top5']}")
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3, help="processes per loader (median)")
+    parser.add_argument("--kind", default="per-tensor", choices=("per-tensor", "block"))
+    parser.add_argument("--path", type=Path, help="an existing checkpoint instead of the generated one")
+    parser.add_argument("--worker", choices=LOADERS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args.worker, str(args.path))))
+        return 0
+
+    from _checkpoint import bf16_parameter_bytes, ensure_checkpoint
+
+    path = args.path or ensure_checkpoint(args.kind)
+    model_bytes = bf16_parameter_bytes(path)
+    disk = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    warm_page_cache(path)
+    load_before = os.getloadavg()
+    results: dict[str, list[dict]] = {loader: [] for loader in LOADERS}
+    for repeat in range(args.repeats):
+        for loader in LOADERS if repeat % 2 == 0 else LOADERS[::-1]:
+            row = run_worker(loader, path)
+            results[loader].append(row)
+            print(
+                f"  run {repeat + 1} {loader:<12} wall {row['wall_s']:6.2f} s  cpu {row['cpu_s']:6.2f} s  "
+                f"peak +{row['peak_bytes'] / 2**20:6.0f} MiB",
+                flush=True,
+            )
+    load_after = os.getloadavg()
+
+    def med(loader: str, key: str) -> float:
+        return statistics.median(r[key] for r in results[loader])
+
+    print(
+        f"\ncheckpoint: {path.name} ({disk / 2**20:.0f} MiB on disk, {model_bytes / 2 / 1e9:.3f}B parameters = "
+        f"{model_bytes / 2**20:.0f} MiB in BF16), bf16 on cpu, torch threads {_threads()}, "
+        f"median of {args.repeats} processes each"
+    )
+    print(f"memory: {results['ours'][0]['memory_method']}; load average {load_before[0]:.1f} -> {load_after[0]:.1f}")
+    print("| loader | wall (s) | cpu (s) | peak over baseline (MiB) | peak / BF16 params | runs wall (s) |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for loader in LOADERS:
+        runs = ", ".join(f"{r['wall_s']:.2f}" for r in results[loader])
+        print(
+            f"| {loader} | {med(loader, 'wall_s'):.2f} | {med(loader, 'cpu_s'):.2f} | "
+            f"{med(loader, 'peak_bytes') / 2**20:.0f} | {med(loader, 'peak_bytes') / model_bytes:.3f} | {runs} |"
+        )
+    ours_peak = med("ours", "peak_bytes") / model_bytes
+    theirs_peak = med("transformers", "peak_bytes") / model_bytes
+    wall_ratio = med("ours", "wall_s") / med("transformers", "wall_s")
+    cpu_ratio = med("ours", "cpu_s") / med("transformers", "cpu_s")
+    problems = check_equal(results)
+    checks = [
+        (f"peak / BF16 params (ours)              {ours_peak:6.3f}  (target <= {PEAK_TARGET})", ours_peak <= PEAK_TARGET),
+        (
+            f"peak / BF16 params ours vs transformers {ours_peak:6.3f} vs {theirs_peak:.3f}  (no worse)",
+            ours_peak <= theirs_peak,
+        ),
+        (f"wall time ours / transformers          {wall_ratio:6.3f}  (target <= {TIME_TARGET})", wall_ratio <= TIME_TARGET),
+        ("models bit-identical, top-5 equal" + (f": {'; '.join(problems)}" if problems else ""), not problems),
+    ]
+    print()
+    for text, ok in checks:
+        print(f"{text}  {'PASS' if ok else 'FAIL'}")
+    print(f"(cpu time ours / transformers            {cpu_ratio:6.3f}, for reference)")
+    print(f"ours: {results['ours'][0]['composition']}")
+    print(f"overall: {'PASS' if all(ok for _, ok in checks) else 'FAIL'}")
+    return 0
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

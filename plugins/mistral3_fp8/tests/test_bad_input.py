@@ -1,0 +1,332 @@
+"""Broken checkpoints and configs: each fails with a typed exception whose message names the file, key or field."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from automodel_plugins_mistral3_fp8 import plugin
+
+from automodel_plugins import CheckpointError, ConfigError, NoPluginClaimError, PluginError, build_model, from_pretrained, load_weights
+from automodel_plugins.checkpoint import Checkpoint
+from automodel_plugins.config import load_config
+from automodel_plugins.errors import (
+    CorruptCheckpointError,
+    DtypeMismatchError,
+    MissingKeysError,
+    ScaleError,
+    ShapeMismatchError,
+    UnexpectedKeysError,
+    UnsafeCheckpointPathError,
+    UnsupportedQuantizationError,
+)
+from automodel_plugins.registry import Registry
+
+from .conftest import CheckpointSpec, Checkpoints, edit_config, edit_tensors
+
+Q_PROJ = "language_model.model.layers.0.self_attn.q_proj.weight"
+Q_SCALE = "language_model.model.layers.0.self_attn.q_proj.weight_scale_inv"
+NORM = "language_model.model.norm.weight"
+AWQ = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"}
+
+
+@pytest.fixture
+def damaged(checkpoints: Checkpoints, tmp_path: Path):
+    """A private copy of a generated checkpoint, to break."""
+
+    def make(**changes: Any) -> Path:
+        return checkpoints.copy(tmp_path / "damaged", CheckpointSpec(**changes))
+
+    return make
+
+
+def load(path: Path, registry: Registry, **kwargs: Any) -> Any:
+    return from_pretrained(path, registry=registry, **kwargs)
+
+
+# --- corrupt files ----------------------------------------------------------------------------------------
+
+
+def test_truncated_shard_names_the_file(registry: Registry, damaged) -> None:
+    path = damaged(shards=2)
+    shard = path / "model-00002-of-00002.safetensors"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) - 100])
+    with pytest.raises(CorruptCheckpointError, match="truncated") as caught:
+        load(path, registry)
+    assert caught.value.path == shard.resolve() and shard.name in str(caught.value)
+
+
+def test_garbage_header_names_the_file(registry: Registry, damaged) -> None:
+    path = damaged()
+    file = path / "model.safetensors"
+    data = bytearray(file.read_bytes())
+    data[8:24] = b"\xff" * 16
+    file.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpointError, match="header") as caught:
+        load(path, registry)
+    assert str(file.resolve()) in str(caught.value)
+
+
+def test_index_naming_a_missing_shard(registry: Registry, damaged) -> None:
+    path = damaged(shards=2)
+    (path / "model-00001-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="does not exist") as caught:
+        load(path, registry)
+    assert "model-00001-of-00002.safetensors" in str(caught.value)
+
+
+# --- scales -----------------------------------------------------------------------------------------------
+
+
+def test_fp8_weight_without_a_scale_names_the_weight(registry: Registry, damaged) -> None:
+    path = damaged()
+    edit_tensors(path, lambda t: t.pop(Q_SCALE))
+    with pytest.raises(ScaleError, match="has no scale") as caught:
+        load(path, registry)
+    assert caught.value.key == Q_PROJ and Q_PROJ in str(caught.value)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 0.0, -0.5], ids=["nan", "inf", "zero", "negative"])
+@pytest.mark.parametrize("block_size", [None, (32, 32)], ids=["per-tensor", "block"])
+def test_bad_scale_value_names_the_scale(
+    registry: Registry, damaged, value: float, block_size: tuple[int, int] | None
+) -> None:
+    path = damaged(block_size=block_size)
+
+    def poison(tensors: dict[str, torch.Tensor]) -> None:
+        scale = tensors[Q_SCALE].clone()
+        scale.view(-1)[-1] = value  # the last cell of a grid, the only one of a 0-d scale
+        tensors[Q_SCALE] = scale
+
+    edit_tensors(path, poison)
+    with pytest.raises(ScaleError, match="not finite and positive") as caught:
+        load(path, registry)
+    assert caught.value.key == Q_SCALE and Q_SCALE in str(caught.value)
+
+
+@pytest.mark.parametrize("grid", [(2, 2), (2, 3), ()], ids=["too-few-cols", "too-many-cols", "0-d"])
+def test_block_scale_grid_of_wrong_shape(registry: Registry, damaged, grid: tuple[int, ...]) -> None:
+    """q_proj is 64x64: with 32x32 blocks its grid must be 2x2... here 2x2 is right only for q_proj, so
+    the damaged scale sits on down_proj (64x128, grid 2x4)."""
+    path = damaged(block_size=(32, 32))
+    key = "language_model.model.layers.1.mlp.down_proj.weight_scale_inv"
+    edit_tensors(path, lambda t: t.__setitem__(key, torch.ones(grid)))
+    with pytest.raises(ScaleError, match="grid shape|one element|block scales") as caught:
+        load(path, registry)
+    assert caught.value.key == key and key in str(caught.value)
+
+
+def test_per_tensor_scale_with_several_elements(registry: Registry, damaged) -> None:
+    path = damaged()
+    edit_tensors(path, lambda t: t.__setitem__(Q_SCALE, torch.ones(2)))
+    with pytest.raises(ScaleError, match="one element") as caught:
+        load(path, registry)
+    assert caught.value.key == Q_SCALE
+
+
+# --- tensors that do not fit the model --------------------------------------------------------------------
+
+
+def test_shape_mismatch_names_the_key(registry: Registry, damaged) -> None:
+    path = damaged()
+    edit_tensors(path, lambda t: t.__setitem__(NORM, torch.ones(65, dtype=torch.bfloat16)))
+    with pytest.raises(ShapeMismatchError, match=r"\(65,\)") as caught:
+        load(path, registry)
+    assert caught.value.key == NORM and NORM in str(caught.value)
+
+
+def test_fp8_shape_mismatch_names_the_key(registry: Registry, damaged) -> None:
+    path = damaged()
+    edit_tensors(path, lambda t: t.__setitem__(Q_PROJ, t[Q_PROJ][:32].contiguous()))
+    with pytest.raises(ShapeMismatchError) as caught:
+        load(path, registry)
+    assert caught.value.key == Q_PROJ
+
+
+def test_integer_tensor_where_a_float_is_expected(registry: Registry, damaged) -> None:
+    path = damaged()
+    edit_tensors(path, lambda t: t.__setitem__(NORM, torch.ones(64, dtype=torch.int32)))
+    with pytest.raises(DtypeMismatchError, match="int32") as caught:
+        load(path, registry)
+    assert caught.value.key == NORM and NORM in str(caught.value)
+
+
+def test_unexpected_keys_are_listed(registry: Registry, damaged) -> None:
+    path = damaged()
+    extra = ["language_model.model.layers.2.mlp.gate_proj.weight", "vision_tower.extra.bias"]
+    edit_tensors(path, lambda t: t.update({k: torch.zeros(2, dtype=torch.bfloat16) for k in extra}))
+    with pytest.raises(UnexpectedKeysError) as caught:
+        load(path, registry)
+    assert caught.value.keys == sorted(extra)
+    assert all(k in str(caught.value) for k in extra)
+
+
+def test_missing_keys_are_listed(registry: Registry, damaged) -> None:
+    path = damaged()
+    gone = [NORM, "vision_tower.ln_pre.weight"]
+    edit_tensors(path, lambda t: [t.pop(k) for k in gone])
+    with pytest.raises(MissingKeysError) as caught:
+        load(path, registry)
+    assert len(caught.value.keys) == 2
+    assert all(k in str(caught.value) for k in gone)
+    assert "model.language_model.norm.weight" in str(caught.value)
+
+
+def test_missing_fp8_weight_with_its_scale_left_behind(registry: Registry, damaged) -> None:
+    path = damaged()
+    edit_tensors(path, lambda t: t.pop(Q_PROJ))
+    with pytest.raises(MissingKeysError, match="q_proj.weight"):
+        load(path, registry)
+
+
+# --- paths and files outside the checkpoint ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("entry", ["../outside.safetensors", "/etc/passwd", "sub/../../outside.safetensors"])
+def test_index_entry_outside_the_directory(registry: Registry, damaged, entry: str) -> None:
+    path = damaged(shards=2)
+    index = path / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    data["weight_map"][NORM] = entry
+    index.write_text(json.dumps(data))
+    with pytest.raises(UnsafeCheckpointPathError) as caught:
+        load(path, registry)
+    assert caught.value.key == NORM and entry in str(caught.value) and index.name in str(caught.value)
+
+
+def test_symlinked_shard_escaping_the_directory(registry: Registry, damaged, tmp_path: Path) -> None:
+    path = damaged(shards=2)
+    shard = path / "model-00002-of-00002.safetensors"
+    outside = tmp_path / "elsewhere.safetensors"
+    shard.rename(outside)
+    shard.symlink_to(outside)
+    with pytest.raises(UnsafeCheckpointPathError, match="outside the checkpoint directory"):
+        load(path, registry)
+
+
+class _Trap:
+    """Unpickling this writes a marker file: proof that something executed pickle data."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Path.write_text, (self.marker, "unpickled"))
+
+
+def test_pickles_in_the_directory_are_never_loaded(registry: Registry, checkpoints: Checkpoints, damaged) -> None:
+    path = damaged()
+    marker = path.parent / "UNPICKLED"
+    for name in ("pytorch_model.bin", "training_args.bin", "optimizer.pt"):
+        (path / name).write_bytes(pickle.dumps(_Trap(marker)))
+    model = load(path, registry)
+    assert not marker.exists()
+    reference = load(checkpoints(), registry)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
+
+
+def test_pickle_only_directory_is_refused_without_unpickling(registry: Registry, damaged) -> None:
+    path = damaged()
+    marker = path.parent / "UNPICKLED"
+    (path / "model.safetensors").unlink()
+    (path / "pytorch_model.bin").write_bytes(pickle.dumps(_Trap(marker)))
+    with pytest.raises(CheckpointError, match=r"no \*\.safetensors file") as caught:
+        load(path, registry)
+    assert str(path) in str(caught.value) and not marker.exists()
+
+
+def test_remote_code_in_config_is_not_run(registry: Registry, damaged) -> None:
+    path = damaged()
+    marker = path.parent / "REMOTE_CODE_RAN"
+    (path / "evil.py").write_text(f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n")
+    edit_config(path, lambda c: c.update(auto_map={"AutoConfig": "evil.EvilConfig"}))
+    load(path, registry)
+    assert not marker.exists()
+
+
+# --- configs ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [('{"model_type": "mistral3",', "malformed JSON"), ("[1, 2]", "expected a JSON object"), ("{}", "model_type")],
+    ids=["truncated-json", "array", "no-model-type"],
+)
+def test_malformed_config_names_the_file(registry: Registry, damaged, content: str, match: str) -> None:
+    path = damaged()
+    (path / "config.json").write_text(content)
+    with pytest.raises(ConfigError, match=match) as caught:
+        load(path, registry)
+    assert caught.value.path == path / "config.json" and str(path / "config.json") in str(caught.value)
+
+
+def test_unknown_text_model_type_names_the_field(registry: Registry, damaged) -> None:
+    path = damaged()
+    edit_config(path, lambda c: c["text_config"].update(model_type="ministral9"))
+    with pytest.raises(ConfigError, match=r"text_config\.model_type") as caught:
+        load(path, registry)
+    assert "ministral3" in str(caught.value)  # the did-you-mean hint
+
+
+@pytest.mark.parametrize(
+    "quantization",
+    [{"weight_block_size": [0, 128]}, {"weight_block_size": [128]}, {"activation_scheme": "sometimes"}],
+    ids=["zero-block", "one-dim-block", "bad-scheme"],
+)
+def test_invalid_fp8_fields_name_the_field(registry: Registry, damaged, quantization: dict[str, Any]) -> None:
+    path = damaged()
+    edit_config(path, lambda c: c["quantization_config"].update(quantization))
+    field = next(iter(quantization))
+    with pytest.raises((PluginError, UnsupportedQuantizationError)) as caught:
+        load(path, registry)
+    assert isinstance(_in_chain(caught.value, UnsupportedQuantizationError), UnsupportedQuantizationError)
+    assert f"quantization_config.{field}" in str(caught.value)
+
+
+# --- quantization methods the plugin does not handle ------------------------------------------------------
+
+
+@pytest.fixture
+def awq_checkpoint(damaged) -> Path:
+    """A Mistral3 checkpoint whose config declares AWQ (the tensors are irrelevant: it must never be planned)."""
+    path = damaged(quantized=False)
+    edit_config(path, lambda c: c.update(quantization_config=dict(AWQ)))
+    return path
+
+
+def test_awq_with_require_plugin_raises_no_plugin_claim(registry: Registry, awq_checkpoint: Path) -> None:
+    with pytest.raises(NoPluginClaimError, match="mistral3"):
+        load(awq_checkpoint, registry, require_plugin=True)
+
+
+def test_adapter_hook_refuses_awq_naming_the_field(awq_checkpoint: Path) -> None:
+    """The hook contract: asked directly about a config it would not claim, the adapter refuses by name."""
+    with Checkpoint.open(awq_checkpoint) as checkpoint, pytest.raises(UnsupportedQuantizationError) as caught:
+        plugin.state_dict_adapter(config=load_config(awq_checkpoint), checkpoint=checkpoint)
+    assert "quantization_config.quant_method" in str(caught.value) and "awq" in str(caught.value)
+
+
+def test_load_weights_of_an_awq_checkpoint_refuses_naming_the_field(
+    registry: Registry, checkpoints: Checkpoints, awq_checkpoint: Path
+) -> None:
+    """``load_weights`` reads the checkpoint's own config: its AWQ declaration is refused by the plugin's
+    adapter (raised through the hook, so wrapped in PluginError naming plugin and hook) before any tensor
+    is planned, instead of a MissingKeysError that hides the reason."""
+    model = build_model(checkpoints(), registry=registry)
+    model.to_empty(device="cpu")
+    with pytest.raises((PluginError, UnsupportedQuantizationError)) as caught:
+        load_weights(model, awq_checkpoint, registry=registry)
+    assert isinstance(_in_chain(caught.value, UnsupportedQuantizationError), UnsupportedQuantizationError)
+    assert "quantization_config.quant_method" in str(caught.value) and "'awq'" in str(caught.value)
+
+
+def _in_chain(error: BaseException | None, kind: type[BaseException]) -> BaseException | None:
+    """``error`` or the first exception of its ``__cause__`` chain that is a ``kind``."""
+    while error is not None and not isinstance(error, kind):
+        error = error.__cause__
+    return error

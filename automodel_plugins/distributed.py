@@ -3,15 +3,25 @@
 A parameter sharded by FSDP2 (``fully_shard``) or tensor parallelism (``distribute_tensor``) is a DTensor
 whose local shard is one rectangular region of the global tensor. The loader reads only that region from the
 checkpoint (and dequantizes it with the matching scale), so no rank ever reads or holds the whole model.
+
+The region follows DTensor's own rules, applied mesh dim by mesh dim, left to right: ``Shard(d)`` splits the
+indices this rank still holds along ``d`` the way ``torch.chunk`` does (uneven shards, empty trailing shards);
+``_StridedShard(d, split_factor=s)`` (FSDP2 composed over a tensor-parallel dim) first chunks them into ``s``
+pieces and takes this rank's chunk of each; ``Replicate`` keeps them. A layout whose result along some dim
+is not one run of consecutive indices is refused rather than read wrong.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
 from automodel_plugins.errors import CheckpointError
 
 Region = tuple[slice, ...]
+
+__all__ = ["Region", "is_dtensor", "local_region", "shard_region", "write_local"]
 
 
 def _dtensor_type() -> type | None:
@@ -27,26 +37,98 @@ def is_dtensor(tensor: torch.Tensor) -> bool:
     return dtensor is not None and isinstance(tensor, dtensor)
 
 
-def local_region(tensor: torch.Tensor) -> Region | None:
-    """The region of the global tensor this rank holds, or None when it holds all of it (a plain tensor).
+# --- the region, from shape, mesh and placements --------------------------------------------------------
 
-    Handles ``Shard(d)`` on any dim, several mesh dims, uneven and empty shards, and ``Replicate``. A strided
-    shard (FSDP2 over a tensor-parallel dim) is not one rectangle and is refused rather than read wrong.
+
+def _chunk(indices: torch.Tensor, parts: int, index: int) -> torch.Tensor:
+    """``torch.chunk(indices, parts)[index]``, with the empty chunks DTensor pads the list with."""
+    size = -(-indices.numel() // parts)
+    start = min(index * size, indices.numel())
+    return indices[start : start + size]
+
+
+def _strided_chunk(indices: torch.Tensor, parts: int, index: int, split_factor: int) -> torch.Tensor:
+    """``_StridedShard``: ``split_factor`` chunks first, then this rank's chunk of each, concatenated."""
+    pieces = [_chunk(indices, split_factor, j) for j in range(split_factor)]
+    return torch.cat([_chunk(piece, parts, index) for piece in pieces])
+
+
+def _placement_kind(placement: object) -> str:
+    """``shard``, ``strided`` or ``replicate``; anything else (``Partial``, unknown) cannot hold a weight."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    if type(placement).__name__ == "_StridedShard" and hasattr(placement, "split_factor"):
+        return "strided"
+    if isinstance(placement, Shard):
+        return "shard"
+    if isinstance(placement, Replicate):
+        return "replicate"
+    return "other"
+
+
+def _as_slice(indices: torch.Tensor, dim_size: int) -> slice | None:
+    """The indices as one step-1 slice, or None when they are not consecutive."""
+    if indices.numel() == 0:
+        return slice(dim_size, dim_size)
+    start = int(indices[0])
+    if torch.equal(indices, torch.arange(start, start + indices.numel())):
+        return slice(start, start + indices.numel())
+    return None
+
+
+def shard_region(
+    shape: Sequence[int], mesh_shape: Sequence[int], coordinate: Sequence[int], placements: Sequence[object]
+) -> Region:
+    """The region of a ``shape`` tensor held at mesh ``coordinate`` under ``placements`` (one slice per dim).
+
+    Pure: no process group needed. Raises ``CheckpointError`` for a placement that is not a shard or a
+    replica, or a layout whose local shard is not one rectangle of the global tensor.
+    """
+    if not (len(mesh_shape) == len(coordinate) == len(placements)):
+        raise ValueError(
+            f"mesh shape {tuple(mesh_shape)}, coordinate {tuple(coordinate)} and placements {tuple(placements)!r} "
+            "differ in length"
+        )
+    held = [torch.arange(size) for size in shape]
+    for parts, index, placement in zip(mesh_shape, coordinate, placements, strict=True):
+        kind = _placement_kind(placement)
+        if kind == "other":
+            raise CheckpointError(
+                f"cannot load into a DTensor placed as {placement!r}: only Shard, _StridedShard and Replicate "
+                "placements hold one region of a weight"
+            )
+        if kind == "replicate":
+            continue
+        dim = placement.dim % max(len(shape), 1)  # type: ignore[attr-defined]
+        if kind == "shard":
+            held[dim] = _chunk(held[dim], parts, index)
+        else:
+            held[dim] = _strided_chunk(held[dim], parts, index, int(placement.split_factor))  # type: ignore[attr-defined]
+    region = tuple(_as_slice(indices, size) for indices, size in zip(held, shape, strict=True))
+    if any(part is None for part in region):
+        raise CheckpointError(
+            f"cannot load into a DTensor of shape {tuple(shape)} placed as {tuple(placements)!r} on mesh "
+            f"{tuple(mesh_shape)}: the shard at coordinate {tuple(coordinate)} is not one region of the global "
+            "tensor (load before composing FSDP2 over a tensor-parallel dim, or use Shard/Replicate)"
+        )
+    return region  # type: ignore[return-value]
+
+
+def local_region(tensor: torch.Tensor) -> Region | None:
+    """The region of the global tensor this rank holds, or None when it holds all of it (a plain tensor,
+    a replica). A rank outside the DTensor's mesh holds an empty region.
+
+    Handles ``Shard(d)`` on any dim, several mesh dims, uneven and empty shards, ``Replicate``, and
+    ``_StridedShard`` where the shard is still one rectangle (FSDP2 over a tensor-parallel dim).
     """
     if not is_dtensor(tensor):
         return None
-    from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    for placement in tensor.placements:
-        if not isinstance(placement, (Shard, Replicate)) or type(placement).__name__ == "_StridedShard":
-            raise CheckpointError(
-                f"cannot load into a DTensor placed as {placement!r}: its local shard is not one region of the "
-                "global tensor (load before composing FSDP2 over a tensor-parallel dim, or use Shard/Replicate)"
-            )
-    shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
-    region = tuple(slice(start, start + size) for start, size in zip(offset, shape, strict=True))
-    if all(r.start == 0 and r.stop == full for r, full in zip(region, tensor.shape, strict=True)):
+    mesh = tensor.device_mesh  # type: ignore[attr-defined]
+    coordinate = mesh.get_coordinate()
+    if coordinate is None:
+        return tuple(slice(0, 0) for _ in tensor.shape)
+    region = shard_region(tuple(tensor.shape), tuple(mesh.shape), coordinate, tensor.placements)  # type: ignore[attr-defined]
+    if all(part.start == 0 and part.stop == size for part, size in zip(region, tensor.shape, strict=True)):
         return None
     return region
 
@@ -54,7 +136,9 @@ def local_region(tensor: torch.Tensor) -> Region | None:
 @torch.no_grad()
 def write_local(target: torch.Tensor, value: torch.Tensor) -> None:
     """Copy ``value`` (this rank's region) into ``target``'s local storage."""
-    local = target.to_local() if is_dtensor(target) else target
+    local = target.to_local() if is_dtensor(target) else target  # type: ignore[attr-defined]
+    if local.numel() == 0 and value.numel() == 0:
+        return  # an empty shard (or a rank outside the mesh): nothing to hold
     if tuple(local.shape) != tuple(value.shape):
         raise CheckpointError(
             f"local shard shape {tuple(local.shape)} does not match the region read {tuple(value.shape)}"

@@ -9,35 +9,41 @@ Importing this module imports neither torch nor transformers (``automodel-plugin
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from automodel_plugins.claim import Claim
-from automodel_plugins.errors import UnsupportedQuantizationError
-from automodel_plugins.quantization import Fp8Quantization, parse_fp8_quantization
+from automodel_plugins.quantization import quantization_dict
 
 __all__ = ["claim_fp8_or_unquantized", "describe_fp8", "text_vocab_size", "vlm_fused_loss_forward"]
 
 
-def describe_fp8(quantization: Fp8Quantization) -> str:
-    """``"128x128 block FP8 weights, dynamic activations"`` or ``"per-tensor FP8 weights, ..."``."""
-    block = quantization.weight_block_size
-    granularity = f"{block[0]}x{block[1]} block" if block else "per-tensor"
-    return f"{granularity} FP8 weights, {quantization.activation_scheme} activations"
+def describe_fp8(quantization: Mapping[str, Any]) -> str:
+    """``"128x128 block FP8 weights"`` or ``"per-tensor FP8 weights"``, for a claim's reason.
+
+    Lenient on purpose: a malformed ``weight_block_size`` is shown as written and refused later by the
+    adapter (``fp8_adapter_for``), whose error names the field.
+    """
+    block = quantization.get("weight_block_size")
+    if not block:
+        return "per-tensor FP8 weights"
+    shown = "x".join(map(str, block)) if isinstance(block, (list, tuple)) else repr(block)
+    return f"{shown} block FP8 weights"
 
 
 def claim_fp8_or_unquantized(config: Any, model: str, *, priority: int = 0) -> Claim | None:
-    """Claim ``config`` (already known to be ``model``) when it is unquantized or FP8 the host can load.
+    """The claim for a config already known to be ``model``: unquantized or ``quant_method: fp8``.
 
-    Any other ``quant_method`` (``awq``, ``gptq``, ...) and an FP8 config the host cannot read (an unknown
-    ``fmt``, a non-positive block) are not ours: ``None``, so another plugin or stock transformers may serve it.
+    Any other method (``awq``, ``gptq``, ``compressed-tensors``, ...) is not ours: ``None``, so another plugin
+    or stock transformers may serve it. An FP8 config the host cannot read (``fmt: e5m2``, a zero block) is
+    still claimed, so that the load fails naming the field instead of falling back to another loader.
     """
-    try:
-        quantization = parse_fp8_quantization(config)
-    except UnsupportedQuantizationError:
+    quantization = quantization_dict(config)
+    if quantization is None:
+        return Claim(reason=f"{model}, unquantized", priority=priority)
+    if quantization.get("quant_method") != "fp8":
         return None
-    detail = "unquantized" if quantization is None else describe_fp8(quantization)
-    return Claim(reason=f"{model}, {detail}", priority=priority)
+    return Claim(reason=f"{model}, {describe_fp8(quantization)}", priority=priority)
 
 
 def text_vocab_size(config: Any) -> int:

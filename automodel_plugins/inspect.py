@@ -74,19 +74,21 @@ def _config_summary(config: PretrainedConfig) -> dict[str, Any]:
         "vocab_size": getattr(text, "vocab_size", None),
         "tie_word_embeddings": bool(getattr(config, "tie_word_embeddings", False)),
         "dtype": _dtype_name(getattr(config, "dtype", None)),
-        "quantization": None if quantization is None else {k: quantization.get(k) for k in _QUANTIZATION_FIELDS},
+        "quantization": None
+        if quantization is None
+        else {k: quantization.get(k) for k in _QUANTIZATION_FIELDS},
     }
 
 
 def _checkpoint_summary(checkpoint: Checkpoint) -> dict[str, Any]:
     """Files, tensor counts by dtype and sizes, from the headers."""
-    dtypes = Counter(_dtype_name(checkpoint.info(key).dtype) for key in checkpoint.keys())
+    dtypes = Counter(_dtype_name(checkpoint.info(key).dtype) for key in checkpoint)
     return {
         "files": [file.name for file in checkpoint.files],
         "index": checkpoint.index_path is not None,
         "tensors": len(checkpoint),
         "tensors_by_dtype": dict(sorted(dtypes.items())),
-        "fp8_tensors": sum(fp8.is_fp8(checkpoint.info(key).dtype) for key in checkpoint.keys()),
+        "fp8_tensors": sum(fp8.is_fp8(checkpoint.info(key).dtype) for key in checkpoint),
         "tensor_bytes": checkpoint.total_nbytes(),
         "file_bytes": sum(file.stat().st_size for file in checkpoint.files),
     }
@@ -117,7 +119,8 @@ def _load_summary(
         "scale_keys": len(fp8_sources),
         "dropped_keys": sum(len(source.dropped_keys) for source in plan.values()),
         "bytes_after_load": sum(
-            targets[name].numel() * _loaded_dtype(checkpoint, source, dtype).itemsize for name, source in plan.items()
+            targets[name].numel() * _loaded_dtype(checkpoint, source, dtype).itemsize
+            for name, source in plan.items()
         ),
         "forward_overridden": model.automodel_composition.forward_overridden,
     }

@@ -95,8 +95,8 @@ class PeakRss:
 def _tensor_digest(tensor) -> str:
     import torch
 
-    data = tensor.detach().contiguous().view(torch.uint8) if tensor.numel() else tensor.detach()
-    return hashlib.blake2b(data.numpy().tobytes() if tensor.numel() else b"", digest_size=8).hexdigest()
+    data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy() if tensor.numel() else b""
+    return hashlib.blake2b(data, digest_size=8).hexdigest()
 
 
 def worker(loader: str, path: str) -> dict:
@@ -122,6 +122,8 @@ def worker(loader: str, path: str) -> dict:
     with torch.no_grad():
         ids = torch.arange(100, 116).unsqueeze(0)
         logits = model(input_ids=ids).logits[0, -1].float()
+    after_forward = (status_kib("VmRSS") - peak.base_kib) * 1024
+    report = getattr(getattr(model, "automodel_composition", None), "load", None)
     return {
         "loader": loader,
         "class": type(model).__name__,
@@ -129,12 +131,19 @@ def worker(loader: str, path: str) -> dict:
         "cpu_s": cpu,
         "peak_bytes": peak.extra_bytes,
         "after_bytes": (peak.end_kib - peak.base_kib) * 1024,
+        "after_forward_bytes": after_forward,
         "base_mib": peak.base_kib / 1024,
         "memory_method": peak.method,
         "bad_tensors": bad[:5],
         "digests": {n: _tensor_digest(t) for n, t in sorted(model.state_dict().items())},
         "top5": logits.topk(5).indices.tolist(),
-        "composition": str(getattr(getattr(model, "automodel_composition", None), "load", None)),
+        "load_report": None
+        if report is None
+        else (
+            f"{report.tensors} tensors: {report.dequantized} dequantized, {report.used_in_place} used in place "
+            f"(memory-mapped), {report.converted} converted, {len(report.dropped_keys)} activation scales dropped, "
+            f"{report.bytes_read / 2**20:.0f} MiB read"
+        ),
     }
 
 
@@ -214,13 +223,17 @@ def main(argv: list[str] | None = None) -> int:
         f"median of {args.repeats} processes each"
     )
     print(f"memory: {results['ours'][0]['memory_method']}; load average {load_before[0]:.1f} -> {load_after[0]:.1f}")
-    print("| loader | wall (s) | cpu (s) | peak over baseline (MiB) | peak / BF16 params | runs wall (s) |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print(
+        "| loader | wall (s) | cpu (s) | peak over baseline (MiB) | peak / BF16 params | RSS after load (MiB) "
+        "| RSS after 1 forward (MiB) | runs: wall (s) |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for loader in LOADERS:
         runs = ", ".join(f"{r['wall_s']:.2f}" for r in results[loader])
         print(
             f"| {loader} | {med(loader, 'wall_s'):.2f} | {med(loader, 'cpu_s'):.2f} | "
-            f"{med(loader, 'peak_bytes') / 2**20:.0f} | {med(loader, 'peak_bytes') / model_bytes:.3f} | {runs} |"
+            f"{med(loader, 'peak_bytes') / 2**20:.0f} | {med(loader, 'peak_bytes') / model_bytes:.3f} | "
+            f"{med(loader, 'after_bytes') / 2**20:.0f} | {med(loader, 'after_forward_bytes') / 2**20:.0f} | {runs} |"
         )
     ours_peak = med("ours", "peak_bytes") / model_bytes
     theirs_peak = med("transformers", "peak_bytes") / model_bytes
@@ -240,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     for text, ok in checks:
         print(f"{text}  {'PASS' if ok else 'FAIL'}")
     print(f"(cpu time ours / transformers            {cpu_ratio:6.3f}, for reference)")
-    print(f"ours: {results['ours'][0]['composition']}")
+    print(f"ours: {results['ours'][0]['load_report']}")
     print(f"overall: {'PASS' if all(ok for _, ok in checks) else 'FAIL'}")
     return 0
 

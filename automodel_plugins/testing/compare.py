@@ -84,7 +84,9 @@ def assert_matches_stock(
         assert ours.automodel_composition.plugin == plugin, (
             f"{path}: composed by {ours.automodel_composition.plugin!r}, expected plugin {plugin!r}"
         )
-    against = "stock" if expected == "stock" or (expected == "auto" and stock_reads_exactly(path)) else "reference"
+    against = (
+        "stock" if expected == "stock" or (expected == "auto" and stock_reads_exactly(path)) else "reference"
+    )
     if against == "stock":
         reference = load_stock(path, model_class=model_class, dtype=dtype)
     else:

@@ -22,18 +22,21 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, as pytest puts it
 
-import automodel_plugins  # noqa: E402
-from automodel_plugins.checkpoint import Checkpoint  # noqa: E402
-from automodel_plugins.loading import model_tensors  # noqa: E402
-from tests.distributed import _checks, _stages, _tiny  # noqa: E402
+import automodel_plugins
+from automodel_plugins.checkpoint import Checkpoint
+from automodel_plugins.loading import model_tensors
+from distributed import _checks, _stages, _tiny
 
 CHECKPOINTS = {  # name -> (block size, tied embeddings)
     "per_tensor_tied": (None, True),
     "per_tensor_untied": (None, False),
     "block_untied": (_tiny.BLOCK, False),
 }
+
+
+_NOT_WEIGHTS = ("_scale_inv", "activation_scale")
 
 
 @dataclass
@@ -68,11 +71,13 @@ def load_recorded(model: Any, path: Path, *, stage: bool = False) -> dict[str, A
         report = automodel_plugins.load_weights(model, path, stage=stage)
     with Checkpoint.open(path) as checkpoint:
         expected, expected_bytes = _checks.expected_reads(model, checkpoint, _tiny.legacy_rename)
-        total_bytes = checkpoint.total_nbytes()
+        scale_bytes = sum(checkpoint.info(key).nbytes for key, _ in reads if key.endswith("_scale_inv"))
+        weight_bytes = sum(checkpoint.info(k).nbytes for k in checkpoint if not k.endswith(_NOT_WEIGHTS))
     return {
         "bytes_read": report.bytes_read,
         "expected_bytes": expected_bytes,
-        "checkpoint_bytes": total_bytes,
+        "scale_bytes_read": scale_bytes,
+        "checkpoint_weight_bytes": weight_bytes,
         "reads": _checks.sorted_reads(reads),
         "expected_reads": expected,
         "tensors": report.tensors,
@@ -148,7 +153,7 @@ def pipeline(ctx: Context) -> dict[str, Any]:
     model.to_empty(device="cpu")
     result = load_recorded(model, path, stage=True)
     with Checkpoint.open(path) as checkpoint:
-        result["checkpoint_keys"] = sorted(k for k in checkpoint.keys() if not k.endswith("activation_scale"))
+        result["checkpoint_keys"] = sorted(k for k in checkpoint if not k.endswith("activation_scale"))
     result["local_mismatches"] = _checks.local_mismatches(model, reference.state_dict())
     result["rotary_after_load"] = rotary_mismatches(model, reference)
     result["rotary_buffers"] = sorted(_checks.rotary_buffers(model))
@@ -163,7 +168,9 @@ def pipeline(ctx: Context) -> dict[str, Any]:
     else:
         received = torch.empty_like(hidden)
         dist.recv(received, src=0)
-        result["stage_output_equal"] = bool(torch.equal(_stages.run_stage1(model, received), reference_logits))
+        result["stage_output_equal"] = bool(
+            torch.equal(_stages.run_stage1(model, received), reference_logits)
+        )
     result["rotary_after_forward"] = rotary_mismatches(model, reference)
     return result
 
@@ -238,7 +245,9 @@ def main(argv: list[str]) -> int:
     dist.init_process_group("gloo", timeout=timedelta(seconds=90))
     from torch.distributed.device_mesh import init_device_mesh
 
-    ctx = Context(dist.get_rank(), dist.get_world_size(), init_device_mesh("cpu", (dist.get_world_size(),)), out)
+    ctx = Context(
+        dist.get_rank(), dist.get_world_size(), init_device_mesh("cpu", (dist.get_world_size(),)), out
+    )
     if ctx.rank == 0:
         for name, (block, tied) in CHECKPOINTS.items():
             _tiny.write_checkpoint(ctx.checkpoint(name), block_size=block, tie_word_embeddings=tied)

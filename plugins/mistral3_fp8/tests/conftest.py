@@ -151,7 +151,8 @@ def _linear_weights(model: torch.nn.Module, skipped: tuple[str, ...]) -> set[str
     return {
         f"{name}.weight"
         for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and not any(name == s or name.startswith(s + ".") for s in skipped)
+        if isinstance(module, torch.nn.Linear)
+        and not any(name == s or name.startswith(s + ".") for s in skipped)
     }
 
 

@@ -12,7 +12,7 @@ from automodel_plugins import Claim, NoPluginClaimError
 from automodel_plugins.config import load_config
 from automodel_plugins.registry import Registry
 
-from .conftest import PLUGIN, CheckpointSpec, Checkpoints, ModelSpec, tiny_config
+from .conftest import PLUGIN, Checkpoints, CheckpointSpec, ModelSpec, tiny_config
 
 FP8 = {
     "quant_method": "fp8",
@@ -67,18 +67,24 @@ def test_other_model_types_are_not_claimed(config: Any, quantization: dict[str, 
     assert plugin.claim_config(with_quantization(config, quantization)) is None
 
 
-@pytest.mark.parametrize("quantization", [AWQ, {"quant_method": "compressed-tensors"}, {"quant_method": "bitsandbytes"}])
+@pytest.mark.parametrize(
+    "quantization", [AWQ, {"quant_method": "compressed-tensors"}, {"quant_method": "bitsandbytes"}]
+)
 def test_other_quantization_methods_are_not_claimed(quantization: dict[str, Any]) -> None:
     assert plugin.claim_config(with_quantization(tiny_config(), quantization)) is None
 
 
-def test_installed_entry_point_claims_generated_checkpoints(registry: Registry, checkpoints: Checkpoints) -> None:
+def test_installed_entry_point_claims_generated_checkpoints(
+    registry: Registry, checkpoints: Checkpoints
+) -> None:
     """Through the real entry point and ``config.json`` files: FP8 (both granularities) and BF16 claimed."""
     for spec in (CheckpointSpec(), CheckpointSpec(block_size=(16, 16)), CheckpointSpec(quantized=False)):
         assert registry.resolve(load_config(checkpoints(spec))) == PLUGIN
 
 
-def test_unclaimed_checkpoint_with_require_plugin_raises(registry: Registry, checkpoints: Checkpoints) -> None:
+def test_unclaimed_checkpoint_with_require_plugin_raises(
+    registry: Registry, checkpoints: Checkpoints
+) -> None:
     config = load_config(checkpoints(model=ModelSpec(text_type="mistral")))
     assert registry.resolve(config) is None
     with pytest.raises(NoPluginClaimError, match="mistral3"):

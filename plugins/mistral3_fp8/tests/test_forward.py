@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from automodel_plugins_mistral3_fp8.forward import mistral3_forward
+from automodel_plugins.fp8_vlm import vlm_fused_loss_forward
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import Mistral3Config, Mistral3ForConditionalGeneration, PixtralVisionConfig
 from transformers.models.ministral3 import Ministral3Config
@@ -97,7 +97,7 @@ def image_batch(
 
 def bind_override(model: Mistral3ForConditionalGeneration) -> Mistral3ForConditionalGeneration:
     """What the host does with the plugin's ``forward_override``: bind on the instance, class untouched."""
-    model.forward = types.MethodType(mistral3_forward(model, model.config), model)
+    model.forward = types.MethodType(vlm_fused_loss_forward(model), model)
     return model
 
 

@@ -18,8 +18,8 @@ from .conftest import (
     NOT_CONVERTED,
     ODD,
     PLUGIN,
-    CheckpointSpec,
     Checkpoints,
+    CheckpointSpec,
     ModelSpec,
     assert_same_weights,
     checkpoint_tensors,
@@ -36,7 +36,9 @@ def load(path: Path, registry: Registry, **kwargs: object) -> Mistral3ForConditi
     return from_pretrained(path, registry=registry, **kwargs)
 
 
-def reference_state_dict(path: Path, layout: str, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+def reference_state_dict(
+    path: Path, layout: str, dtype: torch.dtype = torch.bfloat16
+) -> dict[str, torch.Tensor]:
     """The checkpoint dequantized here: ``(w.float() * scale_expanded.float()).to(dtype)`` under runtime names."""
     tensors = checkpoint_tensors(path)
     block = json.loads((path / "config.json").read_text())["quantization_config"]["weight_block_size"]
@@ -71,7 +73,9 @@ def _expand(scale: torch.Tensor, shape: torch.Size, block: list[int] | None) -> 
 def assert_equals_reference(model: torch.nn.Module, reference: dict[str, torch.Tensor]) -> None:
     state = model.state_dict()
     assert sorted(state) == sorted(reference)
-    different = [k for k in state if state[k].dtype != reference[k].dtype or not torch.equal(state[k], reference[k])]
+    different = [
+        k for k in state if state[k].dtype != reference[k].dtype or not torch.equal(state[k], reference[k])
+    ]
     assert not different, different
 
 
@@ -79,7 +83,9 @@ def assert_equals_reference(model: torch.nn.Module, reference: dict[str, torch.T
 
 
 @pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16], ids=["fp32-scale", "bf16-scale"])
-def test_per_tensor_fp8_equals_stock(registry: Registry, checkpoints: Checkpoints, scale_dtype: torch.dtype) -> None:
+def test_per_tensor_fp8_equals_stock(
+    registry: Registry, checkpoints: Checkpoints, scale_dtype: torch.dtype
+) -> None:
     path = checkpoints(scale_dtype=scale_dtype)
     model = load(path, registry)
     assert_same_weights(model, stock_load(path))
@@ -113,7 +119,10 @@ def test_block_fp8_with_partial_edge_blocks(
     tensors = checkpoint_tensors(path)
     down = tensors["language_model.model.layers.0.mlp.down_proj.weight"]
     grid = tensors["language_model.model.layers.0.mlp.down_proj.weight_scale_inv"]
-    assert down.shape == (72, 136) and grid.shape == (math.ceil(72 / block_size[0]), math.ceil(136 / block_size[1]))
+    assert down.shape == (72, 136) and grid.shape == (
+        math.ceil(72 / block_size[0]),
+        math.ceil(136 / block_size[1]),
+    )
     assert 72 % block_size[0] or 136 % block_size[1]  # at least one axis has partial edge blocks
     model = load(path, registry)
     assert model.automodel_composition.adapter["granularity"] == f"block {block_size[0]}x{block_size[1]}"
@@ -153,7 +162,9 @@ def test_other_scale_names_equal_stock_of_weight_scale_inv(
     under ``weight_scale_inv`` (the FP8 data is the same bytes, only the names differ)."""
     path = checkpoints(scale_name=scale_name, activation_scale_name=activation_name)
     keys = checkpoint_tensors(path)
-    assert any(k.endswith("." + scale_name) for k in keys) and not any(k.endswith("weight_scale_inv") for k in keys)
+    assert any(k.endswith("." + scale_name) for k in keys) and not any(
+        k.endswith("weight_scale_inv") for k in keys
+    )
     model = load(path, registry)
     assert model.automodel_composition.adapter["scale_names"] == [scale_name]
     dropped = model.automodel_composition.load.dropped_keys
@@ -182,7 +193,9 @@ def test_both_layouts_detected_from_keys_with_the_same_layer_count(
     model = load(path, registry)
     assert model.automodel_composition.adapter["layout"] == layout
     assert_same_weights(model, stock_load(path))
-    assert_same_weights(model, load(checkpoints(layout="legacy" if layout == "runtime" else "runtime"), registry))
+    assert_same_weights(
+        model, load(checkpoints(layout="legacy" if layout == "runtime" else "runtime"), registry)
+    )
 
 
 def test_mixed_layouts_are_refused(registry: Registry, checkpoints: Checkpoints, tmp_path: Path) -> None:
@@ -218,7 +231,9 @@ def test_fp8_tensor_in_a_listed_module_is_an_error_naming_the_key(
     assert checkpoint_tensors(path)[key].dtype == torch.float8_e4m3fn
 
 
-def test_modules_to_not_convert_may_leave_other_modules_fp8(registry: Registry, checkpoints: Checkpoints) -> None:
+def test_modules_to_not_convert_may_leave_other_modules_fp8(
+    registry: Registry, checkpoints: Checkpoints
+) -> None:
     """A config listing only ``lm_head``: the FP8 projector and vision tower are dequantized like stock does."""
     path = checkpoints(modules_to_not_convert=("lm_head",))
     tensors = checkpoint_tensors(path)
@@ -285,7 +300,9 @@ def test_default_target_is_bfloat16(registry: Registry, checkpoints: Checkpoints
     ],
     ids=["per-tensor", "tied-runtime-sharded", "block", "bf16"],
 )
-def test_logits_with_an_image_equal_stock(registry: Registry, checkpoints: Checkpoints, spec: CheckpointSpec) -> None:
+def test_logits_with_an_image_equal_stock(
+    registry: Registry, checkpoints: Checkpoints, spec: CheckpointSpec
+) -> None:
     """Bit-identical (``torch.equal``) bf16 logits: same weights, same stock modules, same inputs."""
     path = checkpoints(spec)
     ours, stock = logits(load(path, registry)), logits(stock_load(path))

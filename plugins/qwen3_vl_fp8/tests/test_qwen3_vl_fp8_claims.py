@@ -39,7 +39,7 @@ def mistral3_config(quantization: dict[str, Any] | None = None) -> Mistral3Confi
 
 def test_claims_block_fp8_as_qwen_ships_it(qwen_config: Qwen3VLConfig) -> None:
     claim = plugin.claim_config(with_quantization(qwen_config, dict(QWEN_FP8)))
-    assert claim == Claim(reason="qwen3_vl VLM, 128x128 block FP8 weights, dynamic activations", priority=0)
+    assert claim == Claim(reason="qwen3_vl VLM, 128x128 block FP8 weights", priority=0)
 
 
 def test_claims_a_config_read_from_config_json(qwen_config: Qwen3VLConfig, write_model_config: Any) -> None:
@@ -60,13 +60,43 @@ def test_claims_unquantized(qwen_config: Qwen3VLConfig) -> None:
         {"quant_method": "gptq", "bits": 4},
         {"quant_method": "compressed-tensors", "format": "float-quantized"},
         {"quant_method": "bitsandbytes", "load_in_4bit": True},
-        {**QWEN_FP8, "fmt": "e5m2"},
-        {**QWEN_FP8, "weight_block_size": [0, 128]},
     ],
-    ids=["awq", "gptq", "compressed-tensors", "bitsandbytes", "fp8-e5m2", "fp8-zero-block"],
+    ids=["awq", "gptq", "compressed-tensors", "bitsandbytes"],
 )
-def test_declines_other_quantizations(qwen_config: Qwen3VLConfig, quantization: dict[str, Any]) -> None:
+def test_declines_other_quantization_methods(
+    qwen_config: Qwen3VLConfig, quantization: dict[str, Any]
+) -> None:
     assert plugin.claim_config(with_quantization(qwen_config, quantization)) is None
+
+
+def test_per_tensor_fp8_is_claimed_too(qwen_config: Qwen3VLConfig) -> None:
+    per_tensor = {**QWEN_FP8, "weight_block_size": None, "activation_scheme": "static"}
+    claim = plugin.claim_config(with_quantization(qwen_config, per_tensor))
+    assert claim is not None and claim.reason == "qwen3_vl VLM, per-tensor FP8 weights"
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [({"fmt": "e5m2"}, "quantization_config.fmt"), ({"weight_block_size": [0, 128]}, "weight_block_size")],
+    ids=["e5m2", "zero-block"],
+)
+def test_unreadable_fp8_is_claimed_and_the_load_names_the_field(
+    qwen_model: Any, fp8_checkpoint_factory: Any, plugin_registry: Any, change: dict[str, Any], field: str
+) -> None:
+    """Claimed (it is FP8 Qwen3-VL), so the load fails loudly naming the field, not in another loader."""
+    import json
+
+    import automodel_plugins
+    from automodel_plugins.errors import PluginError
+
+    path = fp8_checkpoint_factory(qwen_model, name="bad-fp8", block_size=(128, 128))
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"].update(change)
+    (path / "config.json").write_text(json.dumps(config))
+    assert plugin.claim_config(load_config(path)) is not None
+    plugin_registry("qwen3_vl_fp8")
+    with pytest.raises(PluginError, match=field):
+        automodel_plugins.from_pretrained(path)
 
 
 @pytest.mark.parametrize(

@@ -28,7 +28,10 @@ from automodel_plugins.testing.compare import (
 
 PLUGIN = "qwen3_vl_fp8"
 DISTRIBUTION = "automodel-plugins-qwen3-vl-fp8"
-QWEN_FP8 = {"activation_scale_name": None, "quantization_extra": {"activation_scheme": "dynamic", "fmt": "e4m3"}}
+QWEN_FP8 = {
+    "activation_scale_name": None,
+    "quantization_extra": {"activation_scheme": "dynamic", "fmt": "e4m3"},
+}
 """What Qwen ships: dynamic activations (no activation scales on disk), e4m3."""
 TEXT_ONLY_FP8 = ("model.visual", "lm_head")
 VISION_FP8 = ("model.visual.merger", "model.visual.deepstack_merger_list", "lm_head")
@@ -100,9 +103,10 @@ def test_stock_misreads_partial_edges_so_the_reference_is_used(checkpoints: dict
     stock, reference = load_stock(path).state_dict(), reference_model(path).state_dict()
     gate = "model.language_model.layers.0.mlp.gate_proj.weight"
     assert not torch.equal(stock[gate], reference[gate])
-    assert torch.equal(stock["model.language_model.layers.0.self_attn.q_proj.weight"], reference[
-        "model.language_model.layers.0.self_attn.q_proj.weight"
-    ])
+    assert torch.equal(
+        stock["model.language_model.layers.0.self_attn.q_proj.weight"],
+        reference["model.language_model.layers.0.self_attn.q_proj.weight"],
+    )
 
 
 def test_unquantized_checkpoint_is_claimed_and_matches_stock(
@@ -124,7 +128,9 @@ def test_quantization_config_dropped_after_load(checkpoints: dict[str, Path]) ->
     assert model.automodel_composition.adapter["granularity"] == "block 128x128"
 
 
-def test_fp8_tensor_in_a_module_never_converted_is_refused(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+def test_fp8_tensor_in_a_module_never_converted_is_refused(
+    checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
     """The vision blocks are FP8 on disk but the config says ``model.visual`` stays BF16: refuse, never guess."""
     path = _copy_checkpoint(checkpoints["32-fp32-scales-vision-fp8"], tmp_path)
     config = json.loads((path / "config.json").read_text())
@@ -194,23 +200,21 @@ def test_plugin_module_imports_neither_torch_nor_transformers() -> None:
     assert result.stdout.strip() == "[]"
 
 
-def test_cli_lists_the_plugin_with_its_own_distribution(checkpoints: dict[str, Path]) -> None:
-    """``automodel-plugins list --json --config``: our own distribution and version, and the claim."""
+def test_cli_lists_the_plugin_with_its_own_distribution() -> None:
+    """``automodel-plugins list --json``: our own distribution and version, loaded, all four hooks.
+
+    (Without ``--config``, which imports transformers: the claim itself is tested in-process.)
+    """
     command = [str(Path(sys.executable).with_name("automodel-plugins")), "list", "--json"]
-    path = checkpoints["128-bf16-scales"]
-    result = subprocess.run(
-        [*command, "--config", str(path)], capture_output=True, text=True, env=_env_without_selection()
-    )
+    result = subprocess.run(command, capture_output=True, text=True, env=_env_without_selection())
     assert result.returncode == 0, result.stderr
     document = json.loads(result.stdout)
     (record,) = [p for p in document["plugins"] if p["name"] == PLUGIN]
     assert record["distribution"] == DISTRIBUTION
     assert record["version"] == metadata.version(DISTRIBUTION) == _package_version() == "0.1.0"
-    assert record["status"] == "loaded"
+    assert record["status"] == "loaded" and record["error"] is None
     assert record["hooks"] == ["claim_config", "forward_override", "post_materialize", "state_dict_adapter"]
-    assert document["claimed_by"] == PLUGIN
-    (claim,) = [c for c in document["claims"] if c["plugin"] == PLUGIN]
-    assert claim["reason"] == "qwen3_vl VLM, 128x128 block FP8 weights, dynamic activations"
+    assert document["claims"] == [] and document["claimed_by"] is None
 
 
 # --- helpers ----------------------------------------------------------------------------------------------
@@ -251,4 +255,3 @@ def _package_version() -> str:
     import automodel_plugins_qwen3_vl_fp8
 
     return automodel_plugins_qwen3_vl_fp8.__version__
-

@@ -1,7 +1,9 @@
 """The four hooks of the Mistral3 FP8 plugin, each a few lines over the host's shared machinery.
 
-Imports of torch and transformers stay inside the hooks: ``automodel-plugins list`` imports this module and
-must stay fast.
+What is Mistral3's own: which configs it serves (a ``mistral3`` VLM whose text model is ``ministral3``:
+Ministral 3, Devstral 2, Mistral Medium 3.5) and the two on-disk key layouts (``layout.py``). FP8 dequant,
+streaming, rotary repair and the fused loss are the host's. Imports of torch and transformers stay inside the
+hooks: ``automodel-plugins list`` imports this module and must stay fast.
 """
 
 from __future__ import annotations
@@ -9,23 +11,23 @@ from __future__ import annotations
 from typing import Any
 
 from automodel_plugins import Claim, hookimpl
-from automodel_plugins.quantization import quantization_dict
+from automodel_plugins.fp8_vlm import claim_fp8_or_unquantized
+
+MODEL_TYPE = "mistral3"
+TEXT_MODEL_TYPE = "ministral3"
 
 
 @hookimpl
 def claim_config(config: Any) -> Claim | None:
-    """Mistral3 VLMs with a Ministral3 text model, FP8 or unquantized. Anything else is not ours."""
+    """Mistral3 VLMs with a Ministral3 text model, FP8 or unquantized. Mistral Small (``mistral`` text model),
+    other model types and other quantization methods are not ours."""
     text_config = getattr(config, "text_config", None)
-    if getattr(config, "model_type", None) != "mistral3" or getattr(text_config, "model_type", None) != "ministral3":
+    if (
+        getattr(config, "model_type", None) != MODEL_TYPE
+        or getattr(text_config, "model_type", None) != TEXT_MODEL_TYPE
+    ):
         return None
-    quantization = quantization_dict(config)
-    if quantization is None:
-        return Claim(reason="mistral3 VLM with a ministral3 text model, unquantized")
-    if quantization.get("quant_method") != "fp8":
-        return None
-    block = quantization.get("weight_block_size")
-    granularity = f"{block[0]}x{block[1]} block" if block else "per-tensor"
-    return Claim(reason=f"mistral3 VLM with a ministral3 text model, {granularity} FP8 weights")
+    return claim_fp8_or_unquantized(config, "mistral3 VLM with a ministral3 text model")
 
 
 @hookimpl
@@ -52,6 +54,6 @@ def post_materialize(model: Any, config: Any) -> None:
 def forward_override(model: Any, config: Any) -> Any:
     """The stock forward, except that a labelled call computes its loss with the fused linear cross-entropy
     from the final hidden states, never materializing ``[tokens, vocab]`` logits for the loss."""
-    from automodel_plugins_mistral3_fp8.forward import mistral3_forward
+    from automodel_plugins.fp8_vlm import vlm_fused_loss_forward
 
-    return mistral3_forward(model, config)
+    return vlm_fused_loss_forward(model)

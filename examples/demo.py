@@ -1,0 +1,314 @@
+"""`make demo`: an FP8 Mistral3 checkpoint in the real on-disk format, loaded into stock transformers, then tuned.
+
+1. Writes (once, into ``.cache/demo/``) a small random Mistral3 VLM as Ministral 3 ships: legacy key layout,
+   every text-stack Linear ``float8_e4m3fn`` with a 0-d ``weight_scale_inv`` and an ``activation_scale``,
+   vision tower / projector / embeddings / norms / untied ``lm_head`` in BF16, 2 shards plus an index.
+2. Runs ``automodel-plugins list --config DIR`` and ``automodel-plugins inspect DIR``.
+3. Loads it with ``automodel_plugins.from_pretrained`` and runs one forward on an image plus text.
+4. Fine-tunes it for a few AdamW steps on one image+text batch, once with the plugin's fused-loss forward and
+   once with the stock ``Mistral3ForConditionalGeneration.forward`` (same loader, same data, same seed).
+
+Steps 3 and 4 each run in a fresh process (``--child``), so that every memory figure is that process's own:
+peak RSS over the RSS right before the measured call (``VmHWM`` reset through ``/proc/self/clear_refs``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CACHE = REPO_ROOT / ".cache" / "demo"
+CHECKPOINT = CACHE / "mistral3-fp8-v1"
+IMAGE_TOKEN_ID = 10
+IMAGE_SIZE = 224  # one 224x224 image: (224 // (14 * 2)) ** 2 = 64 image tokens
+SEQ_LEN = 512
+STEPS = 5
+LR = 1e-3
+
+
+# --- the checkpoint ----------------------------------------------------------------------------------------
+
+
+def make_config():
+    from transformers import Mistral3Config, PixtralVisionConfig
+    from transformers.models.ministral3 import Ministral3Config
+
+    text = Ministral3Config(
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=64,
+        vocab_size=8192,
+        max_position_embeddings=262144,
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 1e6,
+            "factor": 16.0,
+            "original_max_position_embeddings": 16384,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+            "llama_4_scaling_beta": 0.1,
+        },
+    )
+    vision = PixtralVisionConfig(
+        hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4, head_dim=64,
+        image_size=448, patch_size=14,
+    )  # fmt: skip
+    return Mistral3Config(
+        text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN_ID, spatial_merge_size=2,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+
+
+def ensure_checkpoint() -> tuple[Path, float | None]:
+    """The demo checkpoint, and the seconds it took to write (None: it was already there)."""
+    if (CHECKPOINT / "config.json").is_file():
+        return CHECKPOINT, None
+    import torch
+    from transformers import Mistral3ForConditionalGeneration
+
+    from automodel_plugins.adapter import _rename
+    from automodel_plugins.testing.checkpoints import write_fp8_checkpoint
+    from automodel_plugins_mistral3_fp8.layout import LEGACY_RENAMES
+
+    started = time.perf_counter()
+    torch.manual_seed(0)
+    model = Mistral3ForConditionalGeneration(make_config())
+    rules = sorted(LEGACY_RENAMES, key=lambda r: -len(r.model))
+    tmp = CHECKPOINT.with_name(CHECKPOINT.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_fp8_checkpoint(
+        model,
+        tmp,
+        rename=lambda name: _rename(name, rules, to_checkpoint=True),
+        modules_to_not_convert=("model.vision_tower", "model.multi_modal_projector", "lm_head"),
+        shards=2,
+    )
+    tmp.rename(CHECKPOINT)
+    return CHECKPOINT, time.perf_counter() - started
+
+
+# --- memory ------------------------------------------------------------------------------------------------
+
+
+def _kib(field: str) -> int:
+    return int(re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE).group(1))
+
+
+class Peak:
+    """Peak RSS (bytes) over the RSS at entry, from the kernel's reset high-water mark."""
+
+    def __enter__(self) -> Peak:
+        gc.collect()
+        self.base = _kib("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")
+        if _kib("VmHWM") > _kib("VmRSS") + 1024:
+            raise RuntimeError("this kernel did not reset VmHWM; the demo's memory figures would be wrong")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bytes = (_kib("VmHWM") - self.base) * 1024
+
+
+# --- inputs ------------------------------------------------------------------------------------------------
+
+
+def image_batch(config, text_tokens: int, seed: int = 0):
+    """One image plus text, as the Mistral3 processor lays it out: BOS, one token id 10 per merged patch, text."""
+    import torch
+
+    vision = config.vision_config
+    per_side = IMAGE_SIZE // (vision.patch_size * config.spatial_merge_size)
+    n_image = per_side * per_side
+    generator = torch.Generator().manual_seed(seed)
+    text = torch.randint(20, config.text_config.vocab_size, (text_tokens,), generator=generator)
+    ids = torch.cat([torch.tensor([1]), torch.full((n_image,), IMAGE_TOKEN_ID), text]).unsqueeze(0)
+    pixels = torch.rand(1, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator).to(torch.bfloat16)
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "pixel_values": pixels,
+        "image_sizes": torch.tensor([[IMAGE_SIZE, IMAGE_SIZE]]),
+    }, n_image
+
+
+# --- children ----------------------------------------------------------------------------------------------
+
+
+def child_load(path: str) -> dict:
+    import torch
+    from transformers import Mistral3ForConditionalGeneration  # noqa: F401  (imported before the baseline)
+
+    import automodel_plugins
+    import automodel_plugins.pipeline  # noqa: F401
+
+    with Peak() as peak:
+        started = time.perf_counter()
+        model = automodel_plugins.from_pretrained(path, progress=False)
+        seconds = time.perf_counter() - started
+    composition = model.automodel_composition
+    report = composition.load
+    params = sum(p.numel() for p in model.parameters())
+    batch, n_image = image_batch(model.config, text_tokens=12)
+    with torch.no_grad():
+        logits = model(**batch).logits[0, -1].float()
+    top = logits.softmax(-1).topk(5)
+    return {
+        "plugin": composition.plugin,
+        "version": composition.plugin_version,
+        "reason": composition.claim_reason,
+        "class": type(model).__name__,
+        "forward_overridden": composition.forward_overridden,
+        "dequantized_from": composition.dequantized_from,
+        "tensors": report.tensors,
+        "dequantized": report.dequantized,
+        "in_place": report.used_in_place,
+        "dropped": len(report.dropped_keys),
+        "seconds": seconds,
+        "peak": peak.bytes,
+        "params": params,
+        "bf16_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "seq": batch["input_ids"].shape[1],
+        "n_image": n_image,
+        "top5": [(int(i), float(p)) for p, i in zip(top.values, top.indices, strict=True)],
+    }
+
+
+def child_train(path: str, loss: str) -> dict:
+    import torch
+
+    import automodel_plugins
+
+    torch.manual_seed(0)
+    model = automodel_plugins.from_pretrained(path, skip_logits=(loss == "fused"), progress=False)
+    if loss == "stock":
+        model.forward = type(model).forward.__get__(model)  # the stock forward: logits [B, S, V], then the loss
+    model.train()
+    batch, n_image = image_batch(model.config, text_tokens=SEQ_LEN - 1 - 64, seed=1)
+    labels = batch["input_ids"].clone()
+    labels[:, : 1 + n_image] = -100  # no loss on BOS and image tokens
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+    steps = []
+    for _ in range(STEPS):
+        optimizer.zero_grad(set_to_none=True)
+        with Peak() as peak:
+            started = time.perf_counter()
+            out = model(**batch, labels=labels)
+            out.loss.backward()
+            optimizer.step()
+            seconds = time.perf_counter() - started
+        steps.append({"loss": float(out.loss), "peak": peak.bytes, "seconds": seconds, "logits": out.logits is not None})
+        del out
+    return {"loss_kind": loss, "steps": steps, "tokens": int(batch["input_ids"].numel()), "n_image": n_image}
+
+
+def run_child(*args: str) -> dict:
+    env = {**os.environ, "AUTOMODEL_PLUGINS_PROGRESS": "0"}
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", *args], capture_output=True, text=True, env=env, check=False
+    )
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-3000:])
+        raise SystemExit(f"demo step {args} failed (exit {proc.returncode})")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# --- the demo ----------------------------------------------------------------------------------------------
+
+
+def cli(*args: str) -> None:
+    script = Path(sys.executable).with_name("automodel-plugins")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "automodel_plugins.cli"]
+    shown = " ".join(["automodel-plugins", *(os.path.relpath(a, REPO_ROOT) if os.sep in a else a for a in args)])
+    print(f"\n$ {shown}")
+    proc = subprocess.run([*command, *args], capture_output=True, text=True, check=False)
+    text = (proc.stdout + proc.stderr).rstrip()
+    print("  " + text.replace("\n", "\n  "))
+    if proc.returncode != 0:
+        print(f"  (exit status {proc.returncode})")
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:.0f} MiB"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        kind, path, *rest = args.child
+        print(json.dumps(child_load(path) if kind == "load" else child_train(path, *rest)))
+        return 0
+
+    started = time.perf_counter()
+    print("automodel-plugins demo: an FP8 Mistral3 VLM checkpoint into stock transformers, then fine-tuned")
+    path, wrote = ensure_checkpoint()
+    shards = sorted(path.glob("*.safetensors"))
+    size = sum(f.stat().st_size for f in shards)
+    note = f"written in {wrote:.1f} s" if wrote is not None else "cached"
+    print(f"checkpoint: {os.path.relpath(path, REPO_ROOT)}  ({len(shards)} shards, {mib(size)}, {note})")
+
+    cli("list", "--config", str(path))
+    cli("inspect", str(path))
+
+    load = run_child("load", str(path))
+    print(f"\nload     plugin {load['plugin']} {load['version']}: {load['reason']}")
+    print(
+        f"         -> {load['class']} ({load['params'] / 1e6:.1f}M parameters, {load['dtype']}), "
+        f"forward overridden: {load['forward_overridden']}, quantization_config dropped: {load['dequantized_from']}"
+    )
+    print(
+        f"         {load['tensors']} tensors: {load['dequantized']} FP8 dequantized, {load['in_place']} BF16 "
+        f"memory-mapped in place, {load['dropped']} activation scales dropped"
+    )
+    print(
+        f"         {load['seconds']:.2f} s, peak RSS +{mib(load['peak'])} "
+        f"({load['peak'] / load['bf16_bytes']:.2f}x the {mib(load['bf16_bytes'])} of BF16 parameters)"
+    )
+    top = ", ".join(f"{i} ({p:.3f})" for i, p in load["top5"])
+    print(
+        f"forward  1 image {IMAGE_SIZE}x{IMAGE_SIZE} ({load['n_image']} image tokens) + text, "
+        f"{load['seq']} tokens -> top-5 next tokens: {top}"
+    )
+
+    runs = {loss: run_child("train", str(path), loss) for loss in ("fused", "stock")}
+    fused, stock = runs["fused"]["steps"], runs["stock"]["steps"]
+    print(
+        f"\nfine-tune {STEPS} AdamW steps (lr {LR}), batch 1 x {runs['fused']['tokens']} tokens "
+        f"({runs['fused']['n_image']} image tokens, no loss on them), each loss in its own process:"
+    )
+    print("  step | loss fused | loss stock | step peak fused | step peak stock | s fused | s stock")
+    for i, (f, s) in enumerate(zip(fused, stock, strict=True), 1):
+        print(
+            f"  {i:>4} | {f['loss']:10.4f} | {s['loss']:10.4f} | {mib(f['peak']):>15} | {mib(s['peak']):>15} | "
+            f"{f['seconds']:7.2f} | {s['seconds']:7.2f}"
+        )
+    later = slice(1, None)  # step 1 also allocates AdamW's state
+    fused_peak = max(st["peak"] for st in fused[later])
+    stock_peak = max(st["peak"] for st in stock[later])
+    print(
+        f"  loss {fused[0]['loss']:.3f} -> {fused[-1]['loss']:.3f}; steps 2-{STEPS} peak RSS over the pre-step RSS: "
+        f"fused {mib(fused_peak)} vs stock {mib(stock_peak)} ({fused_peak / stock_peak:.2f}x); "
+        f"fused returned logits: {any(st['logits'] for st in fused)}"
+    )
+    print(f"\ndone in {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -137,11 +137,15 @@ class Fp8StateDictAdapter(StateDictAdapter):
         return {
             "adapter": type(self).__name__,
             "layout": self.layout,
-            "granularity": "per-tensor"
-            if self.block_size is None
-            else f"block {self.block_size[0]}x{self.block_size[1]}",
+            "granularity": self._granularity(),
             "scale_names": sorted(self._seen_scale_names),
         }
+
+    def _granularity(self) -> str | None:
+        """How the FP8 tensors met so far are scaled; None before any (or for an unquantized checkpoint)."""
+        if not self._seen_scale_names:
+            return None
+        return "per-tensor" if self.block_size is None else f"block {self.block_size[0]}x{self.block_size[1]}"
 
     def _scale_key(self, key: str) -> str:
         present = [k for k in fp8.scale_key_candidates(key) if k in self.checkpoint]

@@ -482,7 +482,9 @@ def _pread_exactly(fd: int, target: memoryview, offset: int, entry: _Entry) -> N
     while done < len(target):
         got = os.preadv(fd, [target[done:]], offset + done)
         if got <= 0:
-            raise CorruptCheckpointError("file ended inside the tensor's data", path=entry.info.file, key=entry.info.key)
+            raise CorruptCheckpointError(
+                "file ended inside the tensor's data", path=entry.info.file, key=entry.info.key
+            )
         done += got
 
 

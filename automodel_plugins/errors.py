@@ -89,7 +89,9 @@ class MissingKeysError(CheckpointError):
 
     def __init__(self, keys: Iterable[str], *, path: str | Path | None = None) -> None:
         self.keys = sorted(keys)
-        super().__init__(f"{len(self.keys)} model tensor(s) missing from the checkpoint: {_listing(self.keys)}", path=path)
+        super().__init__(
+            f"{len(self.keys)} model tensor(s) missing from the checkpoint: {_listing(self.keys)}", path=path
+        )
 
 
 class UnexpectedKeysError(CheckpointError):
@@ -97,7 +99,9 @@ class UnexpectedKeysError(CheckpointError):
 
     def __init__(self, keys: Iterable[str], *, path: str | Path | None = None) -> None:
         self.keys = sorted(keys)
-        super().__init__(f"{len(self.keys)} checkpoint tensor(s) the model does not use: {_listing(self.keys)}", path=path)
+        super().__init__(
+            f"{len(self.keys)} checkpoint tensor(s) the model does not use: {_listing(self.keys)}", path=path
+        )
 
 
 class ShapeMismatchError(CheckpointError):

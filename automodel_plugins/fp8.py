@@ -216,7 +216,9 @@ def _pair_table(fp8_dtype: torch.dtype, scale: torch.Tensor | None, dtype: torch
     torch_bits, np_bits, np_pair = _BITS[dtype.itemsize]
     bits = values.to(dtype).view(torch_bits).numpy()
     table = np.empty((256, 256, 2), dtype=np_bits)  # [high-order byte, low-order byte, position in memory]
-    first, second = (bits[None, :], bits[:, None]) if sys.byteorder == "little" else (bits[:, None], bits[None, :])
+    first, second = (
+        (bits[None, :], bits[:, None]) if sys.byteorder == "little" else (bits[:, None], bits[None, :])
+    )
     table[:, :, 0] = first
     table[:, :, 1] = second
     return table.reshape(-1).view(np_pair)

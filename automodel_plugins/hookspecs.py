@@ -7,8 +7,10 @@ Order of a load (see ``pipeline.py``)::
            ─> forward_override (winner) ─> the stock model, returned
 
 Only ``claim_config`` is asked of every plugin. The other three are asked of the plugin whose claim won, and
-of no other, so two plugins never half-compose one model. An exception raised inside any hook reaches the
-caller as :class:`~automodel_plugins.errors.PluginError` naming the plugin and the hook.
+of no other, so two plugins never half-compose one model. An unexpected exception raised inside any hook
+reaches the caller as :class:`~automodel_plugins.errors.PluginError` naming the plugin and the hook; the host's
+own typed errors raised by its helpers (``CheckpointError``, ``ScaleError``, ``UnsupportedQuantizationError``,
+...) pass through as they are, since they already name the file, key or field at fault.
 """
 
 from __future__ import annotations

@@ -78,7 +78,7 @@ def plan_load(
             f"scale tensor(s) not in the checkpoint: {', '.join(absent_scales)}", path=checkpoint.directory
         )
     consumed = {key for src in plan.values() for key in src.keys}
-    unused = [key for key in checkpoint.keys() if key not in consumed]
+    unused = [key for key in checkpoint if key not in consumed]
     if unused and not allow_unused:
         raise UnexpectedKeysError(unused, path=checkpoint.directory)
     return plan

@@ -71,7 +71,9 @@ def from_pretrained(
         return _stock_from_pretrained(path, config, dtype=dtype, device=device, **stock_kwargs)
     plugin = claim.plugin
     if stock_kwargs:
-        raise TypeError(f"options {sorted(stock_kwargs)} only apply to the stock path; plugin {plugin!r} claimed this config")
+        raise TypeError(
+            f"options {sorted(stock_kwargs)} only apply to the stock path; plugin {plugin!r} claimed this config"
+        )
     dtype = resolve_dtype(config, dtype)
     device = torch.device(device)
     model = _build_on_meta(config, dtype)
@@ -79,7 +81,9 @@ def from_pretrained(
     with Checkpoint.open(path) as checkpoint:
         adapter = _adapter(registry, plugin, config, checkpoint)
         plan = plan_load(model_tensors(model), adapter, checkpoint)
-        composition.load = stream_into(model, plan, checkpoint, dtype=dtype, device=device, assign=True, progress=progress)
+        composition.load = stream_into(
+            model, plan, checkpoint, dtype=dtype, device=device, assign=True, progress=progress
+        )
         composition.adapter = adapter.describe()
     poisoned = _materialize_buffers(model, device)
     registry.call(plugin, "post_materialize", model=model, config=config)
@@ -147,7 +151,9 @@ def load_weights(
         adapter = _adapter(registry, plugin, checkpoint_config, checkpoint)
         plan = plan_load(model_tensors(model), adapter, checkpoint, allow_unused=stage)
         device = next((t.device for t in model.parameters()), torch.device("cpu"))
-        report = stream_into(model, plan, checkpoint, dtype=model.dtype, device=device, assign=False, progress=progress)
+        report = stream_into(
+            model, plan, checkpoint, dtype=model.dtype, device=device, assign=False, progress=progress
+        )
         report.unused_keys_allowed = len(checkpoint) - len({k for src in plan.values() for k in src.keys})
     if plugin is not None:
         registry.call(plugin, "post_materialize", model=model, config=model.config)
@@ -189,17 +195,28 @@ def _stock_class(config: PretrainedConfig) -> type[PreTrainedModel]:
     for auto in (AutoModelForImageTextToText, AutoModelForCausalLM):
         if type(config) in auto._model_mapping:
             return auto._model_mapping[type(config)]
-    raise ConfigError(None, f"no transformers class for model_type {config.model_type!r} (config.architectures is empty)")
+    raise ConfigError(
+        None, f"no transformers class for model_type {config.model_type!r} (config.architectures is empty)"
+    )
 
 
 def _stock_from_pretrained(
-    path: str | Path, config: PretrainedConfig, *, dtype: torch.dtype | None, device: str | torch.device, **kwargs: Any
+    path: str | Path,
+    config: PretrainedConfig,
+    *,
+    dtype: torch.dtype | None,
+    device: str | torch.device,
+    **kwargs: Any,
 ) -> PreTrainedModel:
     """No plugin claimed the config: transformers' own loader, locally, without remote code."""
     model = _stock_class(config).from_pretrained(
         path, config=config, dtype=dtype or "auto", device_map=str(device), local_files_only=True, **kwargs
     )
-    setattr(model, COMPOSITION_ATTR, Composition(plugin=None, claim_reason="no plugin claimed the config: stock path"))
+    setattr(
+        model,
+        COMPOSITION_ATTR,
+        Composition(plugin=None, claim_reason="no plugin claimed the config: stock path"),
+    )
     return model
 
 
@@ -214,23 +231,35 @@ def _compose(registry: Registry, claim: ClaimVerdict | None, *, skip_logits: boo
     )
 
 
-def _adapter(registry: Registry, plugin: str | None, config: PretrainedConfig, checkpoint: Checkpoint) -> StateDictAdapter:
-    adapter = registry.call(plugin, "state_dict_adapter", config=config, checkpoint=checkpoint) if plugin else None
+def _adapter(
+    registry: Registry, plugin: str | None, config: PretrainedConfig, checkpoint: Checkpoint
+) -> StateDictAdapter:
+    adapter = (
+        registry.call(plugin, "state_dict_adapter", config=config, checkpoint=checkpoint) if plugin else None
+    )
     if adapter is None:
         return Fp8StateDictAdapter(checkpoint)
     if not isinstance(adapter, StateDictAdapter):
-        raise PluginError(plugin, "state_dict_adapter", f"returned {type(adapter).__name__}, not a StateDictAdapter")
+        raise PluginError(
+            plugin, "state_dict_adapter", f"returned {type(adapter).__name__}, not a StateDictAdapter"
+        )
     return adapter
 
 
 def _bind_forward(
-    registry: Registry, plugin: str, model: PreTrainedModel, config: PretrainedConfig, composition: Composition
+    registry: Registry,
+    plugin: str,
+    model: PreTrainedModel,
+    config: PretrainedConfig,
+    composition: Composition,
 ) -> None:
     forward = registry.call(plugin, "forward_override", model=model, config=config)
     if forward is None:
         return
     if not callable(forward):
-        raise PluginError(plugin, "forward_override", f"returned {type(forward).__name__}, which is not callable")
+        raise PluginError(
+            plugin, "forward_override", f"returned {type(forward).__name__}, which is not callable"
+        )
     model.forward = types.MethodType(forward, model)
     composition.forward_overridden = True
 
@@ -281,6 +310,10 @@ def _drop_quantization_config(model: nn.Module) -> str | None:
     quantization = getattr(config, "quantization_config", None)
     if quantization is None:
         return None
-    method = quantization.get("quant_method") if isinstance(quantization, dict) else getattr(quantization, "quant_method", None)
+    method = (
+        quantization.get("quant_method")
+        if isinstance(quantization, dict)
+        else getattr(quantization, "quant_method", None)
+    )
     del config.quantization_config
     return str(method)

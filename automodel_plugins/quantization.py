@@ -43,7 +43,9 @@ def quantization_dict(config: Any) -> dict[str, Any] | None:
     if hasattr(raw, "to_dict"):
         raw = raw.to_dict()
     if not isinstance(raw, dict):
-        raise UnsupportedQuantizationError(None, f"quantization_config must be an object, got {type(raw).__name__}")
+        raise UnsupportedQuantizationError(
+            None, f"quantization_config must be an object, got {type(raw).__name__}"
+        )
     return raw
 
 
@@ -56,10 +58,13 @@ def parse_fp8_quantization(config: Any) -> Fp8Quantization | None:
     method = raw.get("quant_method")
     if method not in SUPPORTED_METHODS:
         raise UnsupportedQuantizationError(
-            None, f"quantization_config.quant_method {method!r} is not supported (supported: {', '.join(SUPPORTED_METHODS)})"
+            None,
+            f"quantization_config.quant_method {method!r} is not supported (supported: {', '.join(SUPPORTED_METHODS)})",
         )
     try:
         return Fp8Quantization.model_validate(raw)
     except ValidationError as error:
-        problems = "; ".join(f"quantization_config.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        problems = "; ".join(
+            f"quantization_config.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors()
+        )
         raise UnsupportedQuantizationError(None, problems) from error

@@ -21,6 +21,7 @@ from automodel_plugins import hookspecs
 from automodel_plugins.claim import Claim
 from automodel_plugins.errors import (
     AmbiguousClaimError,
+    AutomodelPluginsError,
     NoPluginClaimError,
     PluginError,
     UnknownPluginError,
@@ -259,7 +260,9 @@ class Registry:
     def call(self, plugin: str, hook: str, **kwargs: Any) -> Any:
         """Call ``plugin``'s implementation of ``hook`` only; ``None`` when it does not implement it.
 
-        An exception inside the hook is raised as :class:`PluginError` naming the plugin and the hook.
+        An unexpected exception inside the hook is raised as :class:`PluginError` naming the plugin and the
+        hook. The host's own typed errors (a :class:`CheckpointError` naming the key at fault, say) pass through
+        unwrapped, so callers can catch them by type; they carry a note naming the plugin and the hook.
         """
         record = self._record(plugin)
         if record.status != "loaded":
@@ -274,6 +277,10 @@ class Registry:
             raise TypeError(f"hook {hook!r} of plugin {plugin!r} needs argument(s) {', '.join(missing)}")
         try:
             return impl.function(**{a: kwargs[a] for a in impl.argnames})
+        except AutomodelPluginsError as exc:
+            if not isinstance(exc, PluginError) and hasattr(exc, "add_note"):
+                exc.add_note(f"raised in hook {hook!r} of plugin {plugin!r}")
+            raise
         except Exception as exc:
             raise PluginError(plugin, hook, f"{type(exc).__name__}: {exc}") from exc
 

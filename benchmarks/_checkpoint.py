@@ -82,8 +82,9 @@ def build_config(text: dict[str, Any] | None = None, vision: dict[str, Any] | No
 
 def legacy_rename():
     """runtime name -> legacy (nested) checkpoint key, with the plugin's own rename rules."""
-    from automodel_plugins.adapter import _rename
     from automodel_plugins_mistral3_fp8.layout import LEGACY_RENAMES
+
+    from automodel_plugins.adapter import _rename
 
     rules = sorted(LEGACY_RENAMES, key=lambda r: -len(r.model))
     return lambda name: _rename(name, rules, to_checkpoint=True)

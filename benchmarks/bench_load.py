@@ -105,7 +105,7 @@ def worker(loader: str, path: str) -> dict:
     from transformers import Mistral3ForConditionalGeneration
 
     import automodel_plugins
-    import automodel_plugins.pipeline  # noqa: F401
+    import automodel_plugins.pipeline
 
     with PeakRss() as peak:
         wall, cpu = time.perf_counter(), time.process_time()
@@ -175,8 +175,12 @@ def check_equal(results: dict[str, list[dict]]) -> list[str]:
                 problems.append(f"{loader}: tensors on meta / not cpu / not bf16: {row['bad_tensors']}")
     ours, theirs = results["ours"][0], results["transformers"][0]
     if set(ours["digests"]) != set(theirs["digests"]):
-        problems.append(f"state dict keys differ: {sorted(set(ours['digests']) ^ set(theirs['digests']))[:5]}")
-    differ = [k for k in ours["digests"] if k in theirs["digests"] and ours["digests"][k] != theirs["digests"][k]]
+        problems.append(
+            f"state dict keys differ: {sorted(set(ours['digests']) ^ set(theirs['digests']))[:5]}"
+        )
+    differ = [
+        k for k in ours["digests"] if k in theirs["digests"] and ours["digests"][k] != theirs["digests"][k]
+    ]
     if differ:
         problems.append(f"{len(differ)} tensor(s) differ, e.g. {differ[:3]}")
     if ours["top5"] != theirs["top5"]:
@@ -185,7 +189,9 @@ def check_equal(results: dict[str, list[dict]]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeats", type=int, default=3, help="processes per loader (median)")
     parser.add_argument("--kind", default="per-tensor", choices=("per-tensor", "block"))
     parser.add_argument("--path", type=Path, help="an existing checkpoint instead of the generated one")
@@ -222,7 +228,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{model_bytes / 2**20:.0f} MiB in BF16), bf16 on cpu, torch threads {_threads()}, "
         f"median of {args.repeats} processes each"
     )
-    print(f"memory: {results['ours'][0]['memory_method']}; load average {load_before[0]:.1f} -> {load_after[0]:.1f}")
+    print(
+        f"memory: {results['ours'][0]['memory_method']}; load average {load_before[0]:.1f} -> {load_after[0]:.1f}"
+    )
     print(
         "| loader | wall (s) | cpu (s) | peak over baseline (MiB) | peak / BF16 params | RSS after load (MiB) "
         "| RSS after 1 forward (MiB) | runs: wall (s) |"
@@ -241,13 +249,22 @@ def main(argv: list[str] | None = None) -> int:
     cpu_ratio = med("ours", "cpu_s") / med("transformers", "cpu_s")
     problems = check_equal(results)
     checks = [
-        (f"peak / BF16 params (ours)              {ours_peak:6.3f}  (target <= {PEAK_TARGET})", ours_peak <= PEAK_TARGET),
+        (
+            f"peak / BF16 params (ours)              {ours_peak:6.3f}  (target <= {PEAK_TARGET})",
+            ours_peak <= PEAK_TARGET,
+        ),
         (
             f"peak / BF16 params ours vs transformers {ours_peak:6.3f} vs {theirs_peak:.3f}  (no worse)",
             ours_peak <= theirs_peak,
         ),
-        (f"wall time ours / transformers          {wall_ratio:6.3f}  (target <= {TIME_TARGET})", wall_ratio <= TIME_TARGET),
-        ("models bit-identical, top-5 equal" + (f": {'; '.join(problems)}" if problems else ""), not problems),
+        (
+            f"wall time ours / transformers          {wall_ratio:6.3f}  (target <= {TIME_TARGET})",
+            wall_ratio <= TIME_TARGET,
+        ),
+        (
+            "models bit-identical, top-5 equal" + (f": {'; '.join(problems)}" if problems else ""),
+            not problems,
+        ),
     ]
     print()
     for text, ok in checks:

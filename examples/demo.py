@@ -78,11 +78,11 @@ def ensure_checkpoint() -> tuple[Path, float | None]:
     if (CHECKPOINT / "config.json").is_file():
         return CHECKPOINT, None
     import torch
+    from automodel_plugins_mistral3_fp8.layout import LEGACY_RENAMES
     from transformers import Mistral3ForConditionalGeneration
 
     from automodel_plugins.adapter import _rename
     from automodel_plugins.testing.checkpoints import write_fp8_checkpoint
-    from automodel_plugins_mistral3_fp8.layout import LEGACY_RENAMES
 
     started = time.perf_counter()
     torch.manual_seed(0)
@@ -105,7 +105,9 @@ def ensure_checkpoint() -> tuple[Path, float | None]:
 
 
 def _kib(field: str) -> int:
-    return int(re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE).group(1))
+    return int(
+        re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE).group(1)
+    )
 
 
 class Peak:
@@ -153,7 +155,7 @@ def child_load(path: str) -> dict:
     from transformers import Mistral3ForConditionalGeneration  # noqa: F401  (imported before the baseline)
 
     import automodel_plugins
-    import automodel_plugins.pipeline  # noqa: F401
+    import automodel_plugins.pipeline
 
     with Peak() as peak:
         started = time.perf_counter()
@@ -196,7 +198,9 @@ def child_train(path: str, loss: str) -> dict:
     torch.manual_seed(0)
     model = automodel_plugins.from_pretrained(path, skip_logits=(loss == "fused"), progress=False)
     if loss == "stock":
-        model.forward = type(model).forward.__get__(model)  # the stock forward: logits [B, S, V], then the loss
+        model.forward = type(model).forward.__get__(
+            model
+        )  # the stock forward: logits [B, S, V], then the loss
     model.train()
     batch, n_image = image_batch(model.config, text_tokens=SEQ_LEN - 1 - 64, seed=1)
     labels = batch["input_ids"].clone()
@@ -211,7 +215,14 @@ def child_train(path: str, loss: str) -> dict:
             out.loss.backward()
             optimizer.step()
             seconds = time.perf_counter() - started
-        steps.append({"loss": float(out.loss), "peak": peak.bytes, "seconds": seconds, "logits": out.logits is not None})
+        steps.append(
+            {
+                "loss": float(out.loss),
+                "peak": peak.bytes,
+                "seconds": seconds,
+                "logits": out.logits is not None,
+            }
+        )
         del out
     return {"loss_kind": loss, "steps": steps, "tokens": int(batch["input_ids"].numel()), "n_image": n_image}
 
@@ -233,7 +244,9 @@ def run_child(*args: str) -> dict:
 def cli(*args: str) -> None:
     script = Path(sys.executable).with_name("automodel-plugins")
     command = [str(script)] if script.exists() else [sys.executable, "-m", "automodel_plugins.cli"]
-    shown = " ".join(["automodel-plugins", *(os.path.relpath(a, REPO_ROOT) if os.sep in a else a for a in args)])
+    shown = " ".join(
+        ["automodel-plugins", *(os.path.relpath(a, REPO_ROOT) if os.sep in a else a for a in args)]
+    )
     print(f"\n$ {shown}")
     proc = subprocess.run([*command, *args], capture_output=True, text=True, check=False)
     text = (proc.stdout + proc.stderr).rstrip()
@@ -247,7 +260,9 @@ def mib(n: float) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

@@ -18,7 +18,12 @@ from torch import nn
 
 from automodel_plugins import fp8
 
-DEFAULT_MODULES_TO_NOT_CONVERT = ("model.vision_tower", "model.multi_modal_projector", "model.visual", "lm_head")
+DEFAULT_MODULES_TO_NOT_CONVERT = (
+    "model.vision_tower",
+    "model.multi_modal_projector",
+    "model.visual",
+    "lm_head",
+)
 """What real FP8 VLM checkpoints keep in BF16: the vision side and the output head."""
 
 

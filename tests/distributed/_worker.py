@@ -34,9 +34,7 @@ CHECKPOINTS = {  # name -> (block size, tied embeddings)
     "per_tensor_untied": (None, False),
     "block_untied": (_tiny.BLOCK, False),
 }
-
-
-_NOT_WEIGHTS = ("_scale_inv", "activation_scale")
+_NOT_WEIGHTS = ("_scale_inv", "activation_scale")  # key suffixes of scales, not weights
 
 
 @dataclass
@@ -194,7 +192,26 @@ def train_step(ctx: Context) -> dict[str, Any]:
         name for name, t in reference.state_dict().items() if not torch.equal(before[name], t)
     )
     result["updated_mismatches"] = full_state_mismatches(model, reference)
+    result["own_unit_head_error"] = _own_unit_head_error(ctx, path, batch)
     return result
+
+
+def _own_unit_head_error(ctx: Context, path: Path, batch: dict[str, torch.Tensor]) -> str | None:
+    """``lm_head`` as an FSDP2 unit of its own: sharded during the root's forward, so the fused loss refuses."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = automodel_plugins.build_model(path)
+    for layer in model.model.language_model.layers:
+        fully_shard(layer, mesh=ctx.mesh)
+    fully_shard(model.lm_head, mesh=ctx.mesh)
+    fully_shard(model, mesh=ctx.mesh)
+    model.to_empty(device="cpu")
+    automodel_plugins.load_weights(model, path)
+    try:
+        model(**batch, skip_logits=True)
+    except RuntimeError as exc:
+        return str(exc)
+    return None
 
 
 def _train(model: Any, batch: dict[str, torch.Tensor], *, steps: int) -> tuple[list[float], list[bool]]:

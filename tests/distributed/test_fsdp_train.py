@@ -20,3 +20,9 @@ def test_fused_loss_and_update_match_single_process(distributed_run) -> None:
         assert result["losses"][1] != result["losses"][0], "the step must change the loss"
         assert "lm_head.weight" in result["params_changed"]
         assert result["updated_mismatches"] == [], f"rank {rank}: updated parameters differ"
+
+
+def test_head_in_a_unit_of_its_own_is_refused_clearly(distributed_run) -> None:
+    for result in distributed_run.ranks("train"):
+        assert result["own_unit_head_error"] is not None, "a sharded head must not give a silently wrong loss"
+        assert "lm_head.weight is a DTensor" in result["own_unit_head_error"]

@@ -260,13 +260,21 @@ def stock_load(path: Path, **kwargs: Any) -> Mistral3ForConditionalGeneration:
 
 
 def assert_same_weights(got: torch.nn.Module, expected: torch.nn.Module) -> None:
-    """Same state-dict keys, dtypes and bits."""
+    """Same state-dict keys, dtypes and bits, and the same (non-persistent) rotary buffers."""
     a, b = got.state_dict(), expected.state_dict()
     assert sorted(a) == sorted(b)
     wrong_dtype = [k for k in a if a[k].dtype != b[k].dtype]
     assert not wrong_dtype, [(k, a[k].dtype, b[k].dtype) for k in wrong_dtype[:5]]
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different, different
+    rotary_got, rotary_expected = rotary_state(got), rotary_state(expected)
+    for name, value in rotary_expected.items():
+        same = (
+            torch.equal(rotary_got[name], value)
+            if isinstance(value, torch.Tensor)
+            else rotary_got[name] == value
+        )
+        assert same, name
 
 
 def image_inputs(dtype: torch.dtype = torch.bfloat16, seq_len: int = 16) -> dict[str, torch.Tensor]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +43,12 @@ NORM = "language_model.model.norm.weight"
 AWQ = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"}
 
 
+Damaged = Callable[..., Path]
+
+
 @pytest.fixture
-def damaged(checkpoints: Checkpoints, tmp_path: Path):
-    """A private copy of a generated checkpoint, to break."""
+def damaged(checkpoints: Checkpoints, tmp_path: Path) -> Damaged:
+    """``damaged(**spec_changes)``: a private copy of a generated checkpoint, to break."""
 
     def make(**changes: Any) -> Path:
         return checkpoints.copy(tmp_path / "damaged", CheckpointSpec(**changes))
@@ -59,7 +63,7 @@ def load(path: Path, registry: Registry, **kwargs: Any) -> Any:
 # --- corrupt files ----------------------------------------------------------------------------------------
 
 
-def test_truncated_shard_names_the_file(registry: Registry, damaged) -> None:
+def test_truncated_shard_names_the_file(registry: Registry, damaged: Damaged) -> None:
     path = damaged(shards=2)
     shard = path / "model-00002-of-00002.safetensors"
     data = shard.read_bytes()
@@ -69,7 +73,7 @@ def test_truncated_shard_names_the_file(registry: Registry, damaged) -> None:
     assert caught.value.path == shard.resolve() and shard.name in str(caught.value)
 
 
-def test_garbage_header_names_the_file(registry: Registry, damaged) -> None:
+def test_garbage_header_names_the_file(registry: Registry, damaged: Damaged) -> None:
     path = damaged()
     file = path / "model.safetensors"
     data = bytearray(file.read_bytes())
@@ -80,7 +84,7 @@ def test_garbage_header_names_the_file(registry: Registry, damaged) -> None:
     assert str(file.resolve()) in str(caught.value)
 
 
-def test_index_naming_a_missing_shard(registry: Registry, damaged) -> None:
+def test_index_naming_a_missing_shard(registry: Registry, damaged: Damaged) -> None:
     path = damaged(shards=2)
     (path / "model-00001-of-00002.safetensors").unlink()
     with pytest.raises(CheckpointError, match="does not exist") as caught:
@@ -91,7 +95,7 @@ def test_index_naming_a_missing_shard(registry: Registry, damaged) -> None:
 # --- scales -----------------------------------------------------------------------------------------------
 
 
-def test_fp8_weight_without_a_scale_names_the_weight(registry: Registry, damaged) -> None:
+def test_fp8_weight_without_a_scale_names_the_weight(registry: Registry, damaged: Damaged) -> None:
     path = damaged()
     edit_tensors(path, lambda t: t.pop(Q_SCALE))
     with pytest.raises(ScaleError, match="has no scale") as caught:
@@ -104,7 +108,7 @@ def test_fp8_weight_without_a_scale_names_the_weight(registry: Registry, damaged
 )
 @pytest.mark.parametrize("block_size", [None, (32, 32)], ids=["per-tensor", "block"])
 def test_bad_scale_value_names_the_scale(
-    registry: Registry, damaged, value: float, block_size: tuple[int, int] | None
+    registry: Registry, damaged: Damaged, value: float, block_size: tuple[int, int] | None
 ) -> None:
     path = damaged(block_size=block_size)
 
@@ -120,7 +124,7 @@ def test_bad_scale_value_names_the_scale(
 
 
 @pytest.mark.parametrize("grid", [(2, 2), (2, 3), ()], ids=["too-few-cols", "too-many-cols", "0-d"])
-def test_block_scale_grid_of_wrong_shape(registry: Registry, damaged, grid: tuple[int, ...]) -> None:
+def test_block_scale_grid_of_wrong_shape(registry: Registry, damaged: Damaged, grid: tuple[int, ...]) -> None:
     """q_proj is 64x64: with 32x32 blocks its grid must be 2x2... here 2x2 is right only for q_proj, so
     the damaged scale sits on down_proj (64x128, grid 2x4)."""
     path = damaged(block_size=(32, 32))
@@ -131,7 +135,7 @@ def test_block_scale_grid_of_wrong_shape(registry: Registry, damaged, grid: tupl
     assert caught.value.key == key and key in str(caught.value)
 
 
-def test_per_tensor_scale_with_several_elements(registry: Registry, damaged) -> None:
+def test_per_tensor_scale_with_several_elements(registry: Registry, damaged: Damaged) -> None:
     path = damaged()
     edit_tensors(path, lambda t: t.__setitem__(Q_SCALE, torch.ones(2)))
     with pytest.raises(ScaleError, match="one element") as caught:
@@ -142,7 +146,7 @@ def test_per_tensor_scale_with_several_elements(registry: Registry, damaged) -> 
 # --- tensors that do not fit the model --------------------------------------------------------------------
 
 
-def test_shape_mismatch_names_the_key(registry: Registry, damaged) -> None:
+def test_shape_mismatch_names_the_key(registry: Registry, damaged: Damaged) -> None:
     path = damaged()
     edit_tensors(path, lambda t: t.__setitem__(NORM, torch.ones(65, dtype=torch.bfloat16)))
     with pytest.raises(ShapeMismatchError, match=r"\(65,\)") as caught:
@@ -150,7 +154,7 @@ def test_shape_mismatch_names_the_key(registry: Registry, damaged) -> None:
     assert caught.value.key == NORM and NORM in str(caught.value)
 
 
-def test_fp8_shape_mismatch_names_the_key(registry: Registry, damaged) -> None:
+def test_fp8_shape_mismatch_names_the_key(registry: Registry, damaged: Damaged) -> None:
     path = damaged()
     edit_tensors(path, lambda t: t.__setitem__(Q_PROJ, t[Q_PROJ][:32].contiguous()))
     with pytest.raises(ShapeMismatchError) as caught:
@@ -158,7 +162,7 @@ def test_fp8_shape_mismatch_names_the_key(registry: Registry, damaged) -> None:
     assert caught.value.key == Q_PROJ
 
 
-def test_integer_tensor_where_a_float_is_expected(registry: Registry, damaged) -> None:
+def test_integer_tensor_where_a_float_is_expected(registry: Registry, damaged: Damaged) -> None:
     path = damaged()
     edit_tensors(path, lambda t: t.__setitem__(NORM, torch.ones(64, dtype=torch.int32)))
     with pytest.raises(DtypeMismatchError, match="int32") as caught:
@@ -166,7 +170,7 @@ def test_integer_tensor_where_a_float_is_expected(registry: Registry, damaged) -
     assert caught.value.key == NORM and NORM in str(caught.value)
 
 
-def test_unexpected_keys_are_listed(registry: Registry, damaged) -> None:
+def test_unexpected_keys_are_listed(registry: Registry, damaged: Damaged) -> None:
     path = damaged()
     extra = ["language_model.model.layers.2.mlp.gate_proj.weight", "vision_tower.extra.bias"]
     edit_tensors(path, lambda t: t.update({k: torch.zeros(2, dtype=torch.bfloat16) for k in extra}))
@@ -176,7 +180,7 @@ def test_unexpected_keys_are_listed(registry: Registry, damaged) -> None:
     assert all(k in str(caught.value) for k in extra)
 
 
-def test_missing_keys_are_listed(registry: Registry, damaged) -> None:
+def test_missing_keys_are_listed(registry: Registry, damaged: Damaged) -> None:
     path = damaged()
     gone = [NORM, "vision_tower.ln_pre.weight"]
     edit_tensors(path, lambda t: [t.pop(k) for k in gone])
@@ -187,7 +191,7 @@ def test_missing_keys_are_listed(registry: Registry, damaged) -> None:
     assert "model.language_model.norm.weight" in str(caught.value)
 
 
-def test_missing_fp8_weight_with_its_scale_left_behind(registry: Registry, damaged) -> None:
+def test_missing_fp8_weight_with_its_scale_left_behind(registry: Registry, damaged: Damaged) -> None:
     path = damaged()
     edit_tensors(path, lambda t: t.pop(Q_PROJ))
     with pytest.raises(MissingKeysError, match=r"q_proj\.weight"):
@@ -198,7 +202,7 @@ def test_missing_fp8_weight_with_its_scale_left_behind(registry: Registry, damag
 
 
 @pytest.mark.parametrize("entry", ["../outside.safetensors", "/etc/passwd", "sub/../../outside.safetensors"])
-def test_index_entry_outside_the_directory(registry: Registry, damaged, entry: str) -> None:
+def test_index_entry_outside_the_directory(registry: Registry, damaged: Damaged, entry: str) -> None:
     path = damaged(shards=2)
     index = path / "model.safetensors.index.json"
     data = json.loads(index.read_text())
@@ -209,7 +213,7 @@ def test_index_entry_outside_the_directory(registry: Registry, damaged, entry: s
     assert caught.value.key == NORM and entry in str(caught.value) and index.name in str(caught.value)
 
 
-def test_symlinked_shard_escaping_the_directory(registry: Registry, damaged, tmp_path: Path) -> None:
+def test_symlinked_shard_escaping_the_directory(registry: Registry, damaged: Damaged, tmp_path: Path) -> None:
     path = damaged(shards=2)
     shard = path / "model-00002-of-00002.safetensors"
     outside = tmp_path / "elsewhere.safetensors"
@@ -229,8 +233,15 @@ class _Trap:
         return (Path.write_text, (self.marker, "unpickled"))
 
 
+def test_the_trap_fires_when_unpickled(tmp_path: Path) -> None:
+    """Guards the two tests below: unpickling the trap does write its marker."""
+    marker = tmp_path / "UNPICKLED"
+    pickle.loads(pickle.dumps(_Trap(marker)))
+    assert marker.read_text() == "unpickled"
+
+
 def test_pickles_in_the_directory_are_never_loaded(
-    registry: Registry, checkpoints: Checkpoints, damaged
+    registry: Registry, checkpoints: Checkpoints, damaged: Damaged
 ) -> None:
     path = damaged()
     marker = path.parent / "UNPICKLED"
@@ -241,7 +252,7 @@ def test_pickles_in_the_directory_are_never_loaded(
     assert_same_weights(model, load(checkpoints(), registry))
 
 
-def test_pickle_only_directory_is_refused_without_unpickling(registry: Registry, damaged) -> None:
+def test_pickle_only_directory_is_refused_without_unpickling(registry: Registry, damaged: Damaged) -> None:
     path = damaged()
     marker = path.parent / "UNPICKLED"
     (path / "model.safetensors").unlink()
@@ -251,7 +262,7 @@ def test_pickle_only_directory_is_refused_without_unpickling(registry: Registry,
     assert str(path) in str(caught.value) and not marker.exists()
 
 
-def test_remote_code_in_config_is_not_run(registry: Registry, damaged) -> None:
+def test_remote_code_in_config_is_not_run(registry: Registry, damaged: Damaged) -> None:
     path = damaged()
     marker = path.parent / "REMOTE_CODE_RAN"
     (path / "evil.py").write_text(f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n")
@@ -272,7 +283,9 @@ def test_remote_code_in_config_is_not_run(registry: Registry, damaged) -> None:
     ],
     ids=["truncated-json", "array", "no-model-type"],
 )
-def test_malformed_config_names_the_file(registry: Registry, damaged, content: str, match: str) -> None:
+def test_malformed_config_names_the_file(
+    registry: Registry, damaged: Damaged, content: str, match: str
+) -> None:
     path = damaged()
     (path / "config.json").write_text(content)
     with pytest.raises(ConfigError, match=match) as caught:
@@ -280,7 +293,7 @@ def test_malformed_config_names_the_file(registry: Registry, damaged, content: s
     assert caught.value.path == path / "config.json" and str(path / "config.json") in str(caught.value)
 
 
-def test_unknown_text_model_type_names_the_field(registry: Registry, damaged) -> None:
+def test_unknown_text_model_type_names_the_field(registry: Registry, damaged: Damaged) -> None:
     path = damaged()
     edit_config(path, lambda c: c["text_config"].update(model_type="ministral9"))
     with pytest.raises(ConfigError, match=r"text_config\.model_type") as caught:
@@ -293,7 +306,9 @@ def test_unknown_text_model_type_names_the_field(registry: Registry, damaged) ->
     [{"weight_block_size": [0, 128]}, {"weight_block_size": [128]}, {"activation_scheme": "sometimes"}],
     ids=["zero-block", "one-dim-block", "bad-scheme"],
 )
-def test_invalid_fp8_fields_name_the_field(registry: Registry, damaged, quantization: dict[str, Any]) -> None:
+def test_invalid_fp8_fields_name_the_field(
+    registry: Registry, damaged: Damaged, quantization: dict[str, Any]
+) -> None:
     path = damaged()
     edit_config(path, lambda c: c["quantization_config"].update(quantization))
     field = next(iter(quantization))
@@ -307,7 +322,7 @@ def test_invalid_fp8_fields_name_the_field(registry: Registry, damaged, quantiza
 
 
 @pytest.fixture
-def awq_checkpoint(damaged) -> Path:
+def awq_checkpoint(damaged: Damaged) -> Path:
     """A Mistral3 checkpoint whose config declares AWQ (the tensors are irrelevant: it must never be planned)."""
     path = damaged(quantized=False)
     edit_config(path, lambda c: c.update(quantization_config=dict(AWQ)))

@@ -14,10 +14,11 @@ from typing import Any
 
 import pytest
 import torch
-from automodel_plugins.fp8_vlm import vlm_fused_loss_forward
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import Mistral3Config, Mistral3ForConditionalGeneration, PixtralVisionConfig
 from transformers.models.ministral3 import Ministral3Config
+
+from automodel_plugins.fp8_vlm import vlm_fused_loss_forward
 
 IMAGE_TOKEN = 10
 IMAGE_SIZE = (32, 48)

@@ -31,9 +31,13 @@ def detect_layout(keys: Iterable[str], *, where: object = None) -> str:
         if runtime is None and key.startswith(_RUNTIME_MARKERS):
             runtime = key
     if legacy and runtime:
-        raise CheckpointError(f"checkpoint mixes the legacy ({legacy!r}) and runtime ({runtime!r}) key layouts", path=where)
+        raise CheckpointError(
+            f"checkpoint mixes the legacy ({legacy!r}) and runtime ({runtime!r}) key layouts", path=where
+        )
     if not (legacy or runtime):
-        raise CheckpointError("no Mistral3 key found (expected language_model.model.* or model.language_model.*)", path=where)
+        raise CheckpointError(
+            "no Mistral3 key found (expected language_model.model.* or model.language_model.*)", path=where
+        )
     return "legacy" if legacy else "runtime"
 
 

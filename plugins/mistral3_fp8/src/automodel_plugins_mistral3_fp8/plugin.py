@@ -34,7 +34,6 @@ def claim_config(config: Any) -> Claim | None:
 def state_dict_adapter(config: Any, checkpoint: Any) -> Any:
     """Legacy or runtime key layout (from the checkpoint's keys), FP8 scales under any accepted name."""
     from automodel_plugins.adapter import fp8_adapter_for
-
     from automodel_plugins_mistral3_fp8.layout import detect_layout, renames_for
 
     layout = detect_layout(checkpoint.keys(), where=checkpoint.directory)

@@ -57,7 +57,7 @@ def _placement_kind(placement: object) -> str:
     """``shard``, ``strided`` or ``replicate``; anything else (``Partial``, unknown) cannot hold a weight."""
     from torch.distributed.tensor import Replicate, Shard
 
-    if type(placement).__name__ == "_StridedShard" and hasattr(placement, "split_factor"):
+    if type(placement).__name__ in ("_StridedShard", "StridedShard") and hasattr(placement, "split_factor"):
         return "strided"
     if isinstance(placement, Shard):
         return "shard"
@@ -109,7 +109,7 @@ def shard_region(
         raise CheckpointError(
             f"cannot load into a DTensor of shape {tuple(shape)} placed as {tuple(placements)!r} on mesh "
             f"{tuple(mesh_shape)}: the shard at coordinate {tuple(coordinate)} is not one region of the global "
-            "tensor (load before composing FSDP2 over a tensor-parallel dim, or use Shard/Replicate)"
+            "tensor (load the tensor-parallel model before applying fully_shard, or use sizes the mesh divides)"
         )
     return region  # type: ignore[return-value]
 

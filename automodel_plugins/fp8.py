@@ -33,7 +33,7 @@ SCALE_DTYPES: frozenset[torch.dtype] = (
     _FLOAT_SCALE_DTYPES | {torch.uint8} | ({E8M0_DTYPE} if E8M0_DTYPE is not None else set())
 )
 # Rows per dequant chunk are chosen so the fp32 temporaries stay near this many elements (64 MiB).
-_CHUNK_ELEMENTS = 1 << 24
+_CHUNK_ELEMENTS = 1 << 20
 
 
 def is_fp8(dtype: torch.dtype) -> bool:

@@ -20,6 +20,7 @@ from fake_plugins import source
 from automodel_plugins import Claim, hookimpl
 from automodel_plugins.errors import (
     AmbiguousClaimError,
+    CheckpointError,
     NoPluginClaimError,
     PluginError,
     UnknownPluginError,
@@ -351,6 +352,23 @@ def test_call_wraps_exceptions_naming_plugin_and_hook():
     assert (info.value.plugin, info.value.hook) == ("bad", "forward_override")
     assert "ValueError: no forward for you" in str(info.value)
     assert isinstance(info.value.__cause__, ValueError)
+
+
+class _TypedErrorPlugin:
+    """Raises the host's own typed error from a hook, as a plugin using the host's helpers would."""
+
+    @hookimpl
+    def post_materialize(self, model, config):
+        raise CheckpointError("scale is NaN", key="layers.0.q_proj.weight_scale_inv")
+
+
+def test_call_lets_typed_host_errors_through_with_a_note_naming_plugin_and_hook():
+    registry = _registry(typed=_TypedErrorPlugin())
+    with pytest.raises(CheckpointError) as info:
+        registry.call("typed", "post_materialize", model=object(), config=LLAMA)
+    assert not isinstance(info.value, PluginError)
+    assert "layers.0.q_proj.weight_scale_inv" in str(info.value)
+    assert info.value.__notes__ == ["raised in hook 'post_materialize' of plugin 'typed'"]
 
 
 def test_call_rejects_unknown_plugin_and_unknown_hook():

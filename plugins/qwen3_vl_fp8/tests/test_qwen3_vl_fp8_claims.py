@@ -87,7 +87,7 @@ def test_unreadable_fp8_is_claimed_and_the_load_names_the_field(
     import json
 
     import automodel_plugins
-    from automodel_plugins.errors import PluginError
+    from automodel_plugins.errors import UnsupportedQuantizationError
 
     path = fp8_checkpoint_factory(qwen_model, name="bad-fp8", block_size=(128, 128))
     config = json.loads((path / "config.json").read_text())
@@ -95,7 +95,7 @@ def test_unreadable_fp8_is_claimed_and_the_load_names_the_field(
     (path / "config.json").write_text(json.dumps(config))
     assert plugin.claim_config(load_config(path)) is not None
     plugin_registry("qwen3_vl_fp8")
-    with pytest.raises(PluginError, match=field):
+    with pytest.raises(UnsupportedQuantizationError, match=field):
         automodel_plugins.from_pretrained(path)
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import save_file
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from automodel_plugins import Claim, hookimpl
 from automodel_plugins.registry import Registry, get_registry
@@ -20,6 +20,7 @@ from automodel_plugins.testing.compare import (
     reference_dequantized_state_dict,
     stock_reads_exactly,
 )
+from automodel_plugins.testing.tiny_models import tiny_llama_config
 
 Tamper = Callable[[Any], None]
 
@@ -67,15 +68,13 @@ class LlamaFp8Plugin:
 def llama_checkpoints(fp8_checkpoint_factory: Any) -> dict[str, Path]:
     """A tiny Llama (intermediate 200) in 32x32 blocks (partial edges) and in 8x8 blocks (whole blocks)."""
     torch.manual_seed(0)
-    config = LlamaConfig(
+    config = tiny_llama_config(
         hidden_size=64,
         intermediate_size=200,
         num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         head_dim=16,
         vocab_size=128,
-        tie_word_embeddings=False,
+        architectures=None,
     )
     model = LlamaForCausalLM(config).eval()
     return {

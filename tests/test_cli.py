@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from importlib import metadata
 
 import fake_plugins.generic_claimer
 import fake_plugins.greedy_claimer
@@ -14,7 +13,7 @@ import fake_plugins.mistral3_claimer
 import fake_plugins.no_claim
 import fake_plugins.raising_claimer
 import pytest
-from fake_plugins import source
+from fake_plugins import installed, source
 from fake_plugins.configs import LLAMA, MISTRAL3
 
 from automodel_plugins import __version__
@@ -249,16 +248,8 @@ def test_list_imports_neither_torch_nor_transformers(fake_site, selection):
     assert "cli_good" in {row["name"] for row in json.loads(result.stdout)["plugins"]}
 
 
-def _installed(distribution: str) -> bool:
-    try:
-        metadata.distribution(distribution)
-    except metadata.PackageNotFoundError:
-        return False
-    return True
-
-
 @pytest.mark.skipif(
-    not _installed("automodel-plugins-mistral3-fp8"),
+    not installed("automodel-plugins-mistral3-fp8"),
     reason="distribution automodel-plugins-mistral3-fp8 is not installed (pip install -e plugins/mistral3_fp8)",
 )
 def test_installed_mistral3_fp8_is_listed_with_claim_config(run_cli):

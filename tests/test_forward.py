@@ -17,7 +17,6 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
-    Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
 )
 from transformers.loss.loss_utils import ForCausalLMLoss
@@ -30,21 +29,18 @@ from automodel_plugins.forward import (
     slice_positions,
     stock_output_class,
 )
+from automodel_plugins.testing.tiny_models import (
+    QWEN3_VL_IMAGE_TOKEN_ID,
+    QWEN3_VL_VISION_END_TOKEN_ID,
+    QWEN3_VL_VISION_START_TOKEN_ID,
+    TINY_TEXT_SIZES,
+    tiny_qwen3_vl_config,
+)
 
 ATOL = 1e-5
-VOCAB = 256
+VOCAB = TINY_TEXT_SIZES["vocab_size"]
 SEQ = 12
-TEXT = {
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 16,
-    "vocab_size": VOCAB,
-    "tie_word_embeddings": False,
-}
-QWEN_IMAGE_TOKEN, QWEN_VISION_START, QWEN_VISION_END = 200, 199, 198
+TEXT = {**TINY_TEXT_SIZES, "tie_word_embeddings": False}
 
 
 # --- tiny stock models and their batches ------------------------------------------------------------------
@@ -72,36 +68,16 @@ def llama() -> tuple[nn.Module, dict[str, Any]]:
 def qwen3_vl() -> tuple[nn.Module, dict[str, Any]]:
     """Qwen3-VL with one 4x4-patch image (4 tokens after the 2x2 merge), 3-D rope positions and deepstack."""
     torch.manual_seed(0)
-    text = {k: v for k, v in TEXT.items() if k != "tie_word_embeddings"}
-    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}
-    vision = {
-        "depth": 1,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_heads": 2,
-        "out_hidden_size": 64,
-        "patch_size": 8,
-        "temporal_patch_size": 2,
-        "spatial_merge_size": 2,
-        "deepstack_visual_indexes": [0],
-        "num_position_embeddings": 16,
-    }
-    config = Qwen3VLConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=QWEN_IMAGE_TOKEN,
-        vision_start_token_id=QWEN_VISION_START,
-        vision_end_token_id=QWEN_VISION_END,
-        tie_word_embeddings=False,
-    )
+    config = tiny_qwen3_vl_config(rope_theta=1e6, num_position_embeddings=16)
     batch = text_batch()
-    batch["input_ids"].clamp_(max=QWEN_VISION_END - 1)
-    batch["input_ids"][0, 2:8] = torch.tensor([QWEN_VISION_START, *[QWEN_IMAGE_TOKEN] * 4, QWEN_VISION_END])
+    start, image, end = QWEN3_VL_VISION_START_TOKEN_ID, QWEN3_VL_IMAGE_TOKEN_ID, QWEN3_VL_VISION_END_TOKEN_ID
+    batch["input_ids"].clamp_(max=end - 1)
+    batch["input_ids"][0, 2:8] = torch.tensor([start, *[image] * 4, end])
     batch["labels"] = torch.where(batch["labels"] == -100, -100, batch["input_ids"])
     gen = torch.Generator().manual_seed(2)
     batch["pixel_values"] = torch.randn(16, 3 * 2 * 8 * 8, generator=gen)
     batch["image_grid_thw"] = torch.tensor([[1, 4, 4]])
-    batch["mm_token_type_ids"] = (batch["input_ids"] == QWEN_IMAGE_TOKEN).int()
+    batch["mm_token_type_ids"] = (batch["input_ids"] == image).int()
     return Qwen3VLForConditionalGeneration(config).eval(), batch
 
 

@@ -6,17 +6,18 @@ import json
 import shutil
 import subprocess
 import sys
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from fake_plugins import installed
+from transformers import LlamaForCausalLM
 
 from automodel_plugins.cli import main
 from automodel_plugins.testing.checkpoints import write_fp8_checkpoint
 from automodel_plugins.testing.pytest_plugin import subprocess_env
+from automodel_plugins.testing.tiny_models import tiny_llama_config, tiny_mistral3_config
 
 
 def console_script() -> list[str]:
@@ -46,17 +47,7 @@ def as_json(result: subprocess.CompletedProcess[str]) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def llama_fp8(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
-    config = LlamaConfig(
-        architectures=["LlamaForCausalLM"],
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=64,
-        tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(tiny_llama_config())
     return write_fp8_checkpoint(
         model, tmp_path_factory.mktemp("llama"), modules_to_not_convert=("lm_head",), shards=2
     )
@@ -108,41 +99,22 @@ def test_truncated_shard_exits_2_naming_the_shard(
     assert shard.name in capsys.readouterr().err
 
 
-def _installed(distribution: str) -> bool:
-    try:
-        metadata.distribution(distribution)
-    except metadata.PackageNotFoundError:
-        return False
-    return True
-
-
 @pytest.mark.skipif(
-    not _installed("automodel-plugins-mistral3-fp8"), reason="mistral3_fp8 plugin not installed"
+    not installed("automodel-plugins-mistral3-fp8"), reason="mistral3_fp8 plugin not installed"
 )
 def test_claimed_checkpoint_gets_a_planned_load(tmp_path: Path) -> None:
     """With the installed Mistral3 plugin: the claim, the layout and the FP8 counts of the plan."""
-    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, PixtralVisionConfig
-    from transformers.models.ministral3 import Ministral3Config
+    from transformers import Mistral3ForConditionalGeneration
 
-    text = Ministral3Config(
+    config = tiny_mistral3_config(  # Ministral3Config's own default rope, Pixtral's default image size
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=1,
         num_attention_heads=2,
         num_key_value_heads=1,
-        head_dim=16,
         vocab_size=64,
-    )
-    vision = PixtralVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        head_dim=16,
-        patch_size=8,
-    )
-    config = Mistral3Config(
-        text_config=text, vision_config=vision, image_token_id=10, tie_word_embeddings=False
+        rope_parameters=None,
+        vision={"image_size": 1024},
     )
     model = Mistral3ForConditionalGeneration(config)
     path = write_fp8_checkpoint(model, tmp_path / "m3", block_size=(16, 16))

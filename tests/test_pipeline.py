@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from automodel_plugins import (
     AmbiguousClaimError,
@@ -27,29 +27,18 @@ from automodel_plugins.pipeline import resolve_dtype
 from automodel_plugins.registry import Registry
 from automodel_plugins.rotary import repair_rotary
 from automodel_plugins.testing.checkpoints import write_fp8_checkpoint
+from automodel_plugins.testing.compare import assert_same_state_dict
+from automodel_plugins.testing.tiny_models import tiny_llama_config
 
 ROTARY = "model.rotary_emb"
 
 # --- a tiny Llama and its checkpoints ---------------------------------------------------------------------
 
 
-def llama_config() -> LlamaConfig:
-    return LlamaConfig(
-        architectures=["LlamaForCausalLM"],
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=64,
-        tie_word_embeddings=False,
-    )
-
-
 @pytest.fixture(scope="module")
 def llama() -> LlamaForCausalLM:
     torch.manual_seed(0)
-    return LlamaForCausalLM(llama_config()).eval()
+    return LlamaForCausalLM(tiny_llama_config()).eval()
 
 
 @pytest.fixture(scope="module")
@@ -71,14 +60,8 @@ def stock(path: Path, **kwargs: Any) -> LlamaForCausalLM:
     return LlamaForCausalLM.from_pretrained(path, **kwargs).eval()
 
 
-def assert_same_weights(got: torch.nn.Module, expected: torch.nn.Module) -> None:
-    a, b = got.state_dict(), expected.state_dict()
-    assert sorted(a) == sorted(b)
-    assert not [k for k in a if a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k])]
-
-
 def assert_rotary_fresh(model: torch.nn.Module) -> None:
-    fresh = LlamaForCausalLM(llama_config()).get_submodule(ROTARY)
+    fresh = LlamaForCausalLM(tiny_llama_config()).get_submodule(ROTARY)
     rotary = model.get_submodule(ROTARY)
     assert rotary.inv_freq.dtype == torch.float32 and torch.equal(rotary.inv_freq, fresh.inv_freq)
     assert rotary.attention_scaling == fresh.attention_scaling
@@ -138,7 +121,7 @@ def test_claimed_fp8_load_equals_stock(fp8_path: Path) -> None:
     plugin = LlamaPlugin()
     model = from_pretrained(fp8_path, registry=registry_with(fake_llama=plugin))
     assert type(model) is LlamaForCausalLM and not model.training
-    assert_same_weights(model, stock(fp8_path))
+    assert_same_state_dict(model, stock(fp8_path))
     assert_rotary_fresh(model)
     composition = model.automodel_composition
     assert (composition.plugin, composition.claim_reason, composition.dequantized_from) == (
@@ -167,7 +150,7 @@ def test_stock_path_when_no_plugin_claims(bf16_path: Path, isolated_registry: Re
     composition = model.automodel_composition
     assert composition.plugin is None and "stock" in composition.claim_reason
     assert composition.load is None
-    assert_same_weights(model, stock(bf16_path))
+    assert_same_state_dict(model, stock(bf16_path))
 
 
 def test_stock_path_also_when_other_plugins_decline(bf16_path: Path) -> None:
@@ -243,11 +226,11 @@ def test_stock_only_options_are_refused_on_the_plugin_path(fp8_path: Path) -> No
 
 def test_float32_target(fp8_path: Path) -> None:
     model = from_pretrained(fp8_path, registry=registry_with(fake_llama=LlamaPlugin()), dtype=torch.float32)
-    assert_same_weights(model, stock(fp8_path, dtype=torch.float32))
+    assert_same_state_dict(model, stock(fp8_path, dtype=torch.float32))
 
 
 def test_dtype_resolution() -> None:
-    config = llama_config()
+    config = tiny_llama_config()
     config.dtype = None
     assert resolve_dtype(config, None) == torch.bfloat16
     config.dtype = "float16"
@@ -270,7 +253,7 @@ def test_build_then_load_weights_equals_from_pretrained(fp8_path: Path) -> None:
     report = load_weights(model, fp8_path, registry=registry)
     assert plugin.calls[-1] == ("post_materialize", False)
     expected = from_pretrained(fp8_path, registry=registry)
-    assert_same_weights(model, expected)
+    assert_same_state_dict(model, expected)
     assert_rotary_fresh(model)
     assert report.dequantized == 14 and model.automodel_composition.load is report
     inputs = torch.tensor([[1, 5, 9, 2]])

@@ -24,21 +24,16 @@ from automodel_plugins.rotary import (
     recompute_rotary_buffers,
     repair_rotary,
 )
+from automodel_plugins.testing.tiny_models import (
+    MINISTRAL3_ROPE_PARAMETERS,
+    TINY_TEXT_SIZES,
+    mistral3_image_batch,
+    tiny_mistral3_config,
+    tiny_qwen3_vl_config,
+)
 
-YARN = {
-    "rope_type": "yarn",
-    "rope_theta": 1e6,
-    "factor": 16.0,
-    "original_max_position_embeddings": 16384,
-    "beta_fast": 32.0,
-    "beta_slow": 1.0,
-    "mscale": 1.0,
-    "mscale_all_dim": 1.0,
-    "llama_4_scaling_beta": 0.1,
-}
 # Without mscale the YaRN attention factor is 0.1 * ln(16) + 1, so a lost attention_scaling is visible.
-YARN_SCALED = {k: v for k, v in YARN.items() if k not in ("mscale", "mscale_all_dim")}
-IMAGE_TOKEN_ID = 10
+YARN_SCALED = {k: v for k, v in MINISTRAL3_ROPE_PARAMETERS.items() if k not in ("mscale", "mscale_all_dim")}
 TEXT_ROTARY = "model.language_model.rotary_emb"
 VISION_ROTARY = "model.vision_tower.patch_positional_embedding"
 
@@ -47,82 +42,16 @@ VISION_ROTARY = "model.vision_tower.patch_positional_embedding"
 
 
 def mistral3_config(rope: dict[str, Any] | None = None) -> transformers.Mistral3Config:
-    text = transformers.Ministral3Config(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        vocab_size=256,
-        max_position_embeddings=262144,
-        rope_parameters=dict(rope or YARN),
-    )
-    vision = transformers.PixtralVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        head_dim=16,
-        image_size=64,
-        patch_size=8,
-    )
-    return transformers.Mistral3Config(
-        text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN_ID, tie_word_embeddings=False
-    )
+    return tiny_mistral3_config(rope_parameters=rope or MINISTRAL3_ROPE_PARAMETERS)
 
 
 def mistral_config() -> transformers.MistralConfig:
-    return transformers.MistralConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        vocab_size=256,
-        tie_word_embeddings=False,
-    )
-
-
-def qwen3vl_config() -> transformers.Qwen3VLConfig:
-    text = {
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "head_dim": 16,
-        "vocab_size": 256,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [2, 3, 3]},
-    }
-    vision = {
-        "depth": 1,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_heads": 2,
-        "out_hidden_size": 64,
-        "patch_size": 8,
-        "spatial_merge_size": 2,
-        "temporal_patch_size": 2,
-        "num_position_embeddings": 64,
-        "deepstack_visual_indexes": [0],
-    }
-    return transformers.Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False)
+    return transformers.MistralConfig(**TINY_TEXT_SIZES, tie_word_embeddings=False)
 
 
 def gemma3_config() -> transformers.Gemma3TextConfig:
     """Per-layer-type tables: ``sliding_attention_inv_freq`` instead of ``inv_freq``."""
-    return transformers.Gemma3TextConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        vocab_size=256,
-        tie_word_embeddings=False,
-    )
+    return transformers.Gemma3TextConfig(**TINY_TEXT_SIZES, tie_word_embeddings=False)
 
 
 MODELS: dict[str, tuple[type[nn.Module], Callable[[], Any], set[str]]] = {
@@ -135,7 +64,7 @@ MODELS: dict[str, tuple[type[nn.Module], Callable[[], Any], set[str]]] = {
     "gemma3": (transformers.Gemma3ForCausalLM, gemma3_config, {"model.rotary_emb"}),
     "qwen3vl": (
         transformers.Qwen3VLForConditionalGeneration,
-        qwen3vl_config,
+        tiny_qwen3_vl_config,
         {"model.language_model.rotary_emb", "model.visual.rotary_pos_emb"},
     ),
 }
@@ -193,14 +122,16 @@ def assert_rotary_equal(model: nn.Module, reference: nn.Module) -> None:
 
 def mistral3_inputs(seed: int = 1) -> dict[str, torch.Tensor]:
     """One 64x64 image (16 image tokens after the 2x2 merge) inside 24 text tokens."""
-    gen = torch.Generator().manual_seed(seed)
-    text = torch.randint(IMAGE_TOKEN_ID + 1, 256, (1, 24), generator=gen)
-    text[0, 4:20] = IMAGE_TOKEN_ID
-    return {
-        "input_ids": text,
-        "pixel_values": torch.randn(1, 3, 64, 64, generator=gen),
-        "image_sizes": torch.tensor([[64, 64]]),
-    }
+    return mistral3_image_batch(
+        mistral3_config(),
+        batch=1,
+        seq=24,
+        image_hw=(64, 64),
+        image_start=4,
+        seed=seed,
+        labels=False,
+        attention_mask=False,
+    )
 
 
 # --- detection --------------------------------------------------------------------------------------------
@@ -523,13 +454,11 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from automodel_plugins.rotary import install_rotary_repair_hooks
+from automodel_plugins.testing.tiny_models import TINY_TEXT_SIZES
 
 dist.init_process_group("gloo")
 mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-config = transformers.MistralConfig(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-    head_dim=16, vocab_size=256, tie_word_embeddings=False,
-)
+config = transformers.MistralConfig(**TINY_TEXT_SIZES, tie_word_embeddings=False)
 torch.manual_seed(0)
 reference = transformers.MistralForCausalLM(config)
 with torch.device("meta"):

@@ -12,53 +12,18 @@ from typing import Any
 
 import torch
 
+from automodel_plugins.testing.tiny_models import mistral3_image_batch, tiny_mistral3_config
+
 BLOCK = (16, 16)
-IMAGE_TOKEN_ID = 10
-TEXT = {
-    "hidden_size": 67,
-    "intermediate_size": 72,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 16,
-    "vocab_size": 251,
-    "max_position_embeddings": 262144,
-    "rope_parameters": {
-        "rope_type": "yarn",
-        "rope_theta": 1e6,
-        "factor": 16.0,
-        "original_max_position_embeddings": 16384,
-        "beta_fast": 32.0,
-        "beta_slow": 1.0,
-        "mscale": 1.0,
-        "mscale_all_dim": 1.0,
-        "llama_4_scaling_beta": 0.1,
-    },
-}
-VISION = {
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "head_dim": 16,
-    "image_size": 64,
-    "patch_size": 8,
-}
+TEXT = {"hidden_size": 67, "intermediate_size": 72, "num_hidden_layers": 4, "vocab_size": 251}
+VISION = {"num_hidden_layers": 2}
+"""Where these differ from ``tiny_mistral3_config`` (its 4 heads / 2 KV heads of 16 and real YaRN rotary stay)."""
 MODULES_TO_NOT_CONVERT = ("model.vision_tower", "model.multi_modal_projector", "lm_head")
 
 
 def build_config(*, tie_word_embeddings: bool) -> Any:
     """The tiny ``Mistral3Config`` (Ministral 3 text model, Pixtral tower, YaRN rotary)."""
-    from transformers import Mistral3Config, PixtralVisionConfig
-    from transformers.models.ministral3 import Ministral3Config
-
-    return Mistral3Config(
-        text_config=Ministral3Config(**TEXT),
-        vision_config=PixtralVisionConfig(**VISION),
-        image_token_id=IMAGE_TOKEN_ID,
-        spatial_merge_size=2,
-        tie_word_embeddings=tie_word_embeddings,
-    )
+    return tiny_mistral3_config(**TEXT, vision=VISION, tie_word_embeddings=tie_word_embeddings)
 
 
 def legacy_rename(name: str) -> str:
@@ -96,15 +61,10 @@ def write_checkpoint(
 
 def inputs(*, seed: int = 1, batch: int = 2, seq: int = 12) -> dict[str, torch.Tensor]:
     """Token ids with one 32x32 image per row (4 image tokens after 2x2 merging), labels included."""
-    generator = torch.Generator().manual_seed(seed)
-    vocab = TEXT["vocab_size"]
-    ids = torch.randint(11, vocab, (batch, seq), generator=generator)
-    ids[:, 1:5] = IMAGE_TOKEN_ID
-    labels = ids.clone()
-    labels[:, :5] = -100
-    pixel_values = torch.randn(batch, 3, 32, 32, generator=generator)
-    image_sizes = torch.tensor([[32, 32]] * batch)
-    return {"input_ids": ids, "pixel_values": pixel_values, "image_sizes": image_sizes, "labels": labels}
+    config = build_config(tie_word_embeddings=False)
+    return mistral3_image_batch(
+        config, batch=batch, seq=seq, image_hw=(32, 32), seed=seed, attention_mask=False
+    )
 
 
 def reference(path: Path) -> Any:

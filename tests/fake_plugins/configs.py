@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
+from automodel_plugins.testing.tiny_models import TINY_TEXT_SIZES
+
 MISTRAL3 = {
     "model_type": "mistral3",
     "architectures": ["Mistral3ForConditionalGeneration"],
-    "text_config": {
-        "model_type": "ministral3",
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "head_dim": 16,
-        "vocab_size": 256,
-    },
+    "text_config": {"model_type": "ministral3", **TINY_TEXT_SIZES},
     "vision_config": {
         "model_type": "pixtral",
         "hidden_size": 32,

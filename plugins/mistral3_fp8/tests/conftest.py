@@ -19,33 +19,22 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import Mistral3Config, Mistral3ForConditionalGeneration, PixtralVisionConfig
-from transformers.models.ministral3 import Ministral3Config
-from transformers.models.mistral import MistralConfig
+from transformers import Mistral3Config, Mistral3ForConditionalGeneration
 from transformers.utils import logging as hf_logging
 
 from automodel_plugins.registry import Registry
 from automodel_plugins.testing.checkpoints import write_fp8_checkpoint
+from automodel_plugins.testing.compare import assert_same_state_dict
+from automodel_plugins.testing.tiny_models import (
+    MINISTRAL3_ROPE_PARAMETERS,
+    mistral3_image_batch,
+    tiny_mistral3_config,
+)
 
 PLUGIN = "mistral3_fp8"
-IMAGE_TOKEN = 10
-PATCH, MERGE = 8, 2
-IMAGE_SIZE = (32, 48)
-IMAGE_TOKENS = (IMAGE_SIZE[0] // (PATCH * MERGE)) * (IMAGE_SIZE[1] // (PATCH * MERGE))  # 6
 NOT_CONVERTED = ("model.vision_tower", "model.multi_modal_projector", "lm_head")
 TEXT_ROTARY = "model.language_model.rotary_emb"
 VISION_ROTARY = "model.vision_tower.patch_positional_embedding"
-YARN = {
-    "rope_type": "yarn",
-    "rope_theta": 1e6,
-    "factor": 16.0,
-    "original_max_position_embeddings": 16384,
-    "beta_fast": 32.0,
-    "beta_slow": 1.0,
-    "mscale": 1.0,
-    "mscale_all_dim": 1.0,
-    "llama_4_scaling_beta": 0.1,
-}
 # runtime prefix -> legacy (nested) prefix, as Ministral 3 / Devstral checkpoints store them.
 LEGACY_PREFIXES = (
     ("lm_head.", "language_model.lm_head."),
@@ -77,36 +66,14 @@ ODD = ModelSpec(hidden=72, intermediate=136)
 
 def tiny_config(spec: ModelSpec = ModelSpec()) -> Mistral3Config:
     """A Ministral3 (yarn + llama-4 scaling, as the real ones) or Mistral text model under a one-layer Pixtral."""
-    text_kwargs: dict[str, Any] = {
-        "hidden_size": spec.hidden,
-        "intermediate_size": spec.intermediate,
-        "num_hidden_layers": spec.layers,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "head_dim": 16,
-        "vocab_size": 256,
-        "max_position_embeddings": 262144,
-    }
-    if spec.text_type == "ministral3":
-        text = Ministral3Config(rope_parameters=dict(YARN), **text_kwargs)
-    else:
-        text = MistralConfig(**text_kwargs)
-    vision = PixtralVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        head_dim=16,
-        image_size=64,
-        patch_size=PATCH,
-    )
-    return Mistral3Config(
-        architectures=["Mistral3ForConditionalGeneration"],
-        text_config=text,
-        vision_config=vision,
-        image_token_id=IMAGE_TOKEN,
-        spatial_merge_size=MERGE,
+    return tiny_mistral3_config(
+        hidden_size=spec.hidden,
+        intermediate_size=spec.intermediate,
+        num_hidden_layers=spec.layers,
+        text_model_type=spec.text_type,
+        rope_parameters=MINISTRAL3_ROPE_PARAMETERS if spec.text_type == "ministral3" else None,
         tie_word_embeddings=spec.tie,
+        architectures=["Mistral3ForConditionalGeneration"],
     )
 
 
@@ -261,12 +228,7 @@ def stock_load(path: Path, **kwargs: Any) -> Mistral3ForConditionalGeneration:
 
 def assert_same_weights(got: torch.nn.Module, expected: torch.nn.Module) -> None:
     """Same state-dict keys, dtypes and bits, and the same (non-persistent) rotary buffers."""
-    a, b = got.state_dict(), expected.state_dict()
-    assert sorted(a) == sorted(b)
-    wrong_dtype = [k for k in a if a[k].dtype != b[k].dtype]
-    assert not wrong_dtype, [(k, a[k].dtype, b[k].dtype) for k in wrong_dtype[:5]]
-    different = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not different, different
+    assert_same_state_dict(got, expected)
     rotary_got, rotary_expected = rotary_state(got), rotary_state(expected)
     for name, value in rotary_expected.items():
         same = (
@@ -279,15 +241,7 @@ def assert_same_weights(got: torch.nn.Module, expected: torch.nn.Module) -> None
 
 def image_inputs(dtype: torch.dtype = torch.bfloat16, seq_len: int = 16) -> dict[str, torch.Tensor]:
     """One sequence holding one 32x48 image: 6 image tokens (patch 8, spatial merge 2)."""
-    generator = torch.Generator().manual_seed(1)
-    input_ids = torch.randint(IMAGE_TOKEN + 1, 256, (1, seq_len), generator=generator)
-    input_ids[0, 1 : 1 + IMAGE_TOKENS] = IMAGE_TOKEN
-    return {
-        "input_ids": input_ids,
-        "attention_mask": torch.ones_like(input_ids),
-        "pixel_values": torch.randn(1, 3, *IMAGE_SIZE, generator=generator).to(dtype),
-        "image_sizes": torch.tensor([IMAGE_SIZE]),
-    }
+    return mistral3_image_batch(tiny_config(), batch=1, seq=seq_len, labels=False, dtype=dtype)
 
 
 @torch.no_grad()

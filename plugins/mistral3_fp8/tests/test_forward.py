@@ -15,15 +15,13 @@ from typing import Any
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import Mistral3Config, Mistral3ForConditionalGeneration, PixtralVisionConfig
-from transformers.models.ministral3 import Ministral3Config
+from transformers import Mistral3Config, Mistral3ForConditionalGeneration
 
 from automodel_plugins.fp8_vlm import vlm_fused_loss_forward
+from automodel_plugins.testing.tiny_models import mistral3_image_batch, tiny_mistral3_config
 
 IMAGE_TOKEN = 10
-IMAGE_SIZE = (32, 48)
-PATCH, MERGE = 8, 2
-IMAGE_TOKENS = (IMAGE_SIZE[0] // (PATCH * MERGE)) * (IMAGE_SIZE[1] // (PATCH * MERGE))  # 6
+IMAGE_TOKENS = 6  # one 32x48 image in 8-pixel patches merged 2x2: (32 // 16) * (48 // 16)
 ATOL = 1e-5
 
 
@@ -32,44 +30,7 @@ ATOL = 1e-5
 
 def tiny_config(vocab_size: int = 256) -> Mistral3Config:
     """A two-layer Ministral3 text model (yarn + llama-4 scaling, as the real ones) under a one-layer Pixtral."""
-    rope = {
-        "rope_type": "yarn",
-        "rope_theta": 1e6,
-        "factor": 16.0,
-        "original_max_position_embeddings": 16384,
-        "beta_fast": 32.0,
-        "beta_slow": 1.0,
-        "mscale": 1.0,
-        "mscale_all_dim": 1.0,
-        "llama_4_scaling_beta": 0.1,
-    }
-    text = Ministral3Config(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        vocab_size=vocab_size,
-        rope_parameters=rope,
-        max_position_embeddings=262144,
-    )
-    vision = PixtralVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        head_dim=16,
-        image_size=64,
-        patch_size=PATCH,
-    )
-    return Mistral3Config(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=IMAGE_TOKEN,
-        spatial_merge_size=MERGE,
-        tie_word_embeddings=False,
-    )
+    return tiny_mistral3_config(vocab_size=vocab_size)
 
 
 def tiny_model(vocab_size: int = 256, dtype: torch.dtype = torch.float32) -> Mistral3ForConditionalGeneration:
@@ -81,19 +42,9 @@ def image_batch(
     vocab_size: int = 256, seq_len: int = 16, dtype: torch.dtype = torch.float32
 ) -> dict[str, Any]:
     """Two sequences, the first holding the image's tokens; labels ignore the prompt and the image."""
-    gen = torch.Generator().manual_seed(1)
-    input_ids = torch.randint(IMAGE_TOKEN + 1, vocab_size, (2, seq_len), generator=gen)
-    input_ids[0, 1 : 1 + IMAGE_TOKENS] = IMAGE_TOKEN
-    labels = input_ids.clone()
-    labels[0, : 1 + IMAGE_TOKENS] = -100
-    labels[1, :3] = -100
-    return {
-        "input_ids": input_ids,
-        "pixel_values": torch.randn(1, 3, *IMAGE_SIZE, generator=gen).to(dtype),
-        "image_sizes": torch.tensor([IMAGE_SIZE]),
-        "attention_mask": torch.ones_like(input_ids),
-        "labels": labels,
-    }
+    batch = mistral3_image_batch(tiny_config(vocab_size), seq=seq_len, image_rows=1, dtype=dtype)
+    batch["labels"][1, :3] = -100
+    return batch
 
 
 def bind_override(model: Mistral3ForConditionalGeneration) -> Mistral3ForConditionalGeneration:
@@ -133,6 +84,18 @@ def assert_grads_equal(stock: Any, fused: Any, atol: float = ATOL) -> None:
         torch.testing.assert_close(got, expected, atol=atol, rtol=0, msg=name)
 
 
+def assert_loss_and_grads_equal(
+    stock: Any, fused: Any, batch: dict[str, Any], grad_atol: float = ATOL, **kwargs: Any
+) -> tuple[Any, Any]:
+    """Stock's and the override's loss on ``batch`` (and ``kwargs``), then their gradients; both outputs."""
+    expected, got = stock(**batch, **kwargs), fused(**batch, **kwargs)
+    torch.testing.assert_close(got.loss, expected.loss, atol=ATOL, rtol=0)
+    expected.loss.backward()
+    got.loss.backward()
+    assert_grads_equal(stock, fused, atol=grad_atol)
+    return expected, got
+
+
 @pytest.fixture(scope="module")
 def model() -> Mistral3ForConditionalGeneration:
     return tiny_model()
@@ -152,13 +115,8 @@ def test_batch_has_the_image_token_count_stock_expects(model: Any, batch: dict[s
 
 
 def test_loss_and_gradients_equal_stock(model: Any, batch: dict[str, Any]) -> None:
-    stock, fused = stock_and_fused(model)
-    expected, got = stock(**batch), fused(**batch)
+    expected, got = assert_loss_and_grads_equal(*stock_and_fused(model), batch)
     assert got.loss.dtype == expected.loss.dtype == torch.float32
-    torch.testing.assert_close(got.loss, expected.loss, atol=ATOL, rtol=0)
-    expected.loss.backward()
-    got.loss.backward()
-    assert_grads_equal(stock, fused)
 
 
 def test_shift_labels_used_as_given(model: Any, batch: dict[str, Any]) -> None:
@@ -174,13 +132,7 @@ def test_shift_labels_used_as_given(model: Any, batch: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize("num_items", [torch.tensor(37), 37])
 def test_num_items_in_batch_divides_the_sum(model: Any, batch: dict[str, Any], num_items: Any) -> None:
-    stock, fused = stock_and_fused(model)
-    expected = stock(**batch, num_items_in_batch=num_items)
-    got = fused(**batch, num_items_in_batch=num_items)
-    torch.testing.assert_close(got.loss, expected.loss, atol=ATOL, rtol=0)
-    expected.loss.backward()
-    got.loss.backward()
-    assert_grads_equal(stock, fused)
+    assert_loss_and_grads_equal(*stock_and_fused(model), batch, num_items_in_batch=num_items)
 
 
 def test_bf16_loss_close_to_stock(batch: dict[str, Any]) -> None:
@@ -236,12 +188,8 @@ def test_logits_to_keep_tensor_as_stock(model: Any, batch: dict[str, Any], keep:
 def test_skip_logits_switch_drops_logits_keeps_loss_and_grads(model: Any, batch: dict[str, Any]) -> None:
     stock, fused = stock_and_fused(model)
     fused.automodel_composition = FakeComposition(options={"skip_logits": True})
-    expected, got = stock(**batch), fused(**batch)
+    _, got = assert_loss_and_grads_equal(stock, fused, batch)
     assert got.logits is None
-    torch.testing.assert_close(got.loss, expected.loss, atol=ATOL, rtol=0)
-    expected.loss.backward()
-    got.loss.backward()
-    assert_grads_equal(stock, fused)
 
 
 def test_skip_logits_switch_leaves_unlabelled_calls_alone(model: Any, batch: dict[str, Any]) -> None:
@@ -440,11 +388,8 @@ class TestOnCuda:
     def test_loss_and_gradients_equal_stock(self) -> None:
         stock, fused = stock_and_fused(tiny_model().cuda())
         batch = {k: v.cuda() for k, v in image_batch().items()}
-        expected, got = stock(**batch), fused(**batch)
-        torch.testing.assert_close(got.loss, expected.loss, atol=ATOL, rtol=0)
-        expected.loss.backward()
-        got.loss.backward()
-        assert_grads_equal(stock, fused, atol=1e-4)  # TF32-free fp32 GEMMs still reorder sums on GPU
+        # TF32-free fp32 GEMMs still reorder sums on GPU
+        assert_loss_and_grads_equal(stock, fused, batch, grad_atol=1e-4)
 
     def test_skip_logits_loss_equals_stock_in_bf16(self) -> None:
         stock, fused = stock_and_fused(tiny_model(dtype=torch.bfloat16).cuda())

@@ -12,44 +12,26 @@ import pytest
 import torch
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
-IMAGE_TOKEN, VISION_START, VISION_END = 200, 199, 198
-PATCH, TEMPORAL_PATCH, MERGE = 8, 2, 2
+from automodel_plugins.testing.tiny_models import (
+    QWEN3_VL_IMAGE_TOKEN_ID,
+    QWEN3_VL_VISION_END_TOKEN_ID,
+    QWEN3_VL_VISION_START_TOKEN_ID,
+    TINY_QWEN3_VL_VISION,
+    tiny_qwen3_vl_config,
+)
+
+IMAGE_TOKEN, VISION_START, VISION_END = (
+    QWEN3_VL_IMAGE_TOKEN_ID,
+    QWEN3_VL_VISION_START_TOKEN_ID,
+    QWEN3_VL_VISION_END_TOKEN_ID,
+)
+PATCH, TEMPORAL_PATCH = TINY_QWEN3_VL_VISION["patch_size"], TINY_QWEN3_VL_VISION["temporal_patch_size"]
 GRID_THW = (1, 4, 4)  # one frame of 4x4 patches: 16 patches, 4 image tokens after the 2x2 merge
 SEQ = 12
 
-TEXT = {
-    "hidden_size": 64,
-    "intermediate_size": 200,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 16,
-    "vocab_size": 256,
-    "rope_parameters": {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [2, 3, 3]},
-}
-VISION = {
-    "depth": 1,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_heads": 2,
-    "out_hidden_size": 64,
-    "patch_size": PATCH,
-    "temporal_patch_size": TEMPORAL_PATCH,
-    "spatial_merge_size": MERGE,
-    "num_position_embeddings": 64,
-    "deepstack_visual_indexes": [0],
-}
-
 
 def tiny_config() -> Qwen3VLConfig:
-    return Qwen3VLConfig(
-        text_config=dict(TEXT),
-        vision_config=dict(VISION),
-        image_token_id=IMAGE_TOKEN,
-        vision_start_token_id=VISION_START,
-        vision_end_token_id=VISION_END,
-        tie_word_embeddings=False,
-    )
+    return tiny_qwen3_vl_config(intermediate_size=200)
 
 
 @pytest.fixture

@@ -230,7 +230,12 @@ def _lut_decode(weight: torch.Tensor, table: np.ndarray, dtype: torch.dtype) -> 
     out = torch.empty(weight.shape, dtype=dtype)
     target = out.view(_BITS[dtype.itemsize][0]).reshape(-1).numpy().view(table.dtype)
     for start in range(0, pairs.size, _LUT_CHUNK_PAIRS):
-        np.take(table, pairs[start : start + _LUT_CHUNK_PAIRS], out=target[start : start + _LUT_CHUNK_PAIRS])
+        np.take(
+            table,
+            pairs[start : start + _LUT_CHUNK_PAIRS],
+            out=target[start : start + _LUT_CHUNK_PAIRS],
+            mode="clip",
+        )  # uint16 indices into 65536 entries: always in range
     return out
 
 
@@ -244,6 +249,43 @@ def _to_float(weight: torch.Tensor) -> torch.Tensor:
     if not _lut_ok(weight, torch.float32):
         return weight.float()
     return _lut_decode(weight, _float_table(weight.dtype), torch.float32)
+
+
+def _lut_dequantize_blocks(
+    weight: torch.Tensor,
+    grid: torch.Tensor,
+    dtype: torch.dtype,
+    block_size: tuple[int, int],
+    origin: tuple[int, int],
+) -> torch.Tensor:
+    """Block scales through tables: per block row, one 256-entry table per column block (byte value times that
+    block's scale, reference formula), stacked; each byte's index is ``its column block * 256 + byte``."""
+    rows, cols = weight.shape
+    bm, bn = block_size
+    r0, c0 = origin
+    torch_bits = _BITS[dtype.itemsize][0]
+    values = torch.arange(256, dtype=torch.uint8).view(weight.dtype).float()
+    col_block = np.arange(c0, c0 + cols) // bn
+    first, last = int(col_block[0]), int(col_block[-1])
+    offsets = ((col_block - first) * 256).astype(np.int32)
+    source = weight.view(torch.uint8).numpy()
+    out = torch.empty(weight.shape, dtype=dtype)
+    target = out.view(torch_bits).numpy()
+    sub = max(1, _LUT_CHUNK_PAIRS // cols)  # rows per take: 256 KiB of int32 indices
+    index = np.empty((min(sub, rows), cols), dtype=np.int32)
+    r = 0
+    while r < rows:
+        block_row = (r0 + r) // bm
+        end = min(rows, (block_row + 1) * bm - r0)
+        scales = grid[block_row, first : last + 1].float().cpu()
+        table = (values[None, :] * scales[:, None]).to(dtype).view(torch_bits).reshape(-1).numpy()
+        for start in range(r, end, sub):
+            stop = min(end, start + sub)
+            chunk = index[: stop - start]
+            np.add(source[start:stop], offsets, out=chunk, dtype=np.int32)
+            np.take(table, chunk, out=target[start:stop], mode="clip")  # indices are in range by construction
+        r = end
+    return out
 
 
 def _dequantize_per_tensor(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -274,6 +316,8 @@ def _dequantize_blocks(
             f"scale grid shape {tuple(grid.shape)} with block size {tuple(block_size)} does not cover "
             f"rows {r0}:{r0 + rows}, cols {c0}:{c0 + cols}"
         )
+    if _lut_ok(weight, dtype) and rows and cols:
+        return _lut_dequantize_blocks(weight, grid, dtype, block_size, origin)
     device = weight.device
     col_scale_index = torch.arange(c0, c0 + cols, device=device) // bn
     out = torch.empty(weight.shape, dtype=dtype, device=device)

@@ -108,6 +108,7 @@ def write_checkpoint(
     config = config or build_config()
     # fp32 init (the stock initializer), then quantized / cast to BF16 tensor by tensor by the writer.
     model = Mistral3ForConditionalGeneration(config).eval()
+    model.config.architectures = ["Mistral3ForConditionalGeneration"]  # as save_pretrained writes it
     write_fp8_checkpoint(
         model,
         directory,
@@ -120,7 +121,7 @@ def write_checkpoint(
 
 
 def _spec_digest(kind: str) -> str:
-    spec = {"text": TEXT, "vision": VISION, "top": TOP, "kind": kind, "shards": SHARDS, "seed": SEED, "v": 1}
+    spec = {"text": TEXT, "vision": VISION, "top": TOP, "kind": kind, "shards": SHARDS, "seed": SEED, "v": 2}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
 
 

@@ -1,49 +1,88 @@
 """Chunked ("cut") linear cross-entropy: ``cross_entropy(input @ weight.T + bias, target)`` without ``[N, V]``.
 
 The logits of a large-vocabulary head dominate training memory (``N * V * 4`` bytes, kept twice by autograd).
-This op walks the non-ignored tokens in chunks of rows; for each chunk it computes the fp32 logits, their
-log-sum-exp and the target logit, and - when gradients are wanted and the loss is a scalar - turns the chunk
-straight into its gradient (``softmax - onehot``), accumulating ``dW`` (fp32) and writing ``dinput`` rows.
-Backward then only rescales those buffers by ``grad_output``, so forward + backward cost three matmuls, like
-the naive path, on 1 chunk of logits at a time. ``reduction="none"`` has a per-token ``grad_output`` that is
-unknown in forward: it saves the log-sum-exp and recomputes the chunks in backward.
+This op walks the non-ignored tokens in row chunks and, when a chunk's full-vocabulary logits would not fit the
+memory budget with enough rows, the vocabulary in tiles. Per chunk it finds the fp32 log-sum-exp and target
+logit, and - when gradients are wanted and the loss is a scalar - turns the chunk straight into its gradient
+(``softmax - onehot``): ``dW`` accumulates in fp32, ``dinput`` rows are written. Backward then only rescales
+those buffers by ``grad_output``. ``reduction="none"`` has a per-token ``grad_output`` that forward cannot
+know: it saves the log-sum-exp and recomputes the chunks in backward.
+
+Cost: with the whole vocabulary in one tile, three matmuls like the naive path. With vocabulary tiles a first
+pass finds the log-sum-exp and a second recomputes each tile's logits (four matmuls), but with hundreds of rows
+per matmul instead of a few dozen, and each weight tile reused from cache: on a CPU this beats streaming the
+whole weight and weight gradient through memory for every small row chunk.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from numbers import Real
+from typing import NamedTuple
 
 import torch
 
-__all__ = ["choose_chunk_size", "default_memory_budget", "linear_cross_entropy"]
+__all__ = ["ChunkShape", "choose_chunk_size", "default_memory_budget", "linear_cross_entropy"]
 
 _REDUCTIONS = ("mean", "sum", "none")
 _FP32_BYTES = 4
 _ROW_ALIGN = 16
+_TILE_ALIGN = 128
 _MIN_BUDGET_BYTES = 4 << 20
 _MAX_BUDGET_BYTES = 64 << 20
-# The fp32 weight gradient (V * H * 4 bytes) is the op's unavoidable extra memory; one chunk of logits is kept
-# to this fraction of it so the chunk adds little on top, while still giving the matmuls enough rows.
+# The fp32 weight gradient (V * H * 4 bytes) is the op's unavoidable extra memory; the chunk working set is
+# kept to this fraction of it so it adds little on top.
 _WEIGHT_GRAD_FRACTION = 16
+# Below this many rows, streaming the whole weight (twice) and weight gradient per chunk costs more than the
+# extra matmul of vocabulary tiles; tiled chunks then take this many rows and tiles of at least _MIN_TILE.
+_MIN_SINGLE_PASS_ROWS = 128
+_TILED_ROWS = 1024
+_MIN_TILE = 256
 
 
-def choose_chunk_size(n_tokens: int, vocab: int, budget_bytes: int) -> int:
-    """Rows per chunk so that one ``[rows, vocab]`` fp32 logits buffer fits ``budget_bytes``.
+class ChunkShape(NamedTuple):
+    """Rows (tokens) per chunk and vocabulary entries per tile; ``vocab == V`` means one pass, no tiles."""
 
-    Rounded down to a multiple of 16 (friendlier to matmul kernels) when that many fit; never below 1 row and
-    never above ``n_tokens`` (one chunk is enough then).
+    rows: int
+    vocab: int
+
+
+def _align_down(value: int, step: int) -> int:
+    return value - value % step if value >= step else max(1, value)
+
+
+def choose_chunk_size(
+    n_tokens: int, vocab: int, budget_bytes: int, *, hidden: int = 0, logit_buffers: int = 1
+) -> ChunkShape:
+    """Chunk rows and vocabulary tile whose fp32 working set fits ``budget_bytes``.
+
+    The working set per row is ``logit_buffers`` tiles of logits plus the row's input copy and input gradient
+    (``2 * hidden`` floats). If at least ``min(n_tokens, 128)`` rows of the whole vocabulary fit, one pass
+    over the vocabulary; otherwise up to 1024 rows and the widest vocabulary tile that fits (at least 256).
+    Rows are rounded down to a multiple of 16, tiles to 128, when that large; never more rows than tokens.
     """
-    if vocab <= 0 or budget_bytes <= 0:
-        raise ValueError(f"vocab and budget_bytes must be positive, got vocab={vocab}, budget={budget_bytes}")
-    rows = max(1, budget_bytes // (vocab * _FP32_BYTES))
-    if rows >= _ROW_ALIGN:
-        rows -= rows % _ROW_ALIGN
-    return max(1, min(rows, max(n_tokens, 1)))
+    if vocab <= 0 or budget_bytes <= 0 or hidden < 0 or logit_buffers < 1:
+        raise ValueError(
+            f"vocab and budget_bytes must be positive, got vocab={vocab}, budget={budget_bytes}, "
+            f"hidden={hidden}, logit_buffers={logit_buffers}"
+        )
+    n_tokens = max(n_tokens, 1)
+    floats = budget_bytes // _FP32_BYTES
+    rows = floats // (logit_buffers * vocab + 2 * hidden)
+    if rows >= min(n_tokens, _MIN_SINGLE_PASS_ROWS):
+        return ChunkShape(min(_align_down(rows, _ROW_ALIGN), n_tokens), vocab)
+    rows = min(n_tokens, _TILED_ROWS)
+    tile = (floats // rows - 2 * hidden) // logit_buffers
+    if tile < _MIN_TILE:
+        tile = min(_MIN_TILE, vocab)
+        rows = max(1, floats // (logit_buffers * tile + 2 * hidden))
+    tile = vocab if tile >= vocab else _align_down(tile, _TILE_ALIGN)
+    return ChunkShape(min(_align_down(rows, _ROW_ALIGN), n_tokens), tile)
 
 
 def default_memory_budget(vocab: int, hidden: int) -> int:
-    """Default bytes for one chunk of fp32 logits: 1/16 of the fp32 weight gradient, within [4, 64] MiB."""
+    """Default bytes for a chunk's working set: 1/16 of the fp32 weight gradient, within [4, 64] MiB."""
     weight_grad_bytes = vocab * hidden * _FP32_BYTES
     return min(_MAX_BUDGET_BYTES, max(_MIN_BUDGET_BYTES, weight_grad_bytes // _WEIGHT_GRAD_FRACTION))
 
@@ -91,7 +130,7 @@ def _check_options(
     reduction: str,
     normalizer: float | torch.Tensor | None,
     softcap: float | None,
-    chunk_size: int | None,
+    chunk_size: int | tuple[int, int] | None,
     memory_budget_bytes: int | None,
 ) -> None:
     """Raise ValueError/TypeError for option values the op cannot honour."""
@@ -100,28 +139,32 @@ def _check_options(
     if normalizer is not None:
         if reduction == "none":
             raise ValueError('normalizer divides a scalar loss; it cannot be used with reduction="none"')
-        if isinstance(normalizer, torch.Tensor):
-            if normalizer.numel() != 1:
-                raise ValueError(
-                    f"normalizer tensor must hold one value, got shape {tuple(normalizer.shape)}"
-                )
-            value = float(normalizer.detach().reshape(()).item())
-        elif isinstance(normalizer, Real) and not isinstance(normalizer, bool):
-            value = float(normalizer)
-        else:
-            raise TypeError(f"normalizer must be a number or a 0-d tensor, got {type(normalizer).__name__}")
-        if not value > 0 or value == float("inf"):
-            raise ValueError(f"normalizer must be a positive finite count, got {value}")
+        value = _normalizer_value(normalizer)
+        if not (0 <= value < math.inf):
+            raise ValueError(f"normalizer must be a non-negative finite count, got {value}")
     if softcap is not None and not (isinstance(softcap, Real) and softcap > 0):
         raise ValueError(f"softcap must be a positive number, got {softcap!r}")
-    if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size > 0):
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if chunk_size is not None:
+        sizes = chunk_size if isinstance(chunk_size, tuple) else (chunk_size,)
+        if not (1 <= len(sizes) <= 2 and all(isinstance(v, int) and v > 0 for v in sizes)):
+            raise ValueError(f"chunk_size must be a positive int or (rows, vocab_tile), got {chunk_size!r}")
     if memory_budget_bytes is not None and not (
         isinstance(memory_budget_bytes, int) and memory_budget_bytes > 0
     ):
         raise ValueError(f"memory_budget_bytes must be a positive int, got {memory_budget_bytes!r}")
     if chunk_size is not None and memory_budget_bytes is not None:
         raise ValueError("pass chunk_size or memory_budget_bytes, not both")
+
+
+def _normalizer_value(normalizer: float | torch.Tensor) -> float:
+    """The normalizer as a Python float (one host sync for a device tensor, as the label count needs anyway)."""
+    if isinstance(normalizer, torch.Tensor):
+        if normalizer.numel() != 1:
+            raise ValueError(f"normalizer tensor must hold one value, got shape {tuple(normalizer.shape)}")
+        return float(normalizer.detach().reshape(()).item())
+    if isinstance(normalizer, Real) and not isinstance(normalizer, bool):
+        return float(normalizer)
+    raise TypeError(f"normalizer must be a number or a 0-d tensor, got {type(normalizer).__name__}")
 
 
 def _valid_rows(target: torch.Tensor, ignore_index: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,76 +185,21 @@ class _Plan:
     """Everything the autograd function needs besides tensors."""
 
     reduction: str
-    normalizer: float | torch.Tensor | None
+    normalizer: float | None
     softcap: float | None
-    chunk_size: int
+    chunk: ChunkShape
     need_input_grad: bool
     need_weight_grad: bool
     need_bias_grad: bool
 
     @property
-    def precompute(self) -> bool:
-        """Scalar losses with some gradient wanted compute the gradient in forward (grad_output is a scalar)."""
-        return self.reduction != "none" and self.any_grad
-
-    @property
     def any_grad(self) -> bool:
         return self.need_input_grad or self.need_weight_grad or self.need_bias_grad
 
-
-class _Chunks:
-    """fp32 copies of the head and reusable chunk buffers; turns row chunks into logits and gradients."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, plan: _Plan) -> None:
-        self.w32 = weight if weight.dtype == torch.float32 else weight.float()
-        self.b32 = None if bias is None else bias.float()
-        self.softcap = plan.softcap
-        rows, vocab = plan.chunk_size, weight.shape[0]
-        self.logits = torch.empty(rows, vocab, dtype=torch.float32, device=weight.device)
-        self.capgrad = torch.empty_like(self.logits) if plan.softcap is not None else None
-        self.dx_rows = (
-            torch.empty(rows, weight.shape[1], dtype=torch.float32, device=weight.device)
-            if plan.need_input_grad
-            else None
-        )
-
-    def compute_logits(self, x32: torch.Tensor) -> torch.Tensor:
-        """Fill the chunk buffer with (soft-capped) fp32 logits; with softcap also keep d(capped)/d(raw)."""
-        out = self.logits[: x32.shape[0]]
-        if self.b32 is None:
-            torch.mm(x32, self.w32.T, out=out)
-        else:
-            torch.addmm(self.b32, x32, self.w32.T, out=out)
-        if self.softcap is not None:
-            cap = self.capgrad[: x32.shape[0]]
-            torch.tanh(out.div_(self.softcap), out=cap)
-            torch.mul(cap, self.softcap, out=out)
-            cap.square_().neg_().add_(1.0)  # d/dy [c * tanh(y / c)] = 1 - tanh^2
-        return out
-
-    def to_logit_grad(self, logits: torch.Tensor, target: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
-        """In place: ``logits`` holding exp(z - shift) becomes (exp(z - shift) - onehot * scale) * dcap/dy."""
-        logits.scatter_add_(1, target.unsqueeze(1), onehot.neg().unsqueeze(1))
-        if self.softcap is not None:
-            logits.mul_(self.capgrad[: logits.shape[0]])
-        return logits
-
-    def accumulate(
-        self,
-        grad_logits: torch.Tensor,
-        row_scale: torch.Tensor,
-        x32: torch.Tensor,
-        rows: torch.Tensor,
-        grads: _Grads,
-    ) -> None:
-        """Add the chunk's ``diag(row_scale) @ grad_logits`` contribution to the three gradients."""
-        if grads.input is not None:
-            dx = torch.mm(grad_logits, self.w32, out=self.dx_rows[: grad_logits.shape[0]])
-            grads.input.index_copy_(0, rows, dx.mul_(row_scale.unsqueeze(1)))
-        if grads.weight is not None:
-            grads.weight.addmm_(grad_logits.T, x32 * row_scale.unsqueeze(1))
-        if grads.bias is not None:
-            grads.bias.addmv_(grad_logits.T, row_scale)
+    @property
+    def precompute(self) -> bool:
+        """Scalar losses with some gradient wanted compute the gradient in forward (grad_output is a scalar)."""
+        return self.reduction != "none" and self.any_grad
 
 
 @dataclass
@@ -233,48 +221,142 @@ class _Grads:
         )
 
 
-def _row_chunks(n_rows: int, chunk: int):
+class _Head:
+    """The head in fp32 plus reusable chunk buffers; computes logit tiles and adds their gradients."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, plan: _Plan) -> None:
+        self.w32 = (
+            weight if weight.dtype == torch.float32 else weight.float()
+        )  # one fp32 copy if low precision
+        self.b32 = None if bias is None else bias.float()
+        self.vocab, hidden = weight.shape
+        self.softcap = plan.softcap
+        self.rows, self.tile = plan.chunk
+        kw = {"dtype": torch.float32, "device": weight.device}
+        self.tile_buf = torch.empty(self.rows * self.tile, **kw)
+        self.cap_buf = torch.empty(self.rows * self.tile, **kw) if plan.softcap is not None else None
+        self.dx_chunk = torch.empty(self.rows, hidden, **kw) if plan.need_input_grad else None
+
+    def logits(self, x32: torch.Tensor, v0: int, v1: int) -> torch.Tensor:
+        """(Soft-capped) fp32 logits of vocabulary ``[v0, v1)``; with softcap keeps d(capped)/d(raw) too."""
+        rows = x32.shape[0]
+        out = self.tile_buf[: rows * (v1 - v0)].view(rows, v1 - v0)
+        w = self.w32[v0:v1]
+        if self.b32 is None:
+            torch.mm(x32, w.T, out=out)
+        else:
+            torch.addmm(self.b32[v0:v1], x32, w.T, out=out)
+        if self.softcap is not None:
+            cap = self.cap_buf[: out.numel()].view_as(out)
+            torch.tanh(out.div_(self.softcap), out=cap)
+            torch.mul(cap, self.softcap, out=out)
+            cap.square_().neg_().add_(1.0)  # d/dy [c * tanh(y / c)] = 1 - tanh^2
+        return out
+
+    def add_tile_grad(
+        self,
+        probs: torch.Tensor,
+        local_target: torch.Tensor,
+        in_tile: torch.Tensor,
+        row_scale: torch.Tensor | None,
+        x32: torch.Tensor,
+        v0: int,
+        v1: int,
+        dx: torch.Tensor | None,
+        grads: _Grads,
+    ) -> None:
+        """``probs`` (softmax over the tile) becomes the logits' gradient in place, then feeds the three grads."""
+        probs.scatter_add_(1, local_target.unsqueeze(1), in_tile.to(probs.dtype).neg_().unsqueeze(1))
+        if self.softcap is not None:
+            probs.mul_(self.cap_buf[: probs.numel()].view_as(probs))
+        if row_scale is not None:
+            probs.mul_(row_scale.unsqueeze(1))
+        if dx is not None:
+            dx.addmm_(probs, self.w32[v0:v1])
+        if grads.weight is not None:
+            grads.weight[v0:v1].addmm_(probs.T, x32)
+        if grads.bias is not None:
+            grads.bias[v0:v1].add_(probs.sum(dim=0))
+
+
+def _target_in_tile(target: torch.Tensor, v0: int, v1: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Column of each row's target inside the tile (clamped, so always a valid index) and whether it is there."""
+    return (target - v0).clamp_(0, v1 - v0 - 1), (target >= v0) & (target < v1)
+
+
+class _ChunkPass:
+    """One row chunk: its rows, targets and fp32 inputs, and the passes over its vocabulary tiles."""
+
+    def __init__(self, head: _Head, x2d: torch.Tensor, rows: torch.Tensor, target: torch.Tensor) -> None:
+        self.head, self.rows, self.target = head, rows, target
+        self.x32 = x2d.index_select(0, rows).to(torch.float32)  # small copy; the head's matmuls run in fp32
+        self.tiles = [(v0, min(v0 + head.tile, head.vocab)) for v0 in range(0, head.vocab, head.tile)]
+
+    def log_sum_exp(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(lse, target logit, probs): an online log-sum-exp over the tiles; with a single tile its softmax
+        is left in the buffer and returned, so the gradient needs no second matmul."""
+        n = self.rows.numel()
+        shift = torch.full((n,), -math.inf, dtype=torch.float32, device=self.x32.device)
+        sumexp = torch.zeros_like(shift)
+        target_logit = torch.zeros_like(shift)
+        for v0, v1 in self.tiles:
+            logits = self.head.logits(self.x32, v0, v1)
+            col, here = _target_in_tile(self.target, v0, v1)
+            target_logit = torch.where(here, logits.gather(1, col.unsqueeze(1)).squeeze(1), target_logit)
+            new_shift = torch.maximum(shift, logits.amax(dim=1))
+            sumexp.mul_((shift - new_shift).exp_()).add_(
+                logits.sub_(new_shift.unsqueeze(1)).exp_().sum(dim=1)
+            )
+            shift = new_shift
+        lse = shift.add_(sumexp.log())
+        probs = logits.div_(sumexp.unsqueeze(1)) if len(self.tiles) == 1 else None
+        return lse, target_logit, probs
+
+    def add_grads(
+        self,
+        lse: torch.Tensor,
+        row_scale: torch.Tensor | None,
+        grads: _Grads,
+        probs: torch.Tensor | None = None,
+    ) -> None:
+        """Accumulate this chunk's gradient contributions, recomputing tile softmaxes from ``lse`` as needed."""
+        dx = None
+        if grads.input is not None:
+            dx = self.head.dx_chunk[: self.rows.numel()].zero_()
+        for v0, v1 in self.tiles:
+            if probs is None or len(self.tiles) > 1:
+                probs = self.head.logits(self.x32, v0, v1).sub_(lse.unsqueeze(1)).exp_()
+            col, here = _target_in_tile(self.target, v0, v1)
+            self.head.add_tile_grad(probs, col, here, row_scale, self.x32, v0, v1, dx, grads)
+        if dx is not None:
+            grads.input.index_copy_(0, self.rows, dx)
+
+
+def _chunks(n_rows: int, rows_per_chunk: int):
     """(start, stop) pairs covering ``range(n_rows)``."""
-    for start in range(0, n_rows, chunk):
-        yield start, min(start + chunk, n_rows)
-
-
-def _gather_fp32(x2d: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """The chunk's input rows in fp32 (a small copy; the head's matmuls run in fp32)."""
-    return x2d.index_select(0, rows).to(torch.float32)
+    for start in range(0, n_rows, rows_per_chunk):
+        yield start, min(start + rows_per_chunk, n_rows)
 
 
 def _forward_chunks(
-    x2d: torch.Tensor,
-    chunks: _Chunks,
-    rows: torch.Tensor,
-    tgt: torch.Tensor,
-    grads: _Grads | None,
+    x2d: torch.Tensor, head: _Head, rows: torch.Tensor, tgt: torch.Tensor, grads: _Grads | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-valid-row loss and log-sum-exp (fp32); with ``grads``, accumulate the unscaled gradients too."""
-    n_valid = rows.numel()
-    losses = torch.empty(n_valid, dtype=torch.float32, device=x2d.device)
+    losses = torch.empty(rows.numel(), dtype=torch.float32, device=x2d.device)
     lse = torch.empty_like(losses)
-    for start, stop in _row_chunks(n_valid, chunks.logits.shape[0]):
-        r, t = rows[start:stop], tgt[start:stop]
-        x32 = _gather_fp32(x2d, r)
-        logits = chunks.compute_logits(x32)
-        target_logit = logits.gather(1, t.unsqueeze(1)).squeeze(1)
-        shift = logits.amax(dim=1)
-        exp = logits.sub_(shift.unsqueeze(1)).exp_()
-        sumexp = exp.sum(dim=1)
-        torch.add(shift, sumexp.log(), out=lse[start:stop])
-        torch.sub(lse[start:stop], target_logit, out=losses[start:stop])
+    for start, stop in _chunks(rows.numel(), head.rows):
+        chunk = _ChunkPass(head, x2d, rows[start:stop], tgt[start:stop])
+        chunk_lse, target_logit, probs = chunk.log_sum_exp()
+        lse[start:stop] = chunk_lse
+        torch.sub(chunk_lse, target_logit, out=losses[start:stop])
         if grads is not None:
-            # softmax - onehot == (exp - onehot * sumexp) / sumexp: the division folds into the row scale.
-            grad_logits = chunks.to_logit_grad(exp, t, sumexp)
-            chunks.accumulate(grad_logits, sumexp.reciprocal(), x32, r, grads)
+            chunk.add_grads(chunk_lse, None, grads, probs)
     return losses, lse
 
 
 def _backward_chunks(
     x2d: torch.Tensor,
-    chunks: _Chunks,
+    head: _Head,
     rows: torch.Tensor,
     tgt: torch.Tensor,
     lse: torch.Tensor,
@@ -282,23 +364,26 @@ def _backward_chunks(
     grads: _Grads,
 ) -> None:
     """Recompute each chunk's softmax from the saved log-sum-exp and accumulate ``row_scale``-weighted grads."""
-    for start, stop in _row_chunks(rows.numel(), chunks.logits.shape[0]):
-        r, t = rows[start:stop], tgt[start:stop]
-        x32 = _gather_fp32(x2d, r)
-        probs = chunks.compute_logits(x32).sub_(lse[start:stop].unsqueeze(1)).exp_()
-        grad_logits = chunks.to_logit_grad(probs, t, torch.ones_like(lse[start:stop]))
-        chunks.accumulate(grad_logits, row_scale[start:stop], x32, r, grads)
+    for start, stop in _chunks(rows.numel(), head.rows):
+        chunk = _ChunkPass(head, x2d, rows[start:stop], tgt[start:stop])
+        chunk.add_grads(lse[start:stop], row_scale[start:stop], grads)
 
 
 # --- autograd ---------------------------------------------------------------------------------------------
 
 
 def _denominator(plan: _Plan, n_valid: int, device: torch.device) -> torch.Tensor:
-    """What the summed loss is divided by: the normalizer, the label count for "mean" (1 if none), or 1."""
+    """What the summed loss is divided by: the normalizer, the label count for "mean", or 1.
+
+    With no label tokens the sum is 0 and so is the result (a 0 normalizer is accepted only then).
+    """
     if plan.normalizer is not None:
-        return torch.as_tensor(plan.normalizer, dtype=torch.float32, device=device).detach().reshape(())
-    count = n_valid if plan.reduction == "mean" else 1
-    return torch.tensor(float(max(count, 1)), dtype=torch.float32, device=device)
+        if plan.normalizer == 0 and n_valid:
+            raise ValueError(f"normalizer is 0 but the batch has {n_valid} label tokens")
+        value = plan.normalizer or 1.0
+    else:
+        value = float(max(n_valid, 1)) if plan.reduction == "mean" else 1.0
+    return torch.tensor(value, dtype=torch.float32, device=device)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -315,11 +400,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         plan: _Plan,
     ) -> torch.Tensor:
         rows, tgt = _valid_rows(target, ignore_index, weight.shape[0])
-        chunks = _Chunks(weight, bias, plan)
+        denom = _denominator(plan, rows.numel(), x2d.device)  # validates a 0 normalizer before any compute
         grads = _Grads.zeros(x2d.shape[0], weight, plan) if plan.precompute else None
-        losses, lse = _forward_chunks(x2d, chunks, rows, tgt, grads)
-        del chunks  # free the chunk buffers (and any fp32 copy of the head) before returning
-        denom = _denominator(plan, rows.numel(), x2d.device)
+        losses, lse = _forward_chunks(x2d, _Head(weight, bias, plan), rows, tgt, grads)
         if plan.reduction == "none":
             out = torch.zeros(target.shape[0], dtype=torch.float32, device=x2d.device)
             out.index_copy_(0, rows, losses)
@@ -346,7 +429,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 row_scale = grad_out.reshape(-1).index_select(0, rows).to(torch.float32)
             else:
                 row_scale = (grad_out.to(torch.float32) / ctx.denom).expand(rows.numel())
-            _backward_chunks(x2d, _Chunks(weight, bias, plan), rows, tgt, lse, row_scale, grads)
+            _backward_chunks(x2d, _Head(weight, bias, plan), rows, tgt, lse, row_scale, grads)
         return (
             None if grads.input is None else grads.input.to(x2d.dtype),
             None if grads.weight is None else grads.weight.to(weight.dtype),
@@ -367,7 +450,7 @@ def linear_cross_entropy(
     reduction: str = "mean",
     normalizer: float | torch.Tensor | None = None,
     softcap: float | None = None,
-    chunk_size: int | None = None,
+    chunk_size: int | tuple[int, int] | None = None,
     memory_budget_bytes: int | None = None,
 ) -> torch.Tensor:
     """``F.cross_entropy(input @ weight.T + bias, target)`` computed in row chunks, never holding ``[N, V]``.
@@ -378,8 +461,8 @@ def linear_cross_entropy(
     ``"sum"``, or ``"none"`` (per-token loss shaped like ``target``, 0 where ignored). ``normalizer``: with
     ``"mean"`` or ``"sum"``, return ``sum / normalizer`` instead (e.g. the label-token count of a whole
     gradient-accumulation batch). ``softcap``: logits become ``softcap * tanh(logits / softcap)``.
-    ``chunk_size`` (rows per chunk) or ``memory_budget_bytes`` (bytes of fp32 logits per chunk) override the
-    default chunking, :func:`default_memory_budget`. Logits, log-sum-exp and gradient accumulation run in
+    ``chunk_size`` (rows per chunk, or ``(rows, vocab_tile)``) or ``memory_budget_bytes`` (bytes of a chunk's
+    fp32 working set, see :func:`choose_chunk_size`) override the default, :func:`default_memory_budget`. Logits, log-sum-exp and gradient accumulation run in
     fp32; the loss and gradients come back in the inputs' dtypes.
     """
     _check_tensors(input, weight, target, bias)
@@ -388,15 +471,19 @@ def linear_cross_entropy(
     x2d = input.reshape(-1, hidden)
     target1d = target.reshape(-1).long()
     grad_on = torch.is_grad_enabled()
+    n_tokens = max(x2d.shape[0], 1)
     if chunk_size is None:
         budget = memory_budget_bytes or default_memory_budget(vocab, hidden)
-        buffers = 2 if softcap is not None else 1  # softcap keeps its derivative in a second chunk buffer
-        chunk_size = choose_chunk_size(x2d.shape[0], vocab, max(1, budget // buffers))
+        buffers = 2 if softcap is not None else 1  # softcap keeps its derivative in a second tile buffer
+        chunk = choose_chunk_size(n_tokens, vocab, budget, hidden=hidden, logit_buffers=buffers)
+    else:
+        rows, tile = chunk_size if isinstance(chunk_size, tuple) else (chunk_size, vocab)
+        chunk = ChunkShape(min(rows, n_tokens), min(tile, vocab))
     plan = _Plan(
         reduction=reduction,
-        normalizer=normalizer,
+        normalizer=None if normalizer is None else _normalizer_value(normalizer),
         softcap=None if softcap is None else float(softcap),
-        chunk_size=max(1, min(chunk_size, max(x2d.shape[0], 1))),
+        chunk=chunk,
         need_input_grad=grad_on and input.requires_grad,
         need_weight_grad=grad_on and weight.requires_grad,
         need_bias_grad=grad_on and bias is not None and bias.requires_grad,

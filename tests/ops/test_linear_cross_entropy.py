@@ -123,7 +123,7 @@ def check_case(
 
 
 class MaxNumel(TorchDispatchMode):
-    """Records the largest tensor any aten op returns (forward and backward run under the mode)."""
+    """Records the largest tensor any aten op allocates (views excluded; forward and backward run under it)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -133,7 +133,7 @@ class MaxNumel(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.numel() > self.max_numel:
+            if isinstance(t, torch.Tensor) and not t._is_view() and t.numel() > self.max_numel:
                 self.max_numel, self.shape = t.numel(), tuple(t.shape)
         return out
 
@@ -144,9 +144,12 @@ class MaxNumel(TorchDispatchMode):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("bias", [False, True])
-def test_matches_reference(dtype: torch.dtype, reduction: str, bias: bool) -> None:
-    # N = 23 and V = 37 are not multiples of the 5-row chunk; every 4th target is ignored.
-    check_case(make_inputs((23,), 16, 37, dtype=dtype, bias=bias), reduction=reduction)
+@pytest.mark.parametrize("chunk", [5, (5, 16)], ids=["rows", "rows+vocab-tiles"])
+def test_matches_reference(
+    dtype: torch.dtype, reduction: str, bias: bool, chunk: int | tuple[int, int]
+) -> None:
+    # N = 23 and V = 37 are not multiples of the 5-row chunk or 16-wide tile; every 4th target is ignored.
+    check_case(make_inputs((23,), 16, 37, dtype=dtype, bias=bias), reduction=reduction, chunk_size=chunk)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -157,9 +160,11 @@ def test_three_d_input(reduction: str) -> None:
     assert case["x"].grad.shape == (3, 7, 12)
 
 
-@pytest.mark.parametrize("chunk_size", [1, 3, 8, 64, None])
-def test_chunk_sizes(chunk_size: int | None) -> None:
-    check_case(make_inputs((19,), 8, 41, bias=True), reduction="mean", chunk_size=chunk_size)
+@pytest.mark.parametrize("chunk_size", [1, 3, 8, 64, None, (4, 7), (8, 40), (19, 1), (64, 64)])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_chunk_sizes(chunk_size: int | tuple[int, int] | None, reduction: str) -> None:
+    # 19 tokens and V = 41: neither is a multiple of any chunk or vocabulary tile here.
+    check_case(make_inputs((19,), 8, 41, bias=True), reduction=reduction, chunk_size=chunk_size)
 
 
 def test_non_contiguous_input() -> None:
@@ -211,6 +216,15 @@ def test_normalizer_divides_the_sum(reduction: str, as_tensor: bool) -> None:
     check_case(make_inputs((23,), 8, 19, bias=True), reduction=reduction, normalizer=normalizer)
 
 
+def test_zero_normalizer_with_no_labels_gives_zero() -> None:
+    case = make_inputs((6,), 8, 11)
+    case["t"].fill_(IGNORE)
+    out = linear_cross_entropy(case["x"], case["w"], case["t"], reduction="sum", normalizer=torch.tensor(0))
+    out.backward()
+    assert out.item() == 0.0
+    assert not case["x"].grad.any() and not case["w"].grad.any()
+
+
 def test_normalizer_sums_over_micro_batches() -> None:
     """Gradient accumulation: per-micro-batch losses with the global label count add up to the full mean."""
     case = make_inputs((30,), 8, 17)
@@ -229,9 +243,11 @@ def test_normalizer_sums_over_micro_batches() -> None:
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_softcap(reduction: str, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("chunk", [5, (5, 9), None])
+def test_softcap(reduction: str, dtype: torch.dtype, chunk: int | tuple[int, int] | None) -> None:
     # A small cap so tanh saturates for some logits and the cap's derivative matters.
-    check_case(make_inputs((17,), 8, 23, dtype=dtype, bias=True), reduction=reduction, softcap=1.5)
+    case = make_inputs((17,), 8, 23, dtype=dtype, bias=True)
+    check_case(case, reduction=reduction, softcap=1.5, chunk_size=chunk)
 
 
 def test_custom_ignore_index_and_int32_target() -> None:
@@ -277,8 +293,9 @@ def test_retain_graph_second_backward_accumulates(reduction: str) -> None:
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_no_full_logits_allocated(reduction: str) -> None:
-    n, hidden, vocab, chunk = 64, 16, 96, 8  # N*V = 6144 > V*H = 1536 (the weight grad) > chunk*V = 768
+@pytest.mark.parametrize("chunk", [8, (32, 24)])
+def test_no_full_logits_allocated(reduction: str, chunk: int | tuple[int, int]) -> None:
+    n, hidden, vocab = 64, 16, 96  # N*V = 6144 > V*H = 1536 (the weight grad) > one chunk of logits
     case = make_inputs((n,), hidden, vocab)
     with MaxNumel() as mode:
         out = linear_cross_entropy(case["x"], case["w"], case["t"], reduction=reduction, chunk_size=chunk)
@@ -308,23 +325,31 @@ def test_no_full_logits_saved_for_backward() -> None:
     assert n * vocab in saved  # the naive path saves its log-probabilities
 
 
-@pytest.mark.parametrize("rows", [4, 8])
-def test_memory_budget_sets_chunk_rows(rows: int) -> None:
-    n, hidden, vocab = 64, 4, 200  # without grads the chunk buffer [rows, V] is the largest allocation
+@pytest.mark.parametrize("budget_rows", [4, 8, 64])
+def test_memory_budget_sets_the_chunk(budget_rows: int) -> None:
+    n, hidden, vocab = 64, 4, 1000  # without grads the chunk's logits tile is the largest allocation
     case = make_inputs((n,), hidden, vocab)
+    budget = budget_rows * vocab * 4
+    rows, tile = choose_chunk_size(n, vocab, budget, hidden=hidden)
+    assert rows * (tile + 2 * hidden) * 4 <= budget
     with torch.no_grad(), MaxNumel() as mode:
-        linear_cross_entropy(case["x"], case["w"], case["t"], memory_budget_bytes=rows * vocab * 4)
-    assert mode.shape == (rows, vocab)
+        loss = linear_cross_entropy(case["x"], case["w"], case["t"], memory_budget_bytes=budget)
+    assert mode.max_numel == rows * tile
+    assert_close(loss, reference(case, reduction="mean")[0], torch.float32)
 
 
 def test_choose_chunk_size() -> None:
     mib = 1 << 20
-    assert choose_chunk_size(4096, 65536, 16 * mib) == 64
-    assert choose_chunk_size(4096, 65536, 17 * mib) == 64  # 68 rows fit, rounded down to a multiple of 16
-    assert choose_chunk_size(4096, 65536, 10 * mib) == 40 - 40 % 16
-    assert choose_chunk_size(4096, 65536, 1) == 1  # a row larger than the budget still makes progress
-    assert choose_chunk_size(10, 100, 1 << 30) == 10  # never more rows than tokens
-    assert choose_chunk_size(4096, 1000, 13 * 4000) == 13  # below 16 rows no rounding
+    # The benchmark shape: 64 rows of the whole vocabulary would fit; too few, so 1024 rows x 2048-wide tiles.
+    assert choose_chunk_size(4096, 65536, 16 * mib, hidden=1024) == (1024, 2048)
+    assert choose_chunk_size(4096, 65536, 16 * mib, hidden=1024, logit_buffers=2) == (1024, 1024)
+    # Enough rows of the whole vocabulary fit: one pass, rows rounded down to a multiple of 16.
+    assert choose_chunk_size(4096, 32000, 64 * mib, hidden=4096) == (416, 32000)
+    assert choose_chunk_size(100, 50, 4 * mib, hidden=16) == (100, 50)  # never more rows than tokens
+    assert choose_chunk_size(10, 1000, 10 * 1000 * 4) == (10, 1000)  # few tokens: one pass even if few rows
+    # Tiny budgets still make progress: tiles of at least 256 (or the vocabulary), at least 1 row.
+    assert choose_chunk_size(4096, 65536, 1) == (1, 256)
+    assert choose_chunk_size(4096, 200, 4000) == (5, 200)
     assert default_memory_budget(65536, 1024) == 16 * mib  # 1/16 of the 256 MiB weight gradient
     assert default_memory_budget(256000, 8192) == 64 * mib
     assert default_memory_budget(100, 10) == 4 * mib
@@ -349,7 +374,9 @@ def test_choose_chunk_size() -> None:
         ({"t": torch.full((6,), 9)}, ValueError, "out of range"),
         ({"reduction": "avg"}, ValueError, "reduction must be one of"),
         ({"reduction": "none", "normalizer": 3}, ValueError, "normalizer"),
-        ({"normalizer": 0}, ValueError, "positive finite"),
+        ({"normalizer": -1}, ValueError, "non-negative finite"),
+        ({"normalizer": float("nan")}, ValueError, "non-negative finite"),
+        ({"normalizer": 0}, ValueError, "normalizer is 0 but the batch has 6 label tokens"),
         ({"normalizer": torch.tensor([1.0, 2.0])}, ValueError, "one value"),
         ({"normalizer": "3"}, TypeError, "normalizer must be"),
         ({"softcap": 0.0}, ValueError, "softcap"),

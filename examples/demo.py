@@ -205,6 +205,7 @@ def child_train(path: str, loss: str) -> dict:
 
     torch.manual_seed(0)
     dtype = torch.bfloat16 if fast_cpu_bf16() else torch.float32
+    threads = torch.get_num_threads()
     with Peak() as load_peak:
         model = automodel_plugins.from_pretrained(
             path, dtype=dtype, skip_logits=(loss == "fused"), progress=False
@@ -242,14 +243,23 @@ def child_train(path: str, loss: str) -> dict:
         "load_peak": load_peak.bytes,
         "tokens": int(batch["input_ids"].numel()),
         "vocab": model.config.text_config.vocab_size,
+        "threads": threads,
         "n_image": n_image,
     }
+
+
+def busy_machine() -> bool:
+    """Other jobs already keep every core busy: torch's parallel regions would then wait on descheduled threads
+    (measured here: 2 threads made a training step ~10x slower than 1), so the children run single-threaded."""
+    return os.getloadavg()[0] >= (os.cpu_count() or 1)
 
 
 def run_child(*args: str) -> dict:
     # Tensors of 1 MiB and more get their own mapping, returned to the OS when freed: each step's peak then
     # starts from what is really live, not from glibc's cache of earlier steps' freed blocks.
     env = {**os.environ, "AUTOMODEL_PLUGINS_PROGRESS": "0", "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+    if busy_machine() and "OMP_NUM_THREADS" not in os.environ:
+        env["OMP_NUM_THREADS"] = "1"
     proc = subprocess.run(
         [sys.executable, __file__, "--child", *args], capture_output=True, text=True, env=env, check=False
     )
@@ -335,10 +345,14 @@ def main() -> int:
     why = (
         "" if dtype == "bfloat16" else " (this CPU lacks AVX512-BF16/AMX: BF16 matmuls would run ~40x slower)"
     )
+    threads = runs["fused"]["threads"]
+    if threads == 1 and (os.cpu_count() or 1) > 1 and "OMP_NUM_THREADS" not in os.environ:
+        threads = "1: the load average was at the core count, see busy_machine()"
     print(
-        f"\nfine-tune {STEPS} AdamW steps (lr {LR}, {dtype}{why}), batch 1 x {runs['fused']['tokens']} tokens "
-        f"({runs['fused']['n_image']} image tokens, no loss on them); fused and stock each in a fresh process, "
-        "same loader, data and seed; stock = the class's own forward (full logits, then the loss)"
+        f"\nfine-tune {STEPS} AdamW steps (lr {LR}, {dtype}{why}, torch threads {threads}), batch 1 x "
+        f"{runs['fused']['tokens']} tokens ({runs['fused']['n_image']} image tokens, no loss on them); fused and "
+        "stock each in a fresh process, same loader, data and seed; stock = the class's own forward (full logits, "
+        "then the loss)"
     )
     print("  step | loss fused | loss stock | step peak fused | step peak stock | s fused | s stock")
     for i, (f, s) in enumerate(zip(fused, stock, strict=True), 1):

@@ -211,14 +211,23 @@ class _Grads:
     bias: torch.Tensor | None
 
     @classmethod
-    def zeros(cls, n_tokens: int, weight: torch.Tensor, plan: _Plan) -> _Grads:
+    def allocate(cls, n_tokens: int, weight: torch.Tensor, plan: _Plan) -> _Grads:
+        """Input grads start at zero (ignored rows stay so); weight and bias grads are left uninitialized
+        because the first row chunk overwrites them (saves a pass over the ``[V, H]`` buffer)."""
         vocab, hidden = weight.shape
         kw = {"dtype": torch.float32, "device": weight.device}
         return cls(
             input=torch.zeros(n_tokens, hidden, **kw) if plan.need_input_grad else None,
-            weight=torch.zeros(vocab, hidden, **kw) if plan.need_weight_grad else None,
-            bias=torch.zeros(vocab, **kw) if plan.need_bias_grad else None,
+            weight=torch.empty(vocab, hidden, **kw) if plan.need_weight_grad else None,
+            bias=torch.empty(vocab, **kw) if plan.need_bias_grad else None,
         )
+
+    def zero_if_no_rows(self, n_rows: int) -> None:
+        """With no label rows no chunk ran, so the uninitialized weight and bias grads must become zeros."""
+        if n_rows == 0:
+            for g in (self.weight, self.bias):
+                if g is not None:
+                    g.zero_()
 
 
 class _Head:
@@ -264,8 +273,12 @@ class _Head:
         v1: int,
         dx: torch.Tensor | None,
         grads: _Grads,
+        overwrite: bool,
     ) -> None:
-        """``probs`` (softmax over the tile) becomes the logits' gradient in place, then feeds the three grads."""
+        """``probs`` (softmax over the tile) becomes the logits' gradient in place, then feeds the three grads.
+
+        ``overwrite`` (the first row chunk) writes the weight and bias grads instead of adding to them.
+        """
         probs.scatter_add_(1, local_target.unsqueeze(1), in_tile.to(probs.dtype).neg_().unsqueeze(1))
         if self.softcap is not None:
             probs.mul_(self.cap_buf[: probs.numel()].view_as(probs))
@@ -274,9 +287,12 @@ class _Head:
         if dx is not None:
             dx.addmm_(probs, self.w32[v0:v1])
         if grads.weight is not None:
-            grads.weight[v0:v1].addmm_(probs.T, x32)
+            grads.weight[v0:v1].addmm_(probs.T, x32, beta=0.0 if overwrite else 1.0)
         if grads.bias is not None:
-            grads.bias[v0:v1].add_(probs.sum(dim=0))
+            if overwrite:
+                torch.sum(probs, dim=0, out=grads.bias[v0:v1])
+            else:
+                grads.bias[v0:v1].add_(probs.sum(dim=0))
 
 
 def _target_in_tile(target: torch.Tensor, v0: int, v1: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -317,6 +333,7 @@ class _ChunkPass:
         lse: torch.Tensor,
         row_scale: torch.Tensor | None,
         grads: _Grads,
+        overwrite: bool,
         probs: torch.Tensor | None = None,
     ) -> None:
         """Accumulate this chunk's gradient contributions, recomputing tile softmaxes from ``lse`` as needed."""
@@ -327,7 +344,7 @@ class _ChunkPass:
             if probs is None or len(self.tiles) > 1:
                 probs = self.head.logits(self.x32, v0, v1).sub_(lse.unsqueeze(1)).exp_()
             col, here = _target_in_tile(self.target, v0, v1)
-            self.head.add_tile_grad(probs, col, here, row_scale, self.x32, v0, v1, dx, grads)
+            self.head.add_tile_grad(probs, col, here, row_scale, self.x32, v0, v1, dx, grads, overwrite)
         if dx is not None:
             grads.input.index_copy_(0, self.rows, dx)
 
@@ -350,7 +367,9 @@ def _forward_chunks(
         lse[start:stop] = chunk_lse
         torch.sub(chunk_lse, target_logit, out=losses[start:stop])
         if grads is not None:
-            chunk.add_grads(chunk_lse, None, grads, probs)
+            chunk.add_grads(chunk_lse, None, grads, overwrite=start == 0, probs=probs)
+    if grads is not None:
+        grads.zero_if_no_rows(rows.numel())
     return losses, lse
 
 
@@ -366,7 +385,8 @@ def _backward_chunks(
     """Recompute each chunk's softmax from the saved log-sum-exp and accumulate ``row_scale``-weighted grads."""
     for start, stop in _chunks(rows.numel(), head.rows):
         chunk = _ChunkPass(head, x2d, rows[start:stop], tgt[start:stop])
-        chunk.add_grads(lse[start:stop], row_scale[start:stop], grads)
+        chunk.add_grads(lse[start:stop], row_scale[start:stop], grads, overwrite=start == 0)
+    grads.zero_if_no_rows(rows.numel())
 
 
 # --- autograd ---------------------------------------------------------------------------------------------
@@ -401,7 +421,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     ) -> torch.Tensor:
         rows, tgt = _valid_rows(target, ignore_index, weight.shape[0])
         denom = _denominator(plan, rows.numel(), x2d.device)  # validates a 0 normalizer before any compute
-        grads = _Grads.zeros(x2d.shape[0], weight, plan) if plan.precompute else None
+        grads = _Grads.allocate(x2d.shape[0], weight, plan) if plan.precompute else None
         losses, lse = _forward_chunks(x2d, _Head(weight, bias, plan), rows, tgt, grads)
         if plan.reduction == "none":
             out = torch.zeros(target.shape[0], dtype=torch.float32, device=x2d.device)
@@ -424,7 +444,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if g is not None:
                     g.mul_(scale)
         else:
-            grads = _Grads.zeros(x2d.shape[0], weight, plan)
+            grads = _Grads.allocate(x2d.shape[0], weight, plan)
             if plan.reduction == "none":
                 row_scale = grad_out.reshape(-1).index_select(0, rows).to(torch.float32)
             else:

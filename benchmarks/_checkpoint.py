@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from automodel_plugins.testing.tiny_models import MINISTRAL3_ROPE_PARAMETERS
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CACHE_DIR = REPO_ROOT / ".cache" / "bench"
 KINDS = {"per-tensor": None, "block": (128, 128)}
@@ -43,17 +45,7 @@ TEXT = {
     "vocab_size": 32768,
     "max_position_embeddings": 262144,
     "rms_norm_eps": 1e-5,
-    "rope_parameters": {
-        "rope_type": "yarn",
-        "rope_theta": 1e6,
-        "factor": 16.0,
-        "original_max_position_embeddings": 16384,
-        "beta_fast": 32.0,
-        "beta_slow": 1.0,
-        "mscale": 1.0,
-        "mscale_all_dim": 1.0,
-        "llama_4_scaling_beta": 0.1,
-    },
+    "rope_parameters": dict(MINISTRAL3_ROPE_PARAMETERS),
 }
 VISION = {
     "hidden_size": 256,

@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from automodel_plugins.testing.tiny_models import MINISTRAL3_ROPE_PARAMETERS
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CACHE = REPO_ROOT / ".cache" / "demo"
 CHECKPOINT = CACHE / "mistral3-fp8-v2"
@@ -52,17 +54,7 @@ def make_config():
         head_dim=64,
         vocab_size=8192,
         max_position_embeddings=262144,
-        rope_parameters={
-            "rope_type": "yarn",
-            "rope_theta": 1e6,
-            "factor": 16.0,
-            "original_max_position_embeddings": 16384,
-            "beta_fast": 32.0,
-            "beta_slow": 1.0,
-            "mscale": 1.0,
-            "mscale_all_dim": 1.0,
-            "llama_4_scaling_beta": 0.1,
-        },
+        rope_parameters=dict(MINISTRAL3_ROPE_PARAMETERS),
     )
     vision = PixtralVisionConfig(
         hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4, head_dim=64,

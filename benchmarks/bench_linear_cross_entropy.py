@@ -127,7 +127,7 @@ def _worker(args: argparse.Namespace) -> dict:
         "seconds": seconds,
         "extra_mb": extra / 2**20,
         "base_mb": base_mb,
-        "loss": float(loss),
+        "loss": loss.item(),
         "grad_w_norm": float(w.grad.norm()),
         "memory_method": method,
     }

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from automodel_plugins.ops.linear_cross_entropy import (
+    ChunkShape,
     choose_chunk_size,
     default_memory_budget,
     linear_cross_entropy,
 )
 
-__all__ = ["choose_chunk_size", "default_memory_budget", "linear_cross_entropy"]
+__all__ = ["ChunkShape", "choose_chunk_size", "default_memory_budget", "linear_cross_entropy"]

@@ -53,14 +53,22 @@ def _align_down(value: int, step: int) -> int:
 
 
 def choose_chunk_size(
-    n_tokens: int, vocab: int, budget_bytes: int, *, hidden: int = 0, logit_buffers: int = 1
+    n_tokens: int,
+    vocab: int,
+    budget_bytes: int,
+    *,
+    hidden: int = 0,
+    logit_buffers: int = 1,
+    weight_tile_copy: bool = False,
 ) -> ChunkShape:
     """Chunk rows and vocabulary tile whose fp32 working set fits ``budget_bytes``.
 
-    The working set per row is ``logit_buffers`` tiles of logits plus the row's input copy and input gradient
-    (``2 * hidden`` floats). If at least ``min(n_tokens, 128)`` rows of the whole vocabulary fit, one pass
-    over the vocabulary; otherwise up to 1024 rows and the widest vocabulary tile that fits (at least 256).
-    Rows are rounded down to a multiple of 16, tiles to 128, when that large; never more rows than tokens.
+    The working set is ``logit_buffers`` ``[rows, tile]`` logit buffers, each row's input copy and input
+    gradient (``2 * hidden`` floats per row), and with ``weight_tile_copy`` (a low-precision head) an fp32
+    copy of the weight tile (``tile * hidden`` floats). If at least ``min(n_tokens, 128)`` rows of the whole
+    vocabulary fit, one pass over the vocabulary; otherwise up to 1024 rows and the widest tile that fits
+    (at least 256). Rows are rounded down to a multiple of 16, tiles to 128, when that large; never more rows
+    than tokens.
     """
     if vocab <= 0 or budget_bytes <= 0 or hidden < 0 or logit_buffers < 1:
         raise ValueError(
@@ -69,14 +77,15 @@ def choose_chunk_size(
         )
     n_tokens = max(n_tokens, 1)
     floats = budget_bytes // _FP32_BYTES
-    rows = floats // (logit_buffers * vocab + 2 * hidden)
+    per_tile_col = hidden if weight_tile_copy else 0  # floats per vocabulary entry, independent of rows
+    rows = (floats - per_tile_col * vocab) // (logit_buffers * vocab + 2 * hidden)
     if rows >= min(n_tokens, _MIN_SINGLE_PASS_ROWS):
         return ChunkShape(min(_align_down(rows, _ROW_ALIGN), n_tokens), vocab)
     rows = min(n_tokens, _TILED_ROWS)
-    tile = (floats // rows - 2 * hidden) // logit_buffers
+    tile = (floats - 2 * hidden * rows) // (logit_buffers * rows + per_tile_col)
     if tile < _MIN_TILE:
         tile = min(_MIN_TILE, vocab)
-        rows = max(1, floats // (logit_buffers * tile + 2 * hidden))
+        rows = max(1, (floats - per_tile_col * tile) // (logit_buffers * tile + 2 * hidden))
     tile = vocab if tile >= vocab else _align_down(tile, _TILE_ALIGN)
     return ChunkShape(min(_align_down(rows, _ROW_ALIGN), n_tokens), tile)
 
@@ -132,8 +141,8 @@ def _check_options(
     softcap: float | None,
     chunk_size: int | tuple[int, int] | None,
     memory_budget_bytes: int | None,
-) -> None:
-    """Raise ValueError/TypeError for option values the op cannot honour."""
+) -> float | None:
+    """Raise ValueError/TypeError for option values the op cannot honour; return the normalizer as a float."""
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     if normalizer is not None:
@@ -142,18 +151,23 @@ def _check_options(
         value = _normalizer_value(normalizer)
         if not (0 <= value < math.inf):
             raise ValueError(f"normalizer must be a non-negative finite count, got {value}")
+    else:
+        value = None
     if softcap is not None and not (isinstance(softcap, Real) and softcap > 0):
         raise ValueError(f"softcap must be a positive number, got {softcap!r}")
     if chunk_size is not None:
         sizes = chunk_size if isinstance(chunk_size, tuple) else (chunk_size,)
-        if not (1 <= len(sizes) <= 2 and all(isinstance(v, int) and v > 0 for v in sizes)):
+        if not (1 <= len(sizes) <= 2 and all(_is_positive_int(v) for v in sizes)):
             raise ValueError(f"chunk_size must be a positive int or (rows, vocab_tile), got {chunk_size!r}")
-    if memory_budget_bytes is not None and not (
-        isinstance(memory_budget_bytes, int) and memory_budget_bytes > 0
-    ):
+    if memory_budget_bytes is not None and not _is_positive_int(memory_budget_bytes):
         raise ValueError(f"memory_budget_bytes must be a positive int, got {memory_budget_bytes!r}")
     if chunk_size is not None and memory_budget_bytes is not None:
         raise ValueError("pass chunk_size or memory_budget_bytes, not both")
+    return value
+
+
+def _is_positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def _normalizer_value(normalizer: float | torch.Tensor) -> float:
@@ -231,12 +245,11 @@ class _Grads:
 
 
 class _Head:
-    """The head in fp32 plus reusable chunk buffers; computes logit tiles and adds their gradients."""
+    """The head plus reusable chunk buffers; computes fp32 logit tiles and adds their gradients."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, plan: _Plan) -> None:
-        self.w32 = (
-            weight if weight.dtype == torch.float32 else weight.float()
-        )  # one fp32 copy if low precision
+        self.weight = weight
+        self._w32_tile: tuple[int, torch.Tensor] | None = None
         self.b32 = None if bias is None else bias.float()
         self.vocab, hidden = weight.shape
         self.softcap = plan.softcap
@@ -246,11 +259,21 @@ class _Head:
         self.cap_buf = torch.empty(self.rows * self.tile, **kw) if plan.softcap is not None else None
         self.dx_chunk = torch.empty(self.rows, hidden, **kw) if plan.need_input_grad else None
 
+    def w32(self, v0: int, v1: int) -> torch.Tensor:
+        """Rows ``[v0, v1)`` of the weight in fp32: a view, or for low precision a per-tile copy (cached for
+        the tile's next use), so a bf16 head is never copied to fp32 whole."""
+        if self.weight.dtype == torch.float32:
+            return self.weight[v0:v1]
+        if self._w32_tile is None or self._w32_tile[0] != v0:
+            self._w32_tile = None  # free the previous tile's copy first
+            self._w32_tile = (v0, self.weight[v0:v1].float())
+        return self._w32_tile[1]
+
     def logits(self, x32: torch.Tensor, v0: int, v1: int) -> torch.Tensor:
         """(Soft-capped) fp32 logits of vocabulary ``[v0, v1)``; with softcap keeps d(capped)/d(raw) too."""
         rows = x32.shape[0]
         out = self.tile_buf[: rows * (v1 - v0)].view(rows, v1 - v0)
-        w = self.w32[v0:v1]
+        w = self.w32(v0, v1)
         if self.b32 is None:
             torch.mm(x32, w.T, out=out)
         else:
@@ -285,7 +308,7 @@ class _Head:
         if row_scale is not None:
             probs.mul_(row_scale.unsqueeze(1))
         if dx is not None:
-            dx.addmm_(probs, self.w32[v0:v1])
+            dx.addmm_(probs, self.w32(v0, v1))
         if grads.weight is not None:
             grads.weight[v0:v1].addmm_(probs.T, x32, beta=0.0 if overwrite else 1.0)
         if grads.bias is not None:
@@ -486,7 +509,7 @@ def linear_cross_entropy(
     fp32; the loss and gradients come back in the inputs' dtypes.
     """
     _check_tensors(input, weight, target, bias)
-    _check_options(reduction, normalizer, softcap, chunk_size, memory_budget_bytes)
+    normalizer_value = _check_options(reduction, normalizer, softcap, chunk_size, memory_budget_bytes)
     vocab, hidden = weight.shape
     x2d = input.reshape(-1, hidden)
     target1d = target.reshape(-1).long()
@@ -495,13 +518,20 @@ def linear_cross_entropy(
     if chunk_size is None:
         budget = memory_budget_bytes or default_memory_budget(vocab, hidden)
         buffers = 2 if softcap is not None else 1  # softcap keeps its derivative in a second tile buffer
-        chunk = choose_chunk_size(n_tokens, vocab, budget, hidden=hidden, logit_buffers=buffers)
+        chunk = choose_chunk_size(
+            n_tokens,
+            vocab,
+            budget,
+            hidden=hidden,
+            logit_buffers=buffers,
+            weight_tile_copy=weight.dtype != torch.float32,
+        )
     else:
         rows, tile = chunk_size if isinstance(chunk_size, tuple) else (chunk_size, vocab)
         chunk = ChunkShape(min(rows, n_tokens), min(tile, vocab))
     plan = _Plan(
         reduction=reduction,
-        normalizer=None if normalizer is None else _normalizer_value(normalizer),
+        normalizer=normalizer_value,
         softcap=None if softcap is None else float(softcap),
         chunk=chunk,
         need_input_grad=grad_on and input.requires_grad,

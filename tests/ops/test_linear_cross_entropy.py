@@ -123,7 +123,10 @@ def check_case(
 
 
 class MaxNumel(TorchDispatchMode):
-    """Records the largest tensor any aten op allocates (views excluded; forward and backward run under it)."""
+    """Records the largest fresh allocation (in elements) of any aten op, forward and backward.
+
+    Views and ``out=`` results share an argument's storage and are not counted; anything else is new memory.
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -132,9 +135,16 @@ class MaxNumel(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        arg_storages = {
+            t.untyped_storage().data_ptr()
+            for t in tree_flatten((args, kwargs))[0]
+            if isinstance(t, torch.Tensor)
+        }
         for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and not t._is_view() and t.numel() > self.max_numel:
-                self.max_numel, self.shape = t.numel(), tuple(t.shape)
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in arg_storages:
+                numel = t.untyped_storage().nbytes() // t.element_size()
+                if numel > self.max_numel:
+                    self.max_numel, self.shape = numel, tuple(t.shape)
         return out
 
 
@@ -307,6 +317,15 @@ def test_no_full_logits_allocated(reduction: str, chunk: int | tuple[int, int]) 
     assert naive.max_numel >= n * vocab
 
 
+def test_low_precision_head_is_upcast_per_tile() -> None:
+    n, hidden, vocab = 64, 16, 96
+    case = make_inputs((n,), hidden, vocab, dtype=torch.bfloat16)
+    with torch.no_grad(), MaxNumel() as mode:
+        loss = linear_cross_entropy(case["x"], case["w"], case["t"], chunk_size=(32, 24))
+    assert mode.max_numel == 32 * 24  # the logits tile; never an fp32 copy of the whole [V, H] weight
+    assert_close(loss, reference(case, reduction="mean")[0], torch.bfloat16)
+
+
 def test_no_full_logits_saved_for_backward() -> None:
     n, hidden, vocab = 64, 16, 96
     case = make_inputs((n,), hidden, vocab)
@@ -338,11 +357,30 @@ def test_memory_budget_sets_the_chunk(budget_rows: int) -> None:
     assert_close(loss, reference(case, reduction="mean")[0], torch.float32)
 
 
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_budget_chosen_tiles_match_reference(reduction: str) -> None:
+    case = make_inputs((2, 40), 8, 1000, bias=True)
+    budget = 20 * (256 + 2 * 8) * 4  # 20 rows of a 256-wide tile: four tiles, the last one partial
+    assert choose_chunk_size(80, 1000, budget, hidden=8) == (16, 256)
+    ours = linear_cross_entropy(
+        case["x"], case["w"], case["t"], bias=case["b"], reduction=reduction, memory_budget_bytes=budget
+    )
+    ref, leaves = reference(case, reduction=reduction)
+    assert_close(ours, ref, torch.float32)
+    backward_with(ours)
+    backward_with(ref)
+    for name in ("x", "w", "b"):
+        assert_close(case[name].grad, leaves[name].grad, torch.float32)
+
+
 def test_choose_chunk_size() -> None:
     mib = 1 << 20
     # The benchmark shape: 64 rows of the whole vocabulary would fit; too few, so 1024 rows x 2048-wide tiles.
     assert choose_chunk_size(4096, 65536, 16 * mib, hidden=1024) == (1024, 2048)
     assert choose_chunk_size(4096, 65536, 16 * mib, hidden=1024, logit_buffers=2) == (1024, 1024)
+    # A bf16 head adds an fp32 copy of each weight tile to the working set.
+    assert choose_chunk_size(4096, 65536, 16 * mib, hidden=1024, weight_tile_copy=True) == (1024, 1024)
+    assert choose_chunk_size(4096, 131072, 64 * mib, hidden=5120, weight_tile_copy=True) == (1024, 1024)
     # Enough rows of the whole vocabulary fit: one pass, rows rounded down to a multiple of 16.
     assert choose_chunk_size(4096, 32000, 64 * mib, hidden=4096) == (416, 32000)
     assert choose_chunk_size(100, 50, 4 * mib, hidden=16) == (100, 50)  # never more rows than tokens
@@ -381,6 +419,9 @@ def test_choose_chunk_size() -> None:
         ({"normalizer": "3"}, TypeError, "normalizer must be"),
         ({"softcap": 0.0}, ValueError, "softcap"),
         ({"chunk_size": 0}, ValueError, "chunk_size"),
+        ({"chunk_size": (4, 0)}, ValueError, "chunk_size"),
+        ({"chunk_size": True}, ValueError, "chunk_size"),
+        ({"memory_budget_bytes": -5}, ValueError, "memory_budget_bytes"),
         ({"chunk_size": 4, "memory_budget_bytes": 1024}, ValueError, "not both"),
     ],
 )

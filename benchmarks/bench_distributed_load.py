@@ -18,7 +18,6 @@ against the checkpoint's size. The checkpoint comes from ``benchmarks/_checkpoin
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import re
@@ -26,67 +25,26 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _memory import PeakRss, status_kib
+
 TARGET = 0.60
 FLOOR = 0.50
 WORLD_SIZE = 2
 
 
-# --- memory and I/O counters ---------------------------------------------------------------------------
-
-
-def status_kib(field: str) -> int:
-    text = Path("/proc/self/status").read_text()
-    return int(re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE).group(1))
+# --- I/O counter ---------------------------------------------------------------------------------------
 
 
 def io_counter(field: str) -> int:
     """A field of ``/proc/self/io`` (``rchar``: bytes read by read-like system calls, page cache or not)."""
     text = Path("/proc/self/io").read_text()
     return int(re.search(rf"^{field}:\s+(\d+)", text, re.MULTILINE).group(1))
-
-
-class PeakRss:
-    """Peak RSS over the baseline taken on entry: ``VmHWM`` after a verified reset, else a sampling thread."""
-
-    def __enter__(self) -> PeakRss:
-        gc.collect()
-        self.base_kib = status_kib("VmRSS")
-        self.sampler: threading.Thread | None = None
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-            reset = status_kib("VmHWM") <= status_kib("VmRSS") + 1024
-        except OSError:
-            reset = False
-        self.method = "VmHWM reset via /proc/self/clear_refs"
-        if not reset:
-            self.method = "VmRSS sampled every 1 ms"
-            self.peak_kib = self.base_kib
-            self.done = threading.Event()
-            self.sampler = threading.Thread(target=self._sample, daemon=True)
-            self.sampler.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self.done.wait(0.001):
-            self.peak_kib = max(self.peak_kib, status_kib("VmRSS"))
-
-    def __exit__(self, *exc: object) -> None:
-        if self.sampler is None:
-            self.peak_kib = status_kib("VmHWM")
-        else:
-            self.done.set()
-            self.sampler.join()
-
-    @property
-    def extra_bytes(self) -> int:
-        return (self.peak_kib - self.base_kib) * 1024
 
 
 # --- one rank (under torchrun) ------------------------------------------------------------------------

@@ -16,11 +16,9 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import re
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -53,41 +51,6 @@ def _loss_fn(path: str, chunk_size: int | None = None) -> Callable:
     raise ValueError(f"unknown path {path!r}; choose from {PATHS}")
 
 
-def _status_kib(field: str) -> int:
-    text = Path("/proc/self/status").read_text()
-    return int(re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE).group(1))
-
-
-class _CpuPeak:
-    """Peak RSS during a block: the kernel's high-water mark when it can be reset, else a sampling thread."""
-
-    def __enter__(self) -> _CpuPeak:
-        gc.collect()
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-            self.sampler = None
-        except OSError:
-            self.sampler = threading.Thread(target=self._sample, daemon=True)
-        self.base_kib = _status_kib("VmRSS")
-        self.peak_kib = self.base_kib
-        self.done = threading.Event()
-        if self.sampler is not None:
-            self.sampler.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self.done.wait(0.002):
-            self.peak_kib = max(self.peak_kib, _status_kib("VmRSS"))
-
-    def __exit__(self, *exc: object) -> None:
-        self.done.set()
-        if self.sampler is not None:
-            self.sampler.join()
-        else:
-            self.peak_kib = _status_kib("VmHWM")
-        self.method = "VmHWM" if self.sampler is None else "sampled VmRSS"
-
-
 def _worker(args: argparse.Namespace) -> dict:
     import torch
 
@@ -115,12 +78,14 @@ def _worker(args: argparse.Namespace) -> dict:
         extra = torch.cuda.max_memory_allocated() - base
         base_mb, method = base / 2**20, "cuda max_memory_allocated"
     else:
-        with _CpuPeak() as peak:
+        from _memory import PeakRss
+
+        with PeakRss() as peak:
             start = time.perf_counter()
             loss = fn(h, w, y)
             loss.backward()
             seconds = time.perf_counter() - start
-        extra = (peak.peak_kib - peak.base_kib) * 1024
+        extra = peak.extra_bytes
         base_mb, method = peak.base_kib / 1024, peak.method
     return {
         "path": path,

@@ -22,71 +22,22 @@ Targets: peak / BF16 parameter bytes <= 0.75 and <= transformers'; wall time our
 from __future__ import annotations
 
 import argparse
-import gc
 import hashlib
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _memory import PeakRss, status_kib
+
 LOADERS = ("ours", "transformers")
 PEAK_TARGET = 0.75
 TIME_TARGET = 1.0
-
-
-# --- memory measurement (shared with bench_train_step.py) --------------------------------------------------
-
-
-def status_kib(field: str) -> int:
-    text = Path("/proc/self/status").read_text()
-    return int(re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE).group(1))
-
-
-class PeakRss:
-    """Peak RSS over the baseline taken on entry: the kernel's ``VmHWM`` after resetting it through
-    ``/proc/self/clear_refs`` (verified: a failed reset leaves ``VmHWM`` above ``VmRSS``), else a sampling thread."""
-
-    def __enter__(self) -> PeakRss:
-        gc.collect()
-        self.sampler: threading.Thread | None = None
-        self.base_kib = status_kib("VmRSS")
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-            reset = status_kib("VmHWM") <= status_kib("VmRSS") + 1024
-        except OSError:
-            reset = False
-        self.method = "VmHWM reset via /proc/self/clear_refs"
-        if not reset:
-            self.method = "VmRSS sampled every 2 ms"
-            self.peak_kib = self.base_kib
-            self.done = threading.Event()
-            self.sampler = threading.Thread(target=self._sample, daemon=True)
-            self.sampler.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self.done.wait(0.002):
-            self.peak_kib = max(self.peak_kib, status_kib("VmRSS"))
-
-    def __exit__(self, *exc: object) -> None:
-        if self.sampler is not None:
-            self.done.set()
-            self.sampler.join()
-            self.peak_kib = max(self.peak_kib, status_kib("VmRSS"))
-        else:
-            self.peak_kib = status_kib("VmHWM")
-        self.end_kib = status_kib("VmRSS")
-
-    @property
-    def extra_bytes(self) -> int:
-        return (self.peak_kib - self.base_kib) * 1024
 
 
 # --- worker: one load in this process ----------------------------------------------------------------------

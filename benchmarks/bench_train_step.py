@@ -44,7 +44,7 @@ def fast_cpu_bf16() -> bool:
 
 def worker(path_kind: str, checkpoint: str, tokens: int, device: str, dtype_name: str, adamw: bool) -> dict:
     import torch
-    from bench_load import PeakRss, status_kib
+    from _memory import PeakRss, status_kib
 
     import automodel_plugins
 

@@ -4,7 +4,7 @@ Each rank runs the documented flow: ``build_model`` (meta) -> ``fully_shard`` ev
 -> ``to_empty(device="cpu")`` -> ``load_weights`` (each rank reads and dequantizes only its own slices). Per
 rank, after every import and the process group's start: ``gc.collect()``, baseline = ``VmRSS``, the kernel's
 high-water mark reset through ``/proc/self/clear_refs`` (checked: a failed reset leaves ``VmHWM`` above
-``VmRSS``; a 1 ms ``VmRSS`` sampling thread then). Peak = ``VmHWM`` - baseline over build_model .. load_weights.
+``VmRSS``; a 2 ms ``VmRSS`` sampling thread then). Peak = ``VmHWM`` - baseline over build_model .. load_weights.
 
 Reported per rank: peak / the whole model's BF16 parameter bytes (target <= 0.60; 0.5 is the floor, the rank's
 half of the weights), the bytes ``load_weights`` read from the checkpoint (``LoadReport.bytes_read``) and the

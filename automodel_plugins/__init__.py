@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from automodel_plugins.claim import Claim
+from automodel_plugins.claim import Claim, Decline
 from automodel_plugins.errors import (
     AmbiguousClaimError,
     AutomodelPluginsError,
@@ -62,6 +62,7 @@ __all__ = [
     "Claim",
     "Composition",
     "ConfigError",
+    "Decline",
     "Fp8StateDictAdapter",
     "NoPluginClaimError",
     "PluginError",

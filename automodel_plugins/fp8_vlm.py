@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from automodel_plugins.claim import Claim
+from automodel_plugins.claim import Claim, Decline
 from automodel_plugins.quantization import quantization_dict
 
 __all__ = ["claim_fp8_or_unquantized", "describe_fp8", "text_vocab_size", "vlm_fused_loss_forward"]
@@ -31,18 +31,20 @@ def describe_fp8(quantization: Mapping[str, Any]) -> str:
     return f"{shown} block FP8 weights"
 
 
-def claim_fp8_or_unquantized(config: Any, model: str, *, priority: int = 0) -> Claim | None:
+def claim_fp8_or_unquantized(config: Any, model: str, *, priority: int = 0) -> Claim | Decline:
     """The claim for a config already known to be ``model``: unquantized or ``quant_method: fp8``.
 
-    Any other method (``awq``, ``gptq``, ``compressed-tensors``, ...) is not ours: ``None``, so another plugin
-    or stock transformers may serve it. An FP8 config the host cannot read (``fmt: e5m2``, a zero block) is
-    still claimed, so that the load fails naming the field instead of falling back to another loader.
+    Any other method (``awq``, ``gptq``, ``compressed-tensors``, ...) is not ours: a :class:`Decline` naming
+    the method, so another plugin or stock transformers may serve it and ``list --config`` says why this one
+    did not. An FP8 config the host cannot read (``fmt: e5m2``, a zero block) is still claimed, so that the
+    load fails naming the field instead of falling back to another loader.
     """
     quantization = quantization_dict(config)
     if quantization is None:
         return Claim(reason=f"{model}, unquantized", priority=priority)
-    if quantization.get("quant_method") != "fp8":
-        return None
+    method = quantization.get("quant_method")
+    if method != "fp8":
+        return Decline(reason=f"{model} with quant_method {method!r}: only FP8 or unquantized is served")
     return Claim(reason=f"{model}, {describe_fp8(quantization)}", priority=priority)
 
 

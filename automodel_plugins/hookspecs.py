@@ -26,17 +26,19 @@ if TYPE_CHECKING:
 
     from automodel_plugins.adapter import StateDictAdapter
     from automodel_plugins.checkpoint import Checkpoint
-    from automodel_plugins.claim import Claim
+    from automodel_plugins.claim import Claim, Decline
 
 
 @hookspec
-def claim_config(config: PretrainedConfig) -> Claim | None:
+def claim_config(config: PretrainedConfig) -> Claim | Decline | None:
     """Say whether this plugin serves ``config``.
 
     Called on every loaded plugin. Return a :class:`~automodel_plugins.Claim` (a reason, and a priority that
-    defaults to 0) or ``None``. The highest priority wins; two claims at the same highest priority raise
-    :class:`~automodel_plugins.errors.AmbiguousClaimError`. Must be cheap and side-effect free: ``list
-    --config`` asks it of every installed plugin.
+    defaults to 0), a :class:`~automodel_plugins.Decline` (a reason it is not served, shown by ``list
+    --config`` and in the error of a load that requires a plugin), or ``None`` (a decline without a reason,
+    for configs far from this plugin's family). The highest priority wins; two claims at the same highest
+    priority raise :class:`~automodel_plugins.errors.AmbiguousClaimError`. Must be cheap and side-effect
+    free: ``list --config`` asks it of every installed plugin.
 
     A plugin that raises here is reported with the exception (``list --config``) or makes the load fail;
     it is never taken as a silent "no".

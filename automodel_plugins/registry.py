@@ -18,7 +18,7 @@ import pluggy
 from pydantic import BaseModel, ConfigDict
 
 from automodel_plugins import hookspecs
-from automodel_plugins.claim import Claim
+from automodel_plugins.claim import Claim, Decline
 from automodel_plugins.errors import (
     AmbiguousClaimError,
     AutomodelPluginsError,
@@ -251,7 +251,7 @@ class Registry:
         winner = pick_winner(verdicts)
         if winner is None:
             if require_plugin:
-                asked = ", ".join(v.plugin for v in verdicts) or "(no plugins loaded)"
+                asked = "; ".join(_asked(v) for v in verdicts) or "(no plugins loaded)"
                 model_type = getattr(config, "model_type", None)
                 raise NoPluginClaimError(f"no plugin claims model_type {model_type!r}; asked: {asked}")
             return None
@@ -302,6 +302,11 @@ class Registry:
         return [(impl.plugin_name, impl) for impl in caller.get_hookimpls()]
 
 
+def _asked(verdict: ClaimVerdict) -> str:
+    """``plugin`` or ``plugin (reason)``: one declined plugin in a no-claim error."""
+    return f"{verdict.plugin} ({verdict.reason})" if verdict.reason else verdict.plugin
+
+
 def _verdict(name: str, impl: pluggy.HookImpl | None, config: PretrainedConfig) -> ClaimVerdict:
     if impl is None:
         return ClaimVerdict(plugin=name, claimed=False, reason="does not implement claim_config")
@@ -311,9 +316,13 @@ def _verdict(name: str, impl: pluggy.HookImpl | None, config: PretrainedConfig) 
         return ClaimVerdict(plugin=name, claimed=False, error=f"{type(exc).__name__}: {exc}")
     if answer is None:
         return ClaimVerdict(plugin=name, claimed=False)
+    if isinstance(answer, Decline):
+        return ClaimVerdict(plugin=name, claimed=False, reason=answer.reason)
     if not isinstance(answer, Claim):
         return ClaimVerdict(
-            plugin=name, claimed=False, error=f"returned {type(answer).__name__}, expected Claim or None"
+            plugin=name,
+            claimed=False,
+            error=f"returned {type(answer).__name__}, expected Claim, Decline or None",
         )
     return ClaimVerdict(plugin=name, claimed=True, reason=answer.reason, priority=answer.priority)
 

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import fake_plugins.declining_claimer
 import fake_plugins.generic_claimer
 import fake_plugins.greedy_claimer
 import fake_plugins.misspelled_hook
@@ -113,6 +114,24 @@ def test_list_config_file_path_table_shows_verdicts_and_winner(plugins, write_mo
         "specific": ["declined", "-"],
     }
     assert lines[-1] == "claimed by: generic"
+
+
+def test_list_config_shows_a_declining_plugins_reason(isolated_registry, write_model_config, capsys):
+    isolated_registry.register(fake_plugins.declining_claimer, "no")
+    config = str(write_model_config(LLAMA))
+    assert main(["list", "--config", config]) == 0
+    out = capsys.readouterr().out
+    assert "no      declined  -         llama is served by stock transformers" in out.splitlines()
+    assert out.splitlines()[-1] == "claimed by: (none: stock transformers)"
+    assert main(["list", "--json", "--config", config]) == 0
+    assert _json(capsys)["claims"] == [
+        {
+            "plugin": "no",
+            "claimed": False,
+            "reason": "llama is served by stock transformers",
+            "priority": None,
+        }
+    ]
 
 
 def test_conflict_prints_claimed_by_null_and_exits_2(isolated_registry, write_model_config, capsys):

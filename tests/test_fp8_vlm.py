@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from automodel_plugins import Claim
+from automodel_plugins import Claim, Decline
 from automodel_plugins.fp8_vlm import (
     claim_fp8_or_unquantized,
     describe_fp8,
@@ -42,7 +42,9 @@ def test_claim_unquantized_fp8_and_other_methods() -> None:
     assert claim_fp8_or_unquantized(fp8, "m", priority=3) == Claim(
         reason="m, 64x32 block FP8 weights", priority=3
     )
-    assert claim_fp8_or_unquantized(config({"quant_method": "awq"}), "m") is None
+    assert claim_fp8_or_unquantized(config({"quant_method": "awq"}), "m") == Decline(
+        reason="m with quant_method 'awq': only FP8 or unquantized is served"
+    )
 
 
 def test_text_vocab_size_prefers_the_text_config() -> None:

@@ -28,7 +28,7 @@ def test_every_spec_has_a_section_with_its_signature_and_docstring() -> None:
         "forward_override",
     ]
     assert re.findall(r"^## (\w+)$", text, flags=re.M) == [s.__name__ for s in specs]
-    assert "def claim_config(config: PretrainedConfig) -> Claim | None: ..." in text
+    assert "def claim_config(config: PretrainedConfig) -> Claim | Decline | None: ..." in text
     for spec in specs:
         first_line = spec.__doc__.strip().splitlines()[0].replace("``", "`")
         assert first_line in text

@@ -6,6 +6,7 @@ import sys
 from types import SimpleNamespace
 
 import fake_plugins.bad_arguments
+import fake_plugins.declining_claimer
 import fake_plugins.generic_claimer
 import fake_plugins.greedy_claimer
 import fake_plugins.misspelled_hook
@@ -17,7 +18,7 @@ import fake_plugins.wrong_type_claimer
 import pytest
 from fake_plugins import source
 
-from automodel_plugins import Claim, hookimpl
+from automodel_plugins import Claim, Decline, hookimpl
 from automodel_plugins.errors import (
     AmbiguousClaimError,
     CheckpointError,
@@ -303,6 +304,35 @@ def test_no_claim_returns_none_or_raises_when_a_plugin_is_required():
     with pytest.raises(NoPluginClaimError, match="'llama'") as info:
         registry.resolve(LLAMA, require_plugin=True)
     assert "silent" in str(info.value) and "specific" in str(info.value)
+
+
+def test_decline_keeps_its_reason_and_a_claim_beside_it_still_wins():
+    registry = _registry(no=fake_plugins.declining_claimer, generic=fake_plugins.generic_claimer)
+    assert registry.claims(LLAMA) == [
+        ClaimVerdict(plugin="generic", claimed=True, reason="generic fallback", priority=0),
+        ClaimVerdict(plugin="no", claimed=False, reason="llama is served by stock transformers"),
+    ]
+    assert registry.resolve(LLAMA) == "generic"
+
+
+def test_no_claim_error_gives_each_declining_plugins_reason():
+    registry = _registry(
+        no=fake_plugins.declining_claimer,
+        silent=fake_plugins.no_claim,
+        specific=fake_plugins.mistral3_claimer,
+    )
+    with pytest.raises(NoPluginClaimError) as info:
+        registry.resolve(LLAMA, require_plugin=True)
+    assert str(info.value) == (
+        "no plugin claims model_type 'llama'; asked: no (llama is served by stock transformers); "
+        "silent (does not implement claim_config); specific"
+    )
+
+
+@pytest.mark.parametrize("reason", ["", None])
+def test_decline_requires_a_reason(reason):
+    with pytest.raises(ValueError, match="reason"):
+        Decline(reason=reason)
 
 
 def test_pick_winner_reports_the_first_error_by_plugin_order():

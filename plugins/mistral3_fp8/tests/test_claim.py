@@ -8,7 +8,7 @@ import pytest
 from automodel_plugins_mistral3_fp8 import plugin
 from transformers import AutoConfig, LlamaConfig, Qwen2VLConfig
 
-from automodel_plugins import Claim, NoPluginClaimError
+from automodel_plugins import Claim, Decline, NoPluginClaimError
 from automodel_plugins.config import load_config
 from automodel_plugins.registry import Registry
 
@@ -46,11 +46,13 @@ def test_unquantized_mistral3_is_claimed() -> None:
 
 
 @pytest.mark.parametrize("quantization", [None, FP8])
-def test_mistral_small_text_model_is_not_claimed(quantization: dict[str, Any] | None) -> None:
+def test_mistral_small_text_model_is_declined_with_the_reason(quantization: dict[str, Any] | None) -> None:
     """Mistral Small 3.x: a Mistral3 VLM whose text model is ``mistral``, not ``ministral3``."""
     config = with_quantization(tiny_config(ModelSpec(text_type="mistral")), quantization)
     assert config.text_config.model_type == "mistral"
-    assert plugin.claim_config(config) is None
+    assert plugin.claim_config(config) == Decline(
+        reason="mistral3 VLM with text model 'mistral': only 'ministral3' is served"
+    )
 
 
 @pytest.mark.parametrize(
@@ -70,8 +72,9 @@ def test_other_model_types_are_not_claimed(config: Any, quantization: dict[str, 
 @pytest.mark.parametrize(
     "quantization", [AWQ, {"quant_method": "compressed-tensors"}, {"quant_method": "bitsandbytes"}]
 )
-def test_other_quantization_methods_are_not_claimed(quantization: dict[str, Any]) -> None:
-    assert plugin.claim_config(with_quantization(tiny_config(), quantization)) is None
+def test_other_quantization_methods_are_declined_with_the_method(quantization: dict[str, Any]) -> None:
+    answer = plugin.claim_config(with_quantization(tiny_config(), quantization))
+    assert isinstance(answer, Decline) and f"quant_method {quantization['quant_method']!r}" in answer.reason
 
 
 def test_installed_entry_point_claims_generated_checkpoints(
@@ -87,5 +90,8 @@ def test_unclaimed_checkpoint_with_require_plugin_raises(
 ) -> None:
     config = load_config(checkpoints(model=ModelSpec(text_type="mistral")))
     assert registry.resolve(config) is None
-    with pytest.raises(NoPluginClaimError, match="mistral3"):
+    with pytest.raises(NoPluginClaimError, match="mistral3") as caught:
         registry.resolve(config, require_plugin=True)
+    assert f"{PLUGIN} (mistral3 VLM with text model 'mistral': only 'ministral3' is served)" in str(
+        caught.value
+    )

@@ -6,10 +6,10 @@ from typing import Any
 
 import pytest
 from automodel_plugins_qwen3_vl_fp8 import plugin
-from transformers import Mistral3Config, PixtralVisionConfig, Qwen2_5_VLConfig, Qwen3VLConfig
+from transformers import AutoConfig, Mistral3Config, PixtralVisionConfig, Qwen2_5_VLConfig, Qwen3VLConfig
 from transformers.models.ministral3 import Ministral3Config
 
-from automodel_plugins import Claim
+from automodel_plugins import Claim, Decline
 from automodel_plugins.config import load_config
 from automodel_plugins.registry import Registry
 
@@ -66,7 +66,8 @@ def test_claims_unquantized(qwen_config: Qwen3VLConfig) -> None:
 def test_declines_other_quantization_methods(
     qwen_config: Qwen3VLConfig, quantization: dict[str, Any]
 ) -> None:
-    assert plugin.claim_config(with_quantization(qwen_config, quantization)) is None
+    answer = plugin.claim_config(with_quantization(qwen_config, quantization))
+    assert isinstance(answer, Decline) and repr(quantization["quant_method"]) in answer.reason
 
 
 def test_per_tensor_fp8_is_claimed_too(qwen_config: Qwen3VLConfig) -> None:
@@ -110,6 +111,11 @@ def test_unreadable_fp8_is_claimed_and_the_load_names_the_field(
 )
 def test_declines_other_model_types(config: Any) -> None:
     assert plugin.claim_config(config) is None
+
+
+def test_declines_the_moe_variant_with_the_reason() -> None:
+    answer = plugin.claim_config(AutoConfig.for_model("qwen3_vl_moe"))
+    assert answer == Decline(reason="qwen3_vl_moe (mixture of experts): only the dense qwen3_vl is served")
 
 
 # --- both plugins installed -------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from automodel_plugins import Claim, hookimpl
+from automodel_plugins import Claim, Decline, hookimpl
 from automodel_plugins.fp8_vlm import claim_fp8_or_unquantized
 
 MODEL_TYPE = "mistral3"
@@ -18,15 +18,17 @@ TEXT_MODEL_TYPE = "ministral3"
 
 
 @hookimpl
-def claim_config(config: Any) -> Claim | None:
-    """Mistral3 VLMs with a Ministral3 text model, FP8 or unquantized. Mistral Small (``mistral`` text model),
-    other model types and other quantization methods are not ours."""
-    text_config = getattr(config, "text_config", None)
-    if (
-        getattr(config, "model_type", None) != MODEL_TYPE
-        or getattr(text_config, "model_type", None) != TEXT_MODEL_TYPE
-    ):
+def claim_config(config: Any) -> Claim | Decline | None:
+    """Mistral3 VLMs with a Ministral3 text model, FP8 or unquantized. Other model types are not ours
+    (``None``); Mistral Small (a ``mistral`` text model) and other quantization methods are declined with
+    the reason, since those users are the ones who ask why."""
+    if getattr(config, "model_type", None) != MODEL_TYPE:
         return None
+    text_type = getattr(getattr(config, "text_config", None), "model_type", None)
+    if text_type != TEXT_MODEL_TYPE:
+        return Decline(
+            reason=f"mistral3 VLM with text model {text_type!r}: only {TEXT_MODEL_TYPE!r} is served"
+        )
     return claim_fp8_or_unquantized(config, "mistral3 VLM with a ministral3 text model")
 
 

@@ -12,16 +12,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from automodel_plugins import Claim, hookimpl
+from automodel_plugins import Claim, Decline, hookimpl
 from automodel_plugins.fp8_vlm import claim_fp8_or_unquantized
 
 MODEL_TYPE = "qwen3_vl"
+MOE_MODEL_TYPE = "qwen3_vl_moe"
 
 
 @hookimpl
-def claim_config(config: Any) -> Claim | None:
-    """Qwen3-VL (dense), block FP8 or unquantized; other model types and quantization methods are not ours."""
-    if getattr(config, "model_type", None) != MODEL_TYPE:
+def claim_config(config: Any) -> Claim | Decline | None:
+    """Qwen3-VL (dense), block FP8 or unquantized. The MoE variant and other quantization methods are
+    declined with the reason; other model types are not ours (``None``)."""
+    model_type = getattr(config, "model_type", None)
+    if model_type == MOE_MODEL_TYPE:
+        return Decline(reason=f"{MOE_MODEL_TYPE} (mixture of experts): only the dense {MODEL_TYPE} is served")
+    if model_type != MODEL_TYPE:
         return None
     return claim_fp8_or_unquantized(config, "qwen3_vl VLM")
 

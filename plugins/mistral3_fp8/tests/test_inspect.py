@@ -151,7 +151,13 @@ def test_unclaimed_checkpoint_is_described_without_a_plan(
     assert described["plugin"] is None and described["load"] is None
     assert described["config"]["text_model_type"] == "mistral"
     assert described["claims"] == [
-        {"plugin": PLUGIN, "claimed": False, "reason": None, "priority": None, "error": None}
+        {
+            "plugin": PLUGIN,
+            "claimed": False,
+            "reason": "mistral3 VLM with text model 'mistral': only 'ministral3' is served",
+            "priority": None,
+            "error": None,
+        }
     ]
     assert described["checkpoint"]["fp8_tensors"] == 14
 

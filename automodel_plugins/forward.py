@@ -14,6 +14,11 @@ holds the vision tower too for VLMs) with the caller's arguments, then:
 * ``hidden_states`` carries the final hidden state ``[B, S, H]`` (the input of ``lm_head``) unless the base
   model returned its own per-layer tuple (``output_hidden_states``), which is kept as is.
 
+The fused loss reads ``lm_head.weight`` directly, so it is only right when ``lm_head`` is what that weight
+says: a plain ``nn.Linear`` with no forward hooks. A labelled call on any other head (a PEFT LoRA on
+``lm_head``, a quantized or wrapped Linear, a user's hook) runs the stock forward instead, with a warning
+once per model: the loss stays right and only the memory saving is lost.
+
 See ``docs/forward-override.md``.
 """
 
@@ -23,6 +28,7 @@ import dataclasses
 import functools
 import inspect
 import typing
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -31,7 +37,13 @@ from torch import nn
 
 from automodel_plugins.ops.linear_cross_entropy import linear_cross_entropy
 
-__all__ = ["SKIP_LOGITS_OPTION", "causal_lm_fused_loss", "fused_loss_forward", "slice_positions"]
+__all__ = [
+    "SKIP_LOGITS_OPTION",
+    "causal_lm_fused_loss",
+    "fused_loss_forward",
+    "slice_positions",
+    "unfusable_head_reason",
+]
 
 SKIP_LOGITS_OPTION = "skip_logits"
 # Arguments of the stock forward that feed the head and the loss only; the base model never sees them.
@@ -65,11 +77,16 @@ def fused_loss_forward(
     @functools.wraps(function)
     def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         skip_logits = kwargs.pop(SKIP_LOGITS_OPTION, None)
+        stock_kwargs = dict(kwargs)
         return_dict = _return_dict(self, kwargs)
         call = _bind(signature, self, args, kwargs)
         head = {name: call.pop(name, None) for name in _HEAD_ARGS}
         if head["labels"] is not None:
             _check_loss_function(self)  # before the base model's forward, which it would waste
+            unfusable = unfusable_head_reason(self.lm_head)
+            if unfusable is not None:
+                _warn_stock_loss_once(self, unfusable)
+                return function(self, *args, **stock_kwargs)
         outputs = self.base_model(**call, return_dict=True)
         hidden = outputs[0]
         loss = None
@@ -134,6 +151,21 @@ def causal_lm_fused_loss(
         memory_budget_bytes=memory_budget_bytes,
     )
     return loss.float()
+
+
+def unfusable_head_reason(head: nn.Module) -> str | None:
+    """Why the fused loss cannot stand in for ``head(hidden)``, or ``None`` when it can.
+
+    It can when ``head`` computes exactly ``F.linear(x, head.weight, head.bias)``: an ``nn.Linear`` (or a
+    subclass keeping ``nn.Linear.forward``, such as a parametrized one) with no forward hooks or pre-hooks.
+    """
+    if not isinstance(head, nn.Linear):
+        return f"lm_head is a {type(head).__module__}.{type(head).__qualname__}, not an nn.Linear"
+    if type(head).forward is not nn.Linear.forward:
+        return f"lm_head's class {type(head).__qualname__} overrides nn.Linear.forward"
+    if head._forward_hooks or head._forward_pre_hooks:
+        return "lm_head has forward hooks, which the fused loss would skip"
+    return None
 
 
 def slice_positions(hidden: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
@@ -222,6 +254,20 @@ def _lm_head(model: nn.Module, vocab_size: int) -> nn.Linear:
             "hidden] head"
         )
     return head
+
+
+def _warn_stock_loss_once(model: nn.Module, reason: str) -> None:
+    """One warning per model and reason: the loss falls back to stock, with its ``[B, S, V]`` logits."""
+    warned: set[str] = model.__dict__.setdefault("_automodel_stock_loss_warned", set())
+    if reason in warned:
+        return
+    warned.add(reason)
+    warnings.warn(
+        f"{reason}: this labelled call computes the loss with the stock forward (full logits) instead of the "
+        "fused linear cross-entropy, so that the loss matches what lm_head computes",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 def _check_loss_function(model: nn.Module) -> None:

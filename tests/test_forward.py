@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import inspect
 import types
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +29,7 @@ from automodel_plugins.forward import (
     fused_loss_forward,
     slice_positions,
     stock_output_class,
+    unfusable_head_reason,
 )
 from automodel_plugins.testing.tiny_models import (
     QWEN3_VL_IMAGE_TOKEN_ID,
@@ -301,7 +303,7 @@ def single_rank_mesh() -> Any:
 
 
 def test_sharded_head_is_refused(single_rank_mesh: Any) -> None:
-    """A DTensor head at forward time (tensor parallel, or lm_head as its own FSDP2 unit) is not the full head."""
+    """A plain Linear whose weight is a DTensor at forward time (tensor parallel) is not the full head."""
     from torch.distributed.tensor import Shard, distribute_tensor
 
     model, batch = llama()
@@ -311,3 +313,126 @@ def test_sharded_head_is_refused(single_rank_mesh: Any) -> None:
     )
     with pytest.raises(RuntimeError, match="DTensor"):
         model(**batch, skip_logits=True)
+
+
+def test_head_as_its_own_fsdp2_unit_falls_back_to_stock(single_rank_mesh: Any) -> None:
+    """``fully_shard(lm_head)`` unshards the head only inside ``lm_head.forward`` (a pre-hook): stock's loss."""
+    from torch.distributed.fsdp import fully_shard
+
+    stock, batch = llama()
+    fused = bind(copy.deepcopy(stock))
+    fully_shard(fused.lm_head, mesh=single_rank_mesh)
+    with pytest.warns(UserWarning, match="forward hooks"):
+        got = fused(**batch, skip_logits=True)
+    expected = stock(**batch)
+    torch.testing.assert_close(got.loss, expected.loss, atol=ATOL, rtol=0)
+    got.loss.backward()
+    expected.loss.backward()
+    torch.testing.assert_close(
+        fused.lm_head.weight.grad.full_tensor(), stock.lm_head.weight.grad, atol=ATOL, rtol=0
+    )
+
+
+# --- heads the fused loss cannot stand in for: the stock loss, with one warning ---------------------------
+
+
+class LowRankHead(nn.Module):
+    """What a LoRA adapter on ``lm_head`` looks like to the forward: not an ``nn.Linear``, but with ``weight``."""
+
+    def __init__(self, base: nn.Linear, rank: int = 2) -> None:
+        super().__init__()
+        self.base = base
+        self.down = nn.Linear(base.in_features, rank, bias=False)
+        self.up = nn.Linear(rank, base.out_features, bias=False)
+        nn.init.normal_(self.up.weight, std=0.5)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.up(self.down(x))
+
+
+class TemperatureLinear(nn.Linear):
+    """An ``nn.Linear`` subclass with its own forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) / 0.7
+
+
+def low_rank_head(model: nn.Module) -> None:
+    model.lm_head = LowRankHead(model.lm_head)
+
+
+def temperature_head(model: nn.Module) -> None:
+    head = TemperatureLinear(model.lm_head.in_features, model.lm_head.out_features, bias=False)
+    head.weight = model.lm_head.weight
+    model.lm_head = head
+
+
+def hooked_head(model: nn.Module) -> None:
+    model.lm_head.register_forward_hook(lambda module, args, out: out * 1.5)
+
+
+def pre_hooked_head(model: nn.Module) -> None:
+    model.lm_head.register_forward_pre_hook(lambda module, args: (args[0] * 0.5,))
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        (low_rank_head, "LowRankHead, not an nn.Linear"),
+        (temperature_head, "TemperatureLinear overrides nn.Linear.forward"),
+        (hooked_head, "forward hooks"),
+        (pre_hooked_head, "forward hooks"),
+    ],
+    ids=["wrapped", "subclass-forward", "forward-hook", "pre-hook"],
+)
+def test_unfusable_head_falls_back_to_stock_loss_with_one_warning(
+    change: Callable[[nn.Module], None], reason: str
+) -> None:
+    torch.manual_seed(0)
+    stock, batch = llama()
+    change(stock)
+    assert reason in unfusable_head_reason(stock.lm_head)
+    fused = bind(copy.deepcopy(stock))
+    with pytest.warns(UserWarning, match=reason):
+        got = fused(**batch, skip_logits=True)
+    expected = stock(**batch)
+    torch.testing.assert_close(got.loss, expected.loss, atol=ATOL, rtol=0)
+    assert got.logits is not None  # stock's output, logits included
+    got.loss.backward()
+    expected.loss.backward()
+    for name, param in stock.named_parameters():
+        if name.startswith("lm_head") or name == decoder_projection(stock):
+            torch.testing.assert_close(
+                fused.get_parameter(name).grad, param.grad, atol=ATOL, rtol=0, msg=name
+            )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fused(**batch)  # warned once per model
+    assert torch.equal(fused(**without_labels(batch)).logits, stock(**without_labels(batch)).logits)
+
+
+def test_parametrized_linear_head_stays_fused() -> None:
+    """A parametrization keeps ``nn.Linear.forward`` and exposes the effective ``weight``: still fused."""
+    from torch.nn.utils import parametrize
+
+    class Doubled(nn.Module):
+        def forward(self, weight: torch.Tensor) -> torch.Tensor:
+            return weight * 2
+
+    stock, batch = llama()
+    parametrize.register_parametrization(stock.lm_head, "weight", Doubled())
+    assert unfusable_head_reason(stock.lm_head) is None
+    fused = bind(copy.deepcopy(stock))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = fused(**batch, skip_logits=True)
+    assert got.logits is None
+    torch.testing.assert_close(got.loss, stock(**batch).loss, atol=ATOL, rtol=0)

@@ -22,7 +22,10 @@ def test_fused_loss_and_update_match_single_process(distributed_run) -> None:
         assert result["updated_mismatches"] == [], f"rank {rank}: updated parameters differ"
 
 
-def test_head_in_a_unit_of_its_own_is_refused_clearly(distributed_run) -> None:
-    for result in distributed_run.ranks("train"):
-        assert result["own_unit_head_error"] is not None, "a sharded head must not give a silently wrong loss"
-        assert "lm_head.weight is a DTensor" in result["own_unit_head_error"]
+def test_head_in_a_unit_of_its_own_falls_back_to_the_stock_loss_with_a_warning(distributed_run) -> None:
+    """Its weight is unsharded only in ``lm_head``'s own pre-hook: the fused loss would read a shard."""
+    for rank, result in enumerate(distributed_run.ranks("train")):
+        head = result["own_unit_head"]
+        assert any("forward hooks" in message for message in head["warnings"]), f"rank {rank}: {head}"
+        assert head["had_logits"], "the stock forward returns logits"
+        assert abs(head["loss"] - head["reference_loss"]) <= 1e-5, f"rank {rank}: {head}"

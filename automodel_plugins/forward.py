@@ -120,7 +120,8 @@ def causal_lm_fused_loss(
     ignore_index: int = -100,
     memory_budget_bytes: int | None = None,
 ) -> torch.Tensor:
-    """transformers' ``ForCausalLMLoss`` on ``head(hidden)``, computed by the fused op (fp32 result, like stock).
+    """transformers' ``ForCausalLMLoss`` on ``head(hidden)``, computed by the fused op (an unrounded fp32 loss,
+    like stock, whatever the model's dtype).
 
     ``labels`` are aligned with the inputs: position ``t`` predicts ``labels[t + 1]`` (the last position gets
     ``ignore_index``). ``shift_labels``, already aligned with the predictions, replaces that shift (context
@@ -149,8 +150,9 @@ def causal_lm_fused_loss(
         reduction=reduction,
         normalizer=normalizer,
         memory_budget_bytes=memory_budget_bytes,
+        loss_dtype=torch.float32,
     )
-    return loss.float()
+    return loss
 
 
 def unfusable_head_reason(head: nn.Module) -> str | None:

@@ -205,6 +205,7 @@ class _Plan:
     need_input_grad: bool
     need_weight_grad: bool
     need_bias_grad: bool
+    loss_dtype: torch.dtype
 
     @property
     def any_grad(self) -> bool:
@@ -453,7 +454,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             out = losses.sum() / denom
         ctx.plan, ctx.grads, ctx.denom = plan, grads, denom
         ctx.save_for_backward(x2d, weight, bias, rows, tgt, lse)
-        return out.to(x2d.dtype)
+        return out.to(plan.loss_dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -495,6 +496,7 @@ def linear_cross_entropy(
     softcap: float | None = None,
     chunk_size: int | tuple[int, int] | None = None,
     memory_budget_bytes: int | None = None,
+    loss_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """``F.cross_entropy(input @ weight.T + bias, target)`` computed in row chunks, never holding ``[N, V]``.
 
@@ -505,11 +507,15 @@ def linear_cross_entropy(
     ``"mean"`` or ``"sum"``, return ``sum / normalizer`` instead (e.g. the label-token count of a whole
     gradient-accumulation batch). ``softcap``: logits become ``softcap * tanh(logits / softcap)``.
     ``chunk_size`` (rows per chunk, or ``(rows, vocab_tile)``) or ``memory_budget_bytes`` (bytes of a chunk's
-    fp32 working set, see :func:`choose_chunk_size`) override the default, :func:`default_memory_budget`. Logits, log-sum-exp and gradient accumulation run in
-    fp32; the loss and gradients come back in the inputs' dtypes.
+    fp32 working set, see :func:`choose_chunk_size`) override the default, :func:`default_memory_budget`.
+    Logits, log-sum-exp and gradient accumulation run in fp32; the gradients come back in the inputs' dtypes
+    and so does the loss, unless ``loss_dtype`` asks for another floating dtype (``torch.float32`` keeps a
+    bf16 model's loss unrounded, as transformers reports it).
     """
     _check_tensors(input, weight, target, bias)
     normalizer_value = _check_options(reduction, normalizer, softcap, chunk_size, memory_budget_bytes)
+    if loss_dtype is not None and not (isinstance(loss_dtype, torch.dtype) and loss_dtype.is_floating_point):
+        raise TypeError(f"loss_dtype must be a floating-point torch.dtype, got {loss_dtype!r}")
     vocab, hidden = weight.shape
     x2d = input.reshape(-1, hidden)
     target1d = target.reshape(-1).long()
@@ -537,6 +543,7 @@ def linear_cross_entropy(
         need_input_grad=grad_on and input.requires_grad,
         need_weight_grad=grad_on and weight.requires_grad,
         need_bias_grad=grad_on and bias is not None and bias.requires_grad,
+        loss_dtype=loss_dtype or input.dtype,
     )
     out = _LinearCrossEntropy.apply(x2d, weight, bias, target1d, int(ignore_index), plan)
     return out.reshape(target.shape) if reduction == "none" else out

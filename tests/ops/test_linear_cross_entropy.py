@@ -398,6 +398,25 @@ def test_choose_chunk_size() -> None:
 # --- validation -------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_fp32_loss_of_a_bf16_head_is_not_rounded_to_bf16(reduction: str) -> None:
+    """``loss_dtype=torch.float32``: the fp32 loss the op computes anyway, not its bf16 rounding."""
+    case = make_inputs((4, 16), 32, 300, dtype=torch.bfloat16)
+    ours = linear_cross_entropy(
+        case["x"], case["w"], case["t"], reduction=reduction, chunk_size=(16, 128), loss_dtype=torch.float32
+    )
+    assert ours.dtype == torch.float32
+    ref, leaves = reference(case, reduction=reduction)  # fp64 logits of the same (bf16-exact) inputs
+    torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-5)
+    rounded = linear_cross_entropy(case["x"], case["w"], case["t"], reduction=reduction, chunk_size=(16, 128))
+    assert rounded.dtype == torch.bfloat16 and not torch.equal(rounded.double(), ours.double())
+    backward_with(ours)
+    backward_with(ref)
+    for name in ("x", "w"):
+        assert case[name].grad.dtype == torch.bfloat16
+        assert_close(case[name].grad, leaves[name].grad, torch.bfloat16)
+
+
 @pytest.mark.parametrize(
     ("change", "error", "match"),
     [
@@ -423,6 +442,8 @@ def test_choose_chunk_size() -> None:
         ({"chunk_size": True}, ValueError, "chunk_size"),
         ({"memory_budget_bytes": -5}, ValueError, "memory_budget_bytes"),
         ({"chunk_size": 4, "memory_budget_bytes": 1024}, ValueError, "not both"),
+        ({"loss_dtype": torch.int64}, TypeError, "loss_dtype"),
+        ({"loss_dtype": "float32"}, TypeError, "loss_dtype"),
     ],
 )
 def test_validation_errors(change: dict, error: type, match: str) -> None:

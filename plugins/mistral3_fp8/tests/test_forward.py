@@ -136,12 +136,14 @@ def test_num_items_in_batch_divides_the_sum(model: Any, batch: dict[str, Any], n
 
 
 def test_bf16_loss_close_to_stock(batch: dict[str, Any]) -> None:
-    """bf16 weights: stock rounds the logits to bf16 before its fp32 loss, the op keeps fp32 logits."""
+    """bf16 weights: stock rounds the logits to bf16 before its fp32 loss, the op keeps fp32 logits; both
+    report an fp32 loss that is not rounded to bf16 (a bf16 loss of ~5.5 moves in steps of 0.03)."""
     stock, fused = stock_and_fused(tiny_model(dtype=torch.bfloat16))
     batch = image_batch(dtype=torch.bfloat16)
     expected, got = stock(**batch), fused(**batch)
     assert got.loss.dtype == torch.float32
-    torch.testing.assert_close(got.loss, expected.loss, atol=3e-2, rtol=1e-2)
+    assert got.loss.item() != got.loss.bfloat16().item()
+    torch.testing.assert_close(got.loss, expected.loss, atol=5e-3, rtol=0)
     expected.loss.backward()
     got.loss.backward()
     torch.testing.assert_close(

@@ -247,8 +247,8 @@ def _lm_head(model: nn.Module, vocab_size: int) -> nn.Linear:
     weight = head.weight
     if _is_dtensor(weight):
         raise RuntimeError(
-            "lm_head.weight is a DTensor at forward time (tensor-parallel, or an FSDP2 unit of its own): the fused "
-            "loss needs the full head; shard lm_head together with its parent module, or not at all"
+            "lm_head.weight is a DTensor at forward time (tensor-parallel): the fused loss needs the full head; "
+            "replicate lm_head, or shard it together with its parent module under FSDP2"
         )
     if weight.dim() != 2 or weight.shape[0] != vocab_size:
         raise RuntimeError(

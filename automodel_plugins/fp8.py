@@ -32,7 +32,7 @@ _FLOAT_SCALE_DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})
 SCALE_DTYPES: frozenset[torch.dtype] = (
     _FLOAT_SCALE_DTYPES | {torch.uint8} | ({E8M0_DTYPE} if E8M0_DTYPE is not None else set())
 )
-# Rows per dequant chunk are chosen so the fp32 temporaries stay near this many elements (64 MiB).
+# Rows per dequant chunk are chosen so the fp32 temporaries stay near this many elements (4 MiB).
 _CHUNK_ELEMENTS = 1 << 20
 
 

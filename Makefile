@@ -7,7 +7,7 @@ PLUGINS := $(wildcard plugins/*/pyproject.toml)
 # The CPU wheel of torch this machine carries; users bring their own torch (the package asks for a range).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test bench lint format clean
+.PHONY: install demo test bench lint format docs clean
 
 install: $(STAMP)
 
@@ -31,6 +31,9 @@ bench: install
 lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
+
+docs: install
+	$(BIN)/python tools/hooks_doc.py
 
 format: install
 	$(BIN)/ruff format .

@@ -76,6 +76,19 @@ class CheckpointError(AutomodelPluginsError, ValueError):
         super().__init__(f"{where}: {message}" if where else message)
 
 
+class SourceNotFoundError(ConfigError, CheckpointError):
+    """A checkpoint (directory, weights file, index or ``config.json``) that is not there.
+
+    One resolver decides what a path names for config loading and checkpoint reading alike, so the error is
+    both a :class:`ConfigError` and a :class:`CheckpointError`: code catching either catches it.
+    """
+
+    def __init__(self, path: str | Path, message: str = "no such file or directory") -> None:
+        self.path = Path(path)
+        self.key = None
+        Exception.__init__(self, f"{path}: {message}")
+
+
 class CorruptCheckpointError(CheckpointError):
     """A safetensors file that is truncated, has a malformed header, or an index that does not parse."""
 

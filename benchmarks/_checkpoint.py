@@ -76,10 +76,9 @@ def legacy_rename():
     """runtime name -> legacy (nested) checkpoint key, with the plugin's own rename rules."""
     from automodel_plugins_mistral3_fp8.layout import LEGACY_RENAMES
 
-    from automodel_plugins.adapter import _rename
+    from automodel_plugins.adapters import PrefixRenames
 
-    rules = sorted(LEGACY_RENAMES, key=lambda r: -len(r.model))
-    return lambda name: _rename(name, rules, to_checkpoint=True)
+    return PrefixRenames(LEGACY_RENAMES).to_checkpoint
 
 
 def write_checkpoint(
@@ -158,10 +157,10 @@ def bf16_parameter_bytes(path: str | Path) -> int:
     """Bytes of the model's parameters once loaded in BF16 (tied tensors counted once), from its config."""
     import torch
 
-    from automodel_plugins.config import load_config
-    from automodel_plugins.pipeline import _build_on_meta
+    from automodel_plugins.model.stock import build_on_meta
+    from automodel_plugins.sources import load_config
 
-    model = _build_on_meta(load_config(path), torch.bfloat16)
+    model = build_on_meta(load_config(path), torch.bfloat16)
     return sum(p.numel() for p in model.parameters()) * torch.bfloat16.itemsize
 
 

@@ -56,11 +56,11 @@ def _prepare(path: Path) -> Any:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard  # noqa: F401
 
-    from automodel_plugins.config import load_config
-    from automodel_plugins.pipeline import _stock_class
+    from automodel_plugins.model.stock import stock_class
+    from automodel_plugins.sources import load_config
 
     dist.init_process_group("gloo")
-    _stock_class(load_config(path))  # imports the transformers modeling module
+    stock_class(load_config(path))  # imports the transformers modeling module
     return init_device_mesh("cpu", (dist.get_world_size(),))
 
 

@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     try:
-        from automodel_plugins.forward import fused_loss_forward  # noqa: F401
+        from automodel_plugins.model.forward import fused_loss_forward  # noqa: F401
     except ImportError as exc:
         print(f"fused-loss forward not available yet ({exc}); skipping")
         return 0

@@ -74,20 +74,19 @@ def ensure_checkpoint() -> tuple[Path, float | None]:
     from automodel_plugins_mistral3_fp8.layout import LEGACY_RENAMES
     from transformers import Mistral3ForConditionalGeneration
 
-    from automodel_plugins.adapter import _rename
+    from automodel_plugins.adapters import PrefixRenames
     from automodel_plugins.testing.checkpoints import write_fp8_checkpoint
 
     started = time.perf_counter()
     torch.manual_seed(0)
     model = Mistral3ForConditionalGeneration(make_config())
     model.config.architectures = ["Mistral3ForConditionalGeneration"]  # as save_pretrained writes it
-    rules = sorted(LEGACY_RENAMES, key=lambda r: -len(r.model))
     tmp = CHECKPOINT.with_name(CHECKPOINT.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     write_fp8_checkpoint(
         model,
         tmp,
-        rename=lambda name: _rename(name, rules, to_checkpoint=True),
+        rename=PrefixRenames(LEGACY_RENAMES).to_checkpoint,
         modules_to_not_convert=("model.vision_tower", "model.multi_modal_projector", "lm_head"),
         shards=2,
     )
@@ -149,7 +148,7 @@ def child_load(path: str) -> dict:
     from transformers import Mistral3ForConditionalGeneration  # noqa: F401  (imported before the baseline)
 
     import automodel_plugins
-    import automodel_plugins.pipeline
+    import automodel_plugins.pipeline.load
 
     with Peak() as peak:
         started = time.perf_counter()

@@ -38,13 +38,13 @@ class LlamaFp8Plugin:
 
     @hookimpl
     def state_dict_adapter(self, config: Any, checkpoint: Any) -> Any:
-        from automodel_plugins.adapter import fp8_adapter_for
+        from automodel_plugins.adapters import fp8_adapter_for
 
         return fp8_adapter_for(config, checkpoint)
 
     @hookimpl
     def post_materialize(self, model: Any, config: Any) -> None:
-        from automodel_plugins.rotary import repair_rotary
+        from automodel_plugins.model.rotary import repair_rotary
 
         repair_rotary(model)
         if self.tamper is not None and not model.model.rotary_emb.inv_freq.is_meta:
@@ -225,6 +225,6 @@ def test_fixture_module_imports_no_torch() -> None:
     import subprocess
     import sys
 
-    code = "import sys, automodel_plugins.testing.fixtures; print('torch' in sys.modules)"
+    code = "import sys, automodel_plugins.testing.pytest_plugin; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"

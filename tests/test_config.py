@@ -7,8 +7,8 @@ import json
 import pytest
 from fake_plugins.configs import LLAMA, MISTRAL3
 
-from automodel_plugins.config import load_config
 from automodel_plugins.errors import ConfigError
+from automodel_plugins.sources import load_config
 
 
 def test_directory_and_file_path_give_the_same_config(write_model_config):

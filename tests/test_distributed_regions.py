@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from automodel_plugins.distributed import local_region, shard_region, write_local
 from automodel_plugins.errors import CheckpointError
+from automodel_plugins.model.placement import local_region, shard_region, write_local
 
 dist = pytest.importorskip("torch.distributed")
 if not dist.is_available():  # pragma: no cover - torch built without distributed

@@ -24,7 +24,7 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
 
-from automodel_plugins.forward import (
+from automodel_plugins.model.forward import (
     causal_lm_fused_loss,
     fused_loss_forward,
     slice_positions,
@@ -212,7 +212,7 @@ def test_causal_lm_fused_loss_equals_for_causal_lm_loss(num_items: Any, given_sh
 
 
 def test_memory_budget_reaches_the_op(monkeypatch: pytest.MonkeyPatch) -> None:
-    import automodel_plugins.forward as forward_module
+    import automodel_plugins.model.forward as forward_module
 
     seen: list[Any] = []
     real = forward_module.linear_cross_entropy

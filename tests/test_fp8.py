@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 
-from automodel_plugins import fp8
 from automodel_plugins.errors import ScaleError
 from automodel_plugins.fp8 import (
     ACTIVATION_SCALE_SUFFIXES,
@@ -21,6 +20,7 @@ from automodel_plugins.fp8 import (
     scale_key_candidates,
     validate_scale,
 )
+from automodel_plugins.fp8 import decode as fp8_decode
 
 E4M3 = torch.float8_e4m3fn
 BF16 = torch.bfloat16
@@ -149,7 +149,7 @@ def test_chunking_does_not_change_results(monkeypatch):
     grid = random_grid(5, 2)
     full_pt = dequantize(w8, s, dtype=BF16)
     full_blk = dequantize(w8, grid, dtype=BF16, block_size=(8, 16))
-    monkeypatch.setattr(fp8, "_CHUNK_ELEMENTS", 50)
+    monkeypatch.setattr(fp8_decode, "_CHUNK_ELEMENTS", 50)
     assert_bit_equal(dequantize(w8, s, dtype=BF16), full_pt)
     assert_bit_equal(dequantize(w8, grid, dtype=BF16, block_size=(8, 16)), full_blk)
 

@@ -1,4 +1,4 @@
-"""The CPU table-lookup dequant (``fp8._lut_decode``) must give the bits of ``(w.float() * s).to(dtype)``."""
+"""The CPU table-lookup dequant (``automodel_plugins.fp8.decode``) must give the bits of ``(w.float() * s).to(dtype)``."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from automodel_plugins import fp8
+from automodel_plugins.fp8 import decode as fp8_decode
+from automodel_plugins.fp8.decode import table_lookup_applies
 
 FP8 = [
     getattr(torch, n)
@@ -32,7 +34,7 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 def test_per_tensor_table_is_bit_exact(fp8_dtype: torch.dtype, dtype: torch.dtype, scale: float) -> None:
     w = every_byte((96, 130), fp8_dtype)
     s = torch.tensor(scale)
-    assert fp8._lut_ok(w, dtype)
+    assert table_lookup_applies(w, dtype)
     assert torch.equal(bits(fp8.dequantize(w, s, dtype=dtype)), bits((w.float() * s).to(dtype)))
 
 
@@ -47,7 +49,9 @@ def test_block_table_is_bit_exact(fp8_dtype: torch.dtype, dtype: torch.dtype) ->
 
 
 def test_table_spans_several_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fp8, "_LUT_CHUNK_PAIRS", 1000)  # 4096 x 3 / 2 pairs: 7 chunks, the last partial
+    monkeypatch.setattr(
+        fp8_decode, "_LUT_CHUNK_PAIRS", 1000
+    )  # 4096 x 3 / 2 pairs: 7 chunks, the last partial
     w = every_byte((4096, 3), torch.float8_e4m3fn, seed=3)
     s = torch.tensor(0.5)
     assert torch.equal(
@@ -65,7 +69,7 @@ def test_table_spans_several_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
 )
 def test_fallback_cases_skip_the_table_and_stay_exact(weight: torch.Tensor) -> None:
     """The slow path's row-chunk copy canonicalizes NaN payloads, so NaNs are compared as NaNs there."""
-    assert not fp8._lut_ok(weight, torch.bfloat16)
+    assert not table_lookup_applies(weight, torch.bfloat16)
     s = torch.tensor(0.25)
     got, expected = fp8.dequantize(weight, s, dtype=torch.bfloat16), (weight.float() * s).to(torch.bfloat16)
     nan = torch.isnan(expected)
@@ -87,7 +91,7 @@ def block_reference(
 def test_block_regions_and_partial_edges_are_bit_exact(
     monkeypatch: pytest.MonkeyPatch, chunk_pairs: int, dtype: torch.dtype
 ) -> None:
-    monkeypatch.setattr(fp8, "_LUT_CHUNK_PAIRS", chunk_pairs)
+    monkeypatch.setattr(fp8_decode, "_LUT_CHUNK_PAIRS", chunk_pairs)
     w = every_byte(
         (203, 150), torch.float8_e4m3fn, seed=4
     )  # 64x64 blocks: partial last row and column blocks
@@ -96,7 +100,7 @@ def test_block_regions_and_partial_edges_are_bit_exact(
     assert torch.equal(bits(full), bits(block_reference(w, grid, (64, 64)).to(dtype)))
     region = (slice(37, 181), slice(70, 150))  # starts inside a block on both axes
     part = fp8.dequantize(w[region].contiguous(), grid, dtype=dtype, block_size=(64, 64), region=region)
-    assert fp8._lut_ok(w[region].contiguous(), dtype)
+    assert table_lookup_applies(w[region].contiguous(), dtype)
     assert torch.equal(bits(part), bits(full[region]))
 
 

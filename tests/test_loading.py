@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from automodel_plugins import fp8
-from automodel_plugins.adapter import Fp8StateDictAdapter, PrefixRename, StateDictAdapter, TensorSource
+from automodel_plugins.adapters import Fp8StateDictAdapter, PrefixRename, StateDictAdapter, TensorSource
 from automodel_plugins.checkpoint import Checkpoint
 from automodel_plugins.errors import (
     CheckpointError,
@@ -21,7 +21,9 @@ from automodel_plugins.errors import (
     ShapeMismatchError,
     UnexpectedKeysError,
 )
-from automodel_plugins.loading import ensure_no_meta, model_tensors, plan_load, read_value, stream_into
+from automodel_plugins.model.tensors import ensure_materialized, model_tensors
+from automodel_plugins.pipeline.plan import plan_load
+from automodel_plugins.pipeline.stream import read_value, stream_into
 
 # --- a tiny model and its checkpoints ---------------------------------------------------------------------
 
@@ -97,12 +99,12 @@ def test_model_tensors_lists_tied_once_and_skips_non_persistent() -> None:
 def test_every_checkpoint_key_is_accounted_for(tmp_path: Path) -> None:
     with Checkpoint.open(write(tmp_path, tiny())) as checkpoint:
         plan = plan_load(model_tensors(tiny()), Fp8StateDictAdapter(checkpoint), checkpoint)
-        consumed = sorted(key for source in plan.values() for key in source.keys)
+        consumed = sorted(key for planned in plan.values() for key in planned.source.keys)
         assert consumed == sorted(checkpoint.keys())
-        assert plan["up.weight"] == TensorSource(
+        assert plan["up.weight"].source == TensorSource(
             "up.weight", scale_key="up.weight_scale_inv", dropped_keys=("up.activation_scale",)
         )
-        assert plan["norm.weight"] == TensorSource("norm.weight")
+        assert plan["norm.weight"].source == TensorSource("norm.weight")
 
 
 def test_unexpected_keys_are_listed_unless_allowed(tmp_path: Path) -> None:
@@ -114,7 +116,8 @@ def test_unexpected_keys_are_listed_unless_allowed(tmp_path: Path) -> None:
         assert caught.value.keys == sorted(extra) and all(k in str(caught.value) for k in extra)
         assert str(tmp_path.resolve()) in str(caught.value)
         plan = plan_load(model_tensors(tiny()), adapter, checkpoint, allow_unused=True)
-        assert not {k for s in plan.values() for k in s.keys} & set(extra)
+        assert not plan.consumed_keys() & set(extra)
+        assert plan.unused_keys == sorted(extra)
 
 
 def test_missing_keys_name_model_tensor_and_checkpoint_key(tmp_path: Path) -> None:
@@ -140,7 +143,7 @@ def test_renames_map_both_ways(tmp_path: Path) -> None:
         assert adapter.to_hf("head.weight") == "lm.head.weight"  # the longest rule wins
         assert adapter.from_hf_key("lm.head.weight") == "head.weight"
         plan = plan_load(model_tensors(tiny()), adapter, checkpoint)
-        assert plan["down.weight"].scale_key == "model.down.weight_scale_inv"
+        assert plan["down.weight"].source.scale_key == "model.down.weight_scale_inv"
 
 
 def test_fp8_weight_without_scale_names_the_weight(tmp_path: Path) -> None:
@@ -188,9 +191,12 @@ def test_fp8_in_a_module_never_converted_names_the_key(tmp_path: Path) -> None:
 
 
 def _stream(path: Path, model: nn.Module, *, assign: bool, dtype: torch.dtype = torch.bfloat16):
+    """Assign into a meta model (floats in ``dtype``) or copy into a real one (each tensor's own dtype)."""
+    assert assign == any(t.is_meta for t in model.parameters())
     with Checkpoint.open(path) as checkpoint:
-        plan = plan_load(model_tensors(model), Fp8StateDictAdapter(checkpoint), checkpoint)
-        return stream_into(model, plan, checkpoint, dtype=dtype, device=torch.device("cpu"), assign=assign)
+        adapter = Fp8StateDictAdapter(checkpoint)
+        plan = plan_load(model_tensors(model), adapter, checkpoint, dtype=dtype if assign else None)
+        return stream_into(model, plan, checkpoint, device=torch.device("cpu"))
 
 
 @pytest.mark.parametrize(
@@ -245,7 +251,7 @@ def ensure_no_meta_params(model: nn.Module) -> None:
     assert not any(t.is_meta for t in model.parameters())
     assert model.cache.is_meta  # non-persistent: the loader leaves it to the plugin (pipeline poisons it)
     with pytest.raises(CheckpointError, match="cache"):
-        ensure_no_meta(model)
+        ensure_materialized(model)
 
 
 def test_assign_in_float32_converts(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ import transformers
 from torch import nn
 
 from automodel_plugins.errors import RotaryRepairError
-from automodel_plugins.rotary import (
+from automodel_plugins.model.rotary import (
     find_rotary_modules,
     install_rotary_repair_hooks,
     is_rotary_module,
@@ -453,7 +453,7 @@ import torch, torch.distributed as dist, transformers
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from automodel_plugins.rotary import install_rotary_repair_hooks
+from automodel_plugins.model.rotary import install_rotary_repair_hooks
 from automodel_plugins.testing.tiny_models import TINY_TEXT_SIZES
 
 dist.init_process_group("gloo")

@@ -1,8 +1,9 @@
-"""Test helpers for the host and for plugin authors.
+"""The plugin author's kit: fixtures, tiny models, FP8 checkpoints in the real on-disk formats, and comparisons.
 
-The pytest plugin (``automodel_plugins.testing.pytest_plugin``, loaded through the ``pytest11`` entry point)
-provides the fixtures ``isolated_registry``, ``fake_distribution``, ``run_cli`` and ``write_model_config``.
-``compare`` checks a plugin's load against stock transformers; ``tiny_models`` builds tiny stock configs and
-batches (import it where it is used: nothing here imports it).
+* ``pytest_plugin``: the fixtures (loaded through the ``pytest11`` entry point), listed in its docstring;
+* ``checkpoints``: ``write_fp8_checkpoint``, a stock model written as an FP8 checkpoint;
+* ``compare``: ``assert_matches_stock`` and an independent reference dequantization;
+* ``tiny_models``: tiny stock configs and batches (Mistral3, Qwen3-VL, Llama).
+
 Nothing here imports torch at import time.
 """

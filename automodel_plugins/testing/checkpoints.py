@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from automodel_plugins import fp8
+from automodel_plugins.fp8.encode import quantize
 
 DEFAULT_MODULES_TO_NOT_CONVERT = (
     "model.vision_tower",
@@ -78,7 +78,7 @@ def write_fp8_checkpoint(
     for name, tensor in unique_state_dict(model).items():
         key = rename(name)
         if to_quantize(name):
-            weight, scale = fp8.quantize(tensor.float(), block_size=block_size, scale_dtype=scale_dtype)
+            weight, scale = quantize(tensor.float(), block_size=block_size, scale_dtype=scale_dtype)
             module_key = key[: -len("weight")]
             tensors[key] = weight
             tensors[module_key + scale_name] = scale

@@ -26,7 +26,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from automodel_plugins.rotary import find_rotary_modules
+from automodel_plugins.model.rotary import find_rotary_modules
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -127,7 +127,7 @@ def reference_model(
 
     ``rename`` maps checkpoint keys to model names (a legacy key layout). Only tied weights may be missing.
     """
-    from automodel_plugins.config import load_config
+    from automodel_plugins.sources import load_config
 
     config = copy.deepcopy(load_config(path))
     if getattr(config, "quantization_config", None) is not None:
@@ -296,7 +296,7 @@ def _tied_names(model: nn.Module) -> Iterator[str]:
 
 
 def _stock_class_of(path: str | Path) -> type[PreTrainedModel]:
-    from automodel_plugins.config import load_config
-    from automodel_plugins.pipeline import _stock_class
+    from automodel_plugins.model.stock import stock_class
+    from automodel_plugins.sources import load_config
 
-    return _stock_class(load_config(path))
+    return stock_class(load_config(path))

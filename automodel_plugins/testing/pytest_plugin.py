@@ -1,7 +1,13 @@
-"""pytest fixtures for testing plugins and the host without depending on what is installed.
+"""The author kit's pytest fixtures, for testing plugins and the host without depending on what is installed.
 
-Registered as the ``pytest11`` entry point ``automodel_plugins``. Imports stay inside the fixtures: every pytest
-run in an environment with this package installed imports this module, so it must stay light (no torch).
+Registered as the ``pytest11`` entry point ``automodel_plugins``, so every test session has them:
+
+* registries: ``isolated_registry`` (empty), ``plugin_registry`` (only the named installed plugins);
+* installed plugins and the CLI: ``fake_distribution``, ``run_cli``;
+* inputs: ``write_model_config``, ``fp8_checkpoint_factory``, ``unquantized_checkpoint_factory``.
+
+Imports stay inside the fixtures: every pytest run in an environment with this package installed imports this
+module, so it must stay light (no torch).
 """
 
 from __future__ import annotations
@@ -21,10 +27,9 @@ import pytest
 if TYPE_CHECKING:
     from automodel_plugins.registry import Registry
 
-pytest_plugins = ["automodel_plugins.testing.fixtures"]  # checkpoint factories and plugin_registry
-
 FakeDistribution = Callable[..., Path]
 RunCli = Callable[..., "subprocess.CompletedProcess[str]"]
+CheckpointFactory = Callable[..., Path]
 
 
 @pytest.fixture
@@ -152,3 +157,62 @@ def write_model_config(tmp_path: Path) -> Callable[..., Path]:
         return directory
 
     return write
+
+
+# --- checkpoints and a registry of chosen installed plugins -------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def fp8_checkpoint_factory(tmp_path_factory: pytest.TempPathFactory) -> CheckpointFactory:
+    """``make(model, name="fp8", **options) -> Path``: :func:`~automodel_plugins.testing.checkpoints.write_fp8_checkpoint`
+    into a fresh temporary directory (session-scoped, so module-scoped fixtures may build checkpoints once).
+
+    Options are ``write_fp8_checkpoint``'s: ``block_size=(128, 128)``, ``scale_dtype=torch.bfloat16``,
+    ``activation_scale_name=None`` (dynamic activations), ``modules_to_not_convert``, ``shards``,
+    ``quantization_extra={"activation_scheme": "dynamic", "fmt": "e4m3"}``, ...
+    """
+
+    def make(model: Any, name: str = "fp8", **options: Any) -> Path:
+        from automodel_plugins.testing.checkpoints import write_fp8_checkpoint
+
+        return write_fp8_checkpoint(model, tmp_path_factory.mktemp(name), **options)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def unquantized_checkpoint_factory(tmp_path_factory: pytest.TempPathFactory) -> CheckpointFactory:
+    """``make(model, name="bf16", dtype=torch.bfloat16) -> Path``: the model's ``save_pretrained`` in ``dtype``
+    (the model itself is left as it was)."""
+
+    def make(model: Any, name: str = "bf16", dtype: Any = None) -> Path:
+        import copy
+
+        import torch
+
+        directory = tmp_path_factory.mktemp(name)
+        copy.deepcopy(model).to(dtype or torch.bfloat16).save_pretrained(directory)
+        return directory
+
+    return make
+
+
+@pytest.fixture
+def plugin_registry() -> Iterator[Callable[..., Registry]]:
+    """``plugin_registry("my_plugin", ...) -> Registry``: only those installed plugins (by entry-point name),
+    made the process default for this test, so a load does not depend on what else is installed.
+
+    The previous default comes back after the test.
+    """
+    from automodel_plugins.registry import Registry, set_registry
+
+    previous: list[Registry | None] = []
+
+    def make(*names: str) -> Registry:
+        registry = Registry.from_entry_points(selection=",".join(names))
+        previous.append(set_registry(registry))
+        return registry
+
+    yield make
+    if previous:
+        set_registry(previous[0])

@@ -85,7 +85,7 @@ def expected_reads(
 
     Returns the sorted reads and their byte count (region elements x on-disk item size).
     """
-    from automodel_plugins.loading import model_tensors
+    from automodel_plugins.model.tensors import model_tensors
 
     reads: list[tuple[str, Bounds]] = []
     nbytes = 0
@@ -128,7 +128,7 @@ def mismatches(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor
 
 def local_mismatches(model: nn.Module, expected: dict[str, torch.Tensor]) -> list[str]:
     """Names whose local shard differs from the reference's same region (no communication)."""
-    from automodel_plugins.loading import model_tensors
+    from automodel_plugins.model.tensors import model_tensors
 
     out = []
     for name, tensor in model_tensors(model).items():
@@ -144,7 +144,7 @@ def local_mismatches(model: nn.Module, expected: dict[str, torch.Tensor]) -> lis
 
 def rotary_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every rotary frequency buffer (non-persistent ``*inv_freq``), cloned."""
-    from automodel_plugins.rotary import find_rotary_modules
+    from automodel_plugins.model.rotary import find_rotary_modules
 
     out = {}
     for name, module in find_rotary_modules(model):
@@ -156,7 +156,7 @@ def rotary_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def garble_rotary(model: nn.Module) -> int:
     """Overwrite every rotary buffer with garbage, as ``to_empty`` leaves them; returns how many."""
-    from automodel_plugins.rotary import find_rotary_modules
+    from automodel_plugins.model.rotary import find_rotary_modules
 
     count = 0
     with torch.no_grad():

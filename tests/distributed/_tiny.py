@@ -30,9 +30,9 @@ def legacy_rename(name: str) -> str:
     """Runtime name -> legacy (nested) checkpoint key, with the plugin's own rules."""
     from automodel_plugins_mistral3_fp8.layout import LEGACY_RENAMES
 
-    from automodel_plugins.adapter import _rename
+    from automodel_plugins.adapters import PrefixRenames
 
-    return _rename(name, sorted(LEGACY_RENAMES, key=lambda r: -len(r.model)), to_checkpoint=True)
+    return PrefixRenames(LEGACY_RENAMES).to_checkpoint(name)
 
 
 def write_checkpoint(

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, as pytes
 
 import automodel_plugins
 from automodel_plugins.checkpoint import Checkpoint
-from automodel_plugins.loading import model_tensors
+from automodel_plugins.model.tensors import model_tensors
 from distributed import _checks, _stages, _tiny
 
 CHECKPOINTS = {  # name -> (block size, tied embeddings)

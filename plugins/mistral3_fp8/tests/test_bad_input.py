@@ -21,7 +21,6 @@ from automodel_plugins import (
     load_weights,
 )
 from automodel_plugins.checkpoint import Checkpoint
-from automodel_plugins.config import load_config
 from automodel_plugins.errors import (
     CorruptCheckpointError,
     DtypeMismatchError,
@@ -33,6 +32,7 @@ from automodel_plugins.errors import (
     UnsupportedQuantizationError,
 )
 from automodel_plugins.registry import Registry
+from automodel_plugins.sources import load_config
 
 from .conftest import Checkpoints, CheckpointSpec, assert_same_weights, edit_config, edit_tensors
 

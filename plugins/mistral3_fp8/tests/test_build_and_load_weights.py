@@ -142,7 +142,7 @@ def test_stage_loads_its_modules_and_counts_the_rest(registry: Registry, checkpo
 def test_build_model_from_a_path_and_from_its_config_agree(
     registry: Registry, checkpoints: Checkpoints
 ) -> None:
-    from automodel_plugins.config import load_config
+    from automodel_plugins.sources import load_config
 
     path: Path = checkpoints()
     a, b = build_model(path, registry=registry), build_model(load_config(path), registry=registry)

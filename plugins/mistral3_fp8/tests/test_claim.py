@@ -9,8 +9,8 @@ from automodel_plugins_mistral3_fp8 import plugin
 from transformers import AutoConfig, LlamaConfig, Qwen2VLConfig
 
 from automodel_plugins import Claim, Decline, NoPluginClaimError
-from automodel_plugins.config import load_config
 from automodel_plugins.registry import Registry
+from automodel_plugins.sources import load_config
 
 from .conftest import PLUGIN, Checkpoints, CheckpointSpec, ModelSpec, tiny_config
 

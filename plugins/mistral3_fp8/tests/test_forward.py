@@ -17,7 +17,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import Mistral3Config, Mistral3ForConditionalGeneration
 
-from automodel_plugins.fp8_vlm import vlm_fused_loss_forward
+from automodel_plugins.model.forward import vlm_fused_loss_forward
 from automodel_plugins.testing.tiny_models import mistral3_image_batch, tiny_mistral3_config
 
 IMAGE_TOKEN = 10
@@ -201,7 +201,7 @@ def test_skip_logits_switch_leaves_unlabelled_calls_alone(model: Any, batch: dic
 
 
 def test_skip_logits_with_the_host_composition(model: Any, batch: dict[str, Any]) -> None:
-    from automodel_plugins.pipeline import COMPOSITION_ATTR, Composition
+    from automodel_plugins.pipeline.composition import COMPOSITION_ATTR, Composition
 
     fused = bind_override(copy.deepcopy(model))
     setattr(fused, COMPOSITION_ATTR, Composition(plugin="mistral3_fp8", options={"skip_logits": True}))

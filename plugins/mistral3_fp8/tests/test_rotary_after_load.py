@@ -57,7 +57,7 @@ def test_rotary_buffers_are_real_frequencies(registry: Registry, checkpoints: Ch
 def test_rotary_modules_carry_the_repair_hook_after_load(
     registry: Registry, checkpoints: Checkpoints
 ) -> None:
-    from automodel_plugins.rotary import find_rotary_modules
+    from automodel_plugins.model.rotary import find_rotary_modules
 
     model = from_pretrained(checkpoints(), registry=registry)
     found = {name: module for name, module in find_rotary_modules(model)}

@@ -10,8 +10,8 @@ from transformers import AutoConfig, Mistral3Config, PixtralVisionConfig, Qwen2_
 from transformers.models.ministral3 import Ministral3Config
 
 from automodel_plugins import Claim, Decline
-from automodel_plugins.config import load_config
 from automodel_plugins.registry import Registry
+from automodel_plugins.sources import load_config
 
 QWEN_FP8 = {
     "quant_method": "fp8",

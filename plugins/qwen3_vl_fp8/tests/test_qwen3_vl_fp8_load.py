@@ -147,11 +147,11 @@ def test_post_materialize_repairs_rotary_through_the_host(
     checkpoints: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The hook calls the host's ``repair_rotary``: text M-RoPE and vision axial tables both."""
-    from automodel_plugins import rotary
-
     calls: list[int] = []
-    real = rotary.repair_rotary
-    monkeypatch.setattr(rotary, "repair_rotary", lambda model: calls.append(real(model)) or calls[-1])
+    real = automodel_plugins.repair_rotary
+    monkeypatch.setattr(
+        automodel_plugins, "repair_rotary", lambda model: calls.append(real(model)) or calls[-1]
+    )
     automodel_plugins.from_pretrained(checkpoints["128-fp32-scales"])
     assert calls == [2]
 
@@ -211,9 +211,13 @@ def test_cli_lists_the_plugin_with_its_own_distribution() -> None:
     document = json.loads(result.stdout)
     (record,) = [p for p in document["plugins"] if p["name"] == PLUGIN]
     assert record["distribution"] == DISTRIBUTION
-    assert record["version"] == metadata.version(DISTRIBUTION) == _package_version() == "0.1.0"
+    assert record["version"] == metadata.version(DISTRIBUTION) == _package_version() == "0.2.0"
     assert record["status"] == "loaded" and record["error"] is None
-    assert record["hooks"] == ["claim_config", "forward_override", "post_materialize", "state_dict_adapter"]
+    assert record["hooks"] == [
+        "claim_config",
+        "forward_override",
+        "post_materialize",
+    ]  # the default adapter fits
     assert document["claims"] == [] and document["claimed_by"] is None
 
 

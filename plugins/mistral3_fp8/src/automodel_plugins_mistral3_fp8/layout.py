@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from automodel_plugins.adapter import PrefixRename
+from automodel_plugins.adapters import PrefixRename
 from automodel_plugins.errors import CheckpointError
 
 LEGACY_RENAMES = (

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from automodel_plugins import Claim, Decline, hookimpl
-from automodel_plugins.fp8_vlm import claim_fp8_or_unquantized
+from automodel_plugins import Claim, Decline, claim_fp8_or_unquantized, hookimpl
 
 MODEL_TYPE = "mistral3"
 TEXT_MODEL_TYPE = "ministral3"
@@ -35,7 +34,7 @@ def claim_config(config: Any) -> Claim | Decline | None:
 @hookimpl
 def state_dict_adapter(config: Any, checkpoint: Any) -> Any:
     """Legacy or runtime key layout (from the checkpoint's keys), FP8 scales under any accepted name."""
-    from automodel_plugins.adapter import fp8_adapter_for
+    from automodel_plugins import fp8_adapter_for
     from automodel_plugins_mistral3_fp8.layout import detect_layout, renames_for
 
     layout = detect_layout(checkpoint.keys(), where=checkpoint.directory)
@@ -46,7 +45,7 @@ def state_dict_adapter(config: Any, checkpoint: Any) -> Any:
 def post_materialize(model: Any, config: Any) -> None:
     """Recompute the text and vision rotary buffers now, and once more at each rotary module's first call
     (after a user's ``to_empty``), since meta init leaves them as garbage that no checkpoint restores."""
-    from automodel_plugins.rotary import repair_rotary
+    from automodel_plugins import repair_rotary
 
     repair_rotary(model)
 
@@ -55,6 +54,6 @@ def post_materialize(model: Any, config: Any) -> None:
 def forward_override(model: Any, config: Any) -> Any:
     """The stock forward, except that a labelled call computes its loss with the fused linear cross-entropy
     from the final hidden states, never materializing ``[tokens, vocab]`` logits for the loss."""
-    from automodel_plugins.fp8_vlm import vlm_fused_loss_forward
+    from automodel_plugins import vlm_fused_loss_forward
 
     return vlm_fused_loss_forward(model)

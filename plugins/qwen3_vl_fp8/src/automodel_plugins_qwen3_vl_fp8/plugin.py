@@ -1,19 +1,19 @@
-"""The four hooks of the Qwen3-VL FP8 plugin: each names its model and hands the work to the host.
+"""The hooks of the Qwen3-VL FP8 plugin: each names its model and hands the work to the host.
 
 Qwen's FP8 releases (``Qwen/Qwen3-VL-*-FP8``) store ``nn.Linear`` weights as ``float8_e4m3fn`` with a
 ``weight_scale_inv`` grid of one scale per 128x128 block (fp32 or bf16), keep what
 ``quantization_config.modules_to_not_convert`` lists in BF16, quantize activations dynamically (no activation
 scales on disk), and write keys in the runtime layout (``model.visual.*``, ``model.language_model.*``,
-``lm_head.weight``). Imports of torch and transformers stay inside the hooks:
-``automodel-plugins list`` imports this module and must stay fast.
+``lm_head.weight``). That is exactly what the host's default adapter reads, so this plugin implements no
+``state_dict_adapter``. Imports of torch and transformers stay inside the hooks: ``automodel-plugins list``
+imports this module and must stay fast.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from automodel_plugins import Claim, Decline, hookimpl
-from automodel_plugins.fp8_vlm import claim_fp8_or_unquantized
+from automodel_plugins import Claim, Decline, claim_fp8_or_unquantized, hookimpl
 
 MODEL_TYPE = "qwen3_vl"
 MOE_MODEL_TYPE = "qwen3_vl_moe"
@@ -32,18 +32,10 @@ def claim_config(config: Any) -> Claim | Decline | None:
 
 
 @hookimpl
-def state_dict_adapter(config: Any, checkpoint: Any) -> Any:
-    """Runtime key layout (no renames); block scales and ``modules_to_not_convert`` from the config."""
-    from automodel_plugins.adapter import fp8_adapter_for
-
-    return fp8_adapter_for(config, checkpoint)
-
-
-@hookimpl
 def post_materialize(model: Any, config: Any) -> None:
     """Recompute the text (M-RoPE) and vision (axial) rotary buffers now and at each rotary module's first
     call, since meta init leaves them as garbage that no checkpoint restores."""
-    from automodel_plugins.rotary import repair_rotary
+    from automodel_plugins import repair_rotary
 
     repair_rotary(model)
 
@@ -51,6 +43,6 @@ def post_materialize(model: Any, config: Any) -> None:
 @hookimpl
 def forward_override(model: Any, config: Any) -> Any:
     """The stock forward, except that a labelled call computes its loss with the fused linear cross-entropy."""
-    from automodel_plugins.fp8_vlm import vlm_fused_loss_forward
+    from automodel_plugins import vlm_fused_loss_forward
 
     return vlm_fused_loss_forward(model)

@@ -13,18 +13,18 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from automodel_plugins import fp8
 from automodel_plugins.checkpoint import Checkpoint
-from automodel_plugins.config import load_config
-from automodel_plugins.loading import model_tensors, plan_load
-from automodel_plugins.pipeline import _adapter, build_model, resolve_dtype
-from automodel_plugins.quantization import quantization_dict
+from automodel_plugins.fp8.formats import is_fp8
+from automodel_plugins.fp8.quantization import quantization_dict
+from automodel_plugins.model.tensors import model_tensors
+from automodel_plugins.pipeline.composition import adapter_for
+from automodel_plugins.pipeline.load import build_model, resolve_dtype
+from automodel_plugins.pipeline.plan import plan_load
 from automodel_plugins.registry import Registry, get_registry, pick_winner
+from automodel_plugins.sources import load_config
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
-
-    from automodel_plugins.adapter import TensorSource
 
 __all__ = ["describe_checkpoint"]
 
@@ -88,7 +88,7 @@ def _checkpoint_summary(checkpoint: Checkpoint) -> dict[str, Any]:
         "index": checkpoint.index_path is not None,
         "tensors": len(checkpoint),
         "tensors_by_dtype": dict(sorted(dtypes.items())),
-        "fp8_tensors": sum(fp8.is_fp8(checkpoint.info(key).dtype) for key in checkpoint),
+        "fp8_tensors": sum(is_fp8(checkpoint.info(key).dtype) for key in checkpoint),
         "tensor_bytes": checkpoint.total_nbytes(),
         "file_bytes": sum(file.stat().st_size for file in checkpoint.files),
     }
@@ -100,41 +100,28 @@ def _load_summary(
     """Plan the load on a meta model with the plugin's adapter and count what each tensor would go through."""
     model = build_model(config, dtype=dtype, registry=registry)
     targets = model_tensors(model)
-    adapter = _adapter(registry, plugin, config, checkpoint)
+    adapter = adapter_for(registry, plugin, config, checkpoint)
     plan = plan_load(targets, adapter, checkpoint)
     adapter_info = adapter.describe()
-    fp8_sources = [source for source in plan.values() if source.is_fp8]
-    in_place = sum(_in_place(checkpoint, source, dtype) for source in plan.values())
+    actions = Counter(planned.action for planned in plan.values())
     return {
         "adapter": adapter_info.get("adapter"),
         "layout": adapter_info.get("layout"),
-        "granularity": adapter_info.get("granularity") if fp8_sources else None,
+        "granularity": adapter_info.get("granularity") if actions["dequantized"] else None,
         "scale_names": adapter_info.get("scale_names", []),
         "dtype": _dtype_name(dtype),
         "model_tensors": len(plan),
-        "fp8_tensors": len(fp8_sources),
-        "non_fp8_tensors": len(plan) - len(fp8_sources),
-        "used_in_place": in_place,
-        "converted": len(plan) - len(fp8_sources) - in_place,
-        "scale_keys": len(fp8_sources),
-        "dropped_keys": sum(len(source.dropped_keys) for source in plan.values()),
+        "fp8_tensors": actions["dequantized"],
+        "non_fp8_tensors": len(plan) - actions["dequantized"],
+        "used_in_place": actions["used_in_place"],
+        "converted": actions["converted"],
+        "scale_keys": actions["dequantized"],
+        "dropped_keys": sum(len(planned.source.dropped_keys) for planned in plan.values()),
         "bytes_after_load": sum(
-            targets[name].numel() * _loaded_dtype(checkpoint, source, dtype).itemsize
-            for name, source in plan.items()
+            targets[name].numel() * planned.dtype.itemsize for name, planned in plan.items()
         ),
         "forward_overridden": model.automodel_composition.forward_overridden,
     }
-
-
-def _loaded_dtype(checkpoint: Checkpoint, source: TensorSource, dtype: torch.dtype) -> torch.dtype:
-    """What the loader turns a source into: floats (FP8 included) become ``dtype``, other dtypes stay."""
-    stored = checkpoint.info(source.key).dtype
-    return dtype if source.is_fp8 or stored.is_floating_point else stored
-
-
-def _in_place(checkpoint: Checkpoint, source: TensorSource, dtype: torch.dtype) -> bool:
-    """A non-FP8 tensor stored in the dtype it loads in: memory-mapped as it is, never copied."""
-    return not source.is_fp8 and checkpoint.info(source.key).dtype == _loaded_dtype(checkpoint, source, dtype)
 
 
 def _dtype_name(dtype: Any) -> str | None:

@@ -1,12 +1,27 @@
-"""Reading a config's ``quantization_config`` into what a streaming FP8 load needs, or a typed refusal."""
+"""A config's ``quantization_config``: read into what a streaming FP8 load needs, or a typed refusal, and the
+``claim_config`` answer of a plugin that serves "this model, FP8 or unquantized".
+
+Imports neither torch nor transformers: ``automodel-plugins list`` runs the claim helpers.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from automodel_plugins.errors import UnsupportedQuantizationError
+from automodel_plugins.registry.claims import Claim, Decline
+
+__all__ = [
+    "SUPPORTED_METHODS",
+    "Fp8Quantization",
+    "claim_fp8_or_unquantized",
+    "describe_fp8",
+    "parse_fp8_quantization",
+    "quantization_dict",
+]
 
 SUPPORTED_METHODS = ("fp8",)
 
@@ -68,3 +83,36 @@ def parse_fp8_quantization(config: Any) -> Fp8Quantization | None:
             f"quantization_config.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors()
         )
         raise UnsupportedQuantizationError(None, problems) from error
+
+
+# --- the claim of an FP8-or-unquantized plugin -----------------------------------------------------------
+
+
+def describe_fp8(quantization: Mapping[str, Any]) -> str:
+    """``"128x128 block FP8 weights"`` or ``"per-tensor FP8 weights"``, for a claim's reason.
+
+    Lenient on purpose: a malformed ``weight_block_size`` is shown as written and refused later by the
+    adapter (``fp8_adapter_for``), whose error names the field.
+    """
+    block = quantization.get("weight_block_size")
+    if not block:
+        return "per-tensor FP8 weights"
+    shown = "x".join(map(str, block)) if isinstance(block, (list, tuple)) else repr(block)
+    return f"{shown} block FP8 weights"
+
+
+def claim_fp8_or_unquantized(config: Any, model: str, *, priority: int = 0) -> Claim | Decline:
+    """The claim for a config already known to be ``model``: unquantized or ``quant_method: fp8``.
+
+    Any other method (``awq``, ``gptq``, ``compressed-tensors``, ...) is not ours: a :class:`Decline` naming
+    the method, so another plugin or stock transformers may serve it and ``list --config`` says why this one
+    did not. An FP8 config the host cannot read (``fmt: e5m2``, a zero block) is still claimed, so that the
+    load fails naming the field instead of falling back to another loader.
+    """
+    quantization = quantization_dict(config)
+    if quantization is None:
+        return Claim(reason=f"{model}, unquantized", priority=priority)
+    method = quantization.get("quant_method")
+    if method != "fp8":
+        return Decline(reason=f"{model} with quant_method {method!r}: only FP8 or unquantized is served")
+    return Claim(reason=f"{model}, {describe_fp8(quantization)}", priority=priority)

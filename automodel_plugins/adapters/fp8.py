@@ -1,68 +1,22 @@
-"""State-dict adapters: pure name mappings between a model's tensors and one checkpoint's keys.
-
-Modelled on torchtitan's ``StateDictAdapter`` (``from_hf`` / ``to_hf``), but per tensor instead of per state
-dict, so the host can stream: it asks the adapter where one model tensor lives, reads that tensor (or only the
-slice a rank owns), dequantizes it, and moves on. Nothing here reads tensor data; checkpoint headers suffice.
+"""The adapter most FP8 checkpoints need: prefix renames between the on-disk layout and the module tree, and
+FP8 scales found beside their weights under any accepted name.
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from automodel_plugins import fp8
+from automodel_plugins.adapters.base import StateDictAdapter, TensorSource
 from automodel_plugins.errors import CheckpointError, ScaleError
+from automodel_plugins.fp8.formats import activation_key_candidates, is_fp8, scale_key_candidates
+from automodel_plugins.fp8.quantization import parse_fp8_quantization
 
 if TYPE_CHECKING:
-    import torch
-
     from automodel_plugins.checkpoint import Checkpoint
 
-
-@dataclass(frozen=True)
-class TensorSource:
-    """Where one model tensor's value lives in the checkpoint and how it is stored.
-
-    ``scale_key`` set means ``key`` holds FP8 data to be multiplied by that scale (one per tensor when
-    ``block_size`` is None, else one per ``block_size`` block). ``dropped_keys`` are read by nobody but are
-    accounted for, so that strict key accounting still catches every key nobody consumed.
-    """
-
-    key: str
-    scale_key: str | None = None
-    block_size: tuple[int, int] | None = None
-    dropped_keys: tuple[str, ...] = ()
-
-    @property
-    def keys(self) -> tuple[str, ...]:
-        """Every checkpoint key this tensor accounts for."""
-        return (self.key,) + ((self.scale_key,) if self.scale_key else ()) + self.dropped_keys
-
-    @property
-    def is_fp8(self) -> bool:
-        return self.scale_key is not None
-
-
-class StateDictAdapter(ABC):
-    """Maps model tensor names to checkpoint sources (``from_hf``) and back (``to_hf``)."""
-
-    @abstractmethod
-    def from_hf(self, name: str) -> TensorSource:
-        """Where the model tensor ``name`` (a ``state_dict`` key of the stock model) lives in the checkpoint."""
-
-    @abstractmethod
-    def to_hf(self, name: str) -> str:
-        """The checkpoint key the model tensor ``name`` is stored under in this checkpoint's layout."""
-
-    def to_hf_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Rename a model state dict into this checkpoint's layout (values untouched, not re-quantized)."""
-        return {self.to_hf(name): tensor for name, tensor in state_dict.items()}
-
-    def describe(self) -> dict[str, Any]:
-        """What this adapter does, for ``inspect`` and the load record."""
-        return {"adapter": type(self).__name__}
+__all__ = ["Fp8StateDictAdapter", "PrefixRename", "PrefixRenames", "fp8_adapter_for"]
 
 
 @dataclass(frozen=True)
@@ -73,13 +27,27 @@ class PrefixRename:
     checkpoint: str
 
 
-def _rename(name: str, renames: Sequence[PrefixRename], *, to_checkpoint: bool) -> str:
-    """Apply the first (longest) matching prefix rule; names no rule matches are kept as they are."""
-    for rule in renames:
-        src, dst = (rule.model, rule.checkpoint) if to_checkpoint else (rule.checkpoint, rule.model)
-        if name.startswith(src):
-            return dst + name[len(src) :]
-    return name
+class PrefixRenames:
+    """Prefix rules applied both ways; the longest matching prefix wins, unmatched names are kept."""
+
+    def __init__(self, rules: Iterable[PrefixRename] = ()) -> None:
+        self.rules = tuple(rules)
+        self._to_checkpoint = sorted(self.rules, key=lambda rule: -len(rule.model))
+        self._to_model = sorted(self.rules, key=lambda rule: -len(rule.checkpoint))
+
+    def to_checkpoint(self, name: str) -> str:
+        """The checkpoint key of model name ``name``."""
+        for rule in self._to_checkpoint:
+            if name.startswith(rule.model):
+                return rule.checkpoint + name[len(rule.model) :]
+        return name
+
+    def to_model(self, key: str) -> str:
+        """The model name of checkpoint key ``key`` (the inverse of :meth:`to_checkpoint`)."""
+        for rule in self._to_model:
+            if key.startswith(rule.checkpoint):
+                return rule.model + key[len(rule.checkpoint) :]
+        return key
 
 
 @dataclass
@@ -102,22 +70,21 @@ class Fp8StateDictAdapter(StateDictAdapter):
     _seen_scale_names: set[str] = field(default_factory=set, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.renames = sorted(self.renames, key=lambda rule: -len(rule.model))
-        self._reverse = sorted(self.renames, key=lambda rule: -len(rule.checkpoint))
+        self._renames = PrefixRenames(self.renames)
         self.modules_to_not_convert = tuple(self.modules_to_not_convert)
         if self.block_size is not None:
             self.block_size = (int(self.block_size[0]), int(self.block_size[1]))
 
     def to_hf(self, name: str) -> str:
-        return _rename(name, self.renames, to_checkpoint=True)
+        return self._renames.to_checkpoint(name)
 
     def from_hf_key(self, key: str) -> str:
         """The model name of a checkpoint data key (the inverse of :meth:`to_hf`)."""
-        return _rename(key, self._reverse, to_checkpoint=False)
+        return self._renames.to_model(key)
 
     def from_hf(self, name: str) -> TensorSource:
         key = self.to_hf(name)
-        if key not in self.checkpoint or not fp8.is_fp8(self.checkpoint.info(key).dtype):
+        if key not in self.checkpoint or not is_fp8(self.checkpoint.info(key).dtype):
             return TensorSource(key)
         if self._never_converted(name):
             raise CheckpointError(
@@ -130,7 +97,7 @@ class Fp8StateDictAdapter(StateDictAdapter):
             key,
             scale_key=self._scale_key(key),
             block_size=self.block_size,
-            dropped_keys=tuple(k for k in fp8.activation_key_candidates(key) if k in self.checkpoint),
+            dropped_keys=tuple(k for k in activation_key_candidates(key) if k in self.checkpoint),
         )
 
     def describe(self) -> dict[str, Any]:
@@ -148,10 +115,10 @@ class Fp8StateDictAdapter(StateDictAdapter):
         return "per-tensor" if self.block_size is None else f"block {self.block_size[0]}x{self.block_size[1]}"
 
     def _scale_key(self, key: str) -> str:
-        present = [k for k in fp8.scale_key_candidates(key) if k in self.checkpoint]
+        present = [k for k in scale_key_candidates(key) if k in self.checkpoint]
         if not present:
             raise ScaleError(
-                f"FP8 weight has no scale (looked for {', '.join(fp8.scale_key_candidates(key))})",
+                f"FP8 weight has no scale (looked for {', '.join(scale_key_candidates(key))})",
                 path=self.checkpoint.info(key).file,
                 key=key,
             )
@@ -175,8 +142,6 @@ def fp8_adapter_for(
     An unquantized config gets the same adapter with nothing to dequantize; an unsupported quantization
     method raises :class:`~automodel_plugins.errors.UnsupportedQuantizationError` naming the field.
     """
-    from automodel_plugins.quantization import parse_fp8_quantization
-
     quantization = parse_fp8_quantization(config)
     return Fp8StateDictAdapter(
         checkpoint,

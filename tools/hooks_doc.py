@@ -1,7 +1,8 @@
 """Render ``docs/hooks.md``, the reference of the hooks, from the spec functions in ``hookspecs.py``.
 
-``python -m automodel_plugins.testing.hooks_doc`` rewrites the file; ``--check`` exits 1 when it is stale.
-``tests/test_hooks_doc.py`` runs the check, so the reference cannot drift from the specs.
+A repository tool, not part of the package (it writes into the source checkout's ``docs/``):
+``python tools/hooks_doc.py`` rewrites the file, ``--check`` exits 1 when it is stale (``make docs`` runs the
+first). ``tests/test_hooks_doc.py`` runs the check, so the reference cannot drift from the specs.
 """
 
 from __future__ import annotations
@@ -16,15 +17,15 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from automodel_plugins import hookspecs
-from automodel_plugins.markers import PROJECT_NAME
+from automodel_plugins.registry import hookspecs
+from automodel_plugins.registry.markers import PROJECT_NAME
 
-DOC_PATH = Path(__file__).resolve().parents[2] / "docs" / "hooks.md"
+DOC_PATH = Path(__file__).resolve().parents[1] / "docs" / "hooks.md"
 _SPEC_ATTR = f"{PROJECT_NAME}_spec"
 _ROLE = re.compile(r":[a-z]+:`~?([\w.]+)`")
 _TILDE_ROLE = re.compile(r":[a-z]+:`~[\w.]*?\.(\w+)`")
 _DOUBLE_TICKS = re.compile(r"``([^`]+)``")
-_COMMAND = "python -m automodel_plugins.testing.hooks_doc"
+_COMMAND = "python tools/hooks_doc.py"
 
 
 def spec_functions(module: ModuleType = hookspecs) -> list[Callable[..., Any]]:

@@ -1,6 +1,6 @@
 """The four hooks a plugin may implement. Each is a documented spec; plugins implement any subset.
 
-Order of a load (see ``pipeline.py``)::
+Order of a load (see ``automodel_plugins/pipeline/load.py``)::
 
     config ─> claim_config (every plugin) ─> stock class on meta ─> state_dict_adapter (winner)
            ─> stream tensors through the adapter ─> post_materialize (winner) ─> tie weights
@@ -17,16 +17,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from automodel_plugins.markers import hookspec
+from automodel_plugins.registry.markers import hookspec
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from transformers import PretrainedConfig, PreTrainedModel
 
-    from automodel_plugins.adapter import StateDictAdapter
+    from automodel_plugins.adapters import StateDictAdapter
     from automodel_plugins.checkpoint import Checkpoint
-    from automodel_plugins.claim import Claim, Decline
+    from automodel_plugins.registry.claims import Claim, Decline
 
 
 @hookspec
@@ -47,14 +47,19 @@ def claim_config(config: PretrainedConfig) -> Claim | Decline | None:
 
 @hookspec
 def state_dict_adapter(config: PretrainedConfig, checkpoint: Checkpoint) -> StateDictAdapter | None:
-    """Return the adapter that maps this checkpoint's tensors onto the model's tensor names and values.
+    """Return the adapter that says where each model tensor lives in this checkpoint and how it is stored.
 
-    The adapter is asked, for each tensor of the model, where its value lives in the checkpoint (the data
-    key, an FP8 scale key and block size, keys consumed but dropped such as activation scales) and maps model
-    names back to checkpoint names for saving. The host streams one tensor (or one slice of it, on a sharded
-    model) at a time through it, and fails on checkpoint keys no model tensor consumed. ``checkpoint`` exposes
-    keys, dtypes and shapes without reading tensor data, so the adapter can detect the on-disk layout.
-    Return ``None`` to use the identity mapping.
+    For each tensor of the model (a ``state_dict`` name of the stock class) the host asks the adapter's
+    ``from_hf`` for its :class:`~automodel_plugins.adapters.TensorSource`: the data key, an FP8 scale key and
+    block size, and keys consumed but dropped (static activation scales). The host then streams one tensor
+    (or one rank's slice of it) at a time, and fails on checkpoint keys no model tensor accounted for.
+    ``to_hf`` maps a model name to the key it has in this checkpoint's layout. ``checkpoint`` exposes keys,
+    dtypes and shapes without reading tensor data, so the adapter can detect the on-disk layout.
+
+    Return ``None`` (or leave the hook out) for the host's default,
+    :func:`~automodel_plugins.adapters.fp8_adapter_for`: checkpoint keys equal to the model's names, FP8
+    weights scaled as the config's ``quantization_config`` says (per-tensor or block scales,
+    ``modules_to_not_convert``).
     """
 
 

@@ -13,20 +13,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from automodel_plugins.errors import ConfigError
+from automodel_plugins.sources.resolve import CONFIG_NAME, resolve
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
-CONFIG_NAME = "config.json"
-
 
 def load_config(path: str | Path) -> PretrainedConfig:
-    """Load the config of a model directory, or of a ``config.json`` path, from local files only.
+    """Load the config of a checkpoint (a model directory, a weights file or index inside one, or a
+    ``config.json`` path), from local files only.
 
     Raises :class:`ConfigError` naming the file (and the field) for a missing file, malformed JSON, a value that
     is not an object, or a missing or unknown ``model_type`` (also in nested ``*_config`` objects).
     """
-    file = config_file(path)
+    file = resolve(path).config_file()
     _check_model_types(file, _read_object(file))
     from transformers import AutoConfig
 
@@ -38,19 +38,6 @@ def load_config(path: str | Path) -> PretrainedConfig:
         raise ConfigError(
             file, f"transformers cannot build this config: {type(exc).__name__}: {exc}"
         ) from exc
-
-
-def config_file(path: str | Path) -> Path:
-    """The ``config.json`` that ``path`` (a model directory or the file itself) designates."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / CONFIG_NAME
-        if not path.is_file():
-            raise ConfigError(path.parent, f"no {CONFIG_NAME} in this directory")
-        return path
-    if not path.is_file():
-        raise ConfigError(path, "no such file or directory")
-    return path
 
 
 def _read_object(file: Path) -> dict[str, Any]:
@@ -98,10 +85,3 @@ def _check_model_type(file: Path, data: dict[str, Any], field: str, *, required:
 def _json_kind(value: object) -> str:
     kinds = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
     return kinds.get(type(value), "number")
-
-
-def config_file_exists(path: str | Path) -> bool:
-    """Whether a checkpoint path (directory, or a file inside one) has a ``config.json`` beside its tensors."""
-    path = Path(path)
-    directory = path if path.is_dir() else path.parent
-    return (directory / CONFIG_NAME).is_file()

@@ -1,4 +1,5 @@
-"""The hook bodies FP8 VLM plugins share (``automodel_plugins.fp8_vlm``), on plain configs."""
+"""The hook bodies plugins share, on plain configs: the FP8-or-unquantized claim
+(``automodel_plugins.fp8.quantization``) and the VLM fused-loss forward (``automodel_plugins.model.forward``)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,8 @@ from typing import Any
 import pytest
 
 from automodel_plugins import Claim, Decline
-from automodel_plugins.fp8_vlm import (
-    claim_fp8_or_unquantized,
-    describe_fp8,
-    text_vocab_size,
-    vlm_fused_loss_forward,
-)
+from automodel_plugins.fp8.quantization import claim_fp8_or_unquantized, describe_fp8
+from automodel_plugins.model.forward import text_vocab_size, vlm_fused_loss_forward
 
 
 def config(quantization: Any = None, **fields: Any) -> types.SimpleNamespace:
@@ -60,9 +57,10 @@ def test_vlm_fused_loss_forward_keeps_the_stock_signature() -> None:
     assert inspect.signature(forward) == inspect.signature(Qwen3VLForConditionalGeneration.forward)
 
 
-def test_module_imports_neither_torch_nor_transformers() -> None:
+def test_claim_helper_imports_neither_torch_nor_transformers() -> None:
     code = (
-        "import sys, automodel_plugins.fp8_vlm; print('torch' in sys.modules, 'transformers' in sys.modules)"
+        "import sys, automodel_plugins; automodel_plugins.claim_fp8_or_unquantized; "
+        "print('torch' in sys.modules, 'transformers' in sys.modules)"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.split() == ["False", "False"]

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from automodel_plugins.model.placement import is_dtensor
 from automodel_plugins.ops.linear_cross_entropy import linear_cross_entropy
 
 __all__ = [
@@ -42,7 +43,9 @@ __all__ = [
     "causal_lm_fused_loss",
     "fused_loss_forward",
     "slice_positions",
+    "text_vocab_size",
     "unfusable_head_reason",
+    "vlm_fused_loss_forward",
 ]
 
 SKIP_LOGITS_OPTION = "skip_logits"
@@ -65,8 +68,10 @@ def fused_loss_forward(
 
     ``vocab_size``: the head's vocabulary size, or a function of the model's config returning it (checked
     against ``lm_head.weight`` at call time, so a tensor-parallel-sharded head fails loudly instead of
-    computing a wrong loss). ``memory_budget_bytes``: bytes of fp32 logits per chunk of the fused op (its
-    default when ``None``). ``output_class``: the output dataclass, when the stock return annotation does not
+    computing a wrong loss). ``memory_budget_bytes``: the fused op's budget for one chunk's fp32
+    working set (its logit tiles, the hidden-state rows they read and write, and the fp32 copy of a bf16
+    head's tile; its
+    :func:`~automodel_plugins.ops.default_memory_budget` when ``None``). ``output_class``: the output dataclass, when the stock return annotation does not
     name exactly one ``ModelOutput`` subclass. The result wraps ``stock_forward`` (``functools.wraps``) so
     ``inspect.signature`` reports the stock signature, which ``generate`` reads.
     """
@@ -108,6 +113,17 @@ def fused_loss_forward(
         return output if return_dict else output.to_tuple()
 
     return forward
+
+
+def text_vocab_size(config: Any) -> int:
+    """The output vocabulary: on ``config.text_config`` for a VLM, on the config itself otherwise."""
+    return getattr(config, "text_config", config).vocab_size
+
+
+def vlm_fused_loss_forward(model: nn.Module) -> Callable[..., Any]:
+    """:func:`fused_loss_forward` over ``model``'s stock class, the vocabulary read from ``text_config``
+    (or the config itself, for a text-only model): the ``forward_override`` of a VLM plugin in one call."""
+    return fused_loss_forward(type(model).forward, vocab_size=text_vocab_size)
 
 
 def causal_lm_fused_loss(
@@ -245,7 +261,7 @@ def _lm_head(model: nn.Module, vocab_size: int) -> nn.Linear:
     """``model.lm_head``, checked to hold the full ``[V, H]`` head as a plain tensor."""
     head = model.lm_head
     weight = head.weight
-    if _is_dtensor(weight):
+    if is_dtensor(weight):
         raise RuntimeError(
             "lm_head.weight is a DTensor at forward time (tensor-parallel): the fused loss needs the full head; "
             "replicate lm_head, or shard it together with its parent module under FSDP2"
@@ -279,14 +295,6 @@ def _check_loss_function(model: nn.Module) -> None:
             "model.loss_function was replaced, but this forward computes the causal-LM loss itself with the fused "
             "linear cross-entropy; delete the replacement or load the model without the forward override"
         )
-
-
-def _is_dtensor(tensor: torch.Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # a torch built without distributed
-        return False
-    return isinstance(tensor, DTensor)
 
 
 def _skip_logits(model: nn.Module, per_call: bool | None) -> bool:

@@ -10,23 +10,22 @@ from __future__ import annotations
 
 import enum
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable
 from importlib import metadata
 from typing import TYPE_CHECKING, Any, Literal
 
 import pluggy
 from pydantic import BaseModel, ConfigDict
 
-from automodel_plugins import hookspecs
-from automodel_plugins.claim import Claim, Decline
 from automodel_plugins.errors import (
-    AmbiguousClaimError,
     AutomodelPluginsError,
     NoPluginClaimError,
     PluginError,
     UnknownPluginError,
 )
-from automodel_plugins.markers import PROJECT_NAME
+from automodel_plugins.registry import hookspecs
+from automodel_plugins.registry.claims import ClaimVerdict, pick_winner, verdict_of
+from automodel_plugins.registry.markers import PROJECT_NAME
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -50,18 +49,6 @@ class PluginRecord(BaseModel):
     error: str | None = None
 
 
-class ClaimVerdict(BaseModel):
-    """One plugin's answer to ``claim_config``; an exception or a wrong return type is kept, never a silent no."""
-
-    model_config = ConfigDict(frozen=True)
-
-    plugin: str
-    claimed: bool
-    reason: str | None = None
-    priority: int | None = None
-    error: str | None = None
-
-
 class _Env(enum.Enum):
     """Sentinel: read the selection from ``AUTOMODEL_PLUGINS``."""
 
@@ -73,25 +60,6 @@ def parse_selection(value: str | None) -> frozenset[str] | None:
     if value is None:
         return None
     return frozenset(part.strip() for part in value.split(",") if part.strip())
-
-
-def pick_winner(verdicts: Sequence[ClaimVerdict]) -> str | None:
-    """The plugin whose claim wins, or ``None`` when nobody claims.
-
-    A claim that errored makes the answer unknowable, so it raises rather than letting another plugin win by
-    default; equal top priorities raise too, since picking one would depend on install order.
-    """
-    for verdict in verdicts:
-        if verdict.error is not None:
-            raise PluginError(verdict.plugin, "claim_config", verdict.error)
-    claimed = [v for v in verdicts if v.claimed]
-    if not claimed:
-        return None
-    top = max(v.priority or 0 for v in claimed)
-    winners = [v.plugin for v in claimed if (v.priority or 0) == top]
-    if len(winners) > 1:
-        raise AmbiguousClaimError(winners, top)
-    return winners[0]
 
 
 class Registry:
@@ -234,7 +202,7 @@ class Registry:
     def claims(self, config: PretrainedConfig) -> list[ClaimVerdict]:
         """Ask every loaded plugin, one at a time, whether it serves ``config``; sorted by plugin name."""
         impls = dict(self._impls_for("claim_config"))
-        return [_verdict(name, impls.get(name), config) for name in self._loaded()]
+        return [verdict_of(name, _asker(impls.get(name), config)) for name in self._loaded()]
 
     def resolve(self, config: PretrainedConfig, *, require_plugin: bool = False) -> str | None:
         """The name of the plugin that serves ``config``, or ``None`` (stock transformers) when none claims it.
@@ -251,7 +219,7 @@ class Registry:
         winner = pick_winner(verdicts)
         if winner is None:
             if require_plugin:
-                asked = "; ".join(_asked(v) for v in verdicts) or "(no plugins loaded)"
+                asked = "; ".join(v.asked() for v in verdicts) or "(no plugins loaded)"
                 model_type = getattr(config, "model_type", None)
                 raise NoPluginClaimError(f"no plugin claims model_type {model_type!r}; asked: {asked}")
             return None
@@ -302,29 +270,12 @@ class Registry:
         return [(impl.plugin_name, impl) for impl in caller.get_hookimpls()]
 
 
-def _asked(verdict: ClaimVerdict) -> str:
-    """``plugin`` or ``plugin (reason)``: one declined plugin in a no-claim error."""
-    return f"{verdict.plugin} ({verdict.reason})" if verdict.reason else verdict.plugin
-
-
-def _verdict(name: str, impl: pluggy.HookImpl | None, config: PretrainedConfig) -> ClaimVerdict:
+def _asker(impl: pluggy.HookImpl | None, config: PretrainedConfig) -> Callable[[], Any] | None:
+    """``impl``'s ``claim_config`` bound to ``config`` (a hookimpl may take no argument at all)."""
     if impl is None:
-        return ClaimVerdict(plugin=name, claimed=False, reason="does not implement claim_config")
-    try:
-        answer = impl.function(**({"config": config} if "config" in impl.argnames else {}))
-    except Exception as exc:
-        return ClaimVerdict(plugin=name, claimed=False, error=f"{type(exc).__name__}: {exc}")
-    if answer is None:
-        return ClaimVerdict(plugin=name, claimed=False)
-    if isinstance(answer, Decline):
-        return ClaimVerdict(plugin=name, claimed=False, reason=answer.reason)
-    if not isinstance(answer, Claim):
-        return ClaimVerdict(
-            plugin=name,
-            claimed=False,
-            error=f"returned {type(answer).__name__}, expected Claim, Decline or None",
-        )
-    return ClaimVerdict(plugin=name, claimed=True, reason=answer.reason, priority=answer.priority)
+        return None
+    kwargs = {"config": config} if "config" in impl.argnames else {}
+    return lambda: impl.function(**kwargs)
 
 
 def _group_by_name(eps: Iterable[metadata.EntryPoint]) -> dict[str, list[metadata.EntryPoint]]:

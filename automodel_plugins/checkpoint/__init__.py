@@ -1,0 +1,14 @@
+"""Checkpoints on disk: safetensors headers, the shard index, and the lazy reader.
+
+* ``header``: one file's header, parsed and validated without touching tensor data;
+* ``index``: ``model.safetensors.index.json``, which shard holds each tensor, refusing paths that escape;
+* ``reader``: :class:`Checkpoint`, the keys, dtypes and shapes of every shard, and reads of whole tensors
+  (memory-mapped) or of one rank's region.
+"""
+
+from __future__ import annotations
+
+from automodel_plugins.checkpoint.header import SAFETENSORS_DTYPES, TensorInfo
+from automodel_plugins.checkpoint.reader import Checkpoint
+
+__all__ = ["SAFETENSORS_DTYPES", "Checkpoint", "TensorInfo"]

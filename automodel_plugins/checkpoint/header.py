@@ -1,0 +1,177 @@
+"""The safetensors header: parsed and checked against the file before any tensor data is touched.
+
+A header is an 8-byte little-endian length, a JSON object of ``key -> {dtype, shape, data_offsets}`` (plus an
+optional ``__metadata__``), then the data section. Every entry is validated (known dtype, sane shape, offsets
+that match shape x dtype, inside the file, tiling the data section without gaps or overlap), so a truncated or
+tampered file fails with an error naming the file and key.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from automodel_plugins.errors import CheckpointError, CorruptCheckpointError
+
+__all__ = ["MAX_HEADER_BYTES", "SAFETENSORS_DTYPES", "HeaderEntry", "TensorInfo", "parse_header"]
+
+# safetensors refuses headers above 100 MB; refusing them here keeps a hostile length from allocating.
+MAX_HEADER_BYTES = 100_000_000
+
+
+def _build_dtype_table() -> dict[str, torch.dtype]:
+    """safetensors dtype names -> torch dtypes, limited to what this torch build has."""
+    names = {
+        "F64": "float64",
+        "F32": "float32",
+        "F16": "float16",
+        "BF16": "bfloat16",
+        "F8_E4M3": "float8_e4m3fn",
+        "F8_E5M2": "float8_e5m2",
+        "F8_E8M0": "float8_e8m0fnu",
+        "I64": "int64",
+        "I32": "int32",
+        "I16": "int16",
+        "I8": "int8",
+        "U8": "uint8",
+        "BOOL": "bool",
+    }
+    return {st: getattr(torch, name) for st, name in names.items() if hasattr(torch, name)}
+
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = _build_dtype_table()
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What a shard's header says about one tensor; reading it touches no tensor data."""
+
+    key: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    file: Path
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class HeaderEntry:
+    """A header entry: what it says about the tensor, and its byte range inside the file's data section."""
+
+    info: TensorInfo
+    begin: int
+    end: int
+
+
+def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json object hook: a key written twice in a header would silently shadow a tensor."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _read_header(file: Path) -> tuple[dict[str, Any], int]:
+    """Return (header JSON, data section size) after checking the length prefix against the file size."""
+    try:
+        with open(file, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if size < 8:
+                raise CorruptCheckpointError(
+                    f"file is {size} bytes, too short for a safetensors header", path=file
+                )
+            (length,) = struct.unpack("<Q", fh.read(8))
+            if length > size - 8:
+                raise CorruptCheckpointError(
+                    f"header length {length} exceeds the file size ({size} bytes): truncated or not safetensors",
+                    path=file,
+                )
+            if length > MAX_HEADER_BYTES:
+                raise CorruptCheckpointError(
+                    f"header length {length} exceeds the {MAX_HEADER_BYTES}-byte limit", path=file
+                )
+            raw = fh.read(length)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read file: {exc}", path=file) from exc
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicate_keys)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CorruptCheckpointError(f"header is not valid JSON: {exc}", path=file) from exc
+    if not isinstance(header, dict):
+        raise CorruptCheckpointError("header is not a JSON object", path=file)
+    return header, size - 8 - length
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _parse_entry(file: Path, key: str, raw: Any, data_size: int) -> HeaderEntry:
+    """Validate one header entry: known dtype, sane shape, offsets that match shape x dtype and fit the file."""
+    if not isinstance(raw, dict) or not {"dtype", "shape", "data_offsets"} <= raw.keys():
+        raise CorruptCheckpointError("header entry lacks dtype/shape/data_offsets", path=file, key=key)
+    dtype = SAFETENSORS_DTYPES.get(raw["dtype"]) if isinstance(raw["dtype"], str) else None
+    if dtype is None:
+        raise CorruptCheckpointError(f"unknown dtype {raw['dtype']!r}", path=file, key=key)
+    shape, offsets = raw["shape"], raw["data_offsets"]
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise CorruptCheckpointError(f"invalid shape {shape!r}", path=file, key=key)
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) and o >= 0 for o in offsets)):
+        raise CorruptCheckpointError(f"invalid data_offsets {offsets!r}", path=file, key=key)
+    begin, end = offsets
+    expected = math.prod(shape) * dtype.itemsize
+    if end < begin or end - begin != expected:
+        raise CorruptCheckpointError(
+            f"data_offsets {offsets} span {end - begin} bytes but shape {shape} of {raw['dtype']} "
+            f"needs {expected}",
+            path=file,
+            key=key,
+        )
+    if end > data_size:
+        raise CorruptCheckpointError(
+            f"tensor data ends at byte {end} but the file's data section holds only {data_size} bytes "
+            "(truncated file)",
+            path=file,
+            key=key,
+        )
+    info = TensorInfo(key=key, dtype=dtype, shape=tuple(shape), file=file, nbytes=end - begin)
+    return HeaderEntry(info=info, begin=begin, end=end)
+
+
+def _check_coverage(file: Path, entries: list[HeaderEntry], data_size: int) -> None:
+    """Tensors must tile the data section exactly, as safetensors itself demands (no gaps, no overlap)."""
+    position = 0
+    for entry in entries:
+        if entry.begin != position:
+            what = (
+                "overlaps the previous tensor"
+                if entry.begin < position
+                else f"leaves a gap at byte {position}"
+            )
+            raise CorruptCheckpointError(f"tensor data {what}", path=file, key=entry.info.key)
+        position = entry.end
+    if position != data_size:
+        raise CorruptCheckpointError(
+            f"data section has {data_size - position} trailing bytes no tensor covers", path=file
+        )
+
+
+def parse_header(file: Path) -> list[HeaderEntry]:
+    """Every tensor entry of one safetensors file, ordered by offset, validated without reading data."""
+    header, data_size = _read_header(file)
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not isinstance(metadata, dict):
+        raise CorruptCheckpointError("__metadata__ is not a JSON object", path=file)
+    entries = sorted(
+        (_parse_entry(file, key, raw, data_size) for key, raw in header.items()), key=lambda e: e.begin
+    )
+    _check_coverage(file, entries, data_size)
+    return entries

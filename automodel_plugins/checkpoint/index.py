@@ -1,0 +1,87 @@
+"""The safetensors index (``model.safetensors.index.json``): which shard file holds each tensor.
+
+Every ``weight_map`` entry must be a plain file name that stays inside the checkpoint directory (or, for a
+Hugging Face cache snapshot, inside the cache's blob store): an index is user input, and a path that escapes
+the checkpoint is refused rather than read.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from automodel_plugins.errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointPathError
+from automodel_plugins.sources.resolve import CheckpointLocation
+
+__all__ = ["load_weight_map", "shard_files"]
+
+
+def _allowed_roots(directory: Path) -> list[Path]:
+    """Where index entries may resolve: the checkpoint directory, plus the blob store of a Hugging Face
+    cache snapshot (``models--org--name/snapshots/<rev>/`` links every file into ``../../blobs/``)."""
+    roots = [directory]
+    if directory.parent.name == "snapshots" and directory.parent.parent.name.startswith("models--"):
+        roots.append(directory.parent.parent / "blobs")
+    return roots
+
+
+def _is_within(path: Path, root: Path) -> bool:
+    return path != root and path.is_relative_to(root)
+
+
+def _check_entry_name(index: Path, key: str, name: str) -> None:
+    """A weight_map file name must be a plain relative name: no absolute path, no ``..``."""
+    relative = Path(name)
+    if relative.is_absolute() or ".." in relative.parts or name in ("", "."):
+        raise UnsafeCheckpointPathError(
+            f"weight_map entry {name!r} is not a plain file name inside the checkpoint directory",
+            path=index,
+            key=key,
+        )
+
+
+def _check_within(location: CheckpointLocation, index: Path, key: str, name: str, file: Path) -> Path:
+    """``file`` with its links followed, refused when that leads outside the checkpoint (a hostile link)."""
+    resolved = file.resolve()
+    if not any(_is_within(resolved, root) for root in _allowed_roots(location.directory)):
+        raise UnsafeCheckpointPathError(
+            f"weight_map entry {name!r} resolves to {resolved}, outside the checkpoint directory "
+            f"{location.directory}",
+            path=index,
+            key=key,
+        )
+    return resolved
+
+
+def load_weight_map(index: Path) -> dict[str, str]:
+    """Parse the index JSON and return its weight_map (tensor key -> file name)."""
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise CheckpointError(f"cannot read index: {exc}", path=index) from exc
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CorruptCheckpointError(f"index is not valid JSON: {exc}", path=index) from exc
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        raise CorruptCheckpointError("index has no 'weight_map' object", path=index)
+    for key, name in weight_map.items():
+        if not isinstance(name, str):
+            raise CorruptCheckpointError(f"weight_map value {name!r} is not a file name", path=index, key=key)
+    return weight_map
+
+
+def shard_files(location: CheckpointLocation, index: Path) -> tuple[tuple[Path, ...], dict[Path, set[str]]]:
+    """Shard files named by the index (ordered by name, links followed) and the keys it assigns to each."""
+    weight_map = load_weight_map(index)
+    keys_by_name: dict[str, set[str]] = {}
+    for key, name in weight_map.items():
+        _check_entry_name(index, key, name)
+        keys_by_name.setdefault(name, set()).add(key)
+    assigned: dict[Path, set[str]] = {}
+    for name in sorted(keys_by_name):
+        keys = keys_by_name[name]
+        file = _check_within(location, index, min(keys), name, location.file(name))
+        if not file.is_file():
+            raise CheckpointError(f"shard {name!r} named by {index.name} does not exist", path=file)
+        assigned.setdefault(file, set()).update(keys)
+    return tuple(assigned), assigned

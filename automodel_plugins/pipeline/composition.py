@@ -1,0 +1,116 @@
+"""What is composed onto a stock model, and the calls that ask the winning plugin for each part.
+
+Every load path (``from_pretrained``, ``build_model`` + ``load_weights``, ``inspect``) asks the same
+questions through these functions, so the adapter a plugin returns (or the default, when it returns none)
+and the forward it binds are checked in one place.
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from automodel_plugins.adapters import StateDictAdapter, fp8_adapter_for
+from automodel_plugins.errors import PluginError
+from automodel_plugins.fp8.quantization import quantization_dict
+
+if TYPE_CHECKING:
+    from torch import nn
+    from transformers import PretrainedConfig, PreTrainedModel
+
+    from automodel_plugins.checkpoint import Checkpoint
+    from automodel_plugins.pipeline.stream import LoadReport
+    from automodel_plugins.registry import ClaimVerdict, Registry
+
+__all__ = [
+    "COMPOSITION_ATTR",
+    "Composition",
+    "adapter_for",
+    "bind_forward",
+    "compose",
+    "composition_of",
+    "drop_quantization_config",
+]
+
+COMPOSITION_ATTR = "automodel_composition"
+
+
+@dataclass
+class Composition:
+    """What was composed onto a model: attached as ``model.automodel_composition``."""
+
+    plugin: str | None
+    plugin_version: str | None = None
+    distribution: str | None = None
+    claim_reason: str | None = None
+    adapter: dict[str, Any] = field(default_factory=dict)
+    load: LoadReport | None = None
+    forward_overridden: bool = False
+    dequantized_from: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def compose(registry: Registry, claim: ClaimVerdict | None, **options: Any) -> Composition:
+    """The record of a model composed by ``claim``'s plugin (``None``: no plugin), with the load options."""
+    plugin = None if claim is None else claim.plugin
+    return Composition(
+        plugin=plugin,
+        plugin_version=registry.version(plugin) if plugin else None,
+        distribution=registry.distribution(plugin) if plugin else None,
+        claim_reason=claim.reason if claim else None,
+        options=dict(options),
+    )
+
+
+def composition_of(model: nn.Module) -> Composition | None:
+    """The model's composition record, or ``None`` for a model the host did not compose."""
+    return getattr(model, COMPOSITION_ATTR, None)
+
+
+def adapter_for(
+    registry: Registry, plugin: str | None, config: PretrainedConfig, checkpoint: Checkpoint
+) -> StateDictAdapter:
+    """The plugin's ``state_dict_adapter`` answer, else the host's default: :func:`fp8_adapter_for`, which
+    reads the config's ``quantization_config`` (block size, modules never converted) and keeps names as they
+    are, so a plugin whose checkpoints need nothing special implements no adapter at all."""
+    adapter = (
+        registry.call(plugin, "state_dict_adapter", config=config, checkpoint=checkpoint) if plugin else None
+    )
+    if adapter is None:
+        return fp8_adapter_for(config, checkpoint)
+    if not isinstance(adapter, StateDictAdapter):
+        raise PluginError(
+            plugin, "state_dict_adapter", f"returned {type(adapter).__name__}, not a StateDictAdapter"
+        )
+    return adapter
+
+
+def bind_forward(
+    registry: Registry,
+    plugin: str,
+    model: PreTrainedModel,
+    config: PretrainedConfig,
+    composition: Composition,
+) -> None:
+    """Bind the plugin's ``forward_override`` answer as ``model.forward`` on this instance (class untouched)."""
+    forward = registry.call(plugin, "forward_override", model=model, config=config)
+    if forward is None:
+        return
+    if not callable(forward):
+        raise PluginError(
+            plugin, "forward_override", f"returned {type(forward).__name__}, which is not callable"
+        )
+    model.forward = types.MethodType(forward, model)
+    composition.forward_overridden = True
+
+
+def drop_quantization_config(model: nn.Module) -> str | None:
+    """The weights are plain floats now: stop the config declaring a quantization, so that
+    ``save_pretrained`` writes a checkpoint stock transformers loads as it is. Returns the method dropped."""
+    config = model.config
+    quantization = quantization_dict(config)
+    if quantization is None:
+        return None
+    del config.quantization_config
+    return str(quantization.get("quant_method"))

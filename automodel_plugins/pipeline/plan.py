@@ -1,0 +1,145 @@
+"""The load plan: for every model tensor, where its value is in the checkpoint and what becomes of it.
+
+Planning reads headers only. It asks the adapter where each tensor lives, accounts for every checkpoint key
+(missing keys always fail; unused keys fail unless a pipeline stage expects them), and decides once, for
+``inspect`` and the streaming loader alike, the dtype each tensor loads in and how it gets there: FP8 data is
+dequantized, a float in another dtype is converted, anything else is used as stored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+import torch
+
+from automodel_plugins.errors import (
+    DtypeMismatchError,
+    MissingKeysError,
+    ScaleError,
+    ShapeMismatchError,
+    UnexpectedKeysError,
+)
+from automodel_plugins.fp8.formats import is_fp8
+
+if TYPE_CHECKING:
+    from automodel_plugins.adapters import StateDictAdapter, TensorSource
+    from automodel_plugins.checkpoint import Checkpoint
+
+__all__ = ["Action", "LoadPlan", "PlannedTensor", "action_for", "loaded_dtype", "plan_load"]
+
+Action = Literal["dequantized", "converted", "used_in_place"]
+"""How a tensor's value is made: FP8 data times its scale; a cast; or the stored tensor as it is."""
+
+
+def loaded_dtype(stored: torch.dtype, *, fp8: bool, dtype: torch.dtype) -> torch.dtype:
+    """What a model holds for a stored tensor: floats (FP8 data included) become ``dtype``, others stay."""
+    return dtype if fp8 or stored.is_floating_point else stored
+
+
+def action_for(stored: torch.dtype, *, fp8: bool, dtype: torch.dtype) -> Action:
+    """How a stored tensor becomes the model's value in ``dtype`` (see :data:`Action`)."""
+    if fp8:
+        return "dequantized"
+    return "used_in_place" if stored == loaded_dtype(stored, fp8=False, dtype=dtype) else "converted"
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """One model tensor of the plan: its checkpoint source, the dtype it loads in, and how."""
+
+    source: TensorSource
+    dtype: torch.dtype
+    action: Action
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.source.is_fp8
+
+
+@dataclass
+class LoadPlan(Mapping[str, PlannedTensor]):
+    """Model tensor name -> :class:`PlannedTensor`, in checkpoint order, and the keys left unread."""
+
+    tensors: dict[str, PlannedTensor]
+    unused_keys: list[str] = field(default_factory=list)
+
+    def __getitem__(self, name: str) -> PlannedTensor:
+        return self.tensors[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def consumed_keys(self) -> set[str]:
+        """Every checkpoint key some model tensor accounts for (data, scales, dropped keys)."""
+        return {key for planned in self.tensors.values() for key in planned.source.keys}
+
+
+def plan_load(
+    tensors: Mapping[str, torch.Tensor],
+    adapter: StateDictAdapter,
+    checkpoint: Checkpoint,
+    *,
+    dtype: torch.dtype | None = None,
+    allow_unused: bool = False,
+) -> LoadPlan:
+    """Plan the load of ``tensors`` (name -> the model's tensor, on meta or real) from ``checkpoint``.
+
+    Floats load in ``dtype`` when given, else in each model tensor's own dtype. Raises
+    :class:`MissingKeysError`, :class:`~automodel_plugins.errors.UnexpectedKeysError` (unless
+    ``allow_unused``: a pipeline stage holds only some of the model), :class:`ScaleError` for a scale the
+    checkpoint lacks, and :class:`ShapeMismatchError` / :class:`DtypeMismatchError` for a stored tensor that
+    cannot become the model's.
+    """
+    sources = {name: adapter.from_hf(name) for name in tensors}
+    missing = sorted(
+        f"{name} (checkpoint key {src.key!r})" for name, src in sources.items() if src.key not in checkpoint
+    )
+    if missing:
+        raise MissingKeysError(missing, path=checkpoint.directory)
+    absent_scales = sorted(
+        src.scale_key for src in sources.values() if src.scale_key and src.scale_key not in checkpoint
+    )
+    if absent_scales:
+        raise ScaleError(
+            f"scale tensor(s) not in the checkpoint: {', '.join(absent_scales)}", path=checkpoint.directory
+        )
+    order = {key: i for i, key in enumerate(checkpoint.keys())}
+    planned = {}
+    for name in sorted(sources, key=lambda n: order[sources[n].key]):
+        source, target = sources[name], tensors[name]
+        _check_compatible(name, target, source, checkpoint)
+        stored = checkpoint.info(source.key).dtype
+        target_dtype = dtype if dtype is not None and target.dtype.is_floating_point else target.dtype
+        planned[name] = PlannedTensor(
+            source,
+            loaded_dtype(stored, fp8=source.is_fp8, dtype=target_dtype),
+            action_for(stored, fp8=source.is_fp8, dtype=target_dtype),
+        )
+    plan = LoadPlan(planned)
+    consumed = plan.consumed_keys()
+    plan.unused_keys = [key for key in checkpoint if key not in consumed]
+    if plan.unused_keys and not allow_unused:
+        raise UnexpectedKeysError(plan.unused_keys, path=checkpoint.directory)
+    return plan
+
+
+def _check_compatible(name: str, target: torch.Tensor, source: TensorSource, checkpoint: Checkpoint) -> None:
+    info = checkpoint.info(source.key)
+    if tuple(info.shape) != tuple(target.shape):
+        raise ShapeMismatchError(
+            f"checkpoint shape {tuple(info.shape)} does not fit model tensor {name!r} of shape {tuple(target.shape)}",
+            path=info.file,
+            key=source.key,
+        )
+    both_float = target.dtype.is_floating_point and (info.dtype.is_floating_point or is_fp8(info.dtype))
+    if not both_float and info.dtype != target.dtype:
+        raise DtypeMismatchError(
+            f"checkpoint dtype {info.dtype} cannot load into model tensor {name!r} of dtype {target.dtype}",
+            path=info.file,
+            key=source.key,
+        )

@@ -1,0 +1,156 @@
+"""Streaming a planned load into a model, one tensor (or one rank's region of it) at a time.
+
+What a target tensor is decides how its value arrives: a tensor still on the meta device is replaced by a new
+one (created on the load's ``device``; a tensor stored as it loads, read whole on CPU, is used in place from the
+memory map, never copied); a real tensor, plain or a DTensor shard (FSDP2, tensor parallel), is written in
+place, reading only the region this rank holds. Dtypes come from the plan in both cases.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from automodel_plugins.adapters import TensorSource
+from automodel_plugins.checkpoint import Checkpoint
+from automodel_plugins.errors import ScaleError
+from automodel_plugins.fp8.decode import dequantize
+from automodel_plugins.fp8.formats import is_fp8
+from automodel_plugins.fp8.scales import validate_scale
+from automodel_plugins.model.placement import Region, local_region, write_local
+from automodel_plugins.model.tensors import model_tensors
+from automodel_plugins.pipeline.plan import Action, LoadPlan, action_for
+
+__all__ = ["LoadReport", "read_value", "stream_into"]
+
+PROGRESS_ENV = "AUTOMODEL_PLUGINS_PROGRESS"
+
+
+@dataclass
+class LoadReport:
+    """What a load did; attached to the model's composition record.
+
+    ``used_in_place`` counts tensors stored in the dtype the model holds (memory-mapped when assigned whole
+    on CPU, copied into an already materialized model); ``unused_keys_allowed`` the checkpoint keys a
+    pipeline stage left to the other stages.
+    """
+
+    tensors: int = 0
+    dequantized: int = 0
+    used_in_place: int = 0
+    converted: int = 0
+    dropped_keys: list[str] = field(default_factory=list)
+    unused_keys_allowed: int = 0
+    bytes_read: int = 0
+    seconds: float = 0.0
+
+
+def read_value(
+    checkpoint: Checkpoint,
+    source: TensorSource,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    region: Region | None = None,
+    in_place_ok: bool = False,
+) -> tuple[torch.Tensor, Action]:
+    """The model's value for ``source`` (or its ``region``) in ``dtype`` on ``device``, and how it was made.
+
+    FP8 data is read (only the region's bytes) and dequantized with its validated scale; other tensors are
+    read and cast, or, with ``in_place_ok`` for a whole tensor on CPU already in its dtype, memory-mapped.
+    """
+    info = checkpoint.info(source.key)
+    if source.scale_key is None and is_fp8(info.dtype):
+        raise ScaleError(
+            "FP8 tensor without a scale reached the loader (the adapter gave none)",
+            path=info.file,
+            key=source.key,
+        )
+    action = action_for(info.dtype, fp8=source.is_fp8, dtype=dtype)
+    if action == "dequantized":
+        scale = checkpoint.read(source.scale_key)
+        validate_scale(
+            scale,
+            weight_shape=info.shape,
+            block_size=source.block_size,
+            key=source.scale_key,
+            path=checkpoint.info(source.scale_key).file,
+        )
+        data = checkpoint.read(source.key, region).to(device)
+        block_region = None if region is None or source.block_size is None else region
+        value = dequantize(
+            data, scale.to(device), dtype=dtype, block_size=source.block_size, region=block_region
+        )
+        return value, action
+    if action == "used_in_place" and in_place_ok and region is None and device.type == "cpu":
+        return checkpoint.tensor(source.key), action
+    target_dtype = dtype if info.dtype.is_floating_point else info.dtype
+    return checkpoint.read(source.key, region).to(device=device, dtype=target_dtype), action
+
+
+def stream_into(
+    model: nn.Module,
+    plan: LoadPlan,
+    checkpoint: Checkpoint,
+    *,
+    device: torch.device | None = None,
+    progress: bool | None = None,
+) -> LoadReport:
+    """Load every planned tensor into ``model``: meta tensors are replaced (on ``device``, CPU by default),
+    real ones are written in place (each rank its own region)."""
+    device = torch.device("cpu") if device is None else torch.device(device)
+    report = LoadReport(unused_keys_allowed=len(plan.unused_keys))
+    started, bytes_before = time.perf_counter(), checkpoint.bytes_read
+    targets = model_tensors(model)
+    for name in _progress(list(plan), enabled=progress, total_bytes=checkpoint.total_nbytes()):
+        planned, target = plan[name], targets[name]
+        if target.is_meta:
+            value, how = read_value(
+                checkpoint, planned.source, dtype=planned.dtype, device=device, in_place_ok=True
+            )
+            _assign(model, name, target, value)
+        else:
+            value, how = read_value(
+                checkpoint,
+                planned.source,
+                dtype=planned.dtype,
+                device=target.device,
+                region=local_region(target),
+            )
+            write_local(target, value)
+        report.tensors += 1
+        setattr(report, how, getattr(report, how) + 1)
+        report.dropped_keys.extend(planned.source.dropped_keys)
+    report.bytes_read = checkpoint.bytes_read - bytes_before
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _assign(model: nn.Module, name: str, target: torch.Tensor, value: torch.Tensor) -> None:
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if isinstance(target, nn.Parameter):
+        module._parameters[leaf] = nn.Parameter(value, requires_grad=target.requires_grad)
+    else:
+        module._buffers[leaf] = value
+
+
+def _progress(names: list[str], *, enabled: bool | None, total_bytes: int) -> Iterator[str] | list[str]:
+    """A per-tensor bar that appears only after a second, never under pytest, never when disabled."""
+    if enabled is None:
+        enabled = (
+            os.environ.get(PROGRESS_ENV, "1") != "0"
+            and "PYTEST_CURRENT_TEST" not in os.environ
+            and sys.stderr.isatty()
+        )
+    if not enabled:
+        return names
+    from tqdm.auto import tqdm
+
+    return tqdm(names, desc=f"loading {total_bytes / 2**30:.2f} GiB", unit="tensor", delay=1.0, leave=False)

@@ -89,6 +89,51 @@ class SourceNotFoundError(ConfigError, CheckpointError):
         Exception.__init__(self, f"{path}: {message}")
 
 
+class HubError(ConfigError, CheckpointError):
+    """A checkpoint named by a Hugging Face Hub repo id that cannot be had: names the repo, revision and file.
+
+    Both a :class:`ConfigError` and a :class:`CheckpointError`, like a missing local path, since a repo id
+    stands wherever a checkpoint path does. The message always says what to do about it.
+    """
+
+    def __init__(
+        self, repo_id: str, message: str, *, revision: str | None = None, filename: str | None = None
+    ) -> None:
+        self.repo_id = repo_id
+        self.revision = revision
+        self.filename = filename
+        self.path = None
+        self.key = None
+        at = f"@{revision}" if revision else ""
+        where = f"hub repo {repo_id!r}{at}" + (f" file {filename!r}" if filename else "")
+        Exception.__init__(self, f"{where}: {message}")
+
+
+class HubRepoNotFoundError(HubError, SourceNotFoundError):
+    """Neither a local path nor a hub repo this caller can see (unknown, or private without a valid token)."""
+
+
+class HubRevisionNotFoundError(HubError, SourceNotFoundError):
+    """The repo exists but has no such branch, tag or commit."""
+
+
+class HubFileNotFoundError(HubError):
+    """The repo (at this revision) lacks a file the load needs: its ``config.json``, or any weights we read."""
+
+
+class HubAccessError(HubError):
+    """A gated (or private) repo whose files need a token with access: none was given, or it lacks access."""
+
+
+class HubOfflineError(HubError, SourceNotFoundError):
+    """Downloads are off (``HF_HUB_OFFLINE=1``, ``local_files_only=True``) or the hub cannot be reached, and
+    the cache lacks what the load needs."""
+
+
+class HubDownloadError(HubError):
+    """Any other failure to fetch a file (a server error, a download another rank made that failed)."""
+
+
 class CorruptCheckpointError(CheckpointError):
     """A safetensors file that is truncated, has a malformed header, or an index that does not parse."""
 

@@ -20,7 +20,15 @@ import torch
 
 from automodel_plugins.errors import CheckpointError, CorruptCheckpointError
 
-__all__ = ["MAX_HEADER_BYTES", "SAFETENSORS_DTYPES", "HeaderEntry", "TensorInfo", "parse_header"]
+__all__ = [
+    "MAX_HEADER_BYTES",
+    "SAFETENSORS_DTYPES",
+    "HeaderEntry",
+    "TensorInfo",
+    "header_length",
+    "parse_header",
+    "parse_header_bytes",
+]
 
 # safetensors refuses headers above 100 MB; refusing them here keeps a hostile length from allocating.
 MAX_HEADER_BYTES = 100_000_000
@@ -79,35 +87,52 @@ def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _read_header(file: Path) -> tuple[dict[str, Any], int]:
-    """Return (header JSON, data section size) after checking the length prefix against the file size."""
+def header_length(file: Path, prefix: bytes, file_size: int) -> int:
+    """The JSON header's length from a file's first 8 bytes, checked against the file size and the limit."""
+    if file_size < 8 or len(prefix) < 8:
+        raise CorruptCheckpointError(
+            f"file is {file_size} bytes, too short for a safetensors header", path=file
+        )
+    (length,) = struct.unpack("<Q", prefix[:8])
+    if length > file_size - 8:
+        raise CorruptCheckpointError(
+            f"header length {length} exceeds the file size ({file_size} bytes): truncated or not safetensors",
+            path=file,
+        )
+    if length > MAX_HEADER_BYTES:
+        raise CorruptCheckpointError(
+            f"header length {length} exceeds the {MAX_HEADER_BYTES}-byte limit", path=file
+        )
+    return length
+
+
+def _read_header(file: Path) -> tuple[bytes, int]:
+    """The file's first ``8 + header length`` bytes and its size, read from disk."""
     try:
         with open(file, "rb") as fh:
             size = os.fstat(fh.fileno()).st_size
-            if size < 8:
-                raise CorruptCheckpointError(
-                    f"file is {size} bytes, too short for a safetensors header", path=file
-                )
-            (length,) = struct.unpack("<Q", fh.read(8))
-            if length > size - 8:
-                raise CorruptCheckpointError(
-                    f"header length {length} exceeds the file size ({size} bytes): truncated or not safetensors",
-                    path=file,
-                )
-            if length > MAX_HEADER_BYTES:
-                raise CorruptCheckpointError(
-                    f"header length {length} exceeds the {MAX_HEADER_BYTES}-byte limit", path=file
-                )
-            raw = fh.read(length)
+            prefix = fh.read(8)
+            length = header_length(file, prefix, size)
+            return prefix + fh.read(length), size
     except OSError as exc:
         raise CheckpointError(f"cannot read file: {exc}", path=file) from exc
+
+
+def _decode_header(file: Path, head: bytes, file_size: int) -> tuple[dict[str, Any], int]:
+    """Return (header JSON, data section size) from the file's first ``8 + length`` bytes."""
+    length = header_length(file, head, file_size)
+    raw = head[8 : 8 + length]
+    if len(raw) != length:
+        raise CorruptCheckpointError(
+            f"header is {len(raw)} bytes, its length prefix says {length}", path=file
+        )
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicate_keys)
     except (UnicodeDecodeError, ValueError) as exc:
         raise CorruptCheckpointError(f"header is not valid JSON: {exc}", path=file) from exc
     if not isinstance(header, dict):
         raise CorruptCheckpointError("header is not a JSON object", path=file)
-    return header, size - 8 - length
+    return header, file_size - 8 - length
 
 
 def _is_int(value: Any) -> bool:
@@ -166,7 +191,16 @@ def _check_coverage(file: Path, entries: list[HeaderEntry], data_size: int) -> N
 
 def parse_header(file: Path) -> list[HeaderEntry]:
     """Every tensor entry of one safetensors file, ordered by offset, validated without reading data."""
-    header, data_size = _read_header(file)
+    return parse_header_bytes(file, *_read_header(file))
+
+
+def parse_header_bytes(file: Path, head: bytes, file_size: int) -> list[HeaderEntry]:
+    """The entries of a header read elsewhere (``head``: the file's first ``8 + length`` bytes, e.g. from HTTP
+    range requests), with exactly the checks :func:`parse_header` makes on a local file of ``file_size`` bytes.
+
+    ``file`` is where the entries say the data lives (for a hub file, where its download lands).
+    """
+    header, data_size = _decode_header(file, head, file_size)
     metadata = header.pop("__metadata__", None)
     if metadata is not None and not isinstance(metadata, dict):
         raise CorruptCheckpointError("__metadata__ is not a JSON object", path=file)

@@ -8,12 +8,13 @@ the checkpoint is refused rather than read.
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from pathlib import Path
 
 from automodel_plugins.errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointPathError
 from automodel_plugins.sources.resolve import CheckpointLocation
 
-__all__ = ["load_weight_map", "shard_files"]
+__all__ = ["load_weight_map", "shard_files", "shard_names"]
 
 
 def _allowed_roots(directory: Path) -> list[Path]:
@@ -41,7 +42,8 @@ def _check_entry_name(index: Path, key: str, name: str) -> None:
 
 
 def _check_within(location: CheckpointLocation, index: Path, key: str, name: str, file: Path) -> Path:
-    """``file`` with its links followed, refused when that leads outside the checkpoint (a hostile link)."""
+    """``file`` as the index names it, once its links are followed and found to stay inside the checkpoint
+    (refused otherwise: a hostile link). The named path is kept, so errors and ``inspect`` show the names."""
     resolved = file.resolve()
     if not any(_is_within(resolved, root) for root in _allowed_roots(location.directory)):
         raise UnsafeCheckpointPathError(
@@ -50,7 +52,7 @@ def _check_within(location: CheckpointLocation, index: Path, key: str, name: str
             path=index,
             key=key,
         )
-    return resolved
+    return file
 
 
 def load_weight_map(index: Path) -> dict[str, str]:
@@ -70,18 +72,30 @@ def load_weight_map(index: Path) -> dict[str, str]:
     return weight_map
 
 
-def shard_files(location: CheckpointLocation, index: Path) -> tuple[tuple[Path, ...], dict[Path, set[str]]]:
-    """Shard files named by the index (ordered by name, links followed) and the keys it assigns to each."""
-    weight_map = load_weight_map(index)
+def shard_names(index: Path) -> dict[str, set[str]]:
+    """The shard file names the index lists (checked to be plain names) and the keys it assigns to each."""
     keys_by_name: dict[str, set[str]] = {}
-    for key, name in weight_map.items():
+    for key, name in load_weight_map(index).items():
         _check_entry_name(index, key, name)
         keys_by_name.setdefault(name, set()).add(key)
+    return keys_by_name
+
+
+def shard_files(
+    location: CheckpointLocation, index: Path, *, remote: Collection[str] = ()
+) -> tuple[tuple[Path, ...], dict[Path, set[str]]]:
+    """Shard files named by the index (ordered by name) and the keys it assigns to each.
+
+    Local shards are checked to exist inside the checkpoint; those in ``remote`` (a hub repo's shards not
+    downloaded yet) are where their download will land.
+    """
     assigned: dict[Path, set[str]] = {}
-    for name in sorted(keys_by_name):
-        keys = keys_by_name[name]
-        file = _check_within(location, index, min(keys), name, location.file(name))
-        if not file.is_file():
-            raise CheckpointError(f"shard {name!r} named by {index.name} does not exist", path=file)
+    for name, keys in sorted(shard_names(index).items()):
+        if name in remote:
+            file = location.directory / name
+        else:
+            file = _check_within(location, index, min(keys), name, location.file(name))
+            if not file.is_file():
+                raise CheckpointError(f"shard {name!r} named by {index.name} does not exist", path=file)
         assigned.setdefault(file, set()).update(keys)
     return tuple(assigned), assigned

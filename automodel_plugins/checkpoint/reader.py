@@ -13,14 +13,15 @@ import math
 import os
 import struct
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
 
-from automodel_plugins.checkpoint.header import HeaderEntry, TensorInfo, parse_header
-from automodel_plugins.checkpoint.index import shard_files
+from automodel_plugins.checkpoint.header import HeaderEntry, TensorInfo, parse_header, parse_header_bytes
+from automodel_plugins.checkpoint.index import shard_files, shard_names
 from automodel_plugins.errors import CheckpointError, CorruptCheckpointError
 from automodel_plugins.sources.resolve import CONFIG_NAME, INDEX_NAME, CheckpointLocation, resolve
 
@@ -37,8 +38,14 @@ class Checkpoint:
         index: Path | None = None,
         *,
         location: CheckpointLocation | None = None,
+        headers: Mapping[Path, list[HeaderEntry]] | None = None,
     ) -> None:
-        """Parse and cross-check every header; use :meth:`open` rather than calling this directly."""
+        """Parse and cross-check every header; use :meth:`open` rather than calling this directly.
+
+        ``headers`` holds entries already parsed for some of ``files`` (from a hub repo's range requests, with
+        :func:`~automodel_plugins.checkpoint.header.parse_header_bytes`): those files are not read, and their
+        tensor data cannot be read until the file exists locally.
+        """
         self.directory = directory
         self.location = location
         self.files = files
@@ -49,8 +56,9 @@ class Checkpoint:
         self._data_starts: dict[Path, int] = {}
         self._lock = threading.Lock()
         self._closed = False
+        self._header_only = frozenset(headers or ())
         for file in files:
-            for entry in parse_header(file):
+            for entry in headers[file] if file in self._header_only else parse_header(file):
                 other = self._entries.get(entry.info.key)
                 if other is not None:
                     raise CorruptCheckpointError(
@@ -59,15 +67,40 @@ class Checkpoint:
                 self._entries[entry.info.key] = entry
 
     @classmethod
-    def open(cls, path: str | Path) -> Checkpoint:
-        """Open a checkpoint directory, a single ``.safetensors`` file, an ``*.index.json`` file, or the
-        checkpoint a ``config.json`` path belongs to (see :func:`automodel_plugins.sources.resolve`)."""
-        location = resolve(path)
+    def open(
+        cls,
+        path: str | Path | CheckpointLocation,
+        *,
+        download: bool = True,
+        revision: str | None = None,
+        cache_dir: str | Path | None = None,
+        token: str | bool | None = None,
+        local_files_only: bool | None = None,
+    ) -> Checkpoint:
+        """Open a checkpoint directory, a single ``.safetensors`` file, an ``*.index.json`` file, the
+        checkpoint a ``config.json`` path belongs to, or a hub repo id (see
+        :func:`automodel_plugins.sources.resolve`, which the hub options go to).
+
+        For a repo, ``download`` fetches the weights files into the Hugging Face cache; ``download=False``
+        reads the headers of those not cached with range requests instead (all of ``inspect``, and a pipeline
+        stage's plan): tensor data of such a file raises :class:`CheckpointError` until it is fetched.
+        """
+        location = resolve(
+            path, revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only
+        )
         weights = location.weights()
+        names = [weights.file.name] if weights.index is None else sorted(shard_names(weights.index))
+        if download:
+            location.fetch(names)
+        remote = location.header_bytes(names)
+        headers = {
+            location.directory / name: parse_header_bytes(location.directory / name, *head)
+            for name, head in remote.items()
+        }
         if weights.index is None:
-            return cls(location.directory, (weights.file.resolve(),), location=location)
-        files, assigned = shard_files(location, weights.index)
-        checkpoint = cls(location.directory, files, weights.index, location=location)
+            return cls(location.directory, (weights.file,), location=location, headers=headers)
+        files, assigned = shard_files(location, weights.index, remote=remote)
+        checkpoint = cls(location.directory, files, weights.index, location=location, headers=headers)
         checkpoint._check_index(assigned)
         return checkpoint
 
@@ -124,18 +157,31 @@ class Checkpoint:
             raise CheckpointError(f"no tensor {key!r} in checkpoint", path=self.directory, key=key)
         return entry
 
+    def _data_entry(self, key: str) -> HeaderEntry:
+        """The entry of a tensor about to be read: its file must be here, not only its header."""
+        entry = self._entry(key)
+        file = entry.info.file
+        if file in self._header_only and not file.is_file():
+            raise CheckpointError(
+                "only this file's header was read (range requests to the hub): its tensor data is not "
+                "downloaded; load with from_pretrained / load_weights, or Checkpoint.open(..., download=True)",
+                path=file,
+                key=key,
+            )
+        return entry
+
     # --- data access -------------------------------------------------------------------------------------
 
     def tensor(self, key: str) -> torch.Tensor:
         """The whole tensor as stored, memory-mapped from the file (no copy, no dtype change)."""
-        entry = self._entry(key)
+        entry = self._data_entry(key)
         tensor = self._read(entry, lambda handle: handle.get_tensor(key))
         self._count(entry.info.nbytes)
         return tensor
 
     def slice(self, key: str, region: tuple[slice, ...]) -> torch.Tensor:
         """Only ``region`` of a tensor (one step-1 slice per leading dim), read without loading the rest."""
-        entry = self._entry(key)
+        entry = self._data_entry(key)
         bounds = _normalize_region(entry.info, region)
         if not bounds:
             return self.tensor(key)
@@ -150,7 +196,7 @@ class Checkpoint:
         frees, so pages of the checkpoint do not stay resident in this process the way a memory map keeps
         them, and a rank reading a shard reads exactly its region's bytes.
         """
-        entry = self._entry(key)
+        entry = self._data_entry(key)
         info = entry.info
         bounds = _normalize_region(info, region) if region is not None else ()
         shape = [b.stop - b.start for b in bounds] + list(info.shape[len(bounds) :])

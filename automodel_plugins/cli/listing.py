@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from automodel_plugins.cli.exits import EXIT_OK, EXIT_USER_ERROR
+from automodel_plugins.cli.hub import add_hub_options, hub_options
 from automodel_plugins.cli.render import table
 from automodel_plugins.errors import AutomodelPluginsError
 
@@ -24,9 +25,12 @@ __all__ = ["add_parser"]
 def add_parser(commands: argparse._SubParsersAction) -> None:
     listing = commands.add_parser("list", help="list installed plugins (and, with --config, their claims)")
     listing.add_argument(
-        "--config", metavar="PATH", help="model directory or config.json to ask every plugin about"
+        "--config",
+        metavar="PATH",
+        help="model directory, config.json or hub repo id to ask every plugin about",
     )
     listing.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    add_hub_options(listing)
     listing.set_defaults(handler=run)
 
 
@@ -40,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     if args.config is not None:
         from automodel_plugins.sources import load_config
 
-        verdicts = registry.claims(load_config(args.config))
+        verdicts = registry.claims(load_config(args.config, **hub_options(args)))
         try:
             claimed_by = pick_winner(verdicts)
         except AutomodelPluginsError as exc:

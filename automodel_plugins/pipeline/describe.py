@@ -2,7 +2,9 @@
 
 ``describe_checkpoint`` resolves the claiming plugin, builds the model on the meta device and plans the load
 with the plugin's adapter exactly as :func:`automodel_plugins.from_pretrained` would, but reads no tensor
-data: the ``bytes_read`` it reports is the checkpoint reader's own counter, and stays 0.
+data: the ``bytes_read`` it reports is the checkpoint reader's own counter, and stays 0. For a hub repo id the
+headers of shards not in the cache come from HTTP range requests, so nothing but ``config.json``, the index
+and the headers is downloaded.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from automodel_plugins.pipeline.composition import adapter_for
 from automodel_plugins.pipeline.load import build_model, resolve_dtype
 from automodel_plugins.pipeline.plan import plan_load
 from automodel_plugins.registry import Registry, get_registry, pick_winner
-from automodel_plugins.sources import load_config
+from automodel_plugins.sources import CONFIG_NAME, CheckpointLocation, HubLocation, load_config, resolve
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -32,9 +34,20 @@ _QUANTIZATION_FIELDS = ("quant_method", "weight_block_size", "activation_scheme"
 
 
 def describe_checkpoint(
-    path: str | Path, *, dtype: torch.dtype | None = None, registry: Registry | None = None
+    path: str | Path | CheckpointLocation,
+    *,
+    dtype: torch.dtype | None = None,
+    registry: Registry | None = None,
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool | None = None,
 ) -> dict[str, Any]:
     """A JSON-ready summary: config, claims and the winning plugin, files, and the planned load.
+
+    ``path`` may be a hub repo id (hub options as in :func:`automodel_plugins.from_pretrained`): then only
+    ``config.json`` and the index are downloaded, the shards' headers are read with range requests, and
+    ``hub`` says what a load would download (and what it leaves on the hub, e.g. ``consolidated.safetensors``).
 
     ``load`` (present when a plugin claims the config; ``None`` means stock transformers would load it) holds
     the on-disk layout, FP8 granularity and scale names, how many model tensors come from FP8 data and how
@@ -43,18 +56,22 @@ def describe_checkpoint(
     checkpoint it cannot plan (missing or unexpected keys, an FP8 weight without a scale, ...).
     """
     registry = registry or get_registry()
-    config = load_config(path)
+    location = resolve(
+        path, revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only
+    )
+    config = load_config(location)
     verdicts = registry.claims(config)
     plugin = pick_winner(verdicts)
     target = resolve_dtype(config, dtype)
-    with Checkpoint.open(path) as checkpoint:
+    with Checkpoint.open(location, download=False) as checkpoint:
         description: dict[str, Any] = {
             "path": str(checkpoint.directory),
+            "hub": _hub_summary(location, checkpoint) if isinstance(location, HubLocation) else None,
             "config": _config_summary(config),
             "claims": [verdict.model_dump() for verdict in verdicts],
             "plugin": plugin,
             "plugin_version": registry.version(plugin) if plugin else None,
-            "checkpoint": _checkpoint_summary(checkpoint),
+            "checkpoint": _checkpoint_summary(checkpoint, location),
             "load": _load_summary(registry, plugin, config, checkpoint, target) if plugin else None,
         }
         description["bytes_read"] = checkpoint.bytes_read
@@ -80,7 +97,31 @@ def _config_summary(config: PretrainedConfig) -> dict[str, Any]:
     }
 
 
-def _checkpoint_summary(checkpoint: Checkpoint) -> dict[str, Any]:
+def _hub_summary(location: HubLocation, checkpoint: Checkpoint) -> dict[str, Any]:
+    """The repo and commit, the files a load reads and the bytes it downloads, and what it leaves on the hub."""
+    read = [CONFIG_NAME]
+    if checkpoint.index_path is not None:
+        read.append(checkpoint.index_path.name)
+    read += [file.name for file in checkpoint.files]
+    sizes = {name: location.size(name) for name in read}
+    cached = sum(size for name, size in sizes.items() if location.is_local(name))
+    listing = location.repo_files()
+    return {
+        "repo_id": location.repo_id,
+        "revision": location.revision,
+        "commit": location.commit,
+        "files_read": read,
+        "load_bytes": sum(sizes.values()),
+        "cached_bytes": cached,
+        "download_bytes": sum(sizes.values()) - cached,
+        "repo_bytes": None if listing is None else sum(listing.values()),
+        "not_downloaded": None
+        if listing is None
+        else {name: size for name, size in sorted(listing.items()) if name not in sizes},
+    }
+
+
+def _checkpoint_summary(checkpoint: Checkpoint, location: CheckpointLocation) -> dict[str, Any]:
     """Files, tensor counts by dtype and sizes, from the headers."""
     dtypes = Counter(_dtype_name(checkpoint.info(key).dtype) for key in checkpoint)
     return {
@@ -90,7 +131,7 @@ def _checkpoint_summary(checkpoint: Checkpoint) -> dict[str, Any]:
         "tensors_by_dtype": dict(sorted(dtypes.items())),
         "fp8_tensors": sum(is_fp8(checkpoint.info(key).dtype) for key in checkpoint),
         "tensor_bytes": checkpoint.total_nbytes(),
-        "file_bytes": sum(file.stat().st_size for file in checkpoint.files),
+        "file_bytes": sum(location.size(file.name) for file in checkpoint.files),
     }
 
 

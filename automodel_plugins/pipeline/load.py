@@ -36,7 +36,14 @@ from automodel_plugins.pipeline.composition import (
 from automodel_plugins.pipeline.plan import plan_load
 from automodel_plugins.pipeline.stream import LoadReport, stream_into
 from automodel_plugins.registry import Registry, get_registry
-from automodel_plugins.sources import INDEX_NAME, SAFETENSORS_NAME, load_config, resolve
+from automodel_plugins.sources import (
+    INDEX_NAME,
+    SAFETENSORS_NAME,
+    CheckpointLocation,
+    HubLocation,
+    load_config,
+    resolve,
+)
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
@@ -45,7 +52,7 @@ __all__ = ["build_model", "from_pretrained", "load_weights", "resolve_dtype"]
 
 
 def from_pretrained(
-    path: str | Path,
+    path: str | Path | CheckpointLocation,
     *,
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
@@ -53,20 +60,30 @@ def from_pretrained(
     skip_logits: bool = False,
     progress: bool | None = None,
     registry: Registry | None = None,
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool | None = None,
     **stock_kwargs: Any,
 ) -> PreTrainedModel:
-    """Load ``path`` through the plugin that claims its config, onto the stock transformers class.
+    """Load ``path`` (a checkpoint directory or file, or a hub repo id) through the plugin that claims its
+    config, onto the stock transformers class.
 
     No plugin claiming the config means the stock ``from_pretrained`` of the config's architecture (unless
     ``require_plugin``). ``dtype`` defaults to the config's (BF16 for FP8 checkpoints). ``skip_logits``: a
     forward given ``labels`` computes the loss from hidden states and returns no full logits (when the plugin
-    overrides the forward). The model is returned in eval mode, like transformers does.
+    overrides the forward). ``progress`` switches the bars (downloads and loading; default: at a terminal).
+    ``revision``, ``cache_dir``, ``token`` and ``local_files_only`` are transformers' options for a repo id:
+    only its ``config.json``, index and the shards the index names are downloaded. Under
+    ``torch.distributed`` every rank must call this (one rank per machine downloads). The model is returned in
+    eval mode, like transformers does.
     """
     registry = registry or get_registry()
-    config = load_config(path)
+    location = _locate(path, revision, cache_dir, token, local_files_only, progress)
+    config = load_config(location)
     claim = registry.winning_claim(config, require_plugin=require_plugin)
     if claim is None:
-        return _stock_from_pretrained(path, config, dtype=dtype, device=device, **stock_kwargs)
+        return _stock_from_pretrained(location, config, dtype=dtype, device=device, **stock_kwargs)
     plugin = claim.plugin
     if stock_kwargs:
         raise TypeError(
@@ -76,7 +93,7 @@ def from_pretrained(
     device = torch.device(device)
     model = build_on_meta(config, dtype)
     composition = compose(registry, claim, **{SKIP_LOGITS_OPTION: skip_logits})
-    with Checkpoint.open(path) as checkpoint:
+    with Checkpoint.open(location) as checkpoint:
         adapter = adapter_for(registry, plugin, config, checkpoint)
         plan = plan_load(model_tensors(model), adapter, checkpoint)
         composition.load = stream_into(model, plan, checkpoint, device=device, progress=progress)
@@ -93,19 +110,28 @@ def from_pretrained(
 
 
 def build_model(
-    path_or_config: str | Path | PretrainedConfig,
+    path_or_config: str | Path | CheckpointLocation | PretrainedConfig,
     *,
     dtype: torch.dtype | None = None,
     skip_logits: bool = False,
     require_plugin: bool = False,
     registry: Registry | None = None,
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool | None = None,
 ) -> PreTrainedModel:
     """The composed stock model on the meta device, weights not loaded: shard it, ``to_empty``, then
     :func:`load_weights`. The claiming plugin's ``post_materialize`` runs now (on meta) so that it can install
-    fix-ups that fire after materialization; its forward override is bound now.
+    fix-ups that fire after materialization; its forward override is bound now. A hub repo id fetches only its
+    ``config.json`` (the hub options as in :func:`from_pretrained`).
     """
     registry = registry or get_registry()
-    config = path_or_config if not isinstance(path_or_config, (str, Path)) else load_config(path_or_config)
+    if isinstance(path_or_config, (str, Path, CheckpointLocation)):
+        location = _locate(path_or_config, revision, cache_dir, token, local_files_only, None)
+        config = load_config(location)
+    else:
+        config = path_or_config
     claim = registry.winning_claim(config, require_plugin=require_plugin)
     model = build_on_meta(config, resolve_dtype(config, dtype))
     composition = compose(registry, claim, **{SKIP_LOGITS_OPTION: skip_logits})
@@ -118,16 +144,23 @@ def build_model(
 
 def load_weights(
     model: PreTrainedModel,
-    path: str | Path,
+    path: str | Path | CheckpointLocation,
     *,
     stage: bool = False,
     progress: bool | None = None,
     registry: Registry | None = None,
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool | None = None,
 ) -> LoadReport:
     """Stream ``path`` into an already materialized ``model`` (plain tensors or DTensors, each rank its region).
 
     ``stage=True``: the model is one pipeline stage holding only some of the modules, so checkpoint tensors of
-    other stages are expected to be left unread. The claiming plugin's ``post_materialize`` runs afterwards.
+    other stages are expected to be left unread; from a hub repo, only the shard files holding this stage's
+    tensors are downloaded (the plan is made from the others' headers). The claiming plugin's
+    ``post_materialize`` runs afterwards. Hub options as in :func:`from_pretrained`; under
+    ``torch.distributed`` every rank must call this.
     """
     ensure_materialized(
         model, hint=" (materialize them first with model.to_empty(device=...), or use from_pretrained)"
@@ -137,11 +170,13 @@ def load_weights(
     plugin = composition.plugin if composition else registry.resolve(model.config)
     # The checkpoint's own config says how it is stored (FP8 block size, modules never converted); the
     # model's config stopped declaring a quantization once a first load dequantized it.
-    location = resolve(path)
-    checkpoint_config = load_config(path) if location.has_config() else model.config
-    with Checkpoint.open(path) as checkpoint:
+    location = _locate(path, revision, cache_dir, token, local_files_only, progress)
+    checkpoint_config = load_config(location) if location.has_config() else model.config
+    with Checkpoint.open(location, download=not stage) as checkpoint:
         adapter = adapter_for(registry, plugin, checkpoint_config, checkpoint)
         plan = plan_load(model_tensors(model), adapter, checkpoint, allow_unused=stage)
+        if stage:  # only now is it known which shard files this stage reads
+            location.fetch(sorted({checkpoint.info(key).file.name for key in plan.read_keys()}))
         report = stream_into(model, plan, checkpoint, progress=progress)
     if plugin is not None:
         registry.call(plugin, "post_materialize", model=model, config=model.config)
@@ -164,20 +199,55 @@ def resolve_dtype(config: PretrainedConfig, dtype: torch.dtype | str | None) -> 
     return torch.bfloat16
 
 
+def _locate(
+    path: str | Path | CheckpointLocation,
+    revision: str | None,
+    cache_dir: str | Path | None,
+    token: str | bool | None,
+    local_files_only: bool | None,
+    progress: bool | None,
+) -> CheckpointLocation:
+    """What ``path`` names; a repo id's downloads are shared by the ranks of a machine (``collective``)."""
+    return resolve(
+        path,
+        revision=revision,
+        cache_dir=cache_dir,
+        token=token,
+        local_files_only=local_files_only,
+        progress=progress,
+        collective=True,
+    )
+
+
 def _stock_from_pretrained(
-    path: str | Path,
+    location: CheckpointLocation,
     config: PretrainedConfig,
     *,
     dtype: torch.dtype | None,
     device: str | torch.device,
     **kwargs: Any,
 ) -> PreTrainedModel:
-    """No plugin claimed the config: transformers' own loader, locally, without remote code.
+    """No plugin claimed the config: transformers' own loader, without remote code; a repo id goes to it with
+    the hub options (pinned to the commit the config came from).
 
     transformers loads a directory's own weights, so a path naming another weights file is refused rather
     than silently swapped for the directory's.
     """
-    location = resolve(path)
+    if kwargs.pop("trust_remote_code", False):
+        raise ConfigError(
+            location.config, "trust_remote_code is refused: code shipped with a checkpoint never runs"
+        )
+    if isinstance(location, HubLocation):
+        source = location.repo_id
+        kwargs.update(
+            revision=location.commit,
+            cache_dir=location.cache_dir,
+            token=location.token,
+            local_files_only=location.offline,
+        )
+    else:
+        source = str(location.directory)
+        kwargs.update(local_files_only=True)
     named = location.named_weights
     if named is not None and named.name not in (SAFETENSORS_NAME, INDEX_NAME):
         raise CheckpointError(
@@ -186,12 +256,7 @@ def _stock_from_pretrained(
             path=named,
         )
     model = stock_class(config).from_pretrained(
-        str(location.directory),
-        config=config,
-        dtype=dtype or "auto",
-        device_map=str(device),
-        local_files_only=True,
-        **kwargs,
+        source, config=config, dtype=dtype or "auto", device_map=str(device), **kwargs
     )
     setattr(
         model,

@@ -78,6 +78,15 @@ class LoadPlan(Mapping[str, PlannedTensor]):
         """Every checkpoint key some model tensor accounts for (data, scales, dropped keys)."""
         return {key for planned in self.tensors.values() for key in planned.source.keys}
 
+    def read_keys(self) -> set[str]:
+        """The checkpoint keys a load reads: each tensor's data and its scale (dropped keys are not read)."""
+        return {
+            key
+            for planned in self.tensors.values()
+            for key in (planned.source.key, planned.source.scale_key)
+            if key is not None
+        }
+
 
 def plan_load(
     tensors: Mapping[str, torch.Tensor],

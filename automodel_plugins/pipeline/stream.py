@@ -8,8 +8,6 @@ place, reading only the region this rank holds. Dtypes come from the plan in bot
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,10 +24,9 @@ from automodel_plugins.fp8.scales import validate_scale
 from automodel_plugins.model.placement import Region, local_region, write_local
 from automodel_plugins.model.tensors import model_tensors
 from automodel_plugins.pipeline.plan import Action, LoadPlan, action_for
+from automodel_plugins.progress import progress_enabled
 
 __all__ = ["LoadReport", "read_value", "stream_into"]
-
-PROGRESS_ENV = "AUTOMODEL_PLUGINS_PROGRESS"
 
 
 @dataclass
@@ -142,14 +139,8 @@ def _assign(model: nn.Module, name: str, target: torch.Tensor, value: torch.Tens
 
 
 def _progress(names: list[str], *, enabled: bool | None, total_bytes: int) -> Iterator[str] | list[str]:
-    """A per-tensor bar that appears only after a second, never under pytest, never when disabled."""
-    if enabled is None:
-        enabled = (
-            os.environ.get(PROGRESS_ENV, "1") != "0"
-            and "PYTEST_CURRENT_TEST" not in os.environ
-            and sys.stderr.isatty()
-        )
-    if not enabled:
+    """A per-tensor bar that appears only after a second (see :func:`progress_enabled` for when)."""
+    if not progress_enabled(enabled):
         return names
     from tqdm.auto import tqdm
 

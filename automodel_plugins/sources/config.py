@@ -1,8 +1,9 @@
 """Read a model's ``config.json`` into a transformers config, with errors that name the file and the field.
 
 transformers' own errors for a bad config are a ``JSONDecodeError`` without the path, or a long hint to upgrade;
-this module checks the JSON first so the user learns which file and which field is wrong. It never reaches the
-hub and never runs code shipped with a checkpoint. transformers is imported on call, not at import.
+this module checks the JSON first so the user learns which file and which field is wrong. For a hub repo id only
+``config.json`` is fetched (through :mod:`automodel_plugins.sources.hub`); transformers itself never reaches the
+hub from here, and code shipped with a checkpoint is never run. transformers is imported on call, not at import.
 """
 
 from __future__ import annotations
@@ -13,31 +14,45 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from automodel_plugins.errors import ConfigError
-from automodel_plugins.sources.resolve import CONFIG_NAME, resolve
+from automodel_plugins.sources.resolve import CONFIG_NAME, CheckpointLocation, resolve
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
 
-def load_config(path: str | Path) -> PretrainedConfig:
-    """Load the config of a checkpoint (a model directory, a weights file or index inside one, or a
-    ``config.json`` path), from local files only.
+def load_config(
+    path: str | Path | CheckpointLocation,
+    *,
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool | None = None,
+) -> PretrainedConfig:
+    """Load the config of a checkpoint: a model directory, a weights file or index inside one, a
+    ``config.json`` path, or a hub repo id (its ``config.json`` alone is fetched; the options go to
+    :func:`~automodel_plugins.sources.resolve`).
 
     Raises :class:`ConfigError` naming the file (and the field) for a missing file, malformed JSON, a value that
     is not an object, or a missing or unknown ``model_type`` (also in nested ``*_config`` objects).
     """
-    file = resolve(path).config_file()
+    location = resolve(
+        path, revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only
+    )
+    file = location.config_file()
     _check_model_types(file, _read_object(file))
     from transformers import AutoConfig
 
     # A file named config.json is loaded through its directory, so name_or_path is the model directory.
     source = file.parent if file.name == CONFIG_NAME else file
     try:
-        return AutoConfig.from_pretrained(str(source), local_files_only=True, trust_remote_code=False)
+        config = AutoConfig.from_pretrained(str(source), local_files_only=True, trust_remote_code=False)
     except Exception as exc:
         raise ConfigError(
             file, f"transformers cannot build this config: {type(exc).__name__}: {exc}"
         ) from exc
+    if location.is_remote:  # as transformers names it, so PEFT adapters and model cards name the repo
+        config.name_or_path = location.given
+    return config
 
 
 def _read_object(file: Path) -> dict[str, Any]:

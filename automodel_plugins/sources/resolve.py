@@ -1,13 +1,15 @@
-"""The one place that decides what a checkpoint path names: its directory, its ``config.json``, its weights.
+"""The one place that decides what a checkpoint source names: its directory, its ``config.json``, its weights.
 
-A user may pass a model directory, a single ``.safetensors`` file, a ``*.index.json`` file or a ``config.json``
-path; config loading, checkpoint reading, ``inspect`` and ``list --config`` all go through :func:`resolve`, so
-they never disagree about which file is the config and which are the weights. Nothing here reads tensor data
-or parses JSON: headers and the index are the checkpoint reader's business.
+A user may pass a model directory, a single ``.safetensors`` file, a ``*.index.json`` file, a ``config.json``
+path or a Hugging Face Hub repo id; config loading, checkpoint reading, ``inspect`` and ``list --config`` all go
+through :func:`resolve`, so they never disagree about which file is the config and which are the weights.
+Nothing here reads tensor data or parses JSON: headers and the index are the checkpoint reader's business.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +20,7 @@ __all__ = [
     "INDEX_NAME",
     "SAFETENSORS_NAME",
     "CheckpointLocation",
+    "LocalLocation",
     "Weights",
     "resolve",
 ]
@@ -37,19 +40,90 @@ class Weights:
     file: Path | None = None
 
 
-@dataclass(frozen=True)
-class CheckpointLocation:
-    """A checkpoint on local disk as the user named it.
+class CheckpointLocation(ABC):
+    """Where a checkpoint's files are: a local directory (:class:`LocalLocation`) or a hub repo
+    (:class:`~automodel_plugins.sources.hub.HubLocation`, whose files are fetched into the Hugging Face cache
+    only when asked for).
 
-    ``directory`` holds its files; ``config`` is the ``config.json`` to read (the named file, else the
-    directory's); ``named_weights`` is the index or safetensors file the user named, ``None`` when a directory
-    (or a config file) was named and the weights are the directory's own.
+    ``given`` is what the user passed; ``directory`` holds the files (for a repo, its cache snapshot);
+    ``named_weights`` is the index or weights file the user named, if any. Code that reads a checkpoint asks
+    for files by name through :meth:`config_file`, :meth:`weights` and :meth:`file`, and so takes repo ids
+    for free.
     """
 
     given: str
-    directory: Path
-    config: Path
+    named_weights: Path | None
+
+    @property
+    @abstractmethod
+    def directory(self) -> Path:
+        """The local directory that holds (or, for a repo, will hold) the checkpoint's files."""
+
+    @property
+    def config(self) -> Path:
+        """Where the ``config.json`` is (or will be once fetched); :meth:`config_file` checks it exists."""
+        return self.directory / CONFIG_NAME
+
+    @property
+    def is_remote(self) -> bool:
+        """True for a hub repo: files may have to be fetched (and can be described from their headers)."""
+        return False
+
+    @abstractmethod
+    def config_file(self) -> Path:
+        """The local ``config.json`` (fetched if needed); :class:`ConfigError` names what is missing."""
+
+    @abstractmethod
+    def has_config(self) -> bool:
+        """Whether the checkpoint has a ``config.json``."""
+
+    @abstractmethod
+    def weights(self) -> Weights:
+        """The index (a local file) or the one weights file (its local path, fetched by :meth:`file`)."""
+
+    @abstractmethod
+    def file(self, name: str) -> Path:
+        """The local path of ``name``, a file the index lists (or the weights file), fetched if needed."""
+
+    def is_local(self, name: str) -> bool:
+        """Whether ``name`` can be read without fetching it."""
+        return True
+
+    def fetch(self, names: Iterable[str]) -> None:
+        """Make every file of ``names`` local (one download per machine); a local checkpoint has them all."""
+        return None
+
+    def header_bytes(self, names: Iterable[str]) -> dict[str, tuple[bytes, int]]:
+        """For each file of ``names`` that is not local: its first ``8 + header length`` bytes and its size,
+        read without fetching the file (range requests). A local checkpoint has nothing to add."""
+        return {}
+
+    def size(self, name: str) -> int:
+        """Bytes of the file ``name`` (for a repo file not fetched yet: as the hub reports it)."""
+        return self.file(name).stat().st_size
+
+
+@dataclass(frozen=True)
+class LocalLocation(CheckpointLocation):
+    """A checkpoint on local disk as the user named it.
+
+    ``config`` is the ``config.json`` to read (the named file, else the directory's); ``named_weights`` is the
+    index or safetensors file the user named, ``None`` when a directory (or a config file) was named and the
+    weights are the directory's own.
+    """
+
+    given: str
+    local_directory: Path
+    config_path: Path
     named_weights: Path | None = None
+
+    @property
+    def directory(self) -> Path:
+        return self.local_directory
+
+    @property
+    def config(self) -> Path:
+        return self.config_path
 
     def config_file(self) -> Path:
         """The ``config.json`` path, checked to exist; :class:`ConfigError` names what is missing."""
@@ -81,25 +155,58 @@ class CheckpointLocation:
         return self.directory / name
 
 
-def resolve(path: str | Path) -> CheckpointLocation:
-    """What ``path`` names: a model directory, a ``.safetensors`` file, a ``*.index.json`` or a ``.json`` config.
+def resolve(
+    source: str | Path | CheckpointLocation,
+    *,
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool | None = None,
+    progress: bool | None = None,
+    collective: bool = False,
+) -> CheckpointLocation:
+    """What ``source`` names: a model directory, a ``.safetensors`` file, a ``*.index.json`` or a ``.json``
+    config on disk; else a Hugging Face Hub repo id (``org/name``), as transformers decides: an existing local
+    path always wins over a repo id of the same spelling. A location passes through unchanged.
 
-    Raises :class:`SourceNotFoundError` (a ``ConfigError`` and a ``CheckpointError``) when it does not exist,
-    and :class:`CheckpointError` for a file of another kind (``pytorch_model.bin``, ...).
+    ``revision``, ``cache_dir``, ``token`` and ``local_files_only`` mean what they mean to transformers and
+    apply to repo ids only (as does the ``HF_HUB_OFFLINE`` / ``HF_HOME`` / ``HF_HUB_CACHE`` / ``HF_ENDPOINT`` /
+    ``HF_TOKEN`` environment); ``progress`` switches download bars; ``collective``: under ``torch.distributed``,
+    downloads are made once per machine while the other ranks wait (every rank must then make the same calls).
+
+    Raises :class:`SourceNotFoundError` (a ``ConfigError`` and a ``CheckpointError``) when a path does not
+    exist and is no repo id, and :class:`CheckpointError` for a file of another kind (``pytorch_model.bin``).
     """
-    given = str(path)
-    path = Path(path)
+    if isinstance(source, CheckpointLocation):
+        return source
+    path = Path(source)
     if not path.exists():
+        from automodel_plugins.sources.hub import HubLocation, is_repo_id
+
+        if isinstance(source, str) and is_repo_id(source):
+            return HubLocation(
+                source,
+                revision=revision,
+                cache_dir=cache_dir,
+                token=token,
+                local_files_only=local_files_only,
+                progress=progress,
+                collective=collective,
+            )
         raise SourceNotFoundError(path)
+    return _local(str(source), path)
+
+
+def _local(given: str, path: Path) -> LocalLocation:
     if path.is_dir():
         directory = path.resolve()
-        return CheckpointLocation(given, directory, directory / CONFIG_NAME)
+        return LocalLocation(given, directory, directory / CONFIG_NAME)
     directory = path.parent.resolve()
     named = directory / path.name
     if path.name.endswith((_INDEX_SUFFIX, _SAFETENSORS_SUFFIX)):
-        return CheckpointLocation(given, directory, directory / CONFIG_NAME, named_weights=named)
+        return LocalLocation(given, directory, directory / CONFIG_NAME, named_weights=named)
     if path.suffix == ".json":
-        return CheckpointLocation(given, directory, named)
+        return LocalLocation(given, directory, named)
     raise CheckpointError(
         "not a checkpoint directory, a .safetensors file, a *.index.json index or a config.json", path=path
     )

@@ -4,7 +4,9 @@ Registered as the ``pytest11`` entry point ``automodel_plugins``, so every test 
 
 * registries: ``isolated_registry`` (empty), ``plugin_registry`` (only the named installed plugins);
 * installed plugins and the CLI: ``fake_distribution``, ``run_cli``;
-* inputs: ``write_model_config``, ``fp8_checkpoint_factory``, ``unquantized_checkpoint_factory``.
+* inputs: ``write_model_config``, ``fp8_checkpoint_factory``, ``unquantized_checkpoint_factory``;
+* the Hugging Face Hub without network: ``fake_hub`` (a stand-in hub on 127.0.0.1, patched in, fresh cache),
+  ``fake_hub_server`` (the session's one server), ``hf_cache`` (an offline cache to lay repos into).
 
 Imports stay inside the fixtures: every pytest run in an environment with this package installed imports this
 module, so it must stay light (no torch).
@@ -26,6 +28,7 @@ import pytest
 
 if TYPE_CHECKING:
     from automodel_plugins.registry import Registry
+    from automodel_plugins.testing.fake_hub import FakeHub
 
 FakeDistribution = Callable[..., Path]
 RunCli = Callable[..., "subprocess.CompletedProcess[str]"]
@@ -216,3 +219,57 @@ def plugin_registry() -> Iterator[Callable[..., Registry]]:
     yield make
     if previous:
         set_registry(previous[0])
+
+
+# --- the Hugging Face Hub, without network ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def fake_hub_server() -> Iterator[FakeHub]:
+    """The session's one :class:`~automodel_plugins.testing.fake_hub.FakeHub` on 127.0.0.1, started on first
+    use. Tests want :func:`fake_hub`; this one serves a subprocess too (``fake_hub_server.env()``)."""
+    from automodel_plugins.testing.fake_hub import FakeHub
+
+    with FakeHub() as hub:
+        yield hub
+
+
+@pytest.fixture
+def fake_hub(fake_hub_server: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
+    """The stand-in hub patched into huggingface_hub for one test: downloads on, a fresh empty cache as
+    ``HF_HUB_CACHE``, no token (neither ``HF_TOKEN`` nor a saved one), telemetry off, counters reset.
+
+    Add repos with ``fake_hub.add_directory(repo_id, checkpoint_dir)`` or ``add_repo``; they stay for the
+    session, so use repo ids of the test's own.
+    """
+    _isolate_hub(tmp_path, monkeypatch, offline=False)
+    fake_hub_server.reset_counters()
+    try:
+        with fake_hub_server.patch_endpoint():
+            yield fake_hub_server
+    finally:
+        fake_hub_server.clear_overrides()
+        fake_hub_server.lfs_redirect = False
+
+
+@pytest.fixture
+def hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty Hugging Face cache made the default (``HF_HUB_CACHE``) with downloads off (``HF_HUB_OFFLINE``):
+    fill it with :func:`~automodel_plugins.testing.hub_cache.write_cached_repo` and load repo ids from it."""
+    return _isolate_hub(tmp_path, monkeypatch, offline=True)
+
+
+def _isolate_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, offline: bool) -> Path:
+    """huggingface_hub reads these once, at import: patch its constants (transformers reads the same ones)."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf-cache"
+    cache.mkdir(exist_ok=True)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-saved-token"))
+    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "no-stored-tokens"))
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
+        monkeypatch.delenv(name, raising=False)
+    return cache

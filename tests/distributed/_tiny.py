@@ -19,6 +19,10 @@ TEXT = {"hidden_size": 67, "intermediate_size": 72, "num_hidden_layers": 4, "voc
 VISION = {"num_hidden_layers": 2}
 """Where these differ from ``tiny_mistral3_config`` (its 4 heads / 2 KV heads of 16 and real YaRN rotary stay)."""
 MODULES_TO_NOT_CONVERT = ("model.vision_tower", "model.multi_modal_projector", "lm_head")
+HUB_SOURCE = "hub-source"
+"""Where, under the launch's output directory, the checkpoint the stand-in hub serves is written."""
+HUB_REPOS = {"hub_fsdp": "dist/tiny-fsdp", "hub_pipeline": "dist/tiny-stages"}
+"""The repo each hub scenario loads (one each, so that each starts from an empty cache)."""
 
 
 def build_config(*, tie_word_embeddings: bool) -> Any:

@@ -173,6 +173,33 @@ def pipeline(ctx: Context) -> dict[str, Any]:
     return result
 
 
+def hub_fsdp(ctx: Context) -> dict[str, Any]:
+    """The FSDP2 flow from a hub repo id: both ranks build and load from it, one of them downloads."""
+    repo = _tiny.HUB_REPOS["hub_fsdp"]
+    reference = _tiny.reference(ctx.out / _tiny.HUB_SOURCE)
+    model = fsdp_model(ctx, repo)
+    report = automodel_plugins.load_weights(model, repo)
+    return {
+        "tensors": report.tensors,
+        "name_or_path": model.config.name_or_path,
+        "local_mismatches": _checks.local_mismatches(model, reference.state_dict()),
+        "full_mismatches": full_state_mismatches(model, reference),
+    }
+
+
+def hub_pipeline(ctx: Context) -> dict[str, Any]:
+    """Two pipeline stages loading from a hub repo id: headers read once, each shard downloaded once."""
+    repo = _tiny.HUB_REPOS["hub_pipeline"]
+    reference = _tiny.reference(ctx.out / _tiny.HUB_SOURCE)
+    model = _stages.make_stage(automodel_plugins.build_model(repo), ctx.rank)
+    model.to_empty(device="cpu")
+    report = automodel_plugins.load_weights(model, repo, stage=True)
+    return {
+        "tensors": report.tensors,
+        "local_mismatches": _checks.local_mismatches(model, reference.state_dict()),
+    }
+
+
 def train_step(ctx: Context) -> dict[str, Any]:
     """Two SGD steps with FSDP2 and the fused loss (``lm_head`` managed by the root unit) vs one process.
 
@@ -250,6 +277,8 @@ SCENARIOS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "tp_block": lambda ctx: tp_load(ctx, "block_untied"),
     "pipeline": pipeline,
     "train": train_step,
+    "hub_fsdp": hub_fsdp,
+    "hub_pipeline": hub_pipeline,
 }
 
 

@@ -13,11 +13,13 @@ import signal
 import socket
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from . import _tiny
 
 WORLD_SIZE = 2
 WORKER = Path(__file__).with_name("_worker.py")
@@ -31,6 +33,8 @@ class DistributedRun:
     out: Path
     returncode: int | None
     log: str
+    hub_requests: list[Any] = field(default_factory=list)
+    """What the stand-in hub served during the launch (``RequestRecord``s), when a hub scenario ran."""
 
     def log_tail(self, chars: int = 6000) -> str:
         return self.log[-chars:]
@@ -68,8 +72,11 @@ def collected_scenarios(session: pytest.Session) -> list[str]:
     return names
 
 
-def launch(scenarios: list[str], out: Path, *, timeout: float = TIMEOUT_S) -> DistributedRun:
-    """``torchrun --nproc_per_node 2 --master_port <free> _worker.py <scenarios> <out>``, killed on timeout."""
+def launch(
+    scenarios: list[str], out: Path, *, timeout: float = TIMEOUT_S, env: dict[str, str] | None = None
+) -> DistributedRun:
+    """``torchrun --nproc_per_node 2 --master_port <free> _worker.py <scenarios> <out>``, killed on timeout;
+    ``env`` adds to the environment."""
     command = [
         sys.executable,
         "-m",
@@ -84,7 +91,7 @@ def launch(scenarios: list[str], out: Path, *, timeout: float = TIMEOUT_S) -> Di
         ",".join(scenarios),
         str(out),
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "AUTOMODEL_PLUGINS_PROGRESS": "0"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "AUTOMODEL_PLUGINS_PROGRESS": "0", **(env or {})}
     log_path = out / "torchrun.log"
     with open(log_path, "w") as log:
         process = subprocess.Popen(
@@ -109,4 +116,25 @@ def distributed_run(
     if not (dist.is_available() and dist.is_gloo_available()):
         pytest.skip("torch.distributed with the gloo backend is not available")
     scenarios = collected_scenarios(request.session)
-    return launch(scenarios, tmp_path_factory.mktemp("distributed"))
+    out = tmp_path_factory.mktemp("distributed")
+    hub_scenarios = [s for s in scenarios if s in _tiny.HUB_REPOS]
+    if not hub_scenarios:
+        return launch(scenarios, out)
+    hub = request.getfixturevalue("fake_hub_server")
+    env = serve_hub_repos(hub, out, [_tiny.HUB_REPOS[s] for s in hub_scenarios])
+    run = launch(scenarios, out, env=env)
+    run.hub_requests = list(hub.requests)
+    return run
+
+
+def serve_hub_repos(hub: Any, out: Path, repos: list[str]) -> dict[str, str]:
+    """The tiny checkpoint (plus a ``consolidated.safetensors`` copy, as Mistral repos ship) served as each of
+    ``repos``; returns the environment that points both ranks at the hub and at one cache (one machine)."""
+    from hub_checkpoints import mistral_extras
+
+    source = _tiny.write_checkpoint(out / _tiny.HUB_SOURCE, block_size=None, tie_word_embeddings=False)
+    extras = {"consolidated.safetensors": mistral_extras(source)["consolidated.safetensors"]}
+    for repo in repos:
+        hub.add_directory(repo, source, extra=extras)
+    hub.reset_counters()
+    return {**hub.env(), "HF_HUB_CACHE": str(out / "hf-cache"), "HF_HOME": str(out / "hf-home")}

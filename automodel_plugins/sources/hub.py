@@ -1,0 +1,486 @@
+"""Checkpoints named by a Hugging Face Hub repo id, fetched file by file into the Hugging Face cache.
+
+A load reads ``config.json``, ``model.safetensors.index.json`` and the shard files that index names (or the one
+``model.safetensors``), so those are the only files ever downloaded, each when it is asked for: Mistral repos
+also carry a Mistral-native ``consolidated.safetensors`` as large as the shards together, which a
+``snapshot_download`` would fetch too. ``*.bin``, ``*.pth``, ``*.gguf`` and code are never fetched: only
+``.json`` and ``.safetensors`` names are. What is not yet downloaded can still be described: its safetensors
+header comes from two HTTP range requests (the 8-byte length, then the header), no tensor data.
+
+Everything goes through ``huggingface_hub``: its cache (``HF_HOME`` / ``HF_HUB_CACHE`` / ``cache_dir``, shared
+with transformers and vLLM), its token (``token``, ``HF_TOKEN``, ``hf auth login``), its endpoint
+(``HF_ENDPOINT``), its offline switch (``HF_HUB_OFFLINE`` / ``local_files_only``) and its file locks, so that
+processes fetching the same file make one download. The branch or tag is resolved to a commit once, and every
+file is fetched at that commit: a push during a load cannot mix two versions, and cached files need no request.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from tqdm.auto import tqdm
+
+from automodel_plugins import errors
+from automodel_plugins.errors import (
+    HubAccessError,
+    HubDownloadError,
+    HubError,
+    HubFileNotFoundError,
+    HubOfflineError,
+    HubRepoNotFoundError,
+    HubRevisionNotFoundError,
+)
+from automodel_plugins.progress import progress_enabled
+from automodel_plugins.sources import shared
+from automodel_plugins.sources.resolve import (
+    CONFIG_NAME,
+    INDEX_NAME,
+    SAFETENSORS_NAME,
+    CheckpointLocation,
+    Weights,
+)
+
+__all__ = ["FETCHED_SUFFIXES", "HubLocation", "is_repo_id"]
+
+FETCHED_SUFFIXES = (".json", ".safetensors")
+"""The only kinds of file ever fetched from a repo: configs, indexes and safetensors weights."""
+
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+_PARALLEL_DOWNLOADS = 8
+_LIBRARY = "automodel-plugins"
+
+T = TypeVar("T")
+
+
+def is_repo_id(text: str) -> bool:
+    """Whether ``text`` can name a hub repo (``name`` or ``org/name`` by huggingface_hub's rules) rather than a
+    path: not absolute or explicitly relative, not a file name (``.json`` / ``.safetensors``)."""
+    if not text or text.startswith((".", "/", "~")) or "\\" in text or text.endswith(FETCHED_SUFFIXES):
+        return False
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return False
+    return True
+
+
+class HubLocation(CheckpointLocation):
+    """A model repo on the hub, its files fetched into the Hugging Face cache only when asked for.
+
+    ``directory`` is the cache snapshot of the resolved commit (``.../models--org--name/snapshots/<sha>``),
+    where every fetched file appears under its repo name. ``collective``: under ``torch.distributed``, fetches
+    (and the commit and header look-ups) are made by one rank per machine while the others wait.
+    """
+
+    named_weights = None
+
+    def __init__(
+        self,
+        repo_id: str,
+        *,
+        revision: str | None = None,
+        cache_dir: str | Path | None = None,
+        token: str | bool | None = None,
+        local_files_only: bool | None = None,
+        progress: bool | None = None,
+        collective: bool = False,
+    ) -> None:
+        self.repo_id = repo_id
+        self.given = repo_id
+        self.revision = revision
+        self.cache_dir = cache_dir
+        self.token = token
+        self.local_files_only = local_files_only
+        self.progress = progress
+        self.collective = collective
+        self._commit: str | None = None
+        self._heads: dict[str, tuple[bytes, int]] = {}
+
+    def __repr__(self) -> str:
+        at = f"@{self.revision}" if self.revision else ""
+        return f"HubLocation({self.repo_id + at!r})"
+
+    # --- where things are ----------------------------------------------------------------------------------
+
+    @property
+    def is_remote(self) -> bool:
+        return True
+
+    @property
+    def offline(self) -> bool:
+        """No requests at all: ``local_files_only=True`` or ``HF_HUB_OFFLINE`` (read on every call)."""
+        from huggingface_hub import constants
+
+        return bool(self.local_files_only) or constants.is_offline_mode()
+
+    @property
+    def cache_root(self) -> Path:
+        """The hub cache in use: ``cache_dir``, else ``HF_HUB_CACHE`` (by default ``$HF_HOME/hub``)."""
+        from huggingface_hub import constants
+
+        root = self.cache_dir if self.cache_dir is not None else constants.HF_HUB_CACHE
+        return Path(root).expanduser().resolve()
+
+    @property
+    def commit(self) -> str:
+        """The 40-hex commit ``revision`` (default: the main branch) points at, asked once."""
+        if self._commit is None:
+            self._commit = self._shared([], lambda _: self._resolve_commit(), scope=None)
+        return self._commit
+
+    @property
+    def directory(self) -> Path:
+        from huggingface_hub.file_download import repo_folder_name
+
+        folder = repo_folder_name(repo_id=self.repo_id, repo_type="model")
+        return self.cache_root / folder / "snapshots" / self.commit
+
+    # --- the location API ----------------------------------------------------------------------------------
+
+    def config_file(self) -> Path:
+        if not self._fetch_optional(CONFIG_NAME):
+            raise HubFileNotFoundError(
+                self.repo_id,
+                f"no {CONFIG_NAME} at this revision: not a transformers checkpoint",
+                revision=self.revision,
+                filename=CONFIG_NAME,
+            )
+        return self.config
+
+    def has_config(self) -> bool:
+        return self._fetch_optional(CONFIG_NAME)
+
+    def weights(self) -> Weights:
+        """The index (fetched), else ``model.safetensors`` (not fetched: :meth:`file` or :meth:`fetch` it).
+
+        As in transformers, a repo's weights are its index or its ``model.safetensors``; other
+        ``*.safetensors`` files (``consolidated.safetensors``) are never candidates.
+        """
+        try:
+            if self._fetch_optional(INDEX_NAME):
+                return Weights(index=self.directory / INDEX_NAME)
+        except HubOfflineError:
+            if not self.is_local(SAFETENSORS_NAME):  # a cache holding only the single file is fine offline
+                raise
+        return Weights(file=self.directory / SAFETENSORS_NAME)
+
+    def file(self, name: str) -> Path:
+        """The local path of ``name``, downloaded by this process if it is not in the cache yet."""
+        path = self.directory / name
+        if not path.is_file():
+            self._download_all([name], optional=False)
+        return path
+
+    def is_local(self, name: str) -> bool:
+        return (self.directory / name).is_file()
+
+    def fetch(self, names: Iterable[str]) -> None:
+        """Download every file of ``names`` not yet in the cache (once per machine when collective)."""
+        self._fetch(names, optional=False)
+
+    def header_bytes(self, names: Iterable[str]) -> dict[str, tuple[bytes, int]]:
+        """For each of ``names`` not in the cache: its first ``8 + header length`` bytes and its size, read with
+        two range requests (asked once for all ranks when collective)."""
+        self.commit  # noqa: B018 - resolved by every rank before one of them reads at it
+        wanted = sorted({name for name in names if not self.is_local(name)})
+        for name in wanted:
+            self._check_fetchable(name)
+        heads = self._shared(wanted, self._read_heads, scope=None)
+        self._heads.update(heads)
+        return {name: heads[name] for name in wanted}
+
+    def size(self, name: str) -> int:
+        """Bytes of ``name``: from the cache, else from the range request that read its header."""
+        path = self.directory / name
+        if path.is_file():
+            return path.stat().st_size
+        if name not in self._heads:
+            self.header_bytes([name])
+        return self._heads[name][1]
+
+    def repo_files(self) -> dict[str, int] | None:
+        """Every file of the repo at the commit and its size (one listing request); ``None`` offline."""
+        if self.offline:
+            return None
+        from huggingface_hub import HfApi
+        from huggingface_hub.hf_api import RepoFile
+
+        from automodel_plugins import __version__
+
+        api = HfApi(library_name=_LIBRARY, library_version=__version__)
+        try:
+            entries = api.list_repo_tree(self.repo_id, revision=self.commit, recursive=True, token=self.token)
+            return {entry.path: entry.size for entry in entries if isinstance(entry, RepoFile)}
+        except Exception as exc:
+            raise self._error(exc) from exc
+
+    # --- fetching ------------------------------------------------------------------------------------------
+
+    def _fetch_optional(self, name: str) -> bool:
+        """Fetch ``name`` if the repo has it; False when the repo (at this commit) has no such file."""
+        self._fetch([name], optional=True)
+        return self.is_local(name)
+
+    def _fetch(self, names: Iterable[str], *, optional: bool) -> None:
+        names = sorted(set(names))
+        for name in names:
+            self._check_fetchable(name)
+        self.commit  # noqa: B018 - resolved by every rank before one of them downloads at it
+        scope = f"{socket.gethostname()}:{self.cache_root}"
+        self._shared(names, lambda union: self._download_all(union, optional=optional), scope=scope)
+
+    def _check_fetchable(self, name: str) -> None:
+        if not name.endswith(FETCHED_SUFFIXES):
+            raise HubFileNotFoundError(
+                self.repo_id,
+                f"refusing to fetch {name!r}: only .json and .safetensors files are ever downloaded",
+                revision=self.revision,
+                filename=name,
+            )
+
+    def _download_all(self, names: list[str], *, optional: bool) -> None:
+        """Download ``names`` that are not cached (several at once); a missing one fails unless ``optional``."""
+        needed = [name for name in names if not self.is_local(name)]
+        if not needed:
+            return
+        workers = min(_PARALLEL_DOWNLOADS, len(needed))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            found = dict(zip(needed, pool.map(self._download, needed), strict=True))
+        absent = [name for name, ok in found.items() if not ok]
+        if absent and not optional:
+            raise HubFileNotFoundError(
+                self.repo_id,
+                f"the repo has no {', '.join(absent)} at commit {self.commit}"
+                + (
+                    f" (a repo's weights are {INDEX_NAME} or {SAFETENSORS_NAME}; consolidated.safetensors, "
+                    "Mistral's own layout, is not read)"
+                    if SAFETENSORS_NAME in absent
+                    else ""
+                ),
+                revision=self.revision,
+                filename=absent[0],
+            )
+
+    def _download(self, name: str) -> bool:
+        """``hf_hub_download`` of one file at the commit; False when the repo has no such file."""
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import LocalEntryNotFoundError, RemoteEntryNotFoundError
+
+        from automodel_plugins import __version__
+
+        try:
+            hf_hub_download(
+                self.repo_id,
+                name,
+                revision=self.commit,
+                cache_dir=self.cache_dir,
+                token=self.token,
+                local_files_only=self.offline,
+                tqdm_class=_bar_class(self.progress),
+                library_name=_LIBRARY,
+                library_version=__version__,
+            )
+        except RemoteEntryNotFoundError:
+            return False
+        except LocalEntryNotFoundError as exc:
+            if self._known_missing(name):
+                return False
+            raise self._error(exc, name) from exc
+        except Exception as exc:
+            raise self._error(exc, name) from exc
+        return True
+
+    def _known_missing(self, name: str) -> bool:
+        """Whether the cache records that the repo has no ``name`` at this commit (its ``.no_exist`` marker)."""
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(self.repo_id, name, cache_dir=self.cache_dir, revision=self.commit)
+        return found is not None and not isinstance(found, str)
+
+    def _resolve_commit(self) -> str:
+        if self.revision is not None and _COMMIT.fullmatch(self.revision):
+            return self.revision
+        from huggingface_hub import HfApi
+
+        from automodel_plugins import __version__
+
+        api = HfApi(library_name=_LIBRARY, library_version=__version__)
+        try:
+            resolved = api.resolve_revision(
+                self.repo_id,
+                revision=self.revision,
+                cache_dir=self.cache_dir,
+                local_files_only=self.offline,
+                token=self.token,
+            )
+        except Exception as exc:
+            raise self._error(exc) from exc
+        return resolved.resolved
+
+    # --- range requests ------------------------------------------------------------------------------------
+
+    def _read_heads(self, names: list[str]) -> dict[str, tuple[bytes, int]]:
+        known = {name: self._heads[name] for name in names if name in self._heads}
+        missing = [name for name in names if name not in known]
+        if missing:
+            workers = min(_PARALLEL_DOWNLOADS, len(missing))
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                known.update(zip(missing, pool.map(self._read_head, missing), strict=True))
+        return known
+
+    def _read_head(self, name: str) -> tuple[bytes, int]:
+        """The first ``8 + header length`` bytes of ``name`` and its size: two range requests, no tensor data."""
+        from automodel_plugins.checkpoint.header import header_length
+
+        prefix, size = self._read_range(name, 0, 8)
+        length = header_length(self.directory / name, prefix, size)
+        header = self._read_range(name, 8, 8 + length)[0] if length else b""
+        return prefix + header, size
+
+    def _read_range(self, name: str, start: int, stop: int) -> tuple[bytes, int]:
+        """Bytes ``[start, stop)`` of ``name`` at the commit, and the file's size, through huggingface_hub's
+        session (its endpoint, token, proxies and offline switch)."""
+        if self.offline:
+            raise self._offline(name, None)
+        from huggingface_hub import constants, hf_hub_url
+        from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+        from automodel_plugins import __version__
+
+        url = hf_hub_url(self.repo_id, name, revision=self.commit)
+        headers = build_hf_headers(token=self.token, library_name=_LIBRARY, library_version=__version__)
+        headers["Range"] = f"bytes={start}-{stop - 1}"
+        try:
+            response = get_session().get(url, headers=headers, timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT)
+            hf_raise_for_status(response)
+        except Exception as exc:
+            raise self._error(exc, name) from exc
+        if response.status_code == 206:
+            total = response.headers.get("Content-Range", "").rpartition("/")[2]
+            if not total.isdigit():
+                raise HubDownloadError(
+                    self.repo_id,
+                    f"range request answered without a file size (Content-Range {total!r})",
+                    revision=self.revision,
+                    filename=name,
+                )
+            return response.content, int(total)
+        return response.content[start:stop], len(response.content)  # a server that ignores Range
+
+    # --- collectives and errors ----------------------------------------------------------------------------
+
+    def _shared(self, requests: list[str], work: Callable[[list[str]], T], *, scope: str | None) -> T:
+        """``work`` made by one rank per ``scope`` when collective under torch.distributed, else here.
+
+        Offline there is nothing to share: every rank reads its own cache, without a request.
+        """
+        if not (self.collective and not self.offline and shared.distributed()):
+            return work(requests)
+        return shared.shared(requests, work, scope=scope, failure=self._rank_failed)
+
+    def _rank_failed(self, rank: int, kind: str, message: str) -> HubError:
+        """The error another rank's fetch raised, as the same class here (so every rank takes the same path)."""
+        cls = getattr(errors, kind, None)
+        if not (isinstance(cls, type) and issubclass(cls, HubError)):
+            cls = HubDownloadError
+        error = cls(self.repo_id, message, revision=self.revision)
+        error.args = (f"{message} (raised on rank {rank}, which fetches for this rank)",)
+        return error
+
+    def _error(self, exc: Exception, name: str | None = None) -> Exception:
+        """huggingface_hub's error as ours, naming the repo and what to do; unknown errors pass unchanged."""
+        from huggingface_hub import constants
+        from huggingface_hub.errors import (
+            GatedRepoError,
+            HfHubHTTPError,
+            HTTPError,
+            LocalEntryNotFoundError,
+            OfflineModeIsEnabled,
+            RemoteEntryNotFoundError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+            RevisionResolutionError,
+        )
+
+        where: dict[str, Any] = {"revision": self.revision, "filename": name}
+        if isinstance(exc, HubError):
+            return exc
+        if isinstance(exc, GatedRepoError):
+            return HubAccessError(self.repo_id, f"gated repo: {self._token_advice()}", **where)
+        if isinstance(exc, RepositoryNotFoundError):
+            return HubRepoNotFoundError(
+                self.repo_id,
+                f"no such local path, and no such repo on {constants.ENDPOINT} that this caller may see: "
+                f"check the spelling; if the repo is private, {self._token_advice()}",
+                **where,
+            )
+        if isinstance(exc, RevisionNotFoundError):
+            return HubRevisionNotFoundError(
+                self.repo_id,
+                f"no branch, tag or commit {self.revision!r}: pass an existing one as revision=",
+                **where,
+            )
+        if isinstance(exc, RemoteEntryNotFoundError):
+            return HubFileNotFoundError(self.repo_id, "the repo has no such file at this revision", **where)
+        if isinstance(exc, (LocalEntryNotFoundError, OfflineModeIsEnabled, RevisionResolutionError)):
+            return self._offline(name, exc)
+        if isinstance(exc, HfHubHTTPError) and exc.response is not None:
+            status = exc.response.status_code
+            if status in (401, 403):
+                return HubAccessError(self.repo_id, f"HTTP {status}: {self._token_advice()}", **where)
+            return HubDownloadError(self.repo_id, f"HTTP {status}: {exc}", **where)
+        if isinstance(exc, (HTTPError, OSError)):  # the hub cannot be reached
+            return self._offline(name, exc)
+        return exc
+
+    def _offline(self, name: str | None, cause: Exception | None) -> HubOfflineError:
+        from huggingface_hub import constants
+
+        what = f"{name!r}" if name else "this revision"
+        if self.local_files_only:
+            why = "downloads are off (local_files_only=True)"
+        elif constants.is_offline_mode():
+            why = "downloads are off (HF_HUB_OFFLINE=1)"
+        else:
+            why = f"the hub at {constants.ENDPOINT} cannot be reached ({type(cause).__name__}: {cause})"
+        return HubOfflineError(
+            self.repo_id,
+            f"{what} is not in the cache {self.cache_root} and {why}: load it once with network access "
+            "(or pass cache_dir= / set HF_HUB_CACHE to the cache that has it)",
+            revision=self.revision,
+            filename=name,
+        )
+
+    def _token_advice(self) -> str:
+        from huggingface_hub import get_token
+
+        if self.token is False or (self.token is None and get_token() is None):
+            return "no token was sent: accept the repo's terms on the hub, then pass token= or set HF_TOKEN"
+        return "the token sent has no access to it: accept the repo's terms on the hub with that account"
+
+
+class _SilentBar(tqdm):
+    """A download bar that never draws."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["disable"] = True
+        super().__init__(*args, **kwargs)
+
+
+def _bar_class(progress: bool | None) -> type | None:
+    """huggingface_hub's download bars under the host's ``progress`` switch: ``True`` shows them, ``False``
+    (or automatic off: pytest, no terminal, ``AUTOMODEL_PLUGINS_PROGRESS=0``) hides them, automatic on
+    leaves them to huggingface_hub (``HF_HUB_DISABLE_PROGRESS_BARS`` still applies)."""
+    if progress is True:
+        return tqdm
+    if progress_enabled(progress):
+        return None
+    return _SilentBar

@@ -1,7 +1,9 @@
 """Lazy, validated reader for safetensors checkpoints (one file, or shards listed by an index).
 
 Every header is parsed and checked at open time without touching tensor data, so a truncated or
-tampered checkpoint fails before any model is built, with an error that names the file and key.
+tampered checkpoint fails before any model is built, with an error that names the file and key. The headers of
+a hub repo's shards not downloaded yet come from range requests and pass the same checks; such a "header-only"
+file answers every question but refuses data reads until it is fetched.
 Data is then read through ``safetensors.safe_open``: whole tensors are memory-mapped (zero copy),
 slices read only their region. Nothing in the directory is ever executed or unpickled.
 """

@@ -2,8 +2,8 @@
 carries beside the shards (``consolidated.safetensors`` as large as the shards together, ``params.json``) plus
 files no load may fetch (``*.bin``, ``*.pth``, ``*.gguf``, code).
 
-A claim-only plugin (no adapter: the host's default FP8 adapter reads ``quantization_config``) claims it, so
-the tests do not depend on which plugins are installed.
+``fake_plugins.llama_claimer`` (no adapter: the host's default FP8 adapter reads ``quantization_config``) claims
+it, so the tests do not depend on which plugins are installed.
 """
 
 from __future__ import annotations
@@ -11,14 +11,12 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
+from fake_plugins import llama_claimer
 from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM
 
-from automodel_plugins import Claim, hookimpl
-from automodel_plugins.model.rotary import repair_rotary
 from automodel_plugins.registry import Registry
 from automodel_plugins.sources import CONFIG_NAME, INDEX_NAME
 from automodel_plugins.testing.checkpoints import write_fp8_checkpoint
@@ -28,21 +26,10 @@ NEVER_FETCHED = ("consolidated.safetensors", "params.json", "pytorch_model.bin",
 """Files of the served repos that no load or inspect may download (``params.json``: Mistral's own config)."""
 
 
-class ClaimLlama:
-    """Claims Llama configs and repairs their rotary buffers; the FP8 adapter is the host's default."""
-
-    @hookimpl
-    def claim_config(self, config: Any) -> Claim | None:
-        return Claim(reason="a llama") if config.model_type == "llama" else None
-
-    @hookimpl
-    def post_materialize(self, model: Any, config: Any) -> None:
-        repair_rotary(model)
-
-
 def registry() -> Registry:
+    """Only the Llama claimer (``fake_plugins.llama_claimer``, as ``claim_llama``)."""
     registry = Registry()
-    assert registry.register(ClaimLlama(), name="claim_llama").status == "loaded"
+    assert registry.register(llama_claimer, name="claim_llama").status == "loaded"
     return registry
 
 

@@ -9,7 +9,8 @@ import os
 from pathlib import Path
 
 import pytest
-from hub_checkpoints import ClaimLlama, mistral_extras, registry, write_llama
+from fake_plugins import llama_claimer
+from hub_checkpoints import mistral_extras, registry, write_llama
 from transformers import AutoConfig, LlamaForCausalLM
 
 import automodel_plugins
@@ -81,7 +82,7 @@ def test_build_model_and_load_weights_of_the_repo_id(
 def test_list_config_on_the_repo_id(
     cached: dict[str, Path], capsys: pytest.CaptureFixture, isolated_registry: automodel_plugins.Registry
 ) -> None:
-    assert isolated_registry.register(ClaimLlama(), name="claim_llama").status == "loaded"
+    assert isolated_registry.register(llama_claimer, name="claim_llama").status == "loaded"
     assert cli_main(["list", "--config", REPO, "--json"]) == 0
     document = json.loads(capsys.readouterr().out)
     assert document["claimed_by"] == "claim_llama"

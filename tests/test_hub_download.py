@@ -139,9 +139,10 @@ def test_a_repo_with_only_consolidated_weights_says_so(fake_hub: FakeHub, checkp
     files = {"config.json": (checkpoint / "config.json").read_bytes()}
     files["consolidated.safetensors"] = mistral_extras(checkpoint)["consolidated.safetensors"]
     fake_hub.add_repo("org/native-only", files)
-    with pytest.raises(HubFileNotFoundError, match=r"consolidated\.safetensors") as caught:
-        automodel_plugins.from_pretrained("org/native-only", registry=registry())
-    assert "org/native-only" in str(caught.value) and SAFETENSORS_NAME in str(caught.value)
+    for call in (automodel_plugins.from_pretrained, automodel_plugins.describe_checkpoint):
+        with pytest.raises(HubFileNotFoundError, match=r"consolidated\.safetensors") as caught:
+            call("org/native-only", registry=registry())
+        assert "org/native-only" in str(caught.value) and caught.value.filename == SAFETENSORS_NAME
     assert served(fake_hub, "org/native-only").get("consolidated.safetensors", 0) == 0
 
 

@@ -11,16 +11,15 @@ import copy
 import json
 import shutil
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
+from fake_plugins import llama_claimer
 from transformers import LlamaForCausalLM
 
-from automodel_plugins import Checkpoint, CheckpointError, Claim, ConfigError, from_pretrained, hookimpl
+from automodel_plugins import Checkpoint, CheckpointError, ConfigError, from_pretrained
 from automodel_plugins.cli import main as cli_main
 from automodel_plugins.errors import SourceNotFoundError
-from automodel_plugins.model.rotary import repair_rotary
 from automodel_plugins.pipeline.describe import describe_checkpoint
 from automodel_plugins.registry import Registry
 from automodel_plugins.sources import INDEX_NAME, SAFETENSORS_NAME, load_config, resolve
@@ -29,21 +28,9 @@ from automodel_plugins.testing.compare import assert_same_state_dict, reference_
 from automodel_plugins.testing.tiny_models import tiny_llama_config
 
 
-class ClaimOnly:
-    """A plugin with no adapter: claims Llama, repairs its rotary buffers."""
-
-    @hookimpl
-    def claim_config(self, config: Any) -> Claim | None:
-        return Claim(reason="a llama") if config.model_type == "llama" else None
-
-    @hookimpl
-    def post_materialize(self, model: Any, config: Any) -> None:
-        repair_rotary(model)
-
-
 def registry() -> Registry:
     registry = Registry()
-    assert registry.register(ClaimOnly(), name="claim_only").status == "loaded"
+    assert registry.register(llama_claimer, name="claim_only").status == "loaded"
     return registry
 
 

@@ -256,18 +256,21 @@ class HubLocation(CheckpointLocation):
             found = dict(zip(needed, pool.map(self._download, needed), strict=True))
         absent = [name for name, ok in found.items() if not ok]
         if absent and not optional:
-            raise HubFileNotFoundError(
-                self.repo_id,
-                f"the repo has no {', '.join(absent)} at commit {self.commit}"
-                + (
-                    f" (a repo's weights are {INDEX_NAME} or {SAFETENSORS_NAME}; consolidated.safetensors, "
-                    "Mistral's own layout, is not read)"
-                    if SAFETENSORS_NAME in absent
-                    else ""
-                ),
-                revision=self.revision,
-                filename=absent[0],
-            )
+            raise self._missing(absent)
+
+    def _missing(self, names: list[str]) -> HubFileNotFoundError:
+        hint = (
+            f" (a repo's weights are {INDEX_NAME} or {SAFETENSORS_NAME}; consolidated.safetensors, Mistral's own "
+            "layout, is not read)"
+            if SAFETENSORS_NAME in names
+            else ""
+        )
+        return HubFileNotFoundError(
+            self.repo_id,
+            f"the repo has no {', '.join(names)} at commit {self.commit}{hint}",
+            revision=self.revision,
+            filename=names[0],
+        )
 
     def _download(self, name: str) -> bool:
         """``hf_hub_download`` of one file at the commit; False when the repo has no such file."""
@@ -429,7 +432,7 @@ class HubLocation(CheckpointLocation):
                 **where,
             )
         if isinstance(exc, RemoteEntryNotFoundError):
-            return HubFileNotFoundError(self.repo_id, "the repo has no such file at this revision", **where)
+            return self._missing([name or "such file"])
         if isinstance(exc, (LocalEntryNotFoundError, OfflineModeIsEnabled, RevisionResolutionError)):
             return self._offline(name, exc)
         if isinstance(exc, HfHubHTTPError) and exc.response is not None:

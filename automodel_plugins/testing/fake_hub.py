@@ -455,6 +455,19 @@ class FakeHub:
                     return None
                 return repo
 
+            def _repo_at(
+                self, repo_type: str, repo_id: str, rev: str, *, head: bool
+            ) -> tuple[_Repo, str] | None:
+                """The repo and the commit ``rev`` names, or None once the error answer is sent."""
+                repo = self._repo_or_error(repo_type, repo_id, head=head)
+                if repo is None:
+                    return None
+                sha = self._resolve_rev(repo, rev)
+                if sha is None:
+                    self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}", head=head)
+                    return None
+                return repo, sha
+
             def _resolve_rev(self, repo: _Repo, rev: str) -> str | None:
                 if rev in repo.refs:
                     return repo.refs[rev]
@@ -525,12 +538,10 @@ class FakeHub:
 
             # ---------------------------------------------------------- /api/{type}s/{repo}[/revision/{rev}]
             def _info(self, repo_type: str, repo_id: str, rev: str, query: dict, *, head: bool) -> None:
-                repo = self._repo_or_error(repo_type, repo_id, head=head)
-                if repo is None:
+                found = self._repo_at(repo_type, repo_id, rev, head=head)
+                if found is None:
                     return
-                sha = self._resolve_rev(repo, rev)
-                if sha is None:
-                    return self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}", head=head)
+                repo, sha = found
                 blobs = query.get("blobs", ["false"])[0].lower() == "true"
                 siblings = []
                 for f in sorted(repo.commits[sha].values(), key=lambda f: f.path):
@@ -564,12 +575,10 @@ class FakeHub:
             def _tree(
                 self, repo_type: str, repo_id: str, rev: str, path: str, query: dict, *, head: bool
             ) -> None:
-                repo = self._repo_or_error(repo_type, repo_id, head=head)
-                if repo is None:
+                found = self._repo_at(repo_type, repo_id, rev, head=head)
+                if found is None:
                     return
-                sha = self._resolve_rev(repo, rev)
-                if sha is None:
-                    return self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}", head=head)
+                repo, sha = found
                 files = repo.commits[sha]
                 recursive = query.get("recursive", ["false"])[0].lower() == "true"
                 prefix = path.strip("/") + "/" if path.strip("/") else ""
@@ -611,12 +620,10 @@ class FakeHub:
 
             # ---------------------------------------------------------- /{repo}/resolve/{rev}/{file}
             def _resolve(self, repo_type: str, repo_id: str, rev: str, filename: str, *, head: bool) -> None:
-                repo = self._repo_or_error(repo_type, repo_id, head=head)
-                if repo is None:
+                found = self._repo_at(repo_type, repo_id, rev, head=head)
+                if found is None:
                     return
-                sha = self._resolve_rev(repo, rev)
-                if sha is None:
-                    return self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}", head=head)
+                repo, sha = found
                 token = self._token()
                 if repo.gated and token not in repo.tokens:
                     msg = (

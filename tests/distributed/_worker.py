@@ -9,6 +9,7 @@ scenario that raises writes its traceback there instead and ends the launch with
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import sys
@@ -299,6 +300,9 @@ def main(argv: list[str]) -> int:
     if unknown:
         raise SystemExit(f"unknown scenario(s) {unknown}; choose from {sorted(SCENARIOS)}")
     torch.set_num_threads(1)
+    # A launch the harness is about to kill shows where every thread of every rank was, in the log.
+    harness_timeout = float(os.environ.get("AUTOMODEL_PLUGINS_DISTRIBUTED_TIMEOUT", "180"))
+    faulthandler.dump_traceback_later(max(harness_timeout - 15, 5), exit=False)
     dist.init_process_group("gloo", timeout=timedelta(seconds=90))
     from torch.distributed.device_mesh import init_device_mesh
 

@@ -91,7 +91,15 @@ def launch(
         ",".join(scenarios),
         str(out),
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "AUTOMODEL_PLUGINS_PROGRESS": "0", **(env or {})}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "AUTOMODEL_PLUGINS_PROGRESS": "0",
+        "AUTOMODEL_PLUGINS_DISTRIBUTED_TIMEOUT": str(timeout),
+        # A rank waiting on another's download fails (with a traceback) well before the harness kills the launch.
+        "AUTOMODEL_PLUGINS_DOWNLOAD_TIMEOUT": str(max(timeout / 3, 30)),
+        **(env or {}),
+    }
     log_path = out / "torchrun.log"
     with open(log_path, "w") as log:
         process = subprocess.Popen(

@@ -5,6 +5,9 @@
 
 ``from_pretrained`` runs all of it. ``build_model`` stops before the tensors (for users who shard first), and
 ``load_weights`` streams into a model ``build_model`` made once it is materialized (each rank its own slices).
+``dequantize=False`` keeps the checkpoint's FP8 linear weights FP8 (see ``docs/fp8-resident.md``): after
+planning, those layers become :class:`~automodel_plugins.model.fp8_linear.Fp8Linear` on meta, and the stream
+fills them with the stored FP8 bytes and scales.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from automodel_plugins.checkpoint import Checkpoint
-from automodel_plugins.errors import CheckpointError, ConfigError, PluginError
+from automodel_plugins.errors import CheckpointError, ConfigError, NoPluginClaimError, PluginError
 from automodel_plugins.model.forward import SKIP_LOGITS_OPTION
 from automodel_plugins.model.stock import build_on_meta, stock_class
 from automodel_plugins.model.tensors import (
@@ -33,13 +36,21 @@ from automodel_plugins.pipeline.composition import (
     composition_of,
     drop_quantization_config,
 )
-from automodel_plugins.pipeline.plan import plan_load
+from automodel_plugins.pipeline.plan import LoadPlan, plan_load
+from automodel_plugins.pipeline.resident import (
+    loadable_tensors,
+    make_fp8_resident,
+    residency_candidates,
+    resident_weights,
+)
 from automodel_plugins.pipeline.stream import LoadReport, stream_into
 from automodel_plugins.registry import Registry, get_registry
 from automodel_plugins.sources import INDEX_NAME, SAFETENSORS_NAME, load_config, resolve
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
+
+    from automodel_plugins.adapters import StateDictAdapter
 
 __all__ = ["build_model", "from_pretrained", "load_weights", "resolve_dtype"]
 
@@ -49,6 +60,7 @@ def from_pretrained(
     *,
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
+    dequantize: bool = True,
     require_plugin: bool = False,
     skip_logits: bool = False,
     progress: bool | None = None,
@@ -58,14 +70,23 @@ def from_pretrained(
     """Load ``path`` through the plugin that claims its config, onto the stock transformers class.
 
     No plugin claiming the config means the stock ``from_pretrained`` of the config's architecture (unless
-    ``require_plugin``). ``dtype`` defaults to the config's (BF16 for FP8 checkpoints). ``skip_logits``: a
-    forward given ``labels`` computes the loss from hidden states and returns no full logits (when the plugin
-    overrides the forward). The model is returned in eval mode, like transformers does.
+    ``require_plugin``). ``dtype`` defaults to the config's (BF16 for FP8 checkpoints): the dtype of every
+    float tensor, and the compute dtype of FP8-resident layers. ``dequantize=False``: the checkpoint's FP8
+    linear weights stay FP8 (frozen :class:`~automodel_plugins.model.fp8_linear.Fp8Linear` layers, 1 byte a
+    parameter plus their scales), dequantized one layer at a time in the forward; an unquantized checkpoint
+    raises :class:`~automodel_plugins.errors.NotQuantizedError`. ``skip_logits``: a forward given ``labels``
+    computes the loss from hidden states and returns no full logits (when the plugin overrides the forward).
+    The model is returned in eval mode, like transformers does.
     """
     registry = registry or get_registry()
     config = load_config(path)
     claim = registry.winning_claim(config, require_plugin=require_plugin)
     if claim is None:
+        if not dequantize:
+            raise NoPluginClaimError(
+                f"{path}: dequantize=False needs the host's loader, and no plugin claims this config "
+                "(stock transformers would load it); install or select a plugin that serves it"
+            )
         return _stock_from_pretrained(path, config, dtype=dtype, device=device, **stock_kwargs)
     plugin = claim.plugin
     if stock_kwargs:
@@ -75,10 +96,10 @@ def from_pretrained(
     dtype = resolve_dtype(config, dtype)
     device = torch.device(device)
     model = build_on_meta(config, dtype)
-    composition = compose(registry, claim, **{SKIP_LOGITS_OPTION: skip_logits})
+    composition = compose(registry, claim, **{SKIP_LOGITS_OPTION: skip_logits}, dequantize=dequantize)
     with Checkpoint.open(path) as checkpoint:
         adapter = adapter_for(registry, plugin, config, checkpoint)
-        plan = plan_load(model_tensors(model), adapter, checkpoint)
+        plan = _plan_build(model, adapter, checkpoint, dequantize=dequantize, composition=composition)
         composition.load = stream_into(model, plan, checkpoint, device=device, progress=progress)
         composition.adapter = adapter.describe()
     poisoned = poison_meta_buffers(model, device)
@@ -86,7 +107,8 @@ def from_pretrained(
     model.tie_weights()
     _check_buffers_recomputed(model, poisoned, plugin)
     ensure_materialized(model)
-    composition.dequantized_from = drop_quantization_config(model)
+    if not composition.fp8_resident:
+        composition.dequantized_from = drop_quantization_config(model)
     bind_forward(registry, plugin, model, config, composition)
     setattr(model, COMPOSITION_ATTR, composition)
     return model.eval()
@@ -96,6 +118,7 @@ def build_model(
     path_or_config: str | Path | PretrainedConfig,
     *,
     dtype: torch.dtype | None = None,
+    dequantize: bool = True,
     skip_logits: bool = False,
     require_plugin: bool = False,
     registry: Registry | None = None,
@@ -103,12 +126,26 @@ def build_model(
     """The composed stock model on the meta device, weights not loaded: shard it, ``to_empty``, then
     :func:`load_weights`. The claiming plugin's ``post_materialize`` runs now (on meta) so that it can install
     fix-ups that fire after materialization; its forward override is bound now.
+
+    ``dequantize=False`` (needs the checkpoint path: which weights stay FP8 is read from its headers) builds
+    the FP8-resident layers now, so that sharding splits their FP8 codes, and each rank later reads only its
+    slice of them.
     """
     registry = registry or get_registry()
-    config = path_or_config if not isinstance(path_or_config, (str, Path)) else load_config(path_or_config)
+    from_path = isinstance(path_or_config, (str, Path))
+    if not dequantize and not from_path:
+        raise TypeError(
+            "build_model(..., dequantize=False) needs the checkpoint path, not a config: which linear weights "
+            "stay FP8 is read from the checkpoint's headers"
+        )
+    config = load_config(path_or_config) if from_path else path_or_config
     claim = registry.winning_claim(config, require_plugin=require_plugin)
     model = build_on_meta(config, resolve_dtype(config, dtype))
-    composition = compose(registry, claim, **{SKIP_LOGITS_OPTION: skip_logits})
+    composition = compose(registry, claim, **{SKIP_LOGITS_OPTION: skip_logits}, dequantize=dequantize)
+    if not dequantize:
+        with Checkpoint.open(path_or_config) as checkpoint:
+            adapter = adapter_for(registry, claim.plugin if claim else None, config, checkpoint)
+            _plan_build(model, adapter, checkpoint, dequantize=False, composition=composition)
     if claim is not None:
         registry.call(claim.plugin, "post_materialize", model=model, config=config)
         bind_forward(registry, claim.plugin, model, config, composition)
@@ -141,15 +178,37 @@ def load_weights(
     checkpoint_config = load_config(path) if location.has_config() else model.config
     with Checkpoint.open(path) as checkpoint:
         adapter = adapter_for(registry, plugin, checkpoint_config, checkpoint)
-        plan = plan_load(model_tensors(model), adapter, checkpoint, allow_unused=stage)
+        plan = plan_load(
+            loadable_tensors(model),
+            adapter,
+            checkpoint,
+            allow_unused=stage,
+            require_fp8=resident_weights(model),
+        )
         report = stream_into(model, plan, checkpoint, progress=progress)
     if plugin is not None:
         registry.call(plugin, "post_materialize", model=model, config=model.config)
-    dequantized_from = drop_quantization_config(model)
+    dequantized_from = None if resident_weights(model) else drop_quantization_config(model)
     if composition is not None:
         composition.load, composition.adapter = report, adapter.describe()
         composition.dequantized_from = composition.dequantized_from or dequantized_from
     return report
+
+
+def _plan_build(
+    model: PreTrainedModel,
+    adapter: StateDictAdapter,
+    checkpoint: Checkpoint,
+    *,
+    dequantize: bool,
+    composition: Composition,
+) -> LoadPlan:
+    """Plan a load into the meta model; with ``dequantize=False`` also make its FP8 layers resident."""
+    candidates = () if dequantize else residency_candidates(model)
+    plan = plan_load(model_tensors(model), adapter, checkpoint, keep_fp8=candidates)
+    if not dequantize:
+        composition.fp8_resident = make_fp8_resident(model, plan, checkpoint)
+    return plan
 
 
 def resolve_dtype(config: PretrainedConfig, dtype: torch.dtype | str | None) -> torch.dtype:

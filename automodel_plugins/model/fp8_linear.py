@@ -250,7 +250,7 @@ class Fp8Linear(nn.Linear):
         layer.weight = Fp8Codes(codes.view(torch.uint8))
         layer.weight_scale_inv = layer.fp32_scale(scale)
         if bias is not None:
-            layer.bias = nn.Parameter(bias.detach().to(compute_dtype), requires_grad=False)
+            layer.bias = nn.Parameter(bias.detach().to(compute_dtype))  # trainable, as nn.Linear's
         return layer
 
     # --- what a saver (and anyone) reads

@@ -81,14 +81,18 @@ def test_e5m2_and_e4m3_codes_dequantize_exactly(fp8) -> None:
 @pytest.mark.parametrize(("out_features", "in_features", "block"), SHAPES)
 def test_row_chunks_bound_the_transient_and_agree_within_rounding(out_features, in_features, block) -> None:
     layer, ref, _, _ = make_layer(out_features, in_features, block)
-    layer.dequant_budget_bytes = 9 * in_features * 4  # 9 rows at a time: chunks cut blocks and the last is short
+    layer.dequant_budget_bytes = (
+        9 * in_features * 4
+    )  # 9 rows at a time: chunks cut blocks and the last is short
     x, x_ref = inputs(in_features), inputs(in_features)
     with watch_weight_copies(layer) as watch:
         out = layer(x)
         out.sum().backward()
     expected = ref(x_ref)
     expected.sum().backward()
-    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)  # BLAS blocks a narrower matmul differently
+    torch.testing.assert_close(
+        out, expected, rtol=1e-6, atol=1e-6
+    )  # BLAS blocks a narrower matmul differently
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-6, atol=1e-6)  # and the backward sums the blocks
     assert watch.created == 0  # never a whole dequantized weight, only 9-row blocks
 
@@ -155,10 +159,12 @@ def test_meta_and_to_empty_keep_the_frozen_codes_parameter() -> None:
 
 
 def test_state_dict_has_the_checkpoint_layout_and_round_trips() -> None:
-    layer, ref, codes, scale = make_layer(72, 100, (32, 32))
+    layer, ref, codes, _ = make_layer(72, 100, (32, 32))
     state = layer.state_dict()
     assert list(state) == ["weight", "bias", "weight_scale_inv"]
-    assert state["weight"].dtype == E4M3 and torch.equal(state["weight"].view(torch.uint8), codes.view(torch.uint8))
+    assert state["weight"].dtype == E4M3 and torch.equal(
+        state["weight"].view(torch.uint8), codes.view(torch.uint8)
+    )
     assert state["weight_scale_inv"].shape == (3, 4)
     buffer = io.BytesIO()
     torch.save(state, buffer)
@@ -196,7 +202,11 @@ def test_a_per_tensor_scale_stored_as_one_element_becomes_0d() -> None:
 def test_to_linear_is_a_stock_linear_with_the_dequantized_weight() -> None:
     layer, ref, _, _ = make_layer(72, 100, (32, 32))
     linear = layer.to_linear()
-    assert type(linear) is nn.Linear and torch.equal(linear.weight, ref.weight) and torch.equal(linear.bias, ref.bias)
+    assert (
+        type(linear) is nn.Linear
+        and torch.equal(linear.weight, ref.weight)
+        and torch.equal(linear.bias, ref.bias)
+    )
 
 
 def test_asking_the_codes_for_gradients_is_an_error_not_a_silently_frozen_layer() -> None:

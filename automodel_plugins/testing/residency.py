@@ -36,6 +36,8 @@ class WeightCopyWatch:
     a weight's shape that autograd saved for backward; ``saved``: every saved ``(shape, dtype)``."""
 
     shapes: frozenset[tuple[int, ...]]
+    existing: frozenset[int] = frozenset()
+    """Storages of the model's own tensors: views of them (a transposed BF16 weight) are not copies."""
     created: int = 0
     peak_alive: int = 0
     alive_after_layers: list[int] = field(default_factory=list)
@@ -58,7 +60,11 @@ class WeightCopyWatch:
 
     def _is_copy(self, tensor: torch.Tensor) -> bool:
         wide_float = tensor.dtype.is_floating_point and tensor.dtype.itemsize >= 2  # not the FP8 codes
-        return wide_float and tuple(tensor.shape) in self.shapes
+        return (
+            wide_float
+            and tuple(tensor.shape) in self.shapes
+            and tensor.untyped_storage().data_ptr() not in self.existing
+        )
 
     def _record(self, tensor: torch.Tensor) -> None:
         if self._is_copy(tensor):
@@ -93,7 +99,8 @@ def watch_weight_copies(
     for layer in watched:
         out_features, in_features = layer.out_features, layer.in_features
         shapes |= {(out_features, in_features), (in_features, out_features)}
-    watch = WeightCopyWatch(frozenset(shapes))
+    existing = frozenset(t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()])
+    watch = WeightCopyWatch(frozenset(shapes), existing)
 
     def after_layer(module: nn.Module, args: Any, output: Any) -> None:
         watch.alive_after_layers.append(watch.alive())

@@ -25,7 +25,9 @@ from automodel_plugins.model.tensors import (
     ensure_materialized,
     model_tensors,
     poison_meta_buffers,
+    stock_names,
     unrecomputed_buffers,
+    unwrap_peft,
 )
 from automodel_plugins.pipeline.composition import (
     COMPOSITION_ATTR,
@@ -163,6 +165,9 @@ def load_weights(
 ) -> LoadReport:
     """Stream ``path`` into an already materialized ``model`` (plain tensors or DTensors, each rank its region).
 
+    ``model`` may be wrapped by PEFT (``get_peft_model`` before ``fully_shard``, so that FSDP2 shards the
+    adapters too): the base layers inside LoRA layers are loaded under their stock names, and the adapters,
+    which no checkpoint of the model holds, are left as they are (initialize them after ``to_empty``).
     ``stage=True``: the model is one pipeline stage holding only some of the modules, so checkpoint tensors of
     other stages are expected to be left unread. The claiming plugin's ``post_materialize`` runs afterwards.
     """
@@ -170,6 +175,8 @@ def load_weights(
         model, hint=" (materialize them first with model.to_empty(device=...), or use from_pretrained)"
     )
     registry = registry or get_registry()
+    model = unwrap_peft(model)
+    names = stock_names(model)
     composition = composition_of(model)
     plugin = composition.plugin if composition else registry.resolve(model.config)
     # The checkpoint's own config says how it is stored (FP8 block size, modules never converted); the
@@ -178,14 +185,15 @@ def load_weights(
     checkpoint_config = load_config(path) if location.has_config() else model.config
     with Checkpoint.open(path) as checkpoint:
         adapter = adapter_for(registry, plugin, checkpoint_config, checkpoint)
+        model_names = {name: stock for stock, name in names.items()}
         plan = plan_load(
-            loadable_tensors(model),
+            loadable_tensors(model, names),
             adapter,
             checkpoint,
             allow_unused=stage,
-            require_fp8=resident_weights(model),
+            require_fp8={model_names[name] for name in resident_weights(model)},
         )
-        report = stream_into(model, plan, checkpoint, progress=progress)
+        report = stream_into(model, plan, checkpoint, progress=progress, names=names)
     if plugin is not None:
         registry.call(plugin, "post_materialize", model=model, config=model.config)
     dequantized_from = None if resident_weights(model) else drop_quantization_config(model)

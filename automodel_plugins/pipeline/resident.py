@@ -9,6 +9,7 @@ tensors of other modules (embeddings, fused MoE experts) are dequantized as usua
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import torch
@@ -42,14 +43,18 @@ def residency_candidates(model: nn.Module) -> set[str]:
 
 
 def resident_weights(model: nn.Module) -> set[str]:
-    """Weights of the model's FP8-resident layers: they can only be loaded from FP8 data."""
+    """Weights of the model's FP8-resident layers (model names): they can only be loaded from FP8 data."""
     return {f"{name}.weight" for name in fp8_linear_modules(model)}
 
 
-def loadable_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model tensors a load plans; an FP8-resident layer's scale arrives with its weight, not on its own."""
+def loadable_tensors(model: nn.Module, names: Mapping[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors a load plans, by stock name (``names``: stock name -> model name, see
+    :func:`~automodel_plugins.model.tensors.stock_names`; default: the model's own names). An FP8-resident
+    layer's scale arrives with its weight, not on its own."""
+    tensors = model_tensors(model)
+    names = names if names is not None else {name: name for name in tensors}
     scales = {f"{name}.{SCALE_NAME}" for name in fp8_linear_modules(model)}
-    return {name: tensor for name, tensor in model_tensors(model).items() if name not in scales}
+    return {stock: tensors[name] for stock, name in names.items() if name not in scales}
 
 
 def make_fp8_resident(model: nn.Module, plan: LoadPlan, checkpoint: Checkpoint) -> list[str]:

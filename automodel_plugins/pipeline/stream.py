@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -130,15 +130,18 @@ def stream_into(
     *,
     device: torch.device | None = None,
     progress: bool | None = None,
+    names: Mapping[str, str] | None = None,
 ) -> LoadReport:
     """Load every planned tensor into ``model``: meta tensors are replaced (on ``device``, CPU by default),
-    real ones are written in place (each rank its own region)."""
+    real ones are written in place (each rank its own region). ``names`` maps a planned (stock) name to the
+    tensor's name in ``model`` where they differ (inside PEFT tuner layers)."""
     device = torch.device("cpu") if device is None else torch.device(device)
     report = LoadReport(unused_keys_allowed=len(plan.unused_keys))
     started, bytes_before = time.perf_counter(), checkpoint.bytes_read
     targets = model_tensors(model)
-    for name in _progress(list(plan), enabled=progress, total_bytes=checkpoint.total_nbytes()):
-        planned, target = plan[name], targets[name]
+    for planned_name in _progress(list(plan), enabled=progress, total_bytes=checkpoint.total_nbytes()):
+        name = names.get(planned_name, planned_name) if names else planned_name
+        planned, target = plan[planned_name], targets[name]
         if planned.action == "kept_fp8":
             _load_resident(model, name, target, planned.source, checkpoint, device)
             how: Action = "kept_fp8"

@@ -418,3 +418,23 @@ def test_asking_for_gradients_of_the_fp8_weights_is_an_error(path: Path, registr
     layer = model.model.language_model.layers[0].self_attn.q_proj
     with pytest.raises(FrozenFp8WeightError):
         layer.weight.requires_grad_(True)
+
+
+def test_load_weights_fills_a_peft_wrapped_model_built_on_meta(path: Path, registry: Registry) -> None:
+    """The sharded flow's order: build on meta, wrap with LoRA (so that FSDP2 would shard the adapters too),
+    materialize, load the base weights under their stock names; the adapters are initialized afterwards."""
+    expected = with_lora(load(path, registry, dequantize=False))
+    model = automodel_plugins.build_model(path, dtype=F32, dequantize=False, registry=registry)
+    model = with_lora(model)
+    model.to_empty(device="cpu")
+    report = automodel_plugins.load_weights(model, path, registry=registry)
+    assert report.kept_fp8 == 14
+    with torch.no_grad():
+        for name, tensor in expected.named_parameters():
+            if "lora_" in name:
+                model.get_parameter(name).copy_(tensor)
+        for name, tensor in expected.state_dict().items():
+            got = model.state_dict()[name]
+            bits = (lambda t: t.view(torch.uint8)) if tensor.dtype == torch.float8_e4m3fn else (lambda t: t)
+            assert torch.equal(bits(got), bits(tensor)), name
+        assert torch.equal(model(**batch()).loss, expected(**batch()).loss)

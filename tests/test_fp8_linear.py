@@ -243,3 +243,16 @@ def test_cuda_forward_and_gradients_equal_a_dequantized_linear(out_features, in_
     out.sum().backward()
     expected.sum().backward()
     assert torch.equal(x.grad, x_ref.grad)
+
+
+def test_under_cpu_autocast_it_computes_what_a_dequantized_linear_computes() -> None:
+    layer, ref, _, _ = make_layer(72, 100, (32, 32))
+    x, x_ref = inputs(100), inputs(100)
+    with torch.autocast("cpu", dtype=BF16):
+        out, expected = layer(x), ref(x_ref)
+    assert out.dtype == expected.dtype == BF16 and torch.equal(out, expected)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    assert x.grad.dtype == F32 and torch.equal(x.grad, x_ref.grad)
+    assert torch.equal(layer.bias.grad, ref.bias.grad)

@@ -314,6 +314,11 @@ class Fp8Linear(nn.Linear):
         return _Layout(self.fp8_dtype, self.block_size, dtype, rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if is_dtensor(self.weight):  # FSDP2 hands the forward a plain unsharded tensor; TP would not
+            raise NotImplementedError(
+                "Fp8Linear under tensor parallelism (a DTensor weight in the forward) is not supported; "
+                "shard FP8-resident layers with FSDP2, or load with dequantize=True"
+            )
         bias = self.bias
         layout = self._layout(self.compute_dtype)
         needs_graph = torch.is_grad_enabled() and (

@@ -59,7 +59,8 @@ def loadable_tensors(model: nn.Module, names: Mapping[str, str] | None = None) -
 
 def make_fp8_resident(model: nn.Module, plan: LoadPlan, checkpoint: Checkpoint) -> list[str]:
     """Swap every layer whose weight ``plan`` keeps FP8 for an :class:`Fp8Linear` on meta (weights to be
-    streamed in), and return the layer names. No such layer: :class:`NotQuantizedError` naming the checkpoint."""
+    streamed in), and return the layer names in module order. No such layer: :class:`NotQuantizedError`
+    naming the checkpoint."""
     kept = [name for name, planned in plan.items() if planned.action == "kept_fp8"]
     if not kept:
         quantization = quantization_dict(model.config) if hasattr(model, "config") else None
@@ -90,4 +91,5 @@ def make_fp8_resident(model: nn.Module, plan: LoadPlan, checkpoint: Checkpoint) 
             resident.bias = linear.bias  # the same (meta) parameter: it is planned and streamed as before
         setattr(parent, child, resident)
         layers.append(layer_name)
-    return layers
+    order = {name: index for index, (name, _) in enumerate(model.named_modules())}
+    return sorted(layers, key=order.__getitem__)

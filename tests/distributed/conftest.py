@@ -21,7 +21,9 @@ import pytest
 
 WORLD_SIZE = 2
 WORKER = Path(__file__).with_name("_worker.py")
-TIMEOUT_S = float(os.environ.get("AUTOMODEL_PLUGINS_DISTRIBUTED_TIMEOUT", "300"))  # every scenario, one launch
+TIMEOUT_S = float(
+    os.environ.get("AUTOMODEL_PLUGINS_DISTRIBUTED_TIMEOUT", "300")
+)  # every scenario, one launch
 
 
 @dataclass

@@ -198,7 +198,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(path: Path, registry: R
     reference = load(path, registry)
     resident = load(path, registry, dequantize=False)
     for model in (reference, resident):
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
     reference, resident = with_lora(reference).train(), with_lora(resident).train()
     expected, got = reference(**batch()).loss, resident(**batch()).loss
     expected.backward()

@@ -249,9 +249,9 @@ def _train(model: Any, batch: dict[str, torch.Tensor], *, steps: int) -> tuple[l
 
 def fsdp_resident_model(ctx: Context, path: Path, *, lora: bool = False) -> Any:
     """``build_model(dequantize=False)`` (and LoRA, on meta) -> one layer's ``down_proj`` alone as an FSDP2
-    unit (FP8 codes only: on gloo that works because they are stored as uint8), every layer, the root ->
-    ``to_empty``."""
-    from torch.distributed.fsdp import fully_shard
+    unit (FP8 codes only: on gloo that works because they are stored as uint8; with a BF16 mixed-precision
+    policy, which leaves integer parameters alone), every layer, the root -> ``to_empty``."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     model = automodel_plugins.build_model(path, dequantize=False)
     if lora:
@@ -259,7 +259,8 @@ def fsdp_resident_model(ctx: Context, path: Path, *, lora: bool = False) -> Any:
     base = model.get_base_model() if lora else model
     layers = base.model.language_model.layers
     down_proj = layers[0].mlp.down_proj
-    fully_shard(down_proj.base_layer if lora else down_proj, mesh=ctx.mesh)
+    bf16_params = MixedPrecisionPolicy(param_dtype=torch.bfloat16, cast_forward_inputs=False)
+    fully_shard(down_proj.base_layer if lora else down_proj, mesh=ctx.mesh, mp_policy=bf16_params)
     for layer in layers:
         fully_shard(layer, mesh=ctx.mesh)
     fully_shard(model, mesh=ctx.mesh)

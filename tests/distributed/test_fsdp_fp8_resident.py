@@ -6,7 +6,8 @@
     load_weights(model, path)                      # each rank reads its slice of the FP8 codes, every scale whole
 
 One ``down_proj`` is an FSDP2 unit of its own: it holds nothing but FP8 codes, which gloo could not all-gather
-as float8 (it can as the uint8 bytes ``Fp8Linear`` stores).
+as float8 (it can as the uint8 bytes ``Fp8Linear`` stores), under a ``MixedPrecisionPolicy(param_dtype=bf16)``
+that would cast float8 codes to BF16 (it leaves uint8 alone: the logits stay exact).
 """
 
 from __future__ import annotations

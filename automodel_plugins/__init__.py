@@ -27,7 +27,9 @@ from automodel_plugins.errors import (
     AutomodelPluginsError,
     CheckpointError,
     ConfigError,
+    FrozenFp8WeightError,
     NoPluginClaimError,
+    NotQuantizedError,
     PluginError,
     UnknownPluginError,
 )
@@ -59,6 +61,12 @@ _LAZY = {
     "repair_rotary": "automodel_plugins.model.rotary",
     "fused_loss_forward": "automodel_plugins.model.forward",
     "vlm_fused_loss_forward": "automodel_plugins.model.forward",
+    # FP8-resident layers (dequantize=False) and LoRA on them (the last three import peft)
+    "Fp8Linear": "automodel_plugins.model.fp8_linear",
+    "Fp8LoraLinear": "automodel_plugins.model.fp8_lora",
+    "dequantize_lora_bases": "automodel_plugins.model.fp8_lora",
+    "merge_lora": "automodel_plugins.model.fp8_lora",
+    "register_fp8_lora": "automodel_plugins.model.fp8_lora",
 }
 
 if TYPE_CHECKING:
@@ -72,6 +80,13 @@ if TYPE_CHECKING:
     from automodel_plugins.checkpoint.reader import Checkpoint
     from automodel_plugins.fp8.quantization import claim_fp8_or_unquantized
     from automodel_plugins.model.forward import fused_loss_forward, vlm_fused_loss_forward
+    from automodel_plugins.model.fp8_linear import Fp8Linear
+    from automodel_plugins.model.fp8_lora import (
+        Fp8LoraLinear,
+        dequantize_lora_bases,
+        merge_lora,
+        register_fp8_lora,
+    )
     from automodel_plugins.model.rotary import repair_rotary
     from automodel_plugins.pipeline.composition import Composition
     from automodel_plugins.pipeline.describe import describe_checkpoint
@@ -100,9 +115,13 @@ __all__ = [
     "Composition",
     "ConfigError",
     "Decline",
+    "Fp8Linear",
+    "Fp8LoraLinear",
     "Fp8StateDictAdapter",
+    "FrozenFp8WeightError",
     "LoadReport",
     "NoPluginClaimError",
+    "NotQuantizedError",
     "PluginError",
     "PrefixRename",
     "PrefixRenames",
@@ -112,6 +131,7 @@ __all__ = [
     "UnknownPluginError",
     "build_model",
     "claim_fp8_or_unquantized",
+    "dequantize_lora_bases",
     "describe_checkpoint",
     "fp8_adapter_for",
     "from_pretrained",
@@ -121,6 +141,8 @@ __all__ = [
     "hookspec",
     "load_config",
     "load_weights",
+    "merge_lora",
+    "register_fp8_lora",
     "repair_rotary",
     "vlm_fused_loss_forward",
 ]

@@ -174,9 +174,20 @@ class ScaleError(CheckpointError):
     """An FP8 weight without a scale, or a scale that is not finite and positive or does not fit the weight."""
 
 
+class NotQuantizedError(CheckpointError):
+    """``dequantize=False`` asked to keep FP8 weights resident, but the checkpoint has no FP8 linear weight."""
+
+
 def _listing(keys: list[str], limit: int = 20) -> str:
     shown = ", ".join(keys[:limit])
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+# --- training ---------------------------------------------------------------------------------------------
+
+
+class FrozenFp8WeightError(AutomodelPluginsError, RuntimeError):
+    """Gradients were asked of an FP8-resident weight, which holds the checkpoint's FP8 codes and stays frozen."""
 
 
 # --- model fix-ups ----------------------------------------------------------------------------------------

@@ -109,3 +109,15 @@ def test_block_table_with_e8m0_byte_grid() -> None:
     grid = torch.randint(110, 135, (2, 2), dtype=torch.uint8, generator=torch.Generator().manual_seed(7))
     got = fp8.dequantize(w, grid, dtype=torch.bfloat16, block_size=(128, 128))
     assert torch.equal(bits(got), bits(block_reference(w, grid, (128, 128)).to(torch.bfloat16)))
+
+
+@pytest.mark.parametrize("block_size", [None, (16, 16)])
+def test_the_table_path_leaves_the_weight_storage_resizable(block_size) -> None:
+    """FSDP2 frees an unsharded parameter by resizing its storage to 0; ``Tensor.numpy()`` would forbid that."""
+    weight = torch.randn(64, 96).to(torch.float8_e4m3fn)
+    scale = torch.ones(()) if block_size is None else torch.ones(4, 6)
+    assert fp8_decode.table_lookup_applies(weight, torch.bfloat16)
+    expected = weight.float().to(torch.bfloat16)
+    assert torch.equal(fp8.dequantize(weight, scale, dtype=torch.bfloat16, block_size=block_size), expected)
+    weight.untyped_storage().resize_(0)  # raises "not resizable" after a Tensor.numpy()
+    assert weight.untyped_storage().nbytes() == 0

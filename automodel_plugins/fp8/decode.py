@@ -7,6 +7,7 @@ on fp8 tensors is not implemented on CPU, so weights are upcast before any arith
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import sys
 
@@ -73,6 +74,17 @@ def table_lookup_applies(weight: torch.Tensor, dtype: torch.dtype) -> bool:
     )
 
 
+def _borrowed_bytes(weight: torch.Tensor) -> np.ndarray:
+    """The bytes of a contiguous CPU tensor as a flat numpy array, valid while ``weight`` lives.
+
+    Not ``Tensor.numpy()``: that marks the storage as never resizable again, and FSDP2 frees the unsharded
+    parameter an FP8-resident layer dequantizes from by resizing its storage to 0 after the forward.
+    """
+    nbytes = weight.numel() * weight.element_size()
+    pointer = ctypes.cast(weight.data_ptr(), ctypes.POINTER(ctypes.c_uint8))
+    return np.ctypeslib.as_array(pointer, shape=(nbytes,))
+
+
 def _pair_table(fp8_dtype: torch.dtype, scale: torch.Tensor | None, dtype: torch.dtype) -> np.ndarray:
     """Entry ``u``: the two fp8 bytes whose native uint16 is ``u``, each decoded (``* scale`` in fp32) to
     ``dtype``, as one integer holding the two results in memory order."""
@@ -92,7 +104,7 @@ def _pair_table(fp8_dtype: torch.dtype, scale: torch.Tensor | None, dtype: torch
 
 def _lut_decode(weight: torch.Tensor, table: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     """``weight`` (contiguous fp8, even numel) looked up in a :func:`_pair_table`, in cache-sized chunks."""
-    pairs = weight.view(torch.uint8).reshape(-1).numpy().view(np.uint16)
+    pairs = _borrowed_bytes(weight).view(np.uint16)
     out = torch.empty(weight.shape, dtype=dtype)
     target = out.view(_BITS[dtype.itemsize][0]).reshape(-1).numpy().view(table.dtype)
     for start in range(0, pairs.size, _LUT_CHUNK_PAIRS):
@@ -134,7 +146,7 @@ def _lut_dequantize_blocks(
     col_block = np.arange(c0, c0 + cols) // bn
     first, last = int(col_block[0]), int(col_block[-1])
     offsets = ((col_block - first) * 256).astype(np.int32)
-    source = weight.view(torch.uint8).numpy()
+    source = _borrowed_bytes(weight).reshape(weight.shape)
     out = torch.empty(weight.shape, dtype=dtype)
     target = out.view(torch_bits).numpy()
     sub = max(1, _LUT_CHUNK_PAIRS // cols)  # rows per take: 256 KiB of int32 indices

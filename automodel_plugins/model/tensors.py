@@ -14,7 +14,14 @@ from torch import nn
 
 from automodel_plugins.errors import CheckpointError
 
-__all__ = ["ensure_materialized", "model_tensors", "poison_meta_buffers", "unrecomputed_buffers"]
+__all__ = [
+    "ensure_materialized",
+    "model_tensors",
+    "poison_meta_buffers",
+    "stock_names",
+    "unrecomputed_buffers",
+    "unwrap_peft",
+]
 
 
 def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -25,6 +32,43 @@ def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
             if buffer is not None and buffer_name not in module._non_persistent_buffers_set:
                 tensors[f"{module_name}.{buffer_name}" if module_name else buffer_name] = buffer
     return tensors
+
+
+def unwrap_peft(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT ``PeftModel`` (the model itself when it is not one)."""
+    if hasattr(model, "peft_config") and callable(getattr(model, "get_base_model", None)):
+        return model.get_base_model()
+    return model
+
+
+def stock_names(model: nn.Module) -> dict[str, str]:
+    """State-dict name of the stock model -> the name the tensor has in ``model``, for every tensor a
+    checkpoint holds.
+
+    The same name without PEFT. Inside PEFT tuner layers (``lora.Linear`` and kin: a ``base_layer`` plus
+    adapter layers) the base layer's tensors drop the ``.base_layer`` PEFT inserted, and adapter tensors
+    (``lora_A``, ``lora_B``, ...), which no checkpoint of the model holds, are left out.
+    """
+    renames: dict[str, str] = {}  # "<tuner>.base_layer." -> "<tuner>."
+    adapters: list[str] = []
+    for name, module in model.named_modules():
+        if isinstance(getattr(module, "base_layer", None), nn.Module) and hasattr(
+            module, "adapter_layer_names"
+        ):
+            prefix = f"{name}." if name else ""
+            renames[f"{prefix}base_layer."] = prefix
+            others = tuple(getattr(module, "other_param_names", ()))
+            adapters += [f"{prefix}{child}." for child in (*module.adapter_layer_names, *others)]
+    names = {}
+    for name in model_tensors(model):
+        if any(name.startswith(prefix) for prefix in adapters):
+            continue
+        stock = name
+        for inserted in sorted(renames, key=len, reverse=True):  # innermost tuner first
+            if stock.startswith(inserted):
+                stock = renames[inserted] + stock[len(inserted) :]
+        names[stock] = name
+    return names
 
 
 def ensure_materialized(model: nn.Module, *, hint: str = "") -> None:

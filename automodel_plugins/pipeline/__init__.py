@@ -6,6 +6,7 @@
 * ``composition``: what was composed onto a model, and the calls that ask the winning plugin's hooks;
 * ``plan``: where each model tensor comes from and what becomes of it (headers only);
 * ``stream``: reading each planned tensor (or one rank's region) into the model;
+* ``resident``: which linear layers keep their FP8 weight (``dequantize=False``), and the swap to ``Fp8Linear``;
 * ``load``: ``from_pretrained``, ``build_model``, ``load_weights``;
 * ``describe``: what a load would do, without reading tensor data (``inspect``).
 """

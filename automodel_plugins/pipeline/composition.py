@@ -48,6 +48,8 @@ class Composition:
     load: LoadReport | None = None
     forward_overridden: bool = False
     dequantized_from: str | None = None
+    fp8_resident: list[str] = field(default_factory=list)
+    """Names of the layers that keep their checkpoint FP8 weight (``dequantize=False``)."""
     options: dict[str, Any] = field(default_factory=dict)
 
 

@@ -22,6 +22,7 @@ from automodel_plugins.model.tensors import model_tensors
 from automodel_plugins.pipeline.composition import adapter_for
 from automodel_plugins.pipeline.load import build_model, resolve_dtype
 from automodel_plugins.pipeline.plan import plan_load
+from automodel_plugins.pipeline.resident import residency_candidates
 from automodel_plugins.registry import Registry, get_registry, pick_winner
 from automodel_plugins.sources import CONFIG_NAME, CheckpointLocation, HubLocation, load_config, resolve
 
@@ -52,7 +53,9 @@ def describe_checkpoint(
     ``load`` (present when a plugin claims the config; ``None`` means stock transformers would load it) holds
     the on-disk layout, FP8 granularity and scale names, how many model tensors come from FP8 data and how
     many are used as stored or converted, the dropped keys, and the bytes the model holds once loaded in
-    ``dtype`` (default: the config's, else BF16). Raises what the load would raise for a config or a
+    ``dtype`` (default: the config's, else BF16): ``bytes_after_load`` dequantized (the default load), and
+    ``bytes_after_load_fp8_resident`` with ``dequantize=False`` (FP8 codes + fp32 scales of the
+    ``fp8_resident_layers`` + every other tensor; ``None`` when no linear weight is FP8). Raises what the load would raise for a config or a
     checkpoint it cannot plan (missing or unexpected keys, an FP8 weight without a scale, ...).
     """
     registry = registry or get_registry()
@@ -143,6 +146,8 @@ def _load_summary(
     targets = model_tensors(model)
     adapter = adapter_for(registry, plugin, config, checkpoint)
     plan = plan_load(targets, adapter, checkpoint)
+    resident = plan_load(targets, adapter, checkpoint, keep_fp8=residency_candidates(model))
+    kept = sum(planned.action == "kept_fp8" for planned in resident.values())
     adapter_info = adapter.describe()
     actions = Counter(planned.action for planned in plan.values())
     return {
@@ -158,9 +163,9 @@ def _load_summary(
         "converted": actions["converted"],
         "scale_keys": actions["dequantized"],
         "dropped_keys": sum(len(planned.source.dropped_keys) for planned in plan.values()),
-        "bytes_after_load": sum(
-            targets[name].numel() * planned.dtype.itemsize for name, planned in plan.items()
-        ),
+        "bytes_after_load": sum(planned.resident_bytes for planned in plan.values()),
+        "fp8_resident_layers": kept,
+        "bytes_after_load_fp8_resident": sum(p.resident_bytes for p in resident.values()) if kept else None,
         "forward_overridden": model.automodel_composition.forward_overridden,
     }
 

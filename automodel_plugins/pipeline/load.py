@@ -5,6 +5,9 @@
 
 ``from_pretrained`` runs all of it. ``build_model`` stops before the tensors (for users who shard first), and
 ``load_weights`` streams into a model ``build_model`` made once it is materialized (each rank its own slices).
+``dequantize=False`` keeps the checkpoint's FP8 linear weights FP8 (see ``docs/fp8-resident.md``): after
+planning, those layers become :class:`~automodel_plugins.model.fp8_linear.Fp8Linear` on meta, and the stream
+fills them with the stored FP8 bytes and scales.
 """
 
 from __future__ import annotations
@@ -15,14 +18,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from automodel_plugins.checkpoint import Checkpoint
-from automodel_plugins.errors import CheckpointError, ConfigError, PluginError
+from automodel_plugins.errors import CheckpointError, ConfigError, NoPluginClaimError, PluginError
 from automodel_plugins.model.forward import SKIP_LOGITS_OPTION
 from automodel_plugins.model.stock import build_on_meta, stock_class
 from automodel_plugins.model.tensors import (
     ensure_materialized,
     model_tensors,
     poison_meta_buffers,
+    stock_names,
     unrecomputed_buffers,
+    unwrap_peft,
 )
 from automodel_plugins.pipeline.composition import (
     COMPOSITION_ATTR,
@@ -33,7 +38,13 @@ from automodel_plugins.pipeline.composition import (
     composition_of,
     drop_quantization_config,
 )
-from automodel_plugins.pipeline.plan import plan_load
+from automodel_plugins.pipeline.plan import LoadPlan, plan_load
+from automodel_plugins.pipeline.resident import (
+    loadable_tensors,
+    make_fp8_resident,
+    residency_candidates,
+    resident_weights,
+)
 from automodel_plugins.pipeline.stream import LoadReport, stream_into
 from automodel_plugins.registry import Registry, get_registry
 from automodel_plugins.sources import (
@@ -48,6 +59,8 @@ from automodel_plugins.sources import (
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
 
+    from automodel_plugins.adapters import StateDictAdapter
+
 __all__ = ["build_model", "from_pretrained", "load_weights", "resolve_dtype"]
 
 
@@ -56,6 +69,7 @@ def from_pretrained(
     *,
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
+    dequantize: bool = True,
     require_plugin: bool = False,
     skip_logits: bool = False,
     progress: bool | None = None,
@@ -70,19 +84,28 @@ def from_pretrained(
     config, onto the stock transformers class.
 
     No plugin claiming the config means the stock ``from_pretrained`` of the config's architecture (unless
-    ``require_plugin``). ``dtype`` defaults to the config's (BF16 for FP8 checkpoints). ``skip_logits``: a
-    forward given ``labels`` computes the loss from hidden states and returns no full logits (when the plugin
-    overrides the forward). ``progress`` switches the bars (downloads and loading; default: at a terminal).
-    ``revision``, ``cache_dir``, ``token`` and ``local_files_only`` are transformers' options for a repo id:
-    only its ``config.json``, index and the shards the index names are downloaded. Under
-    ``torch.distributed`` every rank must call this (one rank per machine downloads). The model is returned in
-    eval mode, like transformers does.
+    ``require_plugin``). ``dtype`` defaults to the config's (BF16 for FP8 checkpoints): the dtype of every
+    float tensor, and the compute dtype of FP8-resident layers. ``dequantize=False``: the checkpoint's FP8
+    linear weights stay FP8 (frozen :class:`~automodel_plugins.model.fp8_linear.Fp8Linear` layers, 1 byte a
+    parameter plus their scales), dequantized one layer at a time in the forward; an unquantized checkpoint
+    raises :class:`~automodel_plugins.errors.NotQuantizedError`. ``skip_logits``: a forward given ``labels``
+    computes the loss from hidden states and returns no full logits (when the plugin overrides the forward).
+    ``progress`` switches the bars (downloads and loading; default: at a terminal). ``revision``,
+    ``cache_dir``, ``token`` and ``local_files_only`` are transformers' options for a repo id: only its
+    ``config.json``, index and the shards the index names are downloaded. Under ``torch.distributed`` every
+    rank must call this (one rank per machine downloads). The model is returned in eval mode, like
+    transformers does.
     """
     registry = registry or get_registry()
     location = _locate(path, revision, cache_dir, token, local_files_only, progress)
     config = load_config(location)
     claim = registry.winning_claim(config, require_plugin=require_plugin)
     if claim is None:
+        if not dequantize:
+            raise NoPluginClaimError(
+                f"{path}: dequantize=False needs the host's loader, and no plugin claims this config "
+                "(stock transformers would load it); install or select a plugin that serves it"
+            )
         return _stock_from_pretrained(location, config, dtype=dtype, device=device, **stock_kwargs)
     plugin = claim.plugin
     if stock_kwargs:
@@ -92,10 +115,10 @@ def from_pretrained(
     dtype = resolve_dtype(config, dtype)
     device = torch.device(device)
     model = build_on_meta(config, dtype)
-    composition = compose(registry, claim, **{SKIP_LOGITS_OPTION: skip_logits})
+    composition = compose(registry, claim, **{SKIP_LOGITS_OPTION: skip_logits}, dequantize=dequantize)
     with Checkpoint.open(location) as checkpoint:
         adapter = adapter_for(registry, plugin, config, checkpoint)
-        plan = plan_load(model_tensors(model), adapter, checkpoint)
+        plan = _plan_build(model, adapter, checkpoint, dequantize=dequantize, composition=composition)
         composition.load = stream_into(model, plan, checkpoint, device=device, progress=progress)
         composition.adapter = adapter.describe()
     poisoned = poison_meta_buffers(model, device)
@@ -103,7 +126,8 @@ def from_pretrained(
     model.tie_weights()
     _check_buffers_recomputed(model, poisoned, plugin)
     ensure_materialized(model)
-    composition.dequantized_from = drop_quantization_config(model)
+    if not composition.fp8_resident:
+        composition.dequantized_from = drop_quantization_config(model)
     bind_forward(registry, plugin, model, config, composition)
     setattr(model, COMPOSITION_ATTR, composition)
     return model.eval()
@@ -113,6 +137,7 @@ def build_model(
     path_or_config: str | Path | CheckpointLocation | PretrainedConfig,
     *,
     dtype: torch.dtype | None = None,
+    dequantize: bool = True,
     skip_logits: bool = False,
     require_plugin: bool = False,
     registry: Registry | None = None,
@@ -125,16 +150,30 @@ def build_model(
     :func:`load_weights`. The claiming plugin's ``post_materialize`` runs now (on meta) so that it can install
     fix-ups that fire after materialization; its forward override is bound now. A hub repo id fetches only its
     ``config.json`` (the hub options as in :func:`from_pretrained`).
+
+    ``dequantize=False`` (needs the checkpoint path: which weights stay FP8 is read from its headers) builds
+    the FP8-resident layers now, so that sharding splits their FP8 codes, and each rank later reads only its
+    slice of them.
     """
     registry = registry or get_registry()
+    location = None
     if isinstance(path_or_config, (str, Path, CheckpointLocation)):
         location = _locate(path_or_config, revision, cache_dir, token, local_files_only, None)
         config = load_config(location)
     else:
         config = path_or_config
+    if not dequantize and location is None:
+        raise TypeError(
+            "build_model(..., dequantize=False) needs the checkpoint path, not a config: which linear weights "
+            "stay FP8 is read from the checkpoint's headers"
+        )
     claim = registry.winning_claim(config, require_plugin=require_plugin)
     model = build_on_meta(config, resolve_dtype(config, dtype))
-    composition = compose(registry, claim, **{SKIP_LOGITS_OPTION: skip_logits})
+    composition = compose(registry, claim, **{SKIP_LOGITS_OPTION: skip_logits}, dequantize=dequantize)
+    if not dequantize:
+        with Checkpoint.open(location, download=False) as checkpoint:
+            adapter = adapter_for(registry, claim.plugin if claim else None, config, checkpoint)
+            _plan_build(model, adapter, checkpoint, dequantize=False, composition=composition)
     if claim is not None:
         registry.call(claim.plugin, "post_materialize", model=model, config=config)
         bind_forward(registry, claim.plugin, model, config, composition)
@@ -156,6 +195,9 @@ def load_weights(
 ) -> LoadReport:
     """Stream ``path`` into an already materialized ``model`` (plain tensors or DTensors, each rank its region).
 
+    ``model`` may be wrapped by PEFT (``get_peft_model`` before ``fully_shard``, so that FSDP2 shards the
+    adapters too): the base layers inside LoRA layers are loaded under their stock names, and the adapters,
+    which no checkpoint of the model holds, are left as they are (initialize them after ``to_empty``).
     ``stage=True``: the model is one pipeline stage holding only some of the modules, so checkpoint tensors of
     other stages are expected to be left unread; from a hub repo, only the shard files holding this stage's
     tensors are downloaded (the plan is made from the others' headers). The claiming plugin's
@@ -166,6 +208,8 @@ def load_weights(
         model, hint=" (materialize them first with model.to_empty(device=...), or use from_pretrained)"
     )
     registry = registry or get_registry()
+    model = unwrap_peft(model)
+    names = stock_names(model)
     composition = composition_of(model)
     plugin = composition.plugin if composition else registry.resolve(model.config)
     # The checkpoint's own config says how it is stored (FP8 block size, modules never converted); the
@@ -174,17 +218,40 @@ def load_weights(
     checkpoint_config = load_config(location) if location.has_config() else model.config
     with Checkpoint.open(location, download=not stage) as checkpoint:
         adapter = adapter_for(registry, plugin, checkpoint_config, checkpoint)
-        plan = plan_load(model_tensors(model), adapter, checkpoint, allow_unused=stage)
+        model_names = {name: stock for stock, name in names.items()}
+        plan = plan_load(
+            loadable_tensors(model, names),
+            adapter,
+            checkpoint,
+            allow_unused=stage,
+            require_fp8={model_names[name] for name in resident_weights(model)},
+        )
         if stage:  # only now is it known which shard files this stage reads
             location.fetch(sorted({checkpoint.info(key).file.name for key in plan.read_keys()}))
-        report = stream_into(model, plan, checkpoint, progress=progress)
+        report = stream_into(model, plan, checkpoint, progress=progress, names=names)
     if plugin is not None:
         registry.call(plugin, "post_materialize", model=model, config=model.config)
-    dequantized_from = drop_quantization_config(model)
+    dequantized_from = None if resident_weights(model) else drop_quantization_config(model)
     if composition is not None:
         composition.load, composition.adapter = report, adapter.describe()
         composition.dequantized_from = composition.dequantized_from or dequantized_from
     return report
+
+
+def _plan_build(
+    model: PreTrainedModel,
+    adapter: StateDictAdapter,
+    checkpoint: Checkpoint,
+    *,
+    dequantize: bool,
+    composition: Composition,
+) -> LoadPlan:
+    """Plan a load into the meta model; with ``dequantize=False`` also make its FP8 layers resident."""
+    candidates = () if dequantize else residency_candidates(model)
+    plan = plan_load(model_tensors(model), adapter, checkpoint, keep_fp8=candidates)
+    if not dequantize:
+        composition.fp8_resident = make_fp8_resident(model, plan, checkpoint)
+    return plan
 
 
 def resolve_dtype(config: PretrainedConfig, dtype: torch.dtype | str | None) -> torch.dtype:

@@ -3,12 +3,14 @@
 Planning reads headers only. It asks the adapter where each tensor lives, accounts for every checkpoint key
 (missing keys always fail; unused keys fail unless a pipeline stage expects them), and decides once, for
 ``inspect`` and the streaming loader alike, the dtype each tensor loads in and how it gets there: FP8 data is
-dequantized, a float in another dtype is converted, anything else is used as stored.
+dequantized, or kept FP8 (``dequantize=False``: the FP8 weights of the tensors the caller names as residency
+candidates), a float in another dtype is converted, anything else is used as stored.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import math
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -22,6 +24,7 @@ from automodel_plugins.errors import (
     UnexpectedKeysError,
 )
 from automodel_plugins.fp8.formats import is_fp8
+from automodel_plugins.fp8.scales import grid_shape
 
 if TYPE_CHECKING:
     from automodel_plugins.adapters import StateDictAdapter, TensorSource
@@ -29,19 +32,25 @@ if TYPE_CHECKING:
 
 __all__ = ["Action", "LoadPlan", "PlannedTensor", "action_for", "loaded_dtype", "plan_load"]
 
-Action = Literal["dequantized", "converted", "used_in_place"]
-"""How a tensor's value is made: FP8 data times its scale; a cast; or the stored tensor as it is."""
+Action = Literal["dequantized", "kept_fp8", "converted", "used_in_place"]
+"""How a tensor's value is made: FP8 data times its scale; FP8 data and its scale kept as they are (an
+FP8-resident linear weight); a cast; or the stored tensor as it is."""
 
 
-def loaded_dtype(stored: torch.dtype, *, fp8: bool, dtype: torch.dtype) -> torch.dtype:
-    """What a model holds for a stored tensor: floats (FP8 data included) become ``dtype``, others stay."""
+def loaded_dtype(
+    stored: torch.dtype, *, fp8: bool, dtype: torch.dtype, keep_fp8: bool = False
+) -> torch.dtype:
+    """What a model holds for a stored tensor: floats (FP8 data included) become ``dtype``, others stay;
+    FP8 data kept resident stays in its FP8 dtype."""
+    if fp8 and keep_fp8:
+        return stored
     return dtype if fp8 or stored.is_floating_point else stored
 
 
-def action_for(stored: torch.dtype, *, fp8: bool, dtype: torch.dtype) -> Action:
+def action_for(stored: torch.dtype, *, fp8: bool, dtype: torch.dtype, keep_fp8: bool = False) -> Action:
     """How a stored tensor becomes the model's value in ``dtype`` (see :data:`Action`)."""
     if fp8:
-        return "dequantized"
+        return "kept_fp8" if keep_fp8 else "dequantized"
     return "used_in_place" if stored == loaded_dtype(stored, fp8=False, dtype=dtype) else "converted"
 
 
@@ -52,10 +61,17 @@ class PlannedTensor:
     source: TensorSource
     dtype: torch.dtype
     action: Action
+    numel: int = 0
+    scale_numel: int = 0
 
     @property
     def is_fp8(self) -> bool:
         return self.source.is_fp8
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes the model holds for this tensor once loaded: FP8 codes plus their fp32 scale when kept FP8."""
+        return self.numel * self.dtype.itemsize + (self.scale_numel * 4 if self.action == "kept_fp8" else 0)
 
 
 @dataclass
@@ -95,10 +111,14 @@ def plan_load(
     *,
     dtype: torch.dtype | None = None,
     allow_unused: bool = False,
+    keep_fp8: Collection[str] = (),
+    require_fp8: Collection[str] = (),
 ) -> LoadPlan:
     """Plan the load of ``tensors`` (name -> the model's tensor, on meta or real) from ``checkpoint``.
 
-    Floats load in ``dtype`` when given, else in each model tensor's own dtype. Raises
+    Floats load in ``dtype`` when given, else in each model tensor's own dtype. Tensors named in ``keep_fp8``
+    whose checkpoint data is FP8 are planned ``kept_fp8`` (their FP8 data and scale are read as stored); those
+    in ``require_fp8`` (the weights of layers already FP8-resident) must be FP8 in the checkpoint. Raises
     :class:`MissingKeysError`, :class:`~automodel_plugins.errors.UnexpectedKeysError` (unless
     ``allow_unused``: a pipeline stage holds only some of the model), :class:`ScaleError` for a scale the
     checkpoint lacks, and :class:`ShapeMismatchError` / :class:`DtypeMismatchError` for a stored tensor that
@@ -118,16 +138,28 @@ def plan_load(
             f"scale tensor(s) not in the checkpoint: {', '.join(absent_scales)}", path=checkpoint.directory
         )
     order = {key: i for i, key in enumerate(checkpoint.keys())}
+    keep, required = set(keep_fp8) | set(require_fp8), set(require_fp8)
     planned = {}
     for name in sorted(sources, key=lambda n: order[sources[n].key]):
         source, target = sources[name], tensors[name]
-        _check_compatible(name, target, source, checkpoint)
-        stored = checkpoint.info(source.key).dtype
+        kept = name in keep and source.is_fp8
+        if name in required and not source.is_fp8:
+            info = checkpoint.info(source.key)
+            raise DtypeMismatchError(
+                f"model tensor {name!r} is an FP8-resident weight but the checkpoint stores it as "
+                f"{info.dtype} without a scale; load it into a model built with dequantize=True",
+                path=info.file,
+                key=source.key,
+            )
+        _check_compatible(name, target, source, checkpoint, kept=kept)
+        info = checkpoint.info(source.key)
         target_dtype = dtype if dtype is not None and target.dtype.is_floating_point else target.dtype
         planned[name] = PlannedTensor(
             source,
-            loaded_dtype(stored, fp8=source.is_fp8, dtype=target_dtype),
-            action_for(stored, fp8=source.is_fp8, dtype=target_dtype),
+            loaded_dtype(info.dtype, fp8=source.is_fp8, dtype=target_dtype, keep_fp8=kept),
+            action_for(info.dtype, fp8=source.is_fp8, dtype=target_dtype, keep_fp8=kept),
+            numel=target.numel(),
+            scale_numel=_scale_numel(source, tuple(info.shape)) if kept else 0,
         )
     plan = LoadPlan(planned)
     consumed = plan.consumed_keys()
@@ -137,7 +169,14 @@ def plan_load(
     return plan
 
 
-def _check_compatible(name: str, target: torch.Tensor, source: TensorSource, checkpoint: Checkpoint) -> None:
+def _scale_numel(source: TensorSource, shape: tuple[int, ...]) -> int:
+    """Elements of the fp32 scale an FP8-resident weight keeps: one, or one per block."""
+    return 1 if source.block_size is None else math.prod(grid_shape(shape, source.block_size))
+
+
+def _check_compatible(
+    name: str, target: torch.Tensor, source: TensorSource, checkpoint: Checkpoint, *, kept: bool = False
+) -> None:
     info = checkpoint.info(source.key)
     if tuple(info.shape) != tuple(target.shape):
         raise ShapeMismatchError(
@@ -145,6 +184,8 @@ def _check_compatible(name: str, target: torch.Tensor, source: TensorSource, che
             path=info.file,
             key=source.key,
         )
+    if kept:
+        return  # FP8 codes kept as stored: the module holding them is (or becomes) an Fp8Linear
     both_float = target.dtype.is_floating_point and (info.dtype.is_floating_point or is_fp8(info.dtype))
     if not both_float and info.dtype != target.dtype:
         raise DtypeMismatchError(

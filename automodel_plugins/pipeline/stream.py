@@ -3,13 +3,15 @@
 What a target tensor is decides how its value arrives: a tensor still on the meta device is replaced by a new
 one (created on the load's ``device``; a tensor stored as it loads, read whole on CPU, is used in place from the
 memory map, never copied); a real tensor, plain or a DTensor shard (FSDP2, tensor parallel), is written in
-place, reading only the region this rank holds. Dtypes come from the plan in both cases.
+place, reading only the region this rank holds. Dtypes come from the plan in both cases. A weight the plan
+keeps FP8 goes to its :class:`~automodel_plugins.model.fp8_linear.Fp8Linear` as the stored FP8 bytes (the
+region's bytes on a sharded model) with its whole scale: no dequantized copy is made.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -21,12 +23,13 @@ from automodel_plugins.errors import ScaleError
 from automodel_plugins.fp8.decode import dequantize
 from automodel_plugins.fp8.formats import is_fp8
 from automodel_plugins.fp8.scales import validate_scale
+from automodel_plugins.model.fp8_linear import Fp8Linear
 from automodel_plugins.model.placement import Region, local_region, write_local
 from automodel_plugins.model.tensors import model_tensors
 from automodel_plugins.pipeline.plan import Action, LoadPlan, action_for
 from automodel_plugins.progress import progress_enabled
 
-__all__ = ["LoadReport", "read_value", "stream_into"]
+__all__ = ["LoadReport", "read_fp8", "read_scale", "read_value", "stream_into"]
 
 
 @dataclass
@@ -34,12 +37,13 @@ class LoadReport:
     """What a load did; attached to the model's composition record.
 
     ``used_in_place`` counts tensors stored in the dtype the model holds (memory-mapped when assigned whole
-    on CPU, copied into an already materialized model); ``unused_keys_allowed`` the checkpoint keys a
-    pipeline stage left to the other stages.
+    on CPU, copied into an already materialized model); ``kept_fp8`` the FP8 weights held as FP8 by
+    FP8-resident layers; ``unused_keys_allowed`` the checkpoint keys a pipeline stage left to the other stages.
     """
 
     tensors: int = 0
     dequantized: int = 0
+    kept_fp8: int = 0
     used_in_place: int = 0
     converted: int = 0
     dropped_keys: list[str] = field(default_factory=list)
@@ -71,14 +75,7 @@ def read_value(
         )
     action = action_for(info.dtype, fp8=source.is_fp8, dtype=dtype)
     if action == "dequantized":
-        scale = checkpoint.read(source.scale_key)
-        validate_scale(
-            scale,
-            weight_shape=info.shape,
-            block_size=source.block_size,
-            key=source.scale_key,
-            path=checkpoint.info(source.scale_key).file,
-        )
+        scale = read_scale(checkpoint, source)
         data = checkpoint.read(source.key, region).to(device)
         block_region = None if region is None or source.block_size is None else region
         value = dequantize(
@@ -91,6 +88,38 @@ def read_value(
     return checkpoint.read(source.key, region).to(device=device, dtype=target_dtype), action
 
 
+def read_scale(checkpoint: Checkpoint, source: TensorSource) -> torch.Tensor:
+    """The whole scale of an FP8 tensor as stored, refused unless finite, positive and the right shape."""
+    scale = checkpoint.read(source.scale_key)
+    validate_scale(
+        scale,
+        weight_shape=checkpoint.info(source.key).shape,
+        block_size=source.block_size,
+        key=source.scale_key,
+        path=checkpoint.info(source.scale_key).file,
+    )
+    return scale
+
+
+def read_fp8(
+    checkpoint: Checkpoint,
+    source: TensorSource,
+    *,
+    device: torch.device,
+    region: Region | None = None,
+    in_place_ok: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """An FP8 weight's codes (only ``region``'s bytes, as stored) and its whole validated scale.
+
+    The bytes go straight into FP8 storage: memory-mapped from the file for a whole tensor on CPU with
+    ``in_place_ok``, otherwise read with ``pread`` into a private FP8 tensor (then moved to ``device``).
+    """
+    scale = read_scale(checkpoint, source)
+    if in_place_ok and region is None and device.type == "cpu":
+        return checkpoint.tensor(source.key), scale
+    return checkpoint.read(source.key, region).to(device), scale
+
+
 def stream_into(
     model: nn.Module,
     plan: LoadPlan,
@@ -98,16 +127,22 @@ def stream_into(
     *,
     device: torch.device | None = None,
     progress: bool | None = None,
+    names: Mapping[str, str] | None = None,
 ) -> LoadReport:
     """Load every planned tensor into ``model``: meta tensors are replaced (on ``device``, CPU by default),
-    real ones are written in place (each rank its own region)."""
+    real ones are written in place (each rank its own region). ``names`` maps a planned (stock) name to the
+    tensor's name in ``model`` where they differ (inside PEFT tuner layers)."""
     device = torch.device("cpu") if device is None else torch.device(device)
     report = LoadReport(unused_keys_allowed=len(plan.unused_keys))
     started, bytes_before = time.perf_counter(), checkpoint.bytes_read
     targets = model_tensors(model)
-    for name in _progress(list(plan), enabled=progress, total_bytes=checkpoint.total_nbytes()):
-        planned, target = plan[name], targets[name]
-        if target.is_meta:
+    for planned_name in _progress(list(plan), enabled=progress, total_bytes=checkpoint.total_nbytes()):
+        name = names.get(planned_name, planned_name) if names else planned_name
+        planned, target = plan[planned_name], targets[name]
+        if planned.action == "kept_fp8":
+            _load_resident(model, name, target, planned.source, checkpoint, device)
+            how: Action = "kept_fp8"
+        elif target.is_meta:
             value, how = read_value(
                 checkpoint, planned.source, dtype=planned.dtype, device=device, in_place_ok=True
             )
@@ -127,6 +162,24 @@ def stream_into(
     report.bytes_read = checkpoint.bytes_read - bytes_before
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _load_resident(
+    model: nn.Module,
+    name: str,
+    target: torch.Tensor,
+    source: TensorSource,
+    checkpoint: Checkpoint,
+    device: torch.device,
+) -> None:
+    layer = model.get_submodule(name.rpartition(".")[0])
+    if not isinstance(layer, Fp8Linear):
+        raise TypeError(f"{name!r} is planned FP8-resident but its module is a {type(layer).__name__}")
+    if target.is_meta:
+        codes, scale = read_fp8(checkpoint, source, device=device, in_place_ok=True)
+    else:
+        codes, scale = read_fp8(checkpoint, source, device=target.device, region=local_region(target))
+    layer.load_fp8(codes, scale)
 
 
 def _assign(model: nn.Module, name: str, target: torch.Tensor, value: torch.Tensor) -> None:

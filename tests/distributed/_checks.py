@@ -81,7 +81,8 @@ def record_reads() -> Iterator[list[tuple[str, Bounds]]]:
 def expected_reads(
     model: nn.Module, checkpoint: Checkpoint, rename: Any
 ) -> tuple[list[tuple[str, Bounds]], int]:
-    """What a rank holding ``model`` should read: each tensor's own region, each FP8 weight's whole scale.
+    """What a rank holding ``model`` should read: each tensor's own region, each FP8 weight's whole scale
+    (an FP8-resident layer's scale buffer is that scale, not a tensor read on its own).
 
     Returns the sorted reads and their byte count (region elements x on-disk item size).
     """
@@ -90,6 +91,8 @@ def expected_reads(
     reads: list[tuple[str, Bounds]] = []
     nbytes = 0
     for name, tensor in model_tensors(model).items():
+        if name.endswith(".weight_scale_inv"):
+            continue
         key = rename(name)
         info = checkpoint.info(key)
         bounds = chunk_bounds(tensor)
@@ -97,7 +100,7 @@ def expected_reads(
         reads.append((key, bounds))
         nbytes += elements * info.dtype.itemsize
         scale_key = key.removesuffix("weight") + "weight_scale_inv"
-        if info.dtype == torch.float8_e4m3fn:
+        if info.dtype == torch.float8_e4m3fn:  # FP8 data, dequantized or kept FP8: its scale is read whole
             reads.append((scale_key, None))
             nbytes += checkpoint.info(scale_key).nbytes
     return sorted(reads, key=_read_order), nbytes
@@ -109,6 +112,17 @@ def _read_order(read: tuple[str, Bounds]) -> tuple[str, str]:
 
 def sorted_reads(reads: list[tuple[str, Bounds]]) -> list[tuple[str, Bounds]]:
     return sorted(reads, key=_read_order)
+
+
+def local_value(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor, or the tensor itself."""
+    return tensor.to_local() if is_dtensor(tensor) else tensor
+
+
+def local_part(tensor: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """The region of ``full`` that this rank's shard of ``tensor`` holds (by ``torch.chunk``'s rule)."""
+    bounds = chunk_bounds(tensor)
+    return full if bounds is None else full[tuple(slice(lo, hi) for lo, hi in bounds)]
 
 
 def full_value(tensor: torch.Tensor) -> torch.Tensor:

@@ -81,6 +81,7 @@ def load_recorded(model: Any, path: Path, *, stage: bool = False) -> dict[str, A
         "expected_reads": expected,
         "tensors": report.tensors,
         "dequantized": report.dequantized,
+        "kept_fp8": report.kept_fp8,
     }
 
 
@@ -271,6 +272,121 @@ def _train(model: Any, batch: dict[str, torch.Tensor], *, steps: int) -> tuple[l
     return losses, had_logits
 
 
+# --- FP8-resident weights (dequantize=False) ------------------------------------------------------------
+
+
+def fsdp_resident_model(ctx: Context, path: Path, *, lora: bool = False) -> Any:
+    """``build_model(dequantize=False)`` (and LoRA, on meta) -> one layer's ``down_proj`` alone as an FSDP2
+    unit (FP8 codes only: on gloo that works because they are stored as uint8; with a BF16 mixed-precision
+    policy, which leaves integer parameters alone), every layer, the root -> ``to_empty``."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    model = automodel_plugins.build_model(path, dequantize=False)
+    if lora:
+        model = with_lora(model)
+    base = model.get_base_model() if lora else model
+    layers = base.model.language_model.layers
+    down_proj = layers[0].mlp.down_proj
+    bf16_params = MixedPrecisionPolicy(param_dtype=torch.bfloat16, cast_forward_inputs=False)
+    fully_shard(down_proj.base_layer if lora else down_proj, mesh=ctx.mesh, mp_policy=bf16_params)
+    for layer in layers:
+        fully_shard(layer, mesh=ctx.mesh)
+    fully_shard(model, mesh=ctx.mesh)
+    model.to_empty(device="cpu")
+    return model
+
+
+def with_lora(model: Any) -> Any:
+    """The same random (non-zero B) LoRA on every FP8 projection and the projector, for the same model."""
+    import peft
+
+    torch.manual_seed(3)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "linear_1"]
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+    return peft.get_peft_model(model, config)
+
+
+def codes_held(model: Any) -> tuple[int, int]:
+    """FP8 code bytes this rank holds (local shards) and the model's total."""
+    from automodel_plugins.model.fp8_linear import Fp8Linear
+
+    layers = [m for m in model.modules() if isinstance(m, Fp8Linear)]
+    local = sum(_checks.local_value(m.weight).numel() for m in layers)
+    return local, sum(m.weight.numel() for m in layers)
+
+
+def fsdp_resident_load(ctx: Context, checkpoint: str) -> dict[str, Any]:
+    """The sharded load of FP8-resident layers: each rank reads and holds only its slice of the FP8 codes
+    (plus every scale whole); gathered, the codes and scales are the single-process load's bit for bit."""
+    path = ctx.checkpoint(checkpoint)
+    reference = automodel_plugins.from_pretrained(path, dequantize=False)
+    model = fsdp_resident_model(ctx, path)
+    result = load_recorded(model, path)
+    result["fp8_resident"] = model.automodel_composition.fp8_resident
+    result["codes_held"], result["codes_total"] = codes_held(model)
+    result["codes_dtype"] = str(model.model.language_model.layers[1].mlp.up_proj.weight.dtype)
+    gathered = {name: _checks.full_value(t) for name, t in model_tensors(model).items()}
+    result["full_mismatches"] = _checks.mismatches(gathered, model_tensors(reference))
+    model.eval()
+    batch = _tiny.inputs()
+    result["logits_equal"] = bool(torch.equal(logits(model, batch), logits(reference, batch)))
+    return result
+
+
+def fsdp_resident_lora(ctx: Context) -> dict[str, Any]:
+    """A LoRA training step on the FP8-resident model, FSDP2 on 2 ranks (each its half of the batch) against
+    the same step in one process (the whole batch): loss, every LoRA gradient, the updated adapters."""
+    path = ctx.checkpoint("block_untied")
+    batch = _tiny.inputs(batch=2 * ctx.world)
+    single = with_lora(automodel_plugins.from_pretrained(path, dequantize=False)).train()
+    initial = {n: p.detach().clone() for n, p in single.named_parameters() if "lora_" in n}
+    single_grads, single_after, single_losses = _lora_step(single, batch)
+
+    model = fsdp_resident_model(ctx, path, lora=True)
+    automodel_plugins.load_weights(model, path)
+    lora_sharded = all(_checks.is_dtensor(p) for n, p in model.named_parameters() if "lora_" in n)
+    with torch.no_grad():  # the adapters' initial values, each rank its shard (to_empty left garbage)
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                _checks.local_value(param).copy_(_checks.local_part(param, initial[name]))
+    model.train()
+    rows = batch["input_ids"].shape[0] // ctx.world
+    mine = {k: v[ctx.rank * rows : (ctx.rank + 1) * rows] for k, v in batch.items()}
+    grads, after, losses = _lora_step(model, mine)
+    mean_losses = []
+    for loss in losses:
+        value = torch.tensor(loss)
+        dist.all_reduce(value)
+        mean_losses.append(value.item() / ctx.world)
+    codes_local, codes_total = codes_held(model)
+    return {
+        "losses": mean_losses,
+        "single_losses": single_losses,
+        "grad_names": sorted(grads),
+        "single_grad_names": sorted(single_grads),
+        "max_grad_diff": max((grads[n] - single_grads[n]).abs().max().item() for n in single_grads),
+        "max_param_diff": max((after[n] - single_after[n]).abs().max().item() for n in single_after),
+        "trainable": sorted(n for n, p in model.named_parameters() if p.requires_grad),
+        "codes_held": codes_local,
+        "codes_total": codes_total,
+        "lora_sharded": lora_sharded,  # at rest (the root unit stays unsharded after a forward)
+    }
+
+
+def _lora_step(model: Any, batch: dict[str, torch.Tensor]) -> tuple[dict, dict, list[float]]:
+    """Forward, backward, one SGD step, and the loss after it: (full LoRA grads, full LoRA params, losses)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=0.5)
+    loss = model(**batch).loss
+    loss.backward()
+    grads = {n: _checks.full_value(p.grad) for n, p in model.named_parameters() if p.grad is not None}
+    optimizer.step()
+    after = {n: _checks.full_value(p).detach() for n, p in model.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        loss_after = model(**batch).loss
+    return grads, after, [loss.item(), loss_after.item()]
+
+
 SCENARIOS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "fsdp_per_tensor": lambda ctx: fsdp_load(ctx, "per_tensor_tied"),
     "fsdp_block": lambda ctx: fsdp_load(ctx, "block_untied"),
@@ -280,6 +396,9 @@ SCENARIOS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "train": train_step,
     "hub_fsdp": hub_fsdp,
     "hub_pipeline": hub_pipeline,
+    "fsdp_resident_per_tensor": lambda ctx: fsdp_resident_load(ctx, "per_tensor_untied"),
+    "fsdp_resident_block": lambda ctx: fsdp_resident_load(ctx, "block_untied"),
+    "fsdp_resident_lora": fsdp_resident_lora,
 }
 
 

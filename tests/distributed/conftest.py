@@ -23,7 +23,9 @@ from . import _tiny
 
 WORLD_SIZE = 2
 WORKER = Path(__file__).with_name("_worker.py")
-TIMEOUT_S = float(os.environ.get("AUTOMODEL_PLUGINS_DISTRIBUTED_TIMEOUT", "180"))
+TIMEOUT_S = float(
+    os.environ.get("AUTOMODEL_PLUGINS_DISTRIBUTED_TIMEOUT", "300")
+)  # every scenario, one launch
 
 
 @dataclass

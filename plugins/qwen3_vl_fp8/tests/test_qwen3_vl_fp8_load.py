@@ -259,3 +259,20 @@ def _package_version() -> str:
     import automodel_plugins_qwen3_vl_fp8
 
     return automodel_plugins_qwen3_vl_fp8.__version__
+
+
+def test_fp8_resident_load_gives_the_dequantized_model_s_logits(
+    checkpoints: dict[str, Path], image_inputs: Any
+) -> None:
+    """``dequantize=False`` through the host alone: the vision blocks' FP8 linears stay FP8 too."""
+    from automodel_plugins import Fp8Linear
+
+    path = checkpoints["32-fp32-scales-vision-fp8"]
+    resident = automodel_plugins.from_pretrained(path, dtype=torch.float32, dequantize=False)
+    dequantized = automodel_plugins.from_pretrained(path, dtype=torch.float32)
+    layers = [name for name, m in resident.named_modules() if isinstance(m, Fp8Linear)]
+    assert layers == resident.automodel_composition.fp8_resident  # in module order
+    assert any(name.startswith("model.visual.blocks.") for name in layers)
+    assert not any(name.startswith("model.visual.merger") for name in layers)  # modules_to_not_convert
+    with torch.no_grad():
+        assert torch.equal(resident(**image_inputs).logits, dequantized(**image_inputs).logits)

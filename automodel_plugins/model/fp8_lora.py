@@ -1,0 +1,99 @@
+"""PEFT LoRA over FP8-resident layers: training works with PEFT's stock ``lora.Linear``; merging needs this.
+
+:class:`~automodel_plugins.model.fp8_linear.Fp8Linear` is an ``nn.Linear`` subclass, so ``get_peft_model`` wraps
+it with PEFT's stock ``lora.Linear`` (forward, training, ``save_pretrained``, ``PeftModel.from_pretrained`` all
+work; ``compute_dtype`` gives the adapters the compute dtype). PEFT's merge adds the LoRA delta to
+``base_layer.weight`` in place, which for FP8 codes is either an error or, were it allowed, the delta added to
+unscaled codes. Two ways that merge right, both into a stock ``nn.Linear`` holding the dequantized weight in the
+compute dtype (re-quantizing there would lose most of a small delta):
+
+* :func:`merge_lora` (``merge_and_unload`` for a model with FP8-resident bases, whatever wrapper PEFT chose):
+  the stock model back, merged layers as plain ``nn.Linear``, its ``quantization_config`` saying what it holds;
+* :func:`register_fp8_lora` on the ``LoraConfig`` before ``get_peft_model`` (or on the config passed to
+  ``PeftModel.from_pretrained``): PEFT's own ``merge_adapter`` / ``unmerge_adapter`` / ``merge_and_unload``
+  then work through :class:`Fp8LoraLinear`, and ``unmerge`` restores the FP8 base exactly.
+
+Importing this module imports PEFT.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from peft.tuners.lora.layer import Linear as LoraLinear
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from automodel_plugins.model.fp8_linear import Fp8Linear, sync_quantization_config
+
+__all__ = ["Fp8LoraLinear", "dequantize_lora_bases", "merge_lora", "register_fp8_lora"]
+
+_FP8_BASE = "_fp8_base"
+
+
+class Fp8LoraLinear(LoraLinear):
+    """PEFT's ``lora.Linear`` over an :class:`Fp8Linear`: the same forward and training; ``merge`` first
+    gives the layer a stock ``nn.Linear`` base holding the dequantized weight (compute dtype) and merges
+    there; ``unmerge`` puts the original FP8 base back, bit for bit."""
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        if self.lora_variant:
+            raise NotImplementedError(
+                "Fp8LoraLinear merges plain LoRA only; DoRA and other variants over FP8 bases are not supported"
+            )
+        base = self.get_base_layer()
+        if isinstance(base, Fp8Linear):
+            object.__setattr__(self, _FP8_BASE, base)  # not a submodule: no state_dict keys, no double merge
+            self.base_layer = base.to_linear()
+        super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
+
+    def unmerge(self) -> None:
+        fp8_base = self.__dict__.get(_FP8_BASE)
+        if fp8_base is None:
+            super().unmerge()
+            return
+        if not self.merged:
+            return
+        self.base_layer = fp8_base
+        object.__delattr__(self, _FP8_BASE)
+        self.merged_adapters.clear()
+
+    def __repr__(self) -> str:
+        return super().__repr__().replace("lora.Linear", "lora.Fp8LoraLinear", 1)
+
+
+def register_fp8_lora(config: Any) -> Any:
+    """``config`` (a ``peft.LoraConfig``) with LoRA on :class:`Fp8Linear` done by :class:`Fp8LoraLinear`.
+
+    PEFT does not save the registration with the adapter: register again on the config given to
+    ``PeftModel.from_pretrained(model, path, config=register_fp8_lora(LoraConfig.from_pretrained(path)))``.
+    """
+    config._register_custom_module({Fp8Linear: Fp8LoraLinear})
+    return config
+
+
+def dequantize_lora_bases(model: nn.Module, dtype: torch.dtype | None = None) -> int:
+    """Give every LoRA layer over an :class:`Fp8Linear` a stock ``nn.Linear`` base with the dequantized weight
+    (``dtype``, default its compute dtype), one layer at a time; PEFT's stock merge then works. Returns how
+    many bases were replaced."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer) and isinstance(getattr(module, "base_layer", None), Fp8Linear):
+            module.base_layer = module.base_layer.to_linear(dtype)
+            count += 1
+    return count
+
+
+def merge_lora(peft_model: nn.Module, **merge_kwargs: Any) -> nn.Module:
+    """``peft_model.merge_and_unload(**merge_kwargs)`` for a model whose LoRA layers sit on FP8-resident bases.
+
+    Merged layers become stock ``nn.Linear`` in the compute dtype (dequantized weight + LoRA delta); FP8
+    layers without an adapter stay FP8. The returned stock model's ``quantization_config`` lists the merged
+    layers in ``modules_to_not_convert`` (or is dropped when no FP8 layer is left), so a stock
+    ``save_pretrained`` writes a checkpoint transformers loads as it is.
+    """
+    dequantize_lora_bases(peft_model)
+    merged = peft_model.merge_and_unload(**merge_kwargs)
+    sync_quantization_config(merged)
+    return merged

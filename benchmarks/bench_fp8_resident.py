@@ -1,0 +1,203 @@
+"""One LoRA training step on an FP8-resident base (``dequantize=False``) vs the same step on the dequantized base.
+
+Both load the ~0.33B-parameter FP8 checkpoint of ``benchmarks/_checkpoint.py`` through
+``automodel_plugins.from_pretrained`` (the plugin's fused-loss forward, ``skip_logits=True``); ``resident`` keeps
+the 28 text-stack FP8 linears as ``Fp8Linear`` (1 byte a parameter + scales, dequantized one layer at a time),
+``dequantized`` loads them in the compute dtype. Then the same LoRA (r=16, alpha 32, on q/k/v/o and gate/up/down:
+the projector and vision tower, BF16 and not FP8, are not targeted), and one step on a 1 x ``--tokens`` text batch
+with labels: forward, backward, ``AdamW.step()``.
+
+Each measurement is a fresh process (``--worker``); the two paths alternate, medians are shown. Memory on CPU:
+peak RSS over the baseline taken after the imports, over the load, the LoRA wrapping and the first step
+(``VmHWM`` reset through ``/proc/self/clear_refs``; ``MALLOC_MMAP_THRESHOLD_=1 MiB`` so freed tensors go back to
+the OS); the memory-mapped checkpoint pages a path touches count too. On CUDA (``--device cuda``): the load
+happens on the device, and the figure is ``max_memory_allocated``. Time: the median of ``--steps`` further steps
+(the first one allocates the optimizer state). Resident bytes: parameters + buffers after loading.
+
+dtype: BF16 on CUDA and on CPUs with AVX512-BF16/AMX, float32 elsewhere (as ``bench_train_step.py``).
+Targets: peak resident / peak dequantized <= 0.65; step time resident / dequantized <= 1.5.
+
+    python benchmarks/bench_fp8_resident.py                   # per-tensor scales, 1 process per path
+    python benchmarks/bench_fp8_resident.py --kind block --repeats 3 [--dtype float32] [--device cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+PATHS = ("resident", "dequantized")
+PEAK_TARGET = 0.65
+TIME_TARGET = 1.5
+TEXT_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+def worker(path_kind: str, checkpoint: str, args: argparse.Namespace) -> dict:
+    import peft
+    import torch
+    from _memory import PeakRss
+
+    import automodel_plugins
+    from automodel_plugins.model.fp8_linear import Fp8Linear
+
+    dtype, device = getattr(torch, args.dtype), args.device
+    cuda = device.startswith("cuda")
+    torch.manual_seed(0)
+    vocab = automodel_plugins.load_config(checkpoint).text_config.vocab_size
+    vocab_ids = torch.randint(20, vocab, (1, args.tokens))
+    batch = {
+        "input_ids": vocab_ids,
+        "attention_mask": torch.ones_like(vocab_ids),
+        "labels": vocab_ids.clone(),
+    }
+    batch = {k: v.to(device) for k, v in batch.items()}
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        cuda_base = torch.cuda.memory_allocated()
+    with PeakRss() as peak:
+        started = time.perf_counter()
+        model = automodel_plugins.from_pretrained(
+            checkpoint,
+            dtype=dtype,
+            device=device,
+            dequantize=path_kind != "resident",
+            skip_logits=True,
+            progress=False,
+        )
+        load_seconds = time.perf_counter() - started
+        resident_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+        config = peft.LoraConfig(r=16, lora_alpha=32, target_modules=TEXT_TARGETS, lora_dropout=0.0)
+        model = peft.get_peft_model(model, config).train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        first = _step(model, optimizer, batch, cuda)
+    step_peak = torch.cuda.max_memory_allocated() - cuda_base if cuda else peak.extra_bytes
+    seconds = [_step(model, optimizer, batch, cuda)[1] for _ in range(args.steps)]
+    return {
+        "path": path_kind,
+        "peak": step_peak,
+        "memory_method": "cuda max_memory_allocated" if cuda else peak.method,
+        "resident_bytes": resident_bytes,
+        "load_seconds": load_seconds,
+        "first_step_seconds": first[1],
+        "step_seconds": statistics.median(seconds),
+        "loss": first[0],
+        "fp8_layers": sum(isinstance(m, Fp8Linear) for m in model.modules()),
+        "lora_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "dtype": args.dtype,
+    }
+
+
+def _step(model, optimizer, batch, cuda: bool) -> tuple[float, float]:
+    import torch
+
+    started = time.perf_counter()
+    loss = model(**batch).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if cuda:
+        torch.cuda.synchronize()
+    gc.collect()
+    return float(loss.detach()), time.perf_counter() - started
+
+
+def run_worker(path_kind: str, checkpoint: Path, args: argparse.Namespace) -> dict:
+    env = {**os.environ, "AUTOMODEL_PLUGINS_PROGRESS": "0", "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+    cmd = [sys.executable, __file__, "--worker", path_kind, "--path", str(checkpoint)]
+    cmd += [
+        "--tokens",
+        str(args.tokens),
+        "--steps",
+        str(args.steps),
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{path_kind} worker failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--kind", default="per-tensor", choices=("per-tensor", "block"))
+    parser.add_argument("--tokens", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=2, help="timed steps after the first (median)")
+    parser.add_argument("--repeats", type=int, default=1, help="processes per path (median)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"))
+    parser.add_argument("--path", type=Path, help="an existing checkpoint instead of the generated one")
+    parser.add_argument("--worker", choices=PATHS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.dtype == "auto":
+        from bench_train_step import fast_cpu_bf16
+
+        args.dtype = "bfloat16" if args.device.startswith("cuda") or fast_cpu_bf16() else "float32"
+    if args.worker:
+        print(json.dumps(worker(args.worker, str(args.path), args)))
+        return 0
+    from _checkpoint import ensure_checkpoint
+
+    checkpoint = args.path or ensure_checkpoint(args.kind)
+    results: dict[str, list[dict]] = {p: [] for p in PATHS}
+    for repeat in range(args.repeats):
+        for path_kind in PATHS if repeat % 2 == 0 else PATHS[::-1]:
+            row = run_worker(path_kind, checkpoint, args)
+            results[path_kind].append(row)
+            print(
+                f"  run {repeat + 1} {path_kind:<11} peak +{row['peak'] / 2**20:6.0f} MiB  resident "
+                f"{row['resident_bytes'] / 2**20:6.0f} MiB  step {row['step_seconds']:6.2f} s  "
+                f"loss {row['loss']:.5f}",
+                flush=True,
+            )
+
+    def med(p: str, key: str) -> float:
+        return statistics.median(r[key] for r in results[p])
+
+    first = results["resident"][0]
+    print(
+        f"\n{checkpoint.name}: {first['dtype']} on {args.device}, LoRA r=16 on the 28 text projections "
+        f"({first['lora_params'] / 1e6:.2f}M trainable), 1 x {args.tokens} tokens, forward + backward + AdamW, "
+        f"median of {args.repeats} process(es) per path; memory: {first['memory_method']}"
+    )
+    print("| path | FP8 layers | resident (MiB) | peak, load + step (MiB) | load (s) | step (s) | loss |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for p in PATHS:
+        print(
+            f"| {p} | {results[p][0]['fp8_layers']} | {med(p, 'resident_bytes') / 2**20:.0f} | "
+            f"{med(p, 'peak') / 2**20:.0f} | {med(p, 'load_seconds'):.1f} | {med(p, 'step_seconds'):.2f} | "
+            f"{results[p][0]['loss']:.5f} |"
+        )
+    peak_ratio = med("resident", "peak") / med("dequantized", "peak")
+    time_ratio = med("resident", "step_seconds") / med("dequantized", "step_seconds")
+    resident_ratio = med("resident", "resident_bytes") / med("dequantized", "resident_bytes")
+    loss_diff = abs(results["resident"][0]["loss"] - results["dequantized"][0]["loss"])
+    verdict = lambda ok: "PASS" if ok else "FAIL"  # noqa: E731
+    print(f"\nresident bytes resident / dequantized: {resident_ratio:.3f}")
+    print(
+        f"peak (load + step) resident / dequantized: {peak_ratio:.3f}  target <= {PEAK_TARGET}  "
+        f"{verdict(peak_ratio <= PEAK_TARGET)}"
+    )
+    print(
+        f"step time resident / dequantized: {time_ratio:.3f}  target <= {TIME_TARGET}  "
+        f"{verdict(time_ratio <= TIME_TARGET)}"
+    )
+    print(f"|loss resident - loss dequantized| = {loss_diff:.2e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

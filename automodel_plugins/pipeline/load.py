@@ -32,6 +32,7 @@ from automodel_plugins.pipeline.composition import (
     compose,
     composition_of,
     drop_quantization_config,
+    record_source,
 )
 from automodel_plugins.pipeline.plan import plan_load
 from automodel_plugins.pipeline.stream import LoadReport, stream_into
@@ -81,6 +82,7 @@ def from_pretrained(
         plan = plan_load(model_tensors(model), adapter, checkpoint)
         composition.load = stream_into(model, plan, checkpoint, device=device, progress=progress)
         composition.adapter = adapter.describe()
+        composition.source = record_source(resolve(path), checkpoint, adapter)
     poisoned = poison_meta_buffers(model, device)
     registry.call(plugin, "post_materialize", model=model, config=config)
     model.tie_weights()
@@ -143,12 +145,15 @@ def load_weights(
         adapter = adapter_for(registry, plugin, checkpoint_config, checkpoint)
         plan = plan_load(model_tensors(model), adapter, checkpoint, allow_unused=stage)
         report = stream_into(model, plan, checkpoint, progress=progress)
+        source = record_source(location, checkpoint, adapter, fallback_config=checkpoint_config, stage=stage)
     if plugin is not None:
         registry.call(plugin, "post_materialize", model=model, config=model.config)
     dequantized_from = drop_quantization_config(model)
-    if composition is not None:
-        composition.load, composition.adapter = report, adapter.describe()
-        composition.dequantized_from = composition.dequantized_from or dequantized_from
+    if composition is None:
+        composition = Composition(plugin=plugin)
+        setattr(model, COMPOSITION_ATTR, composition)
+    composition.load, composition.adapter, composition.source = report, adapter.describe(), source
+    composition.dequantized_from = composition.dequantized_from or dequantized_from
     return report
 
 

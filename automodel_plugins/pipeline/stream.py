@@ -8,10 +8,7 @@ place, reading only the region this rank holds. Dtypes come from the plan in bot
 
 from __future__ import annotations
 
-import os
-import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -26,10 +23,9 @@ from automodel_plugins.fp8.scales import validate_scale
 from automodel_plugins.model.placement import Region, local_region, write_local
 from automodel_plugins.model.tensors import model_tensors
 from automodel_plugins.pipeline.plan import Action, LoadPlan, action_for
+from automodel_plugins.pipeline.progress import PROGRESS_ENV, progress_bar
 
-__all__ = ["LoadReport", "read_value", "stream_into"]
-
-PROGRESS_ENV = "AUTOMODEL_PLUGINS_PROGRESS"
+__all__ = ["PROGRESS_ENV", "LoadReport", "read_value", "stream_into"]
 
 
 @dataclass
@@ -108,7 +104,9 @@ def stream_into(
     report = LoadReport(unused_keys_allowed=len(plan.unused_keys))
     started, bytes_before = time.perf_counter(), checkpoint.bytes_read
     targets = model_tensors(model)
-    for name in _progress(list(plan), enabled=progress, total_bytes=checkpoint.total_nbytes()):
+    names = list(plan)
+    desc = f"loading {checkpoint.total_nbytes() / 2**30:.2f} GiB"
+    for name in progress_bar(names, enabled=progress, desc=desc):
         planned, target = plan[name], targets[name]
         if target.is_meta:
             value, how = read_value(
@@ -139,18 +137,3 @@ def _assign(model: nn.Module, name: str, target: torch.Tensor, value: torch.Tens
         module._parameters[leaf] = nn.Parameter(value, requires_grad=target.requires_grad)
     else:
         module._buffers[leaf] = value
-
-
-def _progress(names: list[str], *, enabled: bool | None, total_bytes: int) -> Iterator[str] | list[str]:
-    """A per-tensor bar that appears only after a second, never under pytest, never when disabled."""
-    if enabled is None:
-        enabled = (
-            os.environ.get(PROGRESS_ENV, "1") != "0"
-            and "PYTEST_CURRENT_TEST" not in os.environ
-            and sys.stderr.isatty()
-        )
-    if not enabled:
-        return names
-    from tqdm.auto import tqdm
-
-    return tqdm(names, desc=f"loading {total_bytes / 2**30:.2f} GiB", unit="tensor", delay=1.0, leave=False)

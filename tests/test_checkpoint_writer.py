@@ -118,7 +118,9 @@ def test_boxes_written_by_two_writers_in_any_order_make_the_same_file(tmp_path: 
     creator.close()
     other.close()
     assert path.read_bytes() == (tmp_path / "reference.safetensors").read_bytes()
-    assert creator.bytes_written + other.bytes_written == sum(t.numel() * t.element_size() for t in tensors.values())
+    assert creator.bytes_written + other.bytes_written == sum(
+        t.numel() * t.element_size() for t in tensors.values()
+    )
 
 
 def test_box_runs_cover_exactly_the_box() -> None:
@@ -138,7 +140,10 @@ def test_box_runs_cover_exactly_the_box() -> None:
 
 def test_a_box_of_the_wrong_size_is_refused(tmp_path: Path) -> None:
     layout = FileLayout.plan([TensorSpec("w", torch.float32, (4, 4))])
-    with SafetensorsWriter.create(tmp_path / "f.safetensors", layout) as writer, pytest.raises(ValueError, match="bytes given"):
+    with (
+        SafetensorsWriter.create(tmp_path / "f.safetensors", layout) as writer,
+        pytest.raises(ValueError, match="bytes given"),
+    ):
         writer.write("w", b"\0" * 12, (slice(0, 1),))
 
 

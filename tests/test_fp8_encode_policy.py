@@ -115,7 +115,11 @@ def test_encoding_a_region_gives_the_bytes_of_that_region_of_the_whole(block) ->
         expanded = expand(scale, block, (90, 70))
     whole = encode(weight, scale, block_size=block)
     assert torch.equal(bytes_of(whole), bytes_of(reference_encode(weight, expanded)))
-    for rows, cols in [(slice(0, 45), slice(0, 70)), (slice(45, 90), slice(33, 70)), (slice(17, 18), slice(5, 69))]:
+    for rows, cols in [
+        (slice(0, 45), slice(0, 70)),
+        (slice(45, 90), slice(33, 70)),
+        (slice(17, 18), slice(5, 69)),
+    ]:
         part = encode(weight[rows, cols], scale, block_size=block, origin=(rows.start, cols.start))
         assert torch.equal(bytes_of(part), bytes_of(whole[rows, cols]))
 
@@ -149,17 +153,25 @@ def test_every_fp8_code_round_trips_through_bf16_with_its_own_scale(scale_dtype,
         model_values = dequantize(codes, scale, dtype=BF16)
         again = encode(model_values, scale.float(), fp8_dtype=fp8_dtype)
         assert torch.equal(bytes_of(again), bytes_of(codes)), scale.item()
-        choice = choose_scale(tensor_amax(model_values), source=scale, scale_dtype=scale_dtype, fp8_dtype=fp8_dtype)
+        choice = choose_scale(
+            tensor_amax(model_values), source=scale, scale_dtype=scale_dtype, fp8_dtype=fp8_dtype
+        )
         assert choice.all_kept and torch.equal(choice.stored, scale)
 
 
 def test_a_scale_is_kept_while_the_values_fit_it_and_replaced_once_they_do_not() -> None:
     source = torch.tensor(0.5)
-    kept = choose_scale(torch.tensor(232.0), source=source, scale_dtype=torch.float32, fp8_dtype=torch.float8_e4m3fn)
+    kept = choose_scale(
+        torch.tensor(232.0), source=source, scale_dtype=torch.float32, fp8_dtype=torch.float8_e4m3fn
+    )
     assert kept.all_kept and kept.stored.item() == 0.5 and (kept.kept, kept.fresh) == (1, 0)
-    fresh = choose_scale(torch.tensor(232.5), source=source, scale_dtype=torch.float32, fp8_dtype=torch.float8_e4m3fn)
+    fresh = choose_scale(
+        torch.tensor(232.5), source=source, scale_dtype=torch.float32, fp8_dtype=torch.float8_e4m3fn
+    )
     assert not fresh.all_kept and fresh.stored.item() == pytest.approx(232.5 / 448)
-    shrunk = choose_scale(torch.tensor(1.0), source=source, scale_dtype=torch.float32, fp8_dtype=torch.float8_e4m3fn)
+    shrunk = choose_scale(
+        torch.tensor(1.0), source=source, scale_dtype=torch.float32, fp8_dtype=torch.float8_e4m3fn
+    )
     assert shrunk.stored.item() == 0.5, "a weight that shrank keeps its scale (no clipping either way)"
 
 
@@ -178,10 +190,17 @@ def test_fresh_scales_without_a_source_and_in_e8m0() -> None:
     assert fresh.stored.tolist() == [[2.0, 1.0]] and fresh.fresh == 2
     if E8M0_DTYPE is not None:
         source = encode_scale(torch.tensor([[1.0, 4.0]]), E8M0_DTYPE)
-        choice = choose_scale(torch.tensor([[900.0, 5.0]]), source=source, scale_dtype=E8M0_DTYPE, fp8_dtype=torch.float8_e4m3fn)
+        choice = choose_scale(
+            torch.tensor([[900.0, 5.0]]), source=source, scale_dtype=E8M0_DTYPE, fp8_dtype=torch.float8_e4m3fn
+        )
         assert choice.stored.dtype == E8M0_DTYPE and choice.stored.float().tolist() == [[4.0, 4.0]]
 
 
 def test_a_per_tensor_scale_keeps_its_shape() -> None:
-    choice = choose_scale(torch.tensor(1.0), source=torch.tensor([0.25]), scale_dtype=torch.float32, fp8_dtype=torch.float8_e4m3fn)
+    choice = choose_scale(
+        torch.tensor(1.0),
+        source=torch.tensor([0.25]),
+        scale_dtype=torch.float32,
+        fp8_dtype=torch.float8_e4m3fn,
+    )
     assert choice.stored.shape == (1,)

@@ -47,7 +47,8 @@ def check_destination(dest: str | Path, *, overwrite: bool, protected: Iterable[
         raise DestinationError("the destination exists and is not a directory", path=final)
     if final.is_dir() and any(final.iterdir()) and not overwrite:
         raise DestinationError(
-            "the destination is a non-empty directory (overwrite=True, or --overwrite, replaces it)", path=final
+            "the destination is a non-empty directory (overwrite=True, or --overwrite, replaces it)",
+            path=final,
         )
     return final
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 
 from automodel_plugins.cli.exits import EXIT_OK
+from automodel_plugins.errors import SaveOptionError
 
 __all__ = ["add_parser"]
 
@@ -56,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from automodel_plugins.pipeline.convert import convert_checkpoint
 
     if args.block is not None and args.to != "fp8-block":
-        raise SystemExit("automodel-plugins convert: error: --block applies to --to fp8-block")
+        raise SaveOptionError("--block applies to --to fp8-block")
     report = convert_checkpoint(
         args.source,
         args.dest,

@@ -71,7 +71,8 @@ def convert_checkpoint(
     with Checkpoint.open(source) as checkpoint:
         adapter = adapter_for(registry, claim.plugin if claim else None, config, checkpoint)
         plan = plan_load(model_tensors(model), adapter, checkpoint)
-        source_view = SourceView(checkpoint, adapter, quantization_dict(config))
+        declared = quantization_dict(config)
+        source_view = SourceView(checkpoint, adapter, declared)
         if "quantization_config" in vars(model.config):
             del model.config.quantization_config  # the values are plain floats once read
         extra = _extra_files(checkpoint.directory)
@@ -83,6 +84,7 @@ def convert_checkpoint(
             tensors=saved_tensors(model),
             values=CheckpointValues(checkpoint, plan),
             source=source_view,
+            declared=declared,
             max_shard_size=max_shard_size,
             overwrite=overwrite,
             progress=progress,

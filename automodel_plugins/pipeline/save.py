@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -138,6 +138,7 @@ def save_pretrained(
             tensors=tensors,
             values=ModelValues(tensors),
             source=source,
+            declared=record.quantization_config if record is not None else None,
             max_shard_size=max_shard_size,
             overwrite=overwrite,
             progress=progress,
@@ -217,6 +218,7 @@ def write_checkpoint(
     tensors: Mapping[str, torch.Tensor],
     values: TensorValues,
     source: SourceView | None,
+    declared: Mapping[str, Any] | None,
     max_shard_size: int | str | None,
     overwrite: bool,
     progress: bool | None,
@@ -226,14 +228,15 @@ def write_checkpoint(
 ) -> SaveReport:
     """Plan, then write ``tensors`` of ``model`` (name -> the model's tensor, for shapes and dtypes; the bytes
     come from ``values``) into ``dest``, with ``config`` (default the model's) and ``extra_files`` copied in.
-    Shared by ``save_pretrained`` and ``convert``; collective when distributed."""
+    ``source``: the source checkpoint, open; ``declared``: the ``quantization_config`` the weights were loaded
+    under. Shared by ``save_pretrained`` and ``convert``; collective when distributed."""
     started = time.perf_counter()
     ranks = Ranks.current()
     try:
         shard_size = parse_shard_size(default_max_shard_size() if max_shard_size is None else max_shard_size)
     except ValueError as exc:
         raise SaveOptionError(str(exc)) from exc
-    plan = _plan(model, tensors, save_format, source)
+    plan = _plan(model, tensors, save_format, source, declared)
     protected = [source.checkpoint.directory] if source is not None else []
     error: BaseException | None = None
     destination = None
@@ -293,6 +296,7 @@ def _plan(
     tensors: Mapping[str, torch.Tensor],
     save_format: SaveFormat,
     source: SourceView | None,
+    declared: Mapping[str, Any] | None,
 ) -> SavePlan:
     """The save plan of ``tensors`` in the order ``save_pretrained`` writes them (headers only)."""
     from transformers.quantizers.base import get_keys_to_not_convert
@@ -317,6 +321,7 @@ def _plan(
         save_format,
         hf_keys=hf_keys,
         source=source,
+        declared=declared,
         default_not_converted=get_keys_to_not_convert(model) if save_format.is_fp8_format else (),
     )
 

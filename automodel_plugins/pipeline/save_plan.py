@@ -195,14 +195,16 @@ def plan_save(
     *,
     hf_keys: Mapping[str, str] | None,
     source: SourceView | None,
+    declared: Mapping[str, Any] | None = None,
     default_not_converted: Sequence[str] = (),
 ) -> SavePlan:
     """Plan writing ``tensors`` (model name -> :class:`ModelTensor`, in the order they are saved).
 
     ``hf_keys``: the checkpoint key of each model name and FP8 scale name in transformers' layout (needed
     except for ``"source"``); ``source``: the checkpoint the model came from (needed for ``"source"``, used
-    by the FP8 formats to keep source scales); ``default_not_converted``: the modules an FP8 format keeps
-    unquantized when neither the caller nor the source names any.
+    by the FP8 formats to keep source scales); ``declared``: the ``quantization_config`` the weights were
+    loaded under (its ``modules_to_not_convert`` is an FP8 format's default); ``default_not_converted``: the
+    modules an FP8 format keeps unquantized when neither the caller nor ``declared`` names any.
     """
     fp8_dtypes = {t.dtype for t in tensors.values() if is_fp8(t.dtype)}
     if fp8_dtypes:
@@ -221,7 +223,7 @@ def plan_save(
     if save_format.quantization == "none":
         planned = [PlannedTensor(name, hf_keys[name], t.dtype, t.shape) for name, t in tensors.items()]
         return SavePlan(save_format, planned, None)
-    skip = _not_converted(save_format, source, default_not_converted)
+    skip = _not_converted(save_format, declared, default_not_converted)
     planned = [_fp8_format(name, t, save_format, skip, hf_keys, source) for name, t in tensors.items()]
     plan = SavePlan(save_format, planned, fp8_quantization_config(save_format.block_size, skip))
     plan.partial_blocks = _partial_blocks(plan)
@@ -271,11 +273,11 @@ def _from_source(name: str, tensor: ModelTensor, source: SourceView) -> PlannedT
 
 
 def _not_converted(
-    save_format: SaveFormat, source: SourceView | None, default: Sequence[str]
+    save_format: SaveFormat, declared: Mapping[str, Any] | None, default: Sequence[str]
 ) -> tuple[str, ...]:
     if save_format.modules_to_not_convert is not None:
         return save_format.modules_to_not_convert
-    declared = (source.quantization_config or {}) if source is not None else {}
+    declared = declared or {}
     if declared.get("quant_method") == "fp8":
         listed = declared.get("modules_to_not_convert") or declared.get("ignored_layers") or ()
         return tuple(listed)

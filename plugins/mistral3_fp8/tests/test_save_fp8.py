@@ -39,7 +39,9 @@ TEXT_LINEARS = 14
 def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
-    return torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
+    return torch.equal(
+        a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8)
+    )
 
 
 def assert_same_tensors(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
@@ -60,9 +62,13 @@ ROUND_TRIPS = {
     "per-tensor-runtime-tied": CheckpointSpec(model=ModelSpec(tie=True), layout="runtime"),
     "per-tensor-dynamic-sharded": CheckpointSpec(activation_scale_name=None, shards=2),
     "block-fp32-partial-edges": CheckpointSpec(model=ODD, block_size=(16, 16)),
-    "block-bf16-partial-edges-runtime": CheckpointSpec(model=ODD, block_size=(32, 32), scale_dtype=BF16, layout="runtime"),
+    "block-bf16-partial-edges-runtime": CheckpointSpec(
+        model=ODD, block_size=(32, 32), scale_dtype=BF16, layout="runtime"
+    ),
     "block-tied": CheckpointSpec(model=ModelSpec(tie=True), block_size=(32, 32)),
-    "compressed-tensors-names": CheckpointSpec(scale_name="weight_scale", activation_scale_name="input_scale"),
+    "compressed-tensors-names": CheckpointSpec(
+        scale_name="weight_scale", activation_scale_name="input_scale"
+    ),
     "mistral-native-names": CheckpointSpec(scale_name="qscale_weight", activation_scale_name="qscale_act"),
     "bf16-unquantized": CheckpointSpec(quantized=False),
 }
@@ -89,7 +95,9 @@ def test_source_round_trip_is_byte_identical(
     assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is spec.model.tie
 
 
-def test_the_saved_source_loads_like_the_source(registry: Registry, checkpoints: Checkpoints, tmp_path: Path) -> None:
+def test_the_saved_source_loads_like_the_source(
+    registry: Registry, checkpoints: Checkpoints, tmp_path: Path
+) -> None:
     source = checkpoints(block_size=(16, 16))
     model = from_pretrained(source, registry=registry)
     save_pretrained(model, tmp_path / "out")
@@ -202,8 +210,8 @@ def reference_fp8_block(weight: torch.Tensor, block: tuple[int, int]) -> tuple[t
     return out, grid
 
 
-def bf16_model(spec: ModelSpec = ModelSpec()) -> torch.nn.Module:
-    return tiny_model(spec).to(BF16)
+def bf16_model(spec: ModelSpec | None = None) -> torch.nn.Module:
+    return tiny_model(spec or ModelSpec()).to(BF16)
 
 
 def test_fp8_block_from_a_bf16_model_is_what_stock_transformers_dequantizes(tmp_path: Path) -> None:
@@ -229,7 +237,9 @@ def test_fp8_block_from_a_bf16_model_is_what_stock_transformers_dequantizes(tmp_
     assert torch.equal(state["lm_head.weight"], model.lm_head.weight)
 
 
-def test_fp8_block_with_partial_edge_blocks_reads_back_as_the_reference(registry: Registry, tmp_path: Path) -> None:
+def test_fp8_block_with_partial_edge_blocks_reads_back_as_the_reference(
+    registry: Registry, tmp_path: Path
+) -> None:
     model = bf16_model(ODD)
     with pytest.warns(UserWarning, match="partial"):
         save_pretrained(model, tmp_path / "out", quantization="fp8-block", block_size=(32, 32))
@@ -261,7 +271,9 @@ def test_fp8_formats_keep_the_source_scales_where_the_granularity_matches(
     assert report.scales_kept == TEXT_LINEARS
     saved, original = checkpoint_tensors(tmp_path / "block"), checkpoint_tensors(source)
     assert all(same_bytes(saved[k], original[k]) for k in original if original[k].dtype == E4M3)
-    assert quantization_config(tmp_path / "block")["modules_to_not_convert"] == list(CheckpointSpec().modules_to_not_convert)
+    assert quantization_config(tmp_path / "block")["modules_to_not_convert"] == list(
+        CheckpointSpec().modules_to_not_convert
+    )
     report = save_pretrained(model, tmp_path / "tensor", quantization="fp8-tensor")
     assert report.scales_kept == 0 and report.scales_fresh == TEXT_LINEARS
 
@@ -276,7 +288,9 @@ def test_none_writes_what_stock_save_pretrained_writes(
 ) -> None:
     model = from_pretrained(checkpoints(model=ModelSpec(tie=tie)), registry=registry)
     save_pretrained(model, tmp_path / "ours", quantization="none", max_shard_size=max_shard_size)
-    model.save_pretrained(tmp_path / "stock", **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    model.save_pretrained(
+        tmp_path / "stock", **({"max_shard_size": max_shard_size} if max_shard_size else {})
+    )
     ours = sorted(p.name for p in (tmp_path / "ours").iterdir())
     assert ours == sorted(p.name for p in (tmp_path / "stock").iterdir())
     assert (len([n for n in ours if n.endswith(".safetensors")]) > 1) is (max_shard_size is not None)
@@ -284,7 +298,9 @@ def test_none_writes_what_stock_save_pretrained_writes(
         if name.endswith((".safetensors", ".index.json")):
             assert (tmp_path / "ours" / name).read_bytes() == (tmp_path / "stock" / name).read_bytes(), name
         else:
-            assert json.loads((tmp_path / "ours" / name).read_text()) == json.loads((tmp_path / "stock" / name).read_text())
+            assert json.loads((tmp_path / "ours" / name).read_text()) == json.loads(
+                (tmp_path / "stock" / name).read_text()
+            )
 
 
 # --- PEFT: merge, then save in the source format ---------------------------------------------------------
@@ -297,7 +313,9 @@ def test_peft_merge_and_unload_then_save_the_source_format(
     source = checkpoints(block_size=(32, 32))
     model = from_pretrained(source, registry=registry)
     torch.manual_seed(1)
-    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    lora = peft.get_peft_model(
+        model, peft.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False)
+    )
     from automodel_plugins.errors import SaveError
 
     with pytest.raises(SaveError, match="merge_and_unload"):

@@ -36,6 +36,23 @@ def saved_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: t for name, t in tensors.items() if name not in ignored}
 
 
+def _unwrapped(model: PreTrainedModel) -> PreTrainedModel:
+    """``model``, or, when FSDP2 renamed its classes (``FSDPMistral3ForConditionalGeneration``: transformers
+    finds a model's conversions by class name), the stock class on meta in its place."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return model
+    if not any(isinstance(module, FSDPModule) for module in model.modules()):
+        return model
+    from automodel_plugins.model.stock import build_on_meta
+
+    stand_in = build_on_meta(model.config, torch.bfloat16)
+    if hasattr(model, "_weight_conversions"):
+        stand_in._weight_conversions = model._weight_conversions
+    return stand_in
+
+
 def _same(model: nn.Module, first: str, second: str) -> bool:
     try:
         return model.get_parameter(first) is model.get_parameter(second)
@@ -55,7 +72,7 @@ def transformers_keys(
     from transformers.core_model_loading import revert_weight_conversion
 
     stand_ins = {name: torch.empty(shapes[name], device="meta") for name in names}
-    reverted = revert_weight_conversion(model, dict(stand_ins))
+    reverted = revert_weight_conversion(_unwrapped(model), dict(stand_ins))
     by_identity = {id(tensor): name for name, tensor in stand_ins.items()}
     keys = {}
     for key, tensor in reverted.items():

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import shutil
 import time
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -237,6 +238,14 @@ def write_checkpoint(
     except ValueError as exc:
         raise SaveOptionError(str(exc)) from exc
     plan = _plan(model, tensors, save_format, source, declared)
+    if plan.partial_blocks and ranks.is_main:
+        warnings.warn(
+            f"{len(plan.partial_blocks)} weight(s) have sizes the block size {save_format.block_size} does not "
+            f"divide (e.g. {plan.partial_blocks[0]}): their edge blocks are partial, which this host reads "
+            "but stock transformers 5.x dequantizes wrongly",
+            UserWarning,
+            stacklevel=3,
+        )
     protected = [source.checkpoint.directory] if source is not None else []
     error: BaseException | None = None
     destination = None

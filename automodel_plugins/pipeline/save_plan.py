@@ -22,7 +22,6 @@ the writer can keep it (see :mod:`automodel_plugins.fp8.scale_policy`).
 from __future__ import annotations
 
 import json
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -227,14 +226,6 @@ def plan_save(
     planned = [_fp8_format(name, t, save_format, skip, hf_keys, source) for name, t in tensors.items()]
     plan = SavePlan(save_format, planned, fp8_quantization_config(save_format.block_size, skip))
     plan.partial_blocks = _partial_blocks(plan)
-    if plan.partial_blocks:
-        warnings.warn(
-            f"{len(plan.partial_blocks)} weight(s) have sizes the block size {save_format.block_size} does not "
-            f"divide (e.g. {plan.partial_blocks[0]}): their edge blocks are partial, which this host reads "
-            "but stock transformers 5.x dequantizes wrongly",
-            UserWarning,
-            stacklevel=3,
-        )
     return plan
 
 

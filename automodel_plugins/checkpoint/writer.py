@@ -1,5 +1,5 @@
 """A streaming safetensors writer: the header is computed up front from names, dtypes and shapes alone, the file
-is preallocated, and each tensor (or any box of it, from any process) is written at its own offset.
+is created at its full size, and each tensor (or any box of it, from any process) is written at its own offset.
 
 The bytes are exactly those ``safetensors.torch.save_file`` writes for the same tensors (safetensors 0.8):
 
@@ -17,7 +17,6 @@ is all transformers writes (``{"format": "pt"}``).
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import os
@@ -151,12 +150,12 @@ class SafetensorsWriter:
 
     @classmethod
     def create(cls, path: str | Path, layout: FileLayout) -> SafetensorsWriter:
-        """A new file holding the header, its full size reserved on disk up front (so a disk too small fails
-        here, before any tensor is written, where the file system can say so)."""
+        """A new file of the checkpoint's full size holding the header (the rest sparse until written: reserving
+        the blocks up front with ``fallocate`` made the writes after it slower than the whole save)."""
         path = Path(path)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            _reserve(fd, layout.size)
+            os.ftruncate(fd, layout.size)
             _pwrite_all(fd, memoryview(layout.header), 0)
         except BaseException:
             os.close(fd)
@@ -210,18 +209,6 @@ class SafetensorsWriter:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close(sync=exc_info[0] is None)
-
-
-def _reserve(fd: int, size: int) -> None:
-    """Allocate ``size`` bytes for the file; file systems without ``fallocate`` get a sparse file instead."""
-    try:
-        os.posix_fallocate(fd, 0, size)
-    except OSError as exc:
-        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-            raise
-        os.ftruncate(fd, size)
-    except AttributeError:  # no posix_fallocate on this platform
-        os.ftruncate(fd, size)
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:

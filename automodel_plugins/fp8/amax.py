@@ -18,7 +18,12 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["all_reduce_max", "block_amax", "tensor_amax"]
+__all__ = ["SERIAL_ELEMENTS", "all_reduce_max", "block_amax", "row_pieces", "tensor_amax"]
+
+SERIAL_ELEMENTS = 1 << 14
+"""Elements per torch call in the CPU loops here and in ``encode``: below torch's parallel grain (32768), so each
+call runs on the calling thread. On a busy machine torch's intra-op thread pool made the same work 10-20x
+slower than running it serially (and a sharded save runs one process per rank anyway)."""
 
 # IEEE halves: |x| is the bit pattern without its sign bit, ordered like the magnitudes; above the inf
 # pattern lie the NaNs. Read 64K elements at a time: fast (numpy, in cache) and bounded.
@@ -71,10 +76,19 @@ def block_amax(
     while row < rows:
         block_row = (row0 + row) // block_rows
         end = min(rows, (block_row + 1) * block_rows - row0)
-        per_block = _column_block_amax(values[row:end].abs(), col0, block_cols)
+        parts = [_column_block_amax(piece.abs(), col0, block_cols) for piece in row_pieces(values[row:end])]
+        per_block = torch.stack(parts).amax(0) if len(parts) > 1 else parts[0]
         grid[block_row, first_col_block : first_col_block + per_block.numel()] = per_block.float()
         row = end
     return torch.where(torch.isfinite(grid), grid, torch.full_like(grid, math.inf))
+
+
+def row_pieces(values: torch.Tensor) -> list[torch.Tensor]:
+    """``values`` (2-D) split into runs of whole rows of about :data:`SERIAL_ELEMENTS` each."""
+    if values.device.type != "cpu":
+        return [values]
+    rows = max(1, SERIAL_ELEMENTS // max(1, values.shape[1]))
+    return list(values.split(rows))
 
 
 def _column_block_amax(magnitudes: torch.Tensor, col0: int, block_cols: int) -> torch.Tensor:

@@ -17,7 +17,7 @@ import functools
 import numpy as np
 import torch
 
-from automodel_plugins.fp8.amax import block_amax, tensor_amax
+from automodel_plugins.fp8.amax import SERIAL_ELEMENTS, block_amax, row_pieces, tensor_amax
 from automodel_plugins.fp8.formats import is_fp8
 from automodel_plugins.fp8.scales import check_block_size, decode_scale, encode_scale, grid_shape
 
@@ -56,10 +56,13 @@ def _formula(values: torch.Tensor, divisor: torch.Tensor, fp8_dtype: torch.dtype
 
 
 def _encode_per_tensor(values: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype) -> torch.Tensor:
-    if not (
-        values.device.type == "cpu" and values.dtype in _HALF_VIEWS and values.numel() >= _TABLE_MIN_ELEMENTS
-    ):
+    if values.device.type != "cpu" or values.dim() < 2:
         return _formula(values, scale.to(values.device), fp8_dtype)
+    if values.dtype not in _HALF_VIEWS or values.numel() < _TABLE_MIN_ELEMENTS:
+        pieces = [
+            _formula(piece, scale, fp8_dtype) for piece in row_pieces(values.reshape(values.shape[0], -1))
+        ]
+        return torch.cat(pieces).reshape(values.shape)
     table = _half_table(values.dtype, float(scale), fp8_dtype)
     source = values.contiguous().view(_HALF_VIEWS[values.dtype]).reshape(-1).numpy().view(np.uint16)
     out = torch.empty(values.shape, dtype=fp8_dtype)
@@ -76,10 +79,17 @@ _HALF_VIEWS = {torch.bfloat16: torch.int16, torch.float16: torch.int16}
 
 @functools.lru_cache(maxsize=8)
 def _half_table(dtype: torch.dtype, scale: float, fp8_dtype: torch.dtype) -> np.ndarray:
-    """Entry ``u``: the fp8 byte :func:`_formula` gives the 16-bit value whose bits are ``u``."""
-    patterns = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(dtype)
-    encoded = _formula(patterns, torch.tensor(scale, dtype=torch.float32), fp8_dtype)
-    return encoded.view(torch.uint8).numpy().copy()
+    """Entry ``u``: the fp8 byte :func:`_formula` gives the 16-bit value whose bits are ``u`` (built in serial
+    pieces: see ``amax.SERIAL_ELEMENTS``)."""
+    divisor = torch.tensor(scale, dtype=torch.float32)
+    pieces = [_formula(piece, divisor, fp8_dtype) for piece in _all_halves(dtype).split(SERIAL_ELEMENTS)]
+    return torch.cat(pieces).view(torch.uint8).numpy().copy()
+
+
+@functools.lru_cache(maxsize=4)
+def _all_halves(dtype: torch.dtype) -> torch.Tensor:
+    """The 65536 values of a 16-bit dtype, indexed by their bit pattern."""
+    return torch.from_numpy(np.arange(65536, dtype=np.uint16).view(np.int16)).view(dtype)
 
 
 def _encode_blocks(
@@ -102,7 +112,11 @@ def _encode_blocks(
     while row < rows:
         block_row = (row0 + row) // block_rows
         end = min(rows, (block_row + 1) * block_rows - row0)
-        out[row:end] = _formula(values[row:end], grid[block_row].index_select(0, columns), fp8_dtype)
+        divisor = grid[block_row].index_select(0, columns)
+        start = row
+        for piece in row_pieces(values[row:end]):
+            out[start : start + piece.shape[0]] = _formula(piece, divisor, fp8_dtype)
+            start += piece.shape[0]
         row = end
     return out
 

@@ -317,7 +317,8 @@ def _plan(
         for name, tensor in tensors.items()
     }
     shapes = {name: m.shape for name, m in meta.items()}
-    shapes.update({fp8_scale_name(name): () for name in names if name in linears})
+    if save_format.is_fp8_format:
+        shapes.update({fp8_scale_name(name): () for name in names if name in linears})
     hf_keys = None
     try:
         hf_keys = transformers_keys(model, list(shapes), shapes)

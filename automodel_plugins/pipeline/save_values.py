@@ -43,12 +43,16 @@ class TensorValues(Protocol):
     def box(self, name: str) -> Box:
         """The region of tensor ``name`` this process holds (empty along some dim when it holds none)."""
 
-    def chunks(self, name: str) -> Iterator[tuple[int, torch.Tensor]]:
-        """``(first row within the box, values)`` for consecutive chunks of whole rows of the box."""
+    def dtype(self, name: str) -> torch.dtype:
+        """The dtype the values of ``name`` come in."""
+
+    def chunks(self, name: str, elements: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(first row within the box, values)`` for consecutive chunks of whole rows of the box, of about
+        ``elements`` elements each (default :data:`CHUNK_ELEMENTS`; ``0``: as large as costs no memory)."""
 
 
-def _rows_per_chunk(shape: tuple[int, ...]) -> int:
-    return max(1, CHUNK_ELEMENTS // max(1, math.prod(shape[1:])))
+def _rows_per_chunk(shape: tuple[int, ...], elements: int | None) -> int:
+    return max(1, (elements or CHUNK_ELEMENTS) // max(1, math.prod(shape[1:])))
 
 
 class ModelValues:
@@ -59,6 +63,9 @@ class ModelValues:
         first = next(iter(self.tensors.values()), None)
         self.device = torch.device("cpu") if first is None else _local(first).device
 
+    def dtype(self, name: str) -> torch.dtype:
+        return self.tensors[name].dtype
+
     def box(self, name: str) -> Box:
         tensor = self.tensors[name]
         region = local_region(tensor)
@@ -66,12 +73,13 @@ class ModelValues:
             return tuple((0, size) for size in tensor.shape)
         return tuple((part.start, part.stop) for part in region)
 
-    def chunks(self, name: str) -> Iterator[tuple[int, torch.Tensor]]:
+    def chunks(self, name: str, elements: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        """Views of the local tensor: ``elements=0`` gives it whole (one write, no copy)."""
         local = _local(self.tensors[name]).detach()
-        if local.dim() == 0:
+        if local.dim() == 0 or elements == 0:
             yield 0, local
             return
-        step = _rows_per_chunk(tuple(local.shape))
+        step = _rows_per_chunk(tuple(local.shape), elements)
         for row in range(0, local.shape[0], step):
             yield row, local[row : row + step]
 
@@ -88,17 +96,21 @@ class CheckpointValues:
         self.plan = plan
         self.device = torch.device("cpu")
 
+    def dtype(self, name: str) -> torch.dtype:
+        return self.plan[name].dtype
+
     def box(self, name: str) -> Box:
         return tuple((0, size) for size in self.checkpoint.info(self.plan[name].source.key).shape)
 
-    def chunks(self, name: str) -> Iterator[tuple[int, torch.Tensor]]:
+    def chunks(self, name: str, elements: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        """Reads into fresh buffers: never more than about ``elements`` (``0`` and ``None``: the default)."""
         planned = self.plan[name]
         shape = tuple(self.checkpoint.info(planned.source.key).shape)
         if not shape:
             value, _ = read_value(self.checkpoint, planned.source, dtype=planned.dtype, device=self.device)
             yield 0, value
             return
-        step = _rows_per_chunk(shape)
+        step = _rows_per_chunk(shape, elements)
         for row in range(0, shape[0], step):
             region = (slice(row, min(row + step, shape[0])),)
             value, _ = read_value(

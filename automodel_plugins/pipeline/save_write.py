@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno as errno_codes
 import math
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ from automodel_plugins.fp8.encode import encode
 from automodel_plugins.fp8.scale_policy import ScaleChoice, choose_scale
 from automodel_plugins.fp8.scales import decode_scale
 from automodel_plugins.pipeline.progress import progress_bar
-from automodel_plugins.pipeline.save_values import Box, TensorValues
+from automodel_plugins.pipeline.save_values import CHUNK_ELEMENTS, Box, TensorValues
 
 if TYPE_CHECKING:
     from automodel_plugins.checkpoint import Checkpoint
@@ -73,6 +74,7 @@ def write_plan(
     error: BaseException | None = None
     if ranks.is_main:
         try:
+            _check_free_space(directory, shards)
             for name, specs in shards.files.items():
                 SafetensorsWriter.create(directory / name, FileLayout.plan(specs, FILE_METADATA)).close(
                     sync=False
@@ -109,8 +111,21 @@ def write_plan(
     return WriteResult(shards, bytes_written, scales)
 
 
+def _check_free_space(directory: Path, shards: ShardPlan) -> None:
+    """Refuse up front a disk that cannot hold the checkpoint (rather than fill it and fail half way)."""
+    needed = shards.total_size
+    free = shutil.disk_usage(directory).free
+    if free < needed:
+        raise OSError(
+            errno_codes.ENOSPC,
+            f"the checkpoint needs {needed / 2**30:.2f} GiB, {free / 2**30:.2f} GiB are free",
+        )
+
+
 def _write_error(exc: OSError, directory: Path) -> SaveWriteError:
-    reason = "the disk is full" if exc.errno == errno_codes.ENOSPC else (exc.strerror or str(exc))
+    reason = exc.strerror or str(exc)
+    if exc.errno == errno_codes.ENOSPC:
+        reason = "the disk is full" + (f" ({exc.strerror})" if exc.strerror and "GiB" in exc.strerror else "")
     error = SaveWriteError(f"writing the checkpoint failed: {reason}", path=directory, errno=exc.errno)
     error.__cause__ = exc
     return error
@@ -204,13 +219,13 @@ def _local_amax(planned: PlannedTensor, box: Box | None, values: TensorValues) -
     if block is None:
         amax = torch.zeros(grid, dtype=torch.float32)
         if box is not None:
-            for _, chunk in values.chunks(planned.name):
+            for _, chunk in values.chunks(planned.name, 0):
                 amax = torch.maximum(amax, tensor_amax(chunk).cpu())
         return amax
     amax = torch.zeros(grid, dtype=torch.float32)
     if box is not None:
         (row0, _), (col0, _) = box
-        for row, chunk in values.chunks(planned.name):
+        for row, chunk in values.chunks(planned.name, 0):
             amax = torch.maximum(amax, block_amax(chunk, block, grid, origin=(row0 + row, col0)).cpu())
     return amax
 
@@ -225,9 +240,9 @@ def _write_values(
     writer: SafetensorsWriter,
     scale: ScaleChoice | None,
 ) -> None:
-    """This rank's box of ``planned``, chunk by chunk: cast, or encoded as FP8 with its chosen scale."""
+    """This rank's box of ``planned``, chunk by chunk: as held, cast, or encoded as FP8 with its chosen scale."""
     decoded = None if scale is None else decode_scale(scale.stored)
-    for row, chunk in values.chunks(planned.name):
+    for row, chunk in values.chunks(planned.name, _chunk_elements(planned, values)):
         if not box:  # a 0-d tensor
             region = None
         else:
@@ -237,16 +252,24 @@ def _write_values(
             )
         if decoded is not None:
             origin = (box[0][0] + row, box[1][0]) if planned.scale.block_size else (0, 0)
+            block = planned.scale.block_size
             data = encode(
-                chunk,
-                decoded.to(chunk.device),
-                fp8_dtype=planned.dtype,
-                block_size=planned.scale.block_size,
-                origin=origin,
+                chunk, decoded.to(chunk.device), fp8_dtype=planned.dtype, block_size=block, origin=origin
             )
         else:
             data = chunk if chunk.dtype == planned.dtype else chunk.to(planned.dtype)
         writer.write(planned.key, tensor_bytes(data.cpu()), region)
+
+
+def _chunk_elements(planned: PlannedTensor, values: TensorValues) -> int:
+    """Chunk size for ``planned``: whole when written as held (views cost nothing), larger when the only new
+    memory is the FP8 output (per-tensor encoding through the table), else the default."""
+    dtype = values.dtype(planned.name)
+    if planned.scale is None and dtype == planned.dtype:
+        return 0
+    if planned.scale is not None and planned.scale.block_size is None and dtype.itemsize == 2:
+        return 4 * CHUNK_ELEMENTS
+    return CHUNK_ELEMENTS
 
 
 def _write_small(

@@ -215,3 +215,32 @@ def test_index_json_parses_back(tmp_path: Path) -> None:
     data = json.loads(plan.index_text(400))
     assert data["metadata"] == {"total_parameters": 400, "total_size": 1600}
     assert set(data["weight_map"].values()) == set(plan.files) and len(plan.files) == 2
+
+
+# --- who writes what: the tiling check --------------------------------------------------------------------
+
+
+def test_the_tiling_check_accepts_exact_tilings_and_refuses_gaps_and_overlaps() -> None:
+    from automodel_plugins.errors import SaveError
+    from automodel_plugins.pipeline.save_plan import PlannedTensor
+    from automodel_plugins.pipeline.save_write import check_tiling
+
+    planned = PlannedTensor("w", "w", torch.float32, (200, 130))
+
+    def rows(n: int) -> list:
+        edges = [round(200 * i / n) for i in range(n + 1)]
+        return [((a, b), (0, 130)) for a, b in zip(edges, edges[1:], strict=False)]
+
+    grid = [((r0, r1), (c0, c1)) for (r0, r1), _ in rows(10) for c0, c1 in ((0, 65), (65, 130))]
+    for boxes in (rows(1), rows(7), rows(100), grid, [((0, 200), (0, 130))]):
+        check_tiling(planned, boxes)
+    for boxes in (rows(7)[1:], rows(100)[:-1], [*rows(100)[:-1], ((197, 200), (0, 130))]):
+        with pytest.raises(SaveError, match="exactly once"):
+            check_tiling(planned, boxes)
+    for count in (7, 100):  # the right total, but one row held twice and the last never
+        boxes = rows(count)
+        (a0, a1), cols = boxes[3]
+        (z0, z1), _ = boxes[-1]
+        boxes[3], boxes[-1] = ((a0, a1 + 1), cols), ((z0, z1 - 1), cols)
+        with pytest.raises(SaveError, match="exactly once"):
+            check_tiling(planned, boxes)

@@ -76,7 +76,7 @@ class ModelValues:
     def chunks(self, name: str, elements: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
         """Views of the local tensor: ``elements=0`` gives it whole (one write, no copy)."""
         local = _local(self.tensors[name]).detach()
-        if local.dim() == 0 or elements == 0:
+        if local.dim() == 0 or (elements == 0 and local.is_contiguous()):
             yield 0, local
             return
         step = _rows_per_chunk(tuple(local.shape), elements)

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import errno as errno_codes
+import itertools
 import math
 import shutil
 from collections.abc import Sequence
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
     from automodel_plugins.pipeline.collective import Ranks
     from automodel_plugins.pipeline.save_plan import PlannedTensor, SavePlan
 
-__all__ = ["FILE_METADATA", "WriteResult", "write_plan"]
+__all__ = ["FILE_METADATA", "WriteResult", "check_tiling", "write_plan"]
 
 FILE_METADATA = {"format": "pt"}
 
@@ -145,7 +146,7 @@ def _assign_boxes(plan: SavePlan, values: TensorValues, ranks: Ranks) -> list[Bo
             box = boxes[index]
             if _volume(box) and box not in writer_of:
                 writer_of[box] = rank
-        _check_tiling(planned, list(writer_of))
+        check_tiling(planned, list(writer_of))
         own = mine[index]
         writes.append(own if writer_of.get(own) == ranks.rank else None)
     return writes
@@ -155,20 +156,31 @@ def _volume(box: Box) -> int:
     return math.prod(stop - start for start, stop in box)
 
 
-def _check_tiling(planned: PlannedTensor, boxes: Sequence[Box]) -> None:
+def check_tiling(planned: PlannedTensor, boxes: Sequence[Box]) -> None:
     """The distinct boxes the ranks hold must cover the tensor exactly once."""
     total = math.prod(planned.shape)
-    overlap = any(
-        all(max(a0, b0) < min(a1, b1) for (a0, a1), (b0, b1) in zip(first, second, strict=True))
-        for i, first in enumerate(boxes)
-        for second in boxes[i + 1 :]
-    )
-    if overlap or sum(_volume(box) for box in boxes) != total:
+    if sum(_volume(box) for box in boxes) != total or not _disjoint(boxes):
+        shown = sorted(boxes)[:8]
         raise SaveError(
             f"the ranks together do not hold tensor {planned.name!r} (shape {planned.shape}) exactly once: "
-            f"their regions are {sorted(boxes)}. Every rank must call save_pretrained on the whole model "
-            "(pipeline stages cannot be saved this way), with shards that are each one region of a tensor"
+            f"their regions are {shown}{' ...' if len(boxes) > 8 else ''}. Every rank must call save_pretrained on "
+            "the whole model (pipeline stages cannot be saved this way), with shards that are each one region "
+            "of a tensor"
         )
+
+
+def _disjoint(boxes: Sequence[Box]) -> bool:
+    """No two boxes overlap: pairwise for a few; for many, they must form a grid (each dim cut into intervals
+    that tile it, every combination present once), which is what chunked placements give."""
+    if len(boxes) <= 64:
+        return not any(
+            all(max(a0, b0) < min(a1, b1) for (a0, a1), (b0, b1) in zip(first, second, strict=True))
+            for i, first in enumerate(boxes)
+            for second in boxes[i + 1 :]
+        )
+    cuts = [sorted({box[dim] for box in boxes}) for dim in range(len(boxes[0]))]
+    tiles = all(all(a[1] == b[0] for a, b in itertools.pairwise(intervals)) for intervals in cuts)
+    return tiles and len(set(boxes)) == len(boxes) == math.prod(len(intervals) for intervals in cuts)
 
 
 # --- 2. scales ----------------------------------------------------------------------------------------------

@@ -242,3 +242,16 @@ def test_a_pipeline_stage_is_refused(registry: Registry, checkpoints: Checkpoint
     load_weights(model, path, stage=True, registry=registry)
     with pytest.raises(SaveError, match="pipeline stage"):
         save_pretrained(model, tmp_path / "out")
+
+
+def test_a_disk_too_small_is_refused_before_writing(
+    loaded, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import automodel_plugins.pipeline.save_write as save_write
+
+    real = save_write.shutil.disk_usage
+    monkeypatch.setattr(save_write.shutil, "disk_usage", lambda path: real(path)._replace(free=1000))
+    with pytest.raises(SaveWriteError, match=r"disk is full.*GiB are free") as caught:
+        save_pretrained(loaded, tmp_path / "out")
+    assert caught.value.errno == errno.ENOSPC
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []

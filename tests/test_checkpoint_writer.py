@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import random
 from pathlib import Path
@@ -229,7 +230,7 @@ def test_the_tiling_check_accepts_exact_tilings_and_refuses_gaps_and_overlaps() 
 
     def rows(n: int) -> list:
         edges = [round(200 * i / n) for i in range(n + 1)]
-        return [((a, b), (0, 130)) for a, b in zip(edges, edges[1:], strict=False)]
+        return [((a, b), (0, 130)) for a, b in itertools.pairwise(edges)]
 
     grid = [((r0, r1), (c0, c1)) for (r0, r1), _ in rows(10) for c0, c1 in ((0, 65), (65, 130))]
     for boxes in (rows(1), rows(7), rows(100), grid, [((0, 200), (0, 130))]):

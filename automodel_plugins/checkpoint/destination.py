@@ -78,10 +78,11 @@ class Destination:
         """Remove the temporary directory and everything in it."""
         shutil.rmtree(self.staging, ignore_errors=True)
 
-    def commit(self) -> None:
-        """Sync the temporary directory and rename it onto the destination (replacing an old one, if any)."""
+    def commit(self, *, sync: bool = True) -> None:
+        """Sync the temporary directory (``sync``) and rename it onto the destination (replacing an old one)."""
         try:
-            _sync_directory(self.staging)
+            if sync:
+                _sync_directory(self.staging)
             if self.final.exists() and any(self.final.iterdir()):
                 if not self.overwrite:
                     raise OSError(
@@ -90,7 +91,8 @@ class Destination:
                 self._replace()
             else:
                 os.replace(self.staging, self.final)  # onto nothing, or onto an empty directory
-            _sync_directory(self.final.parent)
+            if sync:
+                _sync_directory(self.final.parent)
         except OSError as exc:
             self.abort()
             raise SaveWriteError(

@@ -50,6 +50,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     convert.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     convert.add_argument("--no-progress", action="store_true", help="no progress bar")
+    convert.add_argument(
+        "--no-fsync",
+        action="store_true",
+        help="skip fsync before the final rename (faster; not power-loss safe)",
+    )
     convert.set_defaults(handler=run)
 
 
@@ -67,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
         max_shard_size=_shard_size(args.max_shard_size),
         overwrite=args.overwrite,
         progress=False if args.no_progress else None,
+        fsync=not args.no_fsync,
     )
     quantized = (
         f", {report.quantized} FP8 ({report.scales_kept} with the source's scales)"

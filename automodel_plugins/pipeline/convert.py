@@ -51,6 +51,7 @@ def convert_checkpoint(
     max_shard_size: int | str | None = None,
     overwrite: bool = False,
     progress: bool | None = None,
+    fsync: bool = True,
     registry: Registry | None = None,
 ) -> SaveReport:
     """Convert the checkpoint ``source`` into ``dest`` as ``to`` (``"bf16"``, ``"fp8-tensor"``, ``"fp8-block"``).
@@ -88,6 +89,7 @@ def convert_checkpoint(
             max_shard_size=max_shard_size,
             overwrite=overwrite,
             progress=progress,
+            fsync=fsync,
             generation_config=None
             if has_generation_config or not model.can_generate()
             else model.generation_config,

@@ -99,6 +99,7 @@ def save_pretrained(
     max_shard_size: int | str | None = None,
     overwrite: bool = False,
     progress: bool | None = None,
+    fsync: bool = True,
     registry: Registry | None = None,
 ) -> SaveReport:
     """Save ``model`` into the directory ``dest``, as a checkpoint stock transformers (and this host) loads.
@@ -114,7 +115,9 @@ def save_pretrained(
     together: each writes only its own shards, and the files are those one process would write.
     ``max_shard_size`` defaults to transformers' own (50GB). ``dest`` must not be or lie inside the source,
     nor be a non-empty directory unless ``overwrite`` (then the old one is replaced once the new one is
-    complete). Returns a :class:`SaveReport`.
+    complete). ``fsync`` (default on, as ``torch.distributed.checkpoint``'s writer) makes every file durable
+    before the directory is renamed into place, so a power loss cannot leave a complete-looking checkpoint of
+    zeros; stock ``save_pretrained`` does not. Returns a :class:`SaveReport`.
     """
     save_format = SaveFormat.parse(
         quantization, block_size=block_size, modules_to_not_convert=modules_to_not_convert
@@ -143,6 +146,7 @@ def save_pretrained(
             max_shard_size=max_shard_size,
             overwrite=overwrite,
             progress=progress,
+            fsync=fsync,
             generation_config=model.generation_config if model.can_generate() else None,
         )
 
@@ -224,6 +228,7 @@ def write_checkpoint(
     overwrite: bool,
     progress: bool | None,
     generation_config: GenerationConfig | None,
+    fsync: bool = True,
     extra_files: Iterable[Path] = (),
     config: PretrainedConfig | None = None,
 ) -> SaveReport:
@@ -274,12 +279,15 @@ def write_checkpoint(
             source=source.checkpoint if source is not None else None,
             max_shard_size=shard_size,
             progress=progress,
+            fsync=fsync,
         )
         written = ranks.gather(result.bytes_written)
         listing = None
         if destination is not None:
             try:
-                _finish(destination, plan, result.shards, model, config, generation_config, extra_files)
+                _finish(
+                    destination, plan, result.shards, model, config, generation_config, extra_files, fsync
+                )
                 listing = sorted(
                     (file.name, file.stat().st_size) for file in final.iterdir() if file.is_file()
                 )
@@ -344,6 +352,7 @@ def _finish(
     config: PretrainedConfig | None,
     generation_config: GenerationConfig | None,
     extra_files: Iterable[Path],
+    fsync: bool,
 ) -> None:
     """Rank 0, once every tensor is written: the index, the extra files, the generation config, then
     ``config.json`` (last: a directory without it never loads), and the rename into place."""
@@ -356,7 +365,7 @@ def _finish(
     if generation_config is not None:
         generation_config.save_pretrained(staging)
     _config_to_save(config or model.config, model, plan).save_pretrained(staging)
-    destination.commit()
+    destination.commit(sync=fsync)
 
 
 def _total_parameters(model: PreTrainedModel, plan: SavePlan) -> int:

@@ -63,6 +63,7 @@ def write_plan(
     source: Checkpoint | None,
     max_shard_size: int,
     progress: bool | None,
+    fsync: bool = True,
 ) -> WriteResult:
     """Write every tensor of ``plan`` into shard files in ``directory`` (the index and config are the caller's).
 
@@ -99,7 +100,7 @@ def write_plan(
             if ranks.is_main:
                 _write_small(planned, by_key, scales.get(planned.key), source)
         for writer in writers.values():
-            writer.close()
+            writer.close(sync=fsync)
     except OSError as exc:
         error = _write_error(exc, directory)
     except Exception as exc:
@@ -274,9 +275,11 @@ def _write_values(
 
 
 def _chunk_elements(planned: PlannedTensor, values: TensorValues) -> int:
-    """Chunk size for ``planned``: whole when written as held (views cost nothing), larger when the only new
-    memory is the FP8 output (per-tensor encoding through the table), else the default."""
+    """Chunk size for ``planned``: whole when written as held from CPU memory (views cost nothing), larger when
+    the only new memory is the FP8 output (per-tensor encoding through the table), else the default."""
     dtype = values.dtype(planned.name)
+    if values.device.type != "cpu":
+        return CHUNK_ELEMENTS  # each chunk is copied to the host: keep that copy bounded
     if planned.scale is None and dtype == planned.dtype:
         return 0
     if planned.scale is not None and planned.scale.block_size is None and dtype.itemsize == 2:

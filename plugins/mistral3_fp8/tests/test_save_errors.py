@@ -255,3 +255,28 @@ def test_a_disk_too_small_is_refused_before_writing(
         save_pretrained(loaded, tmp_path / "out")
     assert caught.value.errno == errno.ENOSPC
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("fsync", [True, False])
+def test_every_file_is_synced_before_the_rename_unless_asked_not_to(
+    loaded, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fsync: bool
+) -> None:
+    import automodel_plugins.checkpoint.destination as destination_module
+
+    synced: list[str] = []
+    real = os.fsync
+
+    def record(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(writer_module.os, "fsync", record)
+    monkeypatch.setattr(destination_module.os, "fsync", record)
+    save_pretrained(loaded, tmp_path / "out", fsync=fsync, max_shard_size=60_000)
+    shards = sorted(p.name for p in (tmp_path / "out").glob("*.safetensors"))
+    assert len(shards) > 1
+    synced_names = {Path(path).name for path in synced}
+    if fsync:
+        assert set(shards) <= synced_names and tmp_path.name in synced_names  # the files, then the parent
+    else:
+        assert synced == []

@@ -328,3 +328,26 @@ def test_peft_merge_and_unload_then_save_the_source_format(
     assert changed and all(".q_proj." in k for k in changed)  # only the merged projections moved
     assert quantization_config(tmp_path / "out") == quantization_config(source)
     assert_same_weights(from_pretrained(tmp_path / "out", registry=registry), stock_load(tmp_path / "out"))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize(
+    "spec", [CheckpointSpec(), CheckpointSpec(model=ODD, block_size=(16, 16))], ids=["per-tensor", "block"]
+)
+def test_a_model_on_the_gpu_saves_the_files_the_cpu_one_does(
+    registry: Registry, checkpoints: Checkpoints, spec: CheckpointSpec, tmp_path: Path
+) -> None:
+    source = checkpoints(spec)
+    cpu = from_pretrained(source, registry=registry)
+    gpu = from_pretrained(source, registry=registry, device="cuda")
+    with torch.no_grad():  # one weight past its scale, so fresh scales are made on both devices
+        for model in (cpu, gpu):
+            model.model.language_model.layers[0].mlp.up_proj.weight.mul_(3.0)
+    for quantization in ("source", "fp8-block", "none"):
+        save_pretrained(cpu, tmp_path / f"cpu-{quantization}", quantization=quantization)
+        save_pretrained(gpu, tmp_path / f"gpu-{quantization}", quantization=quantization)
+        for file in (tmp_path / f"cpu-{quantization}").glob("*.safetensors"):
+            assert (tmp_path / f"gpu-{quantization}" / file.name).read_bytes() == file.read_bytes(), (
+                quantization
+            )

@@ -63,12 +63,13 @@ def test_a_non_finite_value_makes_the_amax_inf(dtype: torch.dtype, bad: float) -
     assert grid[3, 3].item() == math.inf and grid[0, 0].item() == 1.0
 
 
+@pytest.mark.parametrize("dtype", [BF16, torch.float16, torch.float32])
 @pytest.mark.parametrize("block", [(16, 16), (32, 24), (128, 128)])
-def test_block_amax_of_any_region_combines_to_the_whole(block: tuple[int, int]) -> None:
+def test_block_amax_of_any_region_combines_to_the_whole(block: tuple[int, int], dtype: torch.dtype) -> None:
     """Rows and columns cut at unaligned places (as FSDP2 / tensor-parallel shards are): the MAX of the parts'
     grids is the whole weight's grid."""
     g = torch.Generator().manual_seed(1)
-    weight = (torch.randn(150, 130, generator=g) * torch.logspace(-2, 1, 130)).to(BF16)
+    weight = (torch.randn(150, 130, generator=g) * torch.logspace(-2, 1, 130)).to(dtype)
     grid_shape = (math.ceil(150 / block[0]), math.ceil(130 / block[1]))
     whole = block_amax(weight, block, grid_shape)
     assert torch.equal(whole, reference_block_amax(weight, block))

@@ -71,6 +71,8 @@ def block_amax(
     grid = torch.zeros(grid_shape, dtype=torch.float32, device=values.device)
     if rows == 0 or cols == 0:
         return grid
+    if values.dtype in _HALF_INF_BITS and values.device.type == "cpu":
+        return _half_block_amax(values, block_size, grid, origin)
     first_col_block = col0 // block_cols
     row = 0
     while row < rows:
@@ -81,6 +83,38 @@ def block_amax(
         grid[block_row, first_col_block : first_col_block + per_block.numel()] = per_block.float()
         row = end
     return torch.where(torch.isfinite(grid), grid, torch.full_like(grid, math.inf))
+
+
+def _half_block_amax(
+    values: torch.Tensor, block_size: tuple[int, int], grid: torch.Tensor, origin: tuple[int, int]
+) -> torch.Tensor:
+    """:func:`block_amax` of BF16 / FP16 values on CPU, on their magnitude bits (numpy, no float temporaries)."""
+    block_rows, block_cols = block_size
+    row0, col0 = origin
+    bits = values.detach().contiguous().view(torch.int16).numpy().view(np.uint16)
+    rows, cols = bits.shape
+    head = min(cols, (-col0) % block_cols)
+    whole = (cols - head) // block_cols
+    first_col_block = col0 // block_cols
+    out = np.zeros(grid.shape, dtype=np.uint16)
+    row = 0
+    while row < rows:
+        block_row = (row0 + row) // block_rows
+        end = min(rows, (block_row + 1) * block_rows - row0)
+        magnitudes = np.bitwise_and(bits[row:end], 0x7FFF)
+        parts = []
+        if head:
+            parts.append(magnitudes[:, :head].max(keepdims=True).reshape(1))
+        if whole:
+            middle = magnitudes[:, head : head + whole * block_cols]
+            parts.append(middle.reshape(end - row, whole, block_cols).max(axis=(0, 2)))
+        if head + whole * block_cols < cols:
+            parts.append(magnitudes[:, head + whole * block_cols :].max(keepdims=True).reshape(1))
+        per_block = np.concatenate(parts)
+        out[block_row, first_col_block : first_col_block + per_block.size] = per_block
+        row = end
+    finite = torch.from_numpy(out.astype(np.int16)).view(values.dtype).float()
+    return torch.where(torch.from_numpy(out < _HALF_INF_BITS[values.dtype]), finite, math.inf)
 
 
 def row_pieces(values: torch.Tensor) -> list[torch.Tensor]:

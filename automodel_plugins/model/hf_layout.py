@@ -5,7 +5,8 @@ Saving in transformers' own layout (``quantization="none"`` and the FP8 formats)
 keeps), ``_keys_to_ignore_on_save`` left out, and the model's conversion mapping run backwards
 (``revert_weight_conversion``: Mistral3's runtime ``model.language_model.*`` goes back to the legacy
 ``language_model.model.*``), which also fixes the order files are filled in. Nothing here touches tensor data:
-the mapping runs on meta stand-ins of the names given.
+the mapping runs on meta stand-ins of the names given. ``linear_weights`` finds the weights transformers' FP8
+format quantizes.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from automodel_plugins.model.tensors import model_tensors
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-__all__ = ["saved_tensors", "transformers_keys"]
+__all__ = ["linear_weights", "saved_tensors", "transformers_keys"]
 
 
 def saved_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -34,6 +35,18 @@ def saved_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
             tensors = {source if name == target else name: value for name, value in tensors.items()}
     ignored = getattr(model, "_keys_to_ignore_on_save", None) or ()
     return {name: t for name, t in tensors.items() if name not in ignored}
+
+
+def linear_weights(model: nn.Module) -> dict[str, str]:
+    """``weight name -> module name`` of every plain ``nn.Linear`` (as transformers' FP8 loader converts them,
+    also when FSDP2 made its class ``FSDPLinear``)."""
+    out = {}
+    for name, module in model.named_modules():
+        kind = type(module)
+        plain = kind is nn.Linear or (kind.__name__ == "FSDPLinear" and nn.Linear in kind.__mro__[1:3])
+        if plain and isinstance(getattr(module, "weight", None), torch.Tensor):
+            out[f"{name}.weight" if name else "weight"] = name
+    return out
 
 
 def _unwrapped(model: PreTrainedModel) -> PreTrainedModel:

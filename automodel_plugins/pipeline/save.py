@@ -36,7 +36,7 @@ from automodel_plugins.errors import (
     SaveWriteError,
     SourceChangedError,
 )
-from automodel_plugins.model.hf_layout import saved_tensors, transformers_keys
+from automodel_plugins.model.hf_layout import linear_weights, saved_tensors, transformers_keys
 from automodel_plugins.pipeline.collective import Ranks
 from automodel_plugins.pipeline.composition import SourceRecord, adapter_for, composition_of
 from automodel_plugins.pipeline.save_plan import (
@@ -56,7 +56,7 @@ if TYPE_CHECKING:
     from torch import nn
     from transformers import GenerationConfig, PretrainedConfig, PreTrainedModel
 
-__all__ = ["SaveReport", "linear_weights", "save_pretrained", "write_checkpoint"]
+__all__ = ["SaveReport", "save_pretrained", "write_checkpoint"]
 
 _FORMATS_WITHOUT_SOURCE = "'fp8-tensor', 'fp8-block' (transformers' FP8 format) or 'none' (the model's dtype)"
 
@@ -190,7 +190,9 @@ def _open_source(
         )
     try:
         checkpoint = stack.enter_context(Checkpoint.open(record.path))
-        config = load_config(record.path) if record.config_file is not None else model.config
+        config = (
+            load_config(record.path) if record.config_file is not None else _declaring(model.config, record)
+        )
     except (CheckpointError, ConfigError) as exc:
         if not required:
             return None
@@ -201,18 +203,13 @@ def _open_source(
     return SourceView(checkpoint, adapter, record.quantization_config)
 
 
-def linear_weights(model: nn.Module) -> dict[str, str]:
-    """``weight name -> module name`` of every plain ``nn.Linear`` (as transformers' FP8 loader converts them,
-    also when FSDP2 made its class ``FSDPLinear``)."""
-    from torch import nn
-
-    out = {}
-    for name, module in model.named_modules():
-        kind = type(module)
-        plain = kind is nn.Linear or (kind.__name__ == "FSDPLinear" and nn.Linear in kind.__mro__[1:3])
-        if plain and isinstance(getattr(module, "weight", None), torch.Tensor):
-            out[f"{name}.weight" if name else "weight"] = name
-    return out
+def _declaring(config: PretrainedConfig, record: SourceRecord) -> PretrainedConfig:
+    """A copy of the model's config declaring the source's quantization again (a source without a config
+    beside its weights was read with the model's, which stopped declaring it once dequantized)."""
+    config = copy.deepcopy(config)
+    if record.quantization_config is not None:
+        config.quantization_config = copy.deepcopy(record.quantization_config)
+    return config
 
 
 def write_checkpoint(

@@ -226,20 +226,17 @@ def _choose_scales(
 
 
 def _local_amax(planned: PlannedTensor, box: Box | None, values: TensorValues) -> torch.Tensor:
-    """The amax over the box this rank writes (zeros when it writes none)."""
-    block = planned.scale.block_size
-    grid = planned.scale.shape
-    if block is None:
-        amax = torch.zeros(grid, dtype=torch.float32)
-        if box is not None:
-            for _, chunk in values.chunks(planned.name, 0):
-                amax = torch.maximum(amax, tensor_amax(chunk).cpu())
-        return amax
+    """The amax over the box this rank writes, in the scale's shape (zeros when it writes none)."""
+    block, grid = planned.scale.block_size, planned.scale.shape
     amax = torch.zeros(grid, dtype=torch.float32)
-    if box is not None:
-        (row0, _), (col0, _) = box
-        for row, chunk in values.chunks(planned.name, 0):
-            amax = torch.maximum(amax, block_amax(chunk, block, grid, origin=(row0 + row, col0)).cpu())
+    if box is None:
+        return amax
+    for row, chunk in values.chunks(planned.name, 0):
+        if block is None:
+            part = tensor_amax(chunk)
+        else:
+            part = block_amax(chunk, block, grid, origin=(box[0][0] + row, box[1][0]))
+        amax = torch.maximum(amax, part.cpu())
     return amax
 
 

@@ -351,3 +351,22 @@ def test_a_model_on_the_gpu_saves_the_files_the_cpu_one_does(
             assert (tmp_path / f"gpu-{quantization}" / file.name).read_bytes() == file.read_bytes(), (
                 quantization
             )
+
+
+def test_weights_loaded_without_a_config_beside_them_round_trip(
+    registry: Registry, checkpoints: Checkpoints, tmp_path: Path
+) -> None:
+    """``load_weights`` from a bare weights file: the source's quantization is the one the model declared."""
+    from automodel_plugins import build_model, load_config, load_weights
+
+    source = checkpoints.copy(tmp_path / "source", block_size=(16, 16))
+    declared = quantization_config(source)
+    config = load_config(source)
+    (source / "config.json").unlink()
+    model = build_model(config, registry=registry)
+    model.to_empty(device="cpu")
+    load_weights(model, source / "model.safetensors", registry=registry)
+    report = save_pretrained(model, tmp_path / "out")
+    assert report.scales_kept == TEXT_LINEARS
+    assert_same_tensors(checkpoint_tensors(tmp_path / "out"), checkpoint_tensors(source))
+    assert quantization_config(tmp_path / "out") == declared

@@ -370,3 +370,27 @@ def test_weights_loaded_without_a_config_beside_them_round_trip(
     assert report.scales_kept == TEXT_LINEARS
     assert_same_tensors(checkpoint_tensors(tmp_path / "out"), checkpoint_tensors(source))
     assert quantization_config(tmp_path / "out") == declared
+
+
+def test_the_composition_records_the_source(registry: Registry, checkpoints: Checkpoints) -> None:
+    source = checkpoints(block_size=(16, 16), shards=2)
+    model = from_pretrained(source, registry=registry)
+    record = model.automodel_composition.source
+    assert record.directory == source.resolve() and record.config_file == source.resolve() / "config.json"
+    assert record.quantization_config == quantization_config(source)
+    assert record.adapter["layout"] == "legacy" and record.adapter["granularity"] == "block 16x16"
+    assert {stamp.path.name for stamp in record.files} == {
+        "config.json",
+        "model.safetensors.index.json",
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    }
+    assert record.changed_files() == [] and not record.stage
+
+
+def test_a_save_with_the_progress_bar_on(
+    registry: Registry, checkpoints: Checkpoints, tmp_path: Path
+) -> None:
+    model = from_pretrained(checkpoints(), registry=registry)
+    report = save_pretrained(model, tmp_path / "out", progress=True)
+    assert report.quantized == TEXT_LINEARS

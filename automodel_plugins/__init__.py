@@ -9,7 +9,7 @@ Where things live (one folder per stage of the data path)::
     checkpoint/  safetensors headers, the shard index, the lazy reader
     fp8/         FP8 formats, scales, decode (dequantize) and encode (quantize)
     adapters/    model tensor names <-> checkpoint keys (and FP8 scales)
-    pipeline/    load: plan, stream, from_pretrained / build_model / load_weights, describe
+    pipeline/    load (plan, stream) and save (plan, write, convert), describe
     model/       the stock class on meta, tensor placement per rank, rotary repair, forward override
     registry/    hook specs, plugin discovery and isolation, claims
     ops/         fused linear cross-entropy
@@ -43,6 +43,10 @@ _LAZY = {
     "from_pretrained": "automodel_plugins.pipeline.load",
     "build_model": "automodel_plugins.pipeline.load",
     "load_weights": "automodel_plugins.pipeline.load",
+    # saving
+    "save_pretrained": "automodel_plugins.pipeline.save",
+    "SaveReport": "automodel_plugins.pipeline.save",
+    "convert_checkpoint": "automodel_plugins.pipeline.convert",
     "Composition": "automodel_plugins.pipeline.composition",
     "LoadReport": "automodel_plugins.pipeline.stream",
     "describe_checkpoint": "automodel_plugins.pipeline.describe",
@@ -89,8 +93,10 @@ if TYPE_CHECKING:
     )
     from automodel_plugins.model.rotary import repair_rotary
     from automodel_plugins.pipeline.composition import Composition
+    from automodel_plugins.pipeline.convert import convert_checkpoint
     from automodel_plugins.pipeline.describe import describe_checkpoint
     from automodel_plugins.pipeline.load import build_model, from_pretrained, load_weights
+    from automodel_plugins.pipeline.save import SaveReport, save_pretrained
     from automodel_plugins.pipeline.stream import LoadReport
     from automodel_plugins.registry.manager import Registry, get_registry
     from automodel_plugins.sources.config import load_config
@@ -126,11 +132,13 @@ __all__ = [
     "PrefixRename",
     "PrefixRenames",
     "Registry",
+    "SaveReport",
     "StateDictAdapter",
     "TensorSource",
     "UnknownPluginError",
     "build_model",
     "claim_fp8_or_unquantized",
+    "convert_checkpoint",
     "dequantize_lora_bases",
     "describe_checkpoint",
     "fp8_adapter_for",
@@ -144,5 +152,6 @@ __all__ = [
     "merge_lora",
     "register_fp8_lora",
     "repair_rotary",
+    "save_pretrained",
     "vlm_fused_loss_forward",
 ]

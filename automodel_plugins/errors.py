@@ -195,3 +195,43 @@ class FrozenFp8WeightError(AutomodelPluginsError, RuntimeError):
 
 class RotaryRepairError(AutomodelPluginsError):
     """A rotary module whose buffers cannot be recomputed; names the module and its class."""
+
+
+# --- saving -----------------------------------------------------------------------------------------------
+
+
+class SaveError(AutomodelPluginsError):
+    """A save (``save_pretrained``, ``convert``) that cannot be done as asked. ``path`` names the destination
+    or the source at fault when known; nothing that loads as a checkpoint is left behind."""
+
+    def __init__(self, message: str, *, path: str | Path | None = None) -> None:
+        self.path = None if path is None else Path(path)
+        super().__init__(f"{path}: {message}" if path is not None else message)
+
+
+class SaveOptionError(SaveError, ValueError):
+    """A save option that is not valid (a block size, a shard size, a module list)."""
+
+
+class UnknownQuantizationError(SaveOptionError):
+    """A ``quantization`` (or ``--to``) value that is not one of the formats a save writes."""
+
+
+class NoSourceError(SaveError):
+    """``quantization="source"`` for a model that was not loaded from a checkpoint (or whose source is gone)."""
+
+
+class SourceChangedError(SaveError):
+    """The source checkpoint's files changed since the model was loaded from them."""
+
+
+class DestinationError(SaveError):
+    """A destination that cannot receive a checkpoint: inside the source, non-empty, a file, or unwritable."""
+
+
+class SaveWriteError(SaveError):
+    """Writing failed part way (a full disk, an I/O error, a rank that failed); ``errno`` as the OS reported it."""
+
+    def __init__(self, message: str, *, path: str | Path | None = None, errno: int | None = None) -> None:
+        self.errno = errno
+        super().__init__(message, path=path)

@@ -7,6 +7,8 @@
 3. Loads it with ``automodel_plugins.from_pretrained`` and runs one forward on an image plus text.
 4. Fine-tunes it for a few AdamW steps on one image+text batch, once with the plugin's fused-loss forward and
    once with the stock ``Mistral3ForConditionalGeneration.forward`` (same loader, same data, same seed).
+5. Saves the fine-tuned model back in its own FP8 format (``automodel_plugins.save_pretrained``, into
+   ``.cache/demo/finetuned-fp8``) and loads that with stock transformers.
 
 Steps 3 and 4 each run in a fresh process (``--child``), so that every memory figure is that process's own:
 peak RSS over the RSS right before the measured call (``VmHWM`` reset through ``/proc/self/clear_refs``).
@@ -31,6 +33,7 @@ from automodel_plugins.testing.tiny_models import MINISTRAL3_ROPE_PARAMETERS
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CACHE = REPO_ROOT / ".cache" / "demo"
 CHECKPOINT = CACHE / "mistral3-fp8-v2"
+FINETUNED = CACHE / "finetuned-fp8"
 IMAGE_TOKEN_ID = 10
 IMAGE_SIZE = 224  # one 224x224 image: (224 // (14 * 2)) ** 2 = 64 image tokens
 SEQ_LEN = 256
@@ -226,7 +229,9 @@ def child_train(path: str, loss: str) -> dict:
             {"loss": float(out.loss.detach()), "peak": peak.bytes, "seconds": seconds, "logits": logits}
         )
         del out
+    saved = child_save(model) if loss == "fused" else None
     return {
+        "saved": saved,
         "loss_kind": loss,
         "dtype": str(dtype).removeprefix("torch."),
         "steps": steps,
@@ -236,6 +241,27 @@ def child_train(path: str, loss: str) -> dict:
         "vocab": model.config.text_config.vocab_size,
         "threads": threads,
         "n_image": n_image,
+    }
+
+
+def child_save(model) -> dict:
+    """The fine-tuned model saved as its source (FP8, as loaded), then read back by stock transformers."""
+    from transformers import Mistral3ForConditionalGeneration
+
+    import automodel_plugins
+
+    report = automodel_plugins.save_pretrained(model, FINETUNED, overwrite=True, progress=False)
+    stock = Mistral3ForConditionalGeneration.from_pretrained(FINETUNED)
+    return {
+        "path": str(report.path),
+        "files": len(report.files),
+        "bytes": report.bytes,
+        "quantized": report.quantized,
+        "kept": report.scales_kept,
+        "fresh": report.scales_fresh,
+        "carried": report.carried,
+        "seconds": report.seconds,
+        "stock_params": sum(p.numel() for p in stock.parameters()),
     }
 
 
@@ -371,6 +397,17 @@ def main() -> int:
     print(
         f"  peak RSS over the loaded model across all {STEPS} steps (grads + AdamW state + activations): "
         f"fused {mib(runs['fused']['overall_peak'])} vs stock {mib(runs['stock']['overall_peak'])}"
+    )
+    saved = runs["fused"]["saved"]
+    print(
+        f"\nsave     automodel_plugins.save_pretrained(model, {os.path.relpath(saved['path'], REPO_ROOT)}): the "
+        f"source's format, {saved['files']} files, {mib(saved['bytes'])} (the checkpoint: {mib(size)}) in "
+        f"{saved['seconds']:.1f} s"
+    )
+    print(
+        f"         {saved['quantized']} FP8 weights: {saved['kept']} kept their source scale, {saved['fresh']} moved "
+        f"past it and got a fresh one; {saved['carried']} activation scales carried over; stock transformers "
+        f"loads it ({saved['stock_params'] / 1e6:.1f}M parameters)"
     )
     print(f"\ndone in {time.perf_counter() - started:.0f} s")
     return 0

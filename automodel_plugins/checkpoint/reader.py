@@ -10,8 +10,6 @@ slices read only their region. Nothing in the directory is ever executed or unpi
 
 from __future__ import annotations
 
-import itertools
-import math
 import os
 import struct
 import threading
@@ -24,6 +22,7 @@ from safetensors import safe_open
 
 from automodel_plugins.checkpoint.header import HeaderEntry, TensorInfo, parse_header, parse_header_bytes
 from automodel_plugins.checkpoint.index import shard_files, shard_names
+from automodel_plugins.checkpoint.regions import box_runs, box_shape
 from automodel_plugins.errors import CheckpointError, CorruptCheckpointError
 from automodel_plugins.sources.resolve import CONFIG_NAME, INDEX_NAME, CheckpointLocation, resolve
 
@@ -201,8 +200,7 @@ class Checkpoint:
         entry = self._data_entry(key)
         info = entry.info
         bounds = _normalize_region(info, region) if region is not None else ()
-        shape = [b.stop - b.start for b in bounds] + list(info.shape[len(bounds) :])
-        out = torch.empty(shape, dtype=info.dtype)
+        out = torch.empty(box_shape(info.shape, bounds), dtype=info.dtype)
         if out.numel():
             self._pread_region(entry, bounds, out)
         self._count(out.numel() * out.element_size())
@@ -211,20 +209,14 @@ class Checkpoint:
     def _pread_region(self, entry: HeaderEntry, bounds: tuple[slice, ...], out: torch.Tensor) -> None:
         """Fill ``out`` with the box ``bounds`` of ``entry``: one read per contiguous run of bytes."""
         info, itemsize = entry.info, out.element_size()
-        full_shape = info.shape
-        # The last bounded dim that is narrower than the tensor: everything after it is contiguous.
-        cut = max((d + 1 for d, b in enumerate(bounds) if (b.start, b.stop) != (0, full_shape[d])), default=0)
-        strides = [math.prod(full_shape[d + 1 :]) for d in range(len(full_shape))]
-        run_elems = math.prod(out.shape[cut - 1 :]) if cut else out.numel()
-        outer = [range(b.start, b.stop) for b in bounds[: max(cut - 1, 0)]]
-        inner_start = bounds[cut - 1].start * strides[cut - 1] if cut else 0
+        run_elements, offsets = box_runs(info.shape, bounds)
         buffer = memoryview(out.view(-1).view(torch.uint8).numpy())
         base = self._data_start(info.file) + entry.begin
-        length = run_elems * itemsize
+        length = run_elements * itemsize
         with open(info.file, "rb", buffering=0) as fh:
-            for run, index in enumerate(itertools.product(*outer)):
-                offset = base + (sum(i * strides[d] for d, i in enumerate(index)) + inner_start) * itemsize
-                _pread_exactly(fh.fileno(), buffer[run * length : (run + 1) * length], offset, entry)
+            for run, offset in enumerate(offsets):
+                target = buffer[run * length : (run + 1) * length]
+                _pread_exactly(fh.fileno(), target, base + offset * itemsize, entry)
 
     def _data_start(self, file: Path) -> int:
         """Byte offset of a shard's data section: after the 8-byte length and the header."""

@@ -1,7 +1,7 @@
-"""``automodel-plugins``: list the installed plugins and who claims a config; inspect a checkpoint.
+"""``automodel-plugins``: list the installed plugins and who claims a config; inspect and convert a checkpoint.
 
-One module per command (``listing``, ``describe``), each adding its own sub-parser; ``render`` draws tables
-and nested values. ``list`` without ``--config`` imports neither torch nor transformers, so it answers in
+One module per command (``listing``, ``describe``, ``convert``), each adding its own sub-parser; ``render``
+draws tables and nested values. ``list`` without ``--config`` imports neither torch nor transformers, so it answers in
 well under a second. Exit codes: 0 success, 2 a user-facing problem (bad config, claim conflict or error,
 unknown plugin name), printed as one line without a traceback.
 """
@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from automodel_plugins import __version__
-from automodel_plugins.cli import describe, listing
+from automodel_plugins.cli import convert, describe, listing
 from automodel_plugins.cli.exits import EXIT_OK, EXIT_USER_ERROR
 from automodel_plugins.errors import AutomodelPluginsError
 
@@ -31,10 +31,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="automodel-plugins", description="List automodel plugins, their claims, and inspect checkpoints."
+        prog="automodel-plugins",
+        description="List automodel plugins, their claims; inspect and convert checkpoints.",
     )
     parser.add_argument("--version", action="version", version=f"automodel-plugins {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     listing.add_parser(commands)
     describe.add_parser(commands)
+    convert.add_parser(commands)
     return parser

@@ -4,6 +4,8 @@
 * ``scales``: scale dtypes (fp32, bf16, E8M0 bytes), grids, and the checks that refuse a poisoned scale;
 * ``decode``: dequantize a weight, or one rank's region of it;
 * ``encode``: quantize a float weight, per tensor or per block;
+* ``amax``: the largest magnitude per tensor or per block of the part of a weight a rank holds, combined over ranks;
+* ``scale_policy``: which scale a weight is saved with (its source scale while it fits, else a fresh one);
 * ``quantization``: a config's ``quantization_config`` read into what a load needs (no torch).
 
 Names are imported on first use (``automodel_plugins.fp8.dequantize``), so that ``quantization`` (which the
@@ -30,6 +32,13 @@ _LAZY = {
     "validate_scale": "scales",
     "dequantize": "decode",
     "quantize": "encode",
+    "encode": "encode",
+    "amax_scale": "encode",
+    "tensor_amax": "amax",
+    "block_amax": "amax",
+    "all_reduce_max": "amax",
+    "choose_scale": "scale_policy",
+    "fit_limit": "scale_policy",
 }
 
 

@@ -7,8 +7,10 @@ and the forward it binds are checked in one place.
 
 from __future__ import annotations
 
+import json
 import types
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from automodel_plugins.adapters import StateDictAdapter, fp8_adapter_for
@@ -22,18 +24,94 @@ if TYPE_CHECKING:
     from automodel_plugins.checkpoint import Checkpoint
     from automodel_plugins.pipeline.stream import LoadReport
     from automodel_plugins.registry import ClaimVerdict, Registry
+    from automodel_plugins.sources import CheckpointLocation
 
 __all__ = [
     "COMPOSITION_ATTR",
     "Composition",
+    "FileStamp",
+    "SourceRecord",
     "adapter_for",
     "bind_forward",
     "compose",
     "composition_of",
     "drop_quantization_config",
+    "record_source",
 ]
 
 COMPOSITION_ATTR = "automodel_composition"
+
+
+@dataclass(frozen=True)
+class FileStamp:
+    """A file's size and modification time when it was read, to tell whether it changed since."""
+
+    path: Path
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, path: Path) -> FileStamp:
+        stat = path.stat()
+        return cls(path, stat.st_size, stat.st_mtime_ns)
+
+    def changed(self) -> bool:
+        try:
+            return FileStamp.of(self.path) != self
+        except OSError:
+            return True
+
+
+@dataclass(frozen=True)
+class SourceRecord:
+    """The checkpoint a model's weights were loaded from: what ``save_pretrained(..., quantization="source")``
+    writes back to (its key layout, FP8 scales, activation scales and ``quantization_config``).
+
+    ``path`` is what the checkpoint was opened from (a directory, or the weights file, index or config named);
+    ``quantization_config`` is the source ``config.json``'s own, as written there; ``adapter`` what the
+    adapter described (layout, granularity, scale names); ``files`` the config and weights as they were then.
+    """
+
+    path: Path
+    directory: Path
+    config_file: Path | None
+    quantization_config: dict[str, Any] | None
+    adapter: dict[str, Any]
+    files: tuple[FileStamp, ...]
+    stage: bool = False
+
+    def changed_files(self) -> list[Path]:
+        """Files of the source that changed (or vanished) since the load."""
+        return [stamp.path for stamp in self.files if stamp.changed()]
+
+
+def record_source(
+    location: CheckpointLocation,
+    checkpoint: Checkpoint,
+    adapter: StateDictAdapter,
+    *,
+    fallback_config: PretrainedConfig | None = None,
+    stage: bool = False,
+) -> SourceRecord:
+    """The :class:`SourceRecord` of a load from ``checkpoint``. Its ``quantization_config`` is read from the
+    source's ``config.json`` as written (``fallback_config``'s when the weights have no config beside them)."""
+    config_file = location.config if location.has_config() else None
+    if config_file is not None:
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+        quantization = raw.get("quantization_config")
+    else:
+        quantization = quantization_dict(fallback_config) if fallback_config is not None else None
+    files = [checkpoint.index_path, *checkpoint.files, config_file]
+    return SourceRecord(
+        path=location.named_weights or location.directory,
+        directory=location.directory,
+        config_file=config_file,
+        quantization_config=None if quantization is None else json.loads(json.dumps(quantization)),
+        adapter=adapter.describe(),
+        # A stage's load from a hub repo leaves other stages' shards on the hub: only local files were read.
+        files=tuple(FileStamp.of(path) for path in files if path is not None and path.is_file()),
+        stage=stage,
+    )
 
 
 @dataclass
@@ -51,6 +129,8 @@ class Composition:
     fp8_resident: list[str] = field(default_factory=list)
     """Names of the layers that keep their checkpoint FP8 weight (``dequantize=False``)."""
     options: dict[str, Any] = field(default_factory=dict)
+    source: SourceRecord | None = None
+    """The checkpoint the weights came from (``None``: never loaded from one by this host)."""
 
 
 def compose(registry: Registry, claim: ClaimVerdict | None, **options: Any) -> Composition:

@@ -37,6 +37,7 @@ from automodel_plugins.pipeline.composition import (
     compose,
     composition_of,
     drop_quantization_config,
+    record_source,
 )
 from automodel_plugins.pipeline.plan import LoadPlan, plan_load
 from automodel_plugins.pipeline.resident import (
@@ -121,6 +122,7 @@ def from_pretrained(
         plan = _plan_build(model, adapter, checkpoint, dequantize=dequantize, composition=composition)
         composition.load = stream_into(model, plan, checkpoint, device=device, progress=progress)
         composition.adapter = adapter.describe()
+        composition.source = record_source(location, checkpoint, adapter)
     poisoned = poison_meta_buffers(model, device)
     registry.call(plugin, "post_materialize", model=model, config=config)
     model.tie_weights()
@@ -229,12 +231,15 @@ def load_weights(
         if stage:  # only now is it known which shard files this stage reads
             location.fetch(sorted({checkpoint.info(key).file.name for key in plan.read_keys()}))
         report = stream_into(model, plan, checkpoint, progress=progress, names=names)
+        source = record_source(location, checkpoint, adapter, fallback_config=checkpoint_config, stage=stage)
     if plugin is not None:
         registry.call(plugin, "post_materialize", model=model, config=model.config)
     dequantized_from = None if resident_weights(model) else drop_quantization_config(model)
-    if composition is not None:
-        composition.load, composition.adapter = report, adapter.describe()
-        composition.dequantized_from = composition.dequantized_from or dequantized_from
+    if composition is None:
+        composition = Composition(plugin=plugin)
+        setattr(model, COMPOSITION_ATTR, composition)
+    composition.load, composition.adapter, composition.source = report, adapter.describe(), source
+    composition.dequantized_from = composition.dequantized_from or dequantized_from
     return report
 
 

@@ -11,7 +11,7 @@ region's bytes on a sharded model) with its whole scale: no dequantized copy is 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -27,7 +27,7 @@ from automodel_plugins.model.fp8_linear import Fp8Linear
 from automodel_plugins.model.placement import Region, local_region, write_local
 from automodel_plugins.model.tensors import model_tensors
 from automodel_plugins.pipeline.plan import Action, LoadPlan, action_for
-from automodel_plugins.progress import progress_enabled
+from automodel_plugins.progress import progress_bar
 
 __all__ = ["LoadReport", "read_fp8", "read_scale", "read_value", "stream_into"]
 
@@ -136,7 +136,8 @@ def stream_into(
     report = LoadReport(unused_keys_allowed=len(plan.unused_keys))
     started, bytes_before = time.perf_counter(), checkpoint.bytes_read
     targets = model_tensors(model)
-    for planned_name in _progress(list(plan), enabled=progress, total_bytes=checkpoint.total_nbytes()):
+    desc = f"loading {checkpoint.total_nbytes() / 2**30:.2f} GiB"
+    for planned_name in progress_bar(list(plan), enabled=progress, desc=desc):
         name = names.get(planned_name, planned_name) if names else planned_name
         planned, target = plan[planned_name], targets[name]
         if planned.action == "kept_fp8":
@@ -189,12 +190,3 @@ def _assign(model: nn.Module, name: str, target: torch.Tensor, value: torch.Tens
         module._parameters[leaf] = nn.Parameter(value, requires_grad=target.requires_grad)
     else:
         module._buffers[leaf] = value
-
-
-def _progress(names: list[str], *, enabled: bool | None, total_bytes: int) -> Iterator[str] | list[str]:
-    """A per-tensor bar that appears only after a second (see :func:`progress_enabled` for when)."""
-    if not progress_enabled(enabled):
-        return names
-    from tqdm.auto import tqdm
-
-    return tqdm(names, desc=f"loading {total_bytes / 2**30:.2f} GiB", unit="tensor", delay=1.0, leave=False)

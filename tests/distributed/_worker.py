@@ -1,4 +1,4 @@
-"""Distributed load scenarios, one torchrun launch for all of them (2 CPU ranks, gloo).
+"""Distributed load and save scenarios, one torchrun launch for all of them (2 CPU ranks, gloo).
 
     torchrun --nproc_per_node 2 tests/distributed/_worker.py SCENARIO[,SCENARIO...] OUT_DIR
 
@@ -387,6 +387,118 @@ def _lora_step(model: Any, batch: dict[str, torch.Tensor]) -> tuple[dict, dict, 
     return grads, after, [loss.item(), loss_after.item()]
 
 
+# --- saving ---------------------------------------------------------------------------------------------------
+
+SAVE_FORMATS = {"source": {}, "fp8-block": {"block_size": _tiny.BLOCK}, "none": {}}
+GROWN = "model.language_model.layers.1.mlp.up_proj.weight"
+"""A weight pushed far past its scale before saving (3x): its amax must be combined over the ranks. Under the
+tensor-parallel layout it is a Shard(1) weight whose 67 columns split 34 + 33, inside a 16-wide block."""
+
+
+def save_all(model: Any, out: Path) -> dict[str, Any]:
+    """``save_pretrained`` of ``model`` in every format (every rank calls it), and what each report says."""
+    reports = {}
+    for quantization, options in SAVE_FORMATS.items():
+        report = automodel_plugins.save_pretrained(
+            model, out / quantization, quantization=quantization, **options
+        )
+        reports[quantization] = {
+            "bytes_written": report.bytes_written,
+            "bytes_written_by_rank": report.bytes_written_by_rank,
+            "files": report.files,
+            "quantized": report.quantized,
+            "scales_kept": report.scales_kept,
+            "scales_fresh": report.scales_fresh,
+        }
+    return {
+        "reports": reports,
+        "regions": {name: _checks.chunk_bounds(t) for name, t in model_tensors(model).items()},
+    }
+
+
+def gathered_state(ctx: Context, model: Any, file: Path) -> None:
+    """Every rank gathers the model's state dict; rank 0 writes it to ``file``, the weights a single process
+    then saves for comparison."""
+    from safetensors.torch import save_file
+
+    state = {name: _checks.full_value(t).detach().contiguous() for name, t in model.state_dict().items()}
+    if ctx.rank == 0:
+        save_file(state, file)
+
+
+def fsdp_save(ctx: Context, checkpoint: str) -> dict[str, Any]:
+    """FSDP2: save right after the load (untouched), then after one SGD step and a weight grown past its scale."""
+    path = ctx.checkpoint(checkpoint)
+    out = ctx.out / f"fsdp-save-{checkpoint}"
+    model = fsdp_model(ctx, path)
+    automodel_plugins.load_weights(model, path)
+    result = {"untouched": save_all(model, out / "untouched")}
+    model.train()
+    _train(model, _tiny.inputs(), steps=1)
+    with torch.no_grad():
+        model.get_parameter(GROWN).mul_(3.0)
+    model.eval()
+    result["trained"] = save_all(model, out / "trained")
+    gathered_state(ctx, model, out / "trained-weights.safetensors")
+    return result
+
+
+def tp_save(ctx: Context, checkpoint: str) -> dict[str, Any]:
+    """The tensor-parallel layout (Shard(0) / Shard(1) / Replicate), one weight grown past its scale."""
+    path = ctx.checkpoint(checkpoint)
+    out = ctx.out / f"tp-save-{checkpoint}"
+    model = automodel_plugins.build_model(path)
+    _stages.distribute_parameters(model, ctx.mesh)
+    model.to_empty(device="cpu")
+    automodel_plugins.load_weights(model, path)
+    with torch.no_grad():
+        model.get_parameter(GROWN).mul_(3.0)
+    result = save_all(model, out)
+    result["grown_placements"] = [repr(p) for p in model.get_parameter(GROWN).placements]
+    gathered_state(ctx, model, out / "weights.safetensors")
+    return result
+
+
+def save_failures(ctx: Context) -> dict[str, Any]:
+    """A full disk on rank 1 only, and a non-empty destination: every rank raises, nothing is left behind."""
+    import errno
+
+    import automodel_plugins.checkpoint.writer as writer_module
+
+    path = ctx.checkpoint("block_untied")
+    model = fsdp_model(ctx, path)
+    automodel_plugins.load_weights(model, path)
+    parent = ctx.out / "save-failures"
+    if ctx.rank == 0:
+        (parent / "full").mkdir(parents=True)
+        (parent / "taken").mkdir()
+        (parent / "taken" / "mine.txt").write_text("keep")
+    dist.barrier()
+    result: dict[str, Any] = {}
+    real = writer_module.os.pwrite
+
+    def full_disk(fd: int, data: Any, offset: int) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if ctx.rank == 1:
+        writer_module.os.pwrite = full_disk
+    try:
+        automodel_plugins.save_pretrained(model, parent / "full" / "out")
+    except Exception as exc:
+        result["full_disk"] = [type(exc).__name__, str(exc), getattr(exc, "errno", None)]
+    finally:
+        writer_module.os.pwrite = real
+    try:
+        automodel_plugins.save_pretrained(model, parent / "taken")
+    except Exception as exc:
+        result["taken"] = [type(exc).__name__, str(exc)]
+    dist.barrier()
+    result["left_in_full"] = sorted(p.name for p in (parent / "full").iterdir())
+    result["left_in_parent"] = sorted(p.name for p in parent.iterdir())
+    result["taken_contents"] = sorted(p.name for p in (parent / "taken").iterdir())
+    return result
+
+
 SCENARIOS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "fsdp_per_tensor": lambda ctx: fsdp_load(ctx, "per_tensor_tied"),
     "fsdp_block": lambda ctx: fsdp_load(ctx, "block_untied"),
@@ -399,6 +511,11 @@ SCENARIOS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "fsdp_resident_per_tensor": lambda ctx: fsdp_resident_load(ctx, "per_tensor_untied"),
     "fsdp_resident_block": lambda ctx: fsdp_resident_load(ctx, "block_untied"),
     "fsdp_resident_lora": fsdp_resident_lora,
+    "fsdp_save_per_tensor": lambda ctx: fsdp_save(ctx, "per_tensor_tied"),
+    "fsdp_save_block": lambda ctx: fsdp_save(ctx, "block_untied"),
+    "tp_save_block": lambda ctx: tp_save(ctx, "block_untied"),
+    "tp_save_per_tensor": lambda ctx: tp_save(ctx, "per_tensor_untied"),
+    "save_failures": save_failures,
 }
 
 

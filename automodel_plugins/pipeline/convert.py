@@ -1,0 +1,109 @@
+"""``automodel-plugins convert``: rewrite a checkpoint in another format, streaming, never a whole tensor in memory.
+
+The checkpoint is read exactly as ``from_pretrained`` would read it (the claiming plugin's adapter, the load
+plan, ``read_value``: FP8 dequantized with its scale), a chunk of rows at a time, and written through the same
+plan and writer as ``save_pretrained``. So ``--to bf16`` gives the very tensors ``from_pretrained(SRC)`` holds,
+in the files stock ``save_pretrained`` would write for them; ``--to fp8-tensor`` / ``--to fp8-block`` give
+transformers' FP8 format, keeping the source's scales wherever it already had that granularity (then the FP8
+bytes are the source's). The model is only built on the meta device, for its names, shapes and modules.
+
+The checkpoint's other files (tokenizer, processor and chat-template files, ``generation_config.json``) are
+copied beside the new weights; other weight files (``*.safetensors``, ``*.bin`` ...) are not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from automodel_plugins.checkpoint import Checkpoint
+from automodel_plugins.errors import UnknownQuantizationError
+from automodel_plugins.fp8.quantization import quantization_dict
+from automodel_plugins.model.hf_layout import saved_tensors
+from automodel_plugins.model.stock import build_on_meta
+from automodel_plugins.model.tensors import model_tensors
+from automodel_plugins.pipeline.composition import adapter_for
+from automodel_plugins.pipeline.plan import plan_load
+from automodel_plugins.pipeline.save import SaveReport, write_checkpoint
+from automodel_plugins.pipeline.save_plan import SaveFormat, SourceView
+from automodel_plugins.pipeline.save_values import CheckpointValues
+from automodel_plugins.registry import Registry, get_registry
+from automodel_plugins.sources import CONFIG_NAME, load_config
+
+__all__ = ["CONVERT_FORMATS", "convert_checkpoint"]
+
+CONVERT_FORMATS = {"bf16": "none", "fp8-tensor": "fp8-tensor", "fp8-block": "fp8-block"}
+"""``--to`` value -> the save format it writes."""
+
+_GENERATION_CONFIG = "generation_config.json"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".index.json")
+
+
+def convert_checkpoint(
+    source: str | Path,
+    dest: str | Path,
+    *,
+    to: str,
+    block_size: int | Sequence[int] | None = None,
+    modules_to_not_convert: Sequence[str] | None = None,
+    max_shard_size: int | str | None = None,
+    overwrite: bool = False,
+    progress: bool | None = None,
+    fsync: bool = True,
+    registry: Registry | None = None,
+) -> SaveReport:
+    """Convert the checkpoint ``source`` into ``dest`` as ``to`` (``"bf16"``, ``"fp8-tensor"``, ``"fp8-block"``).
+
+    Options as :func:`automodel_plugins.save_pretrained`'s. Returns its :class:`SaveReport`.
+    """
+    if to not in CONVERT_FORMATS:
+        raise UnknownQuantizationError(
+            f"unknown target format {to!r}: pass one of {', '.join(map(repr, CONVERT_FORMATS))}"
+        )
+    save_format = SaveFormat.parse(
+        CONVERT_FORMATS[to], block_size=block_size, modules_to_not_convert=modules_to_not_convert
+    )
+    registry = registry or get_registry()
+    config = load_config(source)
+    claim = registry.winning_claim(config)
+    model = build_on_meta(config, torch.bfloat16)
+    with Checkpoint.open(source) as checkpoint:
+        adapter = adapter_for(registry, claim.plugin if claim else None, config, checkpoint)
+        plan = plan_load(model_tensors(model), adapter, checkpoint)
+        declared = quantization_dict(config)
+        source_view = SourceView(checkpoint, adapter, declared)
+        if "quantization_config" in vars(model.config):
+            del model.config.quantization_config  # the values are plain floats once read
+        extra = _extra_files(checkpoint.directory)
+        has_generation_config = any(file.name == _GENERATION_CONFIG for file in extra)
+        return write_checkpoint(
+            model,
+            dest,
+            save_format=save_format,
+            tensors=saved_tensors(model),
+            values=CheckpointValues(checkpoint, plan),
+            source=source_view,
+            declared=declared,
+            max_shard_size=max_shard_size,
+            overwrite=overwrite,
+            progress=progress,
+            fsync=fsync,
+            generation_config=None
+            if has_generation_config or not model.can_generate()
+            else model.generation_config,
+            extra_files=extra,
+        )
+
+
+def _extra_files(directory: Path) -> list[Path]:
+    """The checkpoint's own files that are neither weights nor its index nor ``config.json``."""
+    return sorted(
+        file
+        for file in directory.iterdir()
+        if file.is_file()
+        and not file.name.startswith(".")
+        and file.name != CONFIG_NAME
+        and not file.name.endswith(_WEIGHT_SUFFIXES)
+    )

@@ -1,0 +1,119 @@
+"""Where the values a save writes come from, a bounded chunk at a time: a model's tensors, or a checkpoint.
+
+* :class:`ModelValues`: the tensors of a model in memory. A DTensor (FSDP2, tensor parallel) gives this rank's
+  local shard, which is one box of the global tensor (``model.placement.local_region``); a plain tensor the
+  whole of it.
+* :class:`CheckpointValues`: a checkpoint read as a load would read it (``pipeline.stream.read_value``: FP8
+  dequantized with its scale, other floats cast), a chunk of rows at a time, never a whole tensor: what
+  ``automodel-plugins convert`` streams through.
+
+Both hand out chunks of at most about :data:`CHUNK_ELEMENTS` elements (whole rows of the box), so the
+working set of a save stays a few MiB whatever the tensor sizes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+
+from automodel_plugins.model.placement import is_dtensor, local_region
+from automodel_plugins.pipeline.stream import read_value
+
+if TYPE_CHECKING:
+    from automodel_plugins.checkpoint import Checkpoint
+    from automodel_plugins.pipeline.plan import LoadPlan
+
+__all__ = ["CHUNK_ELEMENTS", "Box", "CheckpointValues", "ModelValues", "TensorValues"]
+
+CHUNK_ELEMENTS = 1 << 20
+"""Elements per chunk (4 MiB of fp32 temporaries)."""
+
+Box = tuple[tuple[int, int], ...]
+"""A region of a tensor as ``(start, stop)`` per dim: plain data, to compare and send between ranks."""
+
+
+class TensorValues(Protocol):
+    """The values of the tensors being saved, as this process holds them."""
+
+    device: torch.device
+
+    def box(self, name: str) -> Box:
+        """The region of tensor ``name`` this process holds (empty along some dim when it holds none)."""
+
+    def dtype(self, name: str) -> torch.dtype:
+        """The dtype the values of ``name`` come in."""
+
+    def chunks(self, name: str, elements: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(first row within the box, values)`` for consecutive chunks of whole rows of the box, of about
+        ``elements`` elements each (default :data:`CHUNK_ELEMENTS`; ``0``: as large as costs no memory)."""
+
+
+def _rows_per_chunk(shape: tuple[int, ...], elements: int | None) -> int:
+    return max(1, (elements or CHUNK_ELEMENTS) // max(1, math.prod(shape[1:])))
+
+
+class ModelValues:
+    """The tensors of a model (name -> tensor), each as this rank holds it."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        self.tensors = dict(tensors)
+        first = next(iter(self.tensors.values()), None)
+        self.device = torch.device("cpu") if first is None else _local(first).device
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.tensors[name].dtype
+
+    def box(self, name: str) -> Box:
+        tensor = self.tensors[name]
+        region = local_region(tensor)
+        if region is None:
+            return tuple((0, size) for size in tensor.shape)
+        return tuple((part.start, part.stop) for part in region)
+
+    def chunks(self, name: str, elements: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        """Views of the local tensor: ``elements=0`` gives it whole (one write, no copy)."""
+        local = _local(self.tensors[name]).detach()
+        if local.dim() == 0 or (elements == 0 and local.is_contiguous()):
+            yield 0, local
+            return
+        step = _rows_per_chunk(tuple(local.shape), elements)
+        for row in range(0, local.shape[0], step):
+            yield row, local[row : row + step]
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if is_dtensor(tensor) else tensor  # type: ignore[attr-defined]
+
+
+class CheckpointValues:
+    """The model values a load of ``checkpoint`` with ``plan`` would give, read a chunk of rows at a time."""
+
+    def __init__(self, checkpoint: Checkpoint, plan: LoadPlan) -> None:
+        self.checkpoint = checkpoint
+        self.plan = plan
+        self.device = torch.device("cpu")
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.plan[name].dtype
+
+    def box(self, name: str) -> Box:
+        return tuple((0, size) for size in self.checkpoint.info(self.plan[name].source.key).shape)
+
+    def chunks(self, name: str, elements: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        """Reads into fresh buffers: never more than about ``elements`` (``0`` and ``None``: the default)."""
+        planned = self.plan[name]
+        shape = tuple(self.checkpoint.info(planned.source.key).shape)
+        if not shape:
+            value, _ = read_value(self.checkpoint, planned.source, dtype=planned.dtype, device=self.device)
+            yield 0, value
+            return
+        step = _rows_per_chunk(shape, elements)
+        for row in range(0, shape[0], step):
+            region = (slice(row, min(row + step, shape[0])),)
+            value, _ = read_value(
+                self.checkpoint, planned.source, dtype=planned.dtype, device=self.device, region=region
+            )
+            yield row, value

@@ -49,10 +49,7 @@ def write_checkpoint(
 
     torch.manual_seed(seed)
     model = Mistral3ForConditionalGeneration(build_config(tie_word_embeddings=tie_word_embeddings))
-    with torch.no_grad():  # norms start at exactly 1: perturb them so a misplaced row would show
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.add_(torch.randn_like(param) * 0.1)
+    _perturb_norms(model)
     return write_fp8_checkpoint(
         model,
         directory,
@@ -61,6 +58,42 @@ def write_checkpoint(
         modules_to_not_convert=MODULES_TO_NOT_CONVERT,
         shards=2,
     )
+
+
+TEXT_ONLY = "ministral3_text"
+"""The text-only Ministral 3 checkpoint (``Ministral3ForCausalLM``, Devstral 2's class): the same text sizes,
+runtime keys (``model.layers.*``), per-tensor FP8 with static activation scales, 2 shards."""
+
+
+def text_only_config() -> Any:
+    from automodel_plugins.testing.tiny_models import tiny_ministral3_config
+
+    return tiny_ministral3_config(**TEXT, tie_word_embeddings=False)
+
+
+def write_text_only_checkpoint(directory: Path, *, seed: int = 0) -> Path:
+    from transformers import Ministral3ForCausalLM
+
+    from automodel_plugins.testing.checkpoints import write_fp8_checkpoint
+
+    torch.manual_seed(seed)
+    model = Ministral3ForCausalLM(text_only_config())
+    _perturb_norms(model)
+    return write_fp8_checkpoint(model, directory, modules_to_not_convert=MODULES_TO_NOT_CONVERT, shards=2)
+
+
+def text_inputs(*, seed: int = 1, batch: int = 2, seq: int = 12) -> dict[str, torch.Tensor]:
+    from automodel_plugins.testing.tiny_models import text_batch
+
+    return text_batch(text_only_config(), batch=batch, seq=seq, seed=seed)
+
+
+def _perturb_norms(model: torch.nn.Module) -> None:
+    """Norms start at exactly 1: perturb them so that a misplaced row would show."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.add_(torch.randn_like(param) * 0.1)
 
 
 def inputs(*, seed: int = 1, batch: int = 2, seq: int = 12) -> dict[str, torch.Tensor]:

@@ -57,19 +57,26 @@ def fsdp_model(ctx: Context, path: Path) -> Any:
     from torch.distributed.fsdp import fully_shard
 
     model = automodel_plugins.build_model(path)
-    for layer in model.model.language_model.layers:
+    for layer in decoder_layers(model):
         fully_shard(layer, mesh=ctx.mesh)
     fully_shard(model, mesh=ctx.mesh)
     model.to_empty(device="cpu")
     return model
 
 
-def load_recorded(model: Any, path: Path, *, stage: bool = False) -> dict[str, Any]:
-    """``load_weights`` with every checkpoint read recorded, against what this rank should read."""
+def decoder_layers(model: Any) -> Any:
+    """The decoder layers of a VLM (``model.language_model.layers``) or of a text-only model (``model.layers``)."""
+    base = model.model
+    return base.language_model.layers if hasattr(base, "language_model") else base.layers
+
+
+def load_recorded(model: Any, path: Path, *, stage: bool = False, rename: Any = None) -> dict[str, Any]:
+    """``load_weights`` with every checkpoint read recorded, against what this rank should read (``rename``:
+    model name -> checkpoint key, the legacy Mistral3 layout by default)."""
     with _checks.record_reads() as reads:
         report = automodel_plugins.load_weights(model, path, stage=stage)
     with Checkpoint.open(path) as checkpoint:
-        expected, expected_bytes = _checks.expected_reads(model, checkpoint, _tiny.legacy_rename)
+        expected, expected_bytes = _checks.expected_reads(model, checkpoint, rename or _tiny.legacy_rename)
         scale_bytes = sum(checkpoint.info(key).nbytes for key, _ in reads if key.endswith("_scale_inv"))
         weight_bytes = sum(checkpoint.info(k).nbytes for k in checkpoint if not k.endswith(_NOT_WEIGHTS))
     return {
@@ -126,6 +133,30 @@ def fsdp_load(ctx: Context, checkpoint: str) -> dict[str, Any]:
     batch = _tiny.inputs()
     result["logits_equal"] = bool(torch.equal(logits(model, batch), logits(reference, batch)))
     result["rotary_after_forward"] = rotary_mismatches(model, reference)
+    return result
+
+
+def fsdp_text_only(ctx: Context) -> dict[str, Any]:
+    """Text-only Ministral 3 (Devstral 2's class), the issue's FSDP2 flow: each rank reads its slices; gathered
+    weights, rotary buffers, logits and two fused-loss SGD steps equal the single-process load's."""
+    path = ctx.checkpoint(_tiny.TEXT_ONLY)
+    reference = _tiny.reference(path)
+    model = fsdp_model(ctx, path)
+    result = load_recorded(model, path, rename=lambda name: name)
+    result["plain_tensors"] = sorted(n for n, t in model_tensors(model).items() if not _checks.is_dtensor(t))
+    result["local_mismatches"] = _checks.local_mismatches(model, reference.state_dict())
+    result["full_mismatches"] = full_state_mismatches(model, reference)
+    result["rotary_after_load"] = rotary_mismatches(model, reference)
+    result["garbled_rotary_buffers"] = _checks.garble_rotary(model)
+    model.eval()
+    batch = _tiny.text_inputs()
+    result["logits_equal"] = bool(torch.equal(logits(model, batch), logits(reference, batch)))
+    result["rotary_after_forward"] = rotary_mismatches(model, reference)
+    model.reshard()  # the root unit stays unsharded after a forward: the optimizer must see the shards
+    model.train(), reference.train()
+    for label, module in (("losses", model), ("reference_losses", reference)):
+        result[label], result[f"{label}_logits"] = _train(module, batch, steps=2)
+    result["updated_mismatches"] = full_state_mismatches(model, reference)
     return result
 
 
@@ -502,6 +533,7 @@ def save_failures(ctx: Context) -> dict[str, Any]:
 SCENARIOS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "fsdp_per_tensor": lambda ctx: fsdp_load(ctx, "per_tensor_tied"),
     "fsdp_block": lambda ctx: fsdp_load(ctx, "block_untied"),
+    "fsdp_text_only": fsdp_text_only,
     "tp_per_tensor": lambda ctx: tp_load(ctx, "per_tensor_tied"),
     "tp_block": lambda ctx: tp_load(ctx, "block_untied"),
     "pipeline": pipeline,
@@ -548,6 +580,7 @@ def main(argv: list[str]) -> int:
     if ctx.rank == 0:
         for name, (block, tied) in CHECKPOINTS.items():
             _tiny.write_checkpoint(ctx.checkpoint(name), block_size=block, tie_word_embeddings=tied)
+        _tiny.write_text_only_checkpoint(ctx.checkpoint(_tiny.TEXT_ONLY))
     dist.barrier()
     try:
         for scenario in scenarios:

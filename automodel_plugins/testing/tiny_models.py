@@ -30,6 +30,7 @@ __all__ = [
     "TINY_TEXT_SIZES",
     "mistral3_image_batch",
     "mistral3_image_tokens",
+    "qwen3_vl_image_batch",
     "text_batch",
     "tiny_llama_config",
     "tiny_ministral3_config",
@@ -292,6 +293,44 @@ def tiny_qwen3_vl_config(
         vision_end_token_id=QWEN3_VL_VISION_END_TOKEN_ID,
         tie_word_embeddings=tie_word_embeddings,
     )
+
+
+def qwen3_vl_image_batch(
+    config: Any,
+    *,
+    batch: int = 2,
+    seq: int = 12,
+    grid_thw: tuple[int, int, int] = (1, 4, 4),
+    seed: int = 1,
+    labels: bool = True,
+) -> dict[str, torch.Tensor]:
+    """A Qwen3-VL (or Qwen3-VL-MoE) batch: random text ids with, in the first row,
+    ``<vision_start> <image> x N <vision_end>`` from position 2 for one ``grid_thw`` image (``N`` = its patches
+    over the spatial merge), its ``pixel_values``, ``image_grid_thw`` and ``mm_token_type_ids``, an
+    ``attention_mask``, and (if asked) ``labels`` ignoring the first row's prompt and image and the second row's
+    first two tokens. Drawn from one generator seeded with ``seed``: ids, then pixels."""
+    import torch
+
+    vision = config.vision_config
+    tokens = grid_thw[0] * grid_thw[1] * grid_thw[2] // vision.spatial_merge_size**2
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, config.vision_end_token_id, (batch, seq), generator=generator)
+    span = [config.vision_start_token_id, *[config.image_token_id] * tokens, config.vision_end_token_id]
+    input_ids[0, 2 : 2 + len(span)] = torch.tensor(span)
+    patches = grid_thw[0] * grid_thw[1] * grid_thw[2]
+    features = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+    out = {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "pixel_values": torch.randn(patches, features, generator=generator),
+        "image_grid_thw": torch.tensor([list(grid_thw)]),
+        "mm_token_type_ids": (input_ids == config.image_token_id).int(),
+    }
+    if labels:
+        out["labels"] = input_ids.clone()
+        out["labels"][0, : 2 + len(span)] = -100
+        out["labels"][1:, :2] = -100
+    return out
 
 
 def tiny_qwen3_vl_moe_config(

@@ -160,6 +160,70 @@ def fsdp_text_only(ctx: Context) -> dict[str, Any]:
     return result
 
 
+# --- mixture of experts: fused expert parameters assembled from per-expert FP8 pieces ----------------------
+
+
+def moe_facts(ctx: Context, model: Any, path: Path, reference: Any, *, forward: bool) -> dict[str, Any]:
+    """Load with every read recorded; local and gathered tensors, rotary buffers and (with ``forward``: FSDP2
+    runs the stock forward, a bare DTensor layout does not) logits with an image, against the single-process
+    load."""
+    result = load_recorded(model, path, rename=lambda name: name)
+    result["pieces"] = model.automodel_composition.load.pieces
+    result["local_mismatches"] = _checks.local_mismatches(model, reference.state_dict())
+    result["full_mismatches"] = full_state_mismatches(model, reference)
+    result["rotary_after_load"] = rotary_mismatches(model, reference)
+    if forward:
+        model.eval()
+        batch = _tiny.moe_inputs()
+        result["logits_equal"] = bool(torch.equal(logits(model, batch), logits(reference, batch)))
+    experts = "model.language_model.layers.0.mlp.experts."
+    result["expert_regions"] = {
+        name: _checks.chunk_bounds(t) for name, t in model_tensors(model).items() if name.startswith(experts)
+    }
+    return result
+
+
+def moe_fsdp(ctx: Context) -> dict[str, Any]:
+    """The FSDP2 flow on a Qwen3-VL-MoE: each rank reads only the experts of its dim-0 shard (whole pieces),
+    then two fused-loss SGD steps and a save in the source format."""
+    path = ctx.checkpoint(_tiny.MOE)
+    reference = _tiny.reference(path)
+    model = fsdp_model(ctx, path)
+    result = moe_facts(ctx, model, path, reference, forward=True)
+    # The root unit stays unsharded after a forward: the save and the optimizer must see the shards.
+    model.reshard()
+    result["plain_tensors"] = sorted(n for n, t in model_tensors(model).items() if not _checks.is_dtensor(t))
+    save = automodel_plugins.save_pretrained(model, ctx.out / "moe-fsdp-save")
+    result["save"] = {"bytes_written_by_rank": save.bytes_written_by_rank, "scales_kept": save.scales_kept}
+    model.train(), reference.train()
+    batch = _tiny.moe_inputs()
+    for label, module in (("losses", model), ("reference_losses", reference)):
+        result[label], result[f"{label}_logits"] = _train(module, batch, steps=2)
+    result["updated_mismatches"] = full_state_mismatches(model, reference)
+    return result
+
+
+def moe_distributed(ctx: Context, expert_dim: int) -> dict[str, Any]:
+    """Expert parameters ``distribute_tensor``-ed ``Shard(expert_dim)`` (0: expert parallelism, each rank its
+    experts; 1: rows of every expert), every other parameter replicated."""
+    from torch import nn
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    path = ctx.checkpoint(_tiny.MOE)
+    reference = _tiny.reference(path)
+    model = automodel_plugins.build_model(path)
+    for name, param in list(model.named_parameters()):
+        expert = name.endswith((".experts.gate_up_proj", ".experts.down_proj"))
+        placement = Shard(expert_dim) if expert else Replicate()
+        module_name, _, leaf = name.rpartition(".")
+        value = distribute_tensor(param.detach(), ctx.mesh, [placement])
+        model.get_submodule(module_name)._parameters[leaf] = nn.Parameter(
+            value, requires_grad=param.requires_grad
+        )
+    model.to_empty(device="cpu")
+    return moe_facts(ctx, model, path, reference, forward=False)
+
+
 def tp_load(ctx: Context, checkpoint: str) -> dict[str, Any]:
     """Tensor-parallel layout (``distribute_tensor``, Shard(0)/Shard(1)/Replicate, uneven): exact shards."""
     path = ctx.checkpoint(checkpoint)
@@ -534,6 +598,9 @@ SCENARIOS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "fsdp_per_tensor": lambda ctx: fsdp_load(ctx, "per_tensor_tied"),
     "fsdp_block": lambda ctx: fsdp_load(ctx, "block_untied"),
     "fsdp_text_only": fsdp_text_only,
+    "moe_fsdp": moe_fsdp,
+    "moe_expert_parallel": lambda ctx: moe_distributed(ctx, expert_dim=0),
+    "moe_expert_rows": lambda ctx: moe_distributed(ctx, expert_dim=1),
     "tp_per_tensor": lambda ctx: tp_load(ctx, "per_tensor_tied"),
     "tp_block": lambda ctx: tp_load(ctx, "block_untied"),
     "pipeline": pipeline,
@@ -581,6 +648,7 @@ def main(argv: list[str]) -> int:
         for name, (block, tied) in CHECKPOINTS.items():
             _tiny.write_checkpoint(ctx.checkpoint(name), block_size=block, tie_word_embeddings=tied)
         _tiny.write_text_only_checkpoint(ctx.checkpoint(_tiny.TEXT_ONLY))
+        _tiny.write_moe_checkpoint(ctx.checkpoint(_tiny.MOE))
     dist.barrier()
     try:
         for scenario in scenarios:

@@ -8,19 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
-from moe_checkpoints import (
-    GRID_THW,
-    IMAGE_TOKEN,
-    SEQ,
-    VISION_END,
-    VISION_START,
-    tiny_model,
-    write_moe_checkpoint,
-)
+from moe_checkpoints import GRID_THW, SEQ, tiny_config, tiny_model, write_moe_checkpoint
 from transformers import Qwen3VLMoeForConditionalGeneration
 
-from automodel_plugins.testing.tiny_models import TINY_QWEN3_VL_VISION
+from automodel_plugins.testing.tiny_models import qwen3_vl_image_batch
 
 
 @pytest.fixture(scope="session")
@@ -48,22 +39,7 @@ def moe_checkpoint(
 @pytest.fixture
 def image_batch() -> dict[str, Any]:
     """Two sequences, the first holding ``<vision_start> <image> x4 <vision_end>``; labels ignore the prompt."""
-    gen = torch.Generator().manual_seed(1)
-    input_ids = torch.randint(0, VISION_END, (2, SEQ), generator=gen)
-    input_ids[0, 2:8] = torch.tensor([VISION_START, *[IMAGE_TOKEN] * 4, VISION_END])
-    labels = input_ids.clone()
-    labels[0, :8] = -100
-    labels[1, :2] = -100
-    patch, temporal = TINY_QWEN3_VL_VISION["patch_size"], TINY_QWEN3_VL_VISION["temporal_patch_size"]
-    patches = GRID_THW[0] * GRID_THW[1] * GRID_THW[2]
-    return {
-        "input_ids": input_ids,
-        "attention_mask": torch.ones_like(input_ids),
-        "pixel_values": torch.randn(patches, 3 * temporal * patch * patch, generator=gen),
-        "image_grid_thw": torch.tensor([GRID_THW]),
-        "mm_token_type_ids": (input_ids == IMAGE_TOKEN).int(),
-        "labels": labels,
-    }
+    return qwen3_vl_image_batch(tiny_config(), seq=SEQ, grid_thw=GRID_THW)
 
 
 @pytest.fixture

@@ -16,12 +16,7 @@ from safetensors import safe_open
 from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
 
 from automodel_plugins.testing.checkpoints import write_fp8_checkpoint
-from automodel_plugins.testing.tiny_models import (
-    QWEN3_VL_IMAGE_TOKEN_ID,
-    QWEN3_VL_VISION_END_TOKEN_ID,
-    QWEN3_VL_VISION_START_TOKEN_ID,
-    tiny_qwen3_vl_moe_config,
-)
+from automodel_plugins.testing.tiny_models import tiny_qwen3_vl_moe_config
 
 PLUGIN = "qwen3_vl_moe_fp8"
 LAYERS, EXPERTS, HIDDEN, INTERMEDIATE = 2, 4, 64, 24
@@ -36,11 +31,6 @@ NOT_CONVERTED = (
     *(f"model.language_model.layers.{i}.mlp.gate" for i in range(LAYERS)),
 )
 """The release's ``modules_to_not_convert`` pattern: the vision tower, the head, every layer's router."""
-IMAGE_TOKEN, VISION_START, VISION_END = (
-    QWEN3_VL_IMAGE_TOKEN_ID,
-    QWEN3_VL_VISION_START_TOKEN_ID,
-    QWEN3_VL_VISION_END_TOKEN_ID,
-)
 GRID_THW = (1, 4, 4)  # one frame of 4x4 patches: 4 image tokens after the 2x2 merge
 SEQ = 12
 

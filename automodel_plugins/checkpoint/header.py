@@ -20,7 +20,15 @@ import torch
 
 from automodel_plugins.errors import CheckpointError, CorruptCheckpointError
 
-__all__ = ["MAX_HEADER_BYTES", "SAFETENSORS_DTYPES", "HeaderEntry", "TensorInfo", "parse_header"]
+__all__ = [
+    "MAX_HEADER_BYTES",
+    "SAFETENSORS_DTYPES",
+    "Header",
+    "HeaderEntry",
+    "TensorInfo",
+    "parse_header",
+    "pread_exactly",
+]
 
 # safetensors refuses headers above 100 MB; refusing them here keeps a hostile length from allocating.
 MAX_HEADER_BYTES = 100_000_000
@@ -79,35 +87,54 @@ def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _read_header(file: Path) -> tuple[dict[str, Any], int]:
-    """Return (header JSON, data section size) after checking the length prefix against the file size."""
+def pread_exactly(fd: int, target: memoryview, offset: int) -> int:
+    """Fill ``target`` from byte ``offset`` of the open file ``fd``; returns the bytes read, fewer only when the
+    file ends first."""
+    done = 0
+    while done < len(target):
+        got = os.preadv(fd, [target[done:]], offset + done)
+        if got <= 0:
+            break
+        done += got
+    return done
+
+
+def _read_bytes(file: Path, fd: int, offset: int, length: int, what: str) -> bytes:
+    buffer = bytearray(length)
     try:
-        with open(file, "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
-            if size < 8:
-                raise CorruptCheckpointError(
-                    f"file is {size} bytes, too short for a safetensors header", path=file
-                )
-            (length,) = struct.unpack("<Q", fh.read(8))
-            if length > size - 8:
-                raise CorruptCheckpointError(
-                    f"header length {length} exceeds the file size ({size} bytes): truncated or not safetensors",
-                    path=file,
-                )
-            if length > MAX_HEADER_BYTES:
-                raise CorruptCheckpointError(
-                    f"header length {length} exceeds the {MAX_HEADER_BYTES}-byte limit", path=file
-                )
-            raw = fh.read(length)
+        got = pread_exactly(fd, memoryview(buffer), offset)
     except OSError as exc:
-        raise CheckpointError(f"cannot read file: {exc}", path=file) from exc
+        raise CheckpointError(f"cannot read {what}: {exc}", path=file) from exc
+    if got != length:
+        raise CorruptCheckpointError(f"file ended inside the {what}", path=file)
+    return bytes(buffer)
+
+
+def _read_header(file: Path, fd: int, size: int) -> tuple[dict[str, Any], int]:
+    """Return (header JSON, header length) read from the open file ``fd`` of ``size`` bytes, after checking the
+    length prefix against the size."""
+    if size < 8:
+        raise CorruptCheckpointError(f"file is {size} bytes, too short for a safetensors header", path=file)
+    (length,) = struct.unpack("<Q", _read_bytes(file, fd, 0, 8, "header length"))
+    if length > size - 8:
+        raise CorruptCheckpointError(
+            f"header length {length} exceeds the file size ({size} bytes): truncated or not safetensors",
+            path=file,
+        )
+    if length > MAX_HEADER_BYTES:
+        raise CorruptCheckpointError(
+            f"header length {length} exceeds the {MAX_HEADER_BYTES}-byte limit", path=file
+        )
+    raw = _read_bytes(file, fd, 8, length, "header")
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicate_keys)
     except (UnicodeDecodeError, ValueError) as exc:
         raise CorruptCheckpointError(f"header is not valid JSON: {exc}", path=file) from exc
+    except RecursionError as exc:
+        raise CorruptCheckpointError("header JSON is nested too deeply to parse", path=file) from exc
     if not isinstance(header, dict):
         raise CorruptCheckpointError("header is not a JSON object", path=file)
-    return header, size - 8 - length
+    return header, length
 
 
 def _is_int(value: Any) -> bool:
@@ -164,9 +191,23 @@ def _check_coverage(file: Path, entries: list[HeaderEntry], data_size: int) -> N
         )
 
 
-def parse_header(file: Path) -> list[HeaderEntry]:
-    """Every tensor entry of one safetensors file, ordered by offset, validated without reading data."""
-    header, data_size = _read_header(file)
+@dataclass(frozen=True)
+class Header:
+    """A parsed header: its entries ordered by offset, and where the data section starts in the file."""
+
+    entries: list[HeaderEntry]
+    data_start: int
+
+
+def parse_header(file: Path, fd: int, size: int) -> Header:
+    """Every tensor entry of the safetensors file open as ``fd`` (``size`` bytes, named ``file`` in errors),
+    ordered by offset and validated without reading data.
+
+    The caller keeps ``fd`` to read the data: the offsets are valid for that open file only, not for whatever
+    file the path names later.
+    """
+    header, length = _read_header(file, fd, size)
+    data_size = size - 8 - length
     metadata = header.pop("__metadata__", None)
     if metadata is not None and not isinstance(metadata, dict):
         raise CorruptCheckpointError("__metadata__ is not a JSON object", path=file)
@@ -174,4 +215,4 @@ def parse_header(file: Path) -> list[HeaderEntry]:
         (_parse_entry(file, key, raw, data_size) for key, raw in header.items()), key=lambda e: e.begin
     )
     _check_coverage(file, entries, data_size)
-    return entries
+    return Header(entries=entries, data_start=8 + length)

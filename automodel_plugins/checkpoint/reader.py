@@ -2,25 +2,24 @@
 
 Every header is parsed and checked at open time without touching tensor data, so a truncated or
 tampered checkpoint fails before any model is built, with an error that names the file and key.
-Data is then read through ``safetensors.safe_open``: whole tensors are memory-mapped (zero copy),
-slices read only their region. Nothing in the directory is ever executed or unpickled.
+Each shard is opened once (:class:`~automodel_plugins.checkpoint.shard.ShardFile`) and all its data is read
+through that open file: whole tensors as views of its memory map (zero copy), regions with ``pread``. A shard
+replaced by rename meanwhile does not change what a load reads. Nothing in the directory is ever executed or
+unpickled.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-import os
-import struct
 import threading
 from pathlib import Path
-from typing import Any
 
 import torch
-from safetensors import safe_open
 
-from automodel_plugins.checkpoint.header import HeaderEntry, TensorInfo, parse_header
+from automodel_plugins.checkpoint.header import HeaderEntry, TensorInfo
 from automodel_plugins.checkpoint.index import shard_files
+from automodel_plugins.checkpoint.shard import ShardFile
 from automodel_plugins.errors import CheckpointError, CorruptCheckpointError
 from automodel_plugins.sources.resolve import CONFIG_NAME, INDEX_NAME, CheckpointLocation, resolve
 
@@ -45,18 +44,22 @@ class Checkpoint:
         self.index_path = index
         self.bytes_read = 0
         self._entries: dict[str, HeaderEntry] = {}
-        self._handles: dict[Path, Any] = {}
-        self._data_starts: dict[Path, int] = {}
+        self._shards: dict[Path, ShardFile] = {}
         self._lock = threading.Lock()
         self._closed = False
-        for file in files:
-            for entry in parse_header(file):
-                other = self._entries.get(entry.info.key)
-                if other is not None:
-                    raise CorruptCheckpointError(
-                        f"tensor also stored in {other.info.file}", path=file, key=entry.info.key
-                    )
-                self._entries[entry.info.key] = entry
+        try:
+            for file in files:
+                self._shards[file] = shard = ShardFile(file)
+                for entry in shard.header.entries:
+                    other = self._entries.get(entry.info.key)
+                    if other is not None:
+                        raise CorruptCheckpointError(
+                            f"tensor also stored in {other.info.file}", path=file, key=entry.info.key
+                        )
+                    self._entries[entry.info.key] = entry
+        except BaseException:
+            self.close()
+            raise
 
     @classmethod
     def open(cls, path: str | Path) -> Checkpoint:
@@ -68,7 +71,11 @@ class Checkpoint:
             return cls(location.directory, (weights.file.resolve(),), location=location)
         files, assigned = shard_files(location, weights.index)
         checkpoint = cls(location.directory, files, weights.index, location=location)
-        checkpoint._check_index(assigned)
+        try:
+            checkpoint._check_index(assigned)
+        except BaseException:
+            checkpoint.close()
+            raise
         return checkpoint
 
     def _check_index(self, assigned: dict[Path, set[str]]) -> None:
@@ -118,6 +125,10 @@ class Checkpoint:
     def total_nbytes(self) -> int:
         return sum(e.info.nbytes for e in self._entries.values())
 
+    def file_size(self, file: Path) -> int:
+        """The size of shard ``file`` (one of :attr:`files`) as it was when opened."""
+        return self._shards[file].size
+
     def _entry(self, key: str) -> HeaderEntry:
         entry = self._entries.get(key)
         if entry is None:
@@ -127,19 +138,20 @@ class Checkpoint:
     # --- data access -------------------------------------------------------------------------------------
 
     def tensor(self, key: str) -> torch.Tensor:
-        """The whole tensor as stored, memory-mapped from the file (no copy, no dtype change)."""
+        """The whole tensor as stored, a view of the shard's memory map (no copy, no dtype change)."""
         entry = self._entry(key)
-        tensor = self._read(entry, lambda handle: handle.get_tensor(key))
+        tensor = self._shard(entry).view(entry)
         self._count(entry.info.nbytes)
         return tensor
 
     def slice(self, key: str, region: tuple[slice, ...]) -> torch.Tensor:
-        """Only ``region`` of a tensor (one step-1 slice per leading dim), read without loading the rest."""
+        """Only ``region`` of a tensor (one step-1 slice per leading dim), a view of the memory map: only the
+        pages of the region are ever read."""
         entry = self._entry(key)
         bounds = _normalize_region(entry.info, region)
         if not bounds:
             return self.tensor(key)
-        tensor = self._read(entry, lambda handle: handle.get_slice(key)[bounds])
+        tensor = self._shard(entry).view(entry)[bounds]
         self._count(tensor.numel() * tensor.element_size())
         return tensor
 
@@ -171,58 +183,36 @@ class Checkpoint:
         outer = [range(b.start, b.stop) for b in bounds[: max(cut - 1, 0)]]
         inner_start = bounds[cut - 1].start * strides[cut - 1] if cut else 0
         buffer = memoryview(out.view(-1).view(torch.uint8).numpy())
-        base = self._data_start(info.file) + entry.begin
         length = run_elems * itemsize
-        with open(info.file, "rb", buffering=0) as fh:
-            for run, index in enumerate(itertools.product(*outer)):
-                offset = base + (sum(i * strides[d] for d, i in enumerate(index)) + inner_start) * itemsize
-                _pread_exactly(fh.fileno(), buffer[run * length : (run + 1) * length], offset, entry)
+        shard = self._shard(entry)
+        for run, index in enumerate(itertools.product(*outer)):
+            offset = (sum(i * strides[d] for d, i in enumerate(index)) + inner_start) * itemsize
+            shard.pread(entry, buffer[run * length : (run + 1) * length], offset)
 
-    def _data_start(self, file: Path) -> int:
-        """Byte offset of a shard's data section: after the 8-byte length and the header."""
-        with self._lock:
-            start = self._data_starts.get(file)
-            if start is None:
-                with open(file, "rb") as fh:
-                    start = 8 + struct.unpack("<Q", fh.read(8))[0]
-                self._data_starts[file] = start
-            return start
-
-    def _read(self, entry: HeaderEntry, fetch) -> torch.Tensor:
-        """Run ``fetch`` on the shard's handle, turning safetensors' own errors into ours."""
-        handle = self._handle(entry.info.file)
-        try:
-            return fetch(handle)
-        except Exception as exc:
-            raise CorruptCheckpointError(
-                f"safetensors failed to read tensor: {exc}", path=entry.info.file, key=entry.info.key
-            ) from exc
-
-    def _handle(self, file: Path) -> Any:
-        """The shard's safe_open handle, opened on first use and kept until close()."""
+    def _shard(self, entry: HeaderEntry) -> ShardFile:
+        """The open shard holding ``entry``; refused once the checkpoint is closed."""
         with self._lock:
             if self._closed:
                 raise CheckpointError("checkpoint is closed", path=self.directory)
-            handle = self._handles.get(file)
-            if handle is None:
-                try:
-                    handle = safe_open(str(file), framework="pt", device="cpu")
-                except Exception as exc:
-                    raise CorruptCheckpointError(f"safetensors cannot open file: {exc}", path=file) from exc
-                self._handles[file] = handle
-            return handle
+            return self._shards[entry.info.file]
+
+    def check_unchanged(self) -> None:
+        """Raise :class:`CorruptCheckpointError` naming a shard that was modified in place since it was opened
+        (one replaced by rename is fine: it is still the file we read)."""
+        for shard in self._shards.values():
+            shard.check_unchanged()
 
     def _count(self, nbytes: int) -> None:
         with self._lock:
             self.bytes_read += nbytes
 
     def close(self) -> None:
-        """Release every open file handle; tensors already handed out stay valid (they own their mapping)."""
+        """Close every shard file; tensors already handed out stay valid (they hold their memory map)."""
         with self._lock:
-            handles, self._handles = self._handles, {}
+            shards = list(self._shards.values())
             self._closed = True
-        for handle in handles.values():
-            handle.__exit__(None, None, None)
+        for shard in shards:
+            shard.close()
 
     def __enter__(self) -> Checkpoint:
         return self
@@ -232,18 +222,6 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.directory)!r}, files={len(self.files)}, tensors={len(self)})"
-
-
-def _pread_exactly(fd: int, target: memoryview, offset: int, entry: HeaderEntry) -> None:
-    """Fill ``target`` from ``offset``; a short read means the file changed or was cut under us."""
-    done = 0
-    while done < len(target):
-        got = os.preadv(fd, [target[done:]], offset + done)
-        if got <= 0:
-            raise CorruptCheckpointError(
-                "file ended inside the tensor's data", path=entry.info.file, key=entry.info.key
-            )
-        done += got
 
 
 def _normalize_region(info: TensorInfo, region: tuple[slice, ...]) -> tuple[slice, ...]:

@@ -8,6 +8,8 @@ or parses JSON: headers and the index are the checkpoint reader's business.
 
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +21,8 @@ __all__ = [
     "SAFETENSORS_NAME",
     "CheckpointLocation",
     "Weights",
+    "not_a_file",
+    "read_regular_file",
     "resolve",
 ]
 
@@ -55,6 +59,8 @@ class CheckpointLocation:
         """The ``config.json`` path, checked to exist; :class:`ConfigError` names what is missing."""
         if self.config.is_file():
             return self.config
+        if self.config.exists():
+            raise ConfigError(self.config, not_a_file(self.config) or "cannot be read")
         if self.named_weights is None and self.config.parent == self.directory:
             raise ConfigError(self.directory, f"no {CONFIG_NAME} in this directory")
         raise ConfigError(self.config, f"no {CONFIG_NAME} beside the named weights")
@@ -72,13 +78,60 @@ class CheckpointLocation:
                 return Weights(index=self.named_weights)
             return Weights(file=self.named_weights)
         index = self.directory / INDEX_NAME
-        if index.is_file():
-            return Weights(index=index)
+        if index.exists():
+            return Weights(index=index)  # read (and refused if it is no file) by the index reader
         return Weights(file=_single_file_in(self.directory))
 
     def file(self, name: str) -> Path:
         """The local path of ``name`` (a file name an index lists) in this checkpoint's directory."""
         return self.directory / name
+
+
+_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
+def not_a_file(path: Path, mode: int | None = None) -> str | None:
+    """Why ``path`` cannot be read as a file: ``"does not exist"``, ``"is a directory"``, ``"is a FIFO ..."``;
+    ``None`` for a regular file. ``mode`` (an ``st_mode`` already at hand, say from ``fstat``) skips the stat.
+
+    A directory or a named pipe where a weights file is expected deserves its name: "does not exist" would send
+    the user looking for a file that is there, and opening a FIFO would block the load forever.
+    """
+    if mode is None:
+        try:
+            mode = os.stat(path).st_mode
+        except FileNotFoundError:
+            return "does not exist"
+        except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the name
+            return f"cannot be read: {exc}"
+    if stat.S_ISREG(mode):
+        return None
+    kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+    return f"is {kind}, not a file"
+
+
+def read_regular_file(path: Path) -> bytes:
+    """The whole content of the regular file ``path``; :class:`OSError` saying what it is otherwise.
+
+    Opened without blocking and checked on the open file, so a FIFO put in a file's place never hangs the read.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        reason = not_a_file(path, os.fstat(fd).st_mode)
+        if reason is not None:
+            raise OSError(f"{path.name} {reason}")
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def resolve(path: str | Path) -> CheckpointLocation:
@@ -89,6 +142,8 @@ def resolve(path: str | Path) -> CheckpointLocation:
     """
     given = str(path)
     path = Path(path)
+    if "\0" in given:
+        raise SourceNotFoundError(path, "a path cannot contain a NUL byte")
     if not path.exists():
         raise SourceNotFoundError(path)
     if path.is_dir():
@@ -110,6 +165,8 @@ def _single_file_in(directory: Path) -> Path:
     preferred = directory / SAFETENSORS_NAME
     if preferred.is_file():
         return preferred
+    if preferred.exists():
+        raise CheckpointError(f"{SAFETENSORS_NAME} {not_a_file(preferred)}", path=preferred)
     candidates = sorted(p for p in directory.glob(f"*{_SAFETENSORS_SUFFIX}") if p.is_file())
     if not candidates:
         raise CheckpointError("no *.safetensors file and no index in checkpoint directory", path=directory)

@@ -63,7 +63,13 @@ class ConfigError(AutomodelPluginsError, ValueError):
 
 
 class UnsupportedQuantizationError(ConfigError):
-    """The config declares a quantization method the claiming plugin does not handle."""
+    """The config declares a quantization the load cannot apply: a method the claiming plugin does not handle,
+    a malformed FP8 field, or (on the stock path) none at all for a checkpoint that holds FP8 tensors."""
+
+
+class ConfigMismatchError(ConfigError):
+    """A ``config.json`` describing a model the checkpoint does not hold (more layers than it has, another
+    vocabulary or width): refused from the headers, before a model is built."""
 
 
 class CheckpointError(AutomodelPluginsError, ValueError):
@@ -127,6 +133,11 @@ class DtypeMismatchError(CheckpointError):
 
 class ScaleError(CheckpointError):
     """An FP8 weight without a scale, or a scale that is not finite and positive or does not fit the weight."""
+
+
+class NonFiniteWeightError(CheckpointError):
+    """A weight whose loaded values would hold NaN or inf: an FP8 NaN code, or a value times its scale that
+    overflows the dtype the model loads in."""
 
 
 def _listing(keys: list[str], limit: int = 20) -> str:

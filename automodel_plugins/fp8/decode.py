@@ -3,17 +3,25 @@
 The product is always taken in fp32 and cast once to the target dtype: that is what transformers' own
 dequant does, so results are bit-identical to it (a bf16 x bf16 product would not be). Elementwise math
 on fp8 tensors is not implemented on CPU, so weights are upcast before any arithmetic.
+
+No result holds NaN or inf: an FP8 NaN code, or a finite value whose product with its (finite) scale overflows
+the target dtype, raises :class:`~automodel_plugins.errors.NonFiniteWeightError`. Which byte values go bad is
+known per scale before any weight is decoded (256 candidates), so on CPU the check is one cheap pass over the
+weight's bytes; the decoded values are scanned only when a byte that may go bad is present.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import sys
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from automodel_plugins.errors import ScaleError
+from automodel_plugins.errors import NonFiniteWeightError, ScaleError
 from automodel_plugins.fp8.formats import is_fp8
 from automodel_plugins.fp8.scales import check_block_size, check_scale_shape, decode_scale
 
@@ -177,11 +185,6 @@ def _dequantize_blocks(
     rows, cols = weight.shape
     bm, bn = block_size
     r0, c0 = origin
-    if rows and cols and ((r0 + rows - 1) // bm >= grid.shape[0] or (c0 + cols - 1) // bn >= grid.shape[1]):
-        raise ScaleError(
-            f"scale grid shape {tuple(grid.shape)} with block size {tuple(block_size)} does not cover "
-            f"rows {r0}:{r0 + rows}, cols {c0}:{c0 + cols}"
-        )
     if table_lookup_applies(weight, dtype) and rows and cols:
         return _lut_dequantize_blocks(weight, grid, dtype, block_size, origin)
     device = weight.device
@@ -203,24 +206,163 @@ def dequantize(
     dtype: torch.dtype,
     block_size: tuple[int, int] | None = None,
     region: tuple[slice, slice] | None = None,
+    key: str | None = None,
+    path: str | Path | None = None,
 ) -> torch.Tensor:
     """``(weight.float() * scale.float()).to(dtype)``, with block scales expanded over their blocks.
 
     ``weight`` is either the full fp8 weight or, with ``region``, the already-read ``full[region]``;
     ``scale`` is always the full scale (0-d or the whole grid), moved to the weight's device.
-    Works in row chunks so the fp32 temporaries stay bounded whatever the weight size.
+    Works in row chunks so the fp32 temporaries stay bounded whatever the weight size. Raises
+    :class:`~automodel_plugins.errors.NonFiniteWeightError` (naming ``key`` and ``path`` when given) rather
+    than return NaN or inf, and :class:`~automodel_plugins.errors.ScaleError` for a scale that does not fit.
     """
     decoded = decode_scale(scale).to(weight.device)
     if block_size is None:
         if decoded.numel() != 1:
-            raise ScaleError(f"per-tensor scale must hold one element, got shape {tuple(scale.shape)}")
-        return _dequantize_per_tensor(weight, decoded.reshape(()), dtype)
-    check_block_size(block_size, None, None)
+            raise ScaleError(
+                f"per-tensor scale must hold one element, got shape {tuple(scale.shape)}", path=path, key=key
+            )
+        decoded = decoded.reshape(())
+        scan = _may_go_bad(weight, decoded.reshape(1), dtype)
+        out = _dequantize_per_tensor(weight, decoded, dtype)
+        if scan:
+            _refuse_non_finite(weight, out, lambda position: decoded, dtype, key=key, path=path)
+        return out
+    check_block_size(block_size, key, path)
     if weight.dim() != 2 or decoded.dim() != 2:
         raise ScaleError(
-            f"block scales need a 2-D weight and grid, got weight {tuple(weight.shape)}, grid {tuple(scale.shape)}"
+            f"block scales need a 2-D weight and grid, got weight {tuple(weight.shape)}, grid {tuple(scale.shape)}",
+            path=path,
+            key=key,
         )
     origin = _region_origin(region, tuple(weight.shape))
     if region is None:
-        check_scale_shape(scale, tuple(weight.shape), block_size, None, None)
-    return _dequantize_blocks(weight, decoded, dtype, tuple(block_size), origin)
+        check_scale_shape(tuple(scale.shape), tuple(weight.shape), block_size, key, path)
+    grid = _covering_grid(decoded, tuple(weight.shape), tuple(block_size), origin, key=key, path=path)
+    scan = _may_go_bad(weight, grid.reshape(-1), dtype)
+    out = _dequantize_blocks(weight, decoded, dtype, tuple(block_size), origin)
+    if scan:
+        bm, bn = block_size
+
+        def scale_at(position: tuple[int, ...]) -> torch.Tensor:
+            return decoded[(origin[0] + position[0]) // bm, (origin[1] + position[1]) // bn]
+
+        _refuse_non_finite(weight, out, scale_at, dtype, key=key, path=path)
+    return out
+
+
+def _covering_grid(
+    grid: torch.Tensor,
+    shape: tuple[int, int],
+    block_size: tuple[int, int],
+    origin: tuple[int, int],
+    *,
+    key: str | None,
+    path: str | Path | None,
+) -> torch.Tensor:
+    """The cells of ``grid`` that scale the ``shape`` region at ``origin``; ScaleError when it does not cover it."""
+    (rows, cols), (bm, bn), (r0, c0) = shape, block_size, origin
+    if not (rows and cols):
+        return grid[:0, :0]
+    last_row, last_col = (r0 + rows - 1) // bm, (c0 + cols - 1) // bn
+    if last_row >= grid.shape[0] or last_col >= grid.shape[1]:
+        raise ScaleError(
+            f"scale grid shape {tuple(grid.shape)} with block size {tuple(block_size)} does not cover "
+            f"rows {r0}:{r0 + rows}, cols {c0}:{c0 + cols}",
+            path=path,
+            key=key,
+        )
+    return grid[r0 // bm : last_row + 1, c0 // bn : last_col + 1]
+
+
+# --- no NaN, no inf ---------------------------------------------------------------------------------------
+# A byte decodes to NaN/inf under a scale when it is a NaN (or inf) code of its format, or when its value times
+# the scale overflows the target dtype. For e4m3fn and e5m2 the magnitude grows with the low 7 bits and the
+# NaN/inf codes are the top ones, so the bad bytes of a scale are exactly those whose low 7 bits reach a
+# threshold: one ``max`` over the weight's bytes tells whether any is present.
+
+_LOW7 = np.arange(256, dtype=np.uint8) & 0x7F
+_NO_BAD_CODE = 0x80  # a threshold no low-7-bit value reaches
+_CHECK_CHUNK = 1 << 18  # bytes per pass of the byte check: stays in cache
+
+
+def _bad_codes(fp8_dtype: torch.dtype, scales: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
+    """``bad[i, b]``: byte ``b`` times ``scales[i]`` (the reference formula) is not finite in ``dtype``."""
+    values = torch.arange(256, dtype=torch.uint8).view(fp8_dtype).float()
+    decoded = (values[None, :] * scales.float().cpu()[:, None]).to(dtype)
+    return (~torch.isfinite(decoded)).numpy()
+
+
+def _low7_threshold(bad: np.ndarray) -> int | None:
+    """The ``t`` with ``bad[i] == (low 7 bits >= t_i)`` for every scale ``i``, smallest over scales;
+    ``_NO_BAD_CODE`` when no byte goes bad; ``None`` when the bad bytes do not have that shape (the fnuz formats,
+    whose NaN is 0x80)."""
+    per_scale = np.where(bad, _LOW7, _NO_BAD_CODE).min(axis=1)
+    if not np.array_equal(bad, _LOW7[None, :] >= per_scale[:, None]):
+        return None
+    return int(per_scale.min())
+
+
+def _max_low7(weight: torch.Tensor) -> int:
+    """The largest low-7-bit value among the bytes of ``weight`` (contiguous, on CPU), in cache-sized passes."""
+    data = weight.view(torch.uint8).reshape(-1).numpy()
+    scratch = np.empty(min(data.size, _CHECK_CHUNK), dtype=np.uint8)
+    highest = 0
+    for start in range(0, data.size, _CHECK_CHUNK):
+        chunk = scratch[: min(_CHECK_CHUNK, data.size - start)]
+        np.bitwise_and(data[start : start + chunk.size], 0x7F, out=chunk)
+        highest = max(highest, int(chunk.max()))
+        if highest == 0x7F:
+            break
+    return highest
+
+
+def _may_go_bad(weight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether the decoded ``weight`` must be scanned: False when no byte it holds goes bad under any of
+    ``scales`` (decided from the 256 codes and one pass over its bytes, on CPU); True otherwise, and always on
+    other devices or for layouts the byte pass does not read."""
+    if not weight.numel() or not scales.numel():
+        return False
+    if weight.device.type != "cpu" or not weight.is_contiguous():
+        return True
+    threshold = _low7_threshold(_bad_codes(weight.dtype, scales, dtype))
+    if threshold == _NO_BAD_CODE:
+        return False
+    return threshold is None or _max_low7(weight) >= threshold
+
+
+def _refuse_non_finite(
+    weight: torch.Tensor,
+    out: torch.Tensor,
+    scale_at: Callable[[tuple[int, ...]], torch.Tensor],
+    dtype: torch.dtype,
+    *,
+    key: str | None,
+    path: str | Path | None,
+) -> None:
+    """Raise NonFiniteWeightError for the first NaN/inf of ``out``, saying whether its byte is a NaN/inf code
+    of the format or its value times ``scale_at(position)`` overflows ``dtype``."""
+    bad = ~torch.isfinite(out)
+    if not bool(bad.any()):
+        return
+    position = tuple(int(i) for i in torch.nonzero(bad)[0].tolist())
+    byte = int(weight.view(torch.uint8)[position].item())
+    stored = weight[position].float().item()
+    value = out[position].item()
+    fmt = str(weight.dtype).removeprefix("torch.")
+    if not math.isfinite(stored):
+        kind = "an inf" if math.isinf(stored) else "a NaN"
+        why = f"stored byte {byte:#04x} is {kind} code of {fmt}"
+    else:
+        scale = float(scale_at(position))
+        why = (
+            f"stored value {stored} (byte {byte:#04x}) times scale {scale:g} overflows "
+            f"{str(dtype).removeprefix('torch.')}"
+        )
+    raise NonFiniteWeightError(
+        f"dequantized value at {position} is {value}: {why} ({int(bad.sum())} non-finite value(s) of "
+        f"{out.numel()})",
+        path=path,
+        key=key,
+    )

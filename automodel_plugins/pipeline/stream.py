@@ -2,8 +2,11 @@
 
 What a target tensor is decides how its value arrives: a tensor still on the meta device is replaced by a new
 one (created on the load's ``device``; a tensor stored as it loads, read whole on CPU, is used in place from the
-memory map, never copied); a real tensor, plain or a DTensor shard (FSDP2, tensor parallel), is written in
-place, reading only the region this rank holds. Dtypes come from the plan in both cases.
+memory map, never copied, unless the load asks for private copies); a real tensor, plain or a DTensor shard
+(FSDP2, tensor parallel), is written in place, reading only the region this rank holds. Dtypes come from the
+plan in both cases. No value becomes NaN or inf on the way: FP8 data is checked as it is dequantized, and a
+conversion to a narrower float dtype that overflows is refused. A shard modified in place while it was read
+fails the load (one replaced by rename is still read consistently: see ``checkpoint.shard``).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from torch import nn
 
 from automodel_plugins.adapters import TensorSource
 from automodel_plugins.checkpoint import Checkpoint
-from automodel_plugins.errors import ScaleError
+from automodel_plugins.errors import NonFiniteWeightError, ScaleError
 from automodel_plugins.fp8.decode import dequantize
 from automodel_plugins.fp8.formats import is_fp8
 from automodel_plugins.fp8.scales import validate_scale
@@ -85,13 +88,44 @@ def read_value(
         data = checkpoint.read(source.key, region).to(device)
         block_region = None if region is None or source.block_size is None else region
         value = dequantize(
-            data, scale.to(device), dtype=dtype, block_size=source.block_size, region=block_region
+            data,
+            scale.to(device),
+            dtype=dtype,
+            block_size=source.block_size,
+            region=block_region,
+            key=source.key,
+            path=info.file,
         )
         return value, action
     if action == "used_in_place" and in_place_ok and region is None and device.type == "cpu":
         return checkpoint.tensor(source.key), action
-    target_dtype = dtype if info.dtype.is_floating_point else info.dtype
-    return checkpoint.read(source.key, region).to(device=device, dtype=target_dtype), action
+    stored = checkpoint.read(source.key, region)
+    if action == "used_in_place":
+        return stored.to(device=device), action
+    value = stored.to(device=device, dtype=dtype if info.dtype.is_floating_point else info.dtype)
+    _refuse_overflow(stored, value, key=source.key, path=info.file)
+    return value, action
+
+
+def _refuse_overflow(stored: torch.Tensor, value: torch.Tensor, *, key: str, path: object) -> None:
+    """A float cast to a narrower range (F32 -> F16, BF16 -> F16) must not turn finite values into inf.
+
+    NaN or inf already stored in a float checkpoint are its content, passed through like stock transformers
+    does (tensors used in place are not scanned either); only what the conversion itself breaks is refused.
+    """
+    if not (stored.is_floating_point() and value.is_floating_point()):
+        return
+    if torch.finfo(value.dtype).max >= torch.finfo(stored.dtype).max:
+        return
+    overflowed = torch.isinf(value) & torch.isfinite(stored.to(value.device))
+    if bool(overflowed.any()):
+        position = tuple(int(i) for i in torch.nonzero(overflowed)[0].tolist())
+        raise NonFiniteWeightError(
+            f"stored value {stored[position].item()} at {position} overflows {value.dtype} "
+            f"({int(overflowed.sum())} value(s)): load in a wider dtype",
+            path=path,
+            key=key,
+        )
 
 
 def stream_into(
@@ -101,9 +135,14 @@ def stream_into(
     *,
     device: torch.device | None = None,
     progress: bool | None = None,
+    mmap: bool = True,
 ) -> LoadReport:
     """Load every planned tensor into ``model``: meta tensors are replaced (on ``device``, CPU by default),
-    real ones are written in place (each rank its own region)."""
+    real ones are written in place (each rank its own region).
+
+    ``mmap=False``: tensors stored as they load get private copies instead of views of the memory-mapped shards,
+    so the model survives its files being truncated or rewritten later (see ``from_pretrained``).
+    """
     device = torch.device("cpu") if device is None else torch.device(device)
     report = LoadReport(unused_keys_allowed=len(plan.unused_keys))
     started, bytes_before = time.perf_counter(), checkpoint.bytes_read
@@ -112,7 +151,7 @@ def stream_into(
         planned, target = plan[name], targets[name]
         if target.is_meta:
             value, how = read_value(
-                checkpoint, planned.source, dtype=planned.dtype, device=device, in_place_ok=True
+                checkpoint, planned.source, dtype=planned.dtype, device=device, in_place_ok=mmap
             )
             _assign(model, name, target, value)
         else:
@@ -127,6 +166,7 @@ def stream_into(
         report.tensors += 1
         setattr(report, how, getattr(report, how) + 1)
         report.dropped_keys.extend(planned.source.dropped_keys)
+    checkpoint.check_unchanged()
     report.bytes_read = checkpoint.bytes_read - bytes_before
     report.seconds = time.perf_counter() - started
     return report

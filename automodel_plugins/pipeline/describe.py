@@ -20,6 +20,7 @@ from automodel_plugins.model.tensors import model_tensors
 from automodel_plugins.pipeline.composition import adapter_for
 from automodel_plugins.pipeline.load import build_model, resolve_dtype
 from automodel_plugins.pipeline.plan import plan_load
+from automodel_plugins.pipeline.preflight import check_stock_path, check_structure
 from automodel_plugins.registry import Registry, get_registry, pick_winner
 from automodel_plugins.sources import load_config
 
@@ -40,7 +41,8 @@ def describe_checkpoint(
     the on-disk layout, FP8 granularity and scale names, how many model tensors come from FP8 data and how
     many are used as stored or converted, the dropped keys, and the bytes the model holds once loaded in
     ``dtype`` (default: the config's, else BF16). Raises what the load would raise for a config or a
-    checkpoint it cannot plan (missing or unexpected keys, an FP8 weight without a scale, ...).
+    checkpoint it cannot plan (a config the headers contradict, missing or unexpected keys, wrong shapes or
+    dtypes, an FP8 weight without a fitting scale, FP8 tensors the stock path would not scale, ...).
     """
     registry = registry or get_registry()
     config = load_config(path)
@@ -48,6 +50,9 @@ def describe_checkpoint(
     plugin = pick_winner(verdicts)
     target = resolve_dtype(config, dtype)
     with Checkpoint.open(path) as checkpoint:
+        check_structure(config, checkpoint)
+        if plugin is None:
+            check_stock_path(config, checkpoint)
         description: dict[str, Any] = {
             "path": str(checkpoint.directory),
             "config": _config_summary(config),
@@ -90,7 +95,7 @@ def _checkpoint_summary(checkpoint: Checkpoint) -> dict[str, Any]:
         "tensors_by_dtype": dict(sorted(dtypes.items())),
         "fp8_tensors": sum(is_fp8(checkpoint.info(key).dtype) for key in checkpoint),
         "tensor_bytes": checkpoint.total_nbytes(),
-        "file_bytes": sum(file.stat().st_size for file in checkpoint.files),
+        "file_bytes": sum(checkpoint.file_size(file) for file in checkpoint.files),
     }
 
 

@@ -1,6 +1,6 @@
 """The load path, in one place::
 
-    resolve ─> config ─> claim ─> stock class on meta ─> adapter ─> plan ─> stream tensors
+    resolve ─> config ─> claim ─> headers vs config ─> stock class on meta ─> adapter ─> plan ─> stream tensors
             ─> post_materialize ─> tie ─> forward override ─> the stock model, with a record of what was composed
 
 ``from_pretrained`` runs all of it. ``build_model`` stops before the tensors (for users who shard first), and
@@ -15,12 +15,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from automodel_plugins.checkpoint import Checkpoint
-from automodel_plugins.errors import CheckpointError, ConfigError, PluginError
+from automodel_plugins.errors import CheckpointError, ConfigError, PluginError, RotaryRepairError
 from automodel_plugins.model.forward import SKIP_LOGITS_OPTION
+from automodel_plugins.model.rotary import rope_suspects
 from automodel_plugins.model.stock import build_on_meta, stock_class
 from automodel_plugins.model.tensors import (
     ensure_materialized,
     model_tensors,
+    non_finite_buffers,
     poison_meta_buffers,
     unrecomputed_buffers,
 )
@@ -34,6 +36,7 @@ from automodel_plugins.pipeline.composition import (
     drop_quantization_config,
 )
 from automodel_plugins.pipeline.plan import plan_load
+from automodel_plugins.pipeline.preflight import check_headers_of, check_stock_path, check_structure
 from automodel_plugins.pipeline.stream import LoadReport, stream_into
 from automodel_plugins.registry import Registry, get_registry
 from automodel_plugins.sources import INDEX_NAME, SAFETENSORS_NAME, load_config, resolve
@@ -51,6 +54,7 @@ def from_pretrained(
     device: str | torch.device = "cpu",
     require_plugin: bool = False,
     skip_logits: bool = False,
+    mmap: bool = True,
     progress: bool | None = None,
     registry: Registry | None = None,
     **stock_kwargs: Any,
@@ -58,9 +62,18 @@ def from_pretrained(
     """Load ``path`` through the plugin that claims its config, onto the stock transformers class.
 
     No plugin claiming the config means the stock ``from_pretrained`` of the config's architecture (unless
-    ``require_plugin``). ``dtype`` defaults to the config's (BF16 for FP8 checkpoints). ``skip_logits``: a
-    forward given ``labels`` computes the loss from hidden states and returns no full logits (when the plugin
-    overrides the forward). The model is returned in eval mode, like transformers does.
+    ``require_plugin``), but never for a checkpoint holding FP8 tensors the stock loader would not scale. ``dtype``
+    defaults to the config's (BF16 for FP8 checkpoints). ``skip_logits``: a forward given ``labels`` computes the
+    loss from hidden states and returns no full logits (when the plugin overrides the forward). The model is
+    returned in eval mode, like transformers does.
+
+    ``mmap``: tensors stored in the dtype they load in (BF16 embeddings, norms, ``lm_head``) are, by default,
+    views of the memory-mapped shard files: no copy, and pages shared with the page cache. The model then
+    depends on those files staying as they are: replacing a file by renaming a new one over it is safe (the
+    mapping keeps the old file), but truncating or rewriting it in place makes the next touch of an affected
+    tensor kill the process with ``SIGBUS`` (stock transformers' memory-mapped loads behave the same).
+    ``mmap=False`` copies those tensors into private memory instead (more resident memory, no dependence on
+    the files), for checkpoints on storage that may change under a running job.
     """
     registry = registry or get_registry()
     config = load_config(path)
@@ -74,12 +87,13 @@ def from_pretrained(
         )
     dtype = resolve_dtype(config, dtype)
     device = torch.device(device)
-    model = build_on_meta(config, dtype)
-    composition = compose(registry, claim, **{SKIP_LOGITS_OPTION: skip_logits})
     with Checkpoint.open(path) as checkpoint:
+        check_structure(config, checkpoint)
+        model = build_on_meta(config, dtype)
+        composition = compose(registry, claim, **{SKIP_LOGITS_OPTION: skip_logits, "mmap": mmap})
         adapter = adapter_for(registry, plugin, config, checkpoint)
         plan = plan_load(model_tensors(model), adapter, checkpoint)
-        composition.load = stream_into(model, plan, checkpoint, device=device, progress=progress)
+        composition.load = stream_into(model, plan, checkpoint, device=device, progress=progress, mmap=mmap)
         composition.adapter = adapter.describe()
     poisoned = poison_meta_buffers(model, device)
     registry.call(plugin, "post_materialize", model=model, config=config)
@@ -102,10 +116,16 @@ def build_model(
 ) -> PreTrainedModel:
     """The composed stock model on the meta device, weights not loaded: shard it, ``to_empty``, then
     :func:`load_weights`. The claiming plugin's ``post_materialize`` runs now (on meta) so that it can install
-    fix-ups that fire after materialization; its forward override is bound now.
+    fix-ups that fire after materialization; its forward override is bound now. Given a path with weights, the
+    config is first checked against their headers (a layer count the checkpoint does not hold fails here, not
+    after minutes of building).
     """
     registry = registry or get_registry()
-    config = path_or_config if not isinstance(path_or_config, (str, Path)) else load_config(path_or_config)
+    if isinstance(path_or_config, (str, Path)):
+        config = load_config(path_or_config)
+        check_headers_of(path_or_config, config, stock=False)
+    else:
+        config = path_or_config
     claim = registry.winning_claim(config, require_plugin=require_plugin)
     model = build_on_meta(config, resolve_dtype(config, dtype))
     composition = compose(registry, claim, **{SKIP_LOGITS_OPTION: skip_logits})
@@ -175,7 +195,8 @@ def _stock_from_pretrained(
     """No plugin claimed the config: transformers' own loader, locally, without remote code.
 
     transformers loads a directory's own weights, so a path naming another weights file is refused rather
-    than silently swapped for the directory's.
+    than silently swapped for the directory's. The headers are checked first: against the config's structure,
+    and for FP8 tensors the stock loader would load unscaled (:func:`check_stock_path`).
     """
     location = resolve(path)
     named = location.named_weights
@@ -185,6 +206,9 @@ def _stock_from_pretrained(
             "or its index: pass the directory",
             path=named,
         )
+    with Checkpoint.open(path) as checkpoint:
+        check_structure(config, checkpoint)
+        check_stock_path(config, checkpoint)
     model = stock_class(config).from_pretrained(
         str(location.directory),
         config=config,
@@ -202,6 +226,8 @@ def _stock_from_pretrained(
 
 
 def _check_buffers_recomputed(model: PreTrainedModel, poisoned: list[str], plugin: str) -> None:
+    """Every buffer the checkpoint could not provide must have been recomputed, and rotary frequencies must
+    be finite (a partial NaN is a config producing bad values, not a buffer left alone)."""
     left = unrecomputed_buffers(model, poisoned)
     if left:
         raise PluginError(
@@ -209,4 +235,11 @@ def _check_buffers_recomputed(model: PreTrainedModel, poisoned: list[str], plugi
             "post_materialize",
             f"non-persistent buffer(s) {', '.join(left)} were not recomputed after loading; the model would run "
             "on uninitialized values",
+        )
+    bad = non_finite_buffers(model, poisoned, suffix="inv_freq")
+    if bad:
+        module = model.get_submodule(bad[0].rpartition(".")[0])
+        raise RotaryRepairError(
+            f"rotary buffer(s) {', '.join(bad)} hold NaN or inf after post_materialize; "
+            f"{rope_suspects(getattr(module, 'config', None))}"
         )

@@ -1,9 +1,10 @@
 """The load plan: for every model tensor, where its value is in the checkpoint and what becomes of it.
 
 Planning reads headers only. It asks the adapter where each tensor lives, accounts for every checkpoint key
-(missing keys always fail; unused keys fail unless a pipeline stage expects them), and decides once, for
-``inspect`` and the streaming loader alike, the dtype each tensor loads in and how it gets there: FP8 data is
-dequantized, a float in another dtype is converted, anything else is used as stored.
+(missing keys always fail; unused keys fail unless a pipeline stage expects them), checks what the headers can
+tell (shapes, dtypes, each FP8 weight's scale dtype and grid shape, an FP8 scale beside a weight that is not
+FP8), and decides once, for ``inspect`` and the streaming loader alike, the dtype each tensor loads in and how
+it gets there: FP8 data is dequantized, a float in another dtype is converted, anything else is used as stored.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from automodel_plugins.errors import (
     ShapeMismatchError,
     UnexpectedKeysError,
 )
-from automodel_plugins.fp8.formats import is_fp8
+from automodel_plugins.fp8.formats import is_fp8, weight_key_of_scale
+from automodel_plugins.fp8.scales import check_scale_header
 
 if TYPE_CHECKING:
     from automodel_plugins.adapters import StateDictAdapter, TensorSource
@@ -92,8 +94,9 @@ def plan_load(
     Floats load in ``dtype`` when given, else in each model tensor's own dtype. Raises
     :class:`MissingKeysError`, :class:`~automodel_plugins.errors.UnexpectedKeysError` (unless
     ``allow_unused``: a pipeline stage holds only some of the model), :class:`ScaleError` for a scale the
-    checkpoint lacks, and :class:`ShapeMismatchError` / :class:`DtypeMismatchError` for a stored tensor that
-    cannot become the model's.
+    checkpoint lacks or whose header dtype or shape does not fit its weight, and :class:`ShapeMismatchError` /
+    :class:`DtypeMismatchError` for a stored tensor that cannot become the model's (a BF16 weight with an FP8
+    scale beside it included).
     """
     sources = {name: adapter.from_hf(name) for name in tensors}
     missing = sorted(
@@ -113,6 +116,8 @@ def plan_load(
     for name in sorted(sources, key=lambda n: order[sources[n].key]):
         source, target = sources[name], tensors[name]
         _check_compatible(name, target, source, checkpoint)
+        if source.is_fp8:
+            _check_scale(source, checkpoint)
         stored = checkpoint.info(source.key).dtype
         target_dtype = dtype if dtype is not None and target.dtype.is_floating_point else target.dtype
         planned[name] = PlannedTensor(
@@ -123,6 +128,7 @@ def plan_load(
     plan = LoadPlan(planned)
     consumed = plan.consumed_keys()
     plan.unused_keys = [key for key in checkpoint if key not in consumed]
+    _refuse_scales_beside_plain_weights(plan, checkpoint)
     if plan.unused_keys and not allow_unused:
         raise UnexpectedKeysError(plan.unused_keys, path=checkpoint.directory)
     return plan
@@ -143,3 +149,32 @@ def _check_compatible(name: str, target: torch.Tensor, source: TensorSource, che
             path=info.file,
             key=source.key,
         )
+
+
+def _check_scale(source: TensorSource, checkpoint: Checkpoint) -> None:
+    scale = checkpoint.info(source.scale_key)
+    check_scale_header(
+        scale.dtype,
+        scale.shape,
+        weight_shape=checkpoint.info(source.key).shape,
+        block_size=source.block_size,
+        key=source.scale_key,
+        path=scale.file,
+    )
+
+
+def _refuse_scales_beside_plain_weights(plan: LoadPlan, checkpoint: Checkpoint) -> None:
+    """An FP8 weight scale nobody reads, beside a weight this plan loads as it is stored: the checkpoint holds a
+    plain (BF16, say) weight where the FP8 weight its scale was made for should be. Said as such, rather than
+    as an unused scale key."""
+    plain = {p.source.key for p in plan.values() if not p.is_fp8}
+    for key in plan.unused_keys:
+        weight = weight_key_of_scale(key)
+        if weight in plain:
+            info = checkpoint.info(weight)
+            raise DtypeMismatchError(
+                f"weight is stored as {info.dtype} but its FP8 scale {key!r} is in the checkpoint: an FP8 weight "
+                "was expected here (a weight saved without quantization, or a scale left behind)",
+                path=info.file,
+                key=weight,
+            )

@@ -7,7 +7,7 @@ same checkpoint everywhere.
 
 from __future__ import annotations
 
-from automodel_plugins.sources.config import load_config
+from automodel_plugins.sources.config import config_path_of, load_config
 from automodel_plugins.sources.resolve import (
     CONFIG_NAME,
     INDEX_NAME,
@@ -23,6 +23,7 @@ __all__ = [
     "SAFETENSORS_NAME",
     "CheckpointLocation",
     "Weights",
+    "config_path_of",
     "load_config",
     "resolve",
 ]

@@ -90,6 +90,8 @@ class ShardFile:
 
     def pread(self, entry: HeaderEntry, target: memoryview, offset: int) -> None:
         """Fill ``target`` from byte ``offset`` of ``entry``'s data; a short read means the file was cut."""
+        if not self._close_fd.alive:
+            raise CheckpointError("checkpoint is closed", path=self.path, key=entry.info.key)
         try:
             got = pread_exactly(self._fd, target, self._offset(entry) + offset)
         except OSError as exc:

@@ -8,6 +8,7 @@ and the forward it binds are checked in one place.
 from __future__ import annotations
 
 import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -100,50 +101,44 @@ class CheckedAdapter(StateDictAdapter):
         self.adapter = adapter
 
     def from_hf(self, name: str) -> TensorSource:
-        source = self._ask("from_hf", name)
-        problem = _malformed(source)
-        if problem:
-            raise PluginError(self.plugin, self.hook, f"its adapter's from_hf({name!r}) returned {problem}")
-        return source
+        return self._ask("from_hf", name, check=_malformed)
 
     def to_hf(self, name: str) -> str:
-        key = self._ask("to_hf", name)
-        if not isinstance(key, str):
-            raise PluginError(
-                self.plugin,
-                self.hook,
-                f"its adapter's to_hf({name!r}) returned {type(key).__name__}, not a str",
-            )
-        return key
+        return self._ask(
+            "to_hf", name, check=lambda key: None if isinstance(key, str) else _not_a(key, "str")
+        )
 
     def describe(self) -> dict[str, Any]:
-        description = self._ask("describe")
-        if not isinstance(description, dict):
-            raise PluginError(
-                self.plugin,
-                self.hook,
-                f"its adapter's describe() returned {type(description).__name__}, not a dict",
-            )
-        return description
+        return self._ask(
+            "describe", check=lambda info: None if isinstance(info, dict) else _not_a(info, "dict")
+        )
 
-    def _ask(self, method: str, *args: Any) -> Any:
+    def _ask(self, method: str, *args: Any, check: Callable[[Any], str | None]) -> Any:
+        """Call the adapter's ``method``; its exception, or what ``check`` finds wrong with its answer, becomes a
+        PluginError naming the plugin."""
+        call = f"its adapter's {method}({', '.join(map(repr, args))})"
         try:
-            return getattr(self.adapter, method)(*args)
+            answer = getattr(self.adapter, method)(*args)
         except AutomodelPluginsError as exc:
             if not isinstance(exc, PluginError):
                 exc.add_note(f"raised by the adapter of plugin {self.plugin!r} ({method})")
             raise
         except Exception as exc:
-            shown = ", ".join(map(repr, args))
-            raise PluginError(
-                self.plugin, self.hook, f"its adapter's {method}({shown}) raised {type(exc).__name__}: {exc}"
-            ) from exc
+            raise PluginError(self.plugin, self.hook, f"{call} raised {type(exc).__name__}: {exc}") from exc
+        problem = check(answer)
+        if problem:
+            raise PluginError(self.plugin, self.hook, f"{call} returned {problem}")
+        return answer
+
+
+def _not_a(value: Any, expected: str) -> str:
+    return f"{type(value).__name__}, not a {expected}"
 
 
 def _malformed(source: Any) -> str | None:
     """What is wrong with a ``from_hf`` answer, or None for a well-formed TensorSource."""
     if not isinstance(source, TensorSource):
-        return f"{type(source).__name__}, not a TensorSource"
+        return _not_a(source, "TensorSource")
     if not isinstance(source.key, str) or not (source.scale_key is None or isinstance(source.scale_key, str)):
         return f"{source!r}: key and scale_key must be strings"
     block = source.block_size

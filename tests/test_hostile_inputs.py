@@ -35,7 +35,10 @@ from automodel_plugins.errors import (
     ConfigError,
     ConfigMismatchError,
     CorruptCheckpointError,
+    NonFiniteWeightError,
     PluginError,
+    RotaryRepairError,
+    SourceNotFoundError,
     UnsafeCheckpointPathError,
     UnsupportedQuantizationError,
 )
@@ -399,6 +402,45 @@ def test_architectures_naming_another_model(ckpt: Path) -> None:
     assert "'llama'" in str(caught.value) and caught.value.path == ckpt.resolve() / "config.json"
 
 
+def test_nul_byte_in_the_path_itself(isolated_registry: Registry) -> None:
+    with pytest.raises(SourceNotFoundError, match="NUL byte"):
+        from_pretrained("/tmp/model\0dir", registry=isolated_registry)
+
+
+# --- 3. values a conversion would break -----------------------------------------------------------------------
+
+
+def test_a_cast_that_overflows_the_load_dtype_is_refused(ckpt: Path) -> None:
+    """An F32 norm holding 1e5 fits BF16 but not FP16 (65504): loading in FP16 must not give inf."""
+    tensors = load_file(ckpt / WEIGHTS)
+    norm = tensors["model.norm.weight"].float()
+    norm[3] = 1e5
+    tensors["model.norm.weight"] = norm
+    save_file(tensors, ckpt / WEIGHTS, metadata={"format": "pt"})
+    registry = registry_with(llama_plugin())
+    assert from_pretrained(ckpt, registry=registry).model.norm.weight[3].item() == 99840.0  # BF16 rounding
+    with pytest.raises(
+        NonFiniteWeightError, match=r"stored value 100000.0 at \(3,\) overflows torch.float16"
+    ) as caught:
+        from_pretrained(ckpt, registry=registry, dtype=torch.float16)
+    assert caught.value.key == "model.norm.weight"
+
+
+def test_rotary_buffers_a_plugin_leaves_non_finite_are_refused(ckpt: Path) -> None:
+    """The host's own check after post_materialize, for a plugin that recomputes rotary tables its own way."""
+
+    @hookimpl
+    def post_materialize(model: Any, config: Any) -> None:
+        repair_rotary(model)
+        model.model.rotary_emb.inv_freq[1] = float("inf")
+
+    plugin = llama_plugin()
+    plugin.post_materialize = post_materialize
+    with pytest.raises(RotaryRepairError, match=r"model\.rotary_emb\.inv_freq hold NaN or inf") as caught:
+        from_pretrained(ckpt, registry=registry_with(plugin))
+    assert "rope_parameters" in str(caught.value)
+
+
 # --- 6. plugins that misbehave ------------------------------------------------------------------------------
 
 
@@ -425,8 +467,9 @@ class ShakyAdapter(StateDictAdapter):
         (KeyError("no such layer"), r"from_hf\('model.layers.0.self_attn.q_proj.weight'\) raised KeyError"),
         ("model.layers.0.self_attn.q_proj.weight", r"returned str, not a TensorSource"),
         (None, r"returned NoneType, not a TensorSource"),
+        (TensorSource(Q_PROJ, scale_key=7), r"key and scale_key must be strings"),
     ],
-    ids=["raises", "a-string", "none"],
+    ids=["raises", "a-string", "none", "malformed-source"],
 )
 def test_an_adapter_that_raises_or_answers_wrongly_names_the_plugin(
     ckpt: Path, answer: Any, match: str

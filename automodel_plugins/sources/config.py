@@ -76,7 +76,8 @@ def _read_object(file: Path) -> dict[str, Any]:
         raise ConfigError(file, f"expected a JSON object, got a JSON {_json_kind(data)}")
     field = _too_deep(data, MAX_CONFIG_DEPTH)
     if field is not None:
-        raise ConfigError(file, f"field {field!r} is nested more than {MAX_CONFIG_DEPTH} levels deep")
+        shown = field if len(field) <= 60 else field[:60] + "..."
+        raise ConfigError(file, f"field {shown!r} is nested more than {MAX_CONFIG_DEPTH} levels deep")
     return data
 
 

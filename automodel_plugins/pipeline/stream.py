@@ -113,9 +113,13 @@ def _refuse_overflow(stored: torch.Tensor, value: torch.Tensor, *, key: str, pat
     NaN or inf already stored in a float checkpoint are its content, passed through like stock transformers
     does (tensors used in place are not scanned either); only what the conversion itself breaks is refused.
     """
-    if not (stored.is_floating_point() and value.is_floating_point()):
+    if not (stored.is_floating_point() and value.is_floating_point()) or not stored.numel():
         return
-    if torch.finfo(value.dtype).max >= torch.finfo(stored.dtype).max:
+    limit = torch.finfo(value.dtype).max
+    if limit >= torch.finfo(stored.dtype).max:
+        return
+    low, high = torch.aminmax(stored)  # one pass; the element-wise scan below only when something exceeds
+    if not (float(high) > limit or float(low) < -limit):
         return
     overflowed = torch.isinf(value) & torch.isfinite(stored.to(value.device))
     if bool(overflowed.any()):

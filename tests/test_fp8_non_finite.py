@@ -11,6 +11,7 @@ import torch
 
 from automodel_plugins import fp8
 from automodel_plugins.errors import NonFiniteWeightError
+from automodel_plugins.fp8 import decode as fp8_decode
 from automodel_plugins.fp8.decode import table_lookup_applies
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
@@ -98,3 +99,16 @@ def test_largest_finite_values_under_a_scale_near_the_limit_are_exact() -> None:
     every = every[(every & 0x7F) != 0x7F].repeat(40)[:8192].reshape(64, 128).contiguous().view(E4M3)
     s = torch.tensor(torch.finfo(torch.bfloat16).max / 448 / 1.01)
     assert torch.equal(fp8.dequantize(every, s, dtype=torch.bfloat16), (every.float() * s).to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("block_size", [None, (32, 32)], ids=["per-tensor", "block"])
+def test_a_bad_byte_in_the_last_of_many_chunks_is_found(
+    monkeypatch: pytest.MonkeyPatch, block_size: tuple[int, int] | None
+) -> None:
+    """The bytes are checked chunk by chunk as the table lookup reads them: the last chunk counts too."""
+    monkeypatch.setattr(fp8_decode, "_LUT_CHUNK_PAIRS", 300)  # 96 x 128 / 2 pairs: 21 chunks, none aligned
+    weight = with_byte(ones((96, 128), E4M3), (95, 127), 0xFF)
+    scale = torch.tensor(0.5) if block_size is None else torch.full((3, 4), 0.5)
+    assert table_lookup_applies(weight, torch.bfloat16)
+    with pytest.raises(NonFiniteWeightError, match=r"at \(95, 127\) is nan"):
+        fp8.dequantize(weight, scale, dtype=torch.bfloat16, block_size=block_size)

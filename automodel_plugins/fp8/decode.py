@@ -98,9 +98,13 @@ def _pair_table(fp8_dtype: torch.dtype, scale: torch.Tensor | None, dtype: torch
     return table.reshape(-1).view(np_pair)
 
 
-def _lut_decode(weight: torch.Tensor, table: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    """``weight`` (contiguous fp8, even numel) looked up in a :func:`_pair_table`, in cache-sized chunks."""
-    pairs = weight.view(torch.uint8).reshape(-1).numpy().view(np.uint16)
+def _lut_decode(
+    weight: torch.Tensor, table: np.ndarray, dtype: torch.dtype, watch: _BadByteWatch | None = None
+) -> torch.Tensor:
+    """``weight`` (contiguous fp8, even numel) looked up in a :func:`_pair_table`, in cache-sized chunks;
+    ``watch`` sees each chunk's bytes right after the lookup read them."""
+    raw = weight.view(torch.uint8).reshape(-1).numpy()
+    pairs = raw.view(np.uint16)
     out = torch.empty(weight.shape, dtype=dtype)
     target = out.view(_BITS[dtype.itemsize][0]).reshape(-1).numpy().view(table.dtype)
     for start in range(0, pairs.size, _LUT_CHUNK_PAIRS):
@@ -110,6 +114,8 @@ def _lut_decode(weight: torch.Tensor, table: np.ndarray, dtype: torch.dtype) -> 
             out=target[start : start + _LUT_CHUNK_PAIRS],
             mode="clip",
         )  # uint16 indices into 65536 entries: always in range
+        if watch is not None:
+            watch.see(raw[2 * start : 2 * (start + _LUT_CHUNK_PAIRS)])
     return out
 
 
@@ -131,6 +137,7 @@ def _lut_dequantize_blocks(
     dtype: torch.dtype,
     block_size: tuple[int, int],
     origin: tuple[int, int],
+    watch: _BadByteWatch,
 ) -> torch.Tensor:
     """Block scales through tables: per block row, one 256-entry table per column block (byte value times that
     block's scale, reference formula), stacked; each byte's index is ``its column block * 256 + byte``."""
@@ -158,13 +165,17 @@ def _lut_dequantize_blocks(
             chunk = index[: stop - start]
             np.add(source[start:stop], offsets, out=chunk, dtype=np.int32)
             np.take(table, chunk, out=target[start:stop], mode="clip")  # indices are in range by construction
+            watch.see(source[start:stop])
         r = end
     return out
 
 
-def _dequantize_per_tensor(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _dequantize_per_tensor(
+    weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, watch: _BadByteWatch
+) -> torch.Tensor:
     if table_lookup_applies(weight, dtype):
-        return _lut_decode(weight, _pair_table(weight.dtype, scale, dtype), dtype)
+        return _lut_decode(weight, _pair_table(weight.dtype, scale, dtype), dtype, watch)
+    watch.unseen()
     if weight.dim() < 2:
         return (weight.float() * scale).to(dtype)
     out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
@@ -180,13 +191,15 @@ def _dequantize_blocks(
     dtype: torch.dtype,
     block_size: tuple[int, int],
     origin: tuple[int, int],
+    watch: _BadByteWatch,
 ) -> torch.Tensor:
     """Multiply each element by its block's scale, for a weight that may be an unaligned region."""
     rows, cols = weight.shape
     bm, bn = block_size
     r0, c0 = origin
     if table_lookup_applies(weight, dtype) and rows and cols:
-        return _lut_dequantize_blocks(weight, grid, dtype, block_size, origin)
+        return _lut_dequantize_blocks(weight, grid, dtype, block_size, origin, watch)
+    watch.unseen()
     device = weight.device
     col_scale_index = torch.arange(c0, c0 + cols, device=device) // bn
     out = torch.empty(weight.shape, dtype=dtype, device=device)
@@ -224,9 +237,9 @@ def dequantize(
                 f"per-tensor scale must hold one element, got shape {tuple(scale.shape)}", path=path, key=key
             )
         decoded = decoded.reshape(())
-        scan = _may_go_bad(weight, decoded.reshape(1), dtype)
-        out = _dequantize_per_tensor(weight, decoded, dtype)
-        if scan:
+        watch = _BadByteWatch.for_scales(weight, decoded.reshape(1), dtype)
+        out = _dequantize_per_tensor(weight, decoded, dtype, watch)
+        if watch.needs_scan:
             _refuse_non_finite(weight, out, lambda position: decoded, dtype, key=key, path=path)
         return out
     check_block_size(block_size, key, path)
@@ -240,9 +253,9 @@ def dequantize(
     if region is None:
         check_scale_shape(tuple(scale.shape), tuple(weight.shape), block_size, key, path)
     grid = _covering_grid(decoded, tuple(weight.shape), tuple(block_size), origin, key=key, path=path)
-    scan = _may_go_bad(weight, grid.reshape(-1), dtype)
-    out = _dequantize_blocks(weight, decoded, dtype, tuple(block_size), origin)
-    if scan:
+    watch = _BadByteWatch.for_scales(weight, grid.reshape(-1), dtype)
+    out = _dequantize_blocks(weight, decoded, dtype, tuple(block_size), origin, watch)
+    if watch.needs_scan:
         bm, bn = block_size
 
         def scale_at(position: tuple[int, ...]) -> torch.Tensor:
@@ -280,11 +293,11 @@ def _covering_grid(
 # A byte decodes to NaN/inf under a scale when it is a NaN (or inf) code of its format, or when its value times
 # the scale overflows the target dtype. For e4m3fn and e5m2 the magnitude grows with the low 7 bits and the
 # NaN/inf codes are the top ones, so the bad bytes of a scale are exactly those whose low 7 bits reach a
-# threshold: one ``max`` over the weight's bytes tells whether any is present.
+# threshold t: a byte in [t, 0x7f] (the max of the bytes read as int8 reaches t) or in [0x80 + t, 0xff] (the
+# max read as uint8 reaches 0x80 + t). Two max reductions per chunk, while the table lookup has it in cache.
 
 _LOW7 = np.arange(256, dtype=np.uint8) & 0x7F
 _NO_BAD_CODE = 0x80  # a threshold no low-7-bit value reaches
-_CHECK_CHUNK = 1 << 18  # bytes per pass of the byte check: stays in cache
 
 
 def _bad_codes(fp8_dtype: torch.dtype, scales: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
@@ -304,32 +317,35 @@ def _low7_threshold(bad: np.ndarray) -> int | None:
     return int(per_scale.min())
 
 
-def _max_low7(weight: torch.Tensor) -> int:
-    """The largest low-7-bit value among the bytes of ``weight`` (contiguous, on CPU), in cache-sized passes."""
-    data = weight.view(torch.uint8).reshape(-1).numpy()
-    scratch = np.empty(min(data.size, _CHECK_CHUNK), dtype=np.uint8)
-    highest = 0
-    for start in range(0, data.size, _CHECK_CHUNK):
-        chunk = scratch[: min(_CHECK_CHUNK, data.size - start)]
-        np.bitwise_and(data[start : start + chunk.size], 0x7F, out=chunk)
-        highest = max(highest, int(chunk.max()))
-        if highest == 0x7F:
-            break
-    return highest
+class _BadByteWatch:
+    """Whether a weight's decoded values must be scanned for NaN/inf, decided from the bytes the decode reads.
 
+    ``threshold`` (from the scales) is the smallest low-7-bit value that goes bad; ``None`` means the bad bytes
+    cannot be told by a threshold, so the output is always scanned. Valid checkpoints never scan: their largest
+    byte is 0x7e (448), below e4m3fn's NaN code 0x7f.
+    """
 
-def _may_go_bad(weight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> bool:
-    """Whether the decoded ``weight`` must be scanned: False when no byte it holds goes bad under any of
-    ``scales`` (decided from the 256 codes and one pass over its bytes, on CPU); True otherwise, and always on
-    other devices or for layouts the byte pass does not read."""
-    if not weight.numel() or not scales.numel():
-        return False
-    if weight.device.type != "cpu" or not weight.is_contiguous():
-        return True
-    threshold = _low7_threshold(_bad_codes(weight.dtype, scales, dtype))
-    if threshold == _NO_BAD_CODE:
-        return False
-    return threshold is None or _max_low7(weight) >= threshold
+    def __init__(self, threshold: int | None) -> None:
+        self.threshold = threshold
+        self.needs_scan = threshold is None or threshold == 0
+
+    @classmethod
+    def for_scales(cls, weight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> _BadByteWatch:
+        if not weight.numel() or not scales.numel():
+            return cls(_NO_BAD_CODE)
+        return cls(_low7_threshold(_bad_codes(weight.dtype, scales, dtype)))
+
+    def see(self, chunk: np.ndarray) -> None:
+        """Note the uint8 bytes of one chunk of the weight."""
+        if self.needs_scan or self.threshold == _NO_BAD_CODE or not chunk.size:
+            return
+        self.needs_scan = (
+            int(chunk.view(np.int8).max()) >= self.threshold or int(chunk.max()) >= 0x80 + self.threshold
+        )
+
+    def unseen(self) -> None:
+        """The decode path read the bytes without showing them (torch paths): scan unless nothing can go bad."""
+        self.needs_scan = self.needs_scan or self.threshold != _NO_BAD_CODE
 
 
 def _refuse_non_finite(

@@ -331,9 +331,12 @@ class _BadByteWatch:
 
     @classmethod
     def for_scales(cls, weight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> _BadByteWatch:
+        """The watch for ``weight`` under any of ``scales``: the bad bytes of the largest ``|scale|``, since a
+        larger multiplier only adds overflows (NaN codes are bad under every scale)."""
         if not weight.numel() or not scales.numel():
             return cls(_NO_BAD_CODE)
-        return cls(_low7_threshold(_bad_codes(weight.dtype, scales, dtype)))
+        worst = scales.abs().amax().reshape(1)
+        return cls(_low7_threshold(_bad_codes(weight.dtype, worst, dtype)))
 
     def see(self, chunk: np.ndarray) -> None:
         """Note the uint8 bytes of one chunk of the weight."""

@@ -6,8 +6,9 @@ on fp8 tensors is not implemented on CPU, so weights are upcast before any arith
 
 No result holds NaN or inf: an FP8 NaN code, or a finite value whose product with its (finite) scale overflows
 the target dtype, raises :class:`~automodel_plugins.errors.NonFiniteWeightError`. Which byte values go bad is
-known per scale before any weight is decoded (256 candidates), so on CPU the check is one cheap pass over the
-weight's bytes; the decoded values are scanned only when a byte that may go bad is present.
+known from the largest scale before any weight is decoded (256 candidates), so on CPU the table lookup checks
+each chunk of bytes it reads with two ``max`` reductions; the decoded values are scanned only when a byte that
+may go bad is present.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """The load plan: for every model tensor, where its value is in the checkpoint and what becomes of it.
 
 Planning reads headers only. It asks the adapter where each tensor lives, accounts for every checkpoint key
-(missing keys always fail; unused keys fail unless a pipeline stage expects them), and decides once, for
-``inspect`` and the streaming loader alike, the dtype each tensor loads in and how it gets there: FP8 data is
-dequantized, or kept FP8 (``dequantize=False``: the FP8 weights of the tensors the caller names as residency
-candidates), a float in another dtype is converted, anything else is used as stored.
+(missing keys always fail; unused keys fail unless a pipeline stage expects them), checks what the headers can
+tell (shapes, dtypes, each FP8 weight's scale dtype and grid shape, an FP8 scale beside a weight that is not
+FP8), and decides once, for ``inspect`` and the streaming loader alike, the dtype each tensor loads in and how
+it gets there: FP8 data is dequantized, or kept FP8 (``dequantize=False``: the FP8 weights of the tensors the
+caller names as residency candidates), a float in another dtype is converted, anything else is used as stored.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from automodel_plugins.errors import (
     ShapeMismatchError,
     UnexpectedKeysError,
 )
-from automodel_plugins.fp8.formats import is_fp8
-from automodel_plugins.fp8.scales import grid_shape
+from automodel_plugins.fp8.formats import is_fp8, weight_key_of_scale
+from automodel_plugins.fp8.scales import check_scale_header, grid_shape
 
 if TYPE_CHECKING:
     from automodel_plugins.adapters import StateDictAdapter, TensorSource
@@ -121,8 +122,9 @@ def plan_load(
     in ``require_fp8`` (the weights of layers already FP8-resident) must be FP8 in the checkpoint. Raises
     :class:`MissingKeysError`, :class:`~automodel_plugins.errors.UnexpectedKeysError` (unless
     ``allow_unused``: a pipeline stage holds only some of the model), :class:`ScaleError` for a scale the
-    checkpoint lacks, and :class:`ShapeMismatchError` / :class:`DtypeMismatchError` for a stored tensor that
-    cannot become the model's.
+    checkpoint lacks or whose header dtype or shape does not fit its weight, and :class:`ShapeMismatchError` /
+    :class:`DtypeMismatchError` for a stored tensor that cannot become the model's (a BF16 weight with an FP8
+    scale beside it included).
     """
     sources = {name: adapter.from_hf(name) for name in tensors}
     missing = sorted(
@@ -152,6 +154,8 @@ def plan_load(
                 key=source.key,
             )
         _check_compatible(name, target, source, checkpoint, kept=kept)
+        if source.is_fp8:
+            _check_scale(source, checkpoint)
         info = checkpoint.info(source.key)
         target_dtype = dtype if dtype is not None and target.dtype.is_floating_point else target.dtype
         planned[name] = PlannedTensor(
@@ -164,6 +168,7 @@ def plan_load(
     plan = LoadPlan(planned)
     consumed = plan.consumed_keys()
     plan.unused_keys = [key for key in checkpoint if key not in consumed]
+    _refuse_scales_beside_plain_weights(plan, checkpoint)
     if plan.unused_keys and not allow_unused:
         raise UnexpectedKeysError(plan.unused_keys, path=checkpoint.directory)
     return plan
@@ -193,3 +198,32 @@ def _check_compatible(
             path=info.file,
             key=source.key,
         )
+
+
+def _check_scale(source: TensorSource, checkpoint: Checkpoint) -> None:
+    scale = checkpoint.info(source.scale_key)
+    check_scale_header(
+        scale.dtype,
+        scale.shape,
+        weight_shape=checkpoint.info(source.key).shape,
+        block_size=source.block_size,
+        key=source.scale_key,
+        path=scale.file,
+    )
+
+
+def _refuse_scales_beside_plain_weights(plan: LoadPlan, checkpoint: Checkpoint) -> None:
+    """An FP8 weight scale nobody reads, beside a weight this plan loads as it is stored: the checkpoint holds a
+    plain (BF16, say) weight where the FP8 weight its scale was made for should be. Said as such, rather than
+    as an unused scale key."""
+    plain = {p.source.key for p in plan.values() if not p.is_fp8}
+    for key in plan.unused_keys:
+        weight = weight_key_of_scale(key)
+        if weight in plain:
+            info = checkpoint.info(weight)
+            raise DtypeMismatchError(
+                f"weight is stored as {info.dtype} but its FP8 scale {key!r} is in the checkpoint: an FP8 weight "
+                "was expected here (a weight saved without quantization, or a scale left behind)",
+                path=info.file,
+                key=weight,
+            )

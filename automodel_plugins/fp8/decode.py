@@ -27,7 +27,7 @@ from automodel_plugins.errors import NonFiniteWeightError, ScaleError
 from automodel_plugins.fp8.formats import is_fp8
 from automodel_plugins.fp8.scales import check_block_size, check_scale_shape, decode_scale
 
-__all__ = ["dequantize", "table_lookup_applies"]
+__all__ = ["check_finite", "dequantize", "table_lookup_applies"]
 
 # Rows per dequant chunk are chosen so the fp32 temporaries stay near this many elements (4 MiB).
 _CHUNK_ELEMENTS = 1 << 20
@@ -276,6 +276,34 @@ def dequantize(
 
         _refuse_non_finite(weight, out, scale_at, dtype, key=key, path=path)
     return out
+
+
+def check_finite(
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    *,
+    dtype: torch.dtype,
+    block_size: tuple[int, int] | None = None,
+    region: tuple[slice, slice] | None = None,
+    key: str | None = None,
+    path: str | Path | None = None,
+) -> None:
+    """Raise :class:`~automodel_plugins.errors.NonFiniteWeightError` when :func:`dequantize` of these FP8
+    codes would hold NaN or inf in ``dtype``, for weights kept FP8 (their dequantization happens later, in
+    every forward). Two max reductions over the bytes decide; the values are computed (to name the first bad
+    one) only when some byte reaches what the worst scale makes bad.
+    """
+    if not weight.numel():
+        return
+    watch = _BadByteWatch.for_scales(weight, decode_scale(scale).reshape(-1), dtype)
+    if not watch.needs_scan and watch.threshold != _NO_BAD_CODE:
+        step = _row_chunk(weight.shape[0], weight[0].numel()) if weight.dim() else 1
+        for start in range(0, max(1, weight.shape[0] if weight.dim() else 1), step):
+            watch.see(_borrowed_bytes(weight[start : start + step].contiguous() if weight.dim() else weight))
+            if watch.needs_scan:
+                break
+    if watch.needs_scan:
+        dequantize(weight, scale, dtype=dtype, block_size=block_size, region=region, key=key, path=path)
 
 
 def _covering_grid(

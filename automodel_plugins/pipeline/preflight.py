@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from automodel_plugins.checkpoint import Checkpoint
     from automodel_plugins.sources import CheckpointLocation
 
-__all__ = ["check_headers_of", "check_stock_path", "check_structure", "layer_lists"]
+__all__ = ["check_headers_of", "check_layer_counts", "check_stock_path", "check_structure", "layer_lists"]
 
 LAYER_COUNT_FIELDS = ("num_hidden_layers", "num_layers", "n_layer", "depth")
 """Config fields that count repeated blocks (text layers, vision blocks), at any nesting level."""
@@ -69,11 +69,17 @@ def check_structure(config: PretrainedConfig, checkpoint: Checkpoint) -> None:
     """Refuse a config that asks for more layers than any layer list of the checkpoint holds, or a token
     embedding of another shape than the checkpoint's: :class:`ConfigMismatchError` naming ``config.json``,
     the field and what the headers hold. Reads headers only; builds nothing.
+    """
+    check_layer_counts(config, checkpoint.keys(), checkpoint.config_path)
+    _check_embedding(config, checkpoint)
+
+
+def check_layer_counts(config: PretrainedConfig, keys: list[str], config_path: Path) -> None:
+    """The layer-count half of :func:`check_structure`, from tensor key names alone (an index suffices).
 
     The host loads each model tensor from one checkpoint tensor, so a model of ``L`` layers needs a list of at
     least ``L`` indexed entries (or, in a checkpoint without any indexed list, ``L`` tensors at all).
     """
-    keys = checkpoint.keys()
     lists = layer_lists(keys)
     longest = max(lists, key=lambda prefix: len(lists[prefix]), default=None)
     available = len(lists[longest]) if longest is not None else len(keys)
@@ -88,11 +94,10 @@ def check_structure(config: PretrainedConfig, checkpoint: Checkpoint) -> None:
                 else f"no indexed layer list, {len(keys)} tensors"
             )
             raise ConfigMismatchError(
-                checkpoint.config_path,
+                config_path,
                 f"{field} is {wanted}, but the checkpoint holds at most {available} layers ({held}): "
                 "config and checkpoint disagree",
             )
-    _check_embedding(config, checkpoint)
 
 
 def _check_embedding(config: PretrainedConfig, checkpoint: Checkpoint) -> None:
@@ -175,17 +180,25 @@ def check_headers_of(
     """:func:`check_structure` (and :func:`check_stock_path` when ``stock``: nobody claimed the config) on the
     weights of the checkpoint ``path`` names; nothing when it has none (a directory holding only a config).
 
-    Headers only: a hub repo's shards are read with range requests, never downloaded (``hub_options`` as
-    :func:`~automodel_plugins.sources.resolve` takes them).
+    Headers only, never a download. For a hub repo about to be loaded (``stock=False``) only what its index's
+    key names tell (:func:`check_layer_counts`): the rest is checked once the shards are in the cache, so a
+    load still downloads nothing but the files it needs; with ``stock`` the shards' headers are read with range
+    requests (``hub_options`` as :func:`~automodel_plugins.sources.resolve` takes them).
     """
     from automodel_plugins.checkpoint import Checkpoint
+    from automodel_plugins.checkpoint.index import shard_names
     from automodel_plugins.errors import CheckpointError
     from automodel_plugins.sources import resolve
 
     location = resolve(path, **hub_options)
     try:
-        location.weights()
+        weights = location.weights()
     except CheckpointError:
+        return
+    if location.is_remote and not stock:
+        if weights.index is not None:
+            keys = [key for keys in shard_names(weights.index).values() for key in keys]
+            check_layer_counts(config, sorted(keys), location.config)
         return
     with Checkpoint.open(location, download=False) as checkpoint:
         check_structure(config, checkpoint)

@@ -24,7 +24,7 @@ from torch import nn
 from automodel_plugins.adapters import TensorSource
 from automodel_plugins.checkpoint import Checkpoint
 from automodel_plugins.errors import NonFiniteWeightError, ScaleError
-from automodel_plugins.fp8.decode import dequantize
+from automodel_plugins.fp8.decode import check_finite, dequantize
 from automodel_plugins.fp8.formats import is_fp8
 from automodel_plugins.fp8.scales import validate_scale
 from automodel_plugins.model.fp8_linear import Fp8Linear
@@ -223,10 +223,21 @@ def _load_resident(
     layer = model.get_submodule(name.rpartition(".")[0])
     if not isinstance(layer, Fp8Linear):
         raise TypeError(f"{name!r} is planned FP8-resident but its module is a {type(layer).__name__}")
+    region = None if target.is_meta else local_region(target)
     if target.is_meta:
         codes, scale = read_fp8(checkpoint, source, device=device, in_place_ok=mmap)
     else:
-        codes, scale = read_fp8(checkpoint, source, device=target.device, region=local_region(target))
+        codes, scale = read_fp8(checkpoint, source, device=target.device, region=region)
+    # Kept FP8, dequantized in every forward: refuse now what would be NaN or inf there.
+    check_finite(
+        codes,
+        scale,
+        dtype=layer.compute_dtype,
+        block_size=source.block_size,
+        region=region if source.block_size is not None else None,
+        key=source.key,
+        path=checkpoint.info(source.key).file,
+    )
     layer.load_fp8(codes, scale)
 
 

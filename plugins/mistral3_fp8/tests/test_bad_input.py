@@ -379,23 +379,26 @@ def poke_bytes(path: Path, key: str, value: int, positions: tuple[int, ...] = (0
     edit_tensors(path, edit)
 
 
+@pytest.mark.parametrize("dequantize", [True, False], ids=["dequantized", "fp8-resident"])
 @pytest.mark.parametrize("code", [0x7F, 0xFF], ids=["nan", "negative-nan"])
 @pytest.mark.parametrize("block_size", [None, (32, 32)], ids=["per-tensor", "block"])
 def test_fp8_nan_code_is_refused_naming_file_and_key(
-    registry: Registry, damaged: Damaged, code: int, block_size: tuple[int, int] | None
+    registry: Registry, damaged: Damaged, code: int, block_size: tuple[int, int] | None, dequantize: bool
 ) -> None:
+    """Also when the weight stays FP8 (``dequantize=False``): every forward would dequantize it to NaN."""
     path = damaged(block_size=block_size)
     poke_bytes(path, Q_PROJ, code, positions=(70,))  # row 1, col 6 of the 64-wide weight
     with pytest.raises(
         NonFiniteWeightError, match=rf"at \(1, 6\) is nan: stored byte {code:#04x} is a NaN code"
     ) as caught:
-        load(path, registry)
+        load(path, registry, dequantize=dequantize)
     assert caught.value.key == Q_PROJ and caught.value.path == (path / "model.safetensors").resolve()
 
 
+@pytest.mark.parametrize("dequantize", [True, False], ids=["dequantized", "fp8-resident"])
 @pytest.mark.parametrize("block_size", [None, (32, 32)], ids=["per-tensor", "block"])
 def test_finite_scale_that_overflows_is_refused(
-    registry: Registry, damaged: Damaged, block_size: tuple[int, int] | None
+    registry: Registry, damaged: Damaged, block_size: tuple[int, int] | None, dequantize: bool
 ) -> None:
     """3e38 is finite and positive (the scale check passes), but any stored value above 1 times it is inf."""
     path = damaged(block_size=block_size)
@@ -407,7 +410,7 @@ def test_finite_scale_that_overflows_is_refused(
 
     edit_tensors(path, huge_scale)
     with pytest.raises(NonFiniteWeightError, match=r"times scale 3e\+38 overflows bfloat16") as caught:
-        load(path, registry)
+        load(path, registry, dequantize=dequantize)
     assert caught.value.key == Q_PROJ and "model.safetensors" in str(caught.value)
 
 

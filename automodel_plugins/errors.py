@@ -63,7 +63,13 @@ class ConfigError(AutomodelPluginsError, ValueError):
 
 
 class UnsupportedQuantizationError(ConfigError):
-    """The config declares a quantization method the claiming plugin does not handle."""
+    """The config declares a quantization the load cannot apply: a method the claiming plugin does not handle,
+    a malformed FP8 field, or (on the stock path) none at all for a checkpoint that holds FP8 tensors."""
+
+
+class ConfigMismatchError(ConfigError):
+    """A ``config.json`` describing a model the checkpoint does not hold (more layers than it has, another
+    vocabulary or width): refused from the headers, before a model is built."""
 
 
 class CheckpointError(AutomodelPluginsError, ValueError):
@@ -176,6 +182,11 @@ class ScaleError(CheckpointError):
 
 class NotQuantizedError(CheckpointError):
     """``dequantize=False`` asked to keep FP8 weights resident, but the checkpoint has no FP8 linear weight."""
+
+
+class NonFiniteWeightError(CheckpointError):
+    """A weight whose loaded values would hold NaN or inf: an FP8 NaN code, or a value times its scale that
+    overflows the dtype the model loads in."""
 
 
 def _listing(keys: list[str], limit: int = 20) -> str:

@@ -214,7 +214,7 @@ def test_block_regions_equal_full_dequant_sliced(region, scale_dtype):
     grid = (
         random_grid(3, 2)
         if scale_dtype == torch.float32
-        else torch.tensor([[110, 127], [131, 140], [1, 254]])
+        else torch.tensor([[110, 127], [131, 140], [1, 200]])  # 2**73 at most: no product overflows
     )
     grid = grid.to(scale_dtype)
     full = dequantize(w8, grid, dtype=BF16, block_size=(128, 128))

@@ -9,11 +9,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from automodel_plugins.adapters.base import Box, Piece, StateDictAdapter, TensorSource
-from automodel_plugins.errors import CheckpointError, ScaleError
+from automodel_plugins.errors import CheckpointError, DtypeMismatchError, ScaleError
 from automodel_plugins.fp8.formats import activation_key_candidates, is_fp8, scale_key_candidates
 from automodel_plugins.fp8.quantization import parse_fp8_quantization
 
 if TYPE_CHECKING:
+    import torch
+
     from automodel_plugins.checkpoint import Checkpoint
 
 __all__ = ["Fp8StateDictAdapter", "PrefixRename", "PrefixRenames", "fp8_adapter_for"]
@@ -59,7 +61,8 @@ class Fp8StateDictAdapter(StateDictAdapter):
     ``qscale_weight``) and accounts for the static activation scale (``activation_scale``, ``input_scale``,
     ``qscale_act``), which BF16 training does not use. ``modules_to_not_convert`` (runtime module prefixes, as
     in the config's ``quantization_config``) must hold no FP8 tensor: config and checkpoint disagreeing is an
-    error, not a guess.
+    error, not a guess. ``fp8_dtype``, when set (the format the config's ``quantization_config.fmt`` names), is
+    the only FP8 dtype a weight may have: bytes of another format decode to other values.
     """
 
     checkpoint: Checkpoint
@@ -67,6 +70,7 @@ class Fp8StateDictAdapter(StateDictAdapter):
     block_size: tuple[int, int] | None = None
     modules_to_not_convert: Iterable[str] = ()
     layout: str = "runtime"
+    fp8_dtype: torch.dtype | None = None
     _seen_scale_names: set[str] = field(default_factory=set, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -94,6 +98,14 @@ class Fp8StateDictAdapter(StateDictAdapter):
         ``modules_to_not_convert``; a key the checkpoint lacks gives a plain piece, which planning reports."""
         if key not in self.checkpoint or not is_fp8(self.checkpoint.info(key).dtype):
             return Piece(key, box, transposed=transposed)
+        stored = self.checkpoint.info(key)
+        if self.fp8_dtype is not None and stored.dtype != self.fp8_dtype:
+            raise DtypeMismatchError(
+                f"FP8 weight is stored as {stored.dtype} but the config's quantization_config declares "
+                f"{self.fp8_dtype}: its bytes would decode to other values",
+                path=stored.file,
+                key=key,
+            )
         if self._never_converted(name if name is not None else self.from_hf_key(key)):
             raise CheckpointError(
                 f"tensor is FP8 but its module is listed in quantization_config.modules_to_not_convert "
@@ -144,6 +156,7 @@ class Fp8StateDictAdapter(StateDictAdapter):
         if len(present) > 1:
             raise ScaleError(
                 f"FP8 weight has several scales ({', '.join(present)}); which one applies is ambiguous",
+                path=self.checkpoint.info(key).file,
                 key=key,
             )
         self._seen_scale_names.add(present[0].rsplit(".", 1)[-1])
@@ -161,11 +174,13 @@ def fp8_adapter_for(
     An unquantized config gets the same adapter with nothing to dequantize; an unsupported quantization
     method raises :class:`~automodel_plugins.errors.UnsupportedQuantizationError` naming the field.
     """
-    quantization = parse_fp8_quantization(config)
+    config_file = checkpoint.config_path if checkpoint.config_path.is_file() else None
+    quantization = parse_fp8_quantization(config, path=config_file)
     return Fp8StateDictAdapter(
         checkpoint,
         renames=renames,
         block_size=quantization.weight_block_size if quantization else None,
         modules_to_not_convert=quantization.modules_to_not_convert if quantization else (),
         layout=layout,
+        fp8_dtype=quantization.fp8_dtype() if quantization else None,
     )

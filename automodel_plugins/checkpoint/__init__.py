@@ -2,6 +2,8 @@
 
 * ``header``: one file's header, parsed and validated without touching tensor data;
 * ``index``: ``model.safetensors.index.json``, which shard holds each tensor, refusing paths that escape;
+* ``shard``: one file opened once; its header, memory map and reads all go through that open file, so a shard
+  replaced by rename during a load is never mixed with its replacement;
 * ``reader``: :class:`Checkpoint`, the keys, dtypes and shapes of every shard, and reads of whole tensors
   (memory-mapped) or of one rank's region;
 * ``regions``: the byte runs of a box of a tensor (what the reader preads and the writer pwrites);

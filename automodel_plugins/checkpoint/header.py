@@ -23,11 +23,13 @@ from automodel_plugins.errors import CheckpointError, CorruptCheckpointError
 __all__ = [
     "MAX_HEADER_BYTES",
     "SAFETENSORS_DTYPES",
+    "Header",
     "HeaderEntry",
     "TensorInfo",
     "header_length",
     "parse_header",
     "parse_header_bytes",
+    "pread_exactly",
 ]
 
 # safetensors refuses headers above 100 MB; refusing them here keeps a hostile length from allocating.
@@ -87,6 +89,29 @@ def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def pread_exactly(fd: int, target: memoryview, offset: int) -> int:
+    """Fill ``target`` from byte ``offset`` of the open file ``fd``; returns the bytes read, fewer only when the
+    file ends first."""
+    done = 0
+    while done < len(target):
+        got = os.preadv(fd, [target[done:]], offset + done)
+        if got <= 0:
+            break
+        done += got
+    return done
+
+
+def _read_bytes(file: Path, fd: int, offset: int, length: int, what: str) -> bytes:
+    buffer = bytearray(length)
+    try:
+        got = pread_exactly(fd, memoryview(buffer), offset)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {what}: {exc}", path=file) from exc
+    if got != length:
+        raise CorruptCheckpointError(f"file ended inside the {what}", path=file)
+    return bytes(buffer)
+
+
 def header_length(file: Path, prefix: bytes, file_size: int) -> int:
     """The JSON header's length from a file's first 8 bytes, checked against the file size and the limit."""
     if file_size < 8 or len(prefix) < 8:
@@ -106,20 +131,16 @@ def header_length(file: Path, prefix: bytes, file_size: int) -> int:
     return length
 
 
-def _read_header(file: Path) -> tuple[bytes, int]:
-    """The file's first ``8 + header length`` bytes and its size, read from disk."""
-    try:
-        with open(file, "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
-            prefix = fh.read(8)
-            length = header_length(file, prefix, size)
-            return prefix + fh.read(length), size
-    except OSError as exc:
-        raise CheckpointError(f"cannot read file: {exc}", path=file) from exc
+def _read_head(file: Path, fd: int, size: int) -> bytes:
+    """The first ``8 + header length`` bytes of the open file ``fd`` of ``size`` bytes."""
+    if size < 8:
+        raise CorruptCheckpointError(f"file is {size} bytes, too short for a safetensors header", path=file)
+    prefix = _read_bytes(file, fd, 0, 8, "header length")
+    return prefix + _read_bytes(file, fd, 8, header_length(file, prefix, size), "header")
 
 
 def _decode_header(file: Path, head: bytes, file_size: int) -> tuple[dict[str, Any], int]:
-    """Return (header JSON, data section size) from the file's first ``8 + length`` bytes."""
+    """Return (header JSON, header length) from the file's first ``8 + length`` bytes."""
     length = header_length(file, head, file_size)
     raw = head[8 : 8 + length]
     if len(raw) != length:
@@ -130,9 +151,11 @@ def _decode_header(file: Path, head: bytes, file_size: int) -> tuple[dict[str, A
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicate_keys)
     except (UnicodeDecodeError, ValueError) as exc:
         raise CorruptCheckpointError(f"header is not valid JSON: {exc}", path=file) from exc
+    except RecursionError as exc:
+        raise CorruptCheckpointError("header JSON is nested too deeply to parse", path=file) from exc
     if not isinstance(header, dict):
         raise CorruptCheckpointError("header is not a JSON object", path=file)
-    return header, file_size - 8 - length
+    return header, length
 
 
 def _is_int(value: Any) -> bool:
@@ -189,18 +212,32 @@ def _check_coverage(file: Path, entries: list[HeaderEntry], data_size: int) -> N
         )
 
 
-def parse_header(file: Path) -> list[HeaderEntry]:
-    """Every tensor entry of one safetensors file, ordered by offset, validated without reading data."""
-    return parse_header_bytes(file, *_read_header(file))
+@dataclass(frozen=True)
+class Header:
+    """A parsed header: its entries ordered by offset, and where the data section starts in the file."""
+
+    entries: list[HeaderEntry]
+    data_start: int
 
 
-def parse_header_bytes(file: Path, head: bytes, file_size: int) -> list[HeaderEntry]:
-    """The entries of a header read elsewhere (``head``: the file's first ``8 + length`` bytes, e.g. from HTTP
-    range requests), with exactly the checks :func:`parse_header` makes on a local file of ``file_size`` bytes.
+def parse_header(file: Path, fd: int, size: int) -> Header:
+    """Every tensor entry of the safetensors file open as ``fd`` (``size`` bytes, named ``file`` in errors),
+    ordered by offset and validated without reading data.
+
+    The caller keeps ``fd`` to read the data: the offsets are valid for that open file only, not for whatever
+    file the path names later.
+    """
+    return parse_header_bytes(file, _read_head(file, fd, size), size)
+
+
+def parse_header_bytes(file: Path, head: bytes, file_size: int) -> Header:
+    """The header of ``head`` (the file's first ``8 + length`` bytes, read from an open file or by HTTP range
+    requests), with exactly the same checks whatever it came from, for a file of ``file_size`` bytes.
 
     ``file`` is where the entries say the data lives (for a hub file, where its download lands).
     """
-    header, data_size = _decode_header(file, head, file_size)
+    header, length = _decode_header(file, head, file_size)
+    data_size = file_size - 8 - length
     metadata = header.pop("__metadata__", None)
     if metadata is not None and not isinstance(metadata, dict):
         raise CorruptCheckpointError("__metadata__ is not a JSON object", path=file)
@@ -208,4 +245,4 @@ def parse_header_bytes(file: Path, head: bytes, file_size: int) -> list[HeaderEn
         (_parse_entry(file, key, raw, data_size) for key, raw in header.items()), key=lambda e: e.begin
     )
     _check_coverage(file, entries, data_size)
-    return entries
+    return Header(entries=entries, data_start=8 + length)

@@ -12,7 +12,7 @@ from collections.abc import Collection
 from pathlib import Path
 
 from automodel_plugins.errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointPathError
-from automodel_plugins.sources.resolve import CheckpointLocation
+from automodel_plugins.sources.resolve import CheckpointLocation, not_a_file, read_regular_file
 
 __all__ = ["load_weight_map", "shard_files", "shard_names"]
 
@@ -32,6 +32,10 @@ def _is_within(path: Path, root: Path) -> bool:
 
 def _check_entry_name(index: Path, key: str, name: str) -> None:
     """A weight_map file name must be a plain relative name: no absolute path, no ``..``."""
+    if "\0" in name:
+        raise UnsafeCheckpointPathError(
+            f"weight_map entry {name!r} contains a NUL byte: no file has such a name", path=index, key=key
+        )
     relative = Path(name)
     if relative.is_absolute() or ".." in relative.parts or name in ("", "."):
         raise UnsafeCheckpointPathError(
@@ -58,11 +62,13 @@ def _check_within(location: CheckpointLocation, index: Path, key: str, name: str
 def load_weight_map(index: Path) -> dict[str, str]:
     """Parse the index JSON and return its weight_map (tensor key -> file name)."""
     try:
-        data = json.loads(index.read_text(encoding="utf-8"))
+        data = json.loads(read_regular_file(index).decode("utf-8"))
     except OSError as exc:
         raise CheckpointError(f"cannot read index: {exc}", path=index) from exc
     except (UnicodeDecodeError, ValueError) as exc:
         raise CorruptCheckpointError(f"index is not valid JSON: {exc}", path=index) from exc
+    except RecursionError as exc:
+        raise CorruptCheckpointError("index JSON is nested too deeply to parse", path=index) from exc
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict):
         raise CorruptCheckpointError("index has no 'weight_map' object", path=index)
@@ -95,7 +101,8 @@ def shard_files(
             file = location.directory / name
         else:
             file = _check_within(location, index, min(keys), name, location.file(name))
-            if not file.is_file():
-                raise CheckpointError(f"shard {name!r} named by {index.name} does not exist", path=file)
+            reason = not_a_file(file)
+            if reason is not None:
+                raise CheckpointError(f"shard {name!r} named by {index.name} {reason}", path=file)
         assigned.setdefault(file, set()).update(keys)
     return tuple(assigned), assigned

@@ -1,28 +1,27 @@
 """Lazy, validated reader for safetensors checkpoints (one file, or shards listed by an index).
 
 Every header is parsed and checked at open time without touching tensor data, so a truncated or
-tampered checkpoint fails before any model is built, with an error that names the file and key. The headers of
-a hub repo's shards not downloaded yet come from range requests and pass the same checks; such a "header-only"
-file answers every question but refuses data reads until it is fetched.
-Data is then read through ``safetensors.safe_open``: whole tensors are memory-mapped (zero copy),
-slices read only their region. Nothing in the directory is ever executed or unpickled.
+tampered checkpoint fails before any model is built, with an error that names the file and key.
+Each shard is opened once (:class:`~automodel_plugins.checkpoint.shard.ShardFile`) and all its data is read
+through that open file: whole tensors as views of its memory map (zero copy), regions with ``pread``. A shard
+replaced by rename meanwhile does not change what a load reads. The headers of a hub repo's shards not
+downloaded yet come from range requests and pass the same checks; such a "header-only" file answers every
+question but refuses data reads until it is fetched, and is then opened once like any other (its header checked
+to be the one read before). Nothing in the directory is ever executed or unpickled.
 """
 
 from __future__ import annotations
 
-import os
-import struct
 import threading
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
-from safetensors import safe_open
 
-from automodel_plugins.checkpoint.header import HeaderEntry, TensorInfo, parse_header, parse_header_bytes
+from automodel_plugins.checkpoint.header import Header, HeaderEntry, TensorInfo, parse_header_bytes
 from automodel_plugins.checkpoint.index import shard_files, shard_names
 from automodel_plugins.checkpoint.regions import box_runs, box_shape
+from automodel_plugins.checkpoint.shard import ShardFile
 from automodel_plugins.errors import CheckpointError, CorruptCheckpointError
 from automodel_plugins.sources.resolve import CONFIG_NAME, INDEX_NAME, CheckpointLocation, resolve
 
@@ -39,13 +38,13 @@ class Checkpoint:
         index: Path | None = None,
         *,
         location: CheckpointLocation | None = None,
-        headers: Mapping[Path, list[HeaderEntry]] | None = None,
+        headers: Mapping[Path, tuple[Header, int]] | None = None,
     ) -> None:
         """Parse and cross-check every header; use :meth:`open` rather than calling this directly.
 
-        ``headers`` holds entries already parsed for some of ``files`` (from a hub repo's range requests, with
-        :func:`~automodel_plugins.checkpoint.header.parse_header_bytes`): those files are not read, and their
-        tensor data cannot be read until the file exists locally.
+        ``headers`` holds ``(header, file size)`` already parsed for some of ``files`` (a hub repo's shards, read
+        with range requests by :func:`~automodel_plugins.checkpoint.header.parse_header_bytes`): those files are
+        not opened now, and their tensor data cannot be read until the file exists locally.
         """
         self.directory = directory
         self.location = location
@@ -53,19 +52,27 @@ class Checkpoint:
         self.index_path = index
         self.bytes_read = 0
         self._entries: dict[str, HeaderEntry] = {}
-        self._handles: dict[Path, Any] = {}
-        self._data_starts: dict[Path, int] = {}
+        self._shards: dict[Path, ShardFile] = {}
+        self._remote: dict[Path, tuple[Header, int]] = dict(headers or {})
         self._lock = threading.Lock()
         self._closed = False
-        self._header_only = frozenset(headers or ())
-        for file in files:
-            for entry in headers[file] if file in self._header_only else parse_header(file):
-                other = self._entries.get(entry.info.key)
-                if other is not None:
-                    raise CorruptCheckpointError(
-                        f"tensor also stored in {other.info.file}", path=file, key=entry.info.key
-                    )
-                self._entries[entry.info.key] = entry
+        try:
+            for file in files:
+                if file in self._remote:
+                    entries = self._remote[file][0].entries
+                else:
+                    self._shards[file] = shard = ShardFile(file)
+                    entries = shard.header.entries
+                for entry in entries:
+                    other = self._entries.get(entry.info.key)
+                    if other is not None:
+                        raise CorruptCheckpointError(
+                            f"tensor also stored in {other.info.file}", path=file, key=entry.info.key
+                        )
+                    self._entries[entry.info.key] = entry
+        except BaseException:
+            self.close()
+            raise
 
     @classmethod
     def open(
@@ -95,14 +102,18 @@ class Checkpoint:
             location.fetch(names)
         remote = location.header_bytes(names)
         headers = {
-            location.directory / name: parse_header_bytes(location.directory / name, *head)
-            for name, head in remote.items()
+            location.directory / name: (parse_header_bytes(location.directory / name, head, size), size)
+            for name, (head, size) in remote.items()
         }
         if weights.index is None:
             return cls(location.directory, (weights.file,), location=location, headers=headers)
         files, assigned = shard_files(location, weights.index, remote=remote)
         checkpoint = cls(location.directory, files, weights.index, location=location, headers=headers)
-        checkpoint._check_index(assigned)
+        try:
+            checkpoint._check_index(assigned)
+        except BaseException:
+            checkpoint.close()
+            raise
         return checkpoint
 
     def _check_index(self, assigned: dict[Path, set[str]]) -> None:
@@ -152,41 +163,34 @@ class Checkpoint:
     def total_nbytes(self) -> int:
         return sum(e.info.nbytes for e in self._entries.values())
 
+    def file_size(self, file: Path) -> int:
+        """The size of shard ``file`` (one of :attr:`files`) as it was when opened (or when its header was read)."""
+        shard = self._shards.get(file)
+        return shard.size if shard is not None else self._remote[file][1]
+
     def _entry(self, key: str) -> HeaderEntry:
         entry = self._entries.get(key)
         if entry is None:
             raise CheckpointError(f"no tensor {key!r} in checkpoint", path=self.directory, key=key)
         return entry
 
-    def _data_entry(self, key: str) -> HeaderEntry:
-        """The entry of a tensor about to be read: its file must be here, not only its header."""
-        entry = self._entry(key)
-        file = entry.info.file
-        if file in self._header_only and not file.is_file():
-            raise CheckpointError(
-                "only this file's header was read (range requests to the hub): its tensor data is not "
-                "downloaded; load with from_pretrained / load_weights, or Checkpoint.open(..., download=True)",
-                path=file,
-                key=key,
-            )
-        return entry
-
     # --- data access -------------------------------------------------------------------------------------
 
     def tensor(self, key: str) -> torch.Tensor:
-        """The whole tensor as stored, memory-mapped from the file (no copy, no dtype change)."""
-        entry = self._data_entry(key)
-        tensor = self._read(entry, lambda handle: handle.get_tensor(key))
+        """The whole tensor as stored, a view of the shard's memory map (no copy, no dtype change)."""
+        entry = self._entry(key)
+        tensor = self._shard(entry).view(entry)
         self._count(entry.info.nbytes)
         return tensor
 
     def slice(self, key: str, region: tuple[slice, ...]) -> torch.Tensor:
-        """Only ``region`` of a tensor (one step-1 slice per leading dim), read without loading the rest."""
-        entry = self._data_entry(key)
+        """Only ``region`` of a tensor (one step-1 slice per leading dim), a view of the memory map: only the
+        pages of the region are ever read."""
+        entry = self._entry(key)
         bounds = _normalize_region(entry.info, region)
         if not bounds:
             return self.tensor(key)
-        tensor = self._read(entry, lambda handle: handle.get_slice(key)[bounds])
+        tensor = self._shard(entry).view(entry)[bounds]
         self._count(tensor.numel() * tensor.element_size())
         return tensor
 
@@ -197,7 +201,7 @@ class Checkpoint:
         frees, so pages of the checkpoint do not stay resident in this process the way a memory map keeps
         them, and a rank reading a shard reads exactly its region's bytes.
         """
-        entry = self._data_entry(key)
+        entry = self._entry(key)
         info = entry.info
         bounds = _normalize_region(info, region) if region is not None else ()
         out = torch.empty(box_shape(info.shape, bounds), dtype=info.dtype)
@@ -208,61 +212,61 @@ class Checkpoint:
 
     def _pread_region(self, entry: HeaderEntry, bounds: tuple[slice, ...], out: torch.Tensor) -> None:
         """Fill ``out`` with the box ``bounds`` of ``entry``: one read per contiguous run of bytes."""
-        info, itemsize = entry.info, out.element_size()
-        run_elements, offsets = box_runs(info.shape, bounds)
+        itemsize = out.element_size()
+        run_elements, offsets = box_runs(entry.info.shape, bounds)
         buffer = memoryview(out.view(-1).view(torch.uint8).numpy())
-        base = self._data_start(info.file) + entry.begin
         length = run_elements * itemsize
-        with open(info.file, "rb", buffering=0) as fh:
-            for run, offset in enumerate(offsets):
-                target = buffer[run * length : (run + 1) * length]
-                _pread_exactly(fh.fileno(), target, base + offset * itemsize, entry)
+        shard = self._shard(entry)
+        for run, offset in enumerate(offsets):
+            shard.pread(entry, buffer[run * length : (run + 1) * length], offset * itemsize)
 
-    def _data_start(self, file: Path) -> int:
-        """Byte offset of a shard's data section: after the 8-byte length and the header."""
-        with self._lock:
-            start = self._data_starts.get(file)
-            if start is None:
-                with open(file, "rb") as fh:
-                    start = 8 + struct.unpack("<Q", fh.read(8))[0]
-                self._data_starts[file] = start
-            return start
-
-    def _read(self, entry: HeaderEntry, fetch) -> torch.Tensor:
-        """Run ``fetch`` on the shard's handle, turning safetensors' own errors into ours."""
-        handle = self._handle(entry.info.file)
-        try:
-            return fetch(handle)
-        except Exception as exc:
-            raise CorruptCheckpointError(
-                f"safetensors failed to read tensor: {exc}", path=entry.info.file, key=entry.info.key
-            ) from exc
-
-    def _handle(self, file: Path) -> Any:
-        """The shard's safe_open handle, opened on first use and kept until close()."""
+    def _shard(self, entry: HeaderEntry) -> ShardFile:
+        """The open shard holding ``entry``; refused once the checkpoint is closed. A file known only by its
+        header (a hub shard) is opened when it has been downloaded, and must hold exactly that header."""
+        file = entry.info.file
         with self._lock:
             if self._closed:
                 raise CheckpointError("checkpoint is closed", path=self.directory)
-            handle = self._handles.get(file)
-            if handle is None:
-                try:
-                    handle = safe_open(str(file), framework="pt", device="cpu")
-                except Exception as exc:
-                    raise CorruptCheckpointError(f"safetensors cannot open file: {exc}", path=file) from exc
-                self._handles[file] = handle
-            return handle
+            shard = self._shards.get(file)
+            if shard is not None:
+                return shard
+            if not file.is_file():
+                raise CheckpointError(
+                    "only this file's header was read (range requests to the hub): its tensor data is not "
+                    "downloaded; load with from_pretrained / load_weights, or Checkpoint.open(..., "
+                    "download=True)",
+                    path=file,
+                    key=entry.info.key,
+                )
+            shard = ShardFile(file)
+            if shard.header != self._remote[file][0] or shard.size != self._remote[file][1]:
+                shard.close()
+                raise CorruptCheckpointError(
+                    "the downloaded file's header differs from the header read from the hub before it: the "
+                    "repo changed during the load",
+                    path=file,
+                    key=entry.info.key,
+                )
+            self._shards[file] = shard
+            return shard
+
+    def check_unchanged(self) -> None:
+        """Raise :class:`CorruptCheckpointError` naming a shard that was modified in place since it was opened
+        (one replaced by rename is fine: it is still the file we read)."""
+        for shard in self._shards.values():
+            shard.check_unchanged()
 
     def _count(self, nbytes: int) -> None:
         with self._lock:
             self.bytes_read += nbytes
 
     def close(self) -> None:
-        """Release every open file handle; tensors already handed out stay valid (they own their mapping)."""
+        """Close every shard file; tensors already handed out stay valid (they hold their memory map)."""
         with self._lock:
-            handles, self._handles = self._handles, {}
+            shards = list(self._shards.values())
             self._closed = True
-        for handle in handles.values():
-            handle.__exit__(None, None, None)
+        for shard in shards:
+            shard.close()
 
     def __enter__(self) -> Checkpoint:
         return self
@@ -272,18 +276,6 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.directory)!r}, files={len(self.files)}, tensors={len(self)})"
-
-
-def _pread_exactly(fd: int, target: memoryview, offset: int, entry: HeaderEntry) -> None:
-    """Fill ``target`` from ``offset``; a short read means the file changed or was cut under us."""
-    done = 0
-    while done < len(target):
-        got = os.preadv(fd, [target[done:]], offset + done)
-        if got <= 0:
-            raise CorruptCheckpointError(
-                "file ended inside the tensor's data", path=entry.info.file, key=entry.info.key
-            )
-        done += got
 
 
 def _normalize_region(info: TensorInfo, region: tuple[slice, ...]) -> tuple[slice, ...]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 
 from automodel_plugins.cli.exits import EXIT_OK
+from automodel_plugins.cli.hub import add_hub_options, hub_options
 from automodel_plugins.errors import SaveOptionError
 
 __all__ = ["add_parser"]
@@ -24,7 +25,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         description="Rewrite the checkpoint SRC into the new directory DST, one tensor chunk at a time.",
     )
     convert.add_argument(
-        "source", metavar="SRC", help="checkpoint directory (or its weights file, index, config)"
+        "source",
+        metavar="SRC",
+        help="checkpoint directory (or its weights file, index, config), or a hub repo id",
     )
     convert.add_argument(
         "dest", metavar="DST", help="directory to create (refused if it exists and is not empty)"
@@ -55,6 +58,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         action="store_true",
         help="skip fsync before the final rename (faster; not power-loss safe)",
     )
+    add_hub_options(convert)
     convert.set_defaults(handler=run)
 
 
@@ -73,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=False if args.no_progress else None,
         fsync=not args.no_fsync,
+        **hub_options(args),
     )
     quantized = (
         f", {report.quantized} FP8 ({report.scales_kept} with the source's scales)"

@@ -44,19 +44,27 @@ def run(args: argparse.Namespace) -> int:
     if args.config is not None:
         from automodel_plugins.sources import load_config
 
-        verdicts = registry.claims(load_config(args.config, **hub_options(args)))
+        config = load_config(args.config, **hub_options(args))
+        verdicts = registry.claims(config)
         try:
             claimed_by = pick_winner(verdicts)
+            if claimed_by is None:
+                from automodel_plugins.pipeline.preflight import check_headers_of
+
+                check_headers_of(args.config, config, stock=True, **hub_options(args))  # what stock would get
         except AutomodelPluginsError as exc:
             problem = exc
     records = registry.plugins()
     if args.json:
         print(json.dumps(_list_document(records, verdicts, claimed_by), indent=2))
     else:
-        decided = problem is None
-        print(
-            _list_table(records, verdicts, claimed_by, config_given=args.config is not None, decided=decided)
-        )
+        if problem is None:
+            nobody = "(none: stock transformers)"
+        elif any(v.claimed or v.error for v in verdicts):
+            nobody = "(undecided: see the error)"
+        else:
+            nobody = "(none, and stock transformers cannot load it: see the error)"
+        print(_list_table(records, verdicts, claimed_by, config_given=args.config is not None, nobody=nobody))
     if problem is not None:
         print(f"automodel-plugins: error: {problem}", file=sys.stderr)
         return EXIT_USER_ERROR
@@ -86,7 +94,7 @@ def _list_table(
     claimed_by: str | None,
     *,
     config_given: bool,
-    decided: bool,
+    nobody: str,
 ) -> str:
     rows = [
         [r.name, r.distribution or "-", r.version or "-", r.status, ", ".join(r.hooks) or "-"]
@@ -103,7 +111,6 @@ def _list_table(
             [v.plugin, _verdict_word(v), _or_dash(v.priority), v.error or v.reason or "-"] for v in verdicts
         ]
         lines += ["", *table(["PLUGIN", "VERDICT", "PRIORITY", "REASON"], claim_rows)]
-        nobody = "(none: stock transformers)" if decided else "(undecided: see the error)"
         lines.append(f"claimed by: {claimed_by or nobody}")
     return "\n".join(lines)
 

@@ -16,6 +16,7 @@ __all__ = [
     "activation_key_candidates",
     "is_fp8",
     "scale_key_candidates",
+    "weight_key_of_scale",
 ]
 
 FP8_DTYPES: frozenset[torch.dtype] = frozenset(
@@ -53,3 +54,15 @@ def scale_key_candidates(weight_key: str) -> list[str]:
 def activation_key_candidates(weight_key: str) -> list[str]:
     """Names a weight's static activation scale may have on disk (to be dropped)."""
     return _sibling_keys(weight_key, ACTIVATION_SCALE_SUFFIXES)
+
+
+def weight_key_of_scale(key: str) -> str | None:
+    """The weight a weight-scale key belongs to (the inverse of :func:`scale_key_candidates`), else None."""
+    for suffix in WEIGHT_SCALE_SUFFIXES:
+        if key == suffix or key.endswith("." + suffix):
+            return key[: -len(suffix)] + "weight"
+    for suffix in WEIGHT_SCALE_SUFFIXES:
+        bare = "_" + suffix.removeprefix("weight_")
+        if not suffix.startswith("q") and key.endswith(bare) and len(key) > len(bare):
+            return key[: -len(bare)]
+    return None

@@ -7,12 +7,16 @@ Imports neither torch nor transformers: ``automodel-plugins list`` runs the clai
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from automodel_plugins.errors import UnsupportedQuantizationError
 from automodel_plugins.registry.claims import Claim, Decline
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "SUPPORTED_METHODS",
@@ -49,9 +53,16 @@ class Fp8Quantization(BaseModel):
     def _none_is_empty(cls, value: Any) -> Any:
         return () if value is None else value
 
+    def fp8_dtype(self) -> torch.dtype:
+        """The torch dtype of the weights ``fmt`` declares (imports torch: not for the claim path)."""
+        import torch
 
-def quantization_dict(config: Any) -> dict[str, Any] | None:
-    """The config's ``quantization_config`` as a plain dict, or None when it declares none."""
+        return torch.float8_e4m3fn
+
+
+def quantization_dict(config: Any, *, path: str | Path | None = None) -> dict[str, Any] | None:
+    """The config's ``quantization_config`` as a plain dict, or None when it declares none; ``path`` (the
+    ``config.json``) is named by the error for one that is not an object."""
     raw = getattr(config, "quantization_config", None)
     if raw is None:
         return None
@@ -59,21 +70,22 @@ def quantization_dict(config: Any) -> dict[str, Any] | None:
         raw = raw.to_dict()
     if not isinstance(raw, dict):
         raise UnsupportedQuantizationError(
-            None, f"quantization_config must be an object, got {type(raw).__name__}"
+            path, f"quantization_config must be an object, got {type(raw).__name__}"
         )
     return raw
 
 
-def parse_fp8_quantization(config: Any) -> Fp8Quantization | None:
+def parse_fp8_quantization(config: Any, *, path: str | Path | None = None) -> Fp8Quantization | None:
     """``None`` for an unquantized config; the parsed FP8 settings; or UnsupportedQuantizationError naming
-    the field (``quantization_config.quant_method`` for e.g. ``awq``)."""
-    raw = quantization_dict(config)
+    ``path`` (the ``config.json``, when known) and the field (``quantization_config.quant_method`` for
+    e.g. ``awq``)."""
+    raw = quantization_dict(config, path=path)
     if raw is None:
         return None
     method = raw.get("quant_method")
     if method not in SUPPORTED_METHODS:
         raise UnsupportedQuantizationError(
-            None,
+            path,
             f"quantization_config.quant_method {method!r} is not supported (supported: {', '.join(SUPPORTED_METHODS)})",
         )
     try:
@@ -82,7 +94,7 @@ def parse_fp8_quantization(config: Any) -> Fp8Quantization | None:
         problems = "; ".join(
             f"quantization_config.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors()
         )
-        raise UnsupportedQuantizationError(None, problems) from error
+        raise UnsupportedQuantizationError(path, problems) from error
 
 
 # --- the claim of an FP8-or-unquantized plugin -----------------------------------------------------------

@@ -17,6 +17,7 @@ __all__ = [
     "E8M0_DTYPE",
     "SCALE_DTYPES",
     "check_block_size",
+    "check_scale_header",
     "check_scale_shape",
     "decode_scale",
     "encode_scale",
@@ -58,17 +59,18 @@ def check_block_size(block_size: tuple[int, int], key: str | None, path: str | P
 
 
 def check_scale_shape(
-    scale: torch.Tensor,
+    scale_shape: tuple[int, ...],
     weight_shape: tuple[int, ...],
     block_size: tuple[int, int] | None,
     key: str | None,
     path: str | Path | None,
 ) -> None:
     """Per-tensor: one element; block: exactly the (ceil(out/bm), ceil(in/bn)) grid of a 2-D weight."""
+    scale_shape = tuple(scale_shape)
     if block_size is None:
-        if scale.numel() != 1 or scale.dim() > 2:
+        if math.prod(scale_shape) != 1 or len(scale_shape) > 2:
             raise ScaleError(
-                f"per-tensor scale must hold one element, got shape {tuple(scale.shape)} "
+                f"per-tensor scale must hold one element, got shape {scale_shape} "
                 f"for weight shape {tuple(weight_shape)}",
                 path=path,
                 key=key,
@@ -80,13 +82,29 @@ def check_scale_shape(
             f"block scales need a 2-D weight, got weight shape {tuple(weight_shape)}", path=path, key=key
         )
     expected = grid_shape(tuple(weight_shape), tuple(block_size))
-    if tuple(scale.shape) != expected:
+    if scale_shape != expected:
         raise ScaleError(
-            f"scale grid shape {tuple(scale.shape)} does not fit weight shape {tuple(weight_shape)} "
+            f"scale grid shape {scale_shape} does not fit weight shape {tuple(weight_shape)} "
             f"with block size {tuple(block_size)}: expected {expected}",
             path=path,
             key=key,
         )
+
+
+def check_scale_header(
+    dtype: torch.dtype,
+    shape: tuple[int, ...],
+    *,
+    weight_shape: tuple[int, ...],
+    block_size: tuple[int, int] | None,
+    key: str,
+    path: str | Path | None = None,
+) -> None:
+    """What a header alone says about a scale: a scale dtype, and the shape its weight and block size need.
+    Planning checks this for every FP8 weight, so ``inspect`` refuses what the load would."""
+    if dtype not in SCALE_DTYPES:
+        raise ScaleError(f"scale dtype {dtype} is not one of {dtype_names(SCALE_DTYPES)}", path=path, key=key)
+    check_scale_shape(shape, tuple(weight_shape), block_size, key, path)
 
 
 def validate_scale(
@@ -99,11 +117,9 @@ def validate_scale(
 ) -> None:
     """Refuse a scale that would silently poison the weights: wrong dtype or shape, or any value that is
     not finite and strictly positive (NaN, inf, 0, negative)."""
-    if scale.dtype not in SCALE_DTYPES:
-        raise ScaleError(
-            f"scale dtype {scale.dtype} is not one of {dtype_names(SCALE_DTYPES)}", path=path, key=key
-        )
-    check_scale_shape(scale, tuple(weight_shape), block_size, key, path)
+    check_scale_header(
+        scale.dtype, tuple(scale.shape), weight_shape=weight_shape, block_size=block_size, key=key, path=path
+    )
     decoded = decode_scale(scale)
     bad = ~(torch.isfinite(decoded) & (decoded > 0))
     if not bool(bad.any()):

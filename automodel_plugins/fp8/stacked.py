@@ -19,9 +19,10 @@ from automodel_plugins.errors import ScaleError
 from automodel_plugins.fp8.amax import block_amax
 from automodel_plugins.fp8.decode import dequantize
 from automodel_plugins.fp8.encode import encode
-from automodel_plugins.fp8.scales import check_block_size, grid_shape, validate_scale
+from automodel_plugins.fp8.scales import check_block_size, check_scale_header, grid_shape, validate_scale
 
 __all__ = [
+    "check_stacked_scale_header",
     "check_stacked_scale_shape",
     "is_stacked",
     "stacked_block_amax",
@@ -65,6 +66,28 @@ def check_stacked_scale_shape(
         )
 
 
+def check_stacked_scale_header(
+    dtype: torch.dtype,
+    shape: tuple[int, ...],
+    *,
+    weight_shape: tuple[int, ...],
+    block_size: tuple[int, int],
+    key: str,
+    path: str | Path | None = None,
+) -> None:
+    """:func:`~automodel_plugins.fp8.scales.check_scale_header` for a stacked weight: one grid per matrix,
+    each of a scale dtype."""
+    check_stacked_scale_shape(tuple(shape), tuple(weight_shape), block_size, key, path)
+    check_scale_header(
+        dtype,
+        tuple(shape[-2:]),
+        weight_shape=tuple(weight_shape[-2:]),
+        block_size=block_size,
+        key=key,
+        path=path,
+    )
+
+
 def validate_stacked_scale(
     scale: torch.Tensor,
     *,
@@ -97,9 +120,12 @@ def stacked_dequantize(
     dtype: torch.dtype,
     block_size: tuple[int, int],
     region: tuple[slice, ...] | None = None,
+    key: str | None = None,
+    path: str | Path | None = None,
 ) -> torch.Tensor:
     """:func:`~automodel_plugins.fp8.decode.dequantize` of each matrix of ``weight`` (the whole stacked weight,
-    or with ``region`` the already-read ``full[region]``) with its own grid of the whole ``scale``."""
+    or with ``region`` the already-read ``full[region]``) with its own grid of the whole ``scale``; NaN or inf
+    refused as there, naming ``key`` and ``path``."""
     starts, matrix_region = _matrix_region(region, weight.dim())
     out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
     for index in _leading(tuple(weight.shape[:-2])):
@@ -110,6 +136,8 @@ def stacked_dequantize(
             dtype=dtype,
             block_size=block_size,
             region=None if region is None else matrix_region,
+            key=key,
+            path=path,
         )
     return out
 

@@ -18,18 +18,26 @@ import torch
 from torch import nn
 
 from automodel_plugins.errors import SaveError
+from automodel_plugins.model.fp8_linear import SCALE_NAME, Fp8Linear, fp8_linear_modules
 from automodel_plugins.model.tensors import model_tensors
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-__all__ = ["linear_weights", "saved_tensors", "transformers_keys"]
+__all__ = ["linear_weights", "resident_weights", "saved_tensors", "transformers_keys"]
 
 
 def saved_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """The tensors a checkpoint of ``model`` holds, by name, in state-dict order: parameters and persistent
-    buffers, a tied tensor once under its tie's source name, ``_keys_to_ignore_on_save`` left out."""
+    buffers, a tied tensor once under its tie's source name, ``_keys_to_ignore_on_save`` left out.
+
+    An FP8-resident layer (:class:`~automodel_plugins.model.fp8_linear.Fp8Linear`) counts as the linear it
+    stands for: its weight (the FP8 codes, valued through :func:`resident_weights`), not its scale buffer,
+    which the save's scale policy writes itself.
+    """
     tensors = model_tensors(model)
+    scales = {f"{name}.{SCALE_NAME}" for name in fp8_linear_modules(model)}
+    tensors = {name: tensor for name, tensor in tensors.items() if name not in scales}
     for target, source in (getattr(model, "all_tied_weights_keys", None) or {}).items():
         if target in tensors and source not in tensors and _same(model, target, source):
             tensors = {source if name == target else name: value for name, value in tensors.items()}
@@ -37,13 +45,24 @@ def saved_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: t for name, t in tensors.items() if name not in ignored}
 
 
+def resident_weights(model: nn.Module) -> dict[str, Fp8Linear]:
+    """``weight name -> layer`` of every FP8-resident layer: a save values these by their dequantized weight."""
+    return {
+        f"{name}.weight" if name else "weight": module for name, module in fp8_linear_modules(model).items()
+    }
+
+
 def linear_weights(model: nn.Module) -> dict[str, str]:
     """``weight name -> module name`` of every plain ``nn.Linear`` (as transformers' FP8 loader converts them,
-    also when FSDP2 made its class ``FSDPLinear``)."""
+    also when FSDP2 made its class ``FSDPLinear``), FP8-resident layers included."""
     out = {}
     for name, module in model.named_modules():
         kind = type(module)
-        plain = kind is nn.Linear or (kind.__name__ == "FSDPLinear" and nn.Linear in kind.__mro__[1:3])
+        plain = (
+            kind is nn.Linear
+            or isinstance(module, Fp8Linear)
+            or (kind.__name__ == "FSDPLinear" and nn.Linear in kind.__mro__[1:3])
+        )
         if plain and isinstance(getattr(module, "weight", None), torch.Tensor):
             out[f"{name}.weight" if name else "weight"] = name
     return out

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,6 +27,7 @@ __all__ = [
     "is_rotary_module",
     "recompute_rotary_buffers",
     "repair_rotary",
+    "rope_suspects",
 ]
 
 _INV_FREQ = "inv_freq"
@@ -152,7 +154,8 @@ def _fresh_module(module: nn.Module, name: str) -> nn.Module:
 
 
 def _reference_buffers(module: nn.Module, fresh: nn.Module, name: str) -> dict[str, torch.Tensor]:
-    """The fresh module's values for each of ``module``'s frequency buffers; all must exist and be real fp32."""
+    """The fresh module's values for each of ``module``'s frequency buffers; all must exist, be real fp32 and
+    finite (NaN or inf frequencies come from the config, and would run silently wrong)."""
     reference: dict[str, torch.Tensor] = {}
     for buffer_name in _rotary_buffer_names(module):
         value = fresh._buffers.get(buffer_name)
@@ -160,8 +163,51 @@ def _reference_buffers(module: nn.Module, fresh: nn.Module, name: str) -> dict[s
             raise RotaryRepairError(
                 f"{_describe(module, name)}: a freshly built instance has no usable {buffer_name!r} buffer"
             )
+        bad = int((~torch.isfinite(value)).sum())
+        if bad:
+            raise RotaryRepairError(
+                f"{_describe(module, name)}: its config gives {bad} NaN/inf value(s) of {value.numel()} in "
+                f"{buffer_name!r}; {rope_suspects(getattr(module, 'config', None))}"
+            )
         reference[buffer_name] = value.to(torch.float32)
+    for attr, scaling in vars(fresh).items():
+        if attr.endswith(_SCALING_SUFFIX) and isinstance(scaling, float) and not math.isfinite(scaling):
+            raise RotaryRepairError(
+                f"{_describe(module, name)}: its config gives {attr} = {scaling}; "
+                f"{rope_suspects(getattr(module, 'config', None))}"
+            )
     return reference
+
+
+def rope_suspects(config: Any) -> str:
+    """The rotary fields of ``config`` that can produce NaN/inf frequencies (zero, negative or non-finite
+    numbers), named by their path in the config, else all of its rotary parameters."""
+    if config is None:
+        return "the module has no config to blame"
+    owner = type(config).__name__
+    tables: dict[str, Any] = {}
+    parameters = getattr(config, "rope_parameters", None)
+    if isinstance(parameters, dict):
+        nested = parameters and all(isinstance(v, dict) for v in parameters.values())
+        tables = (
+            {f"rope_parameters.{k}": v for k, v in parameters.items()}
+            if nested
+            else {"rope_parameters": parameters}
+        )
+    theta = getattr(config, "rope_theta", None)
+    if theta is not None:
+        tables.setdefault("", {})["rope_theta"] = theta
+    suspects = [
+        f"{where + '.' if where else ''}{key} = {value!r}"
+        for where, table in tables.items()
+        for key, value in table.items()
+        if isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and (not math.isfinite(value) or value <= 0)
+    ]
+    if suspects:
+        return f"check {', '.join(suspects)} in its config ({owner})"
+    return f"check the rotary parameters of its config ({owner}): {tables or 'none found'}"
 
 
 def _write_buffer(module: nn.Module, buffer_name: str, value: torch.Tensor) -> None:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from automodel_plugins.errors import ConfigError
+from automodel_plugins.sources import config_path_of
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
@@ -19,25 +20,50 @@ __all__ = ["build_on_meta", "stock_class"]
 
 
 def stock_class(config: PretrainedConfig) -> type[PreTrainedModel]:
-    """The class ``config.architectures`` names, else the image-text-to-text or causal-LM auto class."""
+    """The class ``config.architectures`` names, else the image-text-to-text or causal-LM auto class.
+
+    A name transformers does not know (a remote-code class) is passed over; one of another model's classes
+    (``LlamaForCausalLM`` in a ``mistral3`` config) is a :class:`ConfigError` naming the field, since building
+    it from this config fails inside its ``__init__``.
+    """
     import transformers
 
     for name in getattr(config, "architectures", None) or []:
-        cls = getattr(transformers, name, None)
-        if isinstance(cls, type):
-            return cls
+        cls = getattr(transformers, name, None) if isinstance(name, str) else None
+        if not isinstance(cls, type):
+            continue
+        expected = getattr(cls, "config_class", None)
+        if isinstance(expected, type) and not isinstance(config, expected):
+            raise ConfigError(
+                config_path_of(config),
+                f"architectures names {name}, a class for model_type "
+                f"{getattr(expected, 'model_type', '?')!r} configs, but model_type is {config.model_type!r}",
+            )
+        return cls
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     for auto in (AutoModelForImageTextToText, AutoModelForCausalLM):
         if type(config) in auto._model_mapping:
             return auto._model_mapping[type(config)]
     raise ConfigError(
-        None, f"no transformers class for model_type {config.model_type!r} (config.architectures is empty)"
+        config_path_of(config),
+        f"no transformers class for model_type {config.model_type!r} (config.architectures is empty)",
     )
 
 
 def build_on_meta(config: PretrainedConfig, dtype: torch.dtype) -> PreTrainedModel:
-    """The stock class of ``config`` with every tensor on meta: nothing allocated, nothing initialized."""
+    """The stock class of ``config`` with every tensor on meta: nothing allocated, nothing initialized.
+
+    A config the class cannot be built from (what :func:`~automodel_plugins.sources.load_config` does not
+    already refuse) raises :class:`ConfigError` naming the config file and the class, not the exception from
+    deep inside its ``__init__``.
+    """
     model_class = stock_class(config)
-    with torch.device("meta"):
-        return model_class._from_config(config, dtype=dtype)
+    try:
+        with torch.device("meta"):
+            return model_class._from_config(config, dtype=dtype)
+    except Exception as exc:
+        raise ConfigError(
+            config_path_of(config),
+            f"transformers cannot build {model_class.__name__} from this config: {type(exc).__name__}: {exc}",
+        ) from exc

@@ -17,6 +17,7 @@ from automodel_plugins.errors import CheckpointError
 __all__ = [
     "ensure_materialized",
     "model_tensors",
+    "non_finite_buffers",
     "poison_meta_buffers",
     "stock_names",
     "unrecomputed_buffers",
@@ -110,3 +111,16 @@ def poison_meta_buffers(model: nn.Module, device: torch.device) -> list[str]:
 def unrecomputed_buffers(model: nn.Module, poisoned: list[str]) -> list[str]:
     """The buffers of ``poisoned`` that still hold the poison value."""
     return [name for name in poisoned if _is_poisoned(model.get_buffer(name))]
+
+
+def non_finite_buffers(model: nn.Module, names: list[str], *, suffix: str) -> list[str]:
+    """The float buffers of ``names`` ending in ``suffix`` that hold any NaN or inf (recomputed, but wrongly).
+
+    Limited by suffix on purpose: some non-persistent buffers are legitimately infinite (``-inf`` masks)."""
+    return [
+        name
+        for name in names
+        if name.endswith(suffix)
+        and (buffer := model.get_buffer(name)).is_floating_point()
+        and not bool(torch.isfinite(buffer).all())
+    ]

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from automodel_plugins.adapters import StateDictAdapter, fp8_adapter_for
-from automodel_plugins.errors import PluginError
+from automodel_plugins.adapters import StateDictAdapter, TensorSource, fp8_adapter_for
+from automodel_plugins.errors import AutomodelPluginsError, PluginError
 from automodel_plugins.fp8.quantization import quantization_dict
 
 if TYPE_CHECKING:
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "COMPOSITION_ATTR",
+    "CheckedAdapter",
     "Composition",
     "FileStamp",
     "SourceRecord",
@@ -155,9 +157,10 @@ def composition_of(model: nn.Module) -> Composition | None:
 def adapter_for(
     registry: Registry, plugin: str | None, config: PretrainedConfig, checkpoint: Checkpoint
 ) -> StateDictAdapter:
-    """The plugin's ``state_dict_adapter`` answer, else the host's default: :func:`fp8_adapter_for`, which
-    reads the config's ``quantization_config`` (block size, modules never converted) and keeps names as they
-    are, so a plugin whose checkpoints need nothing special implements no adapter at all."""
+    """The plugin's ``state_dict_adapter`` answer (wrapped in a :class:`CheckedAdapter`), else the host's
+    default: :func:`fp8_adapter_for`, which reads the config's ``quantization_config`` (block size, modules
+    never converted) and keeps names as they are, so a plugin whose checkpoints need nothing special implements
+    no adapter at all."""
     adapter = (
         registry.call(plugin, "state_dict_adapter", config=config, checkpoint=checkpoint) if plugin else None
     )
@@ -167,7 +170,69 @@ def adapter_for(
         raise PluginError(
             plugin, "state_dict_adapter", f"returned {type(adapter).__name__}, not a StateDictAdapter"
         )
-    return adapter
+    return CheckedAdapter(plugin, adapter)
+
+
+class CheckedAdapter(StateDictAdapter):
+    """A plugin's adapter whose every answer is checked: an exception inside it, or a ``from_hf`` answer that
+    is no well-formed :class:`TensorSource`, is a :class:`PluginError` naming the plugin (the host's own typed
+    errors pass through, with a note naming the plugin), never a raw exception from deep inside planning."""
+
+    hook = "state_dict_adapter"
+
+    def __init__(self, plugin: str, adapter: StateDictAdapter) -> None:
+        self.plugin = plugin
+        self.adapter = adapter
+
+    def from_hf(self, name: str) -> TensorSource:
+        return self._ask("from_hf", name, check=_malformed)
+
+    def to_hf(self, name: str) -> str:
+        return self._ask(
+            "to_hf", name, check=lambda key: None if isinstance(key, str) else _not_a(key, "str")
+        )
+
+    def describe(self) -> dict[str, Any]:
+        return self._ask(
+            "describe", check=lambda info: None if isinstance(info, dict) else _not_a(info, "dict")
+        )
+
+    def _ask(self, method: str, *args: Any, check: Callable[[Any], str | None]) -> Any:
+        """Call the adapter's ``method``; its exception, or what ``check`` finds wrong with its answer, becomes a
+        PluginError naming the plugin."""
+        call = f"its adapter's {method}({', '.join(map(repr, args))})"
+        try:
+            answer = getattr(self.adapter, method)(*args)
+        except AutomodelPluginsError as exc:
+            if not isinstance(exc, PluginError):
+                exc.add_note(f"raised by the adapter of plugin {self.plugin!r} ({method})")
+            raise
+        except Exception as exc:
+            raise PluginError(self.plugin, self.hook, f"{call} raised {type(exc).__name__}: {exc}") from exc
+        problem = check(answer)
+        if problem:
+            raise PluginError(self.plugin, self.hook, f"{call} returned {problem}")
+        return answer
+
+
+def _not_a(value: Any, expected: str) -> str:
+    return f"{type(value).__name__}, not a {expected}"
+
+
+def _malformed(source: Any) -> str | None:
+    """What is wrong with a ``from_hf`` answer, or None for a well-formed TensorSource."""
+    if not isinstance(source, TensorSource):
+        return _not_a(source, "TensorSource")
+    if not isinstance(source.key, str) or not (source.scale_key is None or isinstance(source.scale_key, str)):
+        return f"{source!r}: key and scale_key must be strings"
+    block = source.block_size
+    if block is not None and not (
+        isinstance(block, tuple) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)
+    ):
+        return f"{source!r}: block_size must be None or two positive ints"
+    if not isinstance(source.dropped_keys, tuple) or not all(isinstance(k, str) for k in source.dropped_keys):
+        return f"{source!r}: dropped_keys must be a tuple of strings"
+    return None
 
 
 def bind_forward(

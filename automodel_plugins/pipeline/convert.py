@@ -30,7 +30,7 @@ from automodel_plugins.pipeline.save import SaveReport, write_checkpoint
 from automodel_plugins.pipeline.save_plan import SaveFormat, SourceView
 from automodel_plugins.pipeline.save_values import CheckpointValues
 from automodel_plugins.registry import Registry, get_registry
-from automodel_plugins.sources import CONFIG_NAME, load_config
+from automodel_plugins.sources import CONFIG_NAME, CheckpointLocation, load_config, resolve
 
 __all__ = ["CONVERT_FORMATS", "convert_checkpoint"]
 
@@ -38,6 +38,7 @@ CONVERT_FORMATS = {"bf16": "none", "fp8-tensor": "fp8-tensor", "fp8-block": "fp8
 """``--to`` value -> the save format it writes."""
 
 _GENERATION_CONFIG = "generation_config.json"
+_MISTRAL_NATIVE_CONFIG = "params.json"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".index.json")
 
 
@@ -53,9 +54,16 @@ def convert_checkpoint(
     progress: bool | None = None,
     fsync: bool = True,
     registry: Registry | None = None,
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool | None = None,
 ) -> SaveReport:
     """Convert the checkpoint ``source`` into ``dest`` as ``to`` (``"bf16"``, ``"fp8-tensor"``, ``"fp8-block"``).
 
+    ``source`` is a checkpoint directory (or its weights file, index or config) or a hub repo id (with
+    transformers' ``revision``, ``cache_dir``, ``token``, ``local_files_only``: only the config, the index, the
+    shards it names and the repo's other top-level ``.json`` files, such as the tokenizer's, are downloaded).
     Options as :func:`automodel_plugins.save_pretrained`'s. Returns its :class:`SaveReport`.
     """
     if to not in CONVERT_FORMATS:
@@ -66,17 +74,20 @@ def convert_checkpoint(
         CONVERT_FORMATS[to], block_size=block_size, modules_to_not_convert=modules_to_not_convert
     )
     registry = registry or get_registry()
-    config = load_config(source)
+    location = resolve(
+        source, revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only
+    )
+    config = load_config(location)
     claim = registry.winning_claim(config)
     model = build_on_meta(config, torch.bfloat16)
-    with Checkpoint.open(source) as checkpoint:
+    with Checkpoint.open(location) as checkpoint:
         adapter = adapter_for(registry, claim.plugin if claim else None, config, checkpoint)
         plan = plan_load(model_tensors(model), adapter, checkpoint)
         declared = quantization_dict(config)
         source_view = SourceView(checkpoint, adapter, declared)
         if "quantization_config" in vars(model.config):
             del model.config.quantization_config  # the values are plain floats once read
-        extra = _extra_files(checkpoint.directory)
+        extra = _extra_files(location)
         has_generation_config = any(file.name == _GENERATION_CONFIG for file in extra)
         return write_checkpoint(
             model,
@@ -97,13 +108,26 @@ def convert_checkpoint(
         )
 
 
-def _extra_files(directory: Path) -> list[Path]:
-    """The checkpoint's own files that are neither weights nor its index nor ``config.json``."""
-    return sorted(
-        file
-        for file in directory.iterdir()
-        if file.is_file()
-        and not file.name.startswith(".")
-        and file.name != CONFIG_NAME
-        and not file.name.endswith(_WEIGHT_SUFFIXES)
+def _extra_files(location: CheckpointLocation) -> list[Path]:
+    """The checkpoint's own files that are neither weights nor its index nor ``config.json``.
+
+    From a hub repo, its other top-level ``.json`` files (tokenizer, generation and processor configs): the
+    hub source never fetches anything else (no code, no pickles; ``chat_template.jinja`` or a SentencePiece
+    ``tokenizer.model`` stay on the hub).
+    """
+    if location.is_remote:
+        listed = location.repo_files() or {}
+        names = sorted(name for name in listed if "/" not in name and name.endswith(".json") and _extra(name))
+        location.fetch(names)
+        return [location.file(name) for name in names]
+    return sorted(file for file in location.directory.iterdir() if file.is_file() and _extra(file.name))
+
+
+def _extra(name: str) -> bool:
+    """Not hidden, not the config, not weights, and not ``params.json``: Mistral's native config describes
+    ``consolidated.safetensors``, which a conversion does not write."""
+    return (
+        not name.startswith(".")
+        and name not in (CONFIG_NAME, _MISTRAL_NATIVE_CONFIG)
+        and not name.endswith(_WEIGHT_SUFFIXES)
     )

@@ -22,6 +22,7 @@ from automodel_plugins.model.tensors import model_tensors
 from automodel_plugins.pipeline.composition import adapter_for
 from automodel_plugins.pipeline.load import build_model, resolve_dtype
 from automodel_plugins.pipeline.plan import plan_load
+from automodel_plugins.pipeline.preflight import check_stock_path, check_structure
 from automodel_plugins.pipeline.resident import residency_candidates
 from automodel_plugins.registry import Registry, get_registry, pick_winner
 from automodel_plugins.sources import CONFIG_NAME, CheckpointLocation, HubLocation, load_config, resolve
@@ -61,8 +62,9 @@ def describe_checkpoint(
     layer's fused experts). Tensors assembled from several checkpoint tensors are counted in
     ``assembled_tensors``, their checkpoint tensors in ``pieces``; ``scale_keys`` counts every FP8 scale read.
     ``adapter_details`` holds what the adapter describes beyond layout, granularity and scale names. Raises what
-    the load would raise for a config or a checkpoint it cannot plan (missing or unexpected keys, an FP8 weight
-    without a scale, ...).
+    the load would raise for a config or a checkpoint it cannot plan (a config the headers contradict, missing
+    or unexpected keys, wrong shapes or dtypes, an FP8 weight without a fitting scale, FP8 tensors the stock
+    path would not scale, ...).
     """
     registry = registry or get_registry()
     location = resolve(
@@ -73,6 +75,9 @@ def describe_checkpoint(
     plugin = pick_winner(verdicts)
     target = resolve_dtype(config, dtype)
     with Checkpoint.open(location, download=False) as checkpoint:
+        check_structure(config, checkpoint)
+        if plugin is None:
+            check_stock_path(config, checkpoint)
         description: dict[str, Any] = {
             "path": str(checkpoint.directory),
             "hub": _hub_summary(location, checkpoint) if isinstance(location, HubLocation) else None,
@@ -140,7 +145,7 @@ def _checkpoint_summary(checkpoint: Checkpoint, location: CheckpointLocation) ->
         "tensors_by_dtype": dict(sorted(dtypes.items())),
         "fp8_tensors": sum(is_fp8(checkpoint.info(key).dtype) for key in checkpoint),
         "tensor_bytes": checkpoint.total_nbytes(),
-        "file_bytes": sum(location.size(file.name) for file in checkpoint.files),
+        "file_bytes": sum(checkpoint.file_size(file) for file in checkpoint.files),
     }
 
 

@@ -1,6 +1,6 @@
 """The load path, in one place::
 
-    resolve ─> config ─> claim ─> stock class on meta ─> adapter ─> plan ─> stream tensors
+    resolve ─> config ─> claim ─> headers vs config ─> stock class on meta ─> adapter ─> plan ─> stream tensors
             ─> post_materialize ─> tie ─> forward override ─> the stock model, with a record of what was composed
 
 ``from_pretrained`` runs all of it. ``build_model`` stops before the tensors (for users who shard first), and
@@ -19,12 +19,20 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from automodel_plugins.checkpoint import Checkpoint
-from automodel_plugins.errors import CheckpointError, ConfigError, NoPluginClaimError, PluginError
+from automodel_plugins.errors import (
+    CheckpointError,
+    ConfigError,
+    NoPluginClaimError,
+    PluginError,
+    RotaryRepairError,
+)
 from automodel_plugins.model.forward import SKIP_LOGITS_OPTION
+from automodel_plugins.model.rotary import rope_suspects
 from automodel_plugins.model.stock import build_on_meta, stock_class
 from automodel_plugins.model.tensors import (
     ensure_materialized,
     model_tensors,
+    non_finite_buffers,
     poison_meta_buffers,
     stock_names,
     unrecomputed_buffers,
@@ -41,6 +49,7 @@ from automodel_plugins.pipeline.composition import (
     record_source,
 )
 from automodel_plugins.pipeline.plan import LoadPlan, plan_load
+from automodel_plugins.pipeline.preflight import check_headers_of, check_stock_path, check_structure
 from automodel_plugins.pipeline.resident import (
     loadable_tensors,
     make_fp8_resident,
@@ -74,6 +83,7 @@ def from_pretrained(
     dequantize: bool = True,
     require_plugin: bool = False,
     skip_logits: bool = False,
+    mmap: bool = True,
     progress: bool | None = None,
     registry: Registry | None = None,
     revision: str | None = None,
@@ -86,17 +96,26 @@ def from_pretrained(
     config, onto the stock transformers class.
 
     No plugin claiming the config means the stock ``from_pretrained`` of the config's architecture (unless
-    ``require_plugin``). ``dtype`` defaults to the config's (BF16 for FP8 checkpoints): the dtype of every
-    float tensor, and the compute dtype of FP8-resident layers. ``dequantize=False``: the checkpoint's FP8
-    linear weights stay FP8 (frozen :class:`~automodel_plugins.model.fp8_linear.Fp8Linear` layers, 1 byte a
-    parameter plus their scales), dequantized one layer at a time in the forward; an unquantized checkpoint
-    raises :class:`~automodel_plugins.errors.NotQuantizedError`. ``skip_logits``: a forward given ``labels``
-    computes the loss from hidden states and returns no full logits (when the plugin overrides the forward).
+    ``require_plugin``), but never for a checkpoint holding FP8 tensors the stock loader would not scale.
+    ``dtype`` defaults to the config's (BF16 for FP8 checkpoints): the dtype of every float tensor, and the
+    compute dtype of FP8-resident layers. ``dequantize=False``: the checkpoint's FP8 linear weights stay FP8
+    (frozen :class:`~automodel_plugins.model.fp8_linear.Fp8Linear` layers, 1 byte a parameter plus their
+    scales), dequantized one layer at a time in the forward; an unquantized checkpoint raises
+    :class:`~automodel_plugins.errors.NotQuantizedError`. ``skip_logits``: a forward given ``labels`` computes
+    the loss from hidden states and returns no full logits (when the plugin overrides the forward).
     ``progress`` switches the bars (downloads and loading; default: at a terminal). ``revision``,
     ``cache_dir``, ``token`` and ``local_files_only`` are transformers' options for a repo id: only its
     ``config.json``, index and the shards the index names are downloaded. Under ``torch.distributed`` every
     rank must call this (one rank per machine downloads). The model is returned in eval mode, like
     transformers does.
+
+    ``mmap``: tensors stored in the dtype they load in (BF16 embeddings, norms, ``lm_head``) are, by default,
+    views of the memory-mapped shard files: no copy, and pages shared with the page cache. The model then
+    depends on those files staying as they are: replacing a file by renaming a new one over it is safe (the
+    mapping keeps the old file), but truncating or rewriting it in place makes the next touch of an affected
+    tensor kill the process with ``SIGBUS`` (stock transformers' memory-mapped loads behave the same).
+    ``mmap=False`` copies those tensors into private memory instead (more resident memory, no dependence on
+    the files), for checkpoints on storage that may change under a running job.
     """
     registry = registry or get_registry()
     location = _locate(path, revision, cache_dir, token, local_files_only, progress)
@@ -116,12 +135,16 @@ def from_pretrained(
         )
     dtype = resolve_dtype(config, dtype)
     device = torch.device(device)
-    model = build_on_meta(config, dtype)
-    composition = compose(registry, claim, **{SKIP_LOGITS_OPTION: skip_logits}, dequantize=dequantize)
+    if location.is_remote:  # before any download: a config its headers contradict fails now
+        check_headers_of(location, config, stock=False)
     with Checkpoint.open(location) as checkpoint:
+        check_structure(config, checkpoint)
+        model = build_on_meta(config, dtype)
+        options = {SKIP_LOGITS_OPTION: skip_logits, "mmap": mmap, "dequantize": dequantize}
+        composition = compose(registry, claim, **options)
         adapter = adapter_for(registry, plugin, config, checkpoint)
         plan = _plan_build(model, adapter, checkpoint, dequantize=dequantize, composition=composition)
-        composition.load = stream_into(model, plan, checkpoint, device=device, progress=progress)
+        composition.load = stream_into(model, plan, checkpoint, device=device, progress=progress, mmap=mmap)
         composition.adapter = adapter.describe()
         composition.source = record_source(location, checkpoint, adapter)
     poisoned = poison_meta_buffers(model, device)
@@ -152,7 +175,9 @@ def build_model(
     """The composed stock model on the meta device, weights not loaded: shard it, ``to_empty``, then
     :func:`load_weights`. The claiming plugin's ``post_materialize`` runs now (on meta) so that it can install
     fix-ups that fire after materialization; its forward override is bound now. A hub repo id fetches only its
-    ``config.json`` (the hub options as in :func:`from_pretrained`).
+    ``config.json`` (the hub options as in :func:`from_pretrained`). Given a path with weights, the config is
+    first checked against their headers (a layer count the checkpoint does not hold fails here, not after
+    minutes of building; a repo's headers are read with range requests).
 
     ``dequantize=False`` (needs the checkpoint path: which weights stay FP8 is read from its headers) builds
     the FP8-resident layers now, so that sharding splits their FP8 codes, and each rank later reads only its
@@ -163,6 +188,7 @@ def build_model(
     if isinstance(path_or_config, (str, Path, CheckpointLocation)):
         location = _locate(path_or_config, revision, cache_dir, token, local_files_only, None)
         config = load_config(location)
+        check_headers_of(location, config, stock=False)
     else:
         config = path_or_config
     if not dequantize and location is None:
@@ -324,7 +350,8 @@ def _stock_from_pretrained(
     the hub options (pinned to the commit the config came from).
 
     transformers loads a directory's own weights, so a path naming another weights file is refused rather
-    than silently swapped for the directory's.
+    than silently swapped for the directory's. The headers are checked first: against the config's structure,
+    and for FP8 tensors the stock loader would load unscaled (:func:`check_stock_path`).
     """
     if kwargs.pop("trust_remote_code", False):
         raise ConfigError(
@@ -348,6 +375,9 @@ def _stock_from_pretrained(
             "or its index: pass the directory",
             path=named,
         )
+    with Checkpoint.open(location, download=False) as checkpoint:  # headers only: stock downloads itself
+        check_structure(config, checkpoint)
+        check_stock_path(config, checkpoint)
     model = stock_class(config).from_pretrained(
         source, config=config, dtype=dtype or "auto", device_map=str(device), **kwargs
     )
@@ -360,6 +390,8 @@ def _stock_from_pretrained(
 
 
 def _check_buffers_recomputed(model: PreTrainedModel, poisoned: list[str], plugin: str) -> None:
+    """Every buffer the checkpoint could not provide must have been recomputed, and rotary frequencies must
+    be finite (a partial NaN is a config producing bad values, not a buffer left alone)."""
     left = unrecomputed_buffers(model, poisoned)
     if left:
         raise PluginError(
@@ -367,4 +399,11 @@ def _check_buffers_recomputed(model: PreTrainedModel, poisoned: list[str], plugi
             "post_materialize",
             f"non-persistent buffer(s) {', '.join(left)} were not recomputed after loading; the model would run "
             "on uninitialized values",
+        )
+    bad = non_finite_buffers(model, poisoned, suffix="inv_freq")
+    if bad:
+        module = model.get_submodule(bad[0].rpartition(".")[0])
+        raise RotaryRepairError(
+            f"rotary buffer(s) {', '.join(bad)} hold NaN or inf after post_materialize; "
+            f"{rope_suspects(getattr(module, 'config', None))}"
         )

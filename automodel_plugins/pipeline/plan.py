@@ -1,10 +1,11 @@
 """The load plan: for every model tensor, where its value is in the checkpoint and what becomes of it.
 
 Planning reads headers only. It asks the adapter where each tensor lives, accounts for every checkpoint key
-(missing keys always fail; unused keys fail unless a pipeline stage expects them), and decides once, for
-``inspect`` and the streaming loader alike, the dtype each tensor loads in and how it gets there: FP8 data is
-dequantized, or kept FP8 (``dequantize=False``: the FP8 weights of the tensors the caller names as residency
-candidates), a float in another dtype is converted, anything else is used as stored.
+(missing keys always fail; unused keys fail unless a pipeline stage expects them), checks what the headers can
+tell (shapes, dtypes, each FP8 weight's scale dtype and grid shape, an FP8 scale beside a weight that is not
+FP8), and decides once, for ``inspect`` and the streaming loader alike, the dtype each tensor loads in and how
+it gets there: FP8 data is dequantized, or kept FP8 (``dequantize=False``: the FP8 weights of the tensors the
+caller names as residency candidates), a float in another dtype is converted, anything else is used as stored.
 
 A tensor assembled from pieces is planned piece by piece: every piece's key (and scale) must be in the
 checkpoint, each stored tensor must have the shape its box needs and a dtype that can become the model's, each
@@ -29,9 +30,9 @@ from automodel_plugins.errors import (
     ShapeMismatchError,
     UnexpectedKeysError,
 )
-from automodel_plugins.fp8.formats import is_fp8
-from automodel_plugins.fp8.scales import SCALE_DTYPES, check_scale_shape, dtype_names, grid_shape
-from automodel_plugins.fp8.stacked import check_stacked_scale_shape, is_stacked
+from automodel_plugins.fp8.formats import is_fp8, weight_key_of_scale
+from automodel_plugins.fp8.scales import check_scale_header, grid_shape
+from automodel_plugins.fp8.stacked import check_stacked_scale_header, is_stacked
 
 if TYPE_CHECKING:
     from automodel_plugins.adapters import Piece, StateDictAdapter, TensorSource
@@ -137,8 +138,9 @@ def plan_load(
     in ``require_fp8`` (the weights of layers already FP8-resident) must be FP8 in the checkpoint. Raises
     :class:`MissingKeysError`, :class:`~automodel_plugins.errors.UnexpectedKeysError` (unless
     ``allow_unused``: a pipeline stage holds only some of the model), :class:`ScaleError` for a scale the
-    checkpoint lacks, and :class:`ShapeMismatchError` / :class:`DtypeMismatchError` for a stored tensor that
-    cannot become the model's.
+    checkpoint lacks or whose header dtype or shape does not fit its weight, and :class:`ShapeMismatchError` /
+    :class:`DtypeMismatchError` for a stored tensor that cannot become the model's (a BF16 weight with an FP8
+    scale beside it included).
     """
     sources = {name: adapter.from_hf(name) for name in tensors}
     missing = sorted(
@@ -178,7 +180,7 @@ def plan_load(
             )
         _check_compatible(name, target, source, checkpoint, kept=kept)
         if source.is_fp8:
-            _check_scale_header(source.parts()[0], checkpoint)
+            _check_scale(source.parts()[0], checkpoint)
         info = checkpoint.info(source.key)
         target_dtype = _target_dtype(target, dtype)
         planned[name] = PlannedTensor(
@@ -192,6 +194,7 @@ def plan_load(
     plan = LoadPlan(planned)
     consumed = plan.consumed_keys()
     plan.unused_keys = [key for key in checkpoint if key not in consumed]
+    _refuse_scales_beside_plain_weights(plan, checkpoint)
     if plan.unused_keys and not allow_unused:
         raise UnexpectedKeysError(plan.unused_keys, path=checkpoint.directory)
     return plan
@@ -221,7 +224,7 @@ def _plan_assembled(
             )
         _check_dtype(name, target, piece.key, info, fp8=piece.is_fp8)
         if piece.is_fp8:
-            _check_scale_header(piece, checkpoint)
+            _check_scale(piece, checkpoint)
         boxes.append(geometry.box)
     if not boxes_tile(shape, boxes):
         raise ShapeMismatchError(
@@ -239,26 +242,6 @@ def _plan_assembled(
         numel=target.numel(),
         shape=shape,
     )
-
-
-def _check_scale_header(piece: Piece, checkpoint: Checkpoint) -> None:
-    """What the header alone says about an FP8 tensor's scale: a scale dtype, and the shape the weight and
-    block size need (one element per tensor; a grid, one per matrix of a stacked weight), so that ``inspect``
-    refuses what the load would."""
-    scale, weight = checkpoint.info(piece.scale_key), checkpoint.info(piece.key)
-    if scale.dtype not in SCALE_DTYPES:
-        raise ScaleError(
-            f"scale dtype {scale.dtype} is not one of {dtype_names(SCALE_DTYPES)}",
-            path=scale.file,
-            key=piece.scale_key,
-        )
-    if is_stacked(tuple(weight.shape), piece.block_size):
-        check_stacked_scale_shape(
-            tuple(scale.shape), tuple(weight.shape), piece.block_size, piece.scale_key, scale.file
-        )
-    else:
-        stand_in = torch.empty(tuple(scale.shape), device="meta")
-        check_scale_shape(stand_in, tuple(weight.shape), piece.block_size, piece.scale_key, scale.file)
 
 
 def _scale_numel(source: TensorSource, shape: tuple[int, ...]) -> int:
@@ -289,3 +272,39 @@ def _check_dtype(name: str, target: torch.Tensor, key: str, info: TensorInfo, *,
             path=info.file,
             key=key,
         )
+
+
+def _check_scale(piece: Piece, checkpoint: Checkpoint) -> None:
+    """What the header alone says about an FP8 tensor's scale (one grid per matrix of a stacked weight), so
+    that ``inspect`` refuses what the load would."""
+    scale, weight = checkpoint.info(piece.scale_key), checkpoint.info(piece.key)
+    check = (
+        check_stacked_scale_header
+        if is_stacked(tuple(weight.shape), piece.block_size)
+        else check_scale_header
+    )
+    check(
+        scale.dtype,
+        tuple(scale.shape),
+        weight_shape=tuple(weight.shape),
+        block_size=piece.block_size,
+        key=piece.scale_key,
+        path=scale.file,
+    )
+
+
+def _refuse_scales_beside_plain_weights(plan: LoadPlan, checkpoint: Checkpoint) -> None:
+    """An FP8 weight scale nobody reads, beside a weight this plan loads as it is stored: the checkpoint holds a
+    plain (BF16, say) weight where the FP8 weight its scale was made for should be. Said as such, rather than
+    as an unused scale key."""
+    plain = {piece.key for p in plan.values() for piece in p.source.parts() if piece.scale_key is None}
+    for key in plan.unused_keys:
+        weight = weight_key_of_scale(key)
+        if weight in plain:
+            info = checkpoint.info(weight)
+            raise DtypeMismatchError(
+                f"weight is stored as {info.dtype} but its FP8 scale {key!r} is in the checkpoint: an FP8 weight "
+                "was expected here (a weight saved without quantization, or a scale left behind)",
+                path=info.file,
+                key=weight,
+            )

@@ -36,7 +36,12 @@ from automodel_plugins.errors import (
     SaveWriteError,
     SourceChangedError,
 )
-from automodel_plugins.model.hf_layout import linear_weights, saved_tensors, transformers_keys
+from automodel_plugins.model.hf_layout import (
+    linear_weights,
+    resident_weights,
+    saved_tensors,
+    transformers_keys,
+)
 from automodel_plugins.pipeline.collective import Ranks
 from automodel_plugins.pipeline.composition import SourceRecord, adapter_for, composition_of
 from automodel_plugins.pipeline.save_plan import (
@@ -140,7 +145,7 @@ def save_pretrained(
             dest,
             save_format=save_format,
             tensors=tensors,
-            values=ModelValues(tensors),
+            values=ModelValues(tensors, resident=resident_weights(model)),
             source=source,
             declared=record.quantization_config if record is not None else None,
             max_shard_size=max_shard_size,
@@ -317,8 +322,13 @@ def _plan(
 
     names = list(tensors)
     linears = linear_weights(model)
+    resident = resident_weights(model)  # valued in their compute dtype, not as their uint8 codes
     meta = {
-        name: ModelTensor(tuple(tensor.shape), tensor.dtype, linears.get(name))
+        name: ModelTensor(
+            tuple(tensor.shape),
+            resident[name].compute_dtype if name in resident else tensor.dtype,
+            linears.get(name),
+        )
         for name, tensor in tensors.items()
     }
     shapes = {name: m.shape for name, m in meta.items()}

@@ -2,7 +2,8 @@
 
 * :class:`ModelValues`: the tensors of a model in memory. A DTensor (FSDP2, tensor parallel) gives this rank's
   local shard, which is one box of the global tensor (``model.placement.local_region``); a plain tensor the
-  whole of it.
+  whole of it. The weight of an FP8-resident layer is valued as what it stands for, its dequantized weight
+  in the compute dtype, a chunk of rows at a time (re-encoding it with its own scale gives back its bytes).
 * :class:`CheckpointValues`: a checkpoint read as a load would read it (``pipeline.stream.read_value``: FP8
   dequantized with its scale, other floats cast), a chunk of rows at a time, never a whole tensor: what
   ``automodel-plugins convert`` streams through.
@@ -22,12 +23,14 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 from automodel_plugins.adapters.pieces import intersect, relative_slices
+from automodel_plugins.fp8.decode import dequantize
 from automodel_plugins.model.placement import is_dtensor, local_region
 from automodel_plugins.pipeline.stream import read_value
 
 if TYPE_CHECKING:
     from automodel_plugins.adapters.pieces import PieceGeometry
     from automodel_plugins.checkpoint import Checkpoint
+    from automodel_plugins.model.fp8_linear import Fp8Linear
     from automodel_plugins.pipeline.plan import LoadPlan
     from automodel_plugins.pipeline.save_plan import SavePlan
 
@@ -61,15 +64,20 @@ def _rows_per_chunk(shape: tuple[int, ...], elements: int | None) -> int:
 
 
 class ModelValues:
-    """The tensors of a model (name -> tensor), each as this rank holds it."""
+    """The tensors of a model (name -> tensor), each as this rank holds it; ``resident`` names the weights of
+    FP8-resident layers (``hf_layout.resident_weights``), valued by their dequantized rows."""
 
-    def __init__(self, tensors: Mapping[str, torch.Tensor]) -> None:
+    def __init__(
+        self, tensors: Mapping[str, torch.Tensor], *, resident: Mapping[str, Fp8Linear] = {}
+    ) -> None:
         self.tensors = dict(tensors)
+        self.resident = dict(resident)
         first = next(iter(self.tensors.values()), None)
         self.device = torch.device("cpu") if first is None else _local(first).device
 
     def dtype(self, name: str) -> torch.dtype:
-        return self.tensors[name].dtype
+        layer = self.resident.get(name)
+        return layer.compute_dtype if layer is not None else self.tensors[name].dtype
 
     def box(self, name: str) -> Box:
         tensor = self.tensors[name]
@@ -80,6 +88,9 @@ class ModelValues:
 
     def chunks(self, name: str, elements: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
         """Views of the local tensor: ``elements=0`` gives it whole (one write, no copy)."""
+        if name in self.resident:
+            yield from self._dequantized_chunks(name, elements)
+            return
         local = _local(self.tensors[name]).detach()
         if local.dim() == 0 or (elements == 0 and local.is_contiguous()):
             yield 0, local
@@ -87,6 +98,27 @@ class ModelValues:
         step = _rows_per_chunk(tuple(local.shape), elements)
         for row in range(0, local.shape[0], step):
             yield row, local[row : row + step]
+
+    def _dequantized_chunks(self, name: str, elements: int | None) -> Iterator[tuple[int, torch.Tensor]]:
+        """Rows of this rank's box of an FP8-resident weight, dequantized as the layer's forward does (fp32
+        product with the block of each element, one rounding to the compute dtype)."""
+        layer = self.resident[name]
+        codes = _local(self.tensors[name]).detach().view(layer.fp8_dtype)
+        (row0, _), (col0, col1) = self.box(name)
+        step = _rows_per_chunk(tuple(codes.shape), elements or None)
+        for row in range(0, codes.shape[0], step):
+            part = codes[row : row + step]
+            region = (slice(row0 + row, row0 + row + part.shape[0]), slice(col0, col1))
+            yield (
+                row,
+                dequantize(
+                    part.contiguous(),
+                    layer.weight_scale_inv,
+                    dtype=layer.compute_dtype,
+                    block_size=layer.block_size,
+                    region=region if layer.block_size is not None else None,
+                ),
+            )
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:

@@ -2,10 +2,14 @@
 
 What a target tensor is decides how its value arrives: a tensor still on the meta device is replaced by a new
 one (created on the load's ``device``; a tensor stored as it loads, read whole on CPU, is used in place from the
-memory map, never copied); a real tensor, plain or a DTensor shard (FSDP2, tensor parallel), is written in
-place, reading only the region this rank holds. Dtypes come from the plan in both cases. A weight the plan
-keeps FP8 goes to its :class:`~automodel_plugins.model.fp8_linear.Fp8Linear` as the stored FP8 bytes (the
-region's bytes on a sharded model) with its whole scale: no dequantized copy is made.
+memory map, never copied, unless the load asks for private copies); a real tensor, plain or a DTensor shard
+(FSDP2, tensor parallel), is written in place, reading only the region this rank holds. Dtypes come from the
+plan in both cases. A weight the plan keeps FP8 goes to its
+:class:`~automodel_plugins.model.fp8_linear.Fp8Linear` as the stored FP8 bytes (the region's bytes on a
+sharded model) with its whole scale: no dequantized copy is made. No value becomes NaN or inf on the way: FP8
+data is checked as it is dequantized, and a conversion to a narrower float dtype that overflows is refused. A
+shard modified in place while it was read fails the load (one replaced by rename is still read consistently:
+see ``checkpoint.shard``).
 
 A tensor assembled from pieces (:class:`~automodel_plugins.adapters.Piece`: a MoE layer's per-expert FP8
 tensors, a fused tensor stored transposed) is written piece by piece into its destination (the new tensor, or
@@ -31,8 +35,8 @@ from automodel_plugins.adapters.pieces import (
     whole_box,
 )
 from automodel_plugins.checkpoint import Checkpoint
-from automodel_plugins.errors import ScaleError
-from automodel_plugins.fp8.decode import dequantize
+from automodel_plugins.errors import NonFiniteWeightError, ScaleError
+from automodel_plugins.fp8.decode import check_finite, dequantize
 from automodel_plugins.fp8.formats import is_fp8
 from automodel_plugins.fp8.scales import validate_scale
 from automodel_plugins.fp8.stacked import is_stacked, stacked_dequantize, validate_stacked_scale
@@ -103,12 +107,49 @@ def read_value(
         data = checkpoint.read(source.key, region).to(device)
         block_region = None if region is None or source.block_size is None else region
         decode = stacked_dequantize if is_stacked(tuple(info.shape), source.block_size) else dequantize
-        value = decode(data, scale.to(device), dtype=dtype, block_size=source.block_size, region=block_region)
+        value = decode(
+            data,
+            scale.to(device),
+            dtype=dtype,
+            block_size=source.block_size,
+            region=block_region,
+            key=source.key,
+            path=info.file,
+        )
         return value, action
     if action == "used_in_place" and in_place_ok and region is None and device.type == "cpu":
         return checkpoint.tensor(source.key), action
-    target_dtype = dtype if info.dtype.is_floating_point else info.dtype
-    return checkpoint.read(source.key, region).to(device=device, dtype=target_dtype), action
+    stored = checkpoint.read(source.key, region)
+    if action == "used_in_place":
+        return stored.to(device=device), action
+    value = stored.to(device=device, dtype=dtype if info.dtype.is_floating_point else info.dtype)
+    _refuse_overflow(stored, value, key=source.key, path=info.file)
+    return value, action
+
+
+def _refuse_overflow(stored: torch.Tensor, value: torch.Tensor, *, key: str, path: object) -> None:
+    """A float cast to a narrower range (F32 -> F16, BF16 -> F16) must not turn finite values into inf.
+
+    NaN or inf already stored in a float checkpoint are its content, passed through like stock transformers
+    does (tensors used in place are not scanned either); only what the conversion itself breaks is refused.
+    """
+    if not (stored.is_floating_point() and value.is_floating_point()) or not stored.numel():
+        return
+    limit = torch.finfo(value.dtype).max
+    if limit >= torch.finfo(stored.dtype).max:
+        return
+    low, high = torch.aminmax(stored)  # one pass; the element-wise scan below only when something exceeds
+    if not (float(high) > limit or float(low) < -limit):
+        return
+    overflowed = torch.isinf(value) & torch.isfinite(stored.to(value.device))
+    if bool(overflowed.any()):
+        position = tuple(int(i) for i in torch.nonzero(overflowed)[0].tolist())
+        raise NonFiniteWeightError(
+            f"stored value {stored[position].item()} at {position} overflows {value.dtype} "
+            f"({int(overflowed.sum())} value(s)): load in a wider dtype",
+            path=path,
+            key=key,
+        )
 
 
 def read_scale(checkpoint: Checkpoint, source: TensorSource) -> torch.Tensor:
@@ -195,10 +236,15 @@ def stream_into(
     device: torch.device | None = None,
     progress: bool | None = None,
     names: Mapping[str, str] | None = None,
+    mmap: bool = True,
 ) -> LoadReport:
     """Load every planned tensor into ``model``: meta tensors are replaced (on ``device``, CPU by default),
     real ones are written in place (each rank its own region). ``names`` maps a planned (stock) name to the
-    tensor's name in ``model`` where they differ (inside PEFT tuner layers)."""
+    tensor's name in ``model`` where they differ (inside PEFT tuner layers).
+
+    ``mmap=False``: tensors stored as they load get private copies instead of views of the memory-mapped shards,
+    so the model survives its files being truncated or rewritten later (see ``from_pretrained``).
+    """
     device = torch.device("cpu") if device is None else torch.device(device)
     report = LoadReport(unused_keys_allowed=len(plan.unused_keys))
     started, bytes_before = time.perf_counter(), checkpoint.bytes_read
@@ -208,7 +254,7 @@ def stream_into(
         name = names.get(planned_name, planned_name) if names else planned_name
         planned, target = plan[planned_name], targets[name]
         if planned.action == "kept_fp8":
-            _load_resident(model, name, target, planned.source, checkpoint, device)
+            _load_resident(model, name, target, planned.source, checkpoint, device, mmap=mmap)
             how: Action = "kept_fp8"
         elif planned.source.is_assembled:
             how = planned.action
@@ -216,7 +262,7 @@ def stream_into(
             report.pieces += _load_assembled(model, name, target, planned, checkpoint, device)
         elif target.is_meta:
             value, how = read_value(
-                checkpoint, planned.source, dtype=planned.dtype, device=device, in_place_ok=True
+                checkpoint, planned.source, dtype=planned.dtype, device=device, in_place_ok=mmap
             )
             _assign(model, name, target, value)
         else:
@@ -231,6 +277,7 @@ def stream_into(
         report.tensors += 1
         setattr(report, how, getattr(report, how) + 1)
         report.dropped_keys.extend(planned.source.dropped_keys)
+    checkpoint.check_unchanged()
     report.bytes_read = checkpoint.bytes_read - bytes_before
     report.seconds = time.perf_counter() - started
     return report
@@ -277,14 +324,27 @@ def _load_resident(
     source: TensorSource,
     checkpoint: Checkpoint,
     device: torch.device,
+    *,
+    mmap: bool,
 ) -> None:
     layer = model.get_submodule(name.rpartition(".")[0])
     if not isinstance(layer, Fp8Linear):
         raise TypeError(f"{name!r} is planned FP8-resident but its module is a {type(layer).__name__}")
+    region = None if target.is_meta else local_region(target)
     if target.is_meta:
-        codes, scale = read_fp8(checkpoint, source, device=device, in_place_ok=True)
+        codes, scale = read_fp8(checkpoint, source, device=device, in_place_ok=mmap)
     else:
-        codes, scale = read_fp8(checkpoint, source, device=target.device, region=local_region(target))
+        codes, scale = read_fp8(checkpoint, source, device=target.device, region=region)
+    # Kept FP8, dequantized in every forward: refuse now what would be NaN or inf there.
+    check_finite(
+        codes,
+        scale,
+        dtype=layer.compute_dtype,
+        block_size=source.block_size,
+        region=region if source.block_size is not None else None,
+        key=source.key,
+        path=checkpoint.info(source.key).file,
+    )
     layer.load_fp8(codes, scale)
 
 

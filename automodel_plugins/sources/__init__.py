@@ -8,7 +8,7 @@ id mean the same checkpoint everywhere. ``hub`` fetches a repo's files on demand
 
 from __future__ import annotations
 
-from automodel_plugins.sources.config import load_config
+from automodel_plugins.sources.config import config_path_of, load_config
 from automodel_plugins.sources.hub import HubLocation, is_repo_id
 from automodel_plugins.sources.resolve import (
     CONFIG_NAME,
@@ -28,6 +28,7 @@ __all__ = [
     "HubLocation",
     "LocalLocation",
     "Weights",
+    "config_path_of",
     "is_repo_id",
     "load_config",
     "resolve",

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from automodel_plugins.errors import ConfigError
-from automodel_plugins.sources.resolve import CONFIG_NAME, CheckpointLocation, resolve
+from automodel_plugins.sources.resolve import CONFIG_NAME, CheckpointLocation, read_regular_file, resolve
+from automodel_plugins.sources.schema import config_problems
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -33,13 +34,18 @@ def load_config(
     :func:`~automodel_plugins.sources.resolve`).
 
     Raises :class:`ConfigError` naming the file (and the field) for a missing file, malformed JSON, a value that
-    is not an object, or a missing or unknown ``model_type`` (also in nested ``*_config`` objects).
+    is not an object, a missing or unknown ``model_type`` (also in nested ``*_config`` objects), or a size,
+    head count or rotary parameter no model can be built with (see :mod:`automodel_plugins.sources.schema`).
     """
     location = resolve(
         path, revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only
     )
     file = location.config_file()
-    _check_model_types(file, _read_object(file))
+    data = _read_object(file)
+    _check_model_types(file, data)
+    problems = config_problems(data)
+    if problems:
+        raise ConfigError(file, "; ".join(problems))
     from transformers import AutoConfig
 
     # A file named config.json is loaded through its directory, so name_or_path is the model directory.
@@ -55,18 +61,54 @@ def load_config(
     return config
 
 
+MAX_CONFIG_DEPTH = 32
+"""Nesting deeper than this is no model config (real ones nest 3 or 4 levels); refused before transformers, whose
+copies and comparisons of a config recurse through it, runs out of stack on it."""
+
+
+def config_path_of(config: Any) -> Path | None:
+    """The ``config.json`` a loaded config came from (its ``name_or_path`` directory's), when it still exists."""
+    where = getattr(config, "name_or_path", None) or getattr(config, "_name_or_path", None)
+    if not where:
+        return None
+    candidate = Path(where)
+    candidate = candidate / CONFIG_NAME if candidate.is_dir() else candidate
+    return candidate if candidate.is_file() else None
+
+
 def _read_object(file: Path) -> dict[str, Any]:
     try:
-        text = file.read_text(encoding="utf-8")
+        text = read_regular_file(file).decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(file, f"cannot read: {exc}") from exc
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ConfigError(file, f"malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from exc
+    except RecursionError as exc:
+        raise ConfigError(file, "JSON nested too deeply to parse") from exc
     if not isinstance(data, dict):
         raise ConfigError(file, f"expected a JSON object, got a JSON {_json_kind(data)}")
+    field = _too_deep(data, MAX_CONFIG_DEPTH)
+    if field is not None:
+        shown = field if len(field) <= 60 else field[:60] + "..."
+        raise ConfigError(file, f"field {shown!r} is nested more than {MAX_CONFIG_DEPTH} levels deep")
     return data
+
+
+def _too_deep(value: Any, limit: int, path: str = "") -> str | None:
+    """The dotted path of the first value nested deeper than ``limit`` levels, else None (iterative: no
+    recursion limit of our own to hit)."""
+    stack = [(value, path, 0)]
+    while stack:
+        item, where, depth = stack.pop()
+        if depth > limit:
+            return where or "<root>"
+        if isinstance(item, dict):
+            stack.extend((v, f"{where}.{k}" if where else str(k), depth + 1) for k, v in item.items())
+        elif isinstance(item, list):
+            stack.extend((v, f"{where}[{i}]", depth + 1) for i, v in enumerate(item))
+    return None
 
 
 def _check_model_types(file: Path, data: dict[str, Any]) -> None:

@@ -8,6 +8,8 @@ Nothing here reads tensor data or parses JSON: headers and the index are the che
 
 from __future__ import annotations
 
+import os
+import stat
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -22,6 +24,8 @@ __all__ = [
     "CheckpointLocation",
     "LocalLocation",
     "Weights",
+    "not_a_file",
+    "read_regular_file",
     "resolve",
 ]
 
@@ -129,6 +133,8 @@ class LocalLocation(CheckpointLocation):
         """The ``config.json`` path, checked to exist; :class:`ConfigError` names what is missing."""
         if self.config.is_file():
             return self.config
+        if self.config.exists():
+            raise ConfigError(self.config, not_a_file(self.config) or "cannot be read")
         if self.named_weights is None and self.config.parent == self.directory:
             raise ConfigError(self.directory, f"no {CONFIG_NAME} in this directory")
         raise ConfigError(self.config, f"no {CONFIG_NAME} beside the named weights")
@@ -146,13 +152,60 @@ class LocalLocation(CheckpointLocation):
                 return Weights(index=self.named_weights)
             return Weights(file=self.named_weights)
         index = self.directory / INDEX_NAME
-        if index.is_file():
-            return Weights(index=index)
+        if index.exists():
+            return Weights(index=index)  # read (and refused if it is no file) by the index reader
         return Weights(file=_single_file_in(self.directory))
 
     def file(self, name: str) -> Path:
         """The local path of ``name`` (a file name an index lists) in this checkpoint's directory."""
         return self.directory / name
+
+
+_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
+def not_a_file(path: Path, mode: int | None = None) -> str | None:
+    """Why ``path`` cannot be read as a file: ``"does not exist"``, ``"is a directory"``, ``"is a FIFO ..."``;
+    ``None`` for a regular file. ``mode`` (an ``st_mode`` already at hand, say from ``fstat``) skips the stat.
+
+    A directory or a named pipe where a weights file is expected deserves its name: "does not exist" would send
+    the user looking for a file that is there, and opening a FIFO would block the load forever.
+    """
+    if mode is None:
+        try:
+            mode = os.stat(path).st_mode
+        except FileNotFoundError:
+            return "does not exist"
+        except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the name
+            return f"cannot be read: {exc}"
+    if stat.S_ISREG(mode):
+        return None
+    kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+    return f"is {kind}, not a file"
+
+
+def read_regular_file(path: Path) -> bytes:
+    """The whole content of the regular file ``path``; :class:`OSError` saying what it is otherwise.
+
+    Opened without blocking and checked on the open file, so a FIFO put in a file's place never hangs the read.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        reason = not_a_file(path, os.fstat(fd).st_mode)
+        if reason is not None:
+            raise OSError(f"{path.name} {reason}")
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def resolve(
@@ -180,6 +233,8 @@ def resolve(
     if isinstance(source, CheckpointLocation):
         return source
     path = Path(source)
+    if "\0" in str(source):
+        raise SourceNotFoundError(path, "a path cannot contain a NUL byte")
     if not path.exists():
         from automodel_plugins.sources.hub import HubLocation, is_repo_id
 
@@ -217,6 +272,8 @@ def _single_file_in(directory: Path) -> Path:
     preferred = directory / SAFETENSORS_NAME
     if preferred.is_file():
         return preferred
+    if preferred.exists():
+        raise CheckpointError(f"{SAFETENSORS_NAME} {not_a_file(preferred)}", path=preferred)
     candidates = sorted(p for p in directory.glob(f"*{_SAFETENSORS_SUFFIX}") if p.is_file())
     if not candidates:
         raise CheckpointError("no *.safetensors file and no index in checkpoint directory", path=directory)

@@ -5,11 +5,27 @@
 Rank 0 writes the tiny FP8 checkpoints into ``OUT_DIR``; every rank then runs each scenario and writes what it
 measured to ``OUT_DIR/results/<scenario>.rank<r>.json`` (facts, not verdicts: the pytest side asserts). A
 scenario that raises writes its traceback there instead and ends the launch with a non-zero exit.
+
+Teardown is explicit and ends with ``os._exit``, because leaving it to the interpreter aborted about one launch
+in 4 to 10 on a busy machine with ``terminate called without an active exception`` (SIGABRT on one rank, after
+every result was written). The process group outlives ``destroy_process_group``: gloo's ``ProcessGroupGloo``
+stops its threads (two ``pt_gloo_runloop``, one ``gloo_tcp_loop``) only in its destructor, and something always
+keeps it: ``torch.distributed.nn.functional`` takes ``group.WORLD`` as the default argument of its functions,
+evaluated on import (``transformers.modeling_utils`` imports it through FSDP, after ``init_process_group``),
+and DTensor's planning caches keep specs that hold the mesh. A run-loop thread drops its reference
+to a finished collective only after the waiting main thread has woken; when that was the last one,
+``~AsyncWork`` frees the work's tensors, whose Python objects need the GIL. If the main thread has meanwhile
+entered ``Py_FinalizeEx``, CPython 3.11 ends that thread with ``pthread_exit``, and the forced unwind through the
+``noexcept`` destructor calls ``std::terminate`` (backtrace in the issue-11 note). So each rank drops its own
+references, destroys the group, flushes its output and leaves with ``os._exit``: the abort can only happen
+inside interpreter finalization, which then never runs. Results are files written and renamed before; a
+scenario that raises still prints its traceback and exits non-zero.
 """
 
 from __future__ import annotations
 
 import faulthandler
+import gc
 import json
 import os
 import sys
@@ -629,6 +645,13 @@ def write_result(ctx: Context, scenario: str, result: dict[str, Any]) -> None:
     target.with_suffix(".tmp").rename(target)
 
 
+def teardown(ctx: Context) -> None:
+    """Drop this rank's references to the mesh and destroy the process group (see the module docstring)."""
+    ctx.mesh = None
+    gc.collect()
+    dist.destroy_process_group()
+
+
 def main(argv: list[str]) -> int:
     scenarios, out = argv[0].split(","), Path(argv[1])
     unknown = [s for s in scenarios if s not in SCENARIOS]
@@ -644,13 +667,13 @@ def main(argv: list[str]) -> int:
     ctx = Context(
         dist.get_rank(), dist.get_world_size(), init_device_mesh("cpu", (dist.get_world_size(),)), out
     )
-    if ctx.rank == 0:
-        for name, (block, tied) in CHECKPOINTS.items():
-            _tiny.write_checkpoint(ctx.checkpoint(name), block_size=block, tie_word_embeddings=tied)
-        _tiny.write_text_only_checkpoint(ctx.checkpoint(_tiny.TEXT_ONLY))
-        _tiny.write_moe_checkpoint(ctx.checkpoint(_tiny.MOE))
-    dist.barrier()
     try:
+        if ctx.rank == 0:
+            for name, (block, tied) in CHECKPOINTS.items():
+                _tiny.write_checkpoint(ctx.checkpoint(name), block_size=block, tie_word_embeddings=tied)
+            _tiny.write_text_only_checkpoint(ctx.checkpoint(_tiny.TEXT_ONLY))
+            _tiny.write_moe_checkpoint(ctx.checkpoint(_tiny.MOE))
+        dist.barrier()
         for scenario in scenarios:
             try:
                 result = SCENARIOS[scenario](ctx)
@@ -660,10 +683,29 @@ def main(argv: list[str]) -> int:
             write_result(ctx, scenario, result)
             dist.barrier()
     finally:
-        dist.destroy_process_group()
+        teardown(ctx)
     return 0
+
+
+def run(argv: list[str]) -> int:
+    """``main``'s exit status; an exception is printed (as Python would) and gives 1."""
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            return exc.code or 0
+        print(exc.code, file=sys.stderr)
+        return 2
+    except BaseException:
+        traceback.print_exc()
+        return 1
 
 
 if __name__ == "__main__":
     os.environ.setdefault("AUTOMODEL_PLUGINS_PROGRESS", "0")
-    sys.exit(main(sys.argv[1:]))
+    status = run(sys.argv[1:])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Results are written and the group destroyed: skip the interpreter finalization that would tear down what
+    # still holds it (see the module docstring).
+    os._exit(status)

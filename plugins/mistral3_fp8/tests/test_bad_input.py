@@ -22,19 +22,31 @@ from automodel_plugins import (
 )
 from automodel_plugins.checkpoint import Checkpoint
 from automodel_plugins.errors import (
+    ConfigMismatchError,
     CorruptCheckpointError,
     DtypeMismatchError,
     MissingKeysError,
+    NonFiniteWeightError,
+    RotaryRepairError,
     ScaleError,
     ShapeMismatchError,
     UnexpectedKeysError,
     UnsafeCheckpointPathError,
     UnsupportedQuantizationError,
 )
+from automodel_plugins.pipeline.describe import describe_checkpoint
 from automodel_plugins.registry import Registry
 from automodel_plugins.sources import load_config
 
-from .conftest import Checkpoints, CheckpointSpec, assert_same_weights, edit_config, edit_tensors
+from .conftest import (
+    Checkpoints,
+    CheckpointSpec,
+    assert_same_weights,
+    checkpoint_tensors,
+    edit_config,
+    edit_tensors,
+    stock_load,
+)
 
 Q_PROJ = "language_model.model.layers.0.self_attn.q_proj.weight"
 Q_SCALE = "language_model.model.layers.0.self_attn.q_proj.weight_scale_inv"
@@ -351,3 +363,208 @@ def test_load_weights_of_an_awq_checkpoint_refuses_naming_the_field(
     with pytest.raises(UnsupportedQuantizationError) as caught:
         load_weights(model, awq_checkpoint, registry=registry)
     assert "quantization_config.quant_method" in str(caught.value) and "'awq'" in str(caught.value)
+
+
+# --- values that would load as NaN or inf (issue 11) ------------------------------------------------------
+
+
+def poke_bytes(path: Path, key: str, value: int, positions: tuple[int, ...] = (0,)) -> None:
+    """Set bytes of the fp8 tensor ``key`` (flat positions) to ``value``: a NaN code, say."""
+
+    def edit(tensors: dict[str, torch.Tensor]) -> None:
+        raw = tensors[key].view(torch.uint8).clone()
+        raw.view(-1)[list(positions)] = value
+        tensors[key] = raw.view(tensors[key].dtype)
+
+    edit_tensors(path, edit)
+
+
+@pytest.mark.parametrize("dequantize", [True, False], ids=["dequantized", "fp8-resident"])
+@pytest.mark.parametrize("code", [0x7F, 0xFF], ids=["nan", "negative-nan"])
+@pytest.mark.parametrize("block_size", [None, (32, 32)], ids=["per-tensor", "block"])
+def test_fp8_nan_code_is_refused_naming_file_and_key(
+    registry: Registry, damaged: Damaged, code: int, block_size: tuple[int, int] | None, dequantize: bool
+) -> None:
+    """Also when the weight stays FP8 (``dequantize=False``): every forward would dequantize it to NaN."""
+    path = damaged(block_size=block_size)
+    poke_bytes(path, Q_PROJ, code, positions=(70,))  # row 1, col 6 of the 64-wide weight
+    with pytest.raises(
+        NonFiniteWeightError, match=rf"at \(1, 6\) is nan: stored byte {code:#04x} is a NaN code"
+    ) as caught:
+        load(path, registry, dequantize=dequantize)
+    assert caught.value.key == Q_PROJ and caught.value.path == (path / "model.safetensors").resolve()
+
+
+@pytest.mark.parametrize("dequantize", [True, False], ids=["dequantized", "fp8-resident"])
+@pytest.mark.parametrize("block_size", [None, (32, 32)], ids=["per-tensor", "block"])
+def test_finite_scale_that_overflows_is_refused(
+    registry: Registry, damaged: Damaged, block_size: tuple[int, int] | None, dequantize: bool
+) -> None:
+    """3e38 is finite and positive (the scale check passes), but any stored value above 1 times it is inf."""
+    path = damaged(block_size=block_size)
+
+    def huge_scale(tensors: dict[str, torch.Tensor]) -> None:
+        scale = tensors[Q_SCALE].clone()
+        scale.view(-1)[-1] = 3e38  # the only cell of a 0-d scale; the bottom-right block of a grid
+        tensors[Q_SCALE] = scale
+
+    edit_tensors(path, huge_scale)
+    with pytest.raises(NonFiniteWeightError, match=r"times scale 3e\+38 overflows bfloat16") as caught:
+        load(path, registry, dequantize=dequantize)
+    assert caught.value.key == Q_PROJ and "model.safetensors" in str(caught.value)
+
+
+def test_scale_that_overflows_only_the_requested_dtype(
+    registry: Registry, damaged: Damaged, checkpoints: Checkpoints
+) -> None:
+    """448 x 200 fits BF16 (the load is exact) but not FP16's 65504: refused for dtype=float16 only."""
+    path = damaged()
+
+    def scale_200(tensors: dict[str, torch.Tensor]) -> None:
+        tensors[Q_SCALE] = torch.tensor(200.0)
+
+    edit_tensors(path, scale_200)
+    model = load(path, registry)
+    assert_same_weights(model, stock_load(path, dtype=torch.bfloat16))
+    with pytest.raises(NonFiniteWeightError, match="overflows float16") as caught:
+        load(path, registry, dtype=torch.float16)
+    assert caught.value.key == Q_PROJ
+
+
+def relabel_dtype(file: Path, key: str, dtype: str) -> None:
+    """Rewrite the header's dtype of ``key`` (same length, same bytes): F8_E4M3 data labelled F8_E5M2."""
+    data = bytearray(file.read_bytes())
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    assert len(header[key]["dtype"]) == len(dtype)
+    header[key]["dtype"] = dtype
+    raw = json.dumps(header, separators=(",", ":")).encode().ljust(length)
+    data[8 : 8 + length] = raw
+    file.write_bytes(bytes(data))
+
+
+def test_fp8_format_other_than_the_config_declares(registry: Registry, damaged: Damaged) -> None:
+    path = damaged()
+    relabel_dtype(path / "model.safetensors", Q_PROJ, "F8_E5M2")
+    with pytest.raises(
+        DtypeMismatchError,
+        match=r"float8_e5m2 but the config's quantization_config declares torch\.float8_e4m3fn",
+    ) as caught:
+        load(path, registry)
+    assert caught.value.key == Q_PROJ
+
+
+def test_bf16_weight_where_fp8_is_expected(registry: Registry, damaged: Damaged) -> None:
+    """Its scale beside it says FP8 was meant: said so, rather than "1 checkpoint tensor the model does not use"."""
+    path = damaged()
+    bf16 = checkpoint_tensors(path)[Q_PROJ].float() * 0.01  # any BF16 values
+    edit_tensors(path, lambda t: t.__setitem__(Q_PROJ, bf16.to(torch.bfloat16)))
+    with pytest.raises(DtypeMismatchError, match=r"stored as torch\.bfloat16 but its FP8 scale") as caught:
+        load(path, registry)
+    assert caught.value.key == Q_PROJ and Q_SCALE in str(caught.value)
+
+
+def test_two_scale_names_name_the_file(registry: Registry, damaged: Damaged) -> None:
+    path = damaged()
+    other = Q_SCALE.replace("weight_scale_inv", "weight_scale")
+    edit_tensors(path, lambda t: t.__setitem__(other, t[Q_SCALE].clone()))
+    with pytest.raises(ScaleError, match="several scales") as caught:
+        load(path, registry)
+    assert caught.value.path == (path / "model.safetensors").resolve()
+
+
+def test_unsupported_quantization_errors_name_the_config_file(registry: Registry, damaged: Damaged) -> None:
+    path = damaged()
+    edit_config(path, lambda c: c["quantization_config"].update(weight_block_size=[0, 128]))
+    with pytest.raises(UnsupportedQuantizationError) as caught:
+        load(path, registry)
+    assert caught.value.path == path.resolve() / "config.json"
+
+
+# --- rotary tables and structure the checkpoint does not hold (issue 11) ----------------------------------
+
+
+def test_rope_factor_zero_is_refused_naming_the_field(registry: Registry, damaged: Damaged) -> None:
+    """Stock transformers loads this with NaN and inf in inv_freq and no error."""
+    path = damaged()
+    edit_config(path, lambda c: c["text_config"]["rope_parameters"].update(factor=0))
+    with pytest.raises(
+        ConfigError, match=r"text_config\.rope_parameters\.factor: .*greater than 0"
+    ) as caught:
+        load(path, registry)
+    assert caught.value.path == path / "config.json"
+
+
+def test_non_finite_rotary_buffers_are_refused_naming_module_and_field(
+    registry: Registry, checkpoints: Checkpoints
+) -> None:
+    """A config object built in Python skips the config.json checks: the rotary repair refuses what it gives."""
+    path = checkpoints()
+    config = load_config(path)
+    config.text_config.rope_parameters["factor"] = 0.0
+    model = build_model(config, registry=registry)
+    model.to_empty(device="cpu")
+    with pytest.raises(RotaryRepairError, match=r"'model\.language_model\.rotary_emb'.*NaN/inf") as caught:
+        load_weights(model, path, registry=registry)
+    assert "rope_parameters.factor = 0.0" in str(caught.value)
+
+
+@pytest.mark.parametrize("layout", ["legacy", "runtime"])
+@pytest.mark.parametrize("field", ["text_config", "vision_config"])
+def test_huge_layer_count_fails_before_the_model_is_built(
+    registry: Registry, damaged: Damaged, monkeypatch: pytest.MonkeyPatch, layout: str, field: str
+) -> None:
+    """10**6 layers: >120 s and >4 GB of meta modules before any check, in both key layouts."""
+    path = damaged(layout=layout)
+    edit_config(path, lambda c: c[field].update(num_hidden_layers=10**6))
+
+    def never(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a model was built before the config was checked against the headers")
+
+    monkeypatch.setattr("automodel_plugins.pipeline.load.build_on_meta", never)
+    monkeypatch.setattr("automodel_plugins.pipeline.describe.build_model", never)
+    for attempt in (lambda: load(path, registry), lambda: describe_checkpoint(path, registry=registry)):
+        with pytest.raises(ConfigMismatchError, match=rf"{field}\.num_hidden_layers is 1000000") as caught:
+            attempt()
+        prefix = "language_model.model.layers" if layout == "legacy" else "model.language_model.layers"
+        assert f"{prefix}: 2" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("damage", "error"),
+    [
+        (
+            lambda p: edit_tensors(p, lambda t: t.__setitem__(NORM, torch.ones(65, dtype=torch.bfloat16))),
+            ShapeMismatchError,
+        ),
+        (
+            lambda p: edit_tensors(p, lambda t: t.__setitem__(NORM, torch.ones(64, dtype=torch.int32))),
+            DtypeMismatchError,
+        ),
+        (lambda p: edit_tensors(p, lambda t: t.__setitem__(Q_SCALE, torch.ones(2))), ScaleError),
+        (
+            lambda p: edit_tensors(p, lambda t: t.__setitem__(Q_SCALE, torch.tensor(1, dtype=torch.int32))),
+            ScaleError,
+        ),
+        (lambda p: edit_config(p, lambda c: c["text_config"].update(vocab_size=10**12)), ConfigMismatchError),
+        (lambda p: relabel_dtype(p / "model.safetensors", Q_PROJ, "F8_E5M2"), DtypeMismatchError),
+    ],
+    ids=["shape", "int32-norm", "scale-shape", "scale-dtype", "vocab-1e12", "fp8-format"],
+)
+def test_inspect_raises_what_the_load_raises_from_headers_alone(
+    registry: Registry,
+    damaged: Damaged,
+    monkeypatch: pytest.MonkeyPatch,
+    damage: Callable[[Path], None],
+    error: type,
+) -> None:
+    """``inspect`` used to report these as planned loads (vocab 10**12 as 256 TB after load)."""
+    path = damaged()
+    damage(path)
+    with pytest.raises(error) as loading:
+        load(path, registry)
+    for method in ("read", "tensor", "slice"):  # inspect reads no tensor data
+        monkeypatch.setattr(Checkpoint, method, lambda *a, **k: pytest.fail("tensor data read"))
+    with pytest.raises(error) as inspecting:
+        describe_checkpoint(path, registry=registry)
+    assert str(inspecting.value) == str(loading.value)

@@ -17,7 +17,7 @@ from transformers import Qwen3VLForConditionalGeneration
 from transformers.modeling_outputs import MultimodalCausalLMOutputWithPast
 
 import automodel_plugins
-from automodel_plugins.errors import CheckpointError
+from automodel_plugins.errors import CheckpointError, ConfigMismatchError
 from automodel_plugins.testing.compare import (
     assert_matches_stock,
     assert_same_logits,
@@ -138,6 +138,28 @@ def test_fp8_tensor_in_a_module_never_converted_is_refused(
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="modules_to_not_convert"):
         automodel_plugins.from_pretrained(path)
+
+
+@pytest.mark.parametrize(
+    ("field", "held"),
+    [
+        ("text_config.num_hidden_layers", "model.language_model.layers: 2"),
+        ("vision_config.depth", "model.visual.blocks"),
+    ],
+)
+def test_layer_count_the_checkpoint_does_not_hold_fails_before_building(
+    checkpoints: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, field: str, held: str
+) -> None:
+    """The host's structure check reads this plugin's runtime keys as they are (``model.visual.blocks.N``)."""
+    path = _copy_checkpoint(checkpoints["32-fp32-scales-vision-fp8"], tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    section, name = field.split(".")
+    config[section][name] = 10**6
+    (path / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr("automodel_plugins.pipeline.load.build_on_meta", lambda *a, **k: pytest.fail("built"))
+    with pytest.raises(ConfigMismatchError, match=rf"{field} is 1000000") as caught:
+        automodel_plugins.from_pretrained(path)
+    assert held in str(caught.value)
 
 
 # --- rotary and forward -----------------------------------------------------------------------------------

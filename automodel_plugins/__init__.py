@@ -57,6 +57,8 @@ _LAZY = {
     # what a plugin's hooks return or call
     "StateDictAdapter": "automodel_plugins.adapters.base",
     "TensorSource": "automodel_plugins.adapters.base",
+    "Piece": "automodel_plugins.adapters.base",
+    "stacked_boxes": "automodel_plugins.adapters.pieces",
     "Fp8StateDictAdapter": "automodel_plugins.adapters.fp8",
     "PrefixRename": "automodel_plugins.adapters.fp8",
     "PrefixRenames": "automodel_plugins.adapters.fp8",
@@ -74,13 +76,14 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
-    from automodel_plugins.adapters.base import StateDictAdapter, TensorSource
+    from automodel_plugins.adapters.base import Piece, StateDictAdapter, TensorSource
     from automodel_plugins.adapters.fp8 import (
         Fp8StateDictAdapter,
         PrefixRename,
         PrefixRenames,
         fp8_adapter_for,
     )
+    from automodel_plugins.adapters.pieces import stacked_boxes
     from automodel_plugins.checkpoint.reader import Checkpoint
     from automodel_plugins.fp8.quantization import claim_fp8_or_unquantized
     from automodel_plugins.model.forward import fused_loss_forward, vlm_fused_loss_forward
@@ -128,6 +131,7 @@ __all__ = [
     "LoadReport",
     "NoPluginClaimError",
     "NotQuantizedError",
+    "Piece",
     "PluginError",
     "PrefixRename",
     "PrefixRenames",
@@ -153,5 +157,6 @@ __all__ = [
     "register_fp8_lora",
     "repair_rotary",
     "save_pretrained",
+    "stacked_boxes",
     "vlm_fused_loss_forward",
 ]

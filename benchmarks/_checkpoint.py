@@ -6,6 +6,11 @@ legacy (nested) key layout, every text-stack Linear ``float8_e4m3fn`` with a 0-d
 static ``activation_scale`` (``kind="per-tensor"``, Ministral 3's format) or a 128x128 scale grid
 (``kind="block"``), vision tower / projector / embeddings / norms / ``lm_head`` in BF16, 3 shards plus an index.
 
+``ensure_moe_checkpoint()`` gives the MoE benchmark's checkpoint: a ~0.31B Qwen3-VL-MoE (hidden 1024, 4 layers
+of 24 experts with expert intermediate 768, 8 heads / 2 KV heads of 128, vocab 32768, a small tower) in the FP8
+releases' form: one 128x128-block FP8 tensor per expert and projection, attention FP8, routers / vision /
+embeddings / norms / ``lm_head`` BF16, dynamic activations, 3 shards.
+
 Generated on first use under ``<repo>/.cache/bench/`` (git-ignored) and reused afterwards; a spec change gives
 a new directory name. Generation peaks near 2x the fp32 model (~2.8 GB here): the random model plus its
 quantized copy. Safe to call from several processes at once (a file lock; the directory appears atomically).
@@ -111,19 +116,101 @@ def write_checkpoint(
     return directory
 
 
+MOE_TEXT = {
+    "hidden_size": 1024,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 2,
+    "head_dim": 128,
+    "vocab_size": 32768,
+    "num_experts": 24,
+    "num_experts_per_tok": 4,
+    "moe_intermediate_size": 768,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+    "rope_parameters": {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [24, 20, 20]},
+}
+MOE_VISION = {
+    "depth": 2,
+    "hidden_size": 256,
+    "intermediate_size": 1024,
+    "num_heads": 4,
+    "out_hidden_size": 1024,
+    "patch_size": 16,
+    "temporal_patch_size": 2,
+    "spatial_merge_size": 2,
+    "num_position_embeddings": 256,
+    "deepstack_visual_indexes": [0],
+}
+MOE_BLOCK = (128, 128)
+MOE_NOT_CONVERTED = (
+    "model.visual",
+    "lm_head",
+    *(f"model.language_model.layers.{i}.mlp.gate" for i in range(MOE_TEXT["num_hidden_layers"])),
+)
+
+
+def build_moe_config():
+    """The ``Qwen3VLMoeConfig`` of the MoE benchmark model."""
+    from transformers import Qwen3VLMoeConfig
+
+    config = Qwen3VLMoeConfig(
+        text_config=dict(MOE_TEXT), vision_config=dict(MOE_VISION), tie_word_embeddings=False
+    )
+    config.architectures = ["Qwen3VLMoeForConditionalGeneration"]
+    return config
+
+
+def write_moe_checkpoint(directory: Path, *, shards: int = SHARDS, seed: int = SEED) -> Path:
+    """Write a random benchmark Qwen3-VL-MoE as a per-expert block-FP8 checkpoint (the releases' form)."""
+    import torch
+    from transformers import Qwen3VLMoeForConditionalGeneration
+
+    from automodel_plugins.testing.checkpoints import write_fp8_checkpoint
+
+    torch.manual_seed(seed)
+    model = Qwen3VLMoeForConditionalGeneration(build_moe_config()).eval()
+    write_fp8_checkpoint(
+        model,
+        directory,
+        block_size=MOE_BLOCK,
+        activation_scale_name=None,
+        modules_to_not_convert=MOE_NOT_CONVERTED,
+        shards=shards,
+        experts="per-expert",
+        quantization_extra={"activation_scheme": "dynamic", "fmt": "e4m3"},
+    )
+    return directory
+
+
 def _spec_digest(kind: str) -> str:
-    spec = {"text": TEXT, "vision": VISION, "top": TOP, "kind": kind, "shards": SHARDS, "seed": SEED, "v": 2}
+    if kind == "moe":
+        spec: dict[str, Any] = {"text": MOE_TEXT, "vision": MOE_VISION, "block": MOE_BLOCK, "shards": SHARDS}
+    else:
+        spec = {"text": TEXT, "vision": VISION, "top": TOP, "kind": kind, "shards": SHARDS}
+    spec.update(seed=SEED, v=2)
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def checkpoint_dir(kind: str = "per-tensor") -> Path:
-    return CACHE_DIR / f"mistral3-fp8-{kind}-{_spec_digest(kind)}"
+    family = "qwen3-vl-moe-fp8-per-expert" if kind == "moe" else f"mistral3-fp8-{kind}"
+    return CACHE_DIR / f"{family}-{_spec_digest(kind)}"
+
+
+def ensure_moe_checkpoint(*, quiet: bool = False) -> Path:
+    """The cached MoE benchmark checkpoint directory, generated on first call."""
+    return _ensure("moe", lambda tmp: write_moe_checkpoint(tmp), quiet=quiet)
 
 
 def ensure_checkpoint(kind: str = "per-tensor", *, quiet: bool = False) -> Path:
     """The cached checkpoint directory for ``kind`` ("per-tensor" or "block"), generated on first call."""
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; choose from {sorted(KINDS)}")
+    return _ensure(kind, lambda tmp: write_checkpoint(tmp, kind=kind), quiet=quiet)
+
+
+def _ensure(kind: str, write: Any, *, quiet: bool) -> Path:
     final = checkpoint_dir(kind)
     if (final / "config.json").is_file():
         return final
@@ -141,7 +228,7 @@ def ensure_checkpoint(kind: str = "per-tensor", *, quiet: bool = False) -> Path:
                 file=sys.stderr,
                 flush=True,
             )
-        write_checkpoint(tmp, kind=kind)
+        write(tmp)
         tmp.rename(final)
         if not quiet:
             size = sum(f.stat().st_size for f in final.iterdir()) / 2**20

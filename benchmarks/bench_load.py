@@ -43,7 +43,7 @@ TIME_TARGET = 1.0
 # --- worker: one load in this process ----------------------------------------------------------------------
 
 
-def _tensor_digest(tensor) -> str:
+def tensor_digest(tensor) -> str:
     import torch
 
     data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy() if tensor.numel() else b""
@@ -65,6 +65,12 @@ def worker(loader: str, path: str) -> dict:
         else:
             model = Mistral3ForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return loaded_facts(loader, model, peak, wall, cpu)
+
+
+def loaded_facts(loader: str, model, peak: PeakRss, wall: float, cpu: float) -> dict:
+    """What a worker reports about a load it measured: times, memory, and whether the model is usable."""
+    import torch
 
     # Usable? Checked after measuring (digesting touches every memory-mapped page).
     tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
@@ -86,14 +92,14 @@ def worker(loader: str, path: str) -> dict:
         "base_mib": peak.base_kib / 1024,
         "memory_method": peak.method,
         "bad_tensors": bad[:5],
-        "digests": {n: _tensor_digest(t) for n, t in sorted(model.state_dict().items())},
+        "digests": {n: tensor_digest(t) for n, t in sorted(model.state_dict().items())},
         "top5": logits.topk(5).indices.tolist(),
         "load_report": None
         if report is None
         else (
             f"{report.tensors} tensors: {report.dequantized} dequantized, {report.used_in_place} used in place "
-            f"(memory-mapped), {report.converted} converted, {len(report.dropped_keys)} activation scales dropped, "
-            f"{report.bytes_read / 2**20:.0f} MiB read"
+            f"(memory-mapped), {report.converted} converted, {report.assembled} assembled from {report.pieces} "
+            f"pieces, {len(report.dropped_keys)} activation scales dropped, {report.bytes_read / 2**20:.0f} MiB read"
         ),
     }
 
@@ -101,9 +107,9 @@ def worker(loader: str, path: str) -> dict:
 # --- driver ------------------------------------------------------------------------------------------------
 
 
-def run_worker(loader: str, path: Path) -> dict:
+def run_worker(loader: str, path: Path, script: str = __file__) -> dict:
     env = {**os.environ, "AUTOMODEL_PLUGINS_PROGRESS": "0", "TQDM_DISABLE": "1"}
-    cmd = [sys.executable, __file__, "--worker", loader, "--path", str(path)]
+    cmd = [sys.executable, script, "--worker", loader, "--path", str(path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{loader} worker failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -152,24 +158,46 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(worker(args.worker, str(args.path))))
         return 0
 
-    from _checkpoint import bf16_parameter_bytes, ensure_checkpoint
+    from _checkpoint import ensure_checkpoint
 
     path = args.path or ensure_checkpoint(args.kind)
-    model_bytes = bf16_parameter_bytes(path)
-    disk = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    results, load_average = measure(path, args.repeats, __file__)
+    report(results, path, args.repeats, load_average)
+    return 0
+
+
+def measure(path: Path, repeats: int, script: str) -> tuple[dict[str, list[dict]], tuple[float, float]]:
+    """``repeats`` fresh worker processes of ``script`` per loader, alternating, from a warm page cache; and
+    the load average before and after."""
     warm_page_cache(path)
-    load_before = os.getloadavg()
     results: dict[str, list[dict]] = {loader: [] for loader in LOADERS}
-    for repeat in range(args.repeats):
+    before = os.getloadavg()[0]
+    for repeat in range(repeats):
         for loader in LOADERS if repeat % 2 == 0 else LOADERS[::-1]:
-            row = run_worker(loader, path)
+            row = run_worker(loader, path, script)
             results[loader].append(row)
             print(
                 f"  run {repeat + 1} {loader:<12} wall {row['wall_s']:6.2f} s  cpu {row['cpu_s']:6.2f} s  "
                 f"peak +{row['peak_bytes'] / 2**20:6.0f} MiB",
                 flush=True,
             )
-    load_after = os.getloadavg()
+    return results, (before, os.getloadavg()[0])
+
+
+def report(
+    results: dict[str, list[dict]],
+    path: Path,
+    repeats: int,
+    load_average: tuple[float, float],
+    *,
+    extra_checks: list[tuple[str, bool]] = (),
+) -> bool:
+    """The table and the PASS/FAIL lines against the targets (plus ``extra_checks``); True when all pass."""
+    from _checkpoint import bf16_parameter_bytes
+
+    model_bytes = bf16_parameter_bytes(path)
+    disk = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    load_before, load_after = load_average
 
     def med(loader: str, key: str) -> float:
         return statistics.median(r[key] for r in results[loader])
@@ -177,10 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\ncheckpoint: {path.name} ({disk / 2**20:.0f} MiB on disk, {model_bytes / 2 / 1e9:.3f}B parameters = "
         f"{model_bytes / 2**20:.0f} MiB in BF16), bf16 on cpu, torch threads {_threads()}, "
-        f"median of {args.repeats} processes each"
+        f"median of {repeats} processes each"
     )
     print(
-        f"memory: {results['ours'][0]['memory_method']}; load average {load_before[0]:.1f} -> {load_after[0]:.1f}"
+        f"memory: {results['ours'][0]['memory_method']}; load average {load_before:.1f} -> {load_after:.1f}"
     )
     print(
         "| loader | wall (s) | cpu (s) | peak over baseline (MiB) | peak / BF16 params | RSS after load (MiB) "
@@ -216,14 +244,16 @@ def main(argv: list[str] | None = None) -> int:
             "models bit-identical, top-5 equal" + (f": {'; '.join(problems)}" if problems else ""),
             not problems,
         ),
+        *extra_checks,
     ]
     print()
     for text, ok in checks:
         print(f"{text}  {'PASS' if ok else 'FAIL'}")
     print(f"(cpu time ours / transformers            {cpu_ratio:6.3f}, for reference)")
     print(f"ours: {results['ours'][0]['load_report']}")
-    print(f"overall: {'PASS' if all(ok for _, ok in checks) else 'FAIL'}")
-    return 0
+    passed = all(ok for _, ok in checks)
+    print(f"overall: {'PASS' if passed else 'FAIL'}")
+    return passed
 
 
 def _threads() -> int:

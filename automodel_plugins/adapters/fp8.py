@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from automodel_plugins.adapters.base import StateDictAdapter, TensorSource
+from automodel_plugins.adapters.base import Box, Piece, StateDictAdapter, TensorSource
 from automodel_plugins.errors import CheckpointError, DtypeMismatchError, ScaleError
 from automodel_plugins.fp8.formats import activation_key_candidates, is_fp8, scale_key_candidates
 from automodel_plugins.fp8.quantization import parse_fp8_quantization
@@ -87,9 +87,17 @@ class Fp8StateDictAdapter(StateDictAdapter):
         return self._renames.to_model(key)
 
     def from_hf(self, name: str) -> TensorSource:
-        key = self.to_hf(name)
+        return self.piece(self.to_hf(name), name=name).stored_source()
+
+    def piece(
+        self, key: str, box: Box | None = None, *, transposed: bool = False, name: str | None = None
+    ) -> Piece:
+        """The checkpoint tensor ``key`` as a piece filling ``box`` of a model tensor (``None``: all of it),
+        stored ``transposed`` or not: its FP8 scale found under any accepted name when it is FP8, its static
+        activation scale accounted for. ``name`` (the model tensor) is checked against
+        ``modules_to_not_convert``; a key the checkpoint lacks gives a plain piece, which planning reports."""
         if key not in self.checkpoint or not is_fp8(self.checkpoint.info(key).dtype):
-            return TensorSource(key)
+            return Piece(key, box, transposed=transposed)
         stored = self.checkpoint.info(key)
         if self.fp8_dtype is not None and stored.dtype != self.fp8_dtype:
             raise DtypeMismatchError(
@@ -98,18 +106,29 @@ class Fp8StateDictAdapter(StateDictAdapter):
                 path=stored.file,
                 key=key,
             )
-        if self._never_converted(name):
+        if self._never_converted(name if name is not None else self.from_hf_key(key)):
             raise CheckpointError(
                 f"tensor is FP8 but its module is listed in quantization_config.modules_to_not_convert "
                 f"({', '.join(self.modules_to_not_convert)}); config and checkpoint disagree",
                 path=self.checkpoint.info(key).file,
                 key=key,
             )
-        return TensorSource(
+        return Piece(
             key,
+            box,
             scale_key=self._scale_key(key),
             block_size=self.block_size,
+            transposed=transposed,
             dropped_keys=tuple(k for k in activation_key_candidates(key) if k in self.checkpoint),
+        )
+
+    def assembled(
+        self, name: str, pieces: Iterable[tuple[str, Box | None]], *, transposed: bool = False
+    ) -> TensorSource:
+        """The model tensor ``name`` assembled from ``(checkpoint key, box)`` pairs, each FP8 piece with its
+        own scale (see :meth:`piece`)."""
+        return TensorSource.assembled(
+            self.piece(key, box, transposed=transposed, name=name) for key, box in pieces
         )
 
     def describe(self) -> dict[str, Any]:

@@ -12,7 +12,10 @@ holds the vision tower too for VLMs) with the caller's arguments, then:
   call is labelled and ``skip_logits`` is on (the load option, or the per-call ``skip_logits=`` keyword):
   then ``logits`` is ``None`` and ``[B, S, V]`` is never allocated;
 * ``hidden_states`` carries the final hidden state ``[B, S, H]`` (the input of ``lm_head``) unless the base
-  model returned its own per-layer tuple (``output_hidden_states``), which is kept as is.
+  model returned its own per-layer tuple (``output_hidden_states``), which is kept as is;
+* a mixture-of-experts model (its stock forward takes ``output_router_logits``) gets the stock load-balancing
+  loss: when the call or the text config asks for router logits, ``aux_loss`` is the stock module's
+  ``load_balancing_loss_func`` of them, and a labelled call's loss adds ``router_aux_loss_coef * aux_loss``.
 
 The fused loss reads ``lm_head.weight`` directly, so it is only right when ``lm_head`` is what that weight
 says: a plain ``nn.Linear`` with no forward hooks. A labelled call on any other head (a PEFT LoRA on
@@ -27,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import sys
 import typing
 import warnings
 from collections.abc import Callable, Mapping
@@ -42,6 +46,7 @@ __all__ = [
     "SKIP_LOGITS_OPTION",
     "causal_lm_fused_loss",
     "fused_loss_forward",
+    "router_aux_loss_function",
     "slice_positions",
     "text_vocab_size",
     "unfusable_head_reason",
@@ -51,7 +56,7 @@ __all__ = [
 SKIP_LOGITS_OPTION = "skip_logits"
 # Arguments of the stock forward that feed the head and the loss only; the base model never sees them.
 _HEAD_ARGS = ("labels", "logits_to_keep", "shift_labels", "num_items_in_batch")
-_COMPOSED_FIELDS = ("loss", "logits", "hidden_states")
+_COMPOSED_FIELDS = ("loss", "logits", "hidden_states", "aux_loss")
 
 VocabSize = int | Callable[[Any], int]
 
@@ -78,6 +83,7 @@ def fused_loss_forward(
     function = getattr(stock_forward, "__func__", stock_forward)  # a bound method's signature lacks self
     signature = inspect.signature(function)
     resolved_output = output_class or stock_output_class(function)
+    router_loss = router_aux_loss_function(function)
 
     @functools.wraps(function)
     def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -105,14 +111,58 @@ def fused_loss_forward(
                 ignore_index=ignore_index,
                 memory_budget_bytes=memory_budget_bytes,
             )
+        aux_loss = None
+        if router_loss is not None and _wants_router_logits(self.config, call):
+            aux_loss, coefficient = router_loss(
+                self.config, outputs.router_logits, call.get("attention_mask")
+            )
+            if loss is not None:
+                loss = loss + coefficient * aux_loss.to(loss.device)
         logits = None
         if loss is None or not _skip_logits(self, skip_logits):
             keep = 0 if head["logits_to_keep"] is None else head["logits_to_keep"]
             logits = self.lm_head(slice_positions(hidden, keep))
-        output = _compose_output(resolved_output, outputs, loss=loss, logits=logits, final_hidden=hidden)
+        output = _compose_output(
+            resolved_output, outputs, loss=loss, logits=logits, final_hidden=hidden, aux_loss=aux_loss
+        )
         return output if return_dict else output.to_tuple()
 
     return forward
+
+
+RouterLoss = Callable[[Any, Any, Any], tuple[torch.Tensor, float]]
+
+
+def router_aux_loss_function(stock_forward: Callable[..., Any]) -> RouterLoss | None:
+    """For a mixture-of-experts forward (it takes ``output_router_logits``): ``(config, router_logits,
+    attention_mask) -> (aux_loss, router_aux_loss_coef)`` with the stock module's own
+    ``load_balancing_loss_func`` and the text config's expert counts; ``None`` for any other forward."""
+    function = inspect.unwrap(stock_forward)
+    if "output_router_logits" not in inspect.signature(function).parameters:
+        return None
+    balance = getattr(sys.modules.get(function.__module__), "load_balancing_loss_func", None)
+    if balance is None:
+        raise TypeError(
+            f"{function.__qualname__} takes output_router_logits but its module has no load_balancing_loss_func: "
+            "the fused-loss forward cannot add the router's auxiliary loss the stock forward adds"
+        )
+
+    def router_loss(config: Any, router_logits: Any, attention_mask: Any) -> tuple[torch.Tensor, float]:
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        experts = getattr(text, "num_experts", None) or getattr(text, "num_local_experts", None)
+        aux = balance(router_logits, experts, text.num_experts_per_tok, attention_mask)
+        return aux, text.router_aux_loss_coef
+
+    return router_loss
+
+
+def _wants_router_logits(config: Any, call: Mapping[str, Any]) -> bool:
+    """The stock rule: the call's ``output_router_logits``, else the text config's."""
+    asked = call.get("output_router_logits")
+    if asked is not None:
+        return bool(asked)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return bool(getattr(text, "output_router_logits", False))
 
 
 def text_vocab_size(config: Any) -> int:
@@ -312,10 +362,12 @@ def _compose_output(
     loss: torch.Tensor | None,
     logits: torch.Tensor | None,
     final_hidden: torch.Tensor,
+    aux_loss: torch.Tensor | None = None,
 ) -> Any:
-    """The stock output: loss and logits, every base-model field the class shares, and the hidden states."""
+    """The stock output: loss and logits (and a MoE's ``aux_loss``), every base-model field the class shares,
+    and the hidden states."""
     names = {f.name for f in dataclasses.fields(output_class)}
-    values: dict[str, Any] = {"loss": loss, "logits": logits}
+    values: dict[str, Any] = {"loss": loss, "logits": logits, "aux_loss": aux_loss}
     for field in dataclasses.fields(outputs):
         if field.name in names and field.name not in _COMPOSED_FIELDS:
             values[field.name] = getattr(outputs, field.name)

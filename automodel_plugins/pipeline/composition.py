@@ -130,6 +130,8 @@ class Composition:
     dequantized_from: str | None = None
     fp8_resident: list[str] = field(default_factory=list)
     """Names of the layers that keep their checkpoint FP8 weight (``dequantize=False``)."""
+    fp8_not_resident: list[str] = field(default_factory=list)
+    """FP8 tensors a ``dequantize=False`` load still dequantized: not ``nn.Linear`` weights (fused experts)."""
     options: dict[str, Any] = field(default_factory=dict)
     source: SourceRecord | None = None
     """The checkpoint the weights came from (``None``: never loaded from one by this host)."""

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 __all__ = ["describe_checkpoint"]
 
+_ADAPTER_SUMMARY = ("adapter", "layout", "granularity", "scale_names")
 _QUANTIZATION_FIELDS = ("quant_method", "weight_block_size", "activation_scheme", "modules_to_not_convert")
 
 
@@ -56,10 +57,14 @@ def describe_checkpoint(
     many are used as stored or converted, the dropped keys, and the bytes the model holds once loaded in
     ``dtype`` (default: the config's, else BF16): ``bytes_after_load`` dequantized (the default load), and
     ``bytes_after_load_fp8_resident`` with ``dequantize=False`` (FP8 codes + fp32 scales of the
-    ``fp8_resident_layers`` + every other tensor; ``None`` when no linear weight is FP8). Raises what the load
-    would raise for a config or a checkpoint it cannot plan (a config the headers contradict, missing or
-    unexpected keys, wrong shapes or dtypes, an FP8 weight without a fitting scale, FP8 tensors the stock path
-    would not scale, ...).
+    ``fp8_resident_layers`` + every other tensor; ``None`` when no linear weight is FP8), and
+    ``fp8_not_resident``, the FP8 tensors such a load still dequantizes (not ``nn.Linear`` weights: a MoE
+    layer's fused experts). Tensors assembled from several checkpoint tensors are counted in
+    ``assembled_tensors``, their checkpoint tensors in ``pieces``; ``scale_keys`` counts every FP8 scale read.
+    ``adapter_details`` holds what the adapter describes beyond layout, granularity and scale names. Raises what
+    the load would raise for a config or a checkpoint it cannot plan (a config the headers contradict, missing
+    or unexpected keys, wrong shapes or dtypes, an FP8 weight without a fitting scale, FP8 tensors the stock
+    path would not scale, ...).
     """
     registry = registry or get_registry()
     location = resolve(
@@ -161,17 +166,23 @@ def _load_summary(
         "layout": adapter_info.get("layout"),
         "granularity": adapter_info.get("granularity") if actions["dequantized"] else None,
         "scale_names": adapter_info.get("scale_names", []),
+        "adapter_details": {k: v for k, v in adapter_info.items() if k not in _ADAPTER_SUMMARY},
         "dtype": _dtype_name(dtype),
         "model_tensors": len(plan),
         "fp8_tensors": actions["dequantized"],
         "non_fp8_tensors": len(plan) - actions["dequantized"],
         "used_in_place": actions["used_in_place"],
         "converted": actions["converted"],
-        "scale_keys": actions["dequantized"],
+        "assembled_tensors": sum(planned.pieces > 0 for planned in plan.values()),
+        "pieces": sum(planned.pieces for planned in plan.values()),
+        "scale_keys": sum(piece.is_fp8 for planned in plan.values() for piece in planned.source.parts()),
         "dropped_keys": sum(len(planned.source.dropped_keys) for planned in plan.values()),
         "bytes_after_load": sum(planned.resident_bytes for planned in plan.values()),
         "fp8_resident_layers": kept,
         "bytes_after_load_fp8_resident": sum(p.resident_bytes for p in resident.values()) if kept else None,
+        "fp8_not_resident": sum(planned.action == "dequantized" for planned in resident.values())
+        if kept
+        else None,
         "forward_overridden": model.automodel_composition.forward_overridden,
     }
 

@@ -12,6 +12,7 @@ fills them with the stored FP8 bytes and scales.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -277,12 +278,32 @@ def _plan_build(
     dequantize: bool,
     composition: Composition,
 ) -> LoadPlan:
-    """Plan a load into the meta model; with ``dequantize=False`` also make its FP8 layers resident."""
+    """Plan a load into the meta model; with ``dequantize=False`` also make its FP8 layers resident (and say
+    which FP8 tensors are still dequantized: only ``nn.Linear`` weights can stay FP8)."""
     candidates = () if dequantize else residency_candidates(model)
     plan = plan_load(model_tensors(model), adapter, checkpoint, keep_fp8=candidates)
     if not dequantize:
         composition.fp8_resident = make_fp8_resident(model, plan, checkpoint)
+        composition.fp8_not_resident = [name for name, p in plan.items() if p.action == "dequantized"]
+        _warn_not_resident(composition.fp8_not_resident, plan)
     return plan
+
+
+def _warn_not_resident(names: list[str], plan: LoadPlan) -> None:
+    """``dequantize=False`` keeps nn.Linear weights FP8; FP8 tensors of other modules (a MoE layer's fused
+    experts) are dequantized as usual, which the caller, who asked for FP8 memory, must hear about."""
+    if not names:
+        return
+    dequantized = sum(plan[name].numel for name in names)
+    total = sum(planned.numel for planned in plan.values())
+    warnings.warn(
+        f"dequantize=False: {len(names)} FP8 tensor(s) that are not nn.Linear weights ({names[0]}"
+        f"{', ...' if len(names) > 1 else ''}; {dequantized / max(total, 1):.0%} of the parameters) are "
+        f"dequantized to {plan[names[0]].dtype}: only nn.Linear layers stay FP8-resident (a mixture-of-experts "
+        "layer's fused experts do not); see model.automodel_composition.fp8_not_resident",
+        UserWarning,
+        stacklevel=4,
+    )
 
 
 def resolve_dtype(config: PretrainedConfig, dtype: torch.dtype | str | None) -> torch.dtype:

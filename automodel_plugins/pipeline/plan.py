@@ -6,6 +6,11 @@ tell (shapes, dtypes, each FP8 weight's scale dtype and grid shape, an FP8 scale
 FP8), and decides once, for ``inspect`` and the streaming loader alike, the dtype each tensor loads in and how
 it gets there: FP8 data is dequantized, or kept FP8 (``dequantize=False``: the FP8 weights of the tensors the
 caller names as residency candidates), a float in another dtype is converted, anything else is used as stored.
+
+A tensor assembled from pieces is planned piece by piece: every piece's key (and scale) must be in the
+checkpoint, each stored tensor must have the shape its box needs and a dtype that can become the model's, each
+FP8 piece's scale header must fit it, and the boxes must tile the tensor exactly once. It is ``dequantized``
+when FP8 pieces are among them, else ``converted`` (copied into place), never used in place or kept FP8.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
+from automodel_plugins.adapters.pieces import PieceGeometry, boxes_tile
 from automodel_plugins.errors import (
     DtypeMismatchError,
     MissingKeysError,
@@ -26,16 +32,18 @@ from automodel_plugins.errors import (
 )
 from automodel_plugins.fp8.formats import is_fp8, weight_key_of_scale
 from automodel_plugins.fp8.scales import check_scale_header, grid_shape
+from automodel_plugins.fp8.stacked import check_stacked_scale_header, is_stacked
 
 if TYPE_CHECKING:
-    from automodel_plugins.adapters import StateDictAdapter, TensorSource
+    from automodel_plugins.adapters import Piece, StateDictAdapter, TensorSource
     from automodel_plugins.checkpoint import Checkpoint
+    from automodel_plugins.checkpoint.header import TensorInfo
 
 __all__ = ["Action", "LoadPlan", "PlannedTensor", "action_for", "loaded_dtype", "plan_load"]
 
 Action = Literal["dequantized", "kept_fp8", "converted", "used_in_place"]
 """How a tensor's value is made: FP8 data times its scale; FP8 data and its scale kept as they are (an
-FP8-resident linear weight); a cast; or the stored tensor as it is."""
+FP8-resident linear weight); a cast (or a copy assembled from pieces); or the stored tensor as it is."""
 
 
 def loaded_dtype(
@@ -64,10 +72,16 @@ class PlannedTensor:
     action: Action
     numel: int = 0
     scale_numel: int = 0
+    shape: tuple[int, ...] = ()
 
     @property
     def is_fp8(self) -> bool:
         return self.source.is_fp8
+
+    @property
+    def pieces(self) -> int:
+        """Checkpoint tensors the value is assembled from (0: one stored tensor, used as it is stored)."""
+        return len(self.source.pieces)
 
     @property
     def resident_bytes(self) -> int:
@@ -96,11 +110,13 @@ class LoadPlan(Mapping[str, PlannedTensor]):
         return {key for planned in self.tensors.values() for key in planned.source.keys}
 
     def read_keys(self) -> set[str]:
-        """The checkpoint keys a load reads: each tensor's data and its scale (dropped keys are not read)."""
+        """The checkpoint keys a load reads: each tensor's (or piece's) data and its scale (dropped keys are
+        not read)."""
         return {
             key
             for planned in self.tensors.values()
-            for key in (planned.source.key, planned.source.scale_key)
+            for piece in planned.source.parts()
+            for key in (piece.key, piece.scale_key)
             if key is not None
         }
 
@@ -128,12 +144,18 @@ def plan_load(
     """
     sources = {name: adapter.from_hf(name) for name in tensors}
     missing = sorted(
-        f"{name} (checkpoint key {src.key!r})" for name, src in sources.items() if src.key not in checkpoint
+        f"{name} (checkpoint key {key!r})"
+        for name, src in sources.items()
+        for key in src.data_keys
+        if key not in checkpoint
     )
     if missing:
         raise MissingKeysError(missing, path=checkpoint.directory)
     absent_scales = sorted(
-        src.scale_key for src in sources.values() if src.scale_key and src.scale_key not in checkpoint
+        piece.scale_key
+        for src in sources.values()
+        for piece in src.parts()
+        if piece.scale_key and piece.scale_key not in checkpoint
     )
     if absent_scales:
         raise ScaleError(
@@ -142,8 +164,11 @@ def plan_load(
     order = {key: i for i, key in enumerate(checkpoint.keys())}
     keep, required = set(keep_fp8) | set(require_fp8), set(require_fp8)
     planned = {}
-    for name in sorted(sources, key=lambda n: order[sources[n].key]):
+    for name in sorted(sources, key=lambda n: min(order[key] for key in sources[n].data_keys)):
         source, target = sources[name], tensors[name]
+        if source.is_assembled:
+            planned[name] = _plan_assembled(name, target, source, checkpoint, dtype)
+            continue
         kept = name in keep and source.is_fp8
         if name in required and not source.is_fp8:
             info = checkpoint.info(source.key)
@@ -155,15 +180,16 @@ def plan_load(
             )
         _check_compatible(name, target, source, checkpoint, kept=kept)
         if source.is_fp8:
-            _check_scale(source, checkpoint)
+            _check_scale(source.parts()[0], checkpoint)
         info = checkpoint.info(source.key)
-        target_dtype = dtype if dtype is not None and target.dtype.is_floating_point else target.dtype
+        target_dtype = _target_dtype(target, dtype)
         planned[name] = PlannedTensor(
             source,
             loaded_dtype(info.dtype, fp8=source.is_fp8, dtype=target_dtype, keep_fp8=kept),
             action_for(info.dtype, fp8=source.is_fp8, dtype=target_dtype, keep_fp8=kept),
             numel=target.numel(),
             scale_numel=_scale_numel(source, tuple(info.shape)) if kept else 0,
+            shape=tuple(target.shape),
         )
     plan = LoadPlan(planned)
     consumed = plan.consumed_keys()
@@ -172,6 +198,50 @@ def plan_load(
     if plan.unused_keys and not allow_unused:
         raise UnexpectedKeysError(plan.unused_keys, path=checkpoint.directory)
     return plan
+
+
+def _target_dtype(target: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    return dtype if dtype is not None and target.dtype.is_floating_point else target.dtype
+
+
+def _plan_assembled(
+    name: str, target: torch.Tensor, source: TensorSource, checkpoint: Checkpoint, dtype: torch.dtype | None
+) -> PlannedTensor:
+    """Check every piece against the headers and the boxes against the tensor; plan the assembled value."""
+    shape = tuple(target.shape)
+    boxes = []
+    for piece in source.parts():
+        info = checkpoint.info(piece.key)
+        geometry = PieceGeometry.of(piece, shape, len(info.shape))
+        stored = geometry.stored_shape
+        if stored is None or tuple(info.shape) != stored or len(geometry.box) != len(shape):
+            raise ShapeMismatchError(
+                f"checkpoint shape {tuple(info.shape)} cannot fill the box {list(geometry.box)} of model tensor "
+                f"{name!r} (shape {shape}){' stored transposed' if piece.transposed else ''}: expected "
+                f"{stored if stored is not None else 'a box whose left-out leading dims are 1'}",
+                path=info.file,
+                key=piece.key,
+            )
+        _check_dtype(name, target, piece.key, info, fp8=piece.is_fp8)
+        if piece.is_fp8:
+            _check_scale(piece, checkpoint)
+        boxes.append(geometry.box)
+    if not boxes_tile(shape, boxes):
+        raise ShapeMismatchError(
+            f"the {len(boxes)} pieces of model tensor {name!r} (shape {shape}) do not cover it exactly once: "
+            f"boxes {boxes[:4]}{' ...' if len(boxes) > 4 else ''}",
+            path=checkpoint.info(source.key).file,
+            key=source.key,
+        )
+    target_dtype = _target_dtype(target, dtype)
+    stored = checkpoint.info(source.key).dtype
+    return PlannedTensor(
+        source,
+        loaded_dtype(stored, fp8=source.is_fp8, dtype=target_dtype),
+        "dequantized" if source.is_fp8 else "converted",
+        numel=target.numel(),
+        shape=shape,
+    )
 
 
 def _scale_numel(source: TensorSource, shape: tuple[int, ...]) -> int:
@@ -191,23 +261,34 @@ def _check_compatible(
         )
     if kept:
         return  # FP8 codes kept as stored: the module holding them is (or becomes) an Fp8Linear
+    _check_dtype(name, target, source.key, info, fp8=source.is_fp8)
+
+
+def _check_dtype(name: str, target: torch.Tensor, key: str, info: TensorInfo, *, fp8: bool) -> None:
     both_float = target.dtype.is_floating_point and (info.dtype.is_floating_point or is_fp8(info.dtype))
     if not both_float and info.dtype != target.dtype:
         raise DtypeMismatchError(
             f"checkpoint dtype {info.dtype} cannot load into model tensor {name!r} of dtype {target.dtype}",
             path=info.file,
-            key=source.key,
+            key=key,
         )
 
 
-def _check_scale(source: TensorSource, checkpoint: Checkpoint) -> None:
-    scale = checkpoint.info(source.scale_key)
-    check_scale_header(
+def _check_scale(piece: Piece, checkpoint: Checkpoint) -> None:
+    """What the header alone says about an FP8 tensor's scale (one grid per matrix of a stacked weight), so
+    that ``inspect`` refuses what the load would."""
+    scale, weight = checkpoint.info(piece.scale_key), checkpoint.info(piece.key)
+    check = (
+        check_stacked_scale_header
+        if is_stacked(tuple(weight.shape), piece.block_size)
+        else check_scale_header
+    )
+    check(
         scale.dtype,
-        scale.shape,
-        weight_shape=checkpoint.info(source.key).shape,
-        block_size=source.block_size,
-        key=source.scale_key,
+        tuple(scale.shape),
+        weight_shape=tuple(weight.shape),
+        block_size=piece.block_size,
+        key=piece.scale_key,
         path=scale.file,
     )
 
@@ -216,7 +297,7 @@ def _refuse_scales_beside_plain_weights(plan: LoadPlan, checkpoint: Checkpoint) 
     """An FP8 weight scale nobody reads, beside a weight this plan loads as it is stored: the checkpoint holds a
     plain (BF16, say) weight where the FP8 weight its scale was made for should be. Said as such, rather than
     as an unused scale key."""
-    plain = {p.source.key for p in plan.values() if not p.is_fp8}
+    plain = {piece.key for p in plan.values() for piece in p.source.parts() if piece.scale_key is None}
     for key in plan.unused_keys:
         weight = weight_key_of_scale(key)
         if weight in plain:

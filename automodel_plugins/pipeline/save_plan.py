@@ -8,7 +8,9 @@ rank of a sharded run computes the same plan, and with it the same files and hea
   there; an FP8 weight keeps its FP8 dtype and its scale's key, dtype and shape (0-d, ``[1]`` or a grid); the
   source tensors nobody loads (static activation scales) are carried over unchanged; the
   ``quantization_config`` is the source's own. A tensor the source does not have (new modules) is written
-  unquantized in the model's dtype.
+  unquantized in the model's dtype. A tensor the source assembled from pieces is split back into them: each
+  piece's box of the model tensor (its stored orientation) is written under the piece's key, in its dtype,
+  an FP8 piece with its own scale (kept while the piece's values fit it).
 * ``"fp8-tensor"`` / ``"fp8-block"``: transformers' FP8 format (``FineGrainedFP8Config``): every plain
   ``nn.Linear`` weight that ``modules_to_not_convert`` does not exclude (matched as transformers' loader
   matches it) as ``float8_e4m3fn`` with an fp32 ``weight_scale_inv`` (0-d, or one per ``block_size`` block),
@@ -21,6 +23,7 @@ the writer can keep it (see :mod:`automodel_plugins.fp8.scale_policy`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,13 +31,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from automodel_plugins.adapters.pieces import PieceGeometry
 from automodel_plugins.checkpoint.writer import TensorSpec
 from automodel_plugins.errors import SaveError, SaveOptionError, UnknownQuantizationError
 from automodel_plugins.fp8.formats import is_fp8
 from automodel_plugins.fp8.scales import grid_shape
+from automodel_plugins.fp8.stacked import is_stacked, stacked_grid_shape
 
 if TYPE_CHECKING:
-    from automodel_plugins.adapters import StateDictAdapter
+    from automodel_plugins.adapters import Piece, StateDictAdapter
     from automodel_plugins.checkpoint import Checkpoint
 
 __all__ = [
@@ -118,7 +123,11 @@ class PlannedScale:
 @dataclass(frozen=True)
 class PlannedTensor:
     """One model tensor as written: its value under ``key`` in ``dtype`` (FP8 when ``scale`` is set), and the
-    source tensors ``carried`` over unchanged beside it."""
+    source tensors ``carried`` over unchanged beside it.
+
+    A piece of a model tensor (``piece_of`` set: the model tensor's name) writes the box ``geometry`` gives,
+    in its stored orientation; its ``name`` is then the piece's key, which the values of the save resolve
+    (:class:`~automodel_plugins.pipeline.save_values.PieceValues`)."""
 
     name: str
     key: str
@@ -126,6 +135,8 @@ class PlannedTensor:
     shape: tuple[int, ...]
     scale: PlannedScale | None = None
     carried: tuple[TensorSpec, ...] = ()
+    piece_of: str | None = None
+    geometry: PieceGeometry | None = None
 
     @property
     def specs(self) -> list[TensorSpec]:
@@ -215,7 +226,7 @@ def plan_save(
     if save_format.quantization == "source":
         if source is None:
             raise SaveError("quantization='source' needs the source checkpoint")
-        planned = [_from_source(name, tensor, source) for name, tensor in tensors.items()]
+        planned = [entry for name, tensor in tensors.items() for entry in _from_source(name, tensor, source)]
         return SavePlan(save_format, planned, source.quantization_config)
     if hf_keys is None:
         raise SaveError(f"quantization={save_format.quantization!r} needs transformers' key layout")
@@ -234,33 +245,65 @@ def fp8_scale_name(weight_name: str) -> str:
     return weight_name.removesuffix("weight") + _FP8_SCALE_SUFFIX
 
 
-def _from_source(name: str, tensor: ModelTensor, source: SourceView) -> PlannedTensor:
+def _from_source(name: str, tensor: ModelTensor, source: SourceView) -> list[PlannedTensor]:
+    """How ``name`` goes back into the source's layout: one entry, or one per piece it was assembled from."""
     where = source.adapter.from_hf(name)
     checkpoint = source.checkpoint
-    if where.key not in checkpoint:
-        return PlannedTensor(name, where.key, tensor.dtype, tensor.shape)
-    info = checkpoint.info(where.key)
+    if not where.is_assembled:
+        if where.key not in checkpoint:
+            return [PlannedTensor(name, where.key, tensor.dtype, tensor.shape)]
+        return [_stored_as(name, where.parts()[0], tensor, tensor.shape, checkpoint)]
+    missing = [piece.key for piece in where.pieces if piece.key not in checkpoint]
+    if missing:
+        raise SaveError(
+            f"tensor {name!r} is assembled from pieces the source checkpoint lacks ({', '.join(missing[:3])}): "
+            "it cannot be written back in the source's format",
+            path=checkpoint.directory,
+        )
+    entries = []
+    for piece in where.pieces:
+        geometry = PieceGeometry.of(piece, tensor.shape, len(checkpoint.info(piece.key).shape))
+        stored = geometry.stored_shape
+        if stored is None or tuple(checkpoint.info(piece.key).shape) != stored:
+            raise SaveError(
+                f"piece {piece.key!r} of {name!r} (shape {tensor.shape}) does not fit the source's "
+                f"{tuple(checkpoint.info(piece.key).shape)}: the model's shape changed since the load",
+                path=checkpoint.directory,
+            )
+        entry = _stored_as(piece.key, piece, tensor, stored, checkpoint)
+        entries.append(dataclasses.replace(entry, piece_of=name, geometry=geometry))
+    return entries
+
+
+def _stored_as(
+    name: str, piece: Piece, tensor: ModelTensor, shape: tuple[int, ...], checkpoint: Checkpoint
+) -> PlannedTensor:
+    """A stored tensor of the source written back: its key, dtype (FP8 with its scale's key, dtype and shape,
+    the source scale kept while the values fit it), and the dropped tensors carried beside it."""
+    info = checkpoint.info(piece.key)
     carried = tuple(
-        TensorSpec(k, checkpoint.info(k).dtype, checkpoint.info(k).shape) for k in where.dropped_keys
+        TensorSpec(k, checkpoint.info(k).dtype, checkpoint.info(k).shape) for k in piece.dropped_keys
     )
-    if not where.is_fp8:
+    if not piece.is_fp8:
         both_float = info.dtype.is_floating_point and tensor.dtype.is_floating_point
         dtype = info.dtype if both_float or info.dtype == tensor.dtype else tensor.dtype
-        return PlannedTensor(name, where.key, dtype, tensor.shape, carried=carried)
-    scale_info = checkpoint.info(where.scale_key)
-    same_shape = tuple(info.shape) == tensor.shape
-    if where.block_size is None:
+        return PlannedTensor(name, piece.key, dtype, shape, carried=carried)
+    scale_info = checkpoint.info(piece.scale_key)
+    same_shape = tuple(info.shape) == shape
+    if piece.block_size is None:
         scale_shape = tuple(scale_info.shape)
+    elif is_stacked(shape, piece.block_size):
+        scale_shape = stacked_grid_shape(shape, piece.block_size)
     else:
-        scale_shape = grid_shape(tensor.shape, where.block_size)
+        scale_shape = grid_shape(shape, piece.block_size)
     scale = PlannedScale(
-        where.scale_key,
+        piece.scale_key,
         scale_info.dtype,
         scale_shape,
-        where.block_size,
-        source_key=where.scale_key if same_shape else None,
+        piece.block_size,
+        source_key=piece.scale_key if same_shape else None,
     )
-    return PlannedTensor(name, where.key, info.dtype, tensor.shape, scale=scale, carried=carried)
+    return PlannedTensor(name, piece.key, info.dtype, shape, scale=scale, carried=carried)
 
 
 def _not_converted(
@@ -311,7 +354,12 @@ def _reusable_scale(
     if source is None:
         return None
     where = source.adapter.from_hf(name)
-    if not where.is_fp8 or where.key not in source.checkpoint or where.block_size != block:
+    if (
+        where.is_assembled
+        or not where.is_fp8
+        or where.key not in source.checkpoint
+        or where.block_size != block
+    ):
         return None
     info = source.checkpoint.info(where.key)
     if info.dtype != torch.float8_e4m3fn or tuple(info.shape) != tensor.shape:

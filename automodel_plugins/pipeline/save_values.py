@@ -9,7 +9,9 @@
   ``automodel-plugins convert`` streams through.
 
 Both hand out chunks of at most about :data:`CHUNK_ELEMENTS` elements (whole rows of the box), so the
-working set of a save stays a few MiB whatever the tensor sizes.
+working set of a save stays a few MiB whatever the tensor sizes. :class:`PieceValues` puts either in front of
+a plan that writes model tensors back as the pieces they were assembled from: a piece's values are the part
+of its model tensor's box this process holds, in the piece's stored orientation.
 """
 
 from __future__ import annotations
@@ -20,16 +22,19 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from automodel_plugins.adapters.pieces import intersect, relative_slices
 from automodel_plugins.fp8.decode import dequantize
 from automodel_plugins.model.placement import is_dtensor, local_region
 from automodel_plugins.pipeline.stream import read_value
 
 if TYPE_CHECKING:
+    from automodel_plugins.adapters.pieces import PieceGeometry
     from automodel_plugins.checkpoint import Checkpoint
     from automodel_plugins.model.fp8_linear import Fp8Linear
     from automodel_plugins.pipeline.plan import LoadPlan
+    from automodel_plugins.pipeline.save_plan import SavePlan
 
-__all__ = ["CHUNK_ELEMENTS", "Box", "CheckpointValues", "ModelValues", "TensorValues"]
+__all__ = ["CHUNK_ELEMENTS", "Box", "CheckpointValues", "ModelValues", "PieceValues", "TensorValues"]
 
 CHUNK_ELEMENTS = 1 << 20
 """Elements per chunk (4 MiB of fp32 temporaries)."""
@@ -132,20 +137,93 @@ class CheckpointValues:
         return self.plan[name].dtype
 
     def box(self, name: str) -> Box:
-        return tuple((0, size) for size in self.checkpoint.info(self.plan[name].source.key).shape)
+        return tuple((0, size) for size in self.plan[name].shape)
 
     def chunks(self, name: str, elements: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
         """Reads into fresh buffers: never more than about ``elements`` (``0`` and ``None``: the default)."""
         planned = self.plan[name]
-        shape = tuple(self.checkpoint.info(planned.source.key).shape)
+        shape = planned.shape
         if not shape:
             value, _ = read_value(self.checkpoint, planned.source, dtype=planned.dtype, device=self.device)
             yield 0, value
             return
         step = _rows_per_chunk(shape, elements)
         for row in range(0, shape[0], step):
-            region = (slice(row, min(row + step, shape[0])),)
+            region = tuple(slice(0, size) for size in shape)
+            region = (slice(row, min(row + step, shape[0])), *region[1:])
             value, _ = read_value(
-                self.checkpoint, planned.source, dtype=planned.dtype, device=self.device, region=region
+                self.checkpoint,
+                planned.source,
+                dtype=planned.dtype,
+                device=self.device,
+                region=region,
+                shape=shape,
             )
             yield row, value
+
+
+class PieceValues:
+    """The values of a plan's pieces (entries with ``piece_of``) from ``base``, which holds the model tensors;
+    every other name goes to ``base`` as it is.
+
+    A piece's box is the overlap of its geometry's box with the box of the model tensor ``base`` holds, in the
+    piece's stored coordinates; its chunks are that overlap's values, reoriented, a bounded run of stored rows
+    at a time (the whole overlap is gathered first only where stored rows are not model rows, a piece of one
+    expert or a transposed matrix: at most one piece).
+    """
+
+    def __init__(self, base: TensorValues, plan: SavePlan) -> None:
+        self.base = base
+        self.device = base.device
+        self.pieces = {
+            planned.name: (planned.piece_of, planned.geometry)
+            for planned in plan.tensors
+            if planned.piece_of is not None and planned.geometry is not None
+        }
+
+    def dtype(self, name: str) -> torch.dtype:
+        entry = self.pieces.get(name)
+        return self.base.dtype(name if entry is None else entry[0])
+
+    def _overlap(self, name: str) -> tuple[str, PieceGeometry, Box, Box | None]:
+        tensor, geometry = self.pieces[name]
+        held = self.base.box(tensor)
+        return tensor, geometry, held, intersect(held, geometry.box)
+
+    def box(self, name: str) -> Box:
+        if name not in self.pieces:
+            return self.base.box(name)
+        _, geometry, _, overlap = self._overlap(name)
+        if overlap is None:
+            return tuple((0, 0) for _ in range(geometry.stored_ndim))
+        return geometry.stored_region(overlap)
+
+    def chunks(self, name: str, elements: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        if name not in self.pieces:
+            yield from self.base.chunks(name, elements)
+            return
+        tensor, geometry, held, overlap = self._overlap(name)
+        if overlap is None:
+            return
+        first = geometry.stored_region(overlap)[0][0] if geometry.stored_ndim else 0
+        if geometry.keeps_rows:
+            for row, chunk in self.base.chunks(tensor, elements):
+                rows = ((held[0][0] + row, held[0][0] + row + chunk.shape[0]), *held[1:])
+                part = intersect(rows, overlap)
+                if part is not None:
+                    values = geometry.to_stored(chunk[relative_slices(part, rows)])
+                    yield geometry.stored_region(part)[0][0] - first, values.contiguous()
+            return
+        gathered = torch.cat(
+            [
+                chunk[relative_slices(part, rows)]
+                for row, chunk in self.base.chunks(tensor, 0)
+                for rows in [((held[0][0] + row, held[0][0] + row + chunk.shape[0]), *held[1:])]
+                for part in [intersect(rows, overlap)]
+                if part is not None
+            ]
+        )
+        stored = geometry.to_stored(gathered)
+        step = _rows_per_chunk(tuple(stored.shape), elements or None)
+        for row in range(0, stored.shape[0], step):
+            yield row, stored[row : row + step].contiguous()

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import errno as errno_codes
-import itertools
 import math
 import shutil
 from collections.abc import Sequence
@@ -25,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from automodel_plugins.adapters.pieces import boxes_tile, volume
 from automodel_plugins.checkpoint.shards import ShardPlan, plan_shards
 from automodel_plugins.checkpoint.writer import FileLayout, SafetensorsWriter, tensor_bytes
 from automodel_plugins.errors import SaveError, SaveWriteError
@@ -32,7 +32,8 @@ from automodel_plugins.fp8.amax import all_reduce_max, block_amax, tensor_amax
 from automodel_plugins.fp8.encode import encode
 from automodel_plugins.fp8.scale_policy import ScaleChoice, choose_scale
 from automodel_plugins.fp8.scales import decode_scale
-from automodel_plugins.pipeline.save_values import CHUNK_ELEMENTS, Box, TensorValues
+from automodel_plugins.fp8.stacked import stacked_block_amax, stacked_encode
+from automodel_plugins.pipeline.save_values import CHUNK_ELEMENTS, Box, PieceValues, TensorValues
 from automodel_plugins.progress import progress_bar
 
 if TYPE_CHECKING:
@@ -70,6 +71,8 @@ def write_plan(
     Every rank calls it; every collective is reached by every rank (a failure on one rank is first made known
     to all, then raised everywhere), so no rank is left waiting.
     """
+    if any(planned.piece_of is not None for planned in plan.tensors):
+        values = PieceValues(values, plan)
     writes = _assign_boxes(plan, values, ranks)
     scales = _choose_scales(plan, values, writes, source, ranks)
     shards = plan_shards(plan.specs(), max_shard_size)
@@ -145,7 +148,7 @@ def _assign_boxes(plan: SavePlan, values: TensorValues, ranks: Ranks) -> list[Bo
         writer_of: dict[Box, int] = {}
         for rank, boxes in enumerate(everyone):
             box = boxes[index]
-            if _volume(box) and box not in writer_of:
+            if volume(box) and box not in writer_of:
                 writer_of[box] = rank
         check_tiling(planned, list(writer_of))
         own = mine[index]
@@ -153,14 +156,9 @@ def _assign_boxes(plan: SavePlan, values: TensorValues, ranks: Ranks) -> list[Bo
     return writes
 
 
-def _volume(box: Box) -> int:
-    return math.prod(stop - start for start, stop in box)
-
-
 def check_tiling(planned: PlannedTensor, boxes: Sequence[Box]) -> None:
     """The distinct boxes the ranks hold must cover the tensor exactly once."""
-    total = math.prod(planned.shape)
-    if sum(_volume(box) for box in boxes) != total or not _disjoint(boxes):
+    if not boxes_tile(planned.shape, boxes):
         shown = sorted(boxes)[:8]
         raise SaveError(
             f"the ranks together do not hold tensor {planned.name!r} (shape {planned.shape}) exactly once: "
@@ -168,20 +166,6 @@ def check_tiling(planned: PlannedTensor, boxes: Sequence[Box]) -> None:
             "the whole model (pipeline stages cannot be saved this way), with shards that are each one region "
             "of a tensor"
         )
-
-
-def _disjoint(boxes: Sequence[Box]) -> bool:
-    """No two boxes overlap: pairwise for a few; for many, they must form a grid (each dim cut into intervals
-    that tile it, every combination present once), which is what chunked placements give."""
-    if len(boxes) <= 64:
-        return not any(
-            all(max(a0, b0) < min(a1, b1) for (a0, a1), (b0, b1) in zip(first, second, strict=True))
-            for i, first in enumerate(boxes)
-            for second in boxes[i + 1 :]
-        )
-    cuts = [sorted({box[dim] for box in boxes}) for dim in range(len(boxes[0]))]
-    tiles = all(all(a[1] == b[0] for a, b in itertools.pairwise(intervals)) for intervals in cuts)
-    return tiles and len(set(boxes)) == len(boxes) == math.prod(len(intervals) for intervals in cuts)
 
 
 # --- 2. scales ----------------------------------------------------------------------------------------------
@@ -234,6 +218,8 @@ def _local_amax(planned: PlannedTensor, box: Box | None, values: TensorValues) -
     for row, chunk in values.chunks(planned.name, 0):
         if block is None:
             part = tensor_amax(chunk)
+        elif len(grid) > 2:  # one grid per matrix of a stacked weight
+            part = stacked_block_amax(chunk, block, grid, origin=(box[0][0] + row, *(b[0] for b in box[1:])))
         else:
             part = block_amax(chunk, block, grid, origin=(box[0][0] + row, box[1][0]))
         amax = torch.maximum(amax, part.cpu())
@@ -260,7 +246,16 @@ def _write_values(
                 slice(box[0][0] + row, box[0][0] + row + chunk.shape[0]),
                 *(slice(a, b) for a, b in box[1:]),
             )
-        if decoded is not None:
+        if decoded is not None and len(planned.scale.shape) > 2:  # one grid per matrix of a stacked weight
+            origin = (box[0][0] + row, *(b[0] for b in box[1:]))
+            data = stacked_encode(
+                chunk,
+                decoded.to(chunk.device),
+                fp8_dtype=planned.dtype,
+                block_size=planned.scale.block_size,
+                origin=origin,
+            )
+        elif decoded is not None:
             origin = (box[0][0] + row, box[1][0]) if planned.scale.block_size else (0, 0)
             block = planned.scale.block_size
             data = encode(

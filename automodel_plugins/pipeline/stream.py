@@ -10,6 +10,11 @@ sharded model) with its whole scale: no dequantized copy is made. No value becom
 data is checked as it is dequantized, and a conversion to a narrower float dtype that overflows is refused. A
 shard modified in place while it was read fails the load (one replaced by rename is still read consistently:
 see ``checkpoint.shard``).
+
+A tensor assembled from pieces (:class:`~automodel_plugins.adapters.Piece`: a MoE layer's per-expert FP8
+tensors, a fused tensor stored transposed) is written piece by piece into its destination (the new tensor, or
+this rank's local shard): of each piece only the part overlapping the destination is read, dequantized with
+that piece's own scale, and copied into its place, so at most one piece is held beside the destination.
 """
 
 from __future__ import annotations
@@ -22,18 +27,26 @@ import torch
 from torch import nn
 
 from automodel_plugins.adapters import TensorSource
+from automodel_plugins.adapters.pieces import (
+    PieceGeometry,
+    as_slices,
+    intersect,
+    relative_slices,
+    whole_box,
+)
 from automodel_plugins.checkpoint import Checkpoint
 from automodel_plugins.errors import NonFiniteWeightError, ScaleError
 from automodel_plugins.fp8.decode import check_finite, dequantize
 from automodel_plugins.fp8.formats import is_fp8
 from automodel_plugins.fp8.scales import validate_scale
+from automodel_plugins.fp8.stacked import is_stacked, stacked_dequantize, validate_stacked_scale
 from automodel_plugins.model.fp8_linear import Fp8Linear
-from automodel_plugins.model.placement import Region, local_region, write_local
+from automodel_plugins.model.placement import Region, is_dtensor, local_region, write_local
 from automodel_plugins.model.tensors import model_tensors
-from automodel_plugins.pipeline.plan import Action, LoadPlan, action_for
+from automodel_plugins.pipeline.plan import Action, LoadPlan, PlannedTensor, action_for
 from automodel_plugins.progress import progress_bar
 
-__all__ = ["LoadReport", "read_fp8", "read_scale", "read_value", "stream_into"]
+__all__ = ["LoadReport", "read_assembled", "read_fp8", "read_scale", "read_value", "stream_into"]
 
 
 @dataclass
@@ -43,6 +56,8 @@ class LoadReport:
     ``used_in_place`` counts tensors stored in the dtype the model holds (memory-mapped when assigned whole
     on CPU, copied into an already materialized model); ``kept_fp8`` the FP8 weights held as FP8 by
     FP8-resident layers; ``unused_keys_allowed`` the checkpoint keys a pipeline stage left to the other stages.
+    ``assembled`` counts the tensors put together from pieces (also counted by how: ``dequantized`` when FP8
+    pieces were among them, else ``converted``), ``pieces`` the pieces read for them.
     """
 
     tensors: int = 0
@@ -50,6 +65,8 @@ class LoadReport:
     kept_fp8: int = 0
     used_in_place: int = 0
     converted: int = 0
+    assembled: int = 0
+    pieces: int = 0
     dropped_keys: list[str] = field(default_factory=list)
     unused_keys_allowed: int = 0
     bytes_read: int = 0
@@ -64,12 +81,19 @@ def read_value(
     device: torch.device,
     region: Region | None = None,
     in_place_ok: bool = False,
+    shape: tuple[int, ...] | None = None,
 ) -> tuple[torch.Tensor, Action]:
     """The model's value for ``source`` (or its ``region``) in ``dtype`` on ``device``, and how it was made.
 
     FP8 data is read (only the region's bytes) and dequantized with its validated scale; other tensors are
     read and cast, or, with ``in_place_ok`` for a whole tensor on CPU already in its dtype, memory-mapped.
+    A source assembled from pieces needs the model tensor's ``shape`` (see :func:`read_assembled`).
     """
+    if source.is_assembled:
+        if shape is None:
+            raise ValueError(f"reading a tensor assembled from pieces ({source.key!r}...) needs its shape")
+        value, _ = read_assembled(checkpoint, source, shape=shape, dtype=dtype, device=device, region=region)
+        return value, "dequantized" if source.is_fp8 else "converted"
     info = checkpoint.info(source.key)
     if source.scale_key is None and is_fp8(info.dtype):
         raise ScaleError(
@@ -82,7 +106,8 @@ def read_value(
         scale = read_scale(checkpoint, source)
         data = checkpoint.read(source.key, region).to(device)
         block_region = None if region is None or source.block_size is None else region
-        value = dequantize(
+        decode = stacked_dequantize if is_stacked(tuple(info.shape), source.block_size) else dequantize
+        value = decode(
             data,
             scale.to(device),
             dtype=dtype,
@@ -130,14 +155,58 @@ def _refuse_overflow(stored: torch.Tensor, value: torch.Tensor, *, key: str, pat
 def read_scale(checkpoint: Checkpoint, source: TensorSource) -> torch.Tensor:
     """The whole scale of an FP8 tensor as stored, refused unless finite, positive and the right shape."""
     scale = checkpoint.read(source.scale_key)
-    validate_scale(
+    weight_shape = tuple(checkpoint.info(source.key).shape)
+    check = validate_stacked_scale if is_stacked(weight_shape, source.block_size) else validate_scale
+    check(
         scale,
-        weight_shape=checkpoint.info(source.key).shape,
+        weight_shape=weight_shape,
         block_size=source.block_size,
         key=source.scale_key,
         path=checkpoint.info(source.scale_key).file,
     )
     return scale
+
+
+def read_assembled(
+    checkpoint: Checkpoint,
+    source: TensorSource,
+    *,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    device: torch.device,
+    region: Region | None = None,
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, int]:
+    """The ``region`` (default: all) of a ``shape`` model tensor assembled from its pieces, in ``dtype``, and how
+    many pieces were read.
+
+    Written into ``out`` when given (this rank's local shard, already allocated), else into a new tensor on
+    ``device``. Each piece overlapping the region is read as one source of its own (:func:`read_value`: only
+    the stored region needed, FP8 dequantized with its own validated scale) and copied into its place, then
+    dropped: the largest temporary is one piece.
+    """
+    target = whole_box(shape) if region is None else tuple((s.start, s.stop) for s in region)
+    extent = tuple(stop - start for start, stop in target)
+    if out is None:
+        out = torch.empty(extent, dtype=dtype, device=device)
+    read = 0
+    for piece in source.parts():
+        geometry = PieceGeometry.of(piece, shape, len(checkpoint.info(piece.key).shape))
+        overlap = intersect(geometry.box, target)
+        if overlap is None:
+            continue
+        stored_region = geometry.stored_region(overlap)
+        whole = stored_region == whole_box(checkpoint.info(piece.key).shape)
+        value, _ = read_value(
+            checkpoint,
+            piece.stored_source(),
+            dtype=dtype,
+            device=out.device,
+            region=None if whole else as_slices(stored_region),
+        )
+        out[relative_slices(overlap, target)] = geometry.to_model(value, overlap)
+        read += 1
+    return out, read
 
 
 def read_fp8(
@@ -187,6 +256,10 @@ def stream_into(
         if planned.action == "kept_fp8":
             _load_resident(model, name, target, planned.source, checkpoint, device, mmap=mmap)
             how: Action = "kept_fp8"
+        elif planned.source.is_assembled:
+            how = planned.action
+            report.assembled += 1
+            report.pieces += _load_assembled(model, name, target, planned, checkpoint, device)
         elif target.is_meta:
             value, how = read_value(
                 checkpoint, planned.source, dtype=planned.dtype, device=device, in_place_ok=mmap
@@ -208,6 +281,40 @@ def stream_into(
     report.bytes_read = checkpoint.bytes_read - bytes_before
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _load_assembled(
+    model: nn.Module,
+    name: str,
+    target: torch.Tensor,
+    planned: PlannedTensor,
+    checkpoint: Checkpoint,
+    device: torch.device,
+) -> int:
+    """Assemble a tensor from its pieces: into a new tensor for a meta target, else straight into this rank's
+    local shard (never a second copy of it). Returns the pieces read."""
+    shape = tuple(target.shape)
+    if target.is_meta:
+        value, read = read_assembled(
+            checkpoint, planned.source, shape=shape, dtype=planned.dtype, device=device
+        )
+        _assign(model, name, target, value)
+        return read
+    local = target.to_local() if is_dtensor(target) else target
+    region = local_region(target)
+    if local.numel() == 0:
+        return 0
+    with torch.no_grad():
+        _, read = read_assembled(
+            checkpoint,
+            planned.source,
+            shape=shape,
+            dtype=local.dtype,
+            device=local.device,
+            region=region,
+            out=local,
+        )
+    return read
 
 
 def _load_resident(

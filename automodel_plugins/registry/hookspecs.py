@@ -51,8 +51,12 @@ def state_dict_adapter(config: PretrainedConfig, checkpoint: Checkpoint) -> Stat
 
     For each tensor of the model (a ``state_dict`` name of the stock class) the host asks the adapter's
     ``from_hf`` for its :class:`~automodel_plugins.adapters.TensorSource`: the data key, an FP8 scale key and
-    block size, and keys consumed but dropped (static activation scales). The host then streams one tensor
-    (or one rank's slice of it) at a time, and fails on checkpoint keys no model tensor accounted for.
+    block size, and keys consumed but dropped (static activation scales); or, for a tensor assembled from
+    several checkpoint tensors (a MoE layer's fused experts from one FP8 tensor per expert) or from a transposed
+    one, its :class:`~automodel_plugins.adapters.Piece` list, each piece a key, the box of the tensor it fills
+    and its own scale (``TensorSource.assembled``; ``Fp8StateDictAdapter.assembled`` finds the scales). The host
+    then streams one tensor (or one rank's slice of it, of each piece only the part it overlaps) at a time,
+    fails on checkpoint keys no model tensor accounted for, and runs the same mapping backwards to save.
     ``to_hf`` maps a model name to the key it has in this checkpoint's layout. ``checkpoint`` exposes keys,
     dtypes and shapes without reading tensor data, so the adapter can detect the on-disk layout.
 

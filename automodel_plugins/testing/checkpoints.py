@@ -3,6 +3,11 @@
 Tests and demos need FP8 checkpoints without a hub: take a (random, tiny) stock model, quantize the tensors
 real checkpoints ship as FP8, and write them with the key layout, scale names and sharding of the format
 under test. Only safetensors and JSON are written, as real checkpoints are.
+
+Mixture-of-experts layers in transformers 5's fused layout (``mlp.experts.gate_up_proj [E, 2I, H]``, gate rows
+first, and ``mlp.experts.down_proj [E, H, I]``) can be written in any of their on-disk forms (:data:`EXPERT_FORMS`):
+one 2-D tensor per expert and projection (the FP8 releases), fused and transposed (the BF16 releases), or fused
+as the module holds them; FP8 experts get one scale per piece, or one grid per expert when fused.
 """
 
 from __future__ import annotations
@@ -17,6 +22,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from automodel_plugins.fp8.encode import quantize
+
+EXPERT_FORMS = ("per-expert", "fused-transposed", "fused-runtime")
+"""How :func:`write_fp8_checkpoint` writes fused MoE experts: per expert and projection
+(``mlp.experts.{e}.{gate,up,down}_proj.weight``), fused ``[E, H, 2I]`` / ``[E, I, H]``, or fused as held."""
+_EXPERT_PARAMETERS = (".mlp.experts.gate_up_proj", ".mlp.experts.down_proj")
 
 DEFAULT_MODULES_TO_NOT_CONVERT = (
     "model.vision_tower",
@@ -62,14 +72,20 @@ def write_fp8_checkpoint(
     quantized: Callable[[str], bool] | None = None,
     shards: int = 1,
     quantization_extra: dict[str, Any] | None = None,
+    experts: str | None = None,
+    fp8_experts: bool = True,
 ) -> Path:
     """Write ``model`` as an FP8 checkpoint into ``directory`` (``config.json`` + safetensors) and return it.
 
     ``block_size`` None gives per-tensor 0-d scales (Mistral's format), else a scale grid per weight (partial
     edge blocks included). ``scale_name`` is the weight-scale suffix (``weight_scale_inv``, ``weight_scale``
     or ``qscale_weight``); ``activation_scale_name`` the static input scale written beside it (None: none).
-    ``rename`` maps runtime names to the on-disk layout. ``shards`` > 1 writes an index.
+    ``rename`` maps runtime names to the on-disk layout. ``shards`` > 1 writes an index. ``experts`` (one of
+    :data:`EXPERT_FORMS`) writes fused MoE expert parameters in that form, FP8 unless ``fp8_experts`` is off
+    (a fused FP8 tensor's scale is ``<name>_scale_inv``, one grid per expert, as transformers names it).
     """
+    if experts is not None and experts not in EXPERT_FORMS:
+        raise ValueError(f"experts must be one of {EXPERT_FORMS}, got {experts!r}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     rename = rename or (lambda name: name)
@@ -77,7 +93,10 @@ def write_fp8_checkpoint(
     tensors: dict[str, torch.Tensor] = {}
     for name, tensor in unique_state_dict(model).items():
         key = rename(name)
-        if to_quantize(name):
+        if experts is not None and name.endswith(_EXPERT_PARAMETERS):
+            fp8 = {"block_size": block_size, "scale_dtype": scale_dtype} if fp8_experts else None
+            tensors.update(_expert_tensors(key, tensor, experts, fp8, dtype, scale_name))
+        elif to_quantize(name):
             weight, scale = quantize(tensor.float(), block_size=block_size, scale_dtype=scale_dtype)
             module_key = key[: -len("weight")]
             tensors[key] = weight
@@ -89,6 +108,41 @@ def write_fp8_checkpoint(
     _write_shards({k: v.contiguous() for k, v in tensors.items()}, directory, shards)
     _write_config(model, directory, dtype, block_size, modules_to_not_convert, quantization_extra)
     return directory
+
+
+def _expert_tensors(
+    key: str,
+    fused: torch.Tensor,
+    form: str,
+    fp8: dict[str, Any] | None,
+    dtype: torch.dtype,
+    scale_name: str,
+) -> dict[str, torch.Tensor]:
+    """One fused expert parameter (``[E, 2I, H]`` gate_up or ``[E, H, I]`` down) in ``form``: each stored matrix
+    quantized with its own scale when ``fp8`` holds the quantization options."""
+    if form == "per-expert":
+        layer, parameter = key.rsplit(".experts.", 1)
+        projections = ("gate_proj", "up_proj") if parameter == "gate_up_proj" else ("down_proj",)
+        out = {}
+        for expert in range(fused.shape[0]):
+            for projection, value in zip(projections, fused[expert].chunk(len(projections)), strict=True):
+                weight_key = f"{layer}.experts.{expert}.{projection}.weight"
+                if fp8 is None:
+                    out[weight_key] = value.to(dtype)
+                else:
+                    out[weight_key], out[weight_key.removesuffix("weight") + scale_name] = quantize(
+                        value.float(), **fp8
+                    )
+        return out
+    stored = fused.transpose(1, 2) if form == "fused-transposed" else fused
+    if fp8 is None:
+        return {key: stored.to(dtype)}
+    if fp8["block_size"] is None:
+        weight, scale = quantize(stored.float(), **fp8)
+    else:
+        parts = [quantize(matrix.float(), **fp8) for matrix in stored]
+        weight, scale = torch.stack([w for w, _ in parts]), torch.stack([s for _, s in parts])
+    return {key: weight, f"{key}_{scale_name.removeprefix('weight_')}": scale}
 
 
 def _write_shards(tensors: dict[str, torch.Tensor], directory: Path, shards: int) -> None:

@@ -1,5 +1,5 @@
-"""Tiny stock configs and batches for tests: a Mistral3 VLM (Ministral 3 text, Pixtral vision), a Qwen3-VL and a
-Llama, small enough to build on CPU in milliseconds, with the real checkpoints' rotary settings.
+"""Tiny stock configs and batches for tests: a Mistral3 VLM (Ministral 3 text, Pixtral vision), a text-only
+Ministral 3 (Devstral 2's class), a Qwen3-VL, a Qwen3-VL-MoE and a Llama, small enough to build on CPU in milliseconds, with the real checkpoints' rotary settings.
 
 Every size is a keyword, so a test can ask for awkward ones (odd hidden sizes, partial FP8 blocks). torch and
 transformers are imported inside the functions: importing this module is cheap, and the read-only mappings
@@ -14,23 +14,29 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
-    from transformers import LlamaConfig, Mistral3Config, Qwen3VLConfig
+    from transformers import LlamaConfig, Ministral3Config, Mistral3Config, Qwen3VLConfig, Qwen3VLMoeConfig
 
 __all__ = [
     "MINISTRAL3_ROPE_PARAMETERS",
+    "MINISTRAL3_TEXT_ROPE_PARAMETERS",
     "MISTRAL3_IMAGE_TOKEN_ID",
     "QWEN3_VL_IMAGE_TOKEN_ID",
     "QWEN3_VL_VISION_END_TOKEN_ID",
     "QWEN3_VL_VISION_START_TOKEN_ID",
     "TINY_LLAMA_SIZES",
+    "TINY_MOE_SIZES",
     "TINY_PIXTRAL_SIZES",
     "TINY_QWEN3_VL_VISION",
     "TINY_TEXT_SIZES",
     "mistral3_image_batch",
     "mistral3_image_tokens",
+    "qwen3_vl_image_batch",
+    "text_batch",
     "tiny_llama_config",
+    "tiny_ministral3_config",
     "tiny_mistral3_config",
     "tiny_qwen3_vl_config",
+    "tiny_qwen3_vl_moe_config",
 ]
 
 MINISTRAL3_ROPE_PARAMETERS: Mapping[str, Any] = MappingProxyType(
@@ -47,6 +53,12 @@ MINISTRAL3_ROPE_PARAMETERS: Mapping[str, Any] = MappingProxyType(
     }
 )
 """The ``rope_parameters`` of the released Ministral 3 / Devstral checkpoints (YaRN + llama-4 scaling)."""
+
+MINISTRAL3_TEXT_ROPE_PARAMETERS: Mapping[str, Any] = MappingProxyType(
+    {**MINISTRAL3_ROPE_PARAMETERS, "mscale_all_dim": 0.0}
+)
+"""What transformers' Ministral 3 conversion writes for a text-only model (Devstral 2 123B): YaRN with
+``mscale_all_dim`` 0 (1 for the vision models), so the rotary's ``attention_scaling`` is ``0.1 ln(factor) + 1``."""
 
 TINY_TEXT_SIZES: Mapping[str, int] = MappingProxyType(
     {
@@ -102,6 +114,12 @@ TINY_LLAMA_SIZES: Mapping[str, int] = MappingProxyType(
 )
 """A two-layer Llama, hidden 32 (4 heads of 8, 2 KV heads), vocabulary 64."""
 
+TINY_MOE_SIZES: Mapping[str, int] = MappingProxyType(
+    {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 24}
+)
+"""Four experts, two per token, expert intermediate 24: ``2 I = 48`` is not the hidden size 64 (stock's fused
+loader cannot tell ``[E, H, 2I]`` from ``[E, 2I, H]`` when they are equal), and 24 leaves partial 16-blocks."""
+
 MISTRAL3_IMAGE_TOKEN_ID = 10
 QWEN3_VL_IMAGE_TOKEN_ID, QWEN3_VL_VISION_START_TOKEN_ID, QWEN3_VL_VISION_END_TOKEN_ID = 200, 199, 198
 
@@ -155,6 +173,45 @@ def tiny_mistral3_config(
         tie_word_embeddings=tie_word_embeddings,
         **extra,
     )
+
+
+def tiny_ministral3_config(
+    *,
+    rope_parameters: Mapping[str, Any] | None = MINISTRAL3_TEXT_ROPE_PARAMETERS,
+    max_position_embeddings: int = 262144,
+    tie_word_embeddings: bool = False,
+    architectures: Sequence[str] | None = ("Ministral3ForCausalLM",),
+    **sizes: Any,
+) -> Ministral3Config:
+    """A text-only ``Ministral3Config`` (``Ministral3ForCausalLM``: Devstral 2 123B's class) of
+    :data:`TINY_TEXT_SIZES` updated with ``sizes``, with the text-only conversion's YaRN rotary."""
+    from transformers import Ministral3Config
+
+    extra: dict[str, Any] = {} if architectures is None else {"architectures": list(architectures)}
+    if rope_parameters is not None:
+        extra["rope_parameters"] = dict(rope_parameters)
+    return Ministral3Config(
+        **{**TINY_TEXT_SIZES, **sizes},
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=tie_word_embeddings,
+        **extra,
+    )
+
+
+def text_batch(
+    config: Any, *, batch: int = 2, seq: int = 16, seed: int = 1, labels: bool = True
+) -> dict[str, torch.Tensor]:
+    """Random ``input_ids`` of a text model (the vocabulary of ``config``, or of its ``text_config``), with
+    ``attention_mask`` and (if asked) ``labels`` equal to the ids."""
+    import torch
+
+    vocab = getattr(config, "text_config", config).vocab_size
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, vocab, (batch, seq), generator=generator)
+    out = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    if labels:
+        out["labels"] = input_ids.clone()
+    return out
 
 
 def mistral3_image_tokens(config: Mistral3Config, image_hw: tuple[int, int]) -> int:
@@ -229,6 +286,82 @@ def tiny_qwen3_vl_config(
         "deepstack_visual_indexes": list(TINY_QWEN3_VL_VISION["deepstack_visual_indexes"]),
     }
     return Qwen3VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=QWEN3_VL_IMAGE_TOKEN_ID,
+        vision_start_token_id=QWEN3_VL_VISION_START_TOKEN_ID,
+        vision_end_token_id=QWEN3_VL_VISION_END_TOKEN_ID,
+        tie_word_embeddings=tie_word_embeddings,
+    )
+
+
+def qwen3_vl_image_batch(
+    config: Any,
+    *,
+    batch: int = 2,
+    seq: int = 12,
+    grid_thw: tuple[int, int, int] = (1, 4, 4),
+    seed: int = 1,
+    labels: bool = True,
+) -> dict[str, torch.Tensor]:
+    """A Qwen3-VL (or Qwen3-VL-MoE) batch: random text ids with, in the first row,
+    ``<vision_start> <image> x N <vision_end>`` from position 2 for one ``grid_thw`` image (``N`` = its patches
+    over the spatial merge), its ``pixel_values``, ``image_grid_thw`` and ``mm_token_type_ids``, an
+    ``attention_mask``, and (if asked) ``labels`` ignoring the first row's prompt and image and the second row's
+    first two tokens. Drawn from one generator seeded with ``seed``: ids, then pixels."""
+    import torch
+
+    vision = config.vision_config
+    tokens = grid_thw[0] * grid_thw[1] * grid_thw[2] // vision.spatial_merge_size**2
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, config.vision_end_token_id, (batch, seq), generator=generator)
+    span = [config.vision_start_token_id, *[config.image_token_id] * tokens, config.vision_end_token_id]
+    input_ids[0, 2 : 2 + len(span)] = torch.tensor(span)
+    patches = grid_thw[0] * grid_thw[1] * grid_thw[2]
+    features = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+    out = {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "pixel_values": torch.randn(patches, features, generator=generator),
+        "image_grid_thw": torch.tensor([list(grid_thw)]),
+        "mm_token_type_ids": (input_ids == config.image_token_id).int(),
+    }
+    if labels:
+        out["labels"] = input_ids.clone()
+        out["labels"][0, : 2 + len(span)] = -100
+        out["labels"][1:, :2] = -100
+    return out
+
+
+def tiny_qwen3_vl_moe_config(
+    *,
+    rope_theta: float = 5e6,
+    num_position_embeddings: int = 64,
+    tie_word_embeddings: bool = False,
+    mlp_only_layers: Sequence[int] = (),
+    **text_overrides: Any,
+) -> Qwen3VLMoeConfig:
+    """A ``Qwen3VLMoeConfig``: a :data:`TINY_TEXT_SIZES` text model whose every layer is a
+    :data:`TINY_MOE_SIZES` mixture of experts (except ``mlp_only_layers``: dense MLPs of ``intermediate_size``
+    128), M-RoPE as :func:`tiny_qwen3_vl_config`, under the same :data:`TINY_QWEN3_VL_VISION` tower."""
+    from transformers import Qwen3VLMoeConfig
+
+    text = {
+        **TINY_TEXT_SIZES,
+        **TINY_MOE_SIZES,
+        "intermediate_size": 128,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": list(mlp_only_layers),
+        "rope_parameters": {"rope_type": "default", "rope_theta": rope_theta, "mrope_section": [2, 3, 3]},
+        **text_overrides,
+    }
+    vision = {
+        **TINY_QWEN3_VL_VISION,
+        "out_hidden_size": text["hidden_size"],
+        "num_position_embeddings": num_position_embeddings,
+        "deepstack_visual_indexes": list(TINY_QWEN3_VL_VISION["deepstack_visual_indexes"]),
+    }
+    return Qwen3VLMoeConfig(
         text_config=text,
         vision_config=vision,
         image_token_id=QWEN3_VL_IMAGE_TOKEN_ID,

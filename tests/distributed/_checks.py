@@ -78,11 +78,37 @@ def record_reads() -> Iterator[list[tuple[str, Bounds]]]:
             setattr(Checkpoint, name, function)
 
 
+_EXPERT_PIECES = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
+"""A fused expert parameter and the per-expert projections stacked into it (the FP8 releases' layout)."""
+
+
+def expert_piece_reads(name: str, tensor: torch.Tensor, checkpoint: Checkpoint) -> list[tuple[str, Bounds]]:
+    """What a rank holding ``tensor`` (``[E, rows, cols]``, fused from per-expert pieces) should read: for each
+    expert in its dim-0 range, the rows of each projection's piece its region overlaps (whole: None), and that
+    piece's whole scale. Worked out here from the layout, not by the host's geometry."""
+    layer, parameter = name.rsplit(".experts.", 1)
+    projections = _EXPERT_PIECES[parameter]
+    bounds = chunk_bounds(tensor) or [[0, size] for size in tensor.shape]
+    rows = tensor.shape[1] // len(projections)
+    reads: list[tuple[str, Bounds]] = []
+    for expert in range(*bounds[0]):
+        for index, projection in enumerate(projections):
+            low, high = max(bounds[1][0], index * rows), min(bounds[1][1], (index + 1) * rows)
+            if low >= high:
+                continue
+            key = f"{layer}.experts.{expert}.{projection}.weight"
+            piece = [[low - index * rows, high - index * rows], bounds[2]]
+            whole = piece == [[0, rows], [0, tensor.shape[2]]]
+            reads += [(key, None if whole else piece), (key + "_scale_inv", None)]
+    return reads
+
+
 def expected_reads(
     model: nn.Module, checkpoint: Checkpoint, rename: Any
 ) -> tuple[list[tuple[str, Bounds]], int]:
     """What a rank holding ``model`` should read: each tensor's own region, each FP8 weight's whole scale
-    (an FP8-resident layer's scale buffer is that scale, not a tensor read on its own).
+    (an FP8-resident layer's scale buffer is that scale, not a tensor read on its own); for a fused expert
+    parameter stored per expert, the parts of the pieces its region overlaps (:func:`expert_piece_reads`).
 
     Returns the sorted reads and their byte count (region elements x on-disk item size).
     """
@@ -92,6 +118,11 @@ def expected_reads(
     nbytes = 0
     for name, tensor in model_tensors(model).items():
         if name.endswith(".weight_scale_inv"):
+            continue
+        if name.rsplit(".experts.", 1)[-1] in _EXPERT_PIECES and rename(name) not in checkpoint:
+            pieces = expert_piece_reads(name, tensor, checkpoint)
+            reads += pieces
+            nbytes += sum(_read_bytes(checkpoint, key, bounds) for key, bounds in pieces)
             continue
         key = rename(name)
         info = checkpoint.info(key)
@@ -104,6 +135,12 @@ def expected_reads(
             reads.append((scale_key, None))
             nbytes += checkpoint.info(scale_key).nbytes
     return sorted(reads, key=_read_order), nbytes
+
+
+def _read_bytes(checkpoint: Checkpoint, key: str, bounds: Bounds) -> int:
+    info = checkpoint.info(key)
+    elements = math.prod(hi - lo for lo, hi in bounds) if bounds else math.prod(info.shape)
+    return elements * info.dtype.itemsize
 
 
 def _read_order(read: tuple[str, Bounds]) -> tuple[str, str]:

@@ -49,10 +49,7 @@ def write_checkpoint(
 
     torch.manual_seed(seed)
     model = Mistral3ForConditionalGeneration(build_config(tie_word_embeddings=tie_word_embeddings))
-    with torch.no_grad():  # norms start at exactly 1: perturb them so a misplaced row would show
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.add_(torch.randn_like(param) * 0.1)
+    _perturb_norms(model)
     return write_fp8_checkpoint(
         model,
         directory,
@@ -61,6 +58,89 @@ def write_checkpoint(
         modules_to_not_convert=MODULES_TO_NOT_CONVERT,
         shards=2,
     )
+
+
+TEXT_ONLY = "ministral3_text"
+"""The text-only Ministral 3 checkpoint (``Ministral3ForCausalLM``, Devstral 2's class): the same text sizes,
+runtime keys (``model.layers.*``), per-tensor FP8 with static activation scales, 2 shards."""
+
+
+MOE = "qwen3_vl_moe_per_expert"
+"""The tiny Qwen3-VL-MoE checkpoint, in the FP8 releases' form: one 16x16-block FP8 tensor per expert and
+projection (5 experts: 3 + 2 a rank; gate/up 24 x 72 and down 72 x 24, partial blocks on both axes; hidden 72:
+down_proj rows split 36 + 36, inside a block; 72 rather than an odd size, which torch's grouped expert matmul
+refuses in BF16, strides not being multiples of 16 bytes), routers BF16, 2 shards."""
+MOE_TEXT = {"hidden_size": 72, "vocab_size": 251, "num_experts": 5}
+MOE_NOT_CONVERTED = (
+    "model.visual",
+    "lm_head",
+    "model.language_model.layers.0.mlp.gate",
+    "model.language_model.layers.1.mlp.gate",
+)
+
+
+def moe_config() -> Any:
+    from automodel_plugins.testing.tiny_models import tiny_qwen3_vl_moe_config
+
+    return tiny_qwen3_vl_moe_config(**MOE_TEXT)
+
+
+def write_moe_checkpoint(directory: Path, *, seed: int = 0) -> Path:
+    from transformers import Qwen3VLMoeForConditionalGeneration
+
+    from automodel_plugins.testing.checkpoints import write_fp8_checkpoint
+
+    torch.manual_seed(seed)
+    model = Qwen3VLMoeForConditionalGeneration(moe_config())
+    _perturb_norms(model)
+    return write_fp8_checkpoint(
+        model,
+        directory,
+        block_size=BLOCK,
+        activation_scale_name=None,
+        modules_to_not_convert=MOE_NOT_CONVERTED,
+        shards=2,
+        experts="per-expert",
+        quantization_extra={"activation_scheme": "dynamic", "fmt": "e4m3"},
+    )
+
+
+def moe_inputs(*, seed: int = 1) -> dict[str, torch.Tensor]:
+    """Two rows, the first holding one 4x4-patch image (4 image tokens), labels included."""
+    from automodel_plugins.testing.tiny_models import qwen3_vl_image_batch
+
+    return qwen3_vl_image_batch(moe_config(), seed=seed)
+
+
+def text_only_config() -> Any:
+    from automodel_plugins.testing.tiny_models import tiny_ministral3_config
+
+    return tiny_ministral3_config(**TEXT, tie_word_embeddings=False)
+
+
+def write_text_only_checkpoint(directory: Path, *, seed: int = 0) -> Path:
+    from transformers import Ministral3ForCausalLM
+
+    from automodel_plugins.testing.checkpoints import write_fp8_checkpoint
+
+    torch.manual_seed(seed)
+    model = Ministral3ForCausalLM(text_only_config())
+    _perturb_norms(model)
+    return write_fp8_checkpoint(model, directory, modules_to_not_convert=MODULES_TO_NOT_CONVERT, shards=2)
+
+
+def text_inputs(*, seed: int = 1, batch: int = 2, seq: int = 12) -> dict[str, torch.Tensor]:
+    from automodel_plugins.testing.tiny_models import text_batch
+
+    return text_batch(text_only_config(), batch=batch, seq=seq, seed=seed)
+
+
+def _perturb_norms(model: torch.nn.Module) -> None:
+    """Norms start at exactly 1: perturb them so that a misplaced row would show."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.add_(torch.randn_like(param) * 0.1)
 
 
 def inputs(*, seed: int = 1, batch: int = 2, seq: int = 12) -> dict[str, torch.Tensor]:

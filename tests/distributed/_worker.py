@@ -73,19 +73,26 @@ def fsdp_model(ctx: Context, path: Path) -> Any:
     from torch.distributed.fsdp import fully_shard
 
     model = automodel_plugins.build_model(path)
-    for layer in model.model.language_model.layers:
+    for layer in decoder_layers(model):
         fully_shard(layer, mesh=ctx.mesh)
     fully_shard(model, mesh=ctx.mesh)
     model.to_empty(device="cpu")
     return model
 
 
-def load_recorded(model: Any, path: Path, *, stage: bool = False) -> dict[str, Any]:
-    """``load_weights`` with every checkpoint read recorded, against what this rank should read."""
+def decoder_layers(model: Any) -> Any:
+    """The decoder layers of a VLM (``model.language_model.layers``) or of a text-only model (``model.layers``)."""
+    base = model.model
+    return base.language_model.layers if hasattr(base, "language_model") else base.layers
+
+
+def load_recorded(model: Any, path: Path, *, stage: bool = False, rename: Any = None) -> dict[str, Any]:
+    """``load_weights`` with every checkpoint read recorded, against what this rank should read (``rename``:
+    model name -> checkpoint key, the legacy Mistral3 layout by default)."""
     with _checks.record_reads() as reads:
         report = automodel_plugins.load_weights(model, path, stage=stage)
     with Checkpoint.open(path) as checkpoint:
-        expected, expected_bytes = _checks.expected_reads(model, checkpoint, _tiny.legacy_rename)
+        expected, expected_bytes = _checks.expected_reads(model, checkpoint, rename or _tiny.legacy_rename)
         scale_bytes = sum(checkpoint.info(key).nbytes for key, _ in reads if key.endswith("_scale_inv"))
         weight_bytes = sum(checkpoint.info(k).nbytes for k in checkpoint if not k.endswith(_NOT_WEIGHTS))
     return {
@@ -143,6 +150,94 @@ def fsdp_load(ctx: Context, checkpoint: str) -> dict[str, Any]:
     result["logits_equal"] = bool(torch.equal(logits(model, batch), logits(reference, batch)))
     result["rotary_after_forward"] = rotary_mismatches(model, reference)
     return result
+
+
+def fsdp_text_only(ctx: Context) -> dict[str, Any]:
+    """Text-only Ministral 3 (Devstral 2's class), the issue's FSDP2 flow: each rank reads its slices; gathered
+    weights, rotary buffers, logits and two fused-loss SGD steps equal the single-process load's."""
+    path = ctx.checkpoint(_tiny.TEXT_ONLY)
+    reference = _tiny.reference(path)
+    model = fsdp_model(ctx, path)
+    result = load_recorded(model, path, rename=lambda name: name)
+    result["plain_tensors"] = sorted(n for n, t in model_tensors(model).items() if not _checks.is_dtensor(t))
+    result["local_mismatches"] = _checks.local_mismatches(model, reference.state_dict())
+    result["full_mismatches"] = full_state_mismatches(model, reference)
+    result["rotary_after_load"] = rotary_mismatches(model, reference)
+    result["garbled_rotary_buffers"] = _checks.garble_rotary(model)
+    model.eval()
+    batch = _tiny.text_inputs()
+    result["logits_equal"] = bool(torch.equal(logits(model, batch), logits(reference, batch)))
+    result["rotary_after_forward"] = rotary_mismatches(model, reference)
+    model.reshard()  # the root unit stays unsharded after a forward: the optimizer must see the shards
+    model.train(), reference.train()
+    for label, module in (("losses", model), ("reference_losses", reference)):
+        result[label], result[f"{label}_logits"] = _train(module, batch, steps=2)
+    result["updated_mismatches"] = full_state_mismatches(model, reference)
+    return result
+
+
+# --- mixture of experts: fused expert parameters assembled from per-expert FP8 pieces ----------------------
+
+
+def moe_facts(ctx: Context, model: Any, path: Path, reference: Any, *, forward: bool) -> dict[str, Any]:
+    """Load with every read recorded; local and gathered tensors, rotary buffers and (with ``forward``: FSDP2
+    runs the stock forward, a bare DTensor layout does not) logits with an image, against the single-process
+    load."""
+    result = load_recorded(model, path, rename=lambda name: name)
+    result["pieces"] = model.automodel_composition.load.pieces
+    result["local_mismatches"] = _checks.local_mismatches(model, reference.state_dict())
+    result["full_mismatches"] = full_state_mismatches(model, reference)
+    result["rotary_after_load"] = rotary_mismatches(model, reference)
+    if forward:
+        model.eval()
+        batch = _tiny.moe_inputs()
+        result["logits_equal"] = bool(torch.equal(logits(model, batch), logits(reference, batch)))
+    experts = "model.language_model.layers.0.mlp.experts."
+    result["expert_regions"] = {
+        name: _checks.chunk_bounds(t) for name, t in model_tensors(model).items() if name.startswith(experts)
+    }
+    return result
+
+
+def moe_fsdp(ctx: Context) -> dict[str, Any]:
+    """The FSDP2 flow on a Qwen3-VL-MoE: each rank reads only the experts of its dim-0 shard (whole pieces),
+    then two fused-loss SGD steps and a save in the source format."""
+    path = ctx.checkpoint(_tiny.MOE)
+    reference = _tiny.reference(path)
+    model = fsdp_model(ctx, path)
+    result = moe_facts(ctx, model, path, reference, forward=True)
+    # The root unit stays unsharded after a forward: the save and the optimizer must see the shards.
+    model.reshard()
+    result["plain_tensors"] = sorted(n for n, t in model_tensors(model).items() if not _checks.is_dtensor(t))
+    save = automodel_plugins.save_pretrained(model, ctx.out / "moe-fsdp-save")
+    result["save"] = {"bytes_written_by_rank": save.bytes_written_by_rank, "scales_kept": save.scales_kept}
+    model.train(), reference.train()
+    batch = _tiny.moe_inputs()
+    for label, module in (("losses", model), ("reference_losses", reference)):
+        result[label], result[f"{label}_logits"] = _train(module, batch, steps=2)
+    result["updated_mismatches"] = full_state_mismatches(model, reference)
+    return result
+
+
+def moe_distributed(ctx: Context, expert_dim: int) -> dict[str, Any]:
+    """Expert parameters ``distribute_tensor``-ed ``Shard(expert_dim)`` (0: expert parallelism, each rank its
+    experts; 1: rows of every expert), every other parameter replicated."""
+    from torch import nn
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    path = ctx.checkpoint(_tiny.MOE)
+    reference = _tiny.reference(path)
+    model = automodel_plugins.build_model(path)
+    for name, param in list(model.named_parameters()):
+        expert = name.endswith((".experts.gate_up_proj", ".experts.down_proj"))
+        placement = Shard(expert_dim) if expert else Replicate()
+        module_name, _, leaf = name.rpartition(".")
+        value = distribute_tensor(param.detach(), ctx.mesh, [placement])
+        model.get_submodule(module_name)._parameters[leaf] = nn.Parameter(
+            value, requires_grad=param.requires_grad
+        )
+    model.to_empty(device="cpu")
+    return moe_facts(ctx, model, path, reference, forward=False)
 
 
 def tp_load(ctx: Context, checkpoint: str) -> dict[str, Any]:
@@ -518,6 +613,10 @@ def save_failures(ctx: Context) -> dict[str, Any]:
 SCENARIOS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "fsdp_per_tensor": lambda ctx: fsdp_load(ctx, "per_tensor_tied"),
     "fsdp_block": lambda ctx: fsdp_load(ctx, "block_untied"),
+    "fsdp_text_only": fsdp_text_only,
+    "moe_fsdp": moe_fsdp,
+    "moe_expert_parallel": lambda ctx: moe_distributed(ctx, expert_dim=0),
+    "moe_expert_rows": lambda ctx: moe_distributed(ctx, expert_dim=1),
     "tp_per_tensor": lambda ctx: tp_load(ctx, "per_tensor_tied"),
     "tp_block": lambda ctx: tp_load(ctx, "block_untied"),
     "pipeline": pipeline,
@@ -572,6 +671,8 @@ def main(argv: list[str]) -> int:
         if ctx.rank == 0:
             for name, (block, tied) in CHECKPOINTS.items():
                 _tiny.write_checkpoint(ctx.checkpoint(name), block_size=block, tie_word_embeddings=tied)
+            _tiny.write_text_only_checkpoint(ctx.checkpoint(_tiny.TEXT_ONLY))
+            _tiny.write_moe_checkpoint(ctx.checkpoint(_tiny.MOE))
         dist.barrier()
         for scenario in scenarios:
             try:

@@ -60,9 +60,9 @@ def test_mistral_small_text_model_is_declined_with_the_reason(quantization: dict
     [
         LlamaConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=4),
         Qwen2VLConfig(),
-        AutoConfig.for_model("ministral3"),
+        AutoConfig.for_model("mistral"),
     ],
-    ids=["llama", "qwen2_vl", "bare-ministral3-text"],
+    ids=["llama", "qwen2_vl", "mistral-text"],
 )
 @pytest.mark.parametrize("quantization", [None, FP8])
 def test_other_model_types_are_not_claimed(config: Any, quantization: dict[str, Any] | None) -> None:

@@ -12,20 +12,8 @@ import pytest
 import torch
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
-from automodel_plugins.testing.tiny_models import (
-    QWEN3_VL_IMAGE_TOKEN_ID,
-    QWEN3_VL_VISION_END_TOKEN_ID,
-    QWEN3_VL_VISION_START_TOKEN_ID,
-    TINY_QWEN3_VL_VISION,
-    tiny_qwen3_vl_config,
-)
+from automodel_plugins.testing.tiny_models import qwen3_vl_image_batch, tiny_qwen3_vl_config
 
-IMAGE_TOKEN, VISION_START, VISION_END = (
-    QWEN3_VL_IMAGE_TOKEN_ID,
-    QWEN3_VL_VISION_START_TOKEN_ID,
-    QWEN3_VL_VISION_END_TOKEN_ID,
-)
-PATCH, TEMPORAL_PATCH = TINY_QWEN3_VL_VISION["patch_size"], TINY_QWEN3_VL_VISION["temporal_patch_size"]
 GRID_THW = (1, 4, 4)  # one frame of 4x4 patches: 16 patches, 4 image tokens after the 2x2 merge
 SEQ = 12
 
@@ -50,21 +38,7 @@ def qwen_model() -> Qwen3VLForConditionalGeneration:
 @pytest.fixture
 def image_batch() -> dict[str, Any]:
     """Two sequences, the first holding ``<vision_start> <image> x4 <vision_end>``; labels ignore the prompt."""
-    gen = torch.Generator().manual_seed(1)
-    input_ids = torch.randint(0, VISION_END, (2, SEQ), generator=gen)
-    input_ids[0, 2:8] = torch.tensor([VISION_START, *[IMAGE_TOKEN] * 4, VISION_END])
-    labels = input_ids.clone()
-    labels[0, :8] = -100
-    labels[1, :2] = -100
-    patches = GRID_THW[0] * GRID_THW[1] * GRID_THW[2]
-    return {
-        "input_ids": input_ids,
-        "attention_mask": torch.ones_like(input_ids),
-        "pixel_values": torch.randn(patches, 3 * TEMPORAL_PATCH * PATCH * PATCH, generator=gen),
-        "image_grid_thw": torch.tensor([GRID_THW]),
-        "mm_token_type_ids": (input_ids == IMAGE_TOKEN).int(),
-        "labels": labels,
-    }
+    return qwen3_vl_image_batch(tiny_config(), seq=SEQ, grid_thw=GRID_THW)
 
 
 @pytest.fixture

@@ -115,7 +115,10 @@ def test_declines_other_model_types(config: Any) -> None:
 
 def test_declines_the_moe_variant_with_the_reason() -> None:
     answer = plugin.claim_config(AutoConfig.for_model("qwen3_vl_moe"))
-    assert answer == Decline(reason="qwen3_vl_moe (mixture of experts): only the dense qwen3_vl is served")
+    assert answer == Decline(
+        reason="qwen3_vl_moe (mixture of experts): only the dense qwen3_vl is served here; "
+        "the qwen3_vl_moe_fp8 plugin (automodel-plugins-qwen3-vl-moe-fp8) serves it"
+    )
 
 
 # --- both plugins installed -------------------------------------------------------------------------------

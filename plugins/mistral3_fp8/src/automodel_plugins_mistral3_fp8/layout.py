@@ -1,4 +1,9 @@
-"""The two on-disk key layouts of Mistral3 checkpoints, told apart by the checkpoint's own keys."""
+"""The on-disk key layouts of Mistral3 checkpoints, told apart by the checkpoint's own keys.
+
+A VLM (``Mistral3ForConditionalGeneration``) is stored in the legacy layout (``language_model.model.*``) or the
+runtime one (``model.language_model.*``); a text-only Ministral 3 (``Ministral3ForCausalLM``: Devstral 2 123B) is
+stored under its module tree's names (``model.layers.*``, ``lm_head.weight``), which is its runtime layout.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ LEGACY_RENAMES = (
 
 _LEGACY_MARKERS = ("language_model.model.", "vision_tower.", "multi_modal_projector.")
 _RUNTIME_MARKERS = ("model.language_model.", "model.vision_tower.", "model.multi_modal_projector.")
+_TEXT_MARKERS = ("model.layers.", "model.embed_tokens.")
 
 
 def detect_layout(keys: Iterable[str], *, where: object = None) -> str:
@@ -39,6 +45,28 @@ def detect_layout(keys: Iterable[str], *, where: object = None) -> str:
             "no Mistral3 key found (expected language_model.model.* or model.language_model.*)", path=where
         )
     return "legacy" if legacy else "runtime"
+
+
+def check_text_only_layout(keys: Iterable[str], *, where: object = None) -> str:
+    """``"runtime"`` for a text-only Ministral 3 checkpoint (``model.layers.*``); a VLM's keys under a
+    text-only config are refused by name, rather than left to strict key accounting."""
+    text = vlm = None
+    for key in keys:
+        if text is None and key.startswith(_TEXT_MARKERS):
+            text = key
+        if vlm is None and key.startswith(_LEGACY_MARKERS + _RUNTIME_MARKERS):
+            vlm = key
+    if vlm is not None:
+        raise CheckpointError(
+            f"config.json declares a text-only ministral3 model, but the checkpoint holds a Mistral3 VLM's keys "
+            f"({vlm!r}); load it with the VLM's config (model_type mistral3)",
+            path=where,
+        )
+    if text is None:
+        raise CheckpointError(
+            "no Ministral3 text key found (expected model.layers.* and model.embed_tokens.*)", path=where
+        )
+    return "runtime"
 
 
 def renames_for(layout: str) -> tuple[PrefixRename, ...]:

@@ -1,7 +1,8 @@
 """The four hooks of the Mistral3 FP8 plugin, each a few lines over the host's shared machinery.
 
 What is Mistral3's own: which configs it serves (a ``mistral3`` VLM whose text model is ``ministral3``:
-Ministral 3, Devstral 2, Mistral Medium 3.5) and the two on-disk key layouts (``layout.py``). FP8 dequant,
+Ministral 3, Devstral Small 2, Mistral Medium 3.5; and the text-only ``ministral3`` of ``Ministral3ForCausalLM``:
+Devstral 2 123B) and their on-disk key layouts (``layout.py``). FP8 dequant,
 streaming, rotary repair and the fused loss are the host's. Imports of torch and transformers stay inside the
 hooks: ``automodel-plugins list`` imports this module and must stay fast.
 """
@@ -18,10 +19,13 @@ TEXT_MODEL_TYPE = "ministral3"
 
 @hookimpl
 def claim_config(config: Any) -> Claim | Decline | None:
-    """Mistral3 VLMs with a Ministral3 text model, FP8 or unquantized. Other model types are not ours
-    (``None``); Mistral Small (a ``mistral`` text model) and other quantization methods are declined with
-    the reason, since those users are the ones who ask why."""
-    if getattr(config, "model_type", None) != MODEL_TYPE:
+    """Mistral3 VLMs with a Ministral3 text model, and text-only Ministral3 models, FP8 or unquantized. Other
+    model types are not ours (``None``); Mistral Small (a ``mistral`` text model) and other quantization
+    methods are declined with the reason, since those users are the ones who ask why."""
+    model_type = getattr(config, "model_type", None)
+    if model_type == TEXT_MODEL_TYPE:
+        return claim_fp8_or_unquantized(config, "ministral3 text model (Ministral3ForCausalLM)")
+    if model_type != MODEL_TYPE:
         return None
     text_type = getattr(getattr(config, "text_config", None), "model_type", None)
     if text_type != TEXT_MODEL_TYPE:
@@ -35,16 +39,20 @@ def claim_config(config: Any) -> Claim | Decline | None:
 def state_dict_adapter(config: Any, checkpoint: Any) -> Any:
     """Legacy or runtime key layout (from the checkpoint's keys), FP8 scales under any accepted name."""
     from automodel_plugins import fp8_adapter_for
-    from automodel_plugins_mistral3_fp8.layout import detect_layout, renames_for
+    from automodel_plugins_mistral3_fp8.layout import check_text_only_layout, detect_layout, renames_for
 
-    layout = detect_layout(checkpoint.keys(), where=checkpoint.directory)
+    if getattr(config, "model_type", None) == TEXT_MODEL_TYPE:
+        layout = check_text_only_layout(checkpoint.keys(), where=checkpoint.directory)
+    else:
+        layout = detect_layout(checkpoint.keys(), where=checkpoint.directory)
     return fp8_adapter_for(config, checkpoint, renames=renames_for(layout), layout=layout)
 
 
 @hookimpl
 def post_materialize(model: Any, config: Any) -> None:
-    """Recompute the text and vision rotary buffers now, and once more at each rotary module's first call
-    (after a user's ``to_empty``), since meta init leaves them as garbage that no checkpoint restores."""
+    """Recompute the text (and, for a VLM, vision) rotary buffers now, and once more at each rotary module's
+    first call (after a user's ``to_empty``), since meta init leaves them as garbage that no checkpoint
+    restores."""
     from automodel_plugins import repair_rotary
 
     repair_rotary(model)

@@ -21,11 +21,15 @@ MOE_MODEL_TYPE = "qwen3_vl_moe"
 
 @hookimpl
 def claim_config(config: Any) -> Claim | Decline | None:
-    """Qwen3-VL (dense), block FP8 or unquantized. The MoE variant and other quantization methods are
-    declined with the reason; other model types are not ours (``None``)."""
+    """Qwen3-VL (dense), block FP8 or unquantized. The MoE variant (the sibling plugin ``qwen3_vl_moe_fp8``
+    serves it) and other quantization methods are declined with the reason; other model types are not ours
+    (``None``)."""
     model_type = getattr(config, "model_type", None)
     if model_type == MOE_MODEL_TYPE:
-        return Decline(reason=f"{MOE_MODEL_TYPE} (mixture of experts): only the dense {MODEL_TYPE} is served")
+        return Decline(
+            reason=f"{MOE_MODEL_TYPE} (mixture of experts): only the dense {MODEL_TYPE} is served here; "
+            "the qwen3_vl_moe_fp8 plugin (automodel-plugins-qwen3-vl-moe-fp8) serves it"
+        )
     if model_type != MODEL_TYPE:
         return None
     return claim_fp8_or_unquantized(config, "qwen3_vl VLM")

@@ -1,0 +1,146 @@
+"""Loading a per-expert FP8 Qwen3-VL-MoE checkpoint: ``automodel_plugins.from_pretrained`` vs transformers.
+
+Both load the same ~0.31B-parameter checkpoint (``benchmarks/_checkpoint.py``: 4 layers of 24 experts, one
+128x128-block FP8 tensor per expert and projection, the FP8 releases' form) into the stock
+``Qwen3VLMoeForConditionalGeneration`` in BF16 on CPU. transformers 5.24 cannot load this form by itself (its
+qwen3_vl_moe mapping has no per-expert rule: the experts stay at their random init, with a load report and no
+error), so the peer is transformers with the per-expert conversion it uses for qwen2_moe registered for
+qwen3_vl_moe (``MergeModulelist`` + ``Concatenate``; its FP8 quantizer then dequantizes each expert tensor before
+merging): the same file, the same result bit for bit, which the driver checks. Method, memory accounting and
+checks as ``bench_load.py`` (fresh processes, alternating, medians; peak = ``VmHWM`` over the baseline).
+
+The peak's floor is the bytes of the tensors a dequantizing load must hold in anonymous memory (everything that
+was FP8 on disk, now BF16); BF16 tensors used in place from the memory map count only once touched. A MoE's
+experts are most of its parameters, so that floor, printed below, decides whether peak / BF16 params can be
+under 0.75; "overhead" is the peak over that floor.
+
+Targets: peak / BF16 parameter bytes <= 0.75 and <= transformers'; wall time ours / transformers <= 1.0.
+
+    python benchmarks/bench_moe_load.py             # 3 processes per loader
+    python benchmarks/bench_moe_load.py --repeats 5 [--path DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _memory import PeakRss
+from bench_load import LOADERS, PEAK_TARGET, loaded_facts, measure, report
+
+
+def register_per_expert_conversion() -> None:
+    """transformers' qwen2_moe per-expert rules, registered for qwen3_vl_moe (before its own Transpose rules)."""
+    from transformers.conversion_mapping import (
+        get_checkpoint_conversion_mapping,
+        register_checkpoint_conversion_mapping,
+    )
+    from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter
+
+    per_expert = [
+        WeightConverter(
+            source_patterns=["mlp.experts.*.gate_proj.weight", "mlp.experts.*.up_proj.weight"],
+            target_patterns="mlp.experts.gate_up_proj",
+            operations=[MergeModulelist(dim=0), Concatenate(dim=1)],
+        ),
+        WeightConverter(
+            source_patterns="mlp.experts.*.down_proj.weight",
+            target_patterns="mlp.experts.down_proj",
+            operations=[MergeModulelist(dim=0)],
+        ),
+    ]
+    original = get_checkpoint_conversion_mapping("qwen3_vl_moe")
+    register_checkpoint_conversion_mapping("qwen3_vl_moe", per_expert + original, overwrite=True)
+
+
+def worker(loader: str, path: str) -> dict:
+    import torch
+    from transformers import Qwen3VLMoeForConditionalGeneration
+    from transformers.utils import logging
+
+    import automodel_plugins
+    import automodel_plugins.pipeline.load  # imported before the baseline, by both loaders
+
+    logging.set_verbosity_error()
+    if loader == "transformers":
+        register_per_expert_conversion()
+    with PeakRss() as peak:
+        wall, cpu = time.perf_counter(), time.process_time()
+        if loader == "ours":
+            model = automodel_plugins.from_pretrained(path, dtype=torch.bfloat16, progress=False)
+        else:
+            model = Qwen3VLMoeForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return loaded_facts(loader, model, peak, wall, cpu)
+
+
+def dequantized_bytes(path: Path) -> int:
+    """The floor: BF16 bytes of every model tensor whose data is FP8 on disk (experts and attention)."""
+    import torch
+
+    from automodel_plugins.checkpoint import Checkpoint
+    from automodel_plugins.model.stock import build_on_meta
+    from automodel_plugins.model.tensors import model_tensors
+    from automodel_plugins.pipeline.composition import adapter_for
+    from automodel_plugins.pipeline.plan import plan_load
+    from automodel_plugins.registry import get_registry
+    from automodel_plugins.sources import load_config
+
+    config = load_config(path)
+    registry = get_registry()
+    model = build_on_meta(config, torch.bfloat16)
+    with Checkpoint.open(path) as checkpoint:
+        plan = plan_load(
+            model_tensors(model),
+            adapter_for(registry, registry.resolve(config), config, checkpoint),
+            checkpoint,
+        )
+    return sum(p.numel * 2 for p in plan.values() if p.action == "dequantized")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="processes per loader (median)")
+    parser.add_argument("--path", type=Path, help="an existing checkpoint instead of the generated one")
+    parser.add_argument("--worker", choices=LOADERS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args.worker, str(args.path))))
+        return 0
+
+    from _checkpoint import bf16_parameter_bytes, ensure_moe_checkpoint
+
+    path = args.path or ensure_moe_checkpoint()
+    results, load_average = measure(path, args.repeats, __file__)
+    floor = dequantized_bytes(path) / bf16_parameter_bytes(path)
+    peak = statistics.median(r["peak_bytes"] for r in results["ours"]) / bf16_parameter_bytes(path)
+    print(
+        f"\nfloor: the FP8-on-disk tensors held in BF16 are {floor:.3f} of the BF16 parameter bytes; "
+        f"ours peaks at {peak / floor:.3f}x that (target {PEAK_TARGET} needs a floor below it)"
+    )
+    print("peer: transformers with the per-expert conversion registered (it reads this form bit-identically)")
+    report(
+        results,
+        path,
+        args.repeats,
+        load_average,
+        extra_checks=[
+            (
+                f"peak over the floor (ours)             {peak / floor:6.3f}  (target <= 1.10)",
+                peak / floor <= 1.10,
+            )
+        ],
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

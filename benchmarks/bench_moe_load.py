@@ -23,6 +23,7 @@ Targets: peak / BF16 parameter bytes <= 0.75 and <= transformers'; wall time our
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -35,30 +36,6 @@ from _memory import PeakRss
 from bench_load import LOADERS, PEAK_TARGET, loaded_facts, measure, report
 
 
-def register_per_expert_conversion() -> None:
-    """transformers' qwen2_moe per-expert rules, registered for qwen3_vl_moe (before its own Transpose rules)."""
-    from transformers.conversion_mapping import (
-        get_checkpoint_conversion_mapping,
-        register_checkpoint_conversion_mapping,
-    )
-    from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter
-
-    per_expert = [
-        WeightConverter(
-            source_patterns=["mlp.experts.*.gate_proj.weight", "mlp.experts.*.up_proj.weight"],
-            target_patterns="mlp.experts.gate_up_proj",
-            operations=[MergeModulelist(dim=0), Concatenate(dim=1)],
-        ),
-        WeightConverter(
-            source_patterns="mlp.experts.*.down_proj.weight",
-            target_patterns="mlp.experts.down_proj",
-            operations=[MergeModulelist(dim=0)],
-        ),
-    ]
-    original = get_checkpoint_conversion_mapping("qwen3_vl_moe")
-    register_checkpoint_conversion_mapping("qwen3_vl_moe", per_expert + original, overwrite=True)
-
-
 def worker(loader: str, path: str) -> dict:
     import torch
     from transformers import Qwen3VLMoeForConditionalGeneration
@@ -66,11 +43,11 @@ def worker(loader: str, path: str) -> dict:
 
     import automodel_plugins
     import automodel_plugins.pipeline.load  # imported before the baseline, by both loaders
+    from automodel_plugins.testing.stock_conversions import stock_per_expert_conversion
 
     logging.set_verbosity_error()
-    if loader == "transformers":
-        register_per_expert_conversion()
-    with PeakRss() as peak:
+    stock_rules = stock_per_expert_conversion() if loader == "transformers" else contextlib.nullcontext()
+    with stock_rules, PeakRss() as peak:
         wall, cpu = time.perf_counter(), time.process_time()
         if loader == "ours":
             model = automodel_plugins.from_pretrained(path, dtype=torch.bfloat16, progress=False)

@@ -280,12 +280,21 @@ def tiny_qwen3_vl_config(
         "rope_parameters": {"rope_type": "default", "rope_theta": rope_theta, "mrope_section": [2, 3, 3]},
         **text_overrides,
     }
+    return _qwen3_vl_family(Qwen3VLConfig, text, num_position_embeddings, tie_word_embeddings)
+
+
+def _qwen3_vl_family(
+    config_class: type[Any], text: dict[str, Any], num_position_embeddings: int, tie_word_embeddings: bool
+) -> Any:
+    """A Qwen3-VL (dense or MoE) config of ``text`` under the :data:`TINY_QWEN3_VL_VISION` tower projecting to
+    its width, with the kit's image / vision start / vision end tokens."""
     vision = {
         **TINY_QWEN3_VL_VISION,
+        "out_hidden_size": text["hidden_size"],
         "num_position_embeddings": num_position_embeddings,
         "deepstack_visual_indexes": list(TINY_QWEN3_VL_VISION["deepstack_visual_indexes"]),
     }
-    return Qwen3VLConfig(
+    return config_class(
         text_config=text,
         vision_config=vision,
         image_token_id=QWEN3_VL_IMAGE_TOKEN_ID,
@@ -355,20 +364,7 @@ def tiny_qwen3_vl_moe_config(
         "rope_parameters": {"rope_type": "default", "rope_theta": rope_theta, "mrope_section": [2, 3, 3]},
         **text_overrides,
     }
-    vision = {
-        **TINY_QWEN3_VL_VISION,
-        "out_hidden_size": text["hidden_size"],
-        "num_position_embeddings": num_position_embeddings,
-        "deepstack_visual_indexes": list(TINY_QWEN3_VL_VISION["deepstack_visual_indexes"]),
-    }
-    return Qwen3VLMoeConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=QWEN3_VL_IMAGE_TOKEN_ID,
-        vision_start_token_id=QWEN3_VL_VISION_START_TOKEN_ID,
-        vision_end_token_id=QWEN3_VL_VISION_END_TOKEN_ID,
-        tie_word_embeddings=tie_word_embeddings,
-    )
+    return _qwen3_vl_family(Qwen3VLMoeConfig, text, num_position_embeddings, tie_word_embeddings)
 
 
 def tiny_llama_config(

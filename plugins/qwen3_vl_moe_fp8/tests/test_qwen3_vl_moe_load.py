@@ -8,8 +8,6 @@ experts stacked and concatenated by hand).
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,7 @@ from transformers import Qwen3VLMoeForConditionalGeneration
 
 import automodel_plugins
 from automodel_plugins.testing.compare import assert_same_logits, assert_same_rotary, assert_same_state_dict
+from automodel_plugins.testing.stock_conversions import stock_per_expert_conversion
 
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -102,36 +101,6 @@ def test_fused_bf16_release_matches_stock(experts: str, moe_checkpoint: Any, ima
     assert_same_model(ours, stock, image_inputs)
     assert ours.automodel_composition.load.dequantized == 0
     assert ours.automodel_composition.claim_reason == "qwen3_vl_moe VLM (mixture of experts), unquantized"
-
-
-@contextlib.contextmanager
-def stock_per_expert_conversion() -> Iterator[None]:
-    """transformers' qwen2_moe rules (merge the per-expert tensors, concatenate gate and up) registered for
-    qwen3_vl_moe, which lacks them, and the original mapping restored afterwards."""
-    from transformers.conversion_mapping import (
-        get_checkpoint_conversion_mapping,
-        register_checkpoint_conversion_mapping,
-    )
-    from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter
-
-    original = get_checkpoint_conversion_mapping("qwen3_vl_moe")
-    per_expert = [
-        WeightConverter(
-            source_patterns=["mlp.experts.*.gate_proj.weight", "mlp.experts.*.up_proj.weight"],
-            target_patterns="mlp.experts.gate_up_proj",
-            operations=[MergeModulelist(dim=0), Concatenate(dim=1)],
-        ),
-        WeightConverter(
-            source_patterns="mlp.experts.*.down_proj.weight",
-            target_patterns="mlp.experts.down_proj",
-            operations=[MergeModulelist(dim=0)],
-        ),
-    ]
-    register_checkpoint_conversion_mapping("qwen3_vl_moe", per_expert + original, overwrite=True)
-    try:
-        yield
-    finally:
-        register_checkpoint_conversion_mapping("qwen3_vl_moe", original, overwrite=True)
 
 
 def load_stock(path: Path) -> Qwen3VLMoeForConditionalGeneration:

@@ -83,6 +83,7 @@ def run_worker(converter: str, path: Path, scratch: Path) -> dict:
     dest = scratch / f"out-{converter}"
     env = {**os.environ, "AUTOMODEL_PLUGINS_PROGRESS": "0", "TQDM_DISABLE": "1"}
     command = [sys.executable, __file__, "--worker", converter, "--path", str(path), "--dest", str(dest)]
+    os.sync()  # the previous run's dirty pages, flushed before this one starts: no converter pays another's
     proc = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     shutil.rmtree(dest, ignore_errors=True)
     if proc.returncode != 0:

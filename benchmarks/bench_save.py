@@ -18,7 +18,9 @@ for byte.
 (``save_pretrained(model, dest)``: FP8 as loaded; by default every file is ``fsync``\ ed before the rename), ours
 with ``fsync=False``, and stock ``model.save_pretrained(dest)`` (BF16, no fsync): the output bytes of ours /
 stock's, the FP8 weights' bytes / their BF16 bytes (about 0.5), and the wall time ours / stock like for like
-(``fsync=False``; target <= 1.0), the default's shown beside it.
+(``fsync=False``; target <= 1.0), the default's shown beside it. Before each timed save the previous run's dirty
+pages are flushed (``os.sync()``, outside the timing): otherwise whichever saver runs when the kernel's dirty-page
+limit is reached is throttled by the writeback of the others' files (stock's runs ranged 0.2-2.2 s that way).
 
     python benchmarks/bench_save.py                       # both parts, per-tensor FP8 (Ministral 3's format)
     python benchmarks/bench_save.py --part fsdp|single [--kind block] [--repeats 3]
@@ -186,6 +188,7 @@ def single_worker(path: Path, repeats: int, scratch: Path) -> dict[str, Any]:
         for saver in SINGLE_SAVERS[shift:] + SINGLE_SAVERS[:shift]:
             dest = scratch / f"{saver}-{repeat}"
             gc.collect()
+            os.sync()  # the previous run's dirty pages, flushed outside the timing: no saver pays another's
             started, cpu = time.perf_counter(), time.process_time()
             if saver == "stock":
                 model.save_pretrained(dest)

@@ -8,8 +8,9 @@
    combined over ranks by one all-reduce MAX of all of them, gives the same scales on every rank; the scale
    policy keeps the source scale where it still fits.
 3. **Files.** Rank 0 creates every shard file (header written, size reserved), then each rank writes its boxes'
-   bytes at their offsets, a bounded chunk at a time; rank 0 writes the scales and the tensors carried over
-   from the source. Each step ends with every rank learning whether any rank failed.
+   bytes at their offsets, a bounded chunk at a time (each chunk written on a background thread while the next
+   is made); rank 0 writes the scales and the tensors carried over from the source. Each step ends with every
+   rank learning whether any rank failed.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 
 from automodel_plugins.adapters.pieces import boxes_tile, volume
 from automodel_plugins.checkpoint.shards import ShardPlan, plan_shards
+from automodel_plugins.checkpoint.write_behind import WriteBehind
 from automodel_plugins.checkpoint.writer import FileLayout, SafetensorsWriter, tensor_bytes
 from automodel_plugins.errors import SaveError, SaveWriteError
 from automodel_plugins.fp8.amax import all_reduce_max, block_amax, tensor_amax
@@ -97,11 +99,13 @@ def write_plan(
             enabled=progress if ranks.is_main else False,
             desc=f"saving {shards.total_size / 2**30:.2f} GiB",
         )
-        for planned, box in items:
-            if box is not None:
-                _write_values(planned, box, values, by_key[planned.key], scales.get(planned.key))
-            if ranks.is_main:
-                _write_small(planned, by_key, scales.get(planned.key), source)
+        with WriteBehind() as pending:
+            for planned, box in items:
+                if box is not None:
+                    _write_values(planned, box, values, by_key[planned.key], scales.get(planned.key), pending)
+                if ranks.is_main:
+                    _write_small(planned, by_key, scales.get(planned.key), source, pending)
+            pending.drain()
         for writer in writers.values():
             writer.close(sync=fsync)
     except OSError as exc:
@@ -235,8 +239,10 @@ def _write_values(
     values: TensorValues,
     writer: SafetensorsWriter,
     scale: ScaleChoice | None,
+    pending: WriteBehind,
 ) -> None:
-    """This rank's box of ``planned``, chunk by chunk: as held, cast, or encoded as FP8 with its chosen scale."""
+    """This rank's box of ``planned``, chunk by chunk: as held, cast, or encoded as FP8 with its chosen scale,
+    each chunk written while the next is made."""
     decoded = None if scale is None else decode_scale(scale.stored)
     for row, chunk in values.chunks(planned.name, _chunk_elements(planned, values)):
         if not box:  # a 0-d tensor
@@ -263,7 +269,7 @@ def _write_values(
             )
         else:
             data = chunk if chunk.dtype == planned.dtype else chunk.to(planned.dtype)
-        writer.write(planned.key, tensor_bytes(data.cpu()), region)
+        pending.write(writer, planned.key, tensor_bytes(data.cpu()), region)
 
 
 def _chunk_elements(planned: PlannedTensor, values: TensorValues) -> int:
@@ -284,11 +290,12 @@ def _write_small(
     writers: dict[str, SafetensorsWriter],
     scale: ScaleChoice | None,
     source: Checkpoint | None,
+    pending: WriteBehind,
 ) -> None:
     """Rank 0's part beyond the boxes: the FP8 scale, and the source tensors carried over unchanged."""
     if scale is not None:
-        writers[planned.scale.key].write(planned.scale.key, tensor_bytes(scale.stored.cpu()))
+        pending.write(writers[planned.scale.key], planned.scale.key, tensor_bytes(scale.stored.cpu()))
     for spec in planned.carried:
         if source is None:
             raise SaveError(f"tensor {spec.name!r} is to be carried over from the source, which is not open")
-        writers[spec.name].write(spec.name, tensor_bytes(source.read(spec.name)))
+        pending.write(writers[spec.name], spec.name, tensor_bytes(source.read(spec.name)))

@@ -138,7 +138,8 @@ class Fp8Experts(Fp8Resident):
         return self._buffers[f"{name}_scale_inv"]
 
     def fp32_scale_of(self, name: str, scale: torch.Tensor) -> torch.Tensor:
-        expected = tuple(self._buffers[name].shape)
+        experts, rows, cols = self.shapes[name.removesuffix("_scale_inv")]
+        expected = stacked_grid_shape((experts, rows, cols), self.block_size)
         if tuple(scale.shape) != expected:
             raise ScaleError(
                 f"scale of shape {tuple(scale.shape)} does not fit {name!r}: expected {expected} "
@@ -153,13 +154,22 @@ class Fp8Experts(Fp8Resident):
         if name not in EXPERT_PROJECTIONS:
             raise KeyError(f"{name!r} is not one of {EXPERT_PROJECTIONS}")
         codes = codes.view(torch.uint8)
-        scale32 = self.fp32_scale_of(f"{name}_scale_inv", scale).to(codes.device)
         if getattr(self, name).is_meta:
             setattr(self, name, Fp8Codes(codes))
-            self._buffers[f"{name}_scale_inv"] = scale32
-            return
-        write_local(getattr(self, name), codes)
-        write_local(self._buffers[f"{name}_scale_inv"], scale32)
+        else:
+            write_local(getattr(self, name), codes)
+        self.load_scale(name, scale)
+
+    def load_scale(self, name: str, scale: torch.Tensor) -> None:
+        """Hold ``scale`` (the whole stacked grid, any scale dtype) as ``name``'s fp32 scale buffer."""
+        buffer_name = f"{name}_scale_inv"
+        buffer = self._buffers[buffer_name]
+        device = getattr(self, name).device
+        scale32 = self.fp32_scale_of(buffer_name, scale).to(buffer.device if not buffer.is_meta else device)
+        if buffer.is_meta:
+            self._buffers[buffer_name] = scale32
+        else:
+            write_local(buffer, scale32)
 
     def dequantized(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The whole fused tensor in ``dtype`` (default: the compute dtype): what a dequantize-at-load model

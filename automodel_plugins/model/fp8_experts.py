@@ -29,7 +29,13 @@ from automodel_plugins.fp8.decode import dequantize
 from automodel_plugins.fp8.formats import is_fp8
 from automodel_plugins.fp8.scales import decode_scale
 from automodel_plugins.fp8.stacked import stacked_grid_shape
-from automodel_plugins.model.fp8_linear import DequantLayout, Fp8Codes, Fp8Resident, fp8_matmul
+from automodel_plugins.model.fp8_linear import (
+    DequantLayout,
+    Fp8Codes,
+    Fp8Resident,
+    fp8_matmul,
+    modules_of_type,
+)
 from automodel_plugins.model.placement import is_dtensor, write_local
 
 __all__ = ["EXPERT_PROJECTIONS", "Fp8Experts", "fp8_experts_modules", "fused_experts_shapes"]
@@ -217,11 +223,10 @@ class Fp8Experts(Fp8Resident):
     def extra_repr(self) -> str:
         return (
             f"num_experts={self.num_experts}, hidden_dim={self.hidden_dim}, "
-            f"intermediate_dim={self.intermediate_dim}, fp8={str(self.fp8_dtype).removeprefix('torch.')}, "
-            f"block_size={self.block_size}, compute_dtype={str(self.compute_dtype).removeprefix('torch.')}"
+            f"intermediate_dim={self.intermediate_dim}, " + self._fp8_repr()
         )
 
 
 def fp8_experts_modules(model: nn.Module) -> dict[str, Fp8Experts]:
     """Every :class:`Fp8Experts` in ``model`` by module name."""
-    return {name: module for name, module in model.named_modules() if isinstance(module, Fp8Experts)}
+    return modules_of_type(model, Fp8Experts)

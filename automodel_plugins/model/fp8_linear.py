@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -52,6 +52,7 @@ __all__ = [
     "Fp8Resident",
     "fp8_linear_modules",
     "fp8_matmul",
+    "modules_of_type",
     "sync_quantization_config",
 ]
 
@@ -59,6 +60,7 @@ DEFAULT_DEQUANT_BUDGET_BYTES = 256 * 2**20
 """Above this many bytes of dequantized weight, a layer dequantizes and multiplies a block of rows at a time."""
 
 SCALE_NAME = "weight_scale_inv"
+M = TypeVar("M", bound=nn.Module)
 
 
 class Fp8Codes(nn.Parameter):
@@ -257,6 +259,13 @@ class Fp8Resident(nn.Module):
             self.compute_dtype = probe.dtype
         return self
 
+    def _fp8_repr(self) -> str:
+        """The ``extra_repr`` part every FP8-resident module shares."""
+        return (
+            f"fp8={str(self.fp8_dtype).removeprefix('torch.')}, block_size={self.block_size}, "
+            f"compute_dtype={str(self.compute_dtype).removeprefix('torch.')}"
+        )
+
     def _rewrap_codes(self) -> None:
         """Casts and ``load_state_dict(assign=True)`` hand back plain parameters: make them frozen codes again."""
         for name in self.CODE_NAMES:
@@ -432,14 +441,18 @@ class Fp8Linear(Fp8Resident, nn.Linear):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"fp8={str(self.fp8_dtype).removeprefix('torch.')}, block_size={self.block_size}, "
-            f"compute_dtype={str(self.compute_dtype).removeprefix('torch.')}"
+            + self._fp8_repr()
         )
+
+
+def modules_of_type(model: nn.Module, kind: type[M]) -> dict[str, M]:
+    """Every module of ``model`` that is a ``kind``, by module name."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, kind)}
 
 
 def fp8_linear_modules(model: nn.Module) -> dict[str, Fp8Linear]:
     """Every :class:`Fp8Linear` in ``model`` by module name."""
-    return {name: module for name, module in model.named_modules() if isinstance(module, Fp8Linear)}
+    return modules_of_type(model, Fp8Linear)
 
 
 def sync_quantization_config(model: nn.Module) -> str | None:

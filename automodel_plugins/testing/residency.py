@@ -25,7 +25,19 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-__all__ = ["WeightCopyWatch", "watch_weight_copies"]
+__all__ = ["WeightCopyWatch", "held_bytes", "watch_weight_copies"]
+
+
+def held_bytes(model: nn.Module) -> int:
+    """Parameter and persistent-buffer bytes of ``model`` (what a checkpoint fills; rotary tables aside): FP8
+    codes count one byte, their fp32 scales four, as ``inspect``'s ``bytes_after_load*`` count them."""
+    tensors = [*model.parameters()] + [
+        buffer
+        for module in model.modules()
+        for name, buffer in module.named_buffers(recurse=False)
+        if name not in module._non_persistent_buffers_set
+    ]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 @dataclass

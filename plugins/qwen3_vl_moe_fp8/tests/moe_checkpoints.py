@@ -93,6 +93,20 @@ def stored_tensors(directory: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def same_bytes(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> list[str]:
+    """Keys whose tensors differ in dtype, shape or any byte (or exist on one side only)."""
+    different = sorted(set(first) ^ set(second))
+    for key in set(first) & set(second):
+        a, b = first[key], second[key]
+        if (
+            a.dtype != b.dtype
+            or a.shape != b.shape
+            or not torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+        ):
+            different.append(key)
+    return different
+
+
 def reference_dequant(weight: torch.Tensor, scale: torch.Tensor, block: list[int] | None) -> torch.Tensor:
     """``w.float() * s`` with each block's scale repeated over its (partial) block, matrix by matrix."""
     if block is None:

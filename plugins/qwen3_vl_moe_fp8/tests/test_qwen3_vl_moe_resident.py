@@ -22,6 +22,7 @@ from moe_checkpoints import (
     SEQ,
     reference_model,
     reference_state_dict,
+    same_bytes,
     stored_tensors,
     tiny_config,
 )
@@ -32,7 +33,7 @@ from automodel_plugins.model.fp8_experts import Fp8Experts
 from automodel_plugins.pipeline.describe import describe_checkpoint
 from automodel_plugins.testing.checkpoints import write_fp8_checkpoint
 from automodel_plugins.testing.compare import assert_same_logits
-from automodel_plugins.testing.residency import watch_weight_copies
+from automodel_plugins.testing.residency import held_bytes, watch_weight_copies
 from automodel_plugins.testing.tiny_models import qwen3_vl_image_batch
 
 ALIGNED = (8, 8)
@@ -62,16 +63,6 @@ def eager(model: Any) -> Any:
 
 def experts_of(model: Any, layer: int) -> Any:
     return model.get_submodule(f"model.language_model.layers.{layer}.mlp.experts")
-
-
-def resident_bytes(model: torch.nn.Module) -> int:
-    tensors = [*model.parameters()] + [
-        buffer
-        for module in model.modules()
-        for name, buffer in module.named_buffers(recurse=False)
-        if name not in module._non_persistent_buffers_set
-    ]
-    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def stored_experts(path: Path, layer: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -137,7 +128,7 @@ def test_inspect_agrees_with_the_load(form: str, moe_checkpoint: Any) -> None:
     load = describe_checkpoint(path)["load"]
     assert load["fp8_resident_layers"] == LAYERS * 6 and load["fp8_not_resident"] == 0
     model = load_resident(path)
-    assert load["bytes_after_load_fp8_resident"] == resident_bytes(model)
+    assert load["bytes_after_load_fp8_resident"] == held_bytes(model)
     experts = [m for m in model.modules() if isinstance(m, Fp8Experts)]
     assert len(experts) == LAYERS and all(type(m) is Fp8Experts for m in experts)
 
@@ -230,20 +221,6 @@ def test_a_resident_model_refuses_experts_that_cannot_stay_fp8(moe_checkpoint: A
 
 
 # --- saving ------------------------------------------------------------------------------------------------
-
-
-def same_bytes(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> list[str]:
-    """Keys whose tensors differ in dtype, shape or any byte (or exist on one side only)."""
-    different = sorted(set(first) ^ set(second))
-    for key in set(first) & set(second):
-        a, b = first[key], second[key]
-        if (
-            a.dtype != b.dtype
-            or a.shape != b.shape
-            or not torch.equal(a.view(torch.uint8), b.view(torch.uint8))
-        ):
-            different.append(key)
-    return different
 
 
 @pytest.mark.parametrize(

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
-from automodel_plugins.errors import ScaleError
+from automodel_plugins.errors import FrozenFp8WeightError, ScaleError
 from automodel_plugins.fp8.decode import dequantize
 from automodel_plugins.fp8.formats import is_fp8
 from automodel_plugins.fp8.scales import decode_scale
@@ -193,6 +194,12 @@ class Fp8Experts(Fp8Resident):
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
+        if parametrize.is_parametrized(self):
+            raise FrozenFp8WeightError(
+                "the fused parameters of FP8-resident experts (Fp8Experts) hold FP8 codes: a parametrization of "
+                "them (PEFT LoRA with target_parameters on the experts) would add to the codes, not to the "
+                "weights; put LoRA on the attention projections, or load with dequantize=True to adapt the experts"
+            )
         if is_dtensor(self.gate_up_proj):
             raise NotImplementedError(
                 "Fp8Experts with DTensor codes in the forward (tensor or expert parallelism) is not "

@@ -81,6 +81,18 @@ def write_moe_checkpoint(
     return directory
 
 
+def load_stock(path: Path) -> Qwen3VLMoeForConditionalGeneration:
+    """Stock transformers' own load of ``path`` in BF16, its load report silenced."""
+    from transformers.utils import logging
+
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        return Qwen3VLMoeForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16).eval()
+    finally:
+        logging.set_verbosity(verbosity)
+
+
 # --- the reference: read and dequantized here, assembled by hand ---------------------------------------------
 
 

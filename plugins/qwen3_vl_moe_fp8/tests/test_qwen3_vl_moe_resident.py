@@ -20,6 +20,7 @@ from moe_checkpoints import (
     PLUGIN,
     QWEN_FP8,
     SEQ,
+    load_stock,
     reference_model,
     reference_state_dict,
     same_bytes,
@@ -28,12 +29,13 @@ from moe_checkpoints import (
 )
 
 import automodel_plugins
-from automodel_plugins.errors import DtypeMismatchError
+from automodel_plugins.errors import DtypeMismatchError, FrozenFp8WeightError
 from automodel_plugins.model.fp8_experts import Fp8Experts
 from automodel_plugins.pipeline.describe import describe_checkpoint
 from automodel_plugins.testing.checkpoints import write_fp8_checkpoint
 from automodel_plugins.testing.compare import assert_same_logits
 from automodel_plugins.testing.residency import held_bytes, watch_weight_copies
+from automodel_plugins.testing.stock_conversions import stock_per_expert_conversion
 from automodel_plugins.testing.tiny_models import qwen3_vl_image_batch
 
 ALIGNED = (8, 8)
@@ -142,6 +144,17 @@ def test_logits_equal_the_stock_class_holding_the_reference_dequantization(
     assert_same_logits(load_resident(path, dtype), eager(reference_model(path, dtype)), image_inputs)
 
 
+def test_logits_equal_stock_transformers_reading_the_per_expert_form(
+    moe_checkpoint: Any, image_inputs: Any
+) -> None:
+    """A second, independent reference: stock transformers with the per-expert conversion registered (whole
+    8x8 blocks, where its dequantization is exact), run with the same eager experts loop."""
+    path = moe_checkpoint(experts="per-expert", block_size=ALIGNED)
+    with stock_per_expert_conversion():
+        stock = load_stock(path)
+    assert_same_logits(load_resident(path), eager(stock), image_inputs)
+
+
 @pytest.mark.parametrize("dtype", [F32, BF16])
 @pytest.mark.parametrize("form", FORMS)
 def test_loss_and_lora_gradients_are_bit_identical_to_the_dequantized_model(
@@ -177,6 +190,18 @@ def test_no_dequantized_expert_stays_alive_or_is_saved_for_backward(moe_checkpoi
     assert watch.alive_after_layers == [0] * LAYERS and watch.peak_alive <= 3
     assert watch.saved_copies == []
     assert all(m.gate_up_proj.grad is None for m in experts)
+
+
+def test_lora_on_the_resident_experts_parameters_is_refused(moe_checkpoint: Any, image_batch: Any) -> None:
+    """PEFT's ``target_parameters`` parametrizes the fused tensor (``W + delta``): on FP8 codes that would train
+    nothing sensible, so the forward refuses it rather than compute with altered codes."""
+    model = load_resident(moe_checkpoint(experts="per-expert", block_size=ALIGNED), F32)
+    config = peft.LoraConfig(
+        r=4, target_modules=[], target_parameters=["mlp.experts.gate_up_proj"], init_lora_weights=False
+    )
+    lora = peft.get_peft_model(model, config)
+    with pytest.raises(FrozenFp8WeightError, match="target_parameters"):
+        lora(**image_batch)
 
 
 def test_bf16_experts_beside_fp8_attention_stay_stock_without_a_warning(

@@ -458,13 +458,13 @@ def fp8_linear_modules(model: nn.Module) -> dict[str, Fp8Linear]:
 def sync_quantization_config(model: nn.Module) -> str | None:
     """Make ``model.config.quantization_config`` say what the model holds, so that a stock ``save_pretrained``
     writes a checkpoint transformers reads as it is: every plain ``nn.Linear`` not yet covered (a merged LoRA
-    layer, now in the compute dtype) joins ``modules_to_not_convert``; with no FP8-resident layer left, the
-    quantization is dropped. Returns the method dropped, or None."""
+    layer, now in the compute dtype) joins ``modules_to_not_convert``; with no FP8-resident module left (layer
+    or experts), the quantization is dropped. Returns the method dropped, or None."""
     config = getattr(model, "config", None)
     quantization = quantization_dict(config) if config is not None else None
     if quantization is None:
         return None
-    if not fp8_linear_modules(model):
+    if not modules_of_type(model, Fp8Resident):
         del config.quantization_config
         return str(quantization.get("quant_method"))
     skipped = list(quantization.get("modules_to_not_convert") or [])

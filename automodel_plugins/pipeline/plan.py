@@ -352,7 +352,7 @@ def _check_compatible(
             key=source.key,
         )
     if kept:
-        return  # FP8 codes kept as stored: the module holding them is (or becomes) an Fp8Linear
+        return  # FP8 codes kept as stored: the module holding them is (or becomes) an Fp8Linear or Fp8Experts
     _check_dtype(name, target, source.key, info, fp8=source.is_fp8)
 
 

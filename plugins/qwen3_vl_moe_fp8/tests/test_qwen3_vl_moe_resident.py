@@ -306,3 +306,38 @@ def test_stock_save_pretrained_writes_the_fused_fp8_layout_that_loads_back(
             experts_of(resident, 0).codes(name).view(torch.uint8),
         )
     assert_same_logits(again, resident, image_inputs)
+
+
+def test_merged_attention_lora_keeps_the_experts_fp8_and_a_stock_save_loads_back(
+    moe_checkpoint: Any, tmp_path: Path, image_inputs: Any
+) -> None:
+    """``merge_lora`` turns the attention into BF16 ``nn.Linear``s; the experts stay FP8, so the config keeps its
+    quantization (the merged layers in ``modules_to_not_convert``) and a stock save loads back as it was."""
+    model = with_lora(load_resident(moe_checkpoint(experts="per-expert", block_size=ALIGNED)))
+    merged = automodel_plugins.merge_lora(model)
+    assert type(experts_of(merged, 0)) is Fp8Experts
+    quantization = merged.config.quantization_config
+    assert quantization["quant_method"] == "fp8"
+    assert "model.language_model.layers.0.self_attn.q_proj" in quantization["modules_to_not_convert"]
+    merged.save_pretrained(tmp_path / "merged")
+    again = load_resident(tmp_path / "merged")
+    assert type(experts_of(again, 1)) is Fp8Experts
+    assert type(again.get_submodule("model.language_model.layers.0.self_attn.q_proj")) is torch.nn.Linear
+    assert_same_logits(again, merged, image_inputs)
+
+
+def test_gradient_checkpointing_gives_the_same_lora_gradients(moe_checkpoint: Any, image_batch: Any) -> None:
+    path = moe_checkpoint(experts="per-expert", block_size=ALIGNED)
+    results = []
+    for checkpointing in (False, True):
+        model = load_resident(path, F32)
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        model = with_lora(model).train()
+        assert model.base_model.model.model.language_model.gradient_checkpointing == checkpointing
+        model(**image_batch).loss.backward()
+        results.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    plain, checkpointed = results
+    assert sorted(plain) == sorted(checkpointed) and plain
+    for name, grad in plain.items():
+        assert torch.equal(grad, checkpointed[name]), name

@@ -304,7 +304,7 @@ def _warn_not_resident(names: list[str], plan: LoadPlan) -> None:
     first = plan[names[0]]
     notes = list(dict.fromkeys(plan[name].note for name in names if plan[name].note))
     notes.sort(key=lambda note: note.endswith(SIBLING_NOTE))  # the causes first
-    why = "; ".join(notes[:2]) + ("; ..." if len(notes) > 2 else "")
+    why = notes[0] + (f" (and {len(notes) - 1} other reason(s))" if len(notes) > 1 else "") if notes else ""
     warnings.warn(
         f"dequantize=False: {len(names)} FP8 tensor(s) cannot stay FP8 ({names[0]}"
         f"{', ...' if len(names) > 1 else ''}; {dequantized / max(total, 1):.0%} of the parameters) and are "

@@ -63,9 +63,10 @@ class LoadReport:
 
     ``used_in_place`` counts tensors stored in the dtype the model holds (memory-mapped when assigned whole
     on CPU, copied into an already materialized model); ``kept_fp8`` the FP8 weights held as FP8 by
-    FP8-resident layers; ``unused_keys_allowed`` the checkpoint keys a pipeline stage left to the other stages.
-    ``assembled`` counts the tensors put together from pieces (also counted by how: ``dequantized`` when FP8
-    pieces were among them, else ``converted``), ``pieces`` the pieces read for them.
+    FP8-resident layers and experts; ``unused_keys_allowed`` the checkpoint keys a pipeline stage left to the
+    other stages. ``assembled`` counts the tensors put together from pieces (also counted by how:
+    ``dequantized`` when FP8 pieces were among them, ``kept_fp8`` for resident experts, else ``converted``),
+    ``pieces`` the pieces read for them.
     """
 
     tensors: int = 0

@@ -39,6 +39,12 @@ def stock_experts(experts: int, hidden: int, intermediate: int) -> torch.nn.Modu
     return Qwen3VLMoeTextExperts(config)
 
 
+def tiny_mixtral_config():
+    from transformers import MixtralConfig
+
+    return MixtralConfig(hidden_size=48, intermediate_size=32, num_local_experts=4, num_hidden_layers=1)
+
+
 def make_pair(experts: int, hidden: int, intermediate: int, block, dtype=F32, seed=0):
     """An ``Fp8Experts`` holding quantized random experts, and stock eager experts holding them dequantized."""
     g = torch.Generator().manual_seed(seed)
@@ -157,3 +163,19 @@ def test_dequantized_equals_the_reference_and_only_fused_experts_are_replaced() 
     stock.is_transposed = True
     with pytest.raises(TypeError, match="not a fused experts module"):
         Fp8Experts.replacing(stock, block_size=(16, 16), fp8_dtype=E4M3)
+
+
+def test_experts_whose_forward_differs_from_the_stock_loop_are_not_replaced() -> None:
+    """Same parameters and flags, another forward (here: its input doubled, then the stock loop): not
+    the loop ``Fp8Experts`` reproduces, so it is left alone (its tensors are dequantized at load)."""
+    stock = stock_experts(4, 48, 32)
+
+    class Reweighted(type(stock)):
+        def forward(self, hidden_states, top_k_index, top_k_weights):
+            return super().forward(hidden_states * 2, top_k_index, top_k_weights)
+
+    stock.__class__ = Reweighted
+    assert fused_experts_shapes(stock) is None
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+    assert fused_experts_shapes(MixtralExperts(tiny_mixtral_config())) is not None  # the same loop, copied

@@ -21,6 +21,8 @@ per-tensor scaled experts are dequantized at load instead.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
@@ -48,8 +50,9 @@ EXPERT_PROJECTIONS = ("gate_up_proj", "down_proj")
 def fused_experts_shapes(module: nn.Module) -> dict[str, tuple[int, int, int]] | None:
     """The shapes of ``module``'s fused expert parameters when it is a transformers experts module whose
     forward :class:`Fp8Experts` reproduces (gate and up concatenated along dim 1, ``[out, in]`` matrices, no
-    bias, a gate); else ``None``."""
-    if isinstance(module, Fp8Experts):
+    bias, a gate, and an eager forward that is ``Qwen3VLMoeTextExperts``' to the bytecode: transformers copies
+    that loop into Mixtral, Qwen2/3-MoE, DeepSeek-V3 and others); else ``None``."""
+    if isinstance(module, Fp8Experts) or not _runs_the_reference_loop(type(module)):
         return None
     params = {name: getattr(module, name, None) for name in EXPERT_PROJECTIONS}
     if not all(isinstance(p, nn.Parameter) and p.dim() == 3 for p in params.values()):
@@ -68,6 +71,22 @@ def fused_experts_shapes(module: nn.Module) -> dict[str, tuple[int, int, int]] |
     if getattr(module, "num_experts", experts) != experts:
         return None
     return {name: tuple(int(s) for s in p.shape) for name, p in params.items()}  # type: ignore[misc]
+
+
+def _runs_the_reference_loop(kind: type) -> bool:
+    """Whether ``kind``'s eager forward is, instruction for instruction, the loop :meth:`Fp8Experts.forward`
+    copies (``use_experts_implementation`` keeps it as ``__wrapped__``)."""
+    from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTextExperts
+
+    code = _eager_code(kind)
+    return code is not None and code == _eager_code(Qwen3VLMoeTextExperts)
+
+
+@functools.cache
+def _eager_code(kind: type) -> tuple | None:
+    forward = getattr(kind, "forward", None)
+    code = getattr(getattr(forward, "__wrapped__", forward), "__code__", None)
+    return None if code is None else (code.co_code, code.co_names, code.co_consts, code.co_varnames)
 
 
 class Fp8Experts(Fp8Resident):

@@ -69,6 +69,7 @@ _LAZY = {
     "vlm_fused_loss_forward": "automodel_plugins.model.forward",
     # FP8-resident layers (dequantize=False) and LoRA on them (the last three import peft)
     "Fp8Linear": "automodel_plugins.model.fp8_linear",
+    "Fp8Experts": "automodel_plugins.model.fp8_experts",
     "Fp8LoraLinear": "automodel_plugins.model.fp8_lora",
     "dequantize_lora_bases": "automodel_plugins.model.fp8_lora",
     "merge_lora": "automodel_plugins.model.fp8_lora",
@@ -87,6 +88,7 @@ if TYPE_CHECKING:
     from automodel_plugins.checkpoint.reader import Checkpoint
     from automodel_plugins.fp8.quantization import claim_fp8_or_unquantized
     from automodel_plugins.model.forward import fused_loss_forward, vlm_fused_loss_forward
+    from automodel_plugins.model.fp8_experts import Fp8Experts
     from automodel_plugins.model.fp8_linear import Fp8Linear
     from automodel_plugins.model.fp8_lora import (
         Fp8LoraLinear,
@@ -124,6 +126,7 @@ __all__ = [
     "Composition",
     "ConfigError",
     "Decline",
+    "Fp8Experts",
     "Fp8Linear",
     "Fp8LoraLinear",
     "Fp8StateDictAdapter",

@@ -19,6 +19,8 @@ Targets: peak resident / peak dequantized <= 0.65; step time resident / dequanti
 
     python benchmarks/bench_fp8_resident.py                   # per-tensor scales, 1 process per path
     python benchmarks/bench_fp8_resident.py --kind block --repeats 3 [--dtype float32] [--device cuda]
+    python benchmarks/bench_fp8_resident.py --kind moe --tokens 256   # the MoE of bench_moe_load.py: experts
+                                                                      # Fp8Experts (eager loop) vs dequantized
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ def worker(path_kind: str, checkpoint: str, args: argparse.Namespace) -> dict:
     from _memory import PeakRss
 
     import automodel_plugins
+    from automodel_plugins.model.fp8_experts import Fp8Experts
     from automodel_plugins.model.fp8_linear import Fp8Linear
 
     dtype, device = getattr(torch, args.dtype), args.device
@@ -90,7 +93,7 @@ def worker(path_kind: str, checkpoint: str, args: argparse.Namespace) -> dict:
         "first_step_seconds": first[1],
         "step_seconds": statistics.median(seconds),
         "loss": first[0],
-        "fp8_layers": sum(isinstance(m, Fp8Linear) for m in model.modules()),
+        "fp8_layers": sum(isinstance(m, (Fp8Linear, Fp8Experts)) for m in model.modules()),
         "lora_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "dtype": args.dtype,
     }
@@ -133,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--kind", default="per-tensor", choices=("per-tensor", "block"))
+    parser.add_argument("--kind", default="per-tensor", choices=("per-tensor", "block", "moe"))
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--steps", type=int, default=2, help="timed steps after the first (median)")
     parser.add_argument("--repeats", type=int, default=1, help="processes per path (median)")
@@ -149,9 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         print(json.dumps(worker(args.worker, str(args.path), args)))
         return 0
-    from _checkpoint import ensure_checkpoint
+    from _checkpoint import ensure_checkpoint, ensure_moe_checkpoint
 
-    checkpoint = args.path or ensure_checkpoint(args.kind)
+    checkpoint = args.path or (
+        ensure_moe_checkpoint() if args.kind == "moe" else ensure_checkpoint(args.kind)
+    )
     results: dict[str, list[dict]] = {p: [] for p in PATHS}
     for repeat in range(args.repeats):
         for path_kind in PATHS if repeat % 2 == 0 else PATHS[::-1]:
@@ -169,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
 
     first = results["resident"][0]
     print(
-        f"\n{checkpoint.name}: {first['dtype']} on {args.device}, LoRA r=16 on the 28 text projections "
+        f"\n{checkpoint.name}: {first['dtype']} on {args.device}, LoRA r=16 on the text projections "
         f"({first['lora_params'] / 1e6:.2f}M trainable), 1 x {args.tokens} tokens, forward + backward + AdamW, "
         f"median of {args.repeats} process(es) per path; memory: {first['memory_method']}"
     )

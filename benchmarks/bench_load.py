@@ -166,14 +166,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def measure(path: Path, repeats: int, script: str) -> tuple[dict[str, list[dict]], tuple[float, float]]:
+def measure(
+    path: Path, repeats: int, script: str, loaders: tuple[str, ...] = LOADERS
+) -> tuple[dict[str, list[dict]], tuple[float, float]]:
     """``repeats`` fresh worker processes of ``script`` per loader, alternating, from a warm page cache; and
     the load average before and after."""
     warm_page_cache(path)
-    results: dict[str, list[dict]] = {loader: [] for loader in LOADERS}
+    results: dict[str, list[dict]] = {loader: [] for loader in loaders}
     before = os.getloadavg()[0]
     for repeat in range(repeats):
-        for loader in LOADERS if repeat % 2 == 0 else LOADERS[::-1]:
+        for loader in loaders if repeat % 2 == 0 else loaders[::-1]:
             row = run_worker(loader, path, script)
             results[loader].append(row)
             print(

@@ -16,7 +16,7 @@ What :class:`Fp8Linear` holds:
 
 The forward dequantizes with the loader's own :func:`~automodel_plugins.fp8.decode.dequantize` (fp32 product,
 one rounding to ``compute_dtype``: bit-identical to a dequantize-at-load model) and runs ``F.linear``; the
-dequantized copy dies before the layer returns. Under autograd, :class:`_Fp8LinearFunction` saves **only the
+dequantized copy dies before the layer returns. Under autograd, :func:`fp8_matmul` saves **only the
 FP8 codes and the scale** and dequantizes again in backward for the input gradient; the weight gets none.
 A weight whose dequantized copy would exceed :attr:`Fp8Linear.dequant_budget_bytes` is processed in blocks of
 rows, so the transient stays within the budget (results then equal within rounding, not bit for bit).
@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -46,9 +46,13 @@ from automodel_plugins.model.placement import is_dtensor, write_local
 
 __all__ = [
     "DEFAULT_DEQUANT_BUDGET_BYTES",
+    "DequantLayout",
     "Fp8Codes",
     "Fp8Linear",
+    "Fp8Resident",
     "fp8_linear_modules",
+    "fp8_matmul",
+    "modules_of_type",
     "sync_quantization_config",
 ]
 
@@ -56,6 +60,7 @@ DEFAULT_DEQUANT_BUDGET_BYTES = 256 * 2**20
 """Above this many bytes of dequantized weight, a layer dequantizes and multiplies a block of rows at a time."""
 
 SCALE_NAME = "weight_scale_inv"
+M = TypeVar("M", bound=nn.Module)
 
 
 class Fp8Codes(nn.Parameter):
@@ -104,8 +109,8 @@ _FROZEN_MESSAGE = (
 
 
 @dataclass(frozen=True)
-class _Layout:
-    """What the dequantizing matmul needs to know about a layer besides its tensors."""
+class DequantLayout:
+    """What the dequantizing matmul needs to know about a weight besides its codes and scale."""
 
     fp8_dtype: torch.dtype
     block_size: tuple[int, int] | None
@@ -114,7 +119,7 @@ class _Layout:
 
 
 def _dequantize_rows(
-    codes: torch.Tensor, scale: torch.Tensor, layout: _Layout, r0: int, r1: int
+    codes: torch.Tensor, scale: torch.Tensor, layout: DequantLayout, r0: int, r1: int
 ) -> torch.Tensor:
     """Rows ``r0:r1`` of the weight, dequantized into the compute dtype."""
     rows, cols = codes.shape
@@ -131,7 +136,11 @@ def _row_chunks(rows: int, step: int) -> Iterator[tuple[int, int]]:
 
 
 def _fp8_linear(
-    x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, layout: _Layout
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    layout: DequantLayout,
 ) -> torch.Tensor:
     """``F.linear(x, dequantized weight, bias)``, one weight (or one block of its rows) alive at a time."""
     rows = codes.shape[0]
@@ -150,7 +159,11 @@ def _fp8_linear(
 
 
 def _fp8_linear_input_grad(
-    grad_out: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, layout: _Layout, x_dtype: torch.dtype
+    grad_out: torch.Tensor,
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    layout: DequantLayout,
+    x_dtype: torch.dtype,
 ) -> torch.Tensor:
     """``grad_out @ weight``, the weight dequantized again (whole, or a block of rows at a time)."""
     rows = codes.shape[0]
@@ -170,7 +183,7 @@ class _Fp8LinearFunction(torch.autograd.Function):
     """``F.linear`` over an FP8 weight whose graph keeps the FP8 codes, never a dequantized copy."""
 
     @staticmethod
-    def forward(ctx: Any, x, codes, scale, bias, layout: _Layout):  # type: ignore[override]
+    def forward(ctx: Any, x, codes, scale, bias, layout: DequantLayout):  # type: ignore[override]
         ctx.save_for_backward(codes, scale)
         ctx.layout, ctx.x_dtype = layout, x.dtype
         return _fp8_linear(x, codes, scale, bias, layout)
@@ -186,7 +199,106 @@ class _Fp8LinearFunction(torch.autograd.Function):
         return grad_x, None, None, grad_bias, None
 
 
-class Fp8Linear(nn.Linear):
+def fp8_matmul(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    layout: DequantLayout,
+) -> torch.Tensor:
+    """``F.linear(x, dequantized codes, bias)`` for 2-D ``uint8`` ``codes`` and their fp32 ``scale``: under
+    autograd (``x`` or ``bias`` requiring grad) through :class:`_Fp8LinearFunction`, whose graph keeps only
+    the codes; otherwise directly, the dequantized weight dropped on return."""
+    needs_graph = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
+    if not needs_graph:
+        return _fp8_linear(x, codes, scale, bias, layout)
+    return _Fp8LinearFunction.apply(x, codes, scale, bias, layout)
+
+
+class Fp8Resident(nn.Module):
+    """What every FP8-resident module shares: frozen ``uint8`` code parameters (:attr:`CODE_NAMES`, each an
+    :class:`Fp8Codes`) beside fp32 scale buffers (:attr:`SCALE_NAMES`), which dtype casts never touch and
+    ``state_dict()`` shows in the FP8 dtype the checkpoint stores.
+
+    Subclasses set ``fp8_dtype`` and ``compute_dtype`` and implement :meth:`fp32_scale_of`.
+    """
+
+    CODE_NAMES: tuple[str, ...] = ()
+    SCALE_NAMES: tuple[str, ...] = ()
+    fp8_dtype: torch.dtype
+    compute_dtype: torch.dtype
+
+    def fp32_scale_of(self, name: str, scale: torch.Tensor) -> torch.Tensor:
+        """The scale buffer ``name`` holding ``scale`` as stored (any scale dtype and layout that fits)."""
+        raise NotImplementedError
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Fp8Resident:
+        """``model.to(bf16)`` / ``.half()`` / ``.float()`` change the compute dtype (and float parameters such
+        as a bias), never the codes (an integer tensor is left alone by casts) nor the fp32 scales, which only
+        follow device moves."""
+        scales = {name: self._buffers.get(name) for name in self.SCALE_NAMES}
+        present = [t for t in (*scales.values(), *(self._parameters.get(n) for n in self.CODE_NAMES))]
+        device = next((t.device for t in present if t is not None), torch.device("cpu"))
+        probe = fn(torch.empty(0, dtype=self.compute_dtype, device=device))
+        if fn(torch.empty(0, dtype=torch.uint8, device=device)).dtype != torch.uint8:
+            raise TypeError(
+                f"this cast would change the FP8 codes of an {type(self).__name__} (it casts integer tensors "
+                "too, like Module.type()); use model.to(dtype), which changes the compute dtype and keeps the codes"
+            )
+        for name in scales:
+            self._buffers[name] = None  # the key stays in place: state_dict order is unchanged
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name, scale in scales.items():
+                if scale is not None:
+                    keeps_dtype = fn(torch.empty(0, dtype=scale.dtype, device=device)).dtype == scale.dtype
+                    self._buffers[name] = fn(scale) if keeps_dtype else scale.to(device=probe.device)
+        self._rewrap_codes()
+        if probe.dtype.is_floating_point:
+            self.compute_dtype = probe.dtype
+        return self
+
+    def _fp8_repr(self) -> str:
+        """The ``extra_repr`` part every FP8-resident module shares."""
+        return (
+            f"fp8={str(self.fp8_dtype).removeprefix('torch.')}, block_size={self.block_size}, "
+            f"compute_dtype={str(self.compute_dtype).removeprefix('torch.')}"
+        )
+
+    def _rewrap_codes(self) -> None:
+        """Casts and ``load_state_dict(assign=True)`` hand back plain parameters: make them frozen codes again."""
+        for name in self.CODE_NAMES:
+            codes = self._parameters.get(name)
+            if codes is not None and not isinstance(codes, Fp8Codes) and not is_dtensor(codes):
+                self._parameters[name] = Fp8Codes(codes.data)
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name in self.CODE_NAMES:
+            if prefix + name in destination:
+                destination[prefix + name] = destination[prefix + name].view(self.fp8_dtype)
+
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
+        for name in self.CODE_NAMES:
+            codes = state_dict.get(prefix + name)
+            if codes is not None and is_fp8(codes.dtype):
+                state_dict[prefix + name] = codes.view(torch.uint8)
+        for name in self.SCALE_NAMES:
+            scale, buffer = state_dict.get(prefix + name), self._buffers.get(name)
+            if (
+                scale is not None
+                and buffer is not None
+                and (scale.dtype != torch.float32 or tuple(scale.shape) != tuple(buffer.shape))
+            ):
+                state_dict[prefix + name] = self.fp32_scale_of(name, scale)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._rewrap_codes()
+
+
+class Fp8Linear(Fp8Resident, nn.Linear):
     """A frozen linear layer holding its checkpoint FP8 weight and scale; dequantizes one layer at a time.
 
     An ``nn.Linear`` subclass, so PEFT wraps it with its stock ``lora.Linear``; ``compute_dtype`` (bnb's
@@ -194,6 +306,8 @@ class Fp8Linear(nn.Linear):
     """
 
     dequant_budget_bytes: int = DEFAULT_DEQUANT_BUDGET_BYTES
+    CODE_NAMES = ("weight",)
+    SCALE_NAMES = (SCALE_NAME,)
 
     def __init__(
         self,
@@ -276,6 +390,9 @@ class Fp8Linear(nn.Linear):
             )
         return decode_scale(scale).reshape(self.scale_shape)
 
+    def fp32_scale_of(self, name: str, scale: torch.Tensor) -> torch.Tensor:
+        return self.fp32_scale(scale)
+
     def load_fp8(self, codes: torch.Tensor, scale: torch.Tensor) -> None:
         """Hold ``codes`` (FP8: the whole weight, or the region this rank's shard holds) and ``scale`` (the
         whole scale as stored). A layer still on meta takes the tensors as they are (the codes may be
@@ -308,10 +425,10 @@ class Fp8Linear(nn.Linear):
 
     # --- compute
 
-    def _layout(self, dtype: torch.dtype, *, whole: bool = False) -> _Layout:
+    def _layout(self, dtype: torch.dtype, *, whole: bool = False) -> DequantLayout:
         row_bytes = max(1, self.in_features * dtype.itemsize)
         rows = self.out_features if whole else max(1, self.dequant_budget_bytes // row_bytes)
-        return _Layout(self.fp8_dtype, self.block_size, dtype, rows)
+        return DequantLayout(self.fp8_dtype, self.block_size, dtype, rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if is_dtensor(self.weight):  # FSDP2 hands the forward a plain unsharded tensor; TP would not
@@ -319,89 +436,35 @@ class Fp8Linear(nn.Linear):
                 "Fp8Linear under tensor parallelism (a DTensor weight in the forward) is not supported; "
                 "shard FP8-resident layers with FSDP2, or load with dequantize=True"
             )
-        bias = self.bias
-        layout = self._layout(self.compute_dtype)
-        needs_graph = torch.is_grad_enabled() and (
-            x.requires_grad or (bias is not None and bias.requires_grad)
-        )
-        if not needs_graph:
-            return _fp8_linear(x, self.weight, self.weight_scale_inv, bias, layout)
-        return _Fp8LinearFunction.apply(x, self.weight, self.weight_scale_inv, bias, layout)
-
-    # --- dtype casts must not touch the codes or the fp32 scale
-
-    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Fp8Linear:
-        """``model.to(bf16)`` / ``.half()`` / ``.float()`` change the compute dtype (and the bias), never the
-        codes (an integer tensor is left alone by casts) nor the fp32 scale, which only follows device moves."""
-        scale = self._buffers.get(SCALE_NAME)
-        device = scale.device if scale is not None else self.weight.device
-        probe = fn(torch.empty(0, dtype=self.compute_dtype, device=device))
-        if fn(torch.empty(0, dtype=torch.uint8, device=device)).dtype != torch.uint8:
-            raise TypeError(
-                "this cast would change the FP8 codes of an Fp8Linear (it casts integer tensors too, like "
-                "Module.type()); use model.to(dtype), which changes the compute dtype and keeps the codes"
-            )
-        self._buffers[SCALE_NAME] = None  # the key stays in place: state_dict order is unchanged
-        try:
-            super()._apply(fn, recurse)
-        finally:
-            if scale is not None:
-                keeps_dtype = fn(torch.empty(0, dtype=scale.dtype, device=device)).dtype == scale.dtype
-                self._buffers[SCALE_NAME] = fn(scale) if keeps_dtype else scale.to(device=probe.device)
-        weight = self._parameters.get("weight")
-        if weight is not None and not isinstance(weight, Fp8Codes) and not is_dtensor(weight):
-            self._parameters["weight"] = Fp8Codes(weight.data)
-        if probe.dtype.is_floating_point:
-            self.compute_dtype = probe.dtype
-        return self
-
-    # --- state dict: the weight in its FP8 dtype, as the checkpoint stores it
-
-    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        if prefix + "weight" in destination:
-            destination[prefix + "weight"] = destination[prefix + "weight"].view(self.fp8_dtype)
-
-    def _load_from_state_dict(
-        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
-    ) -> None:
-        weight_key, scale_key = prefix + "weight", prefix + SCALE_NAME
-        weight = state_dict.get(weight_key)
-        if weight is not None and is_fp8(weight.dtype):
-            state_dict[weight_key] = weight.view(torch.uint8)
-        scale = state_dict.get(scale_key)
-        if scale is not None and (scale.dtype != torch.float32 or tuple(scale.shape) != self.scale_shape):
-            state_dict[scale_key] = self.fp32_scale(scale)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        loaded = self._parameters.get("weight")
-        if loaded is not None and not isinstance(loaded, Fp8Codes) and not is_dtensor(loaded):
-            self._parameters["weight"] = Fp8Codes(
-                loaded.data
-            )  # load_state_dict(assign=True) made a plain one
+        return fp8_matmul(x, self.weight, self.weight_scale_inv, self.bias, self._layout(self.compute_dtype))
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"fp8={str(self.fp8_dtype).removeprefix('torch.')}, block_size={self.block_size}, "
-            f"compute_dtype={str(self.compute_dtype).removeprefix('torch.')}"
+            + self._fp8_repr()
         )
+
+
+def modules_of_type(model: nn.Module, kind: type[M]) -> dict[str, M]:
+    """Every module of ``model`` that is a ``kind``, by module name."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, kind)}
 
 
 def fp8_linear_modules(model: nn.Module) -> dict[str, Fp8Linear]:
     """Every :class:`Fp8Linear` in ``model`` by module name."""
-    return {name: module for name, module in model.named_modules() if isinstance(module, Fp8Linear)}
+    return modules_of_type(model, Fp8Linear)
 
 
 def sync_quantization_config(model: nn.Module) -> str | None:
     """Make ``model.config.quantization_config`` say what the model holds, so that a stock ``save_pretrained``
     writes a checkpoint transformers reads as it is: every plain ``nn.Linear`` not yet covered (a merged LoRA
-    layer, now in the compute dtype) joins ``modules_to_not_convert``; with no FP8-resident layer left, the
-    quantization is dropped. Returns the method dropped, or None."""
+    layer, now in the compute dtype) joins ``modules_to_not_convert``; with no FP8-resident module left (layer
+    or experts), the quantization is dropped. Returns the method dropped, or None."""
     config = getattr(model, "config", None)
     quantization = quantization_dict(config) if config is not None else None
     if quantization is None:
         return None
-    if not fp8_linear_modules(model):
+    if not modules_of_type(model, Fp8Resident):
         del config.quantization_config
         return str(quantization.get("quant_method"))
     skipped = list(quantization.get("modules_to_not_convert") or [])

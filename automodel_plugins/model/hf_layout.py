@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from automodel_plugins.errors import SaveError
+from automodel_plugins.model.fp8_experts import EXPERT_PROJECTIONS, Fp8Experts, fp8_experts_modules
 from automodel_plugins.model.fp8_linear import SCALE_NAME, Fp8Linear, fp8_linear_modules
 from automodel_plugins.model.tensors import model_tensors
 
@@ -33,10 +34,12 @@ def saved_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
     An FP8-resident layer (:class:`~automodel_plugins.model.fp8_linear.Fp8Linear`) counts as the linear it
     stands for: its weight (the FP8 codes, valued through :func:`resident_weights`), not its scale buffer,
-    which the save's scale policy writes itself.
+    which the save's scale policy writes itself; FP8-resident experts
+    (:class:`~automodel_plugins.model.fp8_experts.Fp8Experts`) likewise count as their fused tensors.
     """
     tensors = model_tensors(model)
     scales = {f"{name}.{SCALE_NAME}" for name in fp8_linear_modules(model)}
+    scales |= {_join(name, scale) for name in fp8_experts_modules(model) for scale in Fp8Experts.SCALE_NAMES}
     tensors = {name: tensor for name, tensor in tensors.items() if name not in scales}
     for target, source in (getattr(model, "all_tied_weights_keys", None) or {}).items():
         if target in tensors and source not in tensors and _same(model, target, source):
@@ -45,11 +48,19 @@ def saved_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: t for name, t in tensors.items() if name not in ignored}
 
 
-def resident_weights(model: nn.Module) -> dict[str, Fp8Linear]:
-    """``weight name -> layer`` of every FP8-resident layer: a save values these by their dequantized weight."""
-    return {
-        f"{name}.weight" if name else "weight": module for name, module in fp8_linear_modules(model).items()
+def resident_weights(model: nn.Module) -> dict[str, Fp8Linear | Fp8Experts]:
+    """``weight name -> module`` of every FP8-resident layer's weight and FP8-resident experts' fused tensors:
+    a save values these by their dequantized values."""
+    out: dict[str, Fp8Linear | Fp8Experts] = {
+        _join(name, "weight"): module for name, module in fp8_linear_modules(model).items()
     }
+    for name, module in fp8_experts_modules(model).items():
+        out.update({_join(name, projection): module for projection in EXPERT_PROJECTIONS})
+    return out
+
+
+def _join(module: str, leaf: str) -> str:
+    return f"{module}.{leaf}" if module else leaf
 
 
 def linear_weights(model: nn.Module) -> dict[str, str]:

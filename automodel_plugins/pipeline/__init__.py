@@ -11,7 +11,8 @@
   winning plugin's hooks;
 * ``plan``: where each model tensor comes from and what becomes of it (headers only);
 * ``stream``: reading each planned tensor (or one rank's region) into the model;
-* ``resident``: which linear layers keep their FP8 weight (``dequantize=False``), and the swap to ``Fp8Linear``;
+* ``resident``: which linear layers and MoE experts keep their FP8 weights (``dequantize=False``), and the swap
+  to ``Fp8Linear`` / ``Fp8Experts``;
 * ``load``: ``from_pretrained``, ``build_model``, ``load_weights``;
 * ``describe``: what a load would do, without reading tensor data (``inspect``);
 * ``save_plan``: the key, dtype, shape and FP8 scale each tensor is written with (headers only);

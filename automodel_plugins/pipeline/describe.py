@@ -23,7 +23,7 @@ from automodel_plugins.pipeline.composition import adapter_for
 from automodel_plugins.pipeline.load import build_model, resolve_dtype
 from automodel_plugins.pipeline.plan import plan_load
 from automodel_plugins.pipeline.preflight import check_stock_path, check_structure
-from automodel_plugins.pipeline.resident import residency_candidates
+from automodel_plugins.pipeline.resident import plan_resident
 from automodel_plugins.registry import Registry, get_registry, pick_winner
 from automodel_plugins.sources import CONFIG_NAME, CheckpointLocation, HubLocation, load_config, resolve
 
@@ -57,9 +57,9 @@ def describe_checkpoint(
     many are used as stored or converted, the dropped keys, and the bytes the model holds once loaded in
     ``dtype`` (default: the config's, else BF16): ``bytes_after_load`` dequantized (the default load), and
     ``bytes_after_load_fp8_resident`` with ``dequantize=False`` (FP8 codes + fp32 scales of the
-    ``fp8_resident_layers`` + every other tensor; ``None`` when no linear weight is FP8), and
-    ``fp8_not_resident``, the FP8 tensors such a load still dequantizes (not ``nn.Linear`` weights: a MoE
-    layer's fused experts). Tensors assembled from several checkpoint tensors are counted in
+    ``fp8_resident_layers`` tensors, linear weights and fused MoE experts, + every other tensor; ``None`` when
+    nothing can stay FP8), and ``fp8_not_resident``, the FP8 tensors such a load still dequantizes (neither
+    ``nn.Linear`` weights nor block-aligned block-FP8 fused experts). Tensors assembled from several checkpoint tensors are counted in
     ``assembled_tensors``, their checkpoint tensors in ``pieces``; ``scale_keys`` counts every FP8 scale read.
     ``adapter_details`` holds what the adapter describes beyond layout, granularity and scale names. Raises what
     the load would raise for a config or a checkpoint it cannot plan (a config the headers contradict, missing
@@ -157,7 +157,7 @@ def _load_summary(
     targets = model_tensors(model)
     adapter = adapter_for(registry, plugin, config, checkpoint)
     plan = plan_load(targets, adapter, checkpoint)
-    resident = plan_load(targets, adapter, checkpoint, keep_fp8=residency_candidates(model))
+    resident = plan_resident(model, targets, adapter, checkpoint)
     kept = sum(planned.action == "kept_fp8" for planned in resident.values())
     adapter_info = adapter.describe()
     actions = Counter(planned.action for planned in plan.values())

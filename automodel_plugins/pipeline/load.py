@@ -5,9 +5,10 @@
 
 ``from_pretrained`` runs all of it. ``build_model`` stops before the tensors (for users who shard first), and
 ``load_weights`` streams into a model ``build_model`` made once it is materialized (each rank its own slices).
-``dequantize=False`` keeps the checkpoint's FP8 linear weights FP8 (see ``docs/fp8-resident.md``): after
-planning, those layers become :class:`~automodel_plugins.model.fp8_linear.Fp8Linear` on meta, and the stream
-fills them with the stored FP8 bytes and scales.
+``dequantize=False`` keeps the checkpoint's FP8 linear weights and fused MoE experts FP8 (see
+``docs/fp8-resident.md``): after planning, those modules become :class:`~automodel_plugins.model.fp8_linear.
+Fp8Linear` and :class:`~automodel_plugins.model.fp8_experts.Fp8Experts` on meta, and the stream fills them with
+the stored FP8 bytes and scales.
 """
 
 from __future__ import annotations
@@ -51,9 +52,10 @@ from automodel_plugins.pipeline.composition import (
 from automodel_plugins.pipeline.plan import LoadPlan, plan_load
 from automodel_plugins.pipeline.preflight import check_headers_of, check_stock_path, check_structure
 from automodel_plugins.pipeline.resident import (
+    SIBLING_NOTE,
     loadable_tensors,
     make_fp8_resident,
-    residency_candidates,
+    plan_resident,
     resident_weights,
 )
 from automodel_plugins.pipeline.stream import LoadReport, stream_into
@@ -100,7 +102,8 @@ def from_pretrained(
     ``dtype`` defaults to the config's (BF16 for FP8 checkpoints): the dtype of every float tensor, and the
     compute dtype of FP8-resident layers. ``dequantize=False``: the checkpoint's FP8 linear weights stay FP8
     (frozen :class:`~automodel_plugins.model.fp8_linear.Fp8Linear` layers, 1 byte a parameter plus their
-    scales), dequantized one layer at a time in the forward; an unquantized checkpoint raises
+    scales), dequantized one layer at a time in the forward, and so do block-FP8 fused MoE experts
+    (:class:`~automodel_plugins.model.fp8_experts.Fp8Experts`, one expert's matrix at a time); an unquantized checkpoint raises
     :class:`~automodel_plugins.errors.NotQuantizedError`. ``skip_logits``: a forward given ``labels`` computes
     the loss from hidden states and returns no full logits (when the plugin overrides the forward).
     ``progress`` switches the bars (downloads and loading; default: at a terminal). ``revision``,
@@ -278,10 +281,11 @@ def _plan_build(
     dequantize: bool,
     composition: Composition,
 ) -> LoadPlan:
-    """Plan a load into the meta model; with ``dequantize=False`` also make its FP8 layers resident (and say
-    which FP8 tensors are still dequantized: only ``nn.Linear`` weights can stay FP8)."""
-    candidates = () if dequantize else residency_candidates(model)
-    plan = plan_load(model_tensors(model), adapter, checkpoint, keep_fp8=candidates)
+    """Plan a load into the meta model; with ``dequantize=False`` also make its FP8 layers and experts resident
+    (and say which FP8 tensors are still dequantized, and why)."""
+    if dequantize:
+        return plan_load(model_tensors(model), adapter, checkpoint)
+    plan = plan_resident(model, model_tensors(model), adapter, checkpoint)
     if not dequantize:
         composition.fp8_resident = make_fp8_resident(model, plan, checkpoint)
         composition.fp8_not_resident = [name for name, p in plan.items() if p.action == "dequantized"]
@@ -290,17 +294,22 @@ def _plan_build(
 
 
 def _warn_not_resident(names: list[str], plan: LoadPlan) -> None:
-    """``dequantize=False`` keeps nn.Linear weights FP8; FP8 tensors of other modules (a MoE layer's fused
-    experts) are dequantized as usual, which the caller, who asked for FP8 memory, must hear about."""
+    """``dequantize=False`` keeps nn.Linear weights and fitting fused experts FP8; other FP8 tensors (an
+    embedding, experts whose pieces are not block-aligned) are dequantized as usual, which the caller, who
+    asked for FP8 memory, must hear about, with the reason."""
     if not names:
         return
     dequantized = sum(plan[name].numel for name in names)
     total = sum(planned.numel for planned in plan.values())
+    first = plan[names[0]]
+    notes = list(dict.fromkeys(plan[name].note for name in names if plan[name].note))
+    notes.sort(key=lambda note: note.endswith(SIBLING_NOTE))  # the causes first
+    why = notes[0] + (f" (and {len(notes) - 1} other reason(s))" if len(notes) > 1 else "") if notes else ""
     warnings.warn(
-        f"dequantize=False: {len(names)} FP8 tensor(s) that are not nn.Linear weights ({names[0]}"
-        f"{', ...' if len(names) > 1 else ''}; {dequantized / max(total, 1):.0%} of the parameters) are "
-        f"dequantized to {plan[names[0]].dtype}: only nn.Linear layers stay FP8-resident (a mixture-of-experts "
-        "layer's fused experts do not); see model.automodel_composition.fp8_not_resident",
+        f"dequantize=False: {len(names)} FP8 tensor(s) cannot stay FP8 ({names[0]}"
+        f"{', ...' if len(names) > 1 else ''}; {dequantized / max(total, 1):.0%} of the parameters) and are "
+        f"dequantized to {first.dtype}: {why or 'only nn.Linear weights and fused MoE experts stay FP8'}; "
+        "see model.automodel_composition.fp8_not_resident",
         UserWarning,
         stacklevel=4,
     )

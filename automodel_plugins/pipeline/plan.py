@@ -10,7 +10,9 @@ caller names as residency candidates), a float in another dtype is converted, an
 A tensor assembled from pieces is planned piece by piece: every piece's key (and scale) must be in the
 checkpoint, each stored tensor must have the shape its box needs and a dtype that can become the model's, each
 FP8 piece's scale header must fit it, and the boxes must tile the tensor exactly once. It is ``dequantized``
-when FP8 pieces are among them, else ``converted`` (copied into place), never used in place or kept FP8.
+when FP8 pieces are among them, else ``converted`` (copied into place), never used in place. A fused MoE expert
+tensor (3-D) named a residency candidate is kept FP8 (codes and one stacked block grid) when it fits
+:func:`residency_misfit`; when it does not, the plan's ``note`` says why it is dequantized.
 """
 
 from __future__ import annotations
@@ -32,14 +34,22 @@ from automodel_plugins.errors import (
 )
 from automodel_plugins.fp8.formats import is_fp8, weight_key_of_scale
 from automodel_plugins.fp8.scales import check_scale_header, grid_shape
-from automodel_plugins.fp8.stacked import check_stacked_scale_header, is_stacked
+from automodel_plugins.fp8.stacked import check_stacked_scale_header, is_stacked, stacked_grid_shape
 
 if TYPE_CHECKING:
     from automodel_plugins.adapters import Piece, StateDictAdapter, TensorSource
     from automodel_plugins.checkpoint import Checkpoint
     from automodel_plugins.checkpoint.header import TensorInfo
 
-__all__ = ["Action", "LoadPlan", "PlannedTensor", "action_for", "loaded_dtype", "plan_load"]
+__all__ = [
+    "Action",
+    "LoadPlan",
+    "PlannedTensor",
+    "action_for",
+    "loaded_dtype",
+    "plan_load",
+    "residency_misfit",
+]
 
 Action = Literal["dequantized", "kept_fp8", "converted", "used_in_place"]
 """How a tensor's value is made: FP8 data times its scale; FP8 data and its scale kept as they are (an
@@ -73,6 +83,8 @@ class PlannedTensor:
     numel: int = 0
     scale_numel: int = 0
     shape: tuple[int, ...] = ()
+    note: str = ""
+    """For a residency candidate's FP8 data planned ``dequantized``: why it cannot stay FP8."""
 
     @property
     def is_fp8(self) -> bool:
@@ -166,10 +178,27 @@ def plan_load(
     planned = {}
     for name in sorted(sources, key=lambda n: min(order[key] for key in sources[n].data_keys)):
         source, target = sources[name], tensors[name]
+        misfit = residency_misfit(source, tuple(target.shape), checkpoint) if name in keep else None
+        if name in required and source.is_fp8 and misfit:
+            raise DtypeMismatchError(
+                f"model tensor {name!r} is an FP8-resident weight but the checkpoint's FP8 data cannot stay "
+                f"FP8 ({misfit}); load it into a model built with dequantize=True",
+                path=checkpoint.info(source.key).file,
+                key=source.key,
+            )
         if source.is_assembled:
-            planned[name] = _plan_assembled(name, target, source, checkpoint, dtype)
+            planned[name] = _plan_assembled(
+                name, target, source, checkpoint, dtype, keep=name in keep, misfit=misfit
+            )
+            if name in required and planned[name].action != "kept_fp8":
+                raise DtypeMismatchError(
+                    f"model tensor {name!r} is an FP8-resident weight but the checkpoint stores its pieces "
+                    "without FP8 scales; load it into a model built with dequantize=True",
+                    path=checkpoint.info(source.key).file,
+                    key=source.key,
+                )
             continue
-        kept = name in keep and source.is_fp8
+        kept = name in keep and source.is_fp8 and not misfit
         if name in required and not source.is_fp8:
             info = checkpoint.info(source.key)
             raise DtypeMismatchError(
@@ -190,6 +219,7 @@ def plan_load(
             numel=target.numel(),
             scale_numel=_scale_numel(source, tuple(info.shape)) if kept else 0,
             shape=tuple(target.shape),
+            note=misfit or "",
         )
     plan = LoadPlan(planned)
     consumed = plan.consumed_keys()
@@ -205,10 +235,18 @@ def _target_dtype(target: torch.Tensor, dtype: torch.dtype | None) -> torch.dtyp
 
 
 def _plan_assembled(
-    name: str, target: torch.Tensor, source: TensorSource, checkpoint: Checkpoint, dtype: torch.dtype | None
+    name: str,
+    target: torch.Tensor,
+    source: TensorSource,
+    checkpoint: Checkpoint,
+    dtype: torch.dtype | None,
+    *,
+    keep: bool = False,
+    misfit: str | None = None,
 ) -> PlannedTensor:
     """Check every piece against the headers and the boxes against the tensor; plan the assembled value."""
     shape = tuple(target.shape)
+    kept = keep and source.is_fp8 and misfit is None
     boxes = []
     for piece in source.parts():
         info = checkpoint.info(piece.key)
@@ -222,7 +260,8 @@ def _plan_assembled(
                 path=info.file,
                 key=piece.key,
             )
-        _check_dtype(name, target, piece.key, info, fp8=piece.is_fp8)
+        if not kept:  # kept pieces are FP8 codes held as stored, by an Fp8Experts (uint8 once built)
+            _check_dtype(name, target, piece.key, info, fp8=piece.is_fp8)
         if piece.is_fp8:
             _check_scale(piece, checkpoint)
         boxes.append(geometry.box)
@@ -235,18 +274,71 @@ def _plan_assembled(
         )
     target_dtype = _target_dtype(target, dtype)
     stored = checkpoint.info(source.key).dtype
+    if kept:
+        block = source.parts()[0].block_size
+        return PlannedTensor(
+            source,
+            stored,
+            "kept_fp8",
+            numel=target.numel(),
+            scale_numel=math.prod(stacked_grid_shape(shape, block)),
+            shape=shape,
+        )
     return PlannedTensor(
         source,
         loaded_dtype(stored, fp8=source.is_fp8, dtype=target_dtype),
         "dequantized" if source.is_fp8 else "converted",
         numel=target.numel(),
         shape=shape,
+        note=(misfit or "") if keep and source.is_fp8 else "",
     )
 
 
+def residency_misfit(source: TensorSource, shape: tuple[int, ...], checkpoint: Checkpoint) -> str | None:
+    """Why the FP8 data of a residency candidate of ``shape`` cannot be kept FP8, or ``None`` when it can.
+
+    A 2-D weight stored as one tensor always can (:class:`~automodel_plugins.model.fp8_linear.Fp8Linear`). A
+    fused expert tensor ``[E, R, C]`` can when its codes and one block grid per expert can be put together
+    from its pieces as they are stored: every piece FP8 of one dtype with block scales of one block size,
+    none stored transposed, and every piece's box starting on a block boundary of its expert's matrix (so that
+    each piece's grid is exactly a run of cells of the stacked grid). Only headers are read.
+    """
+    if not source.is_fp8:
+        return None
+    if len(shape) == 2 and not source.is_assembled:
+        return None
+    if len(shape) != 3:
+        return f"FP8 data of a {len(shape)}-D tensor made of pieces"
+    parts = source.parts()
+    if not all(piece.is_fp8 for piece in parts):
+        return "some of its pieces are not FP8"
+    blocks = {piece.block_size for piece in parts}
+    if None in blocks:
+        return "its FP8 scales are per tensor, not per block"
+    if len(blocks) > 1:
+        return f"its pieces use different block sizes {sorted(blocks)}"
+    if len({checkpoint.info(piece.key).dtype for piece in parts}) > 1:
+        return "its pieces are stored in different FP8 dtypes"
+    if any(piece.transposed for piece in parts):
+        return "it is stored transposed"
+    (block,) = blocks
+    for piece in parts:
+        box = piece.box_in(shape)
+        if box[1][0] % block[0] or box[2][0] % block[1]:
+            return (
+                f"piece {piece.key!r} starts at row {box[1][0]}, column {box[2][0]} of its expert's matrix, "
+                f"not on a {block[0]}x{block[1]} block boundary"
+            )
+    return None
+
+
 def _scale_numel(source: TensorSource, shape: tuple[int, ...]) -> int:
-    """Elements of the fp32 scale an FP8-resident weight keeps: one, or one per block."""
-    return 1 if source.block_size is None else math.prod(grid_shape(shape, source.block_size))
+    """Elements of the fp32 scale an FP8-resident weight keeps: one, or one per block (of each matrix)."""
+    if source.block_size is None:
+        return 1
+    if is_stacked(shape, source.block_size):
+        return math.prod(stacked_grid_shape(shape, source.block_size))
+    return math.prod(grid_shape(shape, source.block_size))
 
 
 def _check_compatible(
@@ -260,7 +352,7 @@ def _check_compatible(
             key=source.key,
         )
     if kept:
-        return  # FP8 codes kept as stored: the module holding them is (or becomes) an Fp8Linear
+        return  # FP8 codes kept as stored: the module holding them is (or becomes) an Fp8Linear or Fp8Experts
     _check_dtype(name, target, source.key, info, fp8=source.is_fp8)
 
 

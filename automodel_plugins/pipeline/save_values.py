@@ -3,7 +3,8 @@
 * :class:`ModelValues`: the tensors of a model in memory. A DTensor (FSDP2, tensor parallel) gives this rank's
   local shard, which is one box of the global tensor (``model.placement.local_region``); a plain tensor the
   whole of it. The weight of an FP8-resident layer is valued as what it stands for, its dequantized weight
-  in the compute dtype, a chunk of rows at a time (re-encoding it with its own scale gives back its bytes).
+  in the compute dtype, a chunk of rows at a time (re-encoding it with its own scale gives back its bytes);
+  a fused tensor of FP8-resident experts likewise, a run of experts at a time, each matrix with its own grid.
 * :class:`CheckpointValues`: a checkpoint read as a load would read it (``pipeline.stream.read_value``: FP8
   dequantized with its scale, other floats cast), a chunk of rows at a time, never a whole tensor: what
   ``automodel-plugins convert`` streams through.
@@ -24,6 +25,7 @@ import torch
 
 from automodel_plugins.adapters.pieces import intersect, relative_slices
 from automodel_plugins.fp8.decode import dequantize
+from automodel_plugins.model.fp8_experts import Fp8Experts
 from automodel_plugins.model.placement import is_dtensor, local_region
 from automodel_plugins.pipeline.stream import read_value
 
@@ -68,7 +70,10 @@ class ModelValues:
     FP8-resident layers (``hf_layout.resident_weights``), valued by their dequantized rows."""
 
     def __init__(
-        self, tensors: Mapping[str, torch.Tensor], *, resident: Mapping[str, Fp8Linear] = {}
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        *,
+        resident: Mapping[str, Fp8Linear | Fp8Experts] = {},
     ) -> None:
         self.tensors = dict(tensors)
         self.resident = dict(resident)
@@ -104,6 +109,11 @@ class ModelValues:
         product with the block of each element, one rounding to the compute dtype)."""
         layer = self.resident[name]
         codes = _local(self.tensors[name]).detach().view(layer.fp8_dtype)
+        if isinstance(layer, Fp8Experts):
+            yield from _dequantized_experts(
+                codes, layer.scale(name.rpartition(".")[2]), layer, self.box(name), elements
+            )
+            return
         (row0, _), (col0, col1) = self.box(name)
         step = _rows_per_chunk(tuple(codes.shape), elements or None)
         for row in range(0, codes.shape[0], step):
@@ -119,6 +129,29 @@ class ModelValues:
                     region=region if layer.block_size is not None else None,
                 ),
             )
+
+
+def _dequantized_experts(
+    codes: torch.Tensor, scale: torch.Tensor, layer: Fp8Experts, box: Box, elements: int | None
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Runs of experts of this rank's box of a fused FP8-resident tensor, each matrix dequantized with its own
+    grid of the whole stacked ``scale`` as the experts' forward does."""
+    (expert0, _), (row0, row1), (col0, col1) = box
+    whole = (row0, col0) == (0, 0) and (row1, col1) == tuple(codes.shape[1:])
+    region = None if whole else (slice(row0, row1), slice(col0, col1))
+    step = _rows_per_chunk(tuple(codes.shape), elements or None)
+    for first in range(0, codes.shape[0], step):
+        part = codes[first : first + step]
+        out = torch.empty(part.shape, dtype=layer.compute_dtype, device=part.device)
+        for index in range(part.shape[0]):
+            out[index] = dequantize(
+                part[index].contiguous(),
+                scale[expert0 + first + index],
+                dtype=layer.compute_dtype,
+                block_size=layer.block_size,
+                region=region,
+            )
+        yield first, out
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:

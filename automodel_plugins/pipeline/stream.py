@@ -6,7 +6,9 @@ memory map, never copied, unless the load asks for private copies); a real tenso
 (FSDP2, tensor parallel), is written in place, reading only the region this rank holds. Dtypes come from the
 plan in both cases. A weight the plan keeps FP8 goes to its
 :class:`~automodel_plugins.model.fp8_linear.Fp8Linear` as the stored FP8 bytes (the region's bytes on a
-sharded model) with its whole scale: no dequantized copy is made. No value becomes NaN or inf on the way: FP8
+sharded model) with its whole scale, and a fused expert tensor kept FP8 to its
+:class:`~automodel_plugins.model.fp8_experts.Fp8Experts` piece by piece (each piece's bytes into its rows, its
+grid into its cells of the stacked grid): no dequantized copy is made. No value becomes NaN or inf on the way: FP8
 data is checked as it is dequantized, and a conversion to a narrower float dtype that overflows is refused. A
 shard modified in place while it was read fails the load (one replaced by rename is still read consistently:
 see ``checkpoint.shard``).
@@ -38,8 +40,14 @@ from automodel_plugins.checkpoint import Checkpoint
 from automodel_plugins.errors import NonFiniteWeightError, ScaleError
 from automodel_plugins.fp8.decode import check_finite, dequantize
 from automodel_plugins.fp8.formats import is_fp8
-from automodel_plugins.fp8.scales import validate_scale
-from automodel_plugins.fp8.stacked import is_stacked, stacked_dequantize, validate_stacked_scale
+from automodel_plugins.fp8.scales import decode_scale, validate_scale
+from automodel_plugins.fp8.stacked import (
+    is_stacked,
+    stacked_dequantize,
+    stacked_grid_shape,
+    validate_stacked_scale,
+)
+from automodel_plugins.model.fp8_experts import Fp8Experts
 from automodel_plugins.model.fp8_linear import Fp8Linear
 from automodel_plugins.model.placement import Region, is_dtensor, local_region, write_local
 from automodel_plugins.model.tensors import model_tensors
@@ -55,9 +63,10 @@ class LoadReport:
 
     ``used_in_place`` counts tensors stored in the dtype the model holds (memory-mapped when assigned whole
     on CPU, copied into an already materialized model); ``kept_fp8`` the FP8 weights held as FP8 by
-    FP8-resident layers; ``unused_keys_allowed`` the checkpoint keys a pipeline stage left to the other stages.
-    ``assembled`` counts the tensors put together from pieces (also counted by how: ``dequantized`` when FP8
-    pieces were among them, else ``converted``), ``pieces`` the pieces read for them.
+    FP8-resident layers and experts; ``unused_keys_allowed`` the checkpoint keys a pipeline stage left to the
+    other stages. ``assembled`` counts the tensors put together from pieces (also counted by how:
+    ``dequantized`` when FP8 pieces were among them, ``kept_fp8`` for resident experts, else ``converted``),
+    ``pieces`` the pieces read for them.
     """
 
     tensors: int = 0
@@ -253,9 +262,13 @@ def stream_into(
     for planned_name in progress_bar(list(plan), enabled=progress, desc=desc):
         name = names.get(planned_name, planned_name) if names else planned_name
         planned, target = plan[planned_name], targets[name]
-        if planned.action == "kept_fp8":
-            _load_resident(model, name, target, planned.source, checkpoint, device, mmap=mmap)
+        if planned.action == "kept_fp8" and isinstance(_module_of(model, name), Fp8Experts):
+            report.pieces += _load_resident_experts(model, name, target, planned, checkpoint, device)
+            report.assembled += planned.source.is_assembled
             how: Action = "kept_fp8"
+        elif planned.action == "kept_fp8":
+            _load_resident(model, name, target, planned.source, checkpoint, device, mmap=mmap)
+            how = "kept_fp8"
         elif planned.source.is_assembled:
             how = planned.action
             report.assembled += 1
@@ -346,6 +359,100 @@ def _load_resident(
         path=checkpoint.info(source.key).file,
     )
     layer.load_fp8(codes, scale)
+
+
+def _module_of(model: nn.Module, name: str) -> nn.Module:
+    return model.get_submodule(name.rpartition(".")[0])
+
+
+def _load_resident_experts(
+    model: nn.Module,
+    name: str,
+    target: torch.Tensor,
+    planned: PlannedTensor,
+    checkpoint: Checkpoint,
+    device: torch.device,
+) -> int:
+    """Put a fused expert tensor's FP8 codes and stacked block grid into its :class:`Fp8Experts`, straight from
+    the pieces as stored: each piece's FP8 bytes (only the part this rank's region overlaps) are copied into
+    their rows of the ``uint8`` destination (a new tensor for a meta target, else this rank's local shard), and
+    each piece's validated scale grid into its cells of the stacked grid (every piece's, so that the replicated
+    grid is whole on every rank). No dequantized copy is made. Returns the pieces whose bytes were read."""
+    layer = _module_of(model, name)
+    leaf = name.rpartition(".")[2]
+    shape = tuple(target.shape)
+    block = layer.block_size
+    region = None if target.is_meta else local_region(target)
+    wanted = whole_box(shape) if region is None else tuple((part.start, part.stop) for part in region)
+    if target.is_meta:
+        codes = torch.empty(shape, dtype=torch.uint8, device=device)
+    else:
+        codes = target.to_local() if is_dtensor(target) else target
+    scale = torch.empty(stacked_grid_shape(shape, block), dtype=torch.float32, device=codes.device)
+    read = 0
+    for piece in planned.source.parts():
+        info = checkpoint.info(piece.key)
+        geometry = PieceGeometry.of(piece, shape, len(info.shape))
+        piece_scale = read_scale(checkpoint, piece.stored_source())
+        cells = _grid_cells(geometry.box, block)
+        scale[as_slices(cells)] = decode_scale(piece_scale).reshape(
+            tuple(stop - start for start, stop in cells)
+        )
+        overlap = intersect(geometry.box, wanted)
+        if overlap is None:
+            continue
+        stored_region = geometry.stored_region(overlap)
+        whole = stored_region == whole_box(info.shape)
+        data = checkpoint.read(piece.key, None if whole else as_slices(stored_region))
+        _check_finite_matrices(
+            data, piece_scale, stored_region, layer.compute_dtype, block, piece.key, info.file
+        )
+        with torch.no_grad():
+            codes[relative_slices(overlap, wanted)] = geometry.to_model(data, overlap).view(torch.uint8)
+        read += 1
+    if target.is_meta:
+        layer.load_fp8(leaf, codes, scale)
+    else:
+        layer.load_scale(leaf, scale)
+    return read
+
+
+def _grid_cells(box: tuple[tuple[int, int], ...], block: tuple[int, int]) -> tuple[tuple[int, int], ...]:
+    """The cells of a stacked block grid that a block-aligned box of the stacked weight covers."""
+    *leading, (r0, r1), (c0, c1) = box
+    return (
+        *leading,
+        (r0 // block[0], -(-r1 // block[0])),
+        (c0 // block[1], -(-c1 // block[1])),
+    )
+
+
+def _check_finite_matrices(
+    data: torch.Tensor,
+    scale: torch.Tensor,
+    stored_region: tuple[tuple[int, int], ...],
+    dtype: torch.dtype,
+    block: tuple[int, int],
+    key: str,
+    path: object,
+) -> None:
+    """Kept FP8, dequantized in every forward: refuse now what would be NaN or inf there, matrix by matrix
+    (``data`` is ``stored_region`` of a 2-D piece or of a stacked one, ``scale`` the piece's whole scale)."""
+    matrix_region = as_slices(stored_region[-2:])
+    if data.dim() == 2:
+        check_finite(data, scale, dtype=dtype, block_size=block, region=matrix_region, key=key, path=path)
+        return
+    first = stored_region[0][0]
+    for index in range(data.shape[0]):
+        check_finite(
+            data[index],
+            scale[first + index],
+            dtype=dtype,
+            block_size=block,
+            region=matrix_region,
+            key=key,
+            path=path,
+        )
 
 
 def _assign(model: nn.Module, name: str, target: torch.Tensor, value: torch.Tensor) -> None:

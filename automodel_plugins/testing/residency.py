@@ -25,7 +25,19 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-__all__ = ["WeightCopyWatch", "watch_weight_copies"]
+__all__ = ["WeightCopyWatch", "held_bytes", "watch_weight_copies"]
+
+
+def held_bytes(model: nn.Module) -> int:
+    """Parameter and persistent-buffer bytes of ``model`` (what a checkpoint fills; rotary tables aside): FP8
+    codes count one byte, their fp32 scales four, as ``inspect``'s ``bytes_after_load*`` count them."""
+    tensors = [*model.parameters()] + [
+        buffer
+        for module in model.modules()
+        for name, buffer in module.named_buffers(recurse=False)
+        if name not in module._non_persistent_buffers_set
+    ]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 @dataclass
@@ -91,12 +103,19 @@ class _Mode(TorchDispatchMode):
 def watch_weight_copies(
     model: nn.Module, layers: Iterable[nn.Module] | None = None
 ) -> Iterator[WeightCopyWatch]:
-    """Watch ``layers`` (default: every FP8-resident layer of ``model``) while the block runs."""
+    """Watch ``layers`` (default: every FP8-resident layer of ``model``: ``Fp8Linear`` and ``Fp8Experts``, whose
+    copies are one expert's matrix or a whole fused tensor) while the block runs."""
+    from automodel_plugins.model.fp8_experts import Fp8Experts
     from automodel_plugins.model.fp8_linear import Fp8Linear
 
-    watched = list(layers) if layers is not None else [m for m in model.modules() if isinstance(m, Fp8Linear)]
+    resident = (Fp8Linear, Fp8Experts)
+    watched = list(layers) if layers is not None else [m for m in model.modules() if isinstance(m, resident)]
     shapes = set()
     for layer in watched:
+        if isinstance(layer, Fp8Experts):  # one expert's matrix, and the whole fused tensor
+            for experts, rows, cols in layer.shapes.values():
+                shapes |= {(rows, cols), (cols, rows), (experts, rows, cols), (experts, cols, rows)}
+            continue
         out_features, in_features = layer.out_features, layer.in_features
         shapes |= {(out_features, in_features), (in_features, out_features)}
     existing = frozenset(t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()])

@@ -82,24 +82,29 @@ _EXPERT_PIECES = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_
 """A fused expert parameter and the per-expert projections stacked into it (the FP8 releases' layout)."""
 
 
-def expert_piece_reads(name: str, tensor: torch.Tensor, checkpoint: Checkpoint) -> list[tuple[str, Bounds]]:
+def expert_piece_reads(
+    name: str, tensor: torch.Tensor, checkpoint: Checkpoint, *, every_scale: bool = False
+) -> list[tuple[str, Bounds]]:
     """What a rank holding ``tensor`` (``[E, rows, cols]``, fused from per-expert pieces) should read: for each
     expert in its dim-0 range, the rows of each projection's piece its region overlaps (whole: None), and that
-    piece's whole scale. Worked out here from the layout, not by the host's geometry."""
+    piece's whole scale; with ``every_scale`` (FP8-resident experts, whose stacked grid is replicated) every
+    expert's scales. Worked out here from the layout, not by the host's geometry."""
     layer, parameter = name.rsplit(".experts.", 1)
     projections = _EXPERT_PIECES[parameter]
     bounds = chunk_bounds(tensor) or [[0, size] for size in tensor.shape]
     rows = tensor.shape[1] // len(projections)
     reads: list[tuple[str, Bounds]] = []
-    for expert in range(*bounds[0]):
+    for expert in range(tensor.shape[0]):
         for index, projection in enumerate(projections):
-            low, high = max(bounds[1][0], index * rows), min(bounds[1][1], (index + 1) * rows)
-            if low >= high:
-                continue
             key = f"{layer}.experts.{expert}.{projection}.weight"
-            piece = [[low - index * rows, high - index * rows], bounds[2]]
-            whole = piece == [[0, rows], [0, tensor.shape[2]]]
-            reads += [(key, None if whole else piece), (key + "_scale_inv", None)]
+            low, high = max(bounds[1][0], index * rows), min(bounds[1][1], (index + 1) * rows)
+            mine = bounds[0][0] <= expert < bounds[0][1] and low < high
+            if mine:
+                piece = [[low - index * rows, high - index * rows], bounds[2]]
+                whole = piece == [[0, rows], [0, tensor.shape[2]]]
+                reads.append((key, None if whole else piece))
+            if mine or every_scale:
+                reads.append((key + "_scale_inv", None))
     return reads
 
 
@@ -116,11 +121,14 @@ def expected_reads(
 
     reads: list[tuple[str, Bounds]] = []
     nbytes = 0
+    from automodel_plugins.model.fp8_experts import Fp8Experts
+
     for name, tensor in model_tensors(model).items():
-        if name.endswith(".weight_scale_inv"):
+        if name.endswith("_scale_inv"):  # the scale buffers of FP8-resident layers and experts
             continue
         if name.rsplit(".experts.", 1)[-1] in _EXPERT_PIECES and rename(name) not in checkpoint:
-            pieces = expert_piece_reads(name, tensor, checkpoint)
+            resident = isinstance(model.get_submodule(name.rpartition(".")[0]), Fp8Experts)
+            pieces = expert_piece_reads(name, tensor, checkpoint, every_scale=resident)
             reads += pieces
             nbytes += sum(_read_bytes(checkpoint, key, bounds) for key, bounds in pieces)
             continue

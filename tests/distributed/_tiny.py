@@ -79,19 +79,25 @@ MOE_NOT_CONVERTED = (
 )
 
 
-def moe_config() -> Any:
+MOE_ALIGNED = "qwen3_vl_moe_aligned"
+"""The same, with every expert piece on 16x16 block boundaries (hidden 48, expert intermediate 32: gate/up
+32 x 48, down 48 x 32), so ``dequantize=False`` keeps the experts FP8 (``Fp8Experts``)."""
+MOE_ALIGNED_TEXT = {"hidden_size": 48, "moe_intermediate_size": 32, "vocab_size": 251, "num_experts": 5}
+
+
+def moe_config(aligned: bool = False) -> Any:
     from automodel_plugins.testing.tiny_models import tiny_qwen3_vl_moe_config
 
-    return tiny_qwen3_vl_moe_config(**MOE_TEXT)
+    return tiny_qwen3_vl_moe_config(**(MOE_ALIGNED_TEXT if aligned else MOE_TEXT))
 
 
-def write_moe_checkpoint(directory: Path, *, seed: int = 0) -> Path:
+def write_moe_checkpoint(directory: Path, *, seed: int = 0, aligned: bool = False) -> Path:
     from transformers import Qwen3VLMoeForConditionalGeneration
 
     from automodel_plugins.testing.checkpoints import write_fp8_checkpoint
 
     torch.manual_seed(seed)
-    model = Qwen3VLMoeForConditionalGeneration(moe_config())
+    model = Qwen3VLMoeForConditionalGeneration(moe_config(aligned))
     _perturb_norms(model)
     return write_fp8_checkpoint(
         model,
@@ -105,11 +111,11 @@ def write_moe_checkpoint(directory: Path, *, seed: int = 0) -> Path:
     )
 
 
-def moe_inputs(*, seed: int = 1) -> dict[str, torch.Tensor]:
-    """Two rows, the first holding one 4x4-patch image (4 image tokens), labels included."""
+def moe_inputs(*, seed: int = 1, aligned: bool = False, batch: int = 2) -> dict[str, torch.Tensor]:
+    """Rows of 12 tokens, the first holding one 4x4-patch image (4 image tokens), labels included."""
     from automodel_plugins.testing.tiny_models import qwen3_vl_image_batch
 
-    return qwen3_vl_image_batch(moe_config(), seed=seed)
+    return qwen3_vl_image_batch(moe_config(aligned), seed=seed, batch=batch)
 
 
 def text_only_config() -> Any:

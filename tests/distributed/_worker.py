@@ -486,16 +486,109 @@ def fsdp_resident_lora(ctx: Context) -> dict[str, Any]:
 
 def _lora_step(model: Any, batch: dict[str, torch.Tensor]) -> tuple[dict, dict, list[float]]:
     """Forward, backward, one SGD step, and the loss after it: (full LoRA grads, full LoRA params, losses)."""
+    return _mean_lora_step(model, [batch])
+
+
+def _mean_lora_step(model: Any, batches: list[dict[str, torch.Tensor]]) -> tuple[dict, dict, list[float]]:
+    """:func:`_lora_step` on the mean of the ``batches``' losses (what FSDP2's averaged gradients are when
+    every rank's batch has as many labels)."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=0.5)
-    loss = model(**batch).loss
+    loss = sum(model(**batch).loss for batch in batches) / len(batches)
     loss.backward()
     grads = {n: _checks.full_value(p.grad) for n, p in model.named_parameters() if p.grad is not None}
     optimizer.step()
     after = {n: _checks.full_value(p).detach() for n, p in model.named_parameters() if p.requires_grad}
     with torch.no_grad():
-        loss_after = model(**batch).loss
+        loss_after = sum(model(**batch).loss for batch in batches) / len(batches)
     return grads, after, [loss.item(), loss_after.item()]
+
+
+# --- FP8-resident experts (dequantize=False on a MoE) ---------------------------------------------------------
+
+
+def moe_resident_model(ctx: Context, path: Path, *, lora: bool = False) -> Any:
+    """``build_model(dequantize=False)`` (experts become ``Fp8Experts`` on meta; LoRA on the attention, on meta)
+    -> every decoder layer and the root FSDP2 units (``Shard(0)``: experts 0-2 and 3-4) -> ``to_empty``."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = automodel_plugins.build_model(path, dequantize=False)
+    if lora:
+        model = with_attention_lora(model)
+    base = model.get_base_model() if lora else model
+    for layer in base.model.language_model.layers:
+        fully_shard(layer, mesh=ctx.mesh)
+    fully_shard(model, mesh=ctx.mesh)
+    model.to_empty(device="cpu")
+    return model
+
+
+def with_attention_lora(model: Any) -> Any:
+    import peft
+
+    torch.manual_seed(3)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    return peft.get_peft_model(
+        model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+    )
+
+
+def moe_fsdp_resident(ctx: Context) -> dict[str, Any]:
+    """FP8-resident experts under FSDP2: each rank reads the FP8 bytes of its experts' pieces only (and every
+    piece's scale: the stacked grid is a replicated buffer); gathered, codes and grids are the single-process
+    load's; the logits with an image equal; a LoRA step on 2 ranks (one 12-token sequence with an image each)
+    equals one process on both."""
+    from automodel_plugins.model.fp8_experts import Fp8Experts
+
+    path = ctx.checkpoint(_tiny.MOE_ALIGNED)
+    reference = automodel_plugins.from_pretrained(path, dequantize=False)
+    model = moe_resident_model(ctx, path)
+    result = load_recorded(model, path, rename=lambda name: name)
+    composition = model.automodel_composition
+    result["fp8_resident"], result["fp8_not_resident"] = (
+        composition.fp8_resident,
+        composition.fp8_not_resident,
+    )
+    result["resident_experts"] = sum(isinstance(m, Fp8Experts) for m in model.modules())
+    result["pieces"] = composition.load.pieces
+    tensors = model_tensors(model)
+    experts = "model.language_model.layers.0.mlp.experts."
+    result["expert_regions"] = {
+        n: _checks.chunk_bounds(t) for n, t in tensors.items() if n.startswith(experts)
+    }
+    result["codes_dtype"] = str(tensors[experts + "gate_up_proj"].dtype)
+    gathered = {name: _checks.full_value(t) for name, t in tensors.items()}
+    result["full_mismatches"] = _checks.mismatches(gathered, model_tensors(reference))
+    model.eval()
+    batch = _tiny.moe_inputs(aligned=True)
+    result["logits_equal"] = bool(torch.equal(logits(model, batch), logits(reference, batch)))
+
+    batches = [_tiny.moe_inputs(aligned=True, batch=1, seed=1 + rank) for rank in range(ctx.world)]
+    single = with_attention_lora(automodel_plugins.from_pretrained(path, dequantize=False)).train()
+    initial = {n: p.detach().clone() for n, p in single.named_parameters() if "lora_" in n}
+    single_grads, single_after, single_losses = _mean_lora_step(single, batches)
+    model = moe_resident_model(ctx, path, lora=True)
+    automodel_plugins.load_weights(model, path)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                _checks.local_value(param).copy_(_checks.local_part(param, initial[name]))
+    model.train()
+    grads, after, losses = _mean_lora_step(model, [batches[ctx.rank]])
+    mean_losses = []
+    for loss in losses:
+        value = torch.tensor(loss)
+        dist.all_reduce(value)
+        mean_losses.append(value.item() / ctx.world)
+    result.update(
+        losses=mean_losses,
+        single_losses=single_losses,
+        grad_names=sorted(grads),
+        single_grad_names=sorted(single_grads),
+        max_grad_diff=max((grads[n] - single_grads[n]).abs().max().item() for n in single_grads),
+        max_param_diff=max((after[n] - single_after[n]).abs().max().item() for n in single_after),
+    )
+    return result
 
 
 # --- saving ---------------------------------------------------------------------------------------------------
@@ -626,6 +719,7 @@ SCENARIOS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "fsdp_resident_per_tensor": lambda ctx: fsdp_resident_load(ctx, "per_tensor_untied"),
     "fsdp_resident_block": lambda ctx: fsdp_resident_load(ctx, "block_untied"),
     "fsdp_resident_lora": fsdp_resident_lora,
+    "moe_fsdp_resident": moe_fsdp_resident,
     "fsdp_save_per_tensor": lambda ctx: fsdp_save(ctx, "per_tensor_tied"),
     "fsdp_save_block": lambda ctx: fsdp_save(ctx, "block_untied"),
     "tp_save_block": lambda ctx: tp_save(ctx, "block_untied"),
@@ -673,6 +767,7 @@ def main(argv: list[str]) -> int:
                 _tiny.write_checkpoint(ctx.checkpoint(name), block_size=block, tie_word_embeddings=tied)
             _tiny.write_text_only_checkpoint(ctx.checkpoint(_tiny.TEXT_ONLY))
             _tiny.write_moe_checkpoint(ctx.checkpoint(_tiny.MOE))
+            _tiny.write_moe_checkpoint(ctx.checkpoint(_tiny.MOE_ALIGNED), aligned=True)
         dist.barrier()
         for scenario in scenarios:
             try:

@@ -26,7 +26,7 @@ from automodel_plugins.fp8 import encode_scale
 from automodel_plugins.model.fp8_linear import Fp8Codes, Fp8Linear
 from automodel_plugins.registry import Registry
 from automodel_plugins.testing.compare import reference_dequantized_state_dict
-from automodel_plugins.testing.residency import watch_weight_copies
+from automodel_plugins.testing.residency import held_bytes, watch_weight_copies
 from automodel_plugins.testing.tiny_models import mistral3_image_batch
 
 from .conftest import LEGACY_PREFIXES, ODD, Checkpoints, CheckpointSpec, checkpoint_tensors, tiny_config
@@ -67,17 +67,6 @@ def with_lora(model: Any, *, register: bool = False) -> Any:
 
 def lora_grads(model: Any) -> dict[str, torch.Tensor]:
     return {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
-
-
-def resident_bytes(model: torch.nn.Module) -> int:
-    """Parameter and persistent-buffer bytes (what a checkpoint fills; rotary tables aside)."""
-    tensors = [*model.parameters()] + [
-        buffer
-        for module in model.modules()
-        for name, buffer in module.named_buffers(recurse=False)
-        if name not in module._non_persistent_buffers_set
-    ]
-    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 @pytest.fixture(scope="module", params=sorted(SPECS))
@@ -155,12 +144,12 @@ def test_resident_bytes_are_fp8_codes_plus_scales_plus_the_rest_and_inspect_says
             expected += tensor.numel()  # one byte a parameter
         else:
             expected += tensor.numel() * 4  # F32 load
-    assert resident_bytes(resident) == expected
+    assert held_bytes(resident) == expected
     description = automodel_plugins.describe_checkpoint(path, dtype=F32, registry=registry)["load"]
-    assert description["bytes_after_load_fp8_resident"] == resident_bytes(resident)
-    assert description["bytes_after_load"] == resident_bytes(dequantized)
+    assert description["bytes_after_load_fp8_resident"] == held_bytes(resident)
+    assert description["bytes_after_load"] == held_bytes(dequantized)
     assert description["fp8_resident_layers"] == 14
-    assert resident_bytes(resident) < 0.7 * resident_bytes(dequantized)
+    assert held_bytes(resident) < 0.7 * held_bytes(dequantized)
 
 
 # --- training ---------------------------------------------------------------------------------------------

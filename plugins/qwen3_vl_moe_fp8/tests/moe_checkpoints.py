@@ -81,6 +81,18 @@ def write_moe_checkpoint(
     return directory
 
 
+def load_stock(path: Path) -> Qwen3VLMoeForConditionalGeneration:
+    """Stock transformers' own load of ``path`` in BF16, its load report silenced."""
+    from transformers.utils import logging
+
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        return Qwen3VLMoeForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16).eval()
+    finally:
+        logging.set_verbosity(verbosity)
+
+
 # --- the reference: read and dequantized here, assembled by hand ---------------------------------------------
 
 
@@ -91,6 +103,20 @@ def stored_tensors(directory: Path) -> dict[str, torch.Tensor]:
         with safe_open(str(file), framework="pt") as handle:
             out.update({key: handle.get_tensor(key) for key in handle.keys()})  # noqa: SIM118
     return out
+
+
+def same_bytes(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> list[str]:
+    """Keys whose tensors differ in dtype, shape or any byte (or exist on one side only)."""
+    different = sorted(set(first) ^ set(second))
+    for key in set(first) & set(second):
+        a, b = first[key], second[key]
+        if (
+            a.dtype != b.dtype
+            or a.shape != b.shape
+            or not torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+        ):
+            different.append(key)
+    return different
 
 
 def reference_dequant(weight: torch.Tensor, scale: torch.Tensor, block: list[int] | None) -> torch.Tensor:

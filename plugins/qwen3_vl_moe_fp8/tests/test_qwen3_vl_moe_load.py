@@ -8,12 +8,11 @@ experts stacked and concatenated by hand).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from moe_checkpoints import EXPERTS, LAYERS, PLUGIN, reference_model, stored_tensors
+from moe_checkpoints import EXPERTS, LAYERS, PLUGIN, load_stock, reference_model, stored_tensors
 from transformers import Qwen3VLMoeForConditionalGeneration
 
 import automodel_plugins
@@ -101,17 +100,6 @@ def test_fused_bf16_release_matches_stock(experts: str, moe_checkpoint: Any, ima
     assert_same_model(ours, stock, image_inputs)
     assert ours.automodel_composition.load.dequantized == 0
     assert ours.automodel_composition.claim_reason == "qwen3_vl_moe VLM (mixture of experts), unquantized"
-
-
-def load_stock(path: Path) -> Qwen3VLMoeForConditionalGeneration:
-    from transformers.utils import logging
-
-    verbosity = logging.get_verbosity()
-    logging.set_verbosity_error()
-    try:
-        return Qwen3VLMoeForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16).eval()
-    finally:
-        logging.set_verbosity(verbosity)
 
 
 @pytest.mark.parametrize("block", [(8, 8), None], ids=["whole-8x8-blocks", "per-tensor"])

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from moe_checkpoints import EXPERTS, PLUGIN, reference_model, reference_state_dict, stored_tensors
+from moe_checkpoints import EXPERTS, PLUGIN, reference_model, reference_state_dict, same_bytes, stored_tensors
 from transformers import Qwen3VLMoeForConditionalGeneration
 
 import automodel_plugins
@@ -36,20 +36,6 @@ ROUND_TRIPS = {
 @pytest.fixture(autouse=True)
 def only_this_plugin(plugin_registry: Any) -> None:
     plugin_registry(PLUGIN)
-
-
-def same_bytes(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> list[str]:
-    """Keys whose tensors differ in dtype, shape or any byte (or exist on one side only)."""
-    different = sorted(set(first) ^ set(second))
-    for key in set(first) & set(second):
-        a, b = first[key], second[key]
-        if (
-            a.dtype != b.dtype
-            or a.shape != b.shape
-            or not torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
-        ):
-            different.append(key)
-    return different
 
 
 @pytest.mark.parametrize("name", list(ROUND_TRIPS))

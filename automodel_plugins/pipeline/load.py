@@ -92,6 +92,7 @@ def from_pretrained(
     cache_dir: str | Path | None = None,
     token: str | bool | None = None,
     local_files_only: bool | None = None,
+    collective: bool = True,
     **stock_kwargs: Any,
 ) -> PreTrainedModel:
     """Load ``path`` (a checkpoint directory or file, or a hub repo id) through the plugin that claims its
@@ -108,9 +109,10 @@ def from_pretrained(
     the loss from hidden states and returns no full logits (when the plugin overrides the forward).
     ``progress`` switches the bars (downloads and loading; default: at a terminal). ``revision``,
     ``cache_dir``, ``token`` and ``local_files_only`` are transformers' options for a repo id: only its
-    ``config.json``, index and the shards the index names are downloaded. Under ``torch.distributed`` every
-    rank must call this (one rank per machine downloads). The model is returned in eval mode, like
-    transformers does.
+    ``config.json``, index and the shards the index names are downloaded. Under ``torch.distributed`` a repo
+    id is loaded collectively: one rank per machine downloads while the others wait, so every rank must call
+    this; ``collective=False`` makes this call download on its own instead (a load on some ranks only). The
+    model is returned in eval mode, like transformers does.
 
     ``mmap``: tensors stored in the dtype they load in (BF16 embeddings, norms, ``lm_head``) are, by default,
     views of the memory-mapped shard files: no copy, and pages shared with the page cache. The model then
@@ -121,7 +123,7 @@ def from_pretrained(
     the files), for checkpoints on storage that may change under a running job.
     """
     registry = registry or get_registry()
-    location = _locate(path, revision, cache_dir, token, local_files_only, progress)
+    location = _locate(path, revision, cache_dir, token, local_files_only, progress, collective)
     config = load_config(location)
     claim = registry.winning_claim(config, require_plugin=require_plugin)
     if claim is None:
@@ -174,11 +176,12 @@ def build_model(
     cache_dir: str | Path | None = None,
     token: str | bool | None = None,
     local_files_only: bool | None = None,
+    collective: bool = True,
 ) -> PreTrainedModel:
     """The composed stock model on the meta device, weights not loaded: shard it, ``to_empty``, then
     :func:`load_weights`. The claiming plugin's ``post_materialize`` runs now (on meta) so that it can install
     fix-ups that fire after materialization; its forward override is bound now. A hub repo id fetches only its
-    ``config.json`` (the hub options as in :func:`from_pretrained`). Given a path with weights, the config is
+    ``config.json`` (the hub options and ``collective`` as in :func:`from_pretrained`). Given a path with weights, the config is
     first checked against their headers (a layer count the checkpoint does not hold fails here, not after
     minutes of building; a repo's headers are read with range requests).
 
@@ -189,7 +192,7 @@ def build_model(
     registry = registry or get_registry()
     location = None
     if isinstance(path_or_config, (str, Path, CheckpointLocation)):
-        location = _locate(path_or_config, revision, cache_dir, token, local_files_only, None)
+        location = _locate(path_or_config, revision, cache_dir, token, local_files_only, None, collective)
         config = load_config(location)
         check_headers_of(location, config, stock=False)
     else:
@@ -224,6 +227,7 @@ def load_weights(
     cache_dir: str | Path | None = None,
     token: str | bool | None = None,
     local_files_only: bool | None = None,
+    collective: bool = True,
 ) -> LoadReport:
     """Stream ``path`` into an already materialized ``model`` (plain tensors or DTensors, each rank its region).
 
@@ -233,8 +237,8 @@ def load_weights(
     ``stage=True``: the model is one pipeline stage holding only some of the modules, so checkpoint tensors of
     other stages are expected to be left unread; from a hub repo, only the shard files holding this stage's
     tensors are downloaded (the plan is made from the others' headers). The claiming plugin's
-    ``post_materialize`` runs afterwards. Hub options as in :func:`from_pretrained`; under
-    ``torch.distributed`` every rank must call this.
+    ``post_materialize`` runs afterwards. Hub options and ``collective`` as in :func:`from_pretrained`: under
+    ``torch.distributed``, every rank must call this for a repo id unless ``collective=False``.
     """
     ensure_materialized(
         model, hint=" (materialize them first with model.to_empty(device=...), or use from_pretrained)"
@@ -246,7 +250,7 @@ def load_weights(
     plugin = composition.plugin if composition else registry.resolve(model.config)
     # The checkpoint's own config says how it is stored (FP8 block size, modules never converted); the
     # model's config stopped declaring a quantization once a first load dequantized it.
-    location = _locate(path, revision, cache_dir, token, local_files_only, progress)
+    location = _locate(path, revision, cache_dir, token, local_files_only, progress, collective)
     checkpoint_config = load_config(location) if location.has_config() else model.config
     with Checkpoint.open(location, download=not stage) as checkpoint:
         adapter = adapter_for(registry, plugin, checkpoint_config, checkpoint)
@@ -334,8 +338,9 @@ def _locate(
     token: str | bool | None,
     local_files_only: bool | None,
     progress: bool | None,
+    collective: bool,
 ) -> CheckpointLocation:
-    """What ``path`` names; a repo id's downloads are shared by the ranks of a machine (``collective``)."""
+    """What ``path`` names; with ``collective``, a repo id's downloads are shared by the ranks of a machine."""
     return resolve(
         path,
         revision=revision,
@@ -343,7 +348,7 @@ def _locate(
         token=token,
         local_files_only=local_files_only,
         progress=progress,
-        collective=True,
+        collective=collective,
     )
 
 

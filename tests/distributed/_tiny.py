@@ -21,7 +21,11 @@ VISION = {"num_hidden_layers": 2}
 MODULES_TO_NOT_CONVERT = ("model.vision_tower", "model.multi_modal_projector", "lm_head")
 HUB_SOURCE = "hub-source"
 """Where, under the launch's output directory, the checkpoint the stand-in hub serves is written."""
-HUB_REPOS = {"hub_fsdp": "dist/tiny-fsdp", "hub_pipeline": "dist/tiny-stages"}
+HUB_REPOS = {
+    "hub_fsdp": "dist/tiny-fsdp",
+    "hub_pipeline": "dist/tiny-stages",
+    "hub_one_rank": "dist/tiny-one-rank",
+}
 """The repo each hub scenario loads (one each, so that each starts from an empty cache)."""
 
 

@@ -313,6 +313,21 @@ def hub_pipeline(ctx: Context) -> dict[str, Any]:
     }
 
 
+def hub_one_rank(ctx: Context) -> dict[str, Any]:
+    """Only rank 0 loads a repo id, with ``collective=False``: it downloads on its own while rank 1 makes no
+    call at all (a collective load would wait for rank 1 until the download timeout)."""
+    if ctx.rank != 0:
+        return {"loaded": False}
+    repo = _tiny.HUB_REPOS["hub_one_rank"]
+    reference = _tiny.reference(ctx.out / _tiny.HUB_SOURCE)
+    model = automodel_plugins.from_pretrained(repo, collective=False)
+    return {
+        "loaded": True,
+        "tensors": len(model.state_dict()),
+        "local_mismatches": _checks.local_mismatches(model, reference.state_dict()),
+    }
+
+
 def train_step(ctx: Context) -> dict[str, Any]:
     """Two SGD steps with FSDP2 and the fused loss (``lm_head`` managed by the root unit) vs one process.
 
@@ -716,6 +731,7 @@ SCENARIOS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "train": train_step,
     "hub_fsdp": hub_fsdp,
     "hub_pipeline": hub_pipeline,
+    "hub_one_rank": hub_one_rank,
     "fsdp_resident_per_tensor": lambda ctx: fsdp_resident_load(ctx, "per_tensor_untied"),
     "fsdp_resident_block": lambda ctx: fsdp_resident_load(ctx, "block_untied"),
     "fsdp_resident_lora": fsdp_resident_lora,

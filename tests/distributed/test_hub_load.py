@@ -35,7 +35,7 @@ def requests(run: Any, repo: str) -> Counter:
 
 
 def test_both_ranks_load_the_model_from_the_repo(distributed_run) -> None:
-    for scenario in SCENARIOS:
+    for scenario in ("hub_fsdp", "hub_pipeline"):
         for rank, result in enumerate(distributed_run.ranks(scenario)):
             assert result["tensors"] > 0, f"{scenario} rank {rank}"
             assert result["local_mismatches"] == [], f"{scenario} rank {rank}"
@@ -63,3 +63,13 @@ def test_stages_read_the_headers_once_and_download_each_shard_once(distributed_r
         assert counts["GET", name, True] == 2, (name, counts)  # the 8-byte length, then the header
         assert counts["GET", name, False] == 1, (name, counts)  # both stages need both shards: once
     assert not any(name == "consolidated.safetensors" for _, name, _ in counts)
+
+
+def test_one_rank_alone_loads_a_repo_with_collective_false(distributed_run) -> None:
+    loader, idle = distributed_run.ranks("hub_one_rank")
+    assert loader["loaded"] and loader["tensors"] > 0 and loader["local_mismatches"] == []
+    assert not idle["loaded"]
+    counts = requests(distributed_run, HUB_REPOS["hub_one_rank"])
+    for name in NEEDED:
+        assert counts["GET", name, False] == 1, (name, counts)
+    assert counts["GET", "api", False] == 1, counts

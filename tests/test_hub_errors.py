@@ -12,6 +12,7 @@ import automodel_plugins
 from automodel_plugins import CheckpointError, ConfigError
 from automodel_plugins.errors import (
     HubAccessError,
+    HubDownloadError,
     HubOfflineError,
     HubRepoNotFoundError,
     HubRevisionNotFoundError,
@@ -93,3 +94,29 @@ def test_a_repo_id_only_when_no_such_path(tmp_path: Path) -> None:
         assert not isinstance(caught.value, HubRepoNotFoundError)
     for text in ("org/name", "gpt2", "mistralai/Ministral-3-8B-Instruct-2512"):
         assert is_repo_id(text) and isinstance(resolve(text), HubLocation)
+
+
+def test_a_hub_that_answers_with_an_error_is_not_called_unreachable(hub: FakeHub) -> None:
+    """huggingface_hub reports a failed HEAD as "not in the local cache"; the hub's answer is the error."""
+    hub.add_override(r"/org/public/resolve/[^/]+/config\.json$", 403)
+    with pytest.raises(HubAccessError, match=r"HTTP 403") as caught:
+        automodel_plugins.load_config("org/public")
+    assert caught.value.filename == "config.json" and "cannot be reached" not in str(caught.value)
+    hub.clear_overrides()
+    hub.add_override(r"/org/public/resolve/[^/]+/config\.json$", 500, method="HEAD")
+    with pytest.raises(HubDownloadError, match=r"HTTP 500") as caught:
+        automodel_plugins.load_config("org/public")
+    assert caught.value.filename == "config.json" and "cannot be reached" not in str(caught.value)
+
+
+def test_an_unreachable_hub_is_offline(hub: FakeHub, monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub import constants, hf_api
+
+    closed = "http://127.0.0.1:9"  # the discard port: nothing listens
+    monkeypatch.setattr(constants, "ENDPOINT", closed)
+    monkeypatch.setattr(
+        constants, "HUGGINGFACE_CO_URL_TEMPLATE", closed + "/{repo_id}/resolve/{revision}/{filename}"
+    )
+    monkeypatch.setattr(hf_api.api, "endpoint", closed)
+    with pytest.raises(HubOfflineError, match=r"cannot be reached .*Connection refused"):
+        automodel_plugins.load_config("org/public")

@@ -433,6 +433,15 @@ class HubLocation(CheckpointLocation):
             )
         if isinstance(exc, RemoteEntryNotFoundError):
             return self._missing([name or "such file"])
+        cause = exc.__cause__
+        if (
+            isinstance(exc, LocalEntryNotFoundError)
+            and isinstance(cause, HfHubHTTPError)
+            and cause.response is not None
+        ):
+            # hf_hub_download falls back to the cache when its HEAD request fails, and says "not in the cache"
+            # for a hub that answered: the answer (403, 500, ...) is the error, not a missing connection.
+            return self._error(cause, name)
         if isinstance(exc, (LocalEntryNotFoundError, OfflineModeIsEnabled, RevisionResolutionError)):
             return self._offline(name, exc)
         if isinstance(exc, HfHubHTTPError) and exc.response is not None:

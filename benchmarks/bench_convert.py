@@ -24,7 +24,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _memory import PeakRss
+from _workers import alternating, run_json_worker, worker_env
 
 CONVERTERS = ("ours", "transformers")
 MEMORY_TARGET = 0.15
@@ -81,14 +81,12 @@ def digests(directory: Path) -> dict[str, str]:
 
 def run_worker(converter: str, path: Path, scratch: Path) -> dict:
     dest = scratch / f"out-{converter}"
-    env = {**os.environ, "AUTOMODEL_PLUGINS_PROGRESS": "0", "TQDM_DISABLE": "1"}
     command = [sys.executable, __file__, "--worker", converter, "--path", str(path), "--dest", str(dest)]
     os.sync()  # the previous run's dirty pages, flushed before this one starts: no converter pays another's
-    proc = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
-    shutil.rmtree(dest, ignore_errors=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{converter} worker failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    try:
+        return run_json_worker(command, what=converter, env=worker_env(TQDM_DISABLE="1"))
+    finally:
+        shutil.rmtree(dest, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,15 +110,14 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, list[dict]] = {c: [] for c in CONVERTERS}
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
-        for repeat in range(args.repeats):
-            for converter in CONVERTERS if repeat % 2 == 0 else CONVERTERS[::-1]:
-                row = run_worker(converter, path, Path(scratch))
-                results[converter].append(row)
-                print(
-                    f"  run {repeat + 1} {converter:<12} wall {row['wall_s']:6.2f} s  cpu {row['cpu_s']:6.2f} s  "
-                    f"peak +{row['peak_bytes'] / 2**20:6.0f} MiB",
-                    flush=True,
-                )
+        for repeat, converter in alternating(CONVERTERS, args.repeats):
+            row = run_worker(converter, path, Path(scratch))
+            results[converter].append(row)
+            print(
+                f"  run {repeat + 1} {converter:<12} wall {row['wall_s']:6.2f} s  cpu {row['cpu_s']:6.2f} s  "
+                f"peak +{row['peak_bytes'] / 2**20:6.0f} MiB",
+                flush=True,
+            )
 
     def med(converter: str, key: str) -> float:
         return statistics.median(r[key] for r in results[converter])

@@ -28,14 +28,14 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _workers import alternating, run_json_worker, worker_env
 
 PATHS = ("resident", "dequantized")
 PEAK_TARGET = 0.65
@@ -114,7 +114,6 @@ def _step(model, optimizer, batch, cuda: bool) -> tuple[float, float]:
 
 
 def run_worker(path_kind: str, checkpoint: Path, args: argparse.Namespace) -> dict:
-    env = {**os.environ, "AUTOMODEL_PLUGINS_PROGRESS": "0", "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
     cmd = [sys.executable, __file__, "--worker", path_kind, "--path", str(checkpoint)]
     cmd += [
         "--tokens",
@@ -126,10 +125,7 @@ def run_worker(path_kind: str, checkpoint: Path, args: argparse.Namespace) -> di
         "--dtype",
         args.dtype,
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{path_kind} worker failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_json_worker(cmd, what=path_kind, env=worker_env(MALLOC_MMAP_THRESHOLD_=str(1 << 20)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,16 +154,15 @@ def main(argv: list[str] | None = None) -> int:
         ensure_moe_checkpoint() if args.kind == "moe" else ensure_checkpoint(args.kind)
     )
     results: dict[str, list[dict]] = {p: [] for p in PATHS}
-    for repeat in range(args.repeats):
-        for path_kind in PATHS if repeat % 2 == 0 else PATHS[::-1]:
-            row = run_worker(path_kind, checkpoint, args)
-            results[path_kind].append(row)
-            print(
-                f"  run {repeat + 1} {path_kind:<11} peak +{row['peak'] / 2**20:6.0f} MiB  resident "
-                f"{row['resident_bytes'] / 2**20:6.0f} MiB  step {row['step_seconds']:6.2f} s  "
-                f"loss {row['loss']:.5f}",
-                flush=True,
-            )
+    for repeat, path_kind in alternating(PATHS, args.repeats):
+        row = run_worker(path_kind, checkpoint, args)
+        results[path_kind].append(row)
+        print(
+            f"  run {repeat + 1} {path_kind:<11} peak +{row['peak'] / 2**20:6.0f} MiB  resident "
+            f"{row['resident_bytes'] / 2**20:6.0f} MiB  step {row['step_seconds']:6.2f} s  "
+            f"loss {row['loss']:.5f}",
+            flush=True,
+        )
 
     def med(p: str, key: str) -> float:
         return statistics.median(r[key] for r in results[p])

@@ -17,11 +17,14 @@ import argparse
 import gc
 import json
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _workers import alternating, run_json_worker
 
 PATHS = ("naive", "torch_chunked", "ours")
 TARGETS = (  # (label, numerator, denominator, metric, limit)
@@ -106,10 +109,7 @@ def _run_worker(path: str, args: argparse.Namespace) -> dict:
     cmd += ["--vocab", str(args.vocab), "--device", args.device, "--seed", str(args.seed)]
     if args.chunk_size:
         cmd += ["--chunk-size", str(args.chunk_size)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"worker {path} failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_json_worker(cmd, what=path)
 
 
 def _median(rows: list[dict], key: str) -> float:
@@ -169,15 +169,13 @@ def main(argv: list[str] | None = None) -> int:
     if not paths:
         parser.error(f"--paths must name some of {PATHS}")
     results: dict[str, list[dict]] = {p: [] for p in paths}
-    for repeat in range(args.repeats):
-        order = paths if repeat % 2 == 0 else paths[::-1]
-        for path in order:
-            row = _run_worker(path, args)
-            results[path].append(row)
-            print(
-                f"repeat {repeat} {path:<14} {row['seconds']:7.2f} s  extra {row['extra_mb']:7.0f} MB",
-                flush=True,
-            )
+    for repeat, path in alternating(paths, args.repeats):
+        row = _run_worker(path, args)
+        results[path].append(row)
+        print(
+            f"repeat {repeat} {path:<14} {row['seconds']:7.2f} s  extra {row['extra_mb']:7.0f} MB",
+            flush=True,
+        )
     return 0 if _report(results, args) else 1
 
 

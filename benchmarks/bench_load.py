@@ -26,7 +26,6 @@ import hashlib
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _memory import PeakRss, status_kib
+from _workers import alternating, run_json_worker, worker_env
 
 LOADERS = ("ours", "transformers")
 PEAK_TARGET = 0.75
@@ -108,12 +108,8 @@ def loaded_facts(loader: str, model, peak: PeakRss, wall: float, cpu: float) -> 
 
 
 def run_worker(loader: str, path: Path, script: str = __file__) -> dict:
-    env = {**os.environ, "AUTOMODEL_PLUGINS_PROGRESS": "0", "TQDM_DISABLE": "1"}
     cmd = [sys.executable, script, "--worker", loader, "--path", str(path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{loader} worker failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_json_worker(cmd, what=loader, env=worker_env(TQDM_DISABLE="1"))
 
 
 def warm_page_cache(path: Path) -> None:
@@ -174,15 +170,14 @@ def measure(
     warm_page_cache(path)
     results: dict[str, list[dict]] = {loader: [] for loader in loaders}
     before = os.getloadavg()[0]
-    for repeat in range(repeats):
-        for loader in loaders if repeat % 2 == 0 else loaders[::-1]:
-            row = run_worker(loader, path, script)
-            results[loader].append(row)
-            print(
-                f"  run {repeat + 1} {loader:<12} wall {row['wall_s']:6.2f} s  cpu {row['cpu_s']:6.2f} s  "
-                f"peak +{row['peak_bytes'] / 2**20:6.0f} MiB",
-                flush=True,
-            )
+    for repeat, loader in alternating(loaders, repeats):
+        row = run_worker(loader, path, script)
+        results[loader].append(row)
+        print(
+            f"  run {repeat + 1} {loader:<12} wall {row['wall_s']:6.2f} s  cpu {row['cpu_s']:6.2f} s  "
+            f"peak +{row['peak_bytes'] / 2**20:6.0f} MiB",
+            flush=True,
+        )
     return results, (before, os.getloadavg()[0])
 
 

@@ -46,6 +46,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _memory import PeakRss
+from _workers import run_json_worker, worker_env
 
 FSDP_TARGET = 0.10
 TIME_TARGET = 1.0
@@ -224,11 +225,7 @@ def run_single(path: Path, repeats: int) -> bool:
             str(repeats),
         ]
         command += ["--out", scratch]
-        env = {**os.environ, "AUTOMODEL_PLUGINS_PROGRESS": "0", "TQDM_DISABLE": "1"}
-        proc = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
-        if proc.returncode != 0:
-            raise RuntimeError(f"single-process worker failed:\n{proc.stderr[-4000:]}")
-        rows = json.loads(proc.stdout.strip().splitlines()[-1])
+        rows = run_json_worker(command, what="single-process", env=worker_env(TQDM_DISABLE="1"))
 
     def med(saver: str, key: str) -> float:
         return statistics.median(r[key] for r in rows[saver])

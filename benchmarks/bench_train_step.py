@@ -24,15 +24,15 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import re
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _workers import alternating, run_json_worker, worker_env
 
 PATHS = ("fused", "stock")
 
@@ -103,7 +103,6 @@ def worker(path_kind: str, checkpoint: str, tokens: int, device: str, dtype_name
 
 
 def run_worker(path_kind: str, checkpoint: Path, args: argparse.Namespace) -> dict:
-    env = {**os.environ, "AUTOMODEL_PLUGINS_PROGRESS": "0", "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
     cmd = [
         sys.executable,
         __file__,
@@ -115,10 +114,7 @@ def run_worker(path_kind: str, checkpoint: Path, args: argparse.Namespace) -> di
         str(args.tokens),
     ]
     cmd += ["--device", args.device, "--dtype", args.dtype] + (["--adamw"] if args.adamw else [])
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{path_kind} worker failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_json_worker(cmd, what=path_kind, env=worker_env(MALLOC_MMAP_THRESHOLD_=str(1 << 20)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,15 +148,14 @@ def main(argv: list[str] | None = None) -> int:
 
     checkpoint = args.path or ensure_checkpoint()
     results: dict[str, list[dict]] = {p: [] for p in PATHS}
-    for repeat in range(args.repeats):
-        for path_kind in PATHS if repeat % 2 == 0 else PATHS[::-1]:
-            row = run_worker(path_kind, checkpoint, args)
-            results[path_kind].append(row)
-            print(
-                f"  run {repeat + 1} {path_kind:<5} step {row['seconds']:6.1f} s  step peak "
-                f"+{row['step_peak'] / 2**20:6.0f} MiB  loss {row['loss']:.5f}",
-                flush=True,
-            )
+    for repeat, path_kind in alternating(PATHS, args.repeats):
+        row = run_worker(path_kind, checkpoint, args)
+        results[path_kind].append(row)
+        print(
+            f"  run {repeat + 1} {path_kind:<5} step {row['seconds']:6.1f} s  step peak "
+            f"+{row['step_peak'] / 2**20:6.0f} MiB  loss {row['loss']:.5f}",
+            flush=True,
+        )
 
     def med(p: str, key: str) -> float:
         return statistics.median(r[key] for r in results[p])

@@ -48,7 +48,7 @@ _MIN_TILE = 256
 # A low-precision head's block: bf16 logits + their fp32 copy per entry; tiles at least this wide (narrower
 # matmuls lose speed and the fp32 input-gradient sum is read and written once per tile).
 _LOW_PRECISION_ENTRY_BYTES = 6
-_MIN_LOW_PRECISION_TILE = 512
+_MIN_LOW_PRECISION_TILE = 1024
 
 
 class ChunkShape(NamedTuple):
@@ -206,12 +206,14 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def low_precision_chunk_size(n_tokens: int, vocab: int, budget_bytes: int, *, hidden: int) -> ChunkShape:
-    """Block shape for a bf16/fp16 head: as many rows as possible (ideally every token), tiles of >= 512.
+    """Block shape for a bf16/fp16 head: as many rows as fit (ideally every token), tiles of at least 1024.
 
-    Each weight-gradient tile is ``G^T x`` summed over the block's rows inside one matmul (fp32 accumulation,
+    Each weight-gradient tile is ``G^T x`` summed over a block's rows inside one matmul (fp32 accumulation,
     one rounding); with every token in one block it is written once, like stock's. The working set per block
     is the low-precision and fp32 logits (6 bytes per entry) and the low-precision ``G W`` rows (``2 * hidden``
-    bytes per row); with fewer rows than tokens, an fp32 and a low-precision ``[tile, hidden]`` accumulator.
+    bytes per row); with fewer rows than tokens, also an fp32 and a low-precision ``[tile, hidden]``
+    accumulator. Row blocks are balanced (no short last block). Few, large blocks: each block is a handful of
+    multi-threaded ops, and on a busy CPU every one of them waits for its slowest thread.
     """
     if vocab <= 0 or budget_bytes <= 0 or hidden < 0:
         raise ValueError(f"vocab and budget_bytes must be positive, got vocab={vocab}, budget={budget_bytes}")
@@ -221,8 +223,10 @@ def low_precision_chunk_size(n_tokens: int, vocab: int, budget_bytes: int, *, hi
     if tile >= min(vocab, _MIN_LOW_PRECISION_TILE):
         return ChunkShape(n_tokens, vocab if tile >= vocab else _align_down(tile, _TILE_ALIGN))
     tile = min(vocab, _MIN_LOW_PRECISION_TILE)
-    rows = (budget_bytes - 6 * tile * hidden) // (tile * per_entry + 2 * hidden)
-    return ChunkShape(min(n_tokens, _align_down(max(rows, 1), _ROW_ALIGN)), tile)
+    rows = max(1, (budget_bytes - 6 * tile * hidden) // (tile * per_entry + 2 * hidden))
+    blocks = -(-n_tokens // rows)
+    rows = -(-n_tokens // blocks)  # balanced
+    return ChunkShape(min(n_tokens, -(-rows // _ROW_ALIGN) * _ROW_ALIGN), tile)
 
 
 class _Head:
@@ -247,8 +251,9 @@ class _Head:
         return self.weight[v0:v1]
 
     def logits(self, x: torch.Tensor, v0: int, v1: int) -> torch.Tensor:
-        """(Soft-capped) logits of vocabulary ``[v0, v1)`` in the accumulation dtype; with softcap keeps
-        d(capped)/d(raw) in ``cap_buf``."""
+        """Logits of vocabulary ``[v0, v1)``: without softcap the matmul's own output (the head's dtype, which
+        the next elementwise op reads and widens in one pass); with softcap the capped logits in the
+        accumulation dtype, d(capped)/d(raw) kept in ``cap_buf``."""
         rows, width = x.shape[0], v1 - v0
         out = self.acc_buf[: rows * width].view(rows, width)
         mm_out = self.low_buf[: rows * width].view(rows, width) if self.low else out
@@ -256,25 +261,44 @@ class _Head:
             torch.mm(x, self.w(v0, v1).T, out=mm_out)
         else:
             torch.addmm(self.bias[v0:v1], x, self.w(v0, v1).T, out=mm_out)
+        if self.softcap is None:
+            return mm_out
         if self.low:
             out.copy_(mm_out)
-        if self.softcap is not None:
-            cap = self.cap_buf[: out.numel()].view_as(out)
-            torch.tanh(out.div_(self.softcap), out=cap)
-            torch.mul(cap, self.softcap, out=out)
-            cap.square_().neg_().add_(1.0)  # d/dy [c * tanh(y / c)] = 1 - tanh^2
+        cap = self.cap_buf[: out.numel()].view_as(out)
+        torch.tanh(out.div_(self.softcap), out=cap)
+        torch.mul(cap, self.softcap, out=out)
+        cap.square_().neg_().add_(1.0)  # d/dy [c * tanh(y / c)] = 1 - tanh^2
         return out
 
-    def matmul_operand(self, probs: torch.Tensor) -> torch.Tensor:
-        """The logits' gradient in the matmul dtype: itself, or rounded into the low-precision buffer."""
+    def target_logits(self, x: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        """Each row's logit of its target (accumulation dtype), as the block matmul computes it: one dot
+        product per row in the head's dtype (fp32 accumulation, one rounding, bias included), then softcap."""
+        out = torch.empty(x.shape[0], dtype=self.acc, device=x.device)
+        for r0, r1 in _spans(x.shape[0], self.rows):
+            picked = self.weight.index_select(0, tgt[r0:r1]).unsqueeze(2)
+            rows = x[r0:r1].unsqueeze(1)
+            if self.bias is None:
+                dots = torch.bmm(rows, picked)
+            else:
+                dots = torch.baddbmm(self.bias.index_select(0, tgt[r0:r1]).view(-1, 1, 1), rows, picked)
+            out[r0:r1] = dots.view(-1)
+        if self.softcap is not None:
+            out = out.div_(self.softcap).tanh_().mul_(self.softcap)
+        return out
+
+    def shifted_exp(self, logits: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        """``exp(logits - shift[:, None])`` in the accumulation-dtype buffer (widening fused into the subtraction)."""
+        out = self.acc_buf[: logits.numel()].view_as(logits)
+        return torch.sub(logits, shift.unsqueeze(1), out=out).exp_()
+
+    def matmul_operand(self, probs: torch.Tensor, scale: torch.Tensor, scaled: bool) -> torch.Tensor:
+        """``probs * scale`` in the matmul dtype: scaled in place, or rounded into the low-precision buffer in
+        the same pass (``scaled``: already multiplied, for the bias sum)."""
         if not self.low:
-            return probs
-        return self.low_buf[: probs.numel()].view_as(probs).copy_(probs)
-
-
-def _target_in_tile(target: torch.Tensor, v0: int, v1: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Column of each row's target inside the tile (clamped, so always a valid index) and whether it is there."""
-    return (target - v0).clamp_(0, v1 - v0 - 1), (target >= v0) & (target < v1)
+            return probs if scaled else probs.mul_(scale)
+        grad = self.low_buf[: probs.numel()].view_as(probs)
+        return grad.copy_(probs) if scaled else torch.mul(probs, scale, out=grad)
 
 
 def _spans(total: int, step: int) -> list[tuple[int, int]]:
@@ -283,26 +307,27 @@ def _spans(total: int, step: int) -> list[tuple[int, int]]:
 
 
 def _lse_pass(head: _Head, x: torch.Tensor, tgt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row log-sum-exp and target logit (accumulation dtype): an online log-sum-exp over the vocabulary
-    tiles, each tile read once for all row blocks."""
+    """Per-row log-sum-exp and target logit (accumulation dtype).
+
+    Each block stores its row maxima and shifted sums (``[tiles, rows]``, tiny) with ``out=`` ops, and the
+    tiles are combined once at the end: five ops per block. Few ops matter on a busy CPU, where each
+    multi-threaded op waits for its slowest thread.
+    """
     n = x.shape[0]
-    kw = {"dtype": head.acc, "device": x.device}
-    shift = torch.full((n,), -math.inf, **kw)
-    sumexp = torch.zeros(n, **kw)
-    target_logit = torch.zeros(n, **kw)
+    tiles = _spans(head.vocab, head.tile)
     row_spans = _spans(n, head.rows)
-    for v0, v1 in _spans(head.vocab, head.tile):
+    logit_dtype = head.weight.dtype if head.low and head.softcap is None else head.acc
+    maxes = torch.empty(len(tiles), n, dtype=logit_dtype, device=x.device)
+    sums = torch.empty(len(tiles), n, dtype=head.acc, device=x.device)
+    for k, (v0, v1) in enumerate(tiles):
         for r0, r1 in row_spans:
             logits = head.logits(x[r0:r1], v0, v1)
-            col, here = _target_in_tile(tgt[r0:r1], v0, v1)
-            picked = logits.gather(1, col.unsqueeze(1)).squeeze(1)
-            target_logit[r0:r1] = torch.where(here, picked, target_logit[r0:r1])
-            old = shift[r0:r1]
-            new = torch.maximum(old, logits.amax(dim=1))
-            block_sum = logits.sub_(new.unsqueeze(1)).exp_().sum(dim=1)
-            sumexp[r0:r1].mul_((old - new).exp_()).add_(block_sum)
-            shift[r0:r1] = new
-    return shift.add_(sumexp.log_()), target_logit
+            block_max = torch.amax(logits, dim=1, out=maxes[k, r0:r1]).to(head.acc)  # bf16 - bf16 would round
+            torch.sum(head.shifted_exp(logits, block_max), dim=1, out=sums[k, r0:r1])
+    maxes = maxes.to(head.acc)
+    shift = maxes.amax(dim=0)
+    lse = sums.mul_(maxes.sub_(shift).exp_()).sum(dim=0).log_().add_(shift)
+    return lse, head.target_logits(x, tgt)
 
 
 @dataclass
@@ -333,27 +358,34 @@ def _grad_pass(
         w_part = torch.empty(head.tile, head.hidden, dtype=head.weight.dtype, device=x.device)
     if out.input is not None and head.low:
         dx_part = torch.empty(head.rows, head.hidden, dtype=head.weight.dtype, device=x.device)
-    for v0, v1 in _spans(head.vocab, head.tile):
+    tiles = _spans(head.vocab, head.tile)
+    # The one-hot, per block one scatter: each target's column in its tile, and -1 in the row of its tile.
+    tile_of = torch.div(tgt, head.tile, rounding_mode="floor")
+    col = tgt - tile_of * head.tile
+    col_last = col.clamp(max=tiles[-1][1] - tiles[-1][0] - 1)  # any valid index: the value there is 0
+    tile_ids = torch.arange(len(tiles), device=x.device).unsqueeze(1)
+    neg_hit = (tile_of.unsqueeze(0) == tile_ids).to(head.acc).neg_()  # [tiles, rows]
+    for k, (v0, v1) in enumerate(tiles):
         width = v1 - v0
-        for k, (r0, r1) in enumerate(row_spans):
-            probs = head.logits(x[r0:r1], v0, v1).sub_(lse[r0:r1].unsqueeze(1)).exp_()
-            col, here = _target_in_tile(tgt[r0:r1], v0, v1)
-            probs.scatter_add_(1, col.unsqueeze(1), here.to(probs.dtype).neg_().unsqueeze(1))
+        cols = col_last if k == len(tiles) - 1 else col
+        for j, (r0, r1) in enumerate(row_spans):
+            probs = head.shifted_exp(head.logits(x[r0:r1], v0, v1), lse[r0:r1])
+            probs.scatter_add_(1, cols[r0:r1].unsqueeze(1), neg_hit[k, r0:r1].unsqueeze(1))
             if head.softcap is not None:
                 probs.mul_(head.cap_buf[: probs.numel()].view_as(probs))
-            probs.mul_(row_scale[r0:r1].unsqueeze(1) if row_scale.dim() else row_scale)
+            scale = row_scale[r0:r1].unsqueeze(1) if row_scale.dim() else row_scale
             if out.bias is not None:
-                out.bias[v0:v1].add_(probs.sum(dim=0))
-            grad = head.matmul_operand(probs)
+                out.bias[v0:v1].add_(probs.mul_(scale).sum(dim=0))
+            grad = head.matmul_operand(probs, scale, scaled=out.bias is not None)
             if out.weight is not None:
                 tile_grad = out.weight[v0:v1]
                 if not split_rows:
                     torch.mm(grad.T, x, out=tile_grad)
                 elif not head.low:
-                    tile_grad.addmm_(grad.T, x[r0:r1], beta=0.0 if k == 0 else 1.0)
+                    tile_grad.addmm_(grad.T, x[r0:r1], beta=0.0 if j == 0 else 1.0)
                 else:
                     part = torch.mm(grad.T, x[r0:r1], out=w_part[:width])
-                    (w_acc[:width].copy_(part) if k == 0 else w_acc[:width].add_(part))
+                    (w_acc[:width].copy_(part) if j == 0 else w_acc[:width].add_(part))
             if out.input is not None:
                 if head.low:
                     out.input[r0:r1].add_(torch.mm(grad, head.w(v0, v1), out=dx_part[: r1 - r0]))
@@ -628,9 +660,12 @@ def _chunk_shape(
     if chunk_size is not None:
         rows, tile = chunk_size if isinstance(chunk_size, tuple) else (chunk_size, vocab)
         return ChunkShape(min(rows, n_tokens), min(tile, vocab))
-    budget = memory_budget_bytes or default_memory_budget(vocab, hidden)
     if _low_precision(weight.dtype):
+        # Twice the fp32 default: larger blocks, fewer multi-threaded ops (see low_precision_chunk_size); still
+        # a quarter of the bf16 weight gradient this op returns anyway.
+        budget = memory_budget_bytes or 2 * default_memory_budget(vocab, hidden)
         return low_precision_chunk_size(n_tokens, vocab, budget, hidden=hidden)
+    budget = memory_budget_bytes or default_memory_budget(vocab, hidden)
     buffers = 2 if softcap is not None else 1  # softcap keeps its derivative in a second tile buffer
     return choose_chunk_size(n_tokens, vocab, budget, hidden=hidden, logit_buffers=buffers)
 

@@ -76,6 +76,8 @@ def _worker(args: argparse.Namespace) -> dict:
 
     path, n, hidden, vocab, device = args.worker, args.n, args.hidden, args.vocab, args.device
     dtype = getattr(torch, args.dtype)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     h = torch.randn(n, hidden, device=device).to(dtype).requires_grad_()
     w = (torch.randn(vocab, hidden, device=device) * hidden**-0.5).to(dtype).requires_grad_()
@@ -125,7 +127,7 @@ def _worker(args: argparse.Namespace) -> dict:
 def _run_worker(path: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--worker", path, "--n", str(args.n), "--hidden", str(args.hidden)]
     cmd += ["--vocab", str(args.vocab), "--device", args.device, "--seed", str(args.seed)]
-    cmd += ["--dtype", args.dtype]
+    cmd += ["--dtype", args.dtype, "--threads", str(args.threads)]
     if args.chunk_size:
         cmd += ["--chunk-size", str(args.chunk_size)]
     return run_json_worker(cmd, what=path)
@@ -138,7 +140,7 @@ def _median(rows: list[dict], key: str) -> float:
 def _report(results: dict[str, list[dict]], args: argparse.Namespace) -> bool:
     print(
         f"\nN={args.n} H={args.hidden} V={args.vocab} {args.dtype} on {args.device}, 1/7 targets ignored, "
-        f"forward+backward, median of {len(next(iter(results.values())))} "
+        f"forward+backward, {args.threads or 'default'} threads, median of {len(next(iter(results.values())))} "
         f"(memory: {next(iter(results.values()))[0]['memory_method']})"
     )
     print("| path | time (s) | runs (s) | extra peak (MB) | base (MB) | loss |")
@@ -176,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--repeats-large", type=int, default=2, help=f"repeats above {LARGE_N} tokens")
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="of the input and the head")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch threads per worker (0: torch's default, the core count)"
+    )
     parser.add_argument("--n", type=int, default=None)
     parser.add_argument("--tokens", default=None, help="comma-separated token counts N (one table each)")
     parser.add_argument("--hidden", type=int, default=None)

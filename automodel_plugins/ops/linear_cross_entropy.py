@@ -226,7 +226,9 @@ def low_precision_chunk_size(n_tokens: int, vocab: int, budget_bytes: int, *, hi
     rows = max(1, (budget_bytes - 6 * tile * hidden) // (tile * per_entry + 2 * hidden))
     blocks = -(-n_tokens // rows)
     rows = -(-n_tokens // blocks)  # balanced
-    return ChunkShape(min(n_tokens, -(-rows // _ROW_ALIGN) * _ROW_ALIGN), tile)
+    if rows > _ROW_ALIGN:
+        rows = -(-rows // _ROW_ALIGN) * _ROW_ALIGN
+    return ChunkShape(min(n_tokens, rows), tile)
 
 
 class _Head:

@@ -1,17 +1,17 @@
-"""Chunked ("cut") linear cross-entropy: ``cross_entropy(input @ weight.T + bias, target)`` without ``[N, V]``.
+"""Blocked ("cut") linear cross-entropy: ``cross_entropy(input @ weight.T + bias, target)`` without ``[N, V]``.
 
 The logits of a large-vocabulary head dominate training memory (``N * V * 4`` bytes, kept twice by autograd).
-This op walks the non-ignored tokens in row chunks and, when a chunk's full-vocabulary logits would not fit the
-memory budget with enough rows, the vocabulary in tiles. Per chunk it finds the fp32 log-sum-exp and target
-logit, and - when gradients are wanted and the loss is a scalar - turns the chunk straight into its gradient
-(``softmax - onehot``): ``dW`` accumulates in fp32, ``dinput`` rows are written. Backward then only rescales
-those buffers by ``grad_output``. ``reduction="none"`` has a per-token ``grad_output`` that forward cannot
-know: it saves the log-sum-exp and recomputes the chunks in backward.
+Like Cut Cross-Entropy, this op walks ``[rows, vocabulary tile]`` blocks of the non-ignored tokens: forward
+keeps only each token's log-sum-exp; backward recomputes each block's logits from it and turns them into
+``G = softmax - onehot``, vocabulary tile by vocabulary tile, so each weight-gradient tile ``G^T x`` is summed
+over all tokens and written once in the weight's dtype (no fp32 ``[V, H]`` buffer), while ``G W`` adds into
+an fp32 input gradient. Matmuls run in the head's dtype (bf16 matmuls accumulate in fp32 and round once, like
+stock's ``x @ W.T``); log-sum-exp, softmax and every sum across blocks in fp32. Four matmuls in all, against
+three for the naive path; a bf16 block takes every token when the budget allows.
 
-Cost: with the whole vocabulary in one tile, three matmuls like the naive path. With vocabulary tiles a first
-pass finds the log-sum-exp and a second recomputes each tile's logits (four matmuls), but with hundreds of rows
-per matmul instead of a few dozen, and each weight tile reused from cache: on a CPU this beats streaming the
-whole weight and weight gradient through memory for every small row chunk.
+Under ``torch.compile`` the forward and backward are ``torch.library`` custom ops (their host syncs stay
+inside; fake kernels give the shapes), so a compiled caller has no graph break; eager calls run the same
+functions through an ``autograd.Function``.
 """
 
 from __future__ import annotations

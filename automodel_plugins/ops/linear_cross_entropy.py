@@ -223,7 +223,10 @@ def low_precision_chunk_size(n_tokens: int, vocab: int, budget_bytes: int, *, hi
     if tile >= min(vocab, _MIN_LOW_PRECISION_TILE):
         return ChunkShape(n_tokens, vocab if tile >= vocab else _align_down(tile, _TILE_ALIGN))
     tile = min(vocab, _MIN_LOW_PRECISION_TILE)
-    rows = max(1, (budget_bytes - 6 * tile * hidden) // (tile * per_entry + 2 * hidden))
+    rows = (budget_bytes - 6 * tile * hidden) // (tile * per_entry + 2 * hidden)
+    rows = max(
+        rows, min(n_tokens, _MIN_SINGLE_PASS_ROWS)
+    )  # a budget below the [tile, H] sums: still useful rows
     blocks = -(-n_tokens // rows)
     rows = -(-n_tokens // blocks)  # balanced
     if rows > _ROW_ALIGN:

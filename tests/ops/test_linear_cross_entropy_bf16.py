@@ -139,6 +139,8 @@ def test_low_precision_chunk_size() -> None:
     assert low_precision_chunk_size(512, 65536, 32 * mib, hidden=1024) == (512, 10496)
     assert low_precision_chunk_size(8192, 65536, 32 * mib, hidden=1024) == (2736, 1024)
     assert low_precision_chunk_size(1, 65536, 32 * mib, hidden=1024) == (1, 65536)
-    assert low_precision_chunk_size(100, 500, 1, hidden=8) == (1, 500)
+    # A budget too small for anything still gives blocks of up to 128 rows (tiny matmuls help nobody).
+    assert low_precision_chunk_size(100, 500, 1, hidden=8) == (100, 500)
+    assert low_precision_chunk_size(4096, 32768, 8 << 20, hidden=2048) == (128, 1024)
     with pytest.raises(ValueError, match="positive"):
         low_precision_chunk_size(10, 0, 100, hidden=8)

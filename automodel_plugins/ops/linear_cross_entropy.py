@@ -520,9 +520,11 @@ def _backward_impl(
         _grad_pass(head, _gather_rows(x2d, valid), tgt, _gather_rows(lse, valid), row_scale, out)
     elif out.weight is not None:
         out.weight.zero_()
+    del head  # its block buffers, before the input gradient's casts add theirs (the backward's peak)
     d_input = x2d.new_empty(0)  # each "not wanted" is its own empty tensor: custom-op outputs may not alias
     if out.input is not None:
         d_input = out.input.to(x2d.dtype)
+        out.input = None
         if n_valid != x2d.shape[0]:
             d_input = torch.zeros_like(x2d).index_copy_(0, valid, d_input)
     return (

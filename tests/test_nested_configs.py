@@ -278,3 +278,12 @@ def test_an_unknown_nested_type_transformers_refuses_is_still_named(tmp_path: Pa
     message = str(info.value)
     assert "unknown model_type 'kimi_k9' in field 'text_config.model_type'" in message
     assert "transformers cannot build this config" in message and len(message) < 1000
+
+
+def test_require_plugin_says_no_plugin_claims_them(kimi_k25: Path, plugin_registry: Any) -> None:
+    """The config is fine; what is missing is a plugin: the error says that, not that the config is bad."""
+    from automodel_plugins.errors import NoPluginClaimError
+
+    plugin_registry(*PLUGINS)
+    with pytest.raises(NoPluginClaimError, match="no plugin claims model_type 'kimi_k25'"):
+        automodel_plugins.from_pretrained(kimi_k25, require_plugin=True)

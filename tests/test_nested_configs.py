@@ -287,3 +287,12 @@ def test_require_plugin_says_no_plugin_claims_them(kimi_k25: Path, plugin_regist
     plugin_registry(*PLUGINS)
     with pytest.raises(NoPluginClaimError, match="no plugin claims model_type 'kimi_k25'"):
         automodel_plugins.from_pretrained(kimi_k25, require_plugin=True)
+
+
+def test_the_inspect_command_reports_the_stock_path(qwen3_omni: Path, run_cli: Any) -> None:
+    done = run_cli("inspect", "--json", str(qwen3_omni), env={"AUTOMODEL_PLUGINS": ",".join(PLUGINS)})
+    assert done.returncode == 0, done.stderr
+    description = json.loads(done.stdout)
+    assert description["plugin"] is None and description["load"] is None
+    assert description["config"]["model_type"] == "qwen3_omni_moe"
+    assert len(description["claims"]) == len(PLUGINS)

@@ -274,7 +274,7 @@ class Fp8Resident(nn.Module):
             if codes is not None and not isinstance(codes, Fp8Codes) and not is_dtensor(codes):
                 self._parameters[name] = Fp8Codes(codes.data)
 
-    def _check_codes_dtype(self, key: str, dtype: torch.dtype) -> None:
+    def check_codes_dtype(self, key: str, dtype: torch.dtype) -> None:
         """Only this layer's FP8 codes load into it: its FP8 dtype, or ``uint8`` (the same bytes). torch's
         ``copy_`` would cast anything else (BF16 weights, another FP8 format) into meaningless codes, silently."""
         if dtype in (self.fp8_dtype, torch.uint8):
@@ -306,7 +306,7 @@ class Fp8Resident(nn.Module):
         for name in self.CODE_NAMES:
             codes = state_dict.get(prefix + name)
             if isinstance(codes, torch.Tensor):
-                self._check_codes_dtype(prefix + name, codes.dtype)
+                self.check_codes_dtype(prefix + name, codes.dtype)
                 state_dict[prefix + name] = codes.view(torch.uint8)
         for name in self.SCALE_NAMES:
             scale, buffer = state_dict.get(prefix + name), self._buffers.get(name)
@@ -479,14 +479,14 @@ def modules_of_type(model: nn.Module, kind: type[M]) -> dict[str, M]:
 
 def check_resident_state_dict(module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
     """A ``load_state_dict`` pre-hook for a model holding FP8-resident modules: refuses a value no resident
-    module can take as codes (:meth:`Fp8Resident._check_codes_dtype`) before the load copies anything, so a
+    module can take as codes (:meth:`Fp8Resident.check_codes_dtype`) before the load copies anything, so a
     refused load leaves the whole model as it was (each module checks again when the load reaches it)."""
     for name, resident in modules_of_type(module, Fp8Resident).items():
         for code_name in resident.CODE_NAMES:
             key = f"{prefix}{name}.{code_name}" if name else f"{prefix}{code_name}"
             value = state_dict.get(key)
             if isinstance(value, torch.Tensor):
-                resident._check_codes_dtype(key, value.dtype)
+                resident.check_codes_dtype(key, value.dtype)
 
 
 def fp8_linear_modules(model: nn.Module) -> dict[str, Fp8Linear]:

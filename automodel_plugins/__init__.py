@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from automodel_plugins._version import __version__ as __version__
 from automodel_plugins.errors import (
     AmbiguousClaimError,
     AutomodelPluginsError,
@@ -36,20 +37,18 @@ from automodel_plugins.errors import (
 from automodel_plugins.registry.claims import Claim, Decline
 from automodel_plugins.registry.markers import PROJECT_NAME, hookimpl, hookspec
 
-__version__ = "0.2.0"
-
 _LAZY = {
     # loading
-    "from_pretrained": "automodel_plugins.pipeline.load",
-    "build_model": "automodel_plugins.pipeline.load",
-    "load_weights": "automodel_plugins.pipeline.load",
+    "from_pretrained": "automodel_plugins.pipeline.load.load",
+    "build_model": "automodel_plugins.pipeline.load.load",
+    "load_weights": "automodel_plugins.pipeline.load.load",
     # saving
-    "save_pretrained": "automodel_plugins.pipeline.save",
-    "SaveReport": "automodel_plugins.pipeline.save",
-    "convert_checkpoint": "automodel_plugins.pipeline.convert",
+    "save_pretrained": "automodel_plugins.pipeline.save.save",
+    "SaveReport": "automodel_plugins.pipeline.save.save",
+    "convert_checkpoint": "automodel_plugins.pipeline.save.convert",
     "Composition": "automodel_plugins.pipeline.composition",
-    "LoadReport": "automodel_plugins.pipeline.stream",
-    "describe_checkpoint": "automodel_plugins.pipeline.describe",
+    "LoadReport": "automodel_plugins.pipeline.load.report",
+    "describe_checkpoint": "automodel_plugins.pipeline.load.describe",
     "load_config": "automodel_plugins.sources.config",
     "Checkpoint": "automodel_plugins.checkpoint.reader",
     "get_registry": "automodel_plugins.registry.manager",
@@ -98,11 +97,11 @@ if TYPE_CHECKING:
     )
     from automodel_plugins.model.rotary import repair_rotary
     from automodel_plugins.pipeline.composition import Composition
-    from automodel_plugins.pipeline.convert import convert_checkpoint
-    from automodel_plugins.pipeline.describe import describe_checkpoint
-    from automodel_plugins.pipeline.load import build_model, from_pretrained, load_weights
-    from automodel_plugins.pipeline.save import SaveReport, save_pretrained
-    from automodel_plugins.pipeline.stream import LoadReport
+    from automodel_plugins.pipeline.load.describe import describe_checkpoint
+    from automodel_plugins.pipeline.load.load import build_model, from_pretrained, load_weights
+    from automodel_plugins.pipeline.load.report import LoadReport
+    from automodel_plugins.pipeline.save.convert import convert_checkpoint
+    from automodel_plugins.pipeline.save.save import SaveReport, save_pretrained
     from automodel_plugins.registry.manager import Registry, get_registry
     from automodel_plugins.sources.config import load_config
 

@@ -42,7 +42,7 @@ from automodel_plugins.errors import (
     UnsafeCheckpointPathError,
     UnsupportedQuantizationError,
 )
-from automodel_plugins.pipeline.load import build_model, from_pretrained
+from automodel_plugins.pipeline.load.load import build_model, from_pretrained
 from automodel_plugins.registry import Registry
 from automodel_plugins.testing.checkpoints import write_fp8_checkpoint
 from automodel_plugins.testing.compare import assert_same_state_dict, load_stock
@@ -281,8 +281,8 @@ def test_huge_layer_count_fails_before_anything_is_built(
     def never(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("a model was built before the config was checked against the headers")
 
-    monkeypatch.setattr("automodel_plugins.pipeline.load.build_on_meta", never)
-    monkeypatch.setattr("automodel_plugins.pipeline.load.stock_class", never)
+    monkeypatch.setattr("automodel_plugins.pipeline.load.load.build_on_meta", never)
+    monkeypatch.setattr("automodel_plugins.pipeline.load.load.stock_class", never)
     registry = registry_with(llama_plugin()) if claimed else isolated_registry
     with pytest.raises(ConfigMismatchError, match=r"num_hidden_layers is 1000000") as caught:
         from_pretrained(ckpt, registry=registry)
@@ -562,7 +562,7 @@ TRUNCATE_AFTER_LOAD = """
 import os, sys, types
 from automodel_plugins import Claim, hookimpl, repair_rotary
 from automodel_plugins.adapters import StateDictAdapter, TensorSource
-from automodel_plugins.pipeline.load import from_pretrained
+from automodel_plugins.pipeline.load.load import from_pretrained
 from automodel_plugins.registry import Registry
 
 registry = Registry()

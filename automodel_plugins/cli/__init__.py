@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from automodel_plugins import __version__
+from automodel_plugins._version import __version__
 from automodel_plugins.cli import convert, describe, listing
 from automodel_plugins.cli.exits import EXIT_OK, EXIT_USER_ERROR
 from automodel_plugins.errors import AutomodelPluginsError

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from automodel_plugins.sources.config import config_path_of, load_config
 from automodel_plugins.sources.hub import HubLocation, is_repo_id
+from automodel_plugins.sources.options import HubOptions
 from automodel_plugins.sources.resolve import (
     CONFIG_NAME,
     INDEX_NAME,
@@ -26,6 +27,7 @@ __all__ = [
     "SAFETENSORS_NAME",
     "CheckpointLocation",
     "HubLocation",
+    "HubOptions",
     "LocalLocation",
     "Weights",
     "config_path_of",

@@ -34,7 +34,7 @@ from automodel_plugins.errors import (
     UnsafeCheckpointPathError,
     UnsupportedQuantizationError,
 )
-from automodel_plugins.pipeline.describe import describe_checkpoint
+from automodel_plugins.pipeline.load.describe import describe_checkpoint
 from automodel_plugins.registry import Registry
 from automodel_plugins.sources import load_config
 
@@ -521,8 +521,8 @@ def test_huge_layer_count_fails_before_the_model_is_built(
     def never(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("a model was built before the config was checked against the headers")
 
-    monkeypatch.setattr("automodel_plugins.pipeline.load.build_on_meta", never)
-    monkeypatch.setattr("automodel_plugins.pipeline.describe.build_model", never)
+    monkeypatch.setattr("automodel_plugins.pipeline.load.load.build_on_meta", never)
+    monkeypatch.setattr("automodel_plugins.pipeline.load.describe.build_model", never)
     for attempt in (lambda: load(path, registry), lambda: describe_checkpoint(path, registry=registry)):
         with pytest.raises(ConfigMismatchError, match=rf"{field}\.num_hidden_layers is 1000000") as caught:
             attempt()

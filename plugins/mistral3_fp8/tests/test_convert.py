@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import automodel_plugins.pipeline.save_values as save_values
+import automodel_plugins.pipeline.save.values as save_values
 from automodel_plugins import from_pretrained
 from automodel_plugins.checkpoint import Checkpoint
 from automodel_plugins.cli import main

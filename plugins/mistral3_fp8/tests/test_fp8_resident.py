@@ -23,7 +23,8 @@ import automodel_plugins
 from automodel_plugins import from_pretrained
 from automodel_plugins.errors import DtypeMismatchError, FrozenFp8WeightError, NotQuantizedError
 from automodel_plugins.fp8 import encode_scale
-from automodel_plugins.model.fp8_linear import Fp8Codes, Fp8Linear
+from automodel_plugins.model.fp8_linear import Fp8Linear
+from automodel_plugins.model.fp8_resident import Fp8Codes
 from automodel_plugins.registry import Registry
 from automodel_plugins.testing.compare import reference_dequantized_state_dict
 from automodel_plugins.testing.residency import held_bytes, watch_weight_copies

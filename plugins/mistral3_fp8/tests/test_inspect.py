@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 
 from automodel_plugins.errors import UnexpectedKeysError
-from automodel_plugins.pipeline.describe import describe_checkpoint
+from automodel_plugins.pipeline.load.describe import describe_checkpoint
 from automodel_plugins.registry import Registry
 
 from .conftest import ODD, PLUGIN, Checkpoints, CheckpointSpec, ModelSpec, edit_tensors

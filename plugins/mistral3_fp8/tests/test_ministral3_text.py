@@ -22,7 +22,7 @@ from automodel_plugins import Claim, Decline, save_pretrained
 from automodel_plugins.checkpoint.writer import FileLayout, SafetensorsWriter, TensorSpec
 from automodel_plugins.errors import CheckpointError
 from automodel_plugins.model.stock import build_on_meta
-from automodel_plugins.pipeline.describe import describe_checkpoint
+from automodel_plugins.pipeline.load.describe import describe_checkpoint
 from automodel_plugins.registry import Registry
 from automodel_plugins.sources import load_config
 from automodel_plugins.testing.checkpoints import write_fp8_checkpoint

@@ -1,7 +1,7 @@
 """Hostile and unlucky inputs to the host, each built here in its real on-disk form: every one is either loaded
 exactly (compared with stock transformers' own load) or refused with a typed error naming the culprit.
 
-Covered here (plugin-specific cases live in ``plugins/mistral3_fp8/tests/test_bad_input.py``): shards replaced
+Covered here (the cases on a Mistral3 checkpoint live in ``tests/e2e/test_bad_input.py``): shards replaced
 or rewritten while a load reads them; FP8 checkpoints the stock path would load unscaled; deeply nested JSON;
 NUL bytes, directories and FIFOs where files belong; adapters and claims that misbehave; configs transformers
 cannot build from; a layer count the checkpoint does not hold; files truncated after a load (``mmap=False``).

@@ -16,6 +16,14 @@ from typing import Any
 
 import pytest
 import torch
+from mistral3_checkpoints import (
+    LEGACY_PREFIXES,
+    ODD,
+    Checkpoints,
+    CheckpointSpec,
+    checkpoint_tensors,
+    tiny_config,
+)
 from safetensors import safe_open
 from transformers import Mistral3ForConditionalGeneration
 
@@ -29,8 +37,6 @@ from automodel_plugins.registry import Registry
 from automodel_plugins.testing.compare import reference_dequantized_state_dict
 from automodel_plugins.testing.residency import held_bytes, watch_weight_copies
 from automodel_plugins.testing.tiny_models import mistral3_image_batch
-
-from .conftest import LEGACY_PREFIXES, ODD, Checkpoints, CheckpointSpec, checkpoint_tensors, tiny_config
 
 peft = pytest.importorskip("peft")
 

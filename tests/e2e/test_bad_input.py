@@ -11,6 +11,15 @@ from typing import Any
 import pytest
 import torch
 from automodel_plugins_mistral3_fp8 import plugin
+from mistral3_checkpoints import (
+    Checkpoints,
+    CheckpointSpec,
+    assert_same_weights,
+    checkpoint_tensors,
+    edit_config,
+    edit_tensors,
+    stock_load,
+)
 
 from automodel_plugins import (
     CheckpointError,
@@ -37,16 +46,6 @@ from automodel_plugins.errors import (
 from automodel_plugins.pipeline.load.describe import describe_checkpoint
 from automodel_plugins.registry import Registry
 from automodel_plugins.sources import load_config
-
-from .conftest import (
-    Checkpoints,
-    CheckpointSpec,
-    assert_same_weights,
-    checkpoint_tensors,
-    edit_config,
-    edit_tensors,
-    stock_load,
-)
 
 Q_PROJ = "language_model.model.layers.0.self_attn.q_proj.weight"
 Q_SCALE = "language_model.model.layers.0.self_attn.q_proj.weight_scale_inv"

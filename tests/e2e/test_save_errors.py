@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from mistral3_checkpoints import Checkpoints, checkpoint_tensors, tiny_model
 
 import automodel_plugins.checkpoint.writer as writer_module
 from automodel_plugins import from_pretrained, load_weights, save_pretrained
@@ -25,8 +26,6 @@ from automodel_plugins.errors import (
     UnknownQuantizationError,
 )
 from automodel_plugins.registry import Registry
-
-from .conftest import Checkpoints, checkpoint_tensors, tiny_model
 
 
 @pytest.fixture

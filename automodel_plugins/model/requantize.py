@@ -28,7 +28,7 @@ from automodel_plugins.fp8.formats import is_fp8
 from automodel_plugins.fp8.scale_policy import choose_scale
 from automodel_plugins.fp8.scales import decode_scale, grid_shape
 from automodel_plugins.fp8.stacked import stacked_block_amax, stacked_encode
-from automodel_plugins.model.fp8_linear import Fp8Resident, modules_of_type
+from automodel_plugins.model.fp8_resident import Fp8Resident, modules_of_type
 from automodel_plugins.model.placement import is_dtensor
 
 __all__ = ["requantize_state_dict"]

@@ -13,6 +13,7 @@ See ``docs/saving.md``.
 from __future__ import annotations
 
 import copy
+import errno
 import os
 import shutil
 import stat
@@ -415,12 +416,20 @@ def _finish(
 def _copy_regular(source: Path, target: Path) -> None:
     """Copy the regular file ``source`` (never through a link: one put in its place since it was checked is
     refused) to the new file ``target``."""
-    fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    with open(fd, "rb") as reader:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(f"{source} is not a regular file")
-        with open(target, "xb") as writer:
-            shutil.copyfileobj(reader, writer)
+    try:
+        fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        with open(fd, "rb") as reader:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(errno.EINVAL, "not a regular file")
+            with open(target, "xb") as writer:
+                shutil.copyfileobj(reader, writer)
+    except OSError as exc:
+        raise SaveWriteError(
+            f"cannot copy {source.name} into the checkpoint: {exc.strerror or exc} (it is no longer the regular "
+            "file that was checked)",
+            path=source,
+            errno=exc.errno,
+        ) from exc
 
 
 def _total_parameters(model: PreTrainedModel, plan: SavePlan) -> int:

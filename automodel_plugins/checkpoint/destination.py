@@ -74,7 +74,8 @@ class ProtectedDirectory:
             return cls(real)
         return cls(real, stat.st_dev, stat.st_ino)
 
-    def is_(self, stat: os.stat_result) -> bool:
+    def same_as(self, stat: os.stat_result) -> bool:
+        """Whether ``stat`` is of this very directory (its device and inode)."""
         return self.device is not None and (stat.st_dev, stat.st_ino) == (self.device, self.inode)
 
 
@@ -101,10 +102,13 @@ def _destination_path(dest: str | Path, roots: list[ProtectedDirectory]) -> Path
         )
     if "\0" in raw:
         raise DestinationError(f"the destination {raw!r} contains a NUL byte: no file can have such a name")
-    final = Path(raw).expanduser().absolute()
-    _check_name_lengths(final)
-    final = final.parent.resolve() / final.name if final.name else final.resolve()
-    resolved = final.resolve()
+    try:
+        final = Path(raw).expanduser().absolute()
+        _check_name_lengths(final)
+        final = final.parent.resolve() / final.name if final.name else final.resolve()
+        resolved = final.resolve()
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a link loop, an unknown ~user
+        raise DestinationError(f"the destination {raw!r} cannot be resolved: {exc}") from exc
     for root in roots:
         if resolved == root.path:
             raise DestinationError(f"the destination is the source checkpoint {root.path}", path=final)
@@ -114,7 +118,7 @@ def _destination_path(dest: str | Path, roots: list[ProtectedDirectory]) -> Path
             raise DestinationError(f"the destination contains the source checkpoint {root.path}", path=final)
         for at in (resolved, *resolved.parents):
             with contextlib.suppress(OSError):
-                if root.is_(os.stat(at)):
+                if root.same_as(os.stat(at)):
                     where = "is" if at == resolved else "is inside"
                     raise DestinationError(
                         f"the destination {where} the source checkpoint {root.path} (the same directory by device "
@@ -174,7 +178,12 @@ def _check_existing(final: Path, *, overwrite: bool, roots: list[ProtectedDirect
             "which a mount point cannot be; save into a new directory inside it",
             path=final,
         )
-    entries = sorted(os.scandir(final), key=lambda entry: entry.name)
+    try:
+        entries = sorted(os.scandir(final), key=lambda entry: entry.name)
+    except OSError as exc:
+        raise DestinationError(
+            f"the destination cannot be listed: {exc.strerror or exc}", path=final
+        ) from exc
     if not entries:
         return
     if not overwrite:
@@ -201,7 +210,7 @@ def _check_existing(final: Path, *, overwrite: bool, roots: list[ProtectedDirect
             with contextlib.suppress(OSError):
                 stat = os.stat(os.path.join(directory, name), follow_symlinks=False)
                 for root in roots:
-                    if root.is_(stat):
+                    if root.same_as(stat):
                         raise DestinationError(
                             f"the destination contains the source checkpoint {root.path} (now at "
                             f"{os.path.join(directory, name)}, the same directory by device and inode)",
@@ -409,8 +418,17 @@ def recover_siblings(final: Path) -> list[Path]:
             if not gone:
                 continue
             if kind == _ASIDE and not _exists(final):
-                os.rename(path, final)
-                (final / MARKER_NAME).unlink(missing_ok=True)
+                try:
+                    os.rename(path, final)
+                    (final / MARKER_NAME).unlink(missing_ok=True)
+                except OSError as exc:
+                    warnings.warn(
+                        f"{final} is missing and its previous checkpoint is beside it in {path.name}, left by a "
+                        f"save killed half way through replacing it; it could not be renamed back ({exc})",
+                        UserWarning,
+                        stacklevel=4,
+                    )
+                    continue
                 warnings.warn(
                     f"{final} was missing and its previous checkpoint was beside it in {path.name}, left by a save "
                     "killed half way through replacing it: renamed back",

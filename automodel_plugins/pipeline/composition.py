@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -65,9 +67,9 @@ class FileStamp:
 
     @classmethod
     def of(cls, path: Path) -> FileStamp:
-        stat = path.stat()
+        info = path.stat()
         digest = _header_digest(path) if path.name.endswith(".safetensors") else None
-        return cls(path, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino, digest)
+        return cls(path, info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino, digest)
 
     def changed(self) -> bool:
         try:
@@ -106,17 +108,22 @@ def _header_digest(path: Path) -> str | None:
     """SHA-256 of the file's ``8 + header length`` first bytes (``None`` when they cannot be read as such)."""
     from automodel_plugins.checkpoint.header import MAX_HEADER_BYTES
 
-    try:
-        with open(path, "rb") as handle:
-            prefix = handle.read(8)
-            if len(prefix) < 8:
-                return None
-            length = int.from_bytes(prefix, "little")
-            if length > MAX_HEADER_BYTES:
-                return None
-            return hashlib.sha256(prefix + handle.read(length)).hexdigest()
+    try:  # not blocking on a FIFO put in the file's place: checked on the open file
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        prefix = os.pread(fd, 8, 0)
+        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else MAX_HEADER_BYTES + 1
+        if length > MAX_HEADER_BYTES:
+            return None
+        return hashlib.sha256(prefix + os.pread(fd, length, 8)).hexdigest()
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def record_source(

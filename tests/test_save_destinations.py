@@ -25,6 +25,7 @@ from hub_checkpoints import registry, write_llama
 from safetensors.torch import load_file
 
 import automodel_plugins.checkpoint.destination as destination_module
+import automodel_plugins.checkpoint.writer as writer_module
 from automodel_plugins import build_model, from_pretrained, save_pretrained
 from automodel_plugins.checkpoint.destination import MARKER_NAME
 from automodel_plugins.errors import DestinationError, SaveError, SaveOptionError, SourceChangedError
@@ -167,6 +168,25 @@ def test_overwrite_refuses_a_directory_that_is_no_checkpoint_naming_what_it_hold
         save_pretrained(model, workdir, overwrite=True, quantization="none")
     assert set(snapshot(workdir)) == set(before) | {"config.json"} | {f"notes-{i}.txt" for i in range(7)}
     assert siblings(tmp_path) == []
+
+
+def test_a_directory_that_appears_during_the_write_is_not_replaced_unless_a_checkpoint(
+    model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The destination was free when the save began; a project directory appeared there while it wrote."""
+    dest = tmp_path / "out"
+    real = os.pwrite
+
+    def pwrite(fd: int, data, offset: int) -> int:
+        if not dest.exists():
+            dest.mkdir()
+            (dest / "train.py").write_text("print('training')\n")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(writer_module.os, "pwrite", pwrite)
+    with pytest.raises(DestinationError, match=r"not a checkpoint.*holds: train\.py"):
+        save_pretrained(model, dest, overwrite=True, quantization="none")
+    assert tree(dest) == ["train.py"] and siblings(tmp_path) == []
 
 
 def test_overwrite_still_replaces_a_checkpoint(model, tmp_path: Path) -> None:

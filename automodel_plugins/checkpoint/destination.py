@@ -191,19 +191,7 @@ def _check_existing(final: Path, *, overwrite: bool, roots: list[ProtectedDirect
             "the destination is a non-empty directory (overwrite=True, or --overwrite, replaces it)",
             path=final,
         )
-    names = {entry.name for entry in entries}
-    has_weights = any(name.endswith((".safetensors", ".safetensors.index.json")) for name in names)
-    if not (has_weights and names.intersection(_CHECKPOINT_CONFIGS)):
-        shown = [entry.name + ("/" if entry.is_dir(follow_symlinks=False) else "") for entry in entries]
-        listing = ", ".join(shown[:_SHOWN_ENTRIES]) + (
-            f", ... ({len(shown)} entries)" if len(shown) > _SHOWN_ENTRIES else ""
-        )
-        raise DestinationError(
-            f"overwrite replaces a checkpoint directory, and this one is not a checkpoint (no config.json or "
-            f"params.json beside *.safetensors weights); it holds: {listing}. Remove it yourself or choose "
-            "another destination",
-            path=final,
-        )
+    _refuse_non_checkpoint(final, entries)
     # What the replacement deletes must not hold the source (moved there since the load).
     for directory, subdirectories, _ in os.walk(final):
         for name in subdirectories:
@@ -216,6 +204,25 @@ def _check_existing(final: Path, *, overwrite: bool, roots: list[ProtectedDirect
                             f"{os.path.join(directory, name)}, the same directory by device and inode)",
                             path=final,
                         )
+
+
+def _refuse_non_checkpoint(final: Path, entries: list[os.DirEntry]) -> None:
+    """``overwrite`` replaces a checkpoint directory only (a config beside safetensors weights), never a
+    directory of other things (``""`` or ``"."`` naming a project, a home directory)."""
+    names = {entry.name for entry in entries}
+    has_weights = any(name.endswith((".safetensors", ".safetensors.index.json")) for name in names)
+    if has_weights and names.intersection(_CHECKPOINT_CONFIGS):
+        return
+    shown = [entry.name + ("/" if entry.is_dir(follow_symlinks=False) else "") for entry in entries]
+    listing = ", ".join(shown[:_SHOWN_ENTRIES]) + (
+        f", ... ({len(shown)} entries)" if len(shown) > _SHOWN_ENTRIES else ""
+    )
+    raise DestinationError(
+        f"overwrite replaces a checkpoint directory, and this one is not a checkpoint (no config.json or "
+        f"params.json beside *.safetensors weights); it holds: {listing}. Remove it yourself or choose "
+        "another destination",
+        path=final,
+    )
 
 
 def is_mount_point(path: Path) -> bool:
@@ -295,12 +302,16 @@ class Destination:
                     raise OSError(
                         errno.ENOTEMPTY, "the destination was filled while the checkpoint was written"
                     )
+                _refuse_non_checkpoint(self.final, sorted(os.scandir(self.final), key=lambda e: e.name))
                 self._replace()
             else:
                 os.replace(self.staging, self.final)  # onto nothing, or onto an empty directory
             (self.final / MARKER_NAME).unlink(missing_ok=True)  # in place now: no longer temporary
             if sync:
                 _sync_directory(self.final.parent)
+        except DestinationError:
+            self.abort()
+            raise
         except OSError as exc:
             self.abort()
             raise SaveWriteError(

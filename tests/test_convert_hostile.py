@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 from hub_checkpoints import registry, write_llama
 
-import automodel_plugins.pipeline.convert as convert_module
-import automodel_plugins.pipeline.save_write as save_write
+import automodel_plugins.pipeline.save.convert as convert_module
+import automodel_plugins.pipeline.save.write as save_write
 from automodel_plugins import from_pretrained, save_pretrained
 from automodel_plugins.cli import main
 from automodel_plugins.errors import SaveWriteError, UnsafeCheckpointPathError
-from automodel_plugins.pipeline.convert import convert_checkpoint
+from automodel_plugins.pipeline.save.convert import convert_checkpoint
 from automodel_plugins.registry import set_registry
 
 SECRET = b"hf_THIS_IS_THE_USERS_HUB_TOKEN"

@@ -137,7 +137,14 @@ class HubOfflineError(HubError, SourceNotFoundError):
 
 
 class HubDownloadError(HubError):
-    """Any other failure to fetch a file (a server error, a download another rank made that failed)."""
+    """Any other failure to fetch a file (a server error, a truncated body, a download past its deadline, a
+    download another rank made that failed)."""
+
+
+class UnsafeHubAnswerError(HubDownloadError):
+    """The hub (or a mirror) answered something this package refuses to act on: a commit that is not 40 hex
+    digits (or not the one asked for), an ``ETag`` that is not a plain token, a body longer than announced.
+    huggingface_hub names cache paths after these answers, so they are refused before anything is written."""
 
 
 class CorruptCheckpointError(CheckpointError):

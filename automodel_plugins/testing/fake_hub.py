@@ -51,14 +51,22 @@ import re
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
-__all__ = ["LFS_SUFFIXES", "FakeHub", "Misbehaviour", "RequestRecord", "git_blob_sha1"]
+__all__ = [
+    "LFS_SUFFIXES",
+    "FakeHub",
+    "Misbehaviour",
+    "RequestRecord",
+    "endpoint_patched",
+    "git_blob_sha1",
+    "main",
+]
 
 LFS_SUFFIXES = (
     ".safetensors",
@@ -92,6 +100,37 @@ _RESOLVE_RE = re.compile(
 _CDN_RE = re.compile(r"^/cdn/(?P<sha256>[0-9a-f]{64})$")
 _RANGE_RE = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$", re.IGNORECASE)
 _TYPES = {"models": "model", "datasets": "dataset", "spaces": "space", None: "model"}
+
+
+@contextlib.contextmanager
+def endpoint_patched(url: str, value: Any = None) -> Iterator[Any]:
+    """Point an already-imported huggingface_hub at the hub at ``url`` (restored on exit); yields ``value``.
+
+    ``constants.ENDPOINT`` alone is not enough: ``hf_hub_url`` formats the import-time
+    ``constants.HUGGINGFACE_CO_URL_TEMPLATE`` and the module-level helpers
+    (``huggingface_hub.model_info``, ``get_safetensors_metadata``, ``list_repo_files`` ...)
+    are bound methods of ``huggingface_hub.hf_api.api``, an ``HfApi()`` built when
+    ``huggingface_hub.hf_api`` is first imported (lazily), with the endpoint of that moment.
+    """
+    import sys
+
+    from huggingface_hub import constants, hf_api
+
+    saved = (constants.ENDPOINT, constants.HUGGINGFACE_CO_URL_TEMPLATE, hf_api.api.endpoint)
+    constants.ENDPOINT = url
+    constants.HUGGINGFACE_CO_URL_TEMPLATE = url + "/{repo_id}/resolve/{revision}/{filename}"
+    hf_api.api.endpoint = url
+    # transformers caches one HfApi (transformers.utils.hub._hf_api, used by resolve_revision) whose
+    # endpoint is fixed when it is first built: drop it so it is rebuilt against this hub.
+    t_hub = sys.modules.get("transformers.utils.hub")
+    if t_hub is not None and hasattr(t_hub, "_hf_api"):
+        t_hub._hf_api = None
+    try:
+        yield value
+    finally:
+        constants.ENDPOINT, constants.HUGGINGFACE_CO_URL_TEMPLATE, hf_api.api.endpoint = saved
+        if t_hub is not None and hasattr(t_hub, "_hf_api"):
+            t_hub._hf_api = None
 
 
 def git_blob_sha1(data: bytes) -> str:
@@ -386,35 +425,9 @@ class FakeHub:
             "HF_HUB_DISABLE_XET": "1",
         }
 
-    @contextlib.contextmanager
-    def patch_endpoint(self):
-        """Point an already-imported huggingface_hub at this hub (restored on exit).
-
-        ``constants.ENDPOINT`` alone is not enough: ``hf_hub_url`` formats the import-time
-        ``constants.HUGGINGFACE_CO_URL_TEMPLATE`` and the module-level helpers
-        (``huggingface_hub.model_info``, ``get_safetensors_metadata``, ``list_repo_files`` ...)
-        are bound methods of ``huggingface_hub.hf_api.api``, an ``HfApi()`` built when
-        ``huggingface_hub.hf_api`` is first imported (lazily), with the endpoint of that moment.
-        """
-        import sys
-
-        from huggingface_hub import constants, hf_api
-
-        saved = (constants.ENDPOINT, constants.HUGGINGFACE_CO_URL_TEMPLATE, hf_api.api.endpoint)
-        constants.ENDPOINT = self.url
-        constants.HUGGINGFACE_CO_URL_TEMPLATE = self.url + "/{repo_id}/resolve/{revision}/{filename}"
-        hf_api.api.endpoint = self.url
-        # transformers caches one HfApi (transformers.utils.hub._hf_api, used by resolve_revision) whose
-        # endpoint is fixed when it is first built: drop it so it is rebuilt against this hub.
-        t_hub = sys.modules.get("transformers.utils.hub")
-        if t_hub is not None and hasattr(t_hub, "_hf_api"):
-            t_hub._hf_api = None
-        try:
-            yield self
-        finally:
-            constants.ENDPOINT, constants.HUGGINGFACE_CO_URL_TEMPLATE, hf_api.api.endpoint = saved
-            if t_hub is not None and hasattr(t_hub, "_hf_api"):
-                t_hub._hf_api = None
+    def patch_endpoint(self) -> contextlib.AbstractContextManager[FakeHub]:
+        """Point an already-imported huggingface_hub at this hub (restored on exit): :func:`endpoint_patched`."""
+        return endpoint_patched(self.url, self)
 
     # ------------------------------------------------------------------ HTTP
     def _handler(self, server_name: str):
@@ -792,3 +805,54 @@ class FakeHub:
                 self._send(200, body, headers, head=head, count_as=count_as, content_length=length, how=how)
 
         return Handler
+
+
+# ---------------------------------------------------------------------- python -m automodel_plugins.testing.fake_hub
+
+
+def checkpoint_repos(root: Path) -> dict[str, Path]:
+    """The repos a directory of checkpoints holds: itself if it has a ``config.json`` (repo id: its name),
+    else each ``NAME/`` and ``ORG/NAME/`` below it that has one."""
+    root = Path(root)
+    if (root / "config.json").is_file():
+        return {root.resolve().name: root}
+    found = [p.parent for p in [*root.glob("*/config.json"), *root.glob("*/*/config.json")] if p.is_file()]
+    return {d.relative_to(root).as_posix(): d for d in sorted(found)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve a directory of checkpoints as a stand-in hub on 127.0.0.1 until interrupted."""
+    import argparse
+    import signal
+
+    parser = argparse.ArgumentParser(
+        prog="python -m automodel_plugins.testing.fake_hub",
+        description="Serve checkpoint directories as hub repos on 127.0.0.1 (DIR/ORG/NAME -> repo ORG/NAME, "
+        "DIR/NAME -> NAME; a DIR with a config.json -> repo named after it), for loads without network.",
+    )
+    parser.add_argument("directory", metavar="DIR", type=Path, help="a checkpoint, or a directory of them")
+    parser.add_argument("--port", type=int, default=0, help="port to listen on (default: any free port)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    args = parser.parse_args(argv)
+    repos = checkpoint_repos(args.directory)
+    if not repos:
+        parser.error(f"no checkpoint (a directory with a config.json) in {args.directory} or below it")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with FakeHub(args.host, args.port) as hub:
+        for repo_id, directory in repos.items():
+            hub.add_directory(repo_id, directory)
+        print(f"fake hub serving {len(repos)} repo(s) at {hub.url} (Ctrl-C stops it)", flush=True)
+        for repo_id, directory in repos.items():
+            print(f"  {repo_id}  <- {directory}", flush=True)
+        print(f"export HF_ENDPOINT={hub.url} HF_HUB_DISABLE_XET=1", flush=True)
+        try:
+            while not stop.wait(0.5):
+                pass
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -357,3 +357,26 @@ def test_a_backslash_in_a_hub_weight_map_is_refused(fake_hub: FakeHub, checkpoin
         automodel_plugins.describe_checkpoint("hostile/backslash", registry=registry())
     assert caught.value.key == key and caught.value.path.name == INDEX_NAME
     assert fake_hub.requests_for("hostile/backslash", "..\\..\\model-00001-of-00003.safetensors") == 0
+
+
+def test_the_stock_path_fetches_through_the_same_checks(
+    fake_hub: FakeHub, outside: Callable, unquantized_checkpoint_factory: Callable[..., Path]
+) -> None:
+    """No plugin claims the config: transformers loads the repo, but its weights come through the same checks
+    (an ETag aimed at ``<tmp>/target`` is refused), and an honest repo loads as stock loads the directory."""
+    from transformers import LlamaForCausalLM
+
+    from automodel_plugins.registry import Registry
+    from automodel_plugins.testing.tiny_models import tiny_llama_config
+
+    torch.manual_seed(0)
+    unquantized = unquantized_checkpoint_factory(LlamaForCausalLM(tiny_llama_config()))
+    serve(fake_hub, "stock/honest", unquantized)
+    model = automodel_plugins.from_pretrained("stock/honest", registry=Registry())
+    assert_same_state_dict(model, automodel_plugins.from_pretrained(unquantized, registry=Registry()))
+    serve(fake_hub, "stock/etag", unquantized)
+    fake_hub.misbehave("stock/etag", etag='"../../../target"', files=r"\.safetensors$")
+    with pytest.raises(UnsafeHubAnswerError, match="is not a plain token") as caught:
+        automodel_plugins.from_pretrained("stock/etag", registry=Registry())
+    assert caught.value.filename == "model.safetensors"
+    outside()

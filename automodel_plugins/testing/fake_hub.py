@@ -17,6 +17,10 @@ Usage::
         print(hub.bytes_served)             # {"total": ..., "files": {"org/tiny:config.json": ...}}
 
 or, for a subprocess, its ``env()`` (``HF_ENDPOINT`` is read once, at import, by ``huggingface_hub.constants``).
+``hub.misbehave(repo_id, ...)`` makes one repo's answers hostile or broken (:class:`Misbehaviour`: a commit,
+``X-Repo-Commit`` or ETag of any text, ``Range`` ignored, bytes after the body, a body cut short, a stall, a
+trickle) until ``clear_overrides()``. From a shell, ``python -m automodel_plugins.testing.fake_hub DIR [--port N]``
+serves a directory of checkpoints (``DIR/ORG/NAME`` as repo ``ORG/NAME``) until interrupted.
 The pytest fixtures ``fake_hub`` (patched in, online, a fresh cache) and ``fake_hub_server`` (the session's one
 server) come with the author kit. Run one server per test session: huggingface_hub keeps connections and the
 endpoint it was first given, and a request to a closed port retries for about 23 s.

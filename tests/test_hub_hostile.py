@@ -380,3 +380,35 @@ def test_the_stock_path_fetches_through_the_same_checks(
         automodel_plugins.from_pretrained("stock/etag", registry=Registry())
     assert caught.value.filename == "model.safetensors"
     outside()
+
+
+def test_the_body_bound_follows_a_redirect_to_the_cdn(
+    fake_hub: FakeHub, checkpoint: Path, outside: Callable
+) -> None:
+    """The hub answers a shard's metadata with a redirect to another origin (as the real hub's CDN): the body
+    that comes from there is bounded by the size the hub announced."""
+    serve(fake_hub, "hostile/cdn", checkpoint)
+    fake_hub.lfs_redirect = True
+    shard = sorted(set(index_of(checkpoint).values()))[0]
+    fake_hub.misbehave("hostile/cdn", extra_bytes=EXTRA, files=shard)
+    with pytest.raises(UnsafeHubAnswerError, match=r"sent more than the \d+ bytes it announced") as caught:
+        automodel_plugins.from_pretrained("hostile/cdn", registry=registry())
+    assert caught.value.filename == shard
+    assert max(r.body_bytes for r in wait_for_records(fake_hub, 1)) < 16 << 20
+    outside()
+
+
+def test_a_backslash_in_a_local_weight_map_is_refused(checkpoint: Path, tmp_path: Path) -> None:
+    from automodel_plugins.checkpoint import Checkpoint
+
+    local = tmp_path / "ckpt"
+    local.mkdir()
+    for file in checkpoint.iterdir():
+        (local / file.name).write_bytes(file.read_bytes())
+    weight_map = index_of(checkpoint)
+    key = sorted(weight_map)[-1]
+    index = {"metadata": {}, "weight_map": {**weight_map, key: "sub\\model-00001-of-00003.safetensors"}}
+    (local / INDEX_NAME).write_text(json.dumps(index))
+    with pytest.raises(UnsafeCheckpointPathError, match="contains a backslash") as caught:
+        Checkpoint.open(local)
+    assert caught.value.key == key and caught.value.path == local / INDEX_NAME

@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urljoin
 
 from automodel_plugins.errors import (
     HubDownloadError,
@@ -140,6 +141,8 @@ class Watch:
     seconds: float | None
     expected: int | None = None
     """Bytes the file's metadata (``X-Linked-Size`` / ``Content-Length`` of the HEAD) announced."""
+    expected_url: str | None = None
+    """Where that file's body comes from (the HEAD's URL, or where it redirects): only its body is bounded."""
     received: int = 0
     """Body bytes of the file received so far, over every attempt."""
 
@@ -275,13 +278,16 @@ def _on_response(response: Any) -> None:
         )
         if size is not None and size.isdigit():
             watch.expected = int(size)
+            url = str(response.request.url)
+            watch.expected_url = urljoin(url, headers["Location"]) if "Location" in headers else url
         return
     if method != "GET":
         return
     if watch.commit is None and response.status_code == 200 and "/api/" in response.request.url.path:
         _check_api_sha(response, watch)
     elif 200 <= response.status_code < 300:
-        response.stream = _counted(response.stream, watch)
+        limit = watch.expected if str(response.request.url) == watch.expected_url else None
+        response.stream = _counted(response.stream, watch, limit)
 
 
 def _check_api_sha(response: Any, watch: Watch) -> None:
@@ -297,12 +303,13 @@ def _check_api_sha(response: Any, watch: Watch) -> None:
 class _CountedBody:
     """A response body counted into the watch, cut past the announced size, stopped past the deadline."""
 
-    def __init__(self, inner: Any, watch: Watch) -> None:
+    def __init__(self, inner: Any, watch: Watch, limit: int | None) -> None:
         self.inner = inner
         self.watch = watch
+        self.limit = limit
 
     def __iter__(self) -> Iterator[bytes]:
-        watch, limit, taken = self.watch, self.watch.expected, 0
+        watch, limit, taken = self.watch, self.limit, 0
         for chunk in self.inner:
             remaining = watch.remaining()
             if remaining is not None and remaining <= 0:
@@ -322,7 +329,7 @@ class _CountedBody:
 _counted_class: type | None = None
 
 
-def _counted(inner: Any, watch: Watch) -> Any:
+def _counted(inner: Any, watch: Watch, limit: int | None) -> Any:
     """:class:`_CountedBody` as an ``httpx2.SyncByteStream`` (which the response checks for; imported late so
     that importing this module stays light)."""
     global _counted_class
@@ -330,4 +337,4 @@ def _counted(inner: Any, watch: Watch) -> Any:
         import httpx2
 
         _counted_class = type("CountedStream", (_CountedBody, httpx2.SyncByteStream), {})
-    return _counted_class(inner, watch)
+    return _counted_class(inner, watch, limit)

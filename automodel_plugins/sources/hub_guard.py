@@ -56,7 +56,7 @@ _REF_FORBIDDEN = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]")
 _TIMEOUT_KEYS = ("connect", "read", "write", "pool")
 
 
-def deadline_seconds() -> float | None:
+def deadline_seconds(repo_id: str) -> float | None:
     """The per-file deadline from :data:`DEADLINE_ENV` (default one hour; ``0`` or less: no deadline)."""
     text = os.environ.get(DEADLINE_ENV, "").strip()
     if not text:
@@ -64,7 +64,7 @@ def deadline_seconds() -> float | None:
     try:
         seconds = float(text)
     except ValueError:
-        raise HubDownloadError("(any)", f"{DEADLINE_ENV}={text!r} is not a number of seconds") from None
+        raise HubDownloadError(repo_id, f"{DEADLINE_ENV}={text!r} is not a number of seconds") from None
     return seconds if seconds > 0 else None
 
 
@@ -173,7 +173,7 @@ _LOCK = threading.Lock()
 def watching(repo_id: str, revision: str | None, filename: str | None, commit: str | None) -> Iterator[Watch]:
     """Check every answer huggingface_hub's client receives in this context (this thread) against ``commit``,
     under the per-file deadline."""
-    seconds = deadline_seconds()
+    seconds = deadline_seconds(repo_id)
     watch = Watch(
         repo_id,
         revision,

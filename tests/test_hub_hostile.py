@@ -30,7 +30,7 @@ from automodel_plugins.errors import (
     UnsafeCheckpointPathError,
     UnsafeHubAnswerError,
 )
-from automodel_plugins.sources import INDEX_NAME, resolve
+from automodel_plugins.sources import INDEX_NAME, HubOptions, resolve
 from automodel_plugins.sources.hub_guard import DEADLINE_ENV
 from automodel_plugins.testing.compare import assert_same_state_dict
 from automodel_plugins.testing.fake_hub import FakeHub
@@ -133,7 +133,7 @@ def test_an_x_repo_commit_that_is_a_path_is_refused(
     under ``.no_exist/<that commit>/``, here ``<tmp>/escaped/``."""
     sha = serve(fake_hub, "hostile/header", single_file)
     fake_hub.misbehave("hostile/header", header_commit="../../../escaped")
-    location = resolve("hostile/header", revision=sha)
+    location = resolve("hostile/header", HubOptions(revision=sha))
     with pytest.raises(UnsafeHubAnswerError, match=r"X-Repo-Commit '\.\./\.\./\.\./escaped'") as caught:
         location.weights()  # asks for the index, which this repo lacks
     assert caught.value.filename == INDEX_NAME
@@ -207,7 +207,7 @@ def test_a_revision_that_names_a_path_is_refused_before_any_request(
 def test_branch_and_tag_names_the_hub_allows_load(fake_hub: FakeHub, checkpoint: Path, revision: str) -> None:
     sha = serve(fake_hub, "org/branches", checkpoint)
     fake_hub.add_ref("org/branches", revision, sha)
-    location = resolve("org/branches", revision=revision)
+    location = resolve("org/branches", HubOptions(revision=revision))
     assert location.commit == sha
     assert automodel_plugins.load_config(location).model_type == "llama"
 

@@ -321,14 +321,14 @@ def test_a_hung_mirror_fails_within_the_file_deadline(
 def test_a_trickling_mirror_fails_within_the_file_deadline(
     fake_hub: FakeHub, checkpoint: Path, monkeypatch: pytest.MonkeyPatch, outside: Callable
 ) -> None:
-    """It sends 256 bytes every 50 ms: never slow enough for a read timeout, a shard would take tens of
+    """It sends 128 bytes every 50 ms: never slow enough for a read timeout, a shard would take tens of
     seconds. The deadline stops it and says how far it got."""
     serve(fake_hub, "mirror/trickle", checkpoint)
     shard = sorted(set(index_of(checkpoint).values()))[0]
     size = (checkpoint / shard).stat().st_size
-    assert size > 256 * 20 * 5  # more than 5 s of trickle
+    assert size > 128 * 20 * 5  # more than 5 s of trickle
     monkeypatch.setenv(DEADLINE_ENV, "2")
-    fake_hub.misbehave("mirror/trickle", chunk_size=256, chunk_delay=0.05, files=shard)
+    fake_hub.misbehave("mirror/trickle", chunk_size=128, chunk_delay=0.05, files=shard)
     with pytest.raises(HubDownloadError, match=f"2 s deadline \\({DEADLINE_ENV}") as caught:
         automodel_plugins.from_pretrained("mirror/trickle", registry=registry())
     assert caught.value.filename == shard and f"of the {size} announced" in str(caught.value)

@@ -39,10 +39,18 @@ def link_leads_outside(directory: Path, file: Path) -> Path | None:
 
 
 def _check_entry_name(index: Path, key: str, name: str) -> None:
-    """A weight_map file name must be a plain relative name: no absolute path, no ``..``."""
+    """A weight_map file name must be a plain relative name: no absolute path, no ``..``, no NUL, no
+    backslash."""
     if "\0" in name:
         raise UnsafeCheckpointPathError(
             f"weight_map entry {name!r} contains a NUL byte: no file has such a name", path=index, key=key
+        )
+    if "\\" in name:
+        raise UnsafeCheckpointPathError(
+            f"weight_map entry {name!r} contains a backslash: a path separator on Windows (and to "
+            "huggingface_hub), never part of a shard's plain file name",
+            path=index,
+            key=key,
         )
     relative = Path(name)
     if relative.is_absolute() or ".." in relative.parts or name in ("", "."):

@@ -13,6 +13,7 @@ the stored FP8 bytes and scales.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -70,6 +71,7 @@ from automodel_plugins.sources import (
     load_config,
     resolve,
 )
+from automodel_plugins.sources.hub_guard import watching
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
@@ -395,12 +397,20 @@ def _stock_from_pretrained(
             "or its index: pass the directory",
             path=named,
         )
-    with Checkpoint.open(location, download=False) as checkpoint:  # headers only: stock downloads itself
+    with Checkpoint.open(location, download=False) as checkpoint:  # headers first, before any weights
         check_structure(config, checkpoint)
         check_stock_path(config, checkpoint)
-    model = stock_class(config).from_pretrained(
-        source, config=config, dtype=dtype or "auto", device_map=str(device), **kwargs
-    )
+        weights = [file.relative_to(location.directory).as_posix() for file in checkpoint.files]
+    guard = contextlib.nullcontext()
+    if isinstance(location, HubLocation):
+        # fetched through the checks on the hub's answers (and its per-file deadline); transformers then finds
+        # them in the cache at the commit without a request, and what else it fetches is checked the same way
+        location.fetch(weights)
+        guard = watching(location.repo_id, location.options.revision, None, location.commit)
+    with guard:
+        model = stock_class(config).from_pretrained(
+            source, config=config, dtype=dtype or "auto", device_map=str(device), **kwargs
+        )
     setattr(
         model,
         COMPOSITION_ATTR,

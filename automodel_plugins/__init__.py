@@ -43,6 +43,10 @@ _LAZY = {
     "from_pretrained": "automodel_plugins.pipeline.load",
     "build_model": "automodel_plugins.pipeline.load",
     "load_weights": "automodel_plugins.pipeline.load",
+    # transformers' Auto classes, routed through the registry
+    "AutoModel": "automodel_plugins.auto",
+    "AutoModelForCausalLM": "automodel_plugins.auto",
+    "AutoModelForImageTextToText": "automodel_plugins.auto",
     # saving
     "save_pretrained": "automodel_plugins.pipeline.save",
     "SaveReport": "automodel_plugins.pipeline.save",
@@ -85,6 +89,7 @@ if TYPE_CHECKING:
         fp8_adapter_for,
     )
     from automodel_plugins.adapters.pieces import stacked_boxes
+    from automodel_plugins.auto import AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
     from automodel_plugins.checkpoint.reader import Checkpoint
     from automodel_plugins.fp8.quantization import claim_fp8_or_unquantized
     from automodel_plugins.model.forward import fused_loss_forward, vlm_fused_loss_forward
@@ -119,6 +124,9 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "PROJECT_NAME",
     "AmbiguousClaimError",
+    "AutoModel",
+    "AutoModelForCausalLM",
+    "AutoModelForImageTextToText",
     "AutomodelPluginsError",
     "Checkpoint",
     "CheckpointError",

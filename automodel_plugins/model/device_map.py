@@ -59,6 +59,15 @@ def _device(value: Any, module: str) -> torch.device:
             f"{where} is mapped to 'disk': disk offload is not supported when a plugin loads the checkpoint; "
             "map every module to a device (or give max_memory room for all of them)",
         )
+    if isinstance(value, int) and not isinstance(value, bool):
+        accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+        if accelerator is None:
+            raise LoadOptionError(
+                "device_map",
+                f"{where} is mapped to device index {value}, an accelerator, but this machine has no accelerator "
+                f"device (torch {torch.__version__})",
+            )
+        value = torch.device(accelerator.type, value)
     try:
         device = torch.device(value)
     except (RuntimeError, TypeError) as exc:

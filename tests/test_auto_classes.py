@@ -17,7 +17,7 @@ from transformers import LlamaForCausalLM, Ministral3ForCausalLM, Mistral3ForCon
 from transformers.utils import logging as hf_logging
 
 import automodel_plugins
-from automodel_plugins.errors import ConfigError, LoadOptionError
+from automodel_plugins.errors import ConfigError, LoadOptionError, NoSourceError
 from automodel_plugins.registry import Registry
 from automodel_plugins.testing.checkpoints import write_fp8_checkpoint
 from automodel_plugins.testing.compare import assert_same_logits, assert_same_state_dict
@@ -111,7 +111,7 @@ def test_image_text_to_text_door_takes_transformers_and_host_options(
 
 
 def test_base_model_door_on_a_claimed_vlm(
-    vlm_path: Path, registry: Registry, inputs: dict[str, torch.Tensor]
+    vlm_path: Path, registry: Registry, inputs: dict[str, torch.Tensor], tmp_path: Path
 ) -> None:
     door = automodel_plugins.AutoModel.from_pretrained(vlm_path, registry=registry)
     expected = stock("AutoModel", vlm_path)
@@ -121,6 +121,9 @@ def test_base_model_door_on_a_claimed_vlm(
     with torch.no_grad():
         got, want = door(**inputs).last_hidden_state, expected(**inputs).last_hidden_state
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # its names are not the checkpoint model's: "as it came" would write BF16 under the source's name
+    with pytest.raises(NoSourceError):
+        automodel_plugins.save_pretrained(door, tmp_path / "saved")
 
 
 def test_causal_lm_door_on_a_vlm_fails_as_transformers(vlm_path: Path, registry: Registry) -> None:

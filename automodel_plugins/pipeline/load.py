@@ -13,6 +13,7 @@ the stored FP8 bytes and scales.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,9 +201,11 @@ def from_pretrained(
     model.eval()
     if placement.device_map is not None:
         dispatch(model, placement.device_map)
-    if base_only:  # AutoModel: the stock base model, as transformers' AutoModel gives it
-        model = model.base_model
-        setattr(model, COMPOSITION_ATTR, composition)
+    if (
+        base_only
+    ):  # AutoModel: the stock base model, as transformers' AutoModel gives it; its tensor names are
+        model = model.base_model  # not the checkpoint's model's, so it carries no source to save "as it came"
+        setattr(model, COMPOSITION_ATTR, dataclasses.replace(composition, source=None))
     if given.output_loading_info:
         return model, _loading_info()
     return model

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,6 +21,7 @@ from automodel_plugins.errors import LoadOptionError
 
 __all__ = [
     "STRATEGIES",
+    "Placement",
     "device_of",
     "dispatch",
     "normalize_device_map",
@@ -142,3 +144,40 @@ def dispatch(model: nn.Module, device_map: Mapping[str, torch.device]) -> None:
         device_map={module: str(device) for module, device in device_map.items()},
         skip_keys=getattr(model, "_skip_keys_device_placement", None),
     )
+
+
+@dataclass
+class Placement:
+    """Where a load puts each tensor: one device (``default``), or a map over modules settled on the meta
+    model (``device_map``, kept for accelerate's dispatch hooks)."""
+
+    default: torch.device
+    device_map: dict[str, torch.device] | None = None
+
+    @classmethod
+    def of(
+        cls, model: nn.Module, device_map: dict[str, torch.device] | str | None, max_memory: Any
+    ) -> Placement:
+        """Settle ``device_map`` (normalized) for ``model``, still on meta; a map that puts every tensor on one
+        device is that device, with no hooks (as transformers)."""
+        if device_map is None:
+            if max_memory is not None:
+                raise LoadOptionError(
+                    "max_memory", "applies to an automatic device_map (auto, balanced, ...)"
+                )
+            return cls(torch.device("cpu"))
+        resolved = resolve_device_map(model, device_map, max_memory)
+        names = [name for name, _ in (*model.named_parameters(), *model.named_buffers())]
+        devices = set(tensor_devices(resolved, names).values())
+        if len(devices) == 1:
+            return cls(devices.pop())
+        return cls(torch.device("cpu"), resolved)
+
+    def tensors(self, names: Iterable[str]) -> dict[str, torch.device] | None:
+        """Each of ``names`` -> its device, under a map over several devices (``None``: all on ``default``)."""
+        return None if self.device_map is None else tensor_devices(self.device_map, names)
+
+    def device_of(self, name: str) -> torch.device:
+        """The device of tensor ``name`` (a buffer no checkpoint holds, too)."""
+        found = device_of(self.device_map, name) if self.device_map else None
+        return found or self.default

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,13 +29,7 @@ from automodel_plugins.errors import (
     PluginError,
     RotaryRepairError,
 )
-from automodel_plugins.model.device_map import (
-    device_of,
-    dispatch,
-    normalize_device_map,
-    resolve_device_map,
-    tensor_devices,
-)
+from automodel_plugins.model.device_map import Placement, dispatch, normalize_device_map
 from automodel_plugins.model.forward import SKIP_LOGITS_OPTION
 from automodel_plugins.model.rotary import rope_suspects
 from automodel_plugins.model.stock import auto_target, build_on_meta, stock_class
@@ -59,7 +52,12 @@ from automodel_plugins.pipeline.composition import (
     drop_quantization_config,
     record_source,
 )
-from automodel_plugins.pipeline.load_options import apply_config_overrides, auto_dtype, parse_load_options
+from automodel_plugins.pipeline.load_options import (
+    apply_config_overrides,
+    build_dtype,
+    load_dtype,
+    parse_load_options,
+)
 from automodel_plugins.pipeline.plan import LoadPlan, plan_load
 from automodel_plugins.pipeline.preflight import check_headers_of, check_stock_path, check_structure
 from automodel_plugins.pipeline.resident import (
@@ -114,8 +112,8 @@ def from_pretrained(
     No plugin claiming the config means the stock ``from_pretrained`` of the config's architecture (unless
     ``require_plugin``), but never for a checkpoint holding FP8 tensors the stock loader would not scale.
     ``dtype`` (default ``"auto"``, as in transformers 5: the config's, else the checkpoint's first floating
-    non-FP8 tensor's) is the dtype of every float tensor, and the compute dtype of FP8-resident layers. ``dequantize=False``: the checkpoint's FP8 linear weights stay FP8
-    (frozen :class:`~automodel_plugins.model.fp8_linear.Fp8Linear` layers, 1 byte a parameter plus their
+    non-FP8 tensor's) is the dtype of every float tensor, and the compute dtype of FP8-resident layers.
+    ``dequantize=False``: the checkpoint's FP8 linear weights stay FP8 (frozen :class:`~automodel_plugins.model.fp8_linear.Fp8Linear` layers, 1 byte a parameter plus their
     scales), dequantized one layer at a time in the forward, and so do block-FP8 fused MoE experts
     (:class:`~automodel_plugins.model.fp8_experts.Fp8Experts`, one expert's matrix at a time); an unquantized checkpoint raises
     :class:`~automodel_plugins.errors.NotQuantizedError`. ``skip_logits``: a forward given ``labels`` computes
@@ -168,14 +166,14 @@ def from_pretrained(
         check_headers_of(location, config, stock=False)
     with Checkpoint.open(location) as checkpoint:
         check_structure(config, checkpoint)
-        dtype = _load_dtype(config, given.dtype, checkpoint)
+        dtype = load_dtype(config, given.dtype, checkpoint)
         model = build_on_meta(config, dtype, **given.build)
         base_only = target is not None and _base_only(model, target, auto_class, plugin)
         flags = {SKIP_LOGITS_OPTION: skip_logits, "mmap": mmap, "dequantize": dequantize}
         composition = compose(registry, claim, **flags)
         adapter = adapter_for(registry, plugin, config, checkpoint)
         plan = _plan_build(model, adapter, checkpoint, dequantize=dequantize, composition=composition)
-        placement = _Placement.of(model, device_map, given.max_memory)  # FP8-resident layers at their size
+        placement = Placement.of(model, device_map, given.max_memory)  # FP8-resident layers at their size
         composition.load = stream_into(
             model,
             plan,
@@ -201,10 +199,10 @@ def from_pretrained(
     model.eval()
     if placement.device_map is not None:
         dispatch(model, placement.device_map)
-    if (
-        base_only
-    ):  # AutoModel: the stock base model, as transformers' AutoModel gives it; its tensor names are
-        model = model.base_model  # not the checkpoint's model's, so it carries no source to save "as it came"
+    if base_only:
+        # AutoModel: the stock base model, as transformers' AutoModel gives it; its tensor names are not the
+        # checkpoint model's, so it carries no source record to save "as it came" from
+        model = model.base_model
         setattr(model, COMPOSITION_ATTR, dataclasses.replace(composition, source=None))
     if given.output_loading_info:
         return model, _loading_info()
@@ -262,7 +260,7 @@ def build_model(
     claim = registry.winning_claim(config, require_plugin=require_plugin)
     if claim is not None:
         given.check_plugin_path(claim.plugin)
-    model = build_on_meta(config, _build_dtype(config, given.dtype, location), **given.build)
+    model = build_on_meta(config, build_dtype(config, given.dtype, location), **given.build)
     composition = compose(registry, claim, **{SKIP_LOGITS_OPTION: skip_logits}, dequantize=dequantize)
     if not dequantize:
         with Checkpoint.open(location, download=False) as checkpoint:
@@ -388,62 +386,6 @@ def resolve_dtype(config: PretrainedConfig, dtype: torch.dtype | str | None) -> 
     if dtype is not None:
         raise ConfigError(None, f"dtype {dtype!r} is not a floating dtype a model can be loaded in")
     return torch.bfloat16
-
-
-def _load_dtype(
-    config: PretrainedConfig, dtype: torch.dtype | str | None, checkpoint: Checkpoint
-) -> torch.dtype:
-    """``dtype``, or for None and ``"auto"`` the checkpoint's dtype as transformers' ``"auto"`` decides it."""
-    return (
-        auto_dtype(config, checkpoint) if dtype is None or dtype == "auto" else resolve_dtype(config, dtype)
-    )
-
-
-def _build_dtype(
-    config: PretrainedConfig, dtype: torch.dtype | str | None, location: CheckpointLocation | None
-) -> torch.dtype:
-    """As :func:`_load_dtype`, reading the headers only when the config names no dtype."""
-    if (
-        (dtype is not None and dtype != "auto")
-        or location is None
-        or getattr(config, "dtype", None) is not None
-    ):
-        return resolve_dtype(config, None if dtype == "auto" else dtype)
-    with Checkpoint.open(location, download=False) as checkpoint:
-        return auto_dtype(config, checkpoint)
-
-
-@dataclass
-class _Placement:
-    """Where a load puts each tensor: one device (``default``), or a map over modules settled on the meta
-    model (``device_map``, kept for accelerate's dispatch hooks)."""
-
-    default: torch.device
-    device_map: dict[str, torch.device] | None = None
-
-    @classmethod
-    def of(
-        cls, model: PreTrainedModel, device_map: dict[str, torch.device] | str | None, max_memory: Any
-    ) -> _Placement:
-        if device_map is None:
-            if max_memory is not None:
-                raise LoadOptionError(
-                    "max_memory", "applies to an automatic device_map (auto, balanced, ...)"
-                )
-            return cls(torch.device("cpu"))
-        resolved = resolve_device_map(model, device_map, max_memory)
-        names = [name for name, _ in (*model.named_parameters(), *model.named_buffers())]
-        devices = set(tensor_devices(resolved, names).values())
-        if len(devices) == 1:
-            return cls(devices.pop())
-        return cls(torch.device("cpu"), resolved)
-
-    def tensors(self, plan: LoadPlan) -> dict[str, torch.device] | None:
-        return None if self.device_map is None else tensor_devices(self.device_map, plan)
-
-    def device_of(self, name: str) -> torch.device:
-        found = device_of(self.device_map, name) if self.device_map else None
-        return found or self.default
 
 
 def _base_only(model: PreTrainedModel, target: type, auto_class: type, plugin: str) -> bool:

@@ -41,6 +41,8 @@ __all__ = [
     "OptionRule",
     "apply_config_overrides",
     "auto_dtype",
+    "build_dtype",
+    "load_dtype",
     "parse_load_options",
 ]
 
@@ -418,6 +420,31 @@ def auto_dtype(config: PretrainedConfig, checkpoint: Checkpoint) -> torch.dtype:
         if dtype.is_floating_point and dtype.itemsize >= 2:
             return dtype
     return torch.bfloat16
+
+
+def load_dtype(
+    config: PretrainedConfig, dtype: torch.dtype | str | None, checkpoint: Checkpoint
+) -> torch.dtype:
+    """``dtype``, or for None and ``"auto"`` the checkpoint's dtype as transformers' ``"auto"`` decides it."""
+    from automodel_plugins.pipeline.load import resolve_dtype
+
+    return (
+        auto_dtype(config, checkpoint) if dtype is None or dtype == "auto" else resolve_dtype(config, dtype)
+    )
+
+
+def build_dtype(config: PretrainedConfig, dtype: torch.dtype | str | None, location: Any) -> torch.dtype:
+    """As :func:`load_dtype` for a model built before its checkpoint is opened: the headers of ``location``
+    (a :class:`~automodel_plugins.sources.CheckpointLocation`, or None for a bare config) are read only when
+    the config names no dtype."""
+    from automodel_plugins.checkpoint import Checkpoint
+    from automodel_plugins.pipeline.load import resolve_dtype
+
+    explicit = dtype is not None and dtype != "auto"
+    if explicit or location is None or getattr(config, "dtype", None) is not None:
+        return resolve_dtype(config, dtype if explicit else None)
+    with Checkpoint.open(location, download=False) as checkpoint:
+        return auto_dtype(config, checkpoint)
 
 
 def _index_dtype(checkpoint: Checkpoint) -> torch.dtype | None:

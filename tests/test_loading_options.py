@@ -1,4 +1,4 @@
-"""transformers' ``from_pretrained`` options on the plugin path (``pipeline/load_options.py``'s table).
+"""transformers' ``from_pretrained`` options on the plugin path (``pipeline/load/options.py``'s table).
 
 Every supported option is checked against stock transformers loading the same checkpoint with the same option
 (the class's config, the dtype it picks, the logits), every refused one for its typed error; the table itself
@@ -31,7 +31,7 @@ from transformers.utils import logging as hf_logging
 import automodel_plugins
 from automodel_plugins.errors import LoadOptionError
 from automodel_plugins.model.device_map import device_of, tensor_devices
-from automodel_plugins.pipeline.load_options import OPTIONS, TORCH_DTYPE_DEPRECATION
+from automodel_plugins.pipeline.load.options import OPTIONS, TORCH_DTYPE_DEPRECATION
 from automodel_plugins.registry import Registry
 from automodel_plugins.testing.checkpoints import write_fp8_checkpoint
 from automodel_plugins.testing.compare import assert_same_logits, assert_same_state_dict

@@ -54,7 +54,7 @@ class _AutoDoor:
         own (``dequantize``, ``skip_logits``, ``registry``, ...).
         """
         from automodel_plugins.errors import LoadOptionError
-        from automodel_plugins.pipeline.load import from_pretrained
+        from automodel_plugins.pipeline.load.load import from_pretrained
 
         if model_args:
             raise LoadOptionError(

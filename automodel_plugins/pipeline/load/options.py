@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from automodel_plugins.errors import LoadOptionError
+from automodel_plugins.errors import ConfigError, LoadOptionError
 from automodel_plugins.sources.resolve import read_regular_file
 
 if TYPE_CHECKING:
@@ -44,6 +44,7 @@ __all__ = [
     "build_dtype",
     "load_dtype",
     "parse_load_options",
+    "resolve_dtype",
 ]
 
 Status = Literal["supported", "accepted", "stock-only", "refused"]
@@ -407,8 +408,6 @@ def auto_dtype(config: PretrainedConfig, checkpoint: Checkpoint) -> torch.dtype:
     """The dtype transformers' ``dtype="auto"`` picks: the config's ``dtype`` (``torch_dtype``), else the index's
     metadata ``dtype``, else the first floating tensor of the first shard (keys in sorted order) that is not
     FP8 or FP4; BF16 when there is none (transformers would take an FP8 or integer dtype, and fail)."""
-    from automodel_plugins.pipeline.load import resolve_dtype
-
     if getattr(config, "dtype", None) is not None:
         return resolve_dtype(config, None)
     named = _index_dtype(checkpoint)
@@ -422,12 +421,22 @@ def auto_dtype(config: PretrainedConfig, checkpoint: Checkpoint) -> torch.dtype:
     return torch.bfloat16
 
 
+def resolve_dtype(config: PretrainedConfig, dtype: torch.dtype | str | None) -> torch.dtype:
+    """The explicit ``dtype``, else the config's floating dtype, else BF16 (what FP8 checkpoints train in)."""
+    candidate = dtype if dtype is not None else getattr(config, "dtype", None)
+    if isinstance(candidate, str):
+        candidate = getattr(torch, candidate, None)
+    if isinstance(candidate, torch.dtype) and candidate.is_floating_point and candidate.itemsize >= 2:
+        return candidate
+    if dtype is not None:
+        raise ConfigError(None, f"dtype {dtype!r} is not a floating dtype a model can be loaded in")
+    return torch.bfloat16
+
+
 def load_dtype(
     config: PretrainedConfig, dtype: torch.dtype | str | None, checkpoint: Checkpoint
 ) -> torch.dtype:
     """``dtype``, or for None and ``"auto"`` the checkpoint's dtype as transformers' ``"auto"`` decides it."""
-    from automodel_plugins.pipeline.load import resolve_dtype
-
     return (
         auto_dtype(config, checkpoint) if dtype is None or dtype == "auto" else resolve_dtype(config, dtype)
     )
@@ -438,7 +447,6 @@ def build_dtype(config: PretrainedConfig, dtype: torch.dtype | str | None, locat
     (a :class:`~automodel_plugins.sources.CheckpointLocation`, or None for a bare config) are read only when
     the config names no dtype."""
     from automodel_plugins.checkpoint import Checkpoint
-    from automodel_plugins.pipeline.load import resolve_dtype
 
     explicit = dtype is not None and dtype != "auto"
     if explicit or location is None or getattr(config, "dtype", None) is not None:

@@ -52,28 +52,31 @@ from automodel_plugins.pipeline.composition import (
     drop_quantization_config,
     record_source,
 )
-from automodel_plugins.pipeline.load_options import (
+from automodel_plugins.pipeline.load.options import (
     apply_config_overrides,
     build_dtype,
     load_dtype,
     parse_load_options,
+    resolve_dtype,
 )
-from automodel_plugins.pipeline.plan import LoadPlan, plan_load
-from automodel_plugins.pipeline.preflight import check_headers_of, check_stock_path, check_structure
-from automodel_plugins.pipeline.resident import (
+from automodel_plugins.pipeline.load.plan import LoadPlan, plan_load
+from automodel_plugins.pipeline.load.preflight import check_headers_of, check_stock_path, check_structure
+from automodel_plugins.pipeline.load.report import LoadReport
+from automodel_plugins.pipeline.load.resident import (
     SIBLING_NOTE,
     loadable_tensors,
     make_fp8_resident,
     plan_resident,
     resident_weights,
 )
-from automodel_plugins.pipeline.stream import LoadReport, stream_into
+from automodel_plugins.pipeline.load.stream import stream_into
 from automodel_plugins.registry import Registry, get_registry
 from automodel_plugins.sources import (
     INDEX_NAME,
     SAFETENSORS_NAME,
     CheckpointLocation,
     HubLocation,
+    HubOptions,
     config_path_of,
     load_config,
     resolve,
@@ -128,11 +131,12 @@ def from_pretrained(
     ``options`` are transformers' ``from_pretrained`` keywords (``attn_implementation``, ``device_map``,
     ``torch_dtype``, ...): each is honoured with transformers' meaning or refused with a
     :class:`~automodel_plugins.errors.LoadOptionError` saying why, as
-    :data:`~automodel_plugins.pipeline.load_options.OPTIONS` (``docs/loading-options.md``) decides. ``device``
+    :data:`~automodel_plugins.pipeline.load.options.OPTIONS` (``docs/loading-options.md``) decides. ``device``
     is the same as ``device_map=device``; a ``device_map`` streams each tensor straight to its device.
     ``auto_class``: the transformers Auto class this call stands for (what the Auto doors of
-    :mod:`automodel_plugins.auto` pass): with no plugin claiming the config, it loads the checkpoint; with one,
-    the class it maps the config to must be the plugin's (or that class's base model, which is returned).
+    :mod:`automodel_plugins.pipeline.load.auto` pass): with no plugin claiming the config, it loads the
+    checkpoint; with one, the class it maps the config to must be the plugin's (or that class's base model,
+    which is returned).
 
     ``mmap``: tensors stored in the dtype they load in (BF16 embeddings, norms, ``lm_head``) are, by default,
     views of the memory-mapped shard files: no copy, and pages shared with the page cache. The model then
@@ -146,7 +150,15 @@ def from_pretrained(
     given = parse_load_options({**options, **({} if dtype is None else {"dtype": dtype})})
     if device is not None and given.device_map is not None:
         raise LoadOptionError("device_map", f"give device or device_map, not both (device={device!r})")
-    location = _locate(path, revision, cache_dir, token, local_files_only, progress, collective)
+    hub = HubOptions(
+        revision=revision,
+        cache_dir=cache_dir,
+        token=token,
+        local_files_only=local_files_only,
+        progress=progress,
+        collective=collective,
+    )
+    location = resolve(path, hub)
     config = given.config or load_config(location)
     apply_config_overrides(config, given.overrides)
     claim = registry.winning_claim(config, require_plugin=require_plugin)
@@ -221,13 +233,14 @@ def build_model(
     cache_dir: str | Path | None = None,
     token: str | bool | None = None,
     local_files_only: bool | None = None,
+    progress: bool | None = None,
     collective: bool = True,
     **options: Any,
 ) -> PreTrainedModel:
     """The composed stock model on the meta device, weights not loaded: shard it, ``to_empty``, then
     :func:`load_weights`. The claiming plugin's ``post_materialize`` runs now (on meta) so that it can install
     fix-ups that fire after materialization; its forward override is bound now. A hub repo id fetches only its
-    ``config.json`` (the hub options and ``collective`` as in :func:`from_pretrained`). Given a path with weights, the config is
+    ``config.json`` (the hub options, ``progress`` and ``collective`` as in :func:`from_pretrained`). Given a path with weights, the config is
     first checked against their headers (a layer count the checkpoint does not hold fails here, not after
     minutes of building; a repo's headers are read with range requests).
 
@@ -245,7 +258,15 @@ def build_model(
     given = parse_load_options({**options, **({} if dtype is None else {"dtype": dtype})}, build_only=True)
     location = None
     if isinstance(path_or_config, (str, Path, CheckpointLocation)):
-        location = _locate(path_or_config, revision, cache_dir, token, local_files_only, None, collective)
+        hub = HubOptions(
+            revision=revision,
+            cache_dir=cache_dir,
+            token=token,
+            local_files_only=local_files_only,
+            progress=progress,
+            collective=collective,
+        )
+        location = resolve(path_or_config, hub)
         config = load_config(location)
         apply_config_overrides(config, given.overrides)
         check_headers_of(location, config, stock=False)
@@ -307,7 +328,15 @@ def load_weights(
     plugin = composition.plugin if composition else registry.resolve(model.config)
     # The checkpoint's own config says how it is stored (FP8 block size, modules never converted); the
     # model's config stopped declaring a quantization once a first load dequantized it.
-    location = _locate(path, revision, cache_dir, token, local_files_only, progress, collective)
+    options = HubOptions(
+        revision=revision,
+        cache_dir=cache_dir,
+        token=token,
+        local_files_only=local_files_only,
+        progress=progress,
+        collective=collective,
+    )
+    location = resolve(path, options)
     checkpoint_config = load_config(location) if location.has_config() else model.config
     with Checkpoint.open(location, download=not stage) as checkpoint:
         adapter = adapter_for(registry, plugin, checkpoint_config, checkpoint)
@@ -376,18 +405,6 @@ def _warn_not_resident(names: list[str], plan: LoadPlan) -> None:
     )
 
 
-def resolve_dtype(config: PretrainedConfig, dtype: torch.dtype | str | None) -> torch.dtype:
-    """The explicit ``dtype``, else the config's floating dtype, else BF16 (what FP8 checkpoints train in)."""
-    candidate = dtype if dtype is not None else getattr(config, "dtype", None)
-    if isinstance(candidate, str):
-        candidate = getattr(torch, candidate, None)
-    if isinstance(candidate, torch.dtype) and candidate.is_floating_point and candidate.itemsize >= 2:
-        return candidate
-    if dtype is not None:
-        raise ConfigError(None, f"dtype {dtype!r} is not a floating dtype a model can be loaded in")
-    return torch.bfloat16
-
-
 def _base_only(model: PreTrainedModel, target: type, auto_class: type, plugin: str) -> bool:
     """Whether ``auto_class`` asks for the base model of the class the plugin loads (``AutoModel``); a class
     that is neither is refused before any tensor is read."""
@@ -407,27 +424,6 @@ def _loading_info() -> dict[str, Any]:
     """What ``output_loading_info=True`` returns beside the model, in transformers' form: nothing missing,
     unexpected or mismatched, since each of those fails the plugin path's load with a typed error."""
     return {"missing_keys": set(), "unexpected_keys": set(), "mismatched_keys": set(), "error_msgs": []}
-
-
-def _locate(
-    path: str | Path | CheckpointLocation,
-    revision: str | None,
-    cache_dir: str | Path | None,
-    token: str | bool | None,
-    local_files_only: bool | None,
-    progress: bool | None,
-    collective: bool,
-) -> CheckpointLocation:
-    """What ``path`` names; with ``collective``, a repo id's downloads are shared by the ranks of a machine."""
-    return resolve(
-        path,
-        revision=revision,
-        cache_dir=cache_dir,
-        token=token,
-        local_files_only=local_files_only,
-        progress=progress,
-        collective=collective,
-    )
 
 
 def _stock_from_pretrained(
@@ -454,8 +450,8 @@ def _stock_from_pretrained(
         source = location.repo_id
         kwargs.update(
             revision=location.commit,
-            cache_dir=location.cache_dir,
-            token=location.token,
+            cache_dir=location.options.cache_dir,
+            token=location.options.token,
             local_files_only=location.offline,
         )
     else:

@@ -80,6 +80,7 @@ _LAZY = {
     "dequantize_lora_bases": "automodel_plugins.model.fp8_lora",
     "merge_lora": "automodel_plugins.model.fp8_lora",
     "register_fp8_lora": "automodel_plugins.model.fp8_lora",
+    "requantize_state_dict": "automodel_plugins.model.requantize",
 }
 
 if TYPE_CHECKING:
@@ -102,6 +103,7 @@ if TYPE_CHECKING:
         merge_lora,
         register_fp8_lora,
     )
+    from automodel_plugins.model.requantize import requantize_state_dict
     from automodel_plugins.model.rotary import repair_rotary
     from automodel_plugins.pipeline.composition import Composition
     from automodel_plugins.pipeline.load.auto import (

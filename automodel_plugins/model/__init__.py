@@ -11,5 +11,7 @@
 * ``fp8_linear``: ``Fp8Linear``, a frozen linear holding its checkpoint FP8 weight (``dequantize=False``);
 * ``fp8_experts``: ``Fp8Experts``, fused MoE experts holding their FP8 weights and block scales;
 * ``fp8_lora``: merging PEFT LoRA over ``Fp8Linear`` bases (imports peft);
+* ``sharded_merge``: that merge on an FSDP2-sharded model, each rank its own rows (imports peft);
+* ``requantize``: float weights re-quantized for FP8-resident modules, for ``load_state_dict``;
 * ``hf_layout``: what transformers' ``save_pretrained`` writes for a model (keys, order, tied tensors once).
 """

@@ -167,6 +167,11 @@ class Fp8Linear(Fp8Resident, nn.Linear):
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The whole weight in ``dtype`` (default: the compute dtype): what a dequantize-at-load model holds."""
+        if is_dtensor(self.weight):
+            raise NotImplementedError(
+                "the whole weight of a sharded (DTensor) Fp8Linear is on several ranks: merge_lora merges a "
+                "sharded model shard by shard; to dequantize, gather the codes (full_tensor()) first"
+            )
         layout = self._layout(dtype or self.compute_dtype, whole=True)
         return dequantize_rows(self.weight, self.weight_scale_inv, layout, 0, self.out_features)
 

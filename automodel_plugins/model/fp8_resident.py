@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from automodel_plugins.errors import FrozenFp8WeightError
+from automodel_plugins.errors import DtypeMismatchError, FrozenFp8WeightError
 from automodel_plugins.fp8.decode import dequantize
 from automodel_plugins.fp8.formats import is_fp8
 from automodel_plugins.fp8.quantization import quantization_dict
@@ -26,6 +26,7 @@ __all__ = [
     "DequantLayout",
     "Fp8Codes",
     "Fp8Resident",
+    "check_resident_state_dict",
     "dequantize_rows",
     "fp8_matmul",
     "modules_of_type",
@@ -245,6 +246,26 @@ class Fp8Resident(nn.Module):
             if codes is not None and not isinstance(codes, Fp8Codes) and not is_dtensor(codes):
                 self._parameters[name] = Fp8Codes(codes.data)
 
+    def check_codes_dtype(self, key: str, dtype: torch.dtype) -> None:
+        """Only this layer's FP8 codes load into it: its FP8 dtype, or ``uint8`` (the same bytes). torch's
+        ``copy_`` would cast anything else (BF16 weights, another FP8 format) into meaningless codes, silently."""
+        if dtype in (self.fp8_dtype, torch.uint8):
+            return
+        kind = type(self).__name__
+        if is_fp8(dtype):
+            raise DtypeMismatchError(
+                f"{dtype} codes cannot be loaded into an {kind} holding {self.fp8_dtype} codes: the same bytes "
+                "mean other numbers in another FP8 format",
+                key=key,
+            )
+        raise DtypeMismatchError(
+            f"a {dtype} value cannot be loaded into the FP8 codes of an {kind} (FP8-resident, dequantize=False: "
+            f"it holds {self.fp8_dtype} codes and a scale; a cast would make the values meaningless codes). "
+            "Load these weights into a model loaded with dequantize=True, or re-quantize them first, "
+            "deliberately: model.load_state_dict(automodel_plugins.requantize_state_dict(model, state_dict))",
+            key=key,
+        )
+
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
         for name in self.CODE_NAMES:
@@ -256,7 +277,8 @@ class Fp8Resident(nn.Module):
     ) -> None:
         for name in self.CODE_NAMES:
             codes = state_dict.get(prefix + name)
-            if codes is not None and is_fp8(codes.dtype):
+            if isinstance(codes, torch.Tensor):
+                self.check_codes_dtype(prefix + name, codes.dtype)
                 state_dict[prefix + name] = codes.view(torch.uint8)
         for name in self.SCALE_NAMES:
             scale, buffer = state_dict.get(prefix + name), self._buffers.get(name)
@@ -273,6 +295,18 @@ class Fp8Resident(nn.Module):
 def modules_of_type(model: nn.Module, kind: type[M]) -> dict[str, M]:
     """Every module of ``model`` that is a ``kind``, by module name."""
     return {name: module for name, module in model.named_modules() if isinstance(module, kind)}
+
+
+def check_resident_state_dict(module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+    """A ``load_state_dict`` pre-hook for a model holding FP8-resident modules: refuses a value no resident
+    module can take as codes (:meth:`Fp8Resident.check_codes_dtype`) before the load copies anything, so a
+    refused load leaves the whole model as it was (each module checks again when the load reaches it)."""
+    for name, resident in modules_of_type(module, Fp8Resident).items():
+        for code_name in resident.CODE_NAMES:
+            key = f"{prefix}{name}.{code_name}" if name else f"{prefix}{code_name}"
+            value = state_dict.get(key)
+            if isinstance(value, torch.Tensor):
+                resident.check_codes_dtype(key, value.dtype)
 
 
 def sync_quantization_config(model: nn.Module) -> str | None:

@@ -519,6 +519,73 @@ def _mean_lora_step(model: Any, batches: list[dict[str, torch.Tensor]]) -> tuple
     return grads, after, [loss.item(), loss_after.item()]
 
 
+MERGE_FORMATS = ("source", "none")
+
+
+def merge_dir(ctx: Context, checkpoint: str) -> Path:
+    return ctx.out / f"merge-{checkpoint}"
+
+
+def fsdp_resident_merge(ctx: Context, checkpoint: str) -> dict[str, Any]:
+    """An FSDP2 LoRA run on the FP8-resident base (one step, each rank half the batch), then ``merge_lora`` on
+    every rank (each merges its own rows) and ``save_pretrained`` from every rank in each of
+    :data:`MERGE_FORMATS`. Rank 0 writes the trained adapters (gathered) to ``adapters.safetensors``, from which
+    the pytest side makes the one-process merge and save; here the gathered merged weights are compared with a
+    one-process merge of the same adapters."""
+    from safetensors.torch import save_file
+    from torch import nn
+
+    from automodel_plugins.model.fp8_linear import Fp8Linear
+
+    path, out = ctx.checkpoint(checkpoint), merge_dir(ctx, checkpoint)
+    single = with_lora(automodel_plugins.from_pretrained(path, dequantize=False))
+    initial = {n: p.detach().clone() for n, p in single.named_parameters() if "lora_" in n}
+    model = fsdp_resident_model(ctx, path, lora=True)
+    automodel_plugins.load_weights(model, path)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                _checks.local_value(param).copy_(_checks.local_part(param, initial[name]))
+    model.train()
+    batch = _tiny.inputs(batch=2 * ctx.world)
+    rows = batch["input_ids"].shape[0] // ctx.world
+    _, trained, _ = _lora_step(
+        model, {k: v[ctx.rank * rows : (ctx.rank + 1) * rows] for k, v in batch.items()}
+    )
+    if ctx.rank == 0:
+        out.mkdir(parents=True)
+        save_file({n: t.contiguous() for n, t in trained.items()}, out / "adapters.safetensors")
+    dist.barrier()
+
+    merged = automodel_plugins.merge_lora(model)  # the root unit is unsharded after the step's forward
+    linears = {n: m for n, m in merged.named_modules() if type(m) is nn.Linear and "language_model" in n}
+    result: dict[str, Any] = {
+        "merged_type": type(merged).__name__,
+        "fp8_left": sum(isinstance(m, Fp8Linear) for m in merged.modules()),
+        "lora_left": sum("lora_" in n for n, _ in merged.named_parameters()),
+        "merged_sharded": sorted(n for n, m in linears.items() if _checks.is_dtensor(m.weight)),
+        "merged_rows": {n: _checks.chunk_bounds(m.weight) for n, m in linears.items()},
+        "quantization_config": getattr(merged.config, "quantization_config", None) is not None,
+    }
+    with torch.no_grad():
+        for name, param in single.named_parameters():
+            if "lora_" in name:
+                param.copy_(trained[name])
+    reference = automodel_plugins.merge_lora(single)
+    gathered = {name: _checks.full_value(t) for name, t in model_tensors(merged).items()}
+    result["merge_mismatches"] = _checks.mismatches(gathered, model_tensors(reference))
+    result["reports"] = {}
+    for quantization in MERGE_FORMATS:
+        report = automodel_plugins.save_pretrained(merged, out / quantization, quantization=quantization)
+        result["reports"][quantization] = {
+            "bytes_written_by_rank": report.bytes_written_by_rank,
+            "files": report.files,
+            "scales_kept": report.scales_kept,
+            "scales_fresh": report.scales_fresh,
+        }
+    return result
+
+
 # --- FP8-resident experts (dequantize=False on a MoE) ---------------------------------------------------------
 
 
@@ -736,6 +803,8 @@ SCENARIOS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "fsdp_resident_block": lambda ctx: fsdp_resident_load(ctx, "block_untied"),
     "fsdp_resident_lora": fsdp_resident_lora,
     "moe_fsdp_resident": moe_fsdp_resident,
+    "fsdp_resident_merge_per_tensor": lambda ctx: fsdp_resident_merge(ctx, "per_tensor_untied"),
+    "fsdp_resident_merge_block": lambda ctx: fsdp_resident_merge(ctx, "block_untied"),
     "fsdp_save_per_tensor": lambda ctx: fsdp_save(ctx, "per_tensor_tied"),
     "fsdp_save_block": lambda ctx: fsdp_save(ctx, "block_untied"),
     "tp_save_block": lambda ctx: tp_save(ctx, "block_untied"),

@@ -14,7 +14,7 @@ from pathlib import Path
 from automodel_plugins.errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointPathError
 from automodel_plugins.sources.resolve import CheckpointLocation, not_a_file, read_regular_file
 
-__all__ = ["load_weight_map", "shard_files", "shard_names"]
+__all__ = ["link_leads_outside", "load_weight_map", "shard_files", "shard_names"]
 
 
 def _allowed_roots(directory: Path) -> list[Path]:
@@ -28,6 +28,14 @@ def _allowed_roots(directory: Path) -> list[Path]:
 
 def _is_within(path: Path, root: Path) -> bool:
     return path != root and path.is_relative_to(root)
+
+
+def link_leads_outside(directory: Path, file: Path) -> Path | None:
+    """Where ``file`` of the checkpoint in ``directory`` leads once its links are followed, when that is outside
+    the checkpoint (and, for a cache snapshot, outside the cache's blob store); ``None`` when it stays inside.
+    The one rule for every file read or copied from a checkpoint: a link may not lead outside it."""
+    resolved = file.resolve()
+    return None if any(_is_within(resolved, root) for root in _allowed_roots(directory)) else resolved
 
 
 def _check_entry_name(index: Path, key: str, name: str) -> None:
@@ -48,8 +56,8 @@ def _check_entry_name(index: Path, key: str, name: str) -> None:
 def _check_within(location: CheckpointLocation, index: Path, key: str, name: str, file: Path) -> Path:
     """``file`` as the index names it, once its links are followed and found to stay inside the checkpoint
     (refused otherwise: a hostile link). The named path is kept, so errors and ``inspect`` show the names."""
-    resolved = file.resolve()
-    if not any(_is_within(resolved, root) for root in _allowed_roots(location.directory)):
+    resolved = link_leads_outside(location.directory, file)
+    if resolved is not None:
         raise UnsafeCheckpointPathError(
             f"weight_map entry {name!r} resolves to {resolved}, outside the checkpoint directory "
             f"{location.directory}",

@@ -45,6 +45,10 @@ _LAZY = {
     "from_pretrained": "automodel_plugins.pipeline.load.load",
     "build_model": "automodel_plugins.pipeline.load.load",
     "load_weights": "automodel_plugins.pipeline.load.load",
+    # transformers' Auto classes, routed through the registry
+    "AutoModel": "automodel_plugins.pipeline.load.auto",
+    "AutoModelForCausalLM": "automodel_plugins.pipeline.load.auto",
+    "AutoModelForImageTextToText": "automodel_plugins.pipeline.load.auto",
     # saving
     "save_pretrained": "automodel_plugins.pipeline.save.save",
     "SaveReport": "automodel_plugins.pipeline.save.save",
@@ -102,6 +106,11 @@ if TYPE_CHECKING:
     from automodel_plugins.model.requantize import requantize_state_dict
     from automodel_plugins.model.rotary import repair_rotary
     from automodel_plugins.pipeline.composition import Composition
+    from automodel_plugins.pipeline.load.auto import (
+        AutoModel,
+        AutoModelForCausalLM,
+        AutoModelForImageTextToText,
+    )
     from automodel_plugins.pipeline.load.describe import describe_checkpoint
     from automodel_plugins.pipeline.load.load import build_model, from_pretrained, load_weights
     from automodel_plugins.pipeline.load.report import LoadReport

@@ -53,6 +53,16 @@ class NoPluginClaimError(AutomodelPluginsError):
     """``require_plugin=True`` and no plugin claimed the config."""
 
 
+class LoadOptionError(AutomodelPluginsError, TypeError, ValueError):
+    """A transformers ``from_pretrained`` option (or a value of one) that this load cannot honour: names the
+    option and says why, and what to do instead (see ``docs/loading-options.md``). A ``TypeError`` (an
+    unexpected keyword) and a ``ValueError`` (a refused value) alike, so code catching either catches it."""
+
+    def __init__(self, option: str, message: str) -> None:
+        self.option = option
+        super().__init__(f"option {option}: {message}")
+
+
 # --- config and checkpoint --------------------------------------------------------------------------------
 
 

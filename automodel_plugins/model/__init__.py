@@ -3,6 +3,7 @@
 * ``stock``: the transformers class a config names, built on the meta device;
 * ``tensors``: the model's tensors by state-dict name, and the checks that nothing is left unloaded;
 * ``placement``: which region of each (DTensor-sharded) tensor this rank holds, and writing into it;
+* ``device_map``: transformers' ``device_map`` settled on the meta model: the device each tensor is streamed to;
 * ``rotary``: recomputing the rotary buffers meta init leaves as garbage;
 * ``forward``: the fused-loss forward a plugin binds on the instance;
 * ``fp8_resident``: what every FP8-resident module shares: frozen ``uint8`` codes (``Fp8Codes``), the base

@@ -233,6 +233,8 @@ def unfusable_head_reason(head: nn.Module) -> str | None:
         return f"lm_head's class {type(head).__qualname__} overrides nn.Linear.forward"
     if head._forward_hooks or head._forward_pre_hooks:
         return "lm_head has forward hooks, which the fused loss would skip"
+    if "forward" in vars(head):  # accelerate's dispatch hooks (a multi-device device_map) replace it so
+        return "lm_head's forward is replaced on the module (accelerate hooks moving it between devices)"
     return None
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import trl
 from transformers import Trainer
 
+from automodel_plugins.errors import TrainerOptionError
 from automodel_plugins.model.forward import SKIP_LOGITS_OPTION
 
 __all__ = ["FusedLossSFTMixin", "SFTTrainer"]
@@ -47,7 +48,7 @@ class FusedLossSFTMixin:
             if on
         ]
         if refused:
-            raise ValueError(
+            raise TrainerOptionError(
                 f"{type(self).__name__} computes the loss with the model's fused linear cross-entropy, which does not "
                 f"implement {', '.join(refused)}: use trl.SFTTrainer for that"
             )

@@ -154,7 +154,7 @@ def test_options_our_loss_does_not_implement_are_refused(checkpoint: Path, tmp_p
 
     model = automodel_plugins.from_pretrained(checkpoint, dtype=torch.float32)
     config = trl.SFTConfig(output_dir=str(tmp_path), loss_type="dft", report_to=[], use_cpu=True)
-    with pytest.raises(ValueError, match="loss_type='dft'"):
+    with pytest.raises(automodel_plugins.errors.TrainerOptionError, match="loss_type='dft'"):
         SFTTrainer(
             model=model,
             args=config,

@@ -35,7 +35,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="checkpoint directory or hub repo id")
     parser.add_argument(
-        "--out", required=True, type=Path, help="output directory (must not exist, or be empty)"
+        "--out",
+        required=True,
+        type=Path,
+        help="writes losses.json, adapter/ and finetuned-fp8/ (new) into it",
     )
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--backend", choices=("gloo", "nccl"), default="gloo")

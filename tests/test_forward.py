@@ -412,6 +412,16 @@ def pre_hooked_head(model: nn.Module) -> None:
     model.lm_head.register_forward_pre_hook(lambda module, args: (args[0] * 0.5,))
 
 
+def instance_forward_head(model: nn.Module) -> None:
+    """What accelerate's ``add_hook_to_module`` (device maps, offload) does: a forward set on the instance."""
+    import types
+
+    def scaled(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        return nn.Linear.forward(self, x) * 1.5
+
+    model.lm_head.forward = types.MethodType(scaled, model.lm_head)  # deepcopy rebinds it to the copy
+
+
 @pytest.mark.parametrize(
     ("change", "reason"),
     [
@@ -419,8 +429,9 @@ def pre_hooked_head(model: nn.Module) -> None:
         (temperature_head, "TemperatureLinear overrides nn.Linear.forward"),
         (hooked_head, "forward hooks"),
         (pre_hooked_head, "forward hooks"),
+        (instance_forward_head, "forward is replaced on the instance"),
     ],
-    ids=["wrapped", "subclass-forward", "forward-hook", "pre-hook"],
+    ids=["wrapped", "subclass-forward", "forward-hook", "pre-hook", "instance-forward"],
 )
 def test_unfusable_head_falls_back_to_stock_loss_with_one_warning(
     change: Callable[[nn.Module], None], reason: str

@@ -248,6 +248,8 @@ def unfusable_head_reason(head: nn.Module) -> str | None:
         return f"lm_head is a {type(head).__module__}.{type(head).__qualname__}, not an nn.Linear"
     if type(head).forward is not nn.Linear.forward:
         return f"lm_head's class {type(head).__qualname__} overrides nn.Linear.forward"
+    if "forward" in head.__dict__:  # accelerate's device-map hooks, a user's wrapper
+        return "lm_head's forward is replaced on the instance, which the fused loss would skip"
     if has_forward_hooks(head) and not only_fsdp_hooks(head):
         return "lm_head has forward hooks, which the fused loss would skip"
     output_dtype = fsdp_output_dtype(head)

@@ -24,7 +24,7 @@ from automodel_plugins import (
 )
 from automodel_plugins.adapters import Fp8StateDictAdapter
 from automodel_plugins.model.rotary import repair_rotary
-from automodel_plugins.pipeline.load import resolve_dtype
+from automodel_plugins.pipeline.load.load import resolve_dtype
 from automodel_plugins.registry import Registry
 from automodel_plugins.testing.checkpoints import write_fp8_checkpoint
 from automodel_plugins.testing.compare import assert_same_state_dict

@@ -63,7 +63,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from automodel_plugins.pipeline.convert import convert_checkpoint
+    from automodel_plugins.pipeline.save.convert import convert_checkpoint
 
     if args.block is not None and args.to != "fp8-block":
         raise SaveOptionError("--block applies to --to fp8-block")

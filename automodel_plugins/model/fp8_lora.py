@@ -25,7 +25,8 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from automodel_plugins.model.fp8_linear import Fp8Linear, sync_quantization_config
+from automodel_plugins.model.fp8_linear import Fp8Linear
+from automodel_plugins.model.fp8_resident import sync_quantization_config
 
 __all__ = ["Fp8LoraLinear", "dequantize_lora_bases", "merge_lora", "register_fp8_lora"]
 

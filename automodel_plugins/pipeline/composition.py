@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
 
     from automodel_plugins.checkpoint import Checkpoint
-    from automodel_plugins.pipeline.stream import LoadReport
+    from automodel_plugins.pipeline.load.report import LoadReport
     from automodel_plugins.registry import ClaimVerdict, Registry
     from automodel_plugins.sources import CheckpointLocation
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from automodel_plugins.errors import ConfigError
+from automodel_plugins.sources.options import HubOptions
 from automodel_plugins.sources.resolve import CONFIG_NAME, CheckpointLocation, read_regular_file, resolve
 from automodel_plugins.sources.schema import config_problems
 
@@ -28,18 +29,24 @@ def load_config(
     cache_dir: str | Path | None = None,
     token: str | bool | None = None,
     local_files_only: bool | None = None,
+    progress: bool | None = None,
 ) -> PretrainedConfig:
     """Load the config of a checkpoint: a model directory, a weights file or index inside one, a
     ``config.json`` path, or a hub repo id (its ``config.json`` alone is fetched; the options go to
-    :func:`~automodel_plugins.sources.resolve`).
+    :func:`~automodel_plugins.sources.resolve`; ``progress`` switches the download bar).
 
     Raises :class:`ConfigError` naming the file (and the field) for a missing file, malformed JSON, a value that
     is not an object, a missing or unknown ``model_type`` (also in nested ``*_config`` objects), or a size,
     head count or rotary parameter no model can be built with (see :mod:`automodel_plugins.sources.schema`).
     """
-    location = resolve(
-        path, revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only
+    options = HubOptions(
+        revision=revision,
+        cache_dir=cache_dir,
+        token=token,
+        local_files_only=local_files_only,
+        progress=progress,
     )
+    location = resolve(path, options)
     file = location.config_file()
     data = _read_object(file)
     _check_model_types(file, data)

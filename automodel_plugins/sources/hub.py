@@ -25,7 +25,8 @@ from typing import Any, TypeVar
 
 from tqdm.auto import tqdm
 
-from automodel_plugins import errors
+import automodel_plugins.errors as errors
+from automodel_plugins._version import __version__
 from automodel_plugins.errors import (
     HubAccessError,
     HubDownloadError,
@@ -37,13 +38,15 @@ from automodel_plugins.errors import (
 )
 from automodel_plugins.progress import progress_enabled
 from automodel_plugins.sources import shared
-from automodel_plugins.sources.resolve import (
+from automodel_plugins.sources.head import header_length
+from automodel_plugins.sources.location import (
     CONFIG_NAME,
     INDEX_NAME,
     SAFETENSORS_NAME,
     CheckpointLocation,
     Weights,
 )
+from automodel_plugins.sources.options import HubOptions
 
 __all__ = ["FETCHED_SUFFIXES", "HubLocation", "is_repo_id"]
 
@@ -82,30 +85,15 @@ class HubLocation(CheckpointLocation):
 
     named_weights = None
 
-    def __init__(
-        self,
-        repo_id: str,
-        *,
-        revision: str | None = None,
-        cache_dir: str | Path | None = None,
-        token: str | bool | None = None,
-        local_files_only: bool | None = None,
-        progress: bool | None = None,
-        collective: bool = False,
-    ) -> None:
+    def __init__(self, repo_id: str, options: HubOptions | None = None) -> None:
         self.repo_id = repo_id
         self.given = repo_id
-        self.revision = revision
-        self.cache_dir = cache_dir
-        self.token = token
-        self.local_files_only = local_files_only
-        self.progress = progress
-        self.collective = collective
+        self.options = options or HubOptions()
         self._commit: str | None = None
         self._heads: dict[str, tuple[bytes, int]] = {}
 
     def __repr__(self) -> str:
-        at = f"@{self.revision}" if self.revision else ""
+        at = f"@{self.options.revision}" if self.options.revision else ""
         return f"HubLocation({self.repo_id + at!r})"
 
     # --- where things are ----------------------------------------------------------------------------------
@@ -119,14 +107,14 @@ class HubLocation(CheckpointLocation):
         """No requests at all: ``local_files_only=True`` or ``HF_HUB_OFFLINE`` (read on every call)."""
         from huggingface_hub import constants
 
-        return bool(self.local_files_only) or constants.is_offline_mode()
+        return bool(self.options.local_files_only) or constants.is_offline_mode()
 
     @property
     def cache_root(self) -> Path:
         """The hub cache in use: ``cache_dir``, else ``HF_HUB_CACHE`` (by default ``$HF_HOME/hub``)."""
         from huggingface_hub import constants
 
-        root = self.cache_dir if self.cache_dir is not None else constants.HF_HUB_CACHE
+        root = self.options.cache_dir if self.options.cache_dir is not None else constants.HF_HUB_CACHE
         return Path(root).expanduser().resolve()
 
     @property
@@ -150,7 +138,7 @@ class HubLocation(CheckpointLocation):
             raise HubFileNotFoundError(
                 self.repo_id,
                 f"no {CONFIG_NAME} at this revision: not a transformers checkpoint",
-                revision=self.revision,
+                revision=self.options.revision,
                 filename=CONFIG_NAME,
             )
         return self.config
@@ -213,11 +201,11 @@ class HubLocation(CheckpointLocation):
         from huggingface_hub import HfApi
         from huggingface_hub.hf_api import RepoFile
 
-        from automodel_plugins import __version__
-
         api = HfApi(library_name=_LIBRARY, library_version=__version__)
         try:
-            entries = api.list_repo_tree(self.repo_id, revision=self.commit, recursive=True, token=self.token)
+            entries = api.list_repo_tree(
+                self.repo_id, revision=self.commit, recursive=True, token=self.options.token
+            )
             return {entry.path: entry.size for entry in entries if isinstance(entry, RepoFile)}
         except Exception as exc:
             raise self._error(exc) from exc
@@ -242,7 +230,7 @@ class HubLocation(CheckpointLocation):
             raise HubFileNotFoundError(
                 self.repo_id,
                 f"refusing to fetch {name!r}: only .json and .safetensors files are ever downloaded",
-                revision=self.revision,
+                revision=self.options.revision,
                 filename=name,
             )
 
@@ -268,7 +256,7 @@ class HubLocation(CheckpointLocation):
         return HubFileNotFoundError(
             self.repo_id,
             f"the repo has no {', '.join(names)} at commit {self.commit}{hint}",
-            revision=self.revision,
+            revision=self.options.revision,
             filename=names[0],
         )
 
@@ -277,17 +265,15 @@ class HubLocation(CheckpointLocation):
         from huggingface_hub import hf_hub_download
         from huggingface_hub.errors import LocalEntryNotFoundError, RemoteEntryNotFoundError
 
-        from automodel_plugins import __version__
-
         try:
             hf_hub_download(
                 self.repo_id,
                 name,
                 revision=self.commit,
-                cache_dir=self.cache_dir,
-                token=self.token,
+                cache_dir=self.options.cache_dir,
+                token=self.options.token,
                 local_files_only=self.offline,
-                tqdm_class=_bar_class(self.progress),
+                tqdm_class=_bar_class(self.options.progress),
                 library_name=_LIBRARY,
                 library_version=__version__,
             )
@@ -305,24 +291,24 @@ class HubLocation(CheckpointLocation):
         """Whether the cache records that the repo has no ``name`` at this commit (its ``.no_exist`` marker)."""
         from huggingface_hub import try_to_load_from_cache
 
-        found = try_to_load_from_cache(self.repo_id, name, cache_dir=self.cache_dir, revision=self.commit)
+        found = try_to_load_from_cache(
+            self.repo_id, name, cache_dir=self.options.cache_dir, revision=self.commit
+        )
         return found is not None and not isinstance(found, str)
 
     def _resolve_commit(self) -> str:
-        if self.revision is not None and _COMMIT.fullmatch(self.revision):
-            return self.revision
+        if self.options.revision is not None and _COMMIT.fullmatch(self.options.revision):
+            return self.options.revision
         from huggingface_hub import HfApi
-
-        from automodel_plugins import __version__
 
         api = HfApi(library_name=_LIBRARY, library_version=__version__)
         try:
             resolved = api.resolve_revision(
                 self.repo_id,
-                revision=self.revision,
-                cache_dir=self.cache_dir,
+                revision=self.options.revision,
+                cache_dir=self.options.cache_dir,
                 local_files_only=self.offline,
-                token=self.token,
+                token=self.options.token,
             )
         except Exception as exc:
             raise self._error(exc) from exc
@@ -341,8 +327,6 @@ class HubLocation(CheckpointLocation):
 
     def _read_head(self, name: str) -> tuple[bytes, int]:
         """The first ``8 + header length`` bytes of ``name`` and its size: two range requests, no tensor data."""
-        from automodel_plugins.checkpoint.header import header_length
-
         prefix, size = self._read_range(name, 0, 8)
         length = header_length(self.directory / name, prefix, size)
         header = self._read_range(name, 8, 8 + length)[0] if length else b""
@@ -356,10 +340,10 @@ class HubLocation(CheckpointLocation):
         from huggingface_hub import constants, hf_hub_url
         from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
-        from automodel_plugins import __version__
-
         url = hf_hub_url(self.repo_id, name, revision=self.commit)
-        headers = build_hf_headers(token=self.token, library_name=_LIBRARY, library_version=__version__)
+        headers = build_hf_headers(
+            token=self.options.token, library_name=_LIBRARY, library_version=__version__
+        )
         headers["Range"] = f"bytes={start}-{stop - 1}"
         try:
             response = get_session().get(url, headers=headers, timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT)
@@ -372,7 +356,7 @@ class HubLocation(CheckpointLocation):
                 raise HubDownloadError(
                     self.repo_id,
                     f"range request answered without a file size (Content-Range {total!r})",
-                    revision=self.revision,
+                    revision=self.options.revision,
                     filename=name,
                 )
             return response.content, int(total)
@@ -385,7 +369,7 @@ class HubLocation(CheckpointLocation):
 
         Offline there is nothing to share: every rank reads its own cache, without a request.
         """
-        if not (self.collective and not self.offline and shared.distributed()):
+        if not (self.options.collective and not self.offline and shared.distributed()):
             return work(requests)
         return shared.shared(requests, work, scope=scope, failure=self._rank_failed)
 
@@ -394,7 +378,7 @@ class HubLocation(CheckpointLocation):
         cls = getattr(errors, kind, None)
         if not (isinstance(cls, type) and issubclass(cls, HubError)):
             cls = HubDownloadError
-        error = cls(self.repo_id, message, revision=self.revision)
+        error = cls(self.repo_id, message, revision=self.options.revision)
         error.args = (f"{message} (raised on rank {rank}, which fetches for this rank)",)
         return error
 
@@ -413,7 +397,7 @@ class HubLocation(CheckpointLocation):
             RevisionResolutionError,
         )
 
-        where: dict[str, Any] = {"revision": self.revision, "filename": name}
+        where: dict[str, Any] = {"revision": self.options.revision, "filename": name}
         if isinstance(exc, HubError):
             return exc
         if isinstance(exc, GatedRepoError):
@@ -428,7 +412,7 @@ class HubLocation(CheckpointLocation):
         if isinstance(exc, RevisionNotFoundError):
             return HubRevisionNotFoundError(
                 self.repo_id,
-                f"no branch, tag or commit {self.revision!r}: pass an existing one as revision=",
+                f"no branch, tag or commit {self.options.revision!r}: pass an existing one as revision=",
                 **where,
             )
         if isinstance(exc, RemoteEntryNotFoundError):
@@ -457,7 +441,7 @@ class HubLocation(CheckpointLocation):
         from huggingface_hub import constants
 
         what = f"{name!r}" if name else "this revision"
-        if self.local_files_only:
+        if self.options.local_files_only:
             why = "downloads are off (local_files_only=True)"
         elif constants.is_offline_mode():
             why = "downloads are off (HF_HUB_OFFLINE=1)"
@@ -467,14 +451,14 @@ class HubLocation(CheckpointLocation):
             self.repo_id,
             f"{what} is not in the cache {self.cache_root} and {why}: load it once with network access "
             "(or pass cache_dir= / set HF_HUB_CACHE to the cache that has it)",
-            revision=self.revision,
+            revision=self.options.revision,
             filename=name,
         )
 
     def _token_advice(self) -> str:
         from huggingface_hub import get_token
 
-        if self.token is False or (self.token is None and get_token() is None):
+        if self.options.token is False or (self.options.token is None and get_token() is None):
             return "no token was sent: accept the repo's terms on the hub, then pass token= or set HF_TOKEN"
         return "the token sent has no access to it: accept the repo's terms on the hub with that account"
 

@@ -6,7 +6,7 @@ weight the checkpoint stores as FP8 with a scale, i.e. when the adapter's
 :class:`~automodel_plugins.adapters.TensorSource` says ``is_fp8``. A transformers fused-experts module (a MoE
 layer's ``experts``: ``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``) becomes an
 :class:`~automodel_plugins.model.fp8_experts.Fp8Experts` when both its tensors can be kept FP8 as stored
-(:func:`~automodel_plugins.pipeline.plan.residency_misfit`: block FP8 pieces aligned on the blocks); when
+(:func:`~automodel_plugins.pipeline.load.plan.residency_misfit`: block FP8 pieces aligned on the blocks); when
 only one can, both are dequantized. So ``modules_to_not_convert`` (the vision tower, the projector, ``lm_head``,
 the routers) stay in the model's dtype, and FP8 tensors of other modules (embeddings; experts that do not fit)
 are dequantized as usual, each with a ``note`` in the plan saying why.
@@ -31,12 +31,12 @@ from automodel_plugins.model.fp8_experts import (
 )
 from automodel_plugins.model.fp8_linear import SCALE_NAME, Fp8Linear, fp8_linear_modules
 from automodel_plugins.model.tensors import model_tensors
-from automodel_plugins.pipeline.plan import plan_load
+from automodel_plugins.pipeline.load.plan import plan_load
 
 if TYPE_CHECKING:
     from automodel_plugins.adapters import StateDictAdapter
     from automodel_plugins.checkpoint import Checkpoint
-    from automodel_plugins.pipeline.plan import LoadPlan
+    from automodel_plugins.pipeline.load.plan import LoadPlan
 
 __all__ = [
     "SIBLING_NOTE",

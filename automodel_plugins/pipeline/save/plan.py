@@ -46,7 +46,7 @@ __all__ = [
     "DEFAULT_BLOCK_SIZE",
     "QUANTIZATIONS",
     "PlannedScale",
-    "PlannedTensor",
+    "PlannedWrite",
     "SaveFormat",
     "SavePlan",
     "SourceView",
@@ -121,13 +121,13 @@ class PlannedScale:
 
 
 @dataclass(frozen=True)
-class PlannedTensor:
+class PlannedWrite:
     """One model tensor as written: its value under ``key`` in ``dtype`` (FP8 when ``scale`` is set), and the
     source tensors ``carried`` over unchanged beside it.
 
     A piece of a model tensor (``piece_of`` set: the model tensor's name) writes the box ``geometry`` gives,
     in its stored orientation; its ``name`` is then the piece's key, which the values of the save resolve
-    (:class:`~automodel_plugins.pipeline.save_values.PieceValues`)."""
+    (:class:`~automodel_plugins.pipeline.save.values.PieceValues`)."""
 
     name: str
     key: str
@@ -152,7 +152,7 @@ class SavePlan:
     """The planned tensors in the order they are saved, and the ``quantization_config`` the config declares."""
 
     format: SaveFormat
-    tensors: list[PlannedTensor]
+    tensors: list[PlannedWrite]
     quantization_config: dict[str, Any] | None
     partial_blocks: list[str] = field(default_factory=list)
     """FP8-block weights whose sizes the block size does not divide (stock transformers 5.x misreads them)."""
@@ -161,7 +161,7 @@ class SavePlan:
         return [spec for planned in self.tensors for spec in planned.specs]
 
     @property
-    def quantized(self) -> list[PlannedTensor]:
+    def quantized(self) -> list[PlannedWrite]:
         return [planned for planned in self.tensors if planned.scale is not None]
 
 
@@ -231,7 +231,7 @@ def plan_save(
     if hf_keys is None:
         raise SaveError(f"quantization={save_format.quantization!r} needs transformers' key layout")
     if save_format.quantization == "none":
-        planned = [PlannedTensor(name, hf_keys[name], t.dtype, t.shape) for name, t in tensors.items()]
+        planned = [PlannedWrite(name, hf_keys[name], t.dtype, t.shape) for name, t in tensors.items()]
         return SavePlan(save_format, planned, None)
     skip = _not_converted(save_format, declared, default_not_converted)
     planned = [_fp8_format(name, t, save_format, skip, hf_keys, source) for name, t in tensors.items()]
@@ -245,13 +245,13 @@ def fp8_scale_name(weight_name: str) -> str:
     return weight_name.removesuffix("weight") + _FP8_SCALE_SUFFIX
 
 
-def _from_source(name: str, tensor: ModelTensor, source: SourceView) -> list[PlannedTensor]:
+def _from_source(name: str, tensor: ModelTensor, source: SourceView) -> list[PlannedWrite]:
     """How ``name`` goes back into the source's layout: one entry, or one per piece it was assembled from."""
     where = source.adapter.from_hf(name)
     checkpoint = source.checkpoint
     if not where.is_assembled:
         if where.key not in checkpoint:
-            return [PlannedTensor(name, where.key, tensor.dtype, tensor.shape)]
+            return [PlannedWrite(name, where.key, tensor.dtype, tensor.shape)]
         return [_stored_as(name, where.parts()[0], tensor, tensor.shape, checkpoint)]
     missing = [piece.key for piece in where.pieces if piece.key not in checkpoint]
     if missing:
@@ -277,7 +277,7 @@ def _from_source(name: str, tensor: ModelTensor, source: SourceView) -> list[Pla
 
 def _stored_as(
     name: str, piece: Piece, tensor: ModelTensor, shape: tuple[int, ...], checkpoint: Checkpoint
-) -> PlannedTensor:
+) -> PlannedWrite:
     """A stored tensor of the source written back: its key, dtype (FP8 with its scale's key, dtype and shape,
     the source scale kept while the values fit it), and the dropped tensors carried beside it."""
     info = checkpoint.info(piece.key)
@@ -287,7 +287,7 @@ def _stored_as(
     if not piece.is_fp8:
         both_float = info.dtype.is_floating_point and tensor.dtype.is_floating_point
         dtype = info.dtype if both_float or info.dtype == tensor.dtype else tensor.dtype
-        return PlannedTensor(name, piece.key, dtype, shape, carried=carried)
+        return PlannedWrite(name, piece.key, dtype, shape, carried=carried)
     scale_info = checkpoint.info(piece.scale_key)
     same_shape = tuple(info.shape) == shape
     if piece.block_size is None:
@@ -303,7 +303,7 @@ def _stored_as(
         piece.block_size,
         source_key=piece.scale_key if same_shape else None,
     )
-    return PlannedTensor(name, piece.key, info.dtype, shape, scale=scale, carried=carried)
+    return PlannedWrite(name, piece.key, info.dtype, shape, scale=scale, carried=carried)
 
 
 def _not_converted(
@@ -325,7 +325,7 @@ def _fp8_format(
     skip: Sequence[str],
     hf_keys: Mapping[str, str],
     source: SourceView | None,
-) -> PlannedTensor:
+) -> PlannedWrite:
     from transformers.quantizers.quantizers_utils import should_convert_module
 
     key = hf_keys[name]
@@ -334,7 +334,7 @@ def _fp8_format(
         or len(tensor.shape) != 2
         or not should_convert_module(tensor.linear, list(skip))
     ):
-        return PlannedTensor(name, key, tensor.dtype, tensor.shape)
+        return PlannedWrite(name, key, tensor.dtype, tensor.shape)
     block = save_format.block_size
     shape = () if block is None else grid_shape(tensor.shape, block)
     scale = PlannedScale(
@@ -344,7 +344,7 @@ def _fp8_format(
         block,
         _reusable_scale(name, tensor, block, source),
     )
-    return PlannedTensor(name, key, torch.float8_e4m3fn, tensor.shape, scale=scale)
+    return PlannedWrite(name, key, torch.float8_e4m3fn, tensor.shape, scale=scale)
 
 
 def _reusable_scale(

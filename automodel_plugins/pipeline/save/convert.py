@@ -25,12 +25,12 @@ from automodel_plugins.model.hf_layout import saved_tensors
 from automodel_plugins.model.stock import build_on_meta
 from automodel_plugins.model.tensors import model_tensors
 from automodel_plugins.pipeline.composition import adapter_for
-from automodel_plugins.pipeline.plan import plan_load
-from automodel_plugins.pipeline.save import SaveReport, write_checkpoint
-from automodel_plugins.pipeline.save_plan import SaveFormat, SourceView
-from automodel_plugins.pipeline.save_values import CheckpointValues
+from automodel_plugins.pipeline.load.plan import plan_load
+from automodel_plugins.pipeline.save.plan import SaveFormat, SourceView
+from automodel_plugins.pipeline.save.save import SaveReport, write_checkpoint
+from automodel_plugins.pipeline.save.values import CheckpointValues
 from automodel_plugins.registry import Registry, get_registry
-from automodel_plugins.sources import CONFIG_NAME, CheckpointLocation, load_config, resolve
+from automodel_plugins.sources import CONFIG_NAME, CheckpointLocation, HubOptions, load_config, resolve
 
 __all__ = ["CONVERT_FORMATS", "convert_checkpoint"]
 
@@ -74,9 +74,14 @@ def convert_checkpoint(
         CONVERT_FORMATS[to], block_size=block_size, modules_to_not_convert=modules_to_not_convert
     )
     registry = registry or get_registry()
-    location = resolve(
-        source, revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only
+    options = HubOptions(
+        revision=revision,
+        cache_dir=cache_dir,
+        token=token,
+        local_files_only=local_files_only,
+        progress=progress,
     )
+    location = resolve(source, options)
     config = load_config(location)
     claim = registry.winning_claim(config)
     model = build_on_meta(config, torch.bfloat16)

@@ -16,6 +16,14 @@ from typing import Any
 
 import pytest
 import torch
+from mistral3_checkpoints import (
+    LEGACY_PREFIXES,
+    ODD,
+    Checkpoints,
+    CheckpointSpec,
+    checkpoint_tensors,
+    tiny_config,
+)
 from safetensors import safe_open
 from transformers import Mistral3ForConditionalGeneration
 
@@ -23,13 +31,12 @@ import automodel_plugins
 from automodel_plugins import from_pretrained
 from automodel_plugins.errors import DtypeMismatchError, FrozenFp8WeightError, NotQuantizedError
 from automodel_plugins.fp8 import encode_scale
-from automodel_plugins.model.fp8_linear import Fp8Codes, Fp8Linear
+from automodel_plugins.model.fp8_linear import Fp8Linear
+from automodel_plugins.model.fp8_resident import Fp8Codes
 from automodel_plugins.registry import Registry
 from automodel_plugins.testing.compare import reference_dequantized_state_dict
 from automodel_plugins.testing.residency import held_bytes, watch_weight_copies
 from automodel_plugins.testing.tiny_models import mistral3_image_batch
-
-from .conftest import LEGACY_PREFIXES, ODD, Checkpoints, CheckpointSpec, checkpoint_tensors, tiny_config
 
 peft = pytest.importorskip("peft")
 

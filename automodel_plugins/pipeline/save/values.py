@@ -5,7 +5,7 @@
   whole of it. The weight of an FP8-resident layer is valued as what it stands for, its dequantized weight
   in the compute dtype, a chunk of rows at a time (re-encoding it with its own scale gives back its bytes);
   a fused tensor of FP8-resident experts likewise, a run of experts at a time, each matrix with its own grid.
-* :class:`CheckpointValues`: a checkpoint read as a load would read it (``pipeline.stream.read_value``: FP8
+* :class:`CheckpointValues`: a checkpoint read as a load would read it (``pipeline.readers.read_value``: FP8
   dequantized with its scale, other floats cast), a chunk of rows at a time, never a whole tensor: what
   ``automodel-plugins convert`` streams through.
 
@@ -27,14 +27,14 @@ from automodel_plugins.adapters.pieces import intersect, relative_slices
 from automodel_plugins.fp8.decode import dequantize
 from automodel_plugins.model.fp8_experts import Fp8Experts
 from automodel_plugins.model.placement import is_dtensor, local_region
-from automodel_plugins.pipeline.stream import read_value
+from automodel_plugins.pipeline.readers import read_value
 
 if TYPE_CHECKING:
     from automodel_plugins.adapters.pieces import PieceGeometry
     from automodel_plugins.checkpoint import Checkpoint
     from automodel_plugins.model.fp8_linear import Fp8Linear
-    from automodel_plugins.pipeline.plan import LoadPlan
-    from automodel_plugins.pipeline.save_plan import SavePlan
+    from automodel_plugins.pipeline.load.plan import LoadPlan
+    from automodel_plugins.pipeline.save.plan import SavePlan
 
 __all__ = ["CHUNK_ELEMENTS", "Box", "CheckpointValues", "ModelValues", "PieceValues", "TensorValues"]
 
@@ -67,7 +67,7 @@ def _rows_per_chunk(shape: tuple[int, ...], elements: int | None) -> int:
 
 class ModelValues:
     """The tensors of a model (name -> tensor), each as this rank holds it; ``resident`` names the weights of
-    FP8-resident layers (``hf_layout.resident_weights``), valued by their dequantized rows."""
+    FP8-resident layers (``hf_layout.resident_modules``), valued by their dequantized rows."""
 
     def __init__(
         self,

@@ -49,22 +49,24 @@ from automodel_plugins.pipeline.composition import (
     drop_quantization_config,
     record_source,
 )
-from automodel_plugins.pipeline.plan import LoadPlan, plan_load
-from automodel_plugins.pipeline.preflight import check_headers_of, check_stock_path, check_structure
-from automodel_plugins.pipeline.resident import (
+from automodel_plugins.pipeline.load.plan import LoadPlan, plan_load
+from automodel_plugins.pipeline.load.preflight import check_headers_of, check_stock_path, check_structure
+from automodel_plugins.pipeline.load.report import LoadReport
+from automodel_plugins.pipeline.load.resident import (
     SIBLING_NOTE,
     loadable_tensors,
     make_fp8_resident,
     plan_resident,
     resident_weights,
 )
-from automodel_plugins.pipeline.stream import LoadReport, stream_into
+from automodel_plugins.pipeline.load.stream import stream_into
 from automodel_plugins.registry import Registry, get_registry
 from automodel_plugins.sources import (
     INDEX_NAME,
     SAFETENSORS_NAME,
     CheckpointLocation,
     HubLocation,
+    HubOptions,
     load_config,
     resolve,
 )
@@ -123,7 +125,15 @@ def from_pretrained(
     the files), for checkpoints on storage that may change under a running job.
     """
     registry = registry or get_registry()
-    location = _locate(path, revision, cache_dir, token, local_files_only, progress, collective)
+    options = HubOptions(
+        revision=revision,
+        cache_dir=cache_dir,
+        token=token,
+        local_files_only=local_files_only,
+        progress=progress,
+        collective=collective,
+    )
+    location = resolve(path, options)
     config = load_config(location)
     claim = registry.winning_claim(config, require_plugin=require_plugin)
     if claim is None:
@@ -176,12 +186,13 @@ def build_model(
     cache_dir: str | Path | None = None,
     token: str | bool | None = None,
     local_files_only: bool | None = None,
+    progress: bool | None = None,
     collective: bool = True,
 ) -> PreTrainedModel:
     """The composed stock model on the meta device, weights not loaded: shard it, ``to_empty``, then
     :func:`load_weights`. The claiming plugin's ``post_materialize`` runs now (on meta) so that it can install
     fix-ups that fire after materialization; its forward override is bound now. A hub repo id fetches only its
-    ``config.json`` (the hub options and ``collective`` as in :func:`from_pretrained`). Given a path with weights, the config is
+    ``config.json`` (the hub options, ``progress`` and ``collective`` as in :func:`from_pretrained`). Given a path with weights, the config is
     first checked against their headers (a layer count the checkpoint does not hold fails here, not after
     minutes of building; a repo's headers are read with range requests).
 
@@ -192,7 +203,15 @@ def build_model(
     registry = registry or get_registry()
     location = None
     if isinstance(path_or_config, (str, Path, CheckpointLocation)):
-        location = _locate(path_or_config, revision, cache_dir, token, local_files_only, None, collective)
+        options = HubOptions(
+            revision=revision,
+            cache_dir=cache_dir,
+            token=token,
+            local_files_only=local_files_only,
+            progress=progress,
+            collective=collective,
+        )
+        location = resolve(path_or_config, options)
         config = load_config(location)
         check_headers_of(location, config, stock=False)
     else:
@@ -250,7 +269,15 @@ def load_weights(
     plugin = composition.plugin if composition else registry.resolve(model.config)
     # The checkpoint's own config says how it is stored (FP8 block size, modules never converted); the
     # model's config stopped declaring a quantization once a first load dequantized it.
-    location = _locate(path, revision, cache_dir, token, local_files_only, progress, collective)
+    options = HubOptions(
+        revision=revision,
+        cache_dir=cache_dir,
+        token=token,
+        local_files_only=local_files_only,
+        progress=progress,
+        collective=collective,
+    )
+    location = resolve(path, options)
     checkpoint_config = load_config(location) if location.has_config() else model.config
     with Checkpoint.open(location, download=not stage) as checkpoint:
         adapter = adapter_for(registry, plugin, checkpoint_config, checkpoint)
@@ -331,27 +358,6 @@ def resolve_dtype(config: PretrainedConfig, dtype: torch.dtype | str | None) -> 
     return torch.bfloat16
 
 
-def _locate(
-    path: str | Path | CheckpointLocation,
-    revision: str | None,
-    cache_dir: str | Path | None,
-    token: str | bool | None,
-    local_files_only: bool | None,
-    progress: bool | None,
-    collective: bool,
-) -> CheckpointLocation:
-    """What ``path`` names; with ``collective``, a repo id's downloads are shared by the ranks of a machine."""
-    return resolve(
-        path,
-        revision=revision,
-        cache_dir=cache_dir,
-        token=token,
-        local_files_only=local_files_only,
-        progress=progress,
-        collective=collective,
-    )
-
-
 def _stock_from_pretrained(
     location: CheckpointLocation,
     config: PretrainedConfig,
@@ -375,8 +381,8 @@ def _stock_from_pretrained(
         source = location.repo_id
         kwargs.update(
             revision=location.commit,
-            cache_dir=location.cache_dir,
-            token=location.token,
+            cache_dir=location.options.cache_dir,
+            token=location.options.token,
             local_files_only=location.offline,
         )
     else:

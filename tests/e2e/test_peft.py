@@ -14,13 +14,12 @@ from typing import Any
 
 import pytest
 import torch
+from mistral3_checkpoints import Checkpoints, CheckpointSpec, tiny_config
 from transformers import Mistral3ForConditionalGeneration
 
 from automodel_plugins import from_pretrained
 from automodel_plugins.registry import Registry
 from automodel_plugins.testing.tiny_models import mistral3_image_batch
-
-from .conftest import Checkpoints, CheckpointSpec, tiny_config
 
 peft = pytest.importorskip("peft")
 

@@ -13,11 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from automodel_plugins import from_pretrained, save_pretrained
-from automodel_plugins.registry import Registry
-
-from .conftest import (
+from mistral3_checkpoints import (
     ODD,
     Checkpoints,
     CheckpointSpec,
@@ -29,6 +25,9 @@ from .conftest import (
     stock_load,
     tiny_model,
 )
+
+from automodel_plugins import from_pretrained, save_pretrained
+from automodel_plugins.registry import Registry
 
 BF16 = torch.bfloat16
 E4M3 = torch.float8_e4m3fn

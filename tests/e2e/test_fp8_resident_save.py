@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from mistral3_checkpoints import ODD, Checkpoints, CheckpointSpec, checkpoint_tensors, tiny_config
 from transformers import Mistral3ForConditionalGeneration
 
 import automodel_plugins
@@ -22,7 +23,6 @@ from automodel_plugins.model.fp8_linear import Fp8Linear
 from automodel_plugins.registry import Registry
 from automodel_plugins.testing.tiny_models import mistral3_image_batch
 
-from .conftest import ODD, Checkpoints, CheckpointSpec, checkpoint_tensors, tiny_config
 from .test_save_fp8 import assert_same_tensors
 
 peft = pytest.importorskip("peft")

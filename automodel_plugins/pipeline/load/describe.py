@@ -20,12 +20,19 @@ from automodel_plugins.fp8.formats import is_fp8
 from automodel_plugins.fp8.quantization import quantization_dict
 from automodel_plugins.model.tensors import model_tensors
 from automodel_plugins.pipeline.composition import adapter_for
-from automodel_plugins.pipeline.load import build_model, resolve_dtype
-from automodel_plugins.pipeline.plan import plan_load
-from automodel_plugins.pipeline.preflight import check_stock_path, check_structure
-from automodel_plugins.pipeline.resident import plan_resident
+from automodel_plugins.pipeline.load.load import build_model, resolve_dtype
+from automodel_plugins.pipeline.load.plan import plan_load
+from automodel_plugins.pipeline.load.preflight import check_stock_path, check_structure
+from automodel_plugins.pipeline.load.resident import plan_resident
 from automodel_plugins.registry import Registry, get_registry, pick_winner
-from automodel_plugins.sources import CONFIG_NAME, CheckpointLocation, HubLocation, load_config, resolve
+from automodel_plugins.sources import (
+    CONFIG_NAME,
+    CheckpointLocation,
+    HubLocation,
+    HubOptions,
+    load_config,
+    resolve,
+)
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -45,6 +52,7 @@ def describe_checkpoint(
     cache_dir: str | Path | None = None,
     token: str | bool | None = None,
     local_files_only: bool | None = None,
+    progress: bool | None = None,
 ) -> dict[str, Any]:
     """A JSON-ready summary: config, claims and the winning plugin, files, and the planned load.
 
@@ -67,9 +75,14 @@ def describe_checkpoint(
     path would not scale, ...).
     """
     registry = registry or get_registry()
-    location = resolve(
-        path, revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only
+    options = HubOptions(
+        revision=revision,
+        cache_dir=cache_dir,
+        token=token,
+        local_files_only=local_files_only,
+        progress=progress,
     )
+    location = resolve(path, options)
     config = load_config(location)
     verdicts = registry.claims(config)
     plugin = pick_winner(verdicts)
@@ -122,7 +135,7 @@ def _hub_summary(location: HubLocation, checkpoint: Checkpoint) -> dict[str, Any
     listing = location.repo_files()
     return {
         "repo_id": location.repo_id,
-        "revision": location.revision,
+        "revision": location.options.revision,
         "commit": location.commit,
         "files_read": read,
         "load_bytes": sum(sizes.values()),

@@ -12,14 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import automodel_plugins.pipeline.save_values as save_values
-from automodel_plugins import from_pretrained
-from automodel_plugins.checkpoint import Checkpoint
-from automodel_plugins.cli import main
-from automodel_plugins.registry import Registry
-
-from .conftest import (
+from mistral3_checkpoints import (
     ODD,
     Checkpoints,
     CheckpointSpec,
@@ -28,6 +21,13 @@ from .conftest import (
     checkpoint_tensors,
     stock_load,
 )
+
+import automodel_plugins.pipeline.save.values as save_values
+from automodel_plugins import from_pretrained
+from automodel_plugins.checkpoint import Checkpoint
+from automodel_plugins.cli import main
+from automodel_plugins.registry import Registry
+
 from .test_save_fp8 import reference_fp8_block, same_bytes
 
 SOURCES = {

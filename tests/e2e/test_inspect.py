@@ -9,13 +9,12 @@ from typing import Any
 
 import pytest
 import torch
+from mistral3_checkpoints import ODD, PLUGIN, Checkpoints, CheckpointSpec, ModelSpec, edit_tensors
 from safetensors import safe_open
 
 from automodel_plugins.errors import UnexpectedKeysError
-from automodel_plugins.pipeline.describe import describe_checkpoint
+from automodel_plugins.pipeline.load.describe import describe_checkpoint
 from automodel_plugins.registry import Registry
-
-from .conftest import ODD, PLUGIN, Checkpoints, CheckpointSpec, ModelSpec, edit_tensors
 
 pytestmark = pytest.mark.usefixtures("no_tensor_reads")
 

@@ -11,6 +11,15 @@ from typing import Any
 import pytest
 import torch
 from automodel_plugins_mistral3_fp8 import plugin
+from mistral3_checkpoints import (
+    Checkpoints,
+    CheckpointSpec,
+    assert_same_weights,
+    checkpoint_tensors,
+    edit_config,
+    edit_tensors,
+    stock_load,
+)
 
 from automodel_plugins import (
     CheckpointError,
@@ -34,19 +43,9 @@ from automodel_plugins.errors import (
     UnsafeCheckpointPathError,
     UnsupportedQuantizationError,
 )
-from automodel_plugins.pipeline.describe import describe_checkpoint
+from automodel_plugins.pipeline.load.describe import describe_checkpoint
 from automodel_plugins.registry import Registry
 from automodel_plugins.sources import load_config
-
-from .conftest import (
-    Checkpoints,
-    CheckpointSpec,
-    assert_same_weights,
-    checkpoint_tensors,
-    edit_config,
-    edit_tensors,
-    stock_load,
-)
 
 Q_PROJ = "language_model.model.layers.0.self_attn.q_proj.weight"
 Q_SCALE = "language_model.model.layers.0.self_attn.q_proj.weight_scale_inv"
@@ -521,8 +520,8 @@ def test_huge_layer_count_fails_before_the_model_is_built(
     def never(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("a model was built before the config was checked against the headers")
 
-    monkeypatch.setattr("automodel_plugins.pipeline.load.build_on_meta", never)
-    monkeypatch.setattr("automodel_plugins.pipeline.describe.build_model", never)
+    monkeypatch.setattr("automodel_plugins.pipeline.load.load.build_on_meta", never)
+    monkeypatch.setattr("automodel_plugins.pipeline.load.describe.build_model", never)
     for attempt in (lambda: load(path, registry), lambda: describe_checkpoint(path, registry=registry)):
         with pytest.raises(ConfigMismatchError, match=rf"{field}\.num_hidden_layers is 1000000") as caught:
             attempt()

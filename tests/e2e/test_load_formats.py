@@ -9,12 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import Mistral3ForConditionalGeneration
-
-from automodel_plugins import CheckpointError, from_pretrained
-from automodel_plugins.registry import Registry
-
-from .conftest import (
+from mistral3_checkpoints import (
     NOT_CONVERTED,
     ODD,
     PLUGIN,
@@ -28,6 +23,10 @@ from .conftest import (
     logits,
     stock_load,
 )
+from transformers import Mistral3ForConditionalGeneration
+
+from automodel_plugins import CheckpointError, from_pretrained
+from automodel_plugins.registry import Registry
 
 TEXT_LINEARS = 7 * 2  # q, k, v, o, gate, up, down in each of the two layers
 

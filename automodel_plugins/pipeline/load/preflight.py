@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
     from automodel_plugins.checkpoint import Checkpoint
-    from automodel_plugins.sources import CheckpointLocation
+    from automodel_plugins.sources import CheckpointLocation, HubOptions
 
 __all__ = ["check_headers_of", "check_layer_counts", "check_stock_path", "check_structure", "layer_lists"]
 
@@ -175,7 +175,11 @@ def check_stock_path(config: PretrainedConfig, checkpoint: Checkpoint) -> None:
 
 
 def check_headers_of(
-    path: str | Path | CheckpointLocation, config: PretrainedConfig, *, stock: bool, **hub_options: Any
+    path: str | Path | CheckpointLocation,
+    config: PretrainedConfig,
+    *,
+    stock: bool,
+    options: HubOptions | None = None,
 ) -> None:
     """:func:`check_structure` (and :func:`check_stock_path` when ``stock``: nobody claimed the config) on the
     weights of the checkpoint ``path`` names; nothing when it has none (a directory holding only a config).
@@ -183,14 +187,14 @@ def check_headers_of(
     Headers only, never a download. For a hub repo about to be loaded (``stock=False``) only what its index's
     key names tell (:func:`check_layer_counts`): the rest is checked once the shards are in the cache, so a
     load still downloads nothing but the files it needs; with ``stock`` the shards' headers are read with range
-    requests (``hub_options`` as :func:`~automodel_plugins.sources.resolve` takes them).
+    requests (``options`` for a repo id).
     """
     from automodel_plugins.checkpoint import Checkpoint
     from automodel_plugins.checkpoint.index import shard_names
     from automodel_plugins.errors import CheckpointError
     from automodel_plugins.sources import resolve
 
-    location = resolve(path, **hub_options)
+    location = resolve(path, options)
     try:
         weights = location.weights()
     except CheckpointError:

@@ -38,13 +38,13 @@ from automodel_plugins.errors import (
 )
 from automodel_plugins.model.hf_layout import (
     linear_weights,
-    resident_weights,
+    resident_modules,
     saved_tensors,
     transformers_keys,
 )
-from automodel_plugins.pipeline.collective import Ranks
 from automodel_plugins.pipeline.composition import SourceRecord, adapter_for, composition_of
-from automodel_plugins.pipeline.save_plan import (
+from automodel_plugins.pipeline.save.collective import Ranks
+from automodel_plugins.pipeline.save.plan import (
     ModelTensor,
     SaveFormat,
     SavePlan,
@@ -52,8 +52,8 @@ from automodel_plugins.pipeline.save_plan import (
     fp8_scale_name,
     plan_save,
 )
-from automodel_plugins.pipeline.save_values import ModelValues, TensorValues
-from automodel_plugins.pipeline.save_write import WriteResult, write_plan
+from automodel_plugins.pipeline.save.values import ModelValues, TensorValues
+from automodel_plugins.pipeline.save.write import WriteResult, write_plan
 from automodel_plugins.registry import Registry, get_registry
 from automodel_plugins.sources import load_config
 
@@ -145,7 +145,7 @@ def save_pretrained(
             dest,
             save_format=save_format,
             tensors=tensors,
-            values=ModelValues(tensors, resident=resident_weights(model)),
+            values=ModelValues(tensors, resident=resident_modules(model)),
             source=source,
             declared=record.quantization_config if record is not None else None,
             max_shard_size=max_shard_size,
@@ -322,7 +322,7 @@ def _plan(
 
     names = list(tensors)
     linears = linear_weights(model)
-    resident = resident_weights(model)  # valued in their compute dtype, not as their uint8 codes
+    resident = resident_modules(model)  # valued in their compute dtype, not as their uint8 codes
     meta = {
         name: ModelTensor(
             tuple(tensor.shape),

@@ -8,11 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from automodel_plugins import from_pretrained
-from automodel_plugins.registry import Registry
-
-from .conftest import (
+from mistral3_checkpoints import (
     PLUGIN,
     Checkpoints,
     CheckpointSpec,
@@ -22,6 +18,9 @@ from .conftest import (
     logits,
     stock_load,
 )
+
+from automodel_plugins import from_pretrained
+from automodel_plugins.registry import Registry
 
 
 def test_config_has_no_quantization_after_load(registry: Registry, checkpoints: Checkpoints) -> None:

@@ -10,13 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import Mistral3ForConditionalGeneration
-
-from automodel_plugins import CheckpointError, build_model, from_pretrained, load_weights
-from automodel_plugins.errors import UnexpectedKeysError
-from automodel_plugins.registry import Registry
-
-from .conftest import (
+from mistral3_checkpoints import (
     ODD,
     PLUGIN,
     TEXT_ROTARY,
@@ -28,6 +22,11 @@ from .conftest import (
     logits,
     tiny_config,
 )
+from transformers import Mistral3ForConditionalGeneration
+
+from automodel_plugins import CheckpointError, build_model, from_pretrained, load_weights
+from automodel_plugins.errors import UnexpectedKeysError
+from automodel_plugins.registry import Registry
 
 
 def materialize(model: Mistral3ForConditionalGeneration) -> Mistral3ForConditionalGeneration:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -35,6 +35,7 @@ from automodel_plugins.errors import (
 from automodel_plugins.fp8.formats import is_fp8, weight_key_of_scale
 from automodel_plugins.fp8.scales import check_scale_header, grid_shape
 from automodel_plugins.fp8.stacked import check_stacked_scale_header, is_stacked, stacked_grid_shape
+from automodel_plugins.pipeline.readers import Action, action_for, loaded_dtype
 
 if TYPE_CHECKING:
     from automodel_plugins.adapters import Piece, StateDictAdapter, TensorSource
@@ -42,35 +43,11 @@ if TYPE_CHECKING:
     from automodel_plugins.checkpoint.header import TensorInfo
 
 __all__ = [
-    "Action",
     "LoadPlan",
     "PlannedTensor",
-    "action_for",
-    "loaded_dtype",
     "plan_load",
     "residency_misfit",
 ]
-
-Action = Literal["dequantized", "kept_fp8", "converted", "used_in_place"]
-"""How a tensor's value is made: FP8 data times its scale; FP8 data and its scale kept as they are (an
-FP8-resident linear weight); a cast (or a copy assembled from pieces); or the stored tensor as it is."""
-
-
-def loaded_dtype(
-    stored: torch.dtype, *, fp8: bool, dtype: torch.dtype, keep_fp8: bool = False
-) -> torch.dtype:
-    """What a model holds for a stored tensor: floats (FP8 data included) become ``dtype``, others stay;
-    FP8 data kept resident stays in its FP8 dtype."""
-    if fp8 and keep_fp8:
-        return stored
-    return dtype if fp8 or stored.is_floating_point else stored
-
-
-def action_for(stored: torch.dtype, *, fp8: bool, dtype: torch.dtype, keep_fp8: bool = False) -> Action:
-    """How a stored tensor becomes the model's value in ``dtype`` (see :data:`Action`)."""
-    if fp8:
-        return "kept_fp8" if keep_fp8 else "dequantized"
-    return "used_in_place" if stored == loaded_dtype(stored, fp8=False, dtype=dtype) else "converted"
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from mistral3_checkpoints import Checkpoints, checkpoint_tensors, tiny_model
 
 import automodel_plugins.checkpoint.writer as writer_module
 from automodel_plugins import from_pretrained, load_weights, save_pretrained
@@ -25,8 +26,6 @@ from automodel_plugins.errors import (
     UnknownQuantizationError,
 )
 from automodel_plugins.registry import Registry
-
-from .conftest import Checkpoints, checkpoint_tensors, tiny_model
 
 
 @pytest.fixture
@@ -167,7 +166,7 @@ def test_a_crash_mid_write_leaves_a_directory_that_does_not_load(
 
 
 def test_an_exception_mid_write_removes_the_temporary_directory(loaded, tmp_path: Path, monkeypatch) -> None:
-    import automodel_plugins.pipeline.save_write as save_write
+    import automodel_plugins.pipeline.save.write as save_write
 
     def boom(*args, **kwargs):
         raise RuntimeError("interrupted")
@@ -247,7 +246,7 @@ def test_a_pipeline_stage_is_refused(registry: Registry, checkpoints: Checkpoint
 def test_a_disk_too_small_is_refused_before_writing(
     loaded, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import automodel_plugins.pipeline.save_write as save_write
+    import automodel_plugins.pipeline.save.write as save_write
 
     real = save_write.shutil.disk_usage
     monkeypatch.setattr(save_write.shutil, "disk_usage", lambda path: real(path)._replace(free=1000))

@@ -35,13 +35,13 @@ from automodel_plugins.fp8.encode import encode
 from automodel_plugins.fp8.scale_policy import ScaleChoice, choose_scale
 from automodel_plugins.fp8.scales import decode_scale
 from automodel_plugins.fp8.stacked import stacked_block_amax, stacked_encode
-from automodel_plugins.pipeline.save_values import CHUNK_ELEMENTS, Box, PieceValues, TensorValues
+from automodel_plugins.pipeline.save.values import CHUNK_ELEMENTS, Box, PieceValues, TensorValues
 from automodel_plugins.progress import progress_bar
 
 if TYPE_CHECKING:
     from automodel_plugins.checkpoint import Checkpoint
-    from automodel_plugins.pipeline.collective import Ranks
-    from automodel_plugins.pipeline.save_plan import PlannedTensor, SavePlan
+    from automodel_plugins.pipeline.save.collective import Ranks
+    from automodel_plugins.pipeline.save.plan import PlannedWrite, SavePlan
 
 __all__ = ["FILE_METADATA", "WriteResult", "check_tiling", "write_plan"]
 
@@ -160,7 +160,7 @@ def _assign_boxes(plan: SavePlan, values: TensorValues, ranks: Ranks) -> list[Bo
     return writes
 
 
-def check_tiling(planned: PlannedTensor, boxes: Sequence[Box]) -> None:
+def check_tiling(planned: PlannedWrite, boxes: Sequence[Box]) -> None:
     """The distinct boxes the ranks hold must cover the tensor exactly once."""
     if not boxes_tile(planned.shape, boxes):
         shown = sorted(boxes)[:8]
@@ -213,7 +213,7 @@ def _choose_scales(
     return choices
 
 
-def _local_amax(planned: PlannedTensor, box: Box | None, values: TensorValues) -> torch.Tensor:
+def _local_amax(planned: PlannedWrite, box: Box | None, values: TensorValues) -> torch.Tensor:
     """The amax over the box this rank writes, in the scale's shape (zeros when it writes none)."""
     block, grid = planned.scale.block_size, planned.scale.shape
     amax = torch.zeros(grid, dtype=torch.float32)
@@ -234,7 +234,7 @@ def _local_amax(planned: PlannedTensor, box: Box | None, values: TensorValues) -
 
 
 def _write_values(
-    planned: PlannedTensor,
+    planned: PlannedWrite,
     box: Box,
     values: TensorValues,
     writer: SafetensorsWriter,
@@ -272,7 +272,7 @@ def _write_values(
         pending.write(writer, planned.key, tensor_bytes(data.cpu()), region)
 
 
-def _chunk_elements(planned: PlannedTensor, values: TensorValues) -> int:
+def _chunk_elements(planned: PlannedWrite, values: TensorValues) -> int:
     """Chunk size for ``planned``: whole when written as held from CPU memory (views cost nothing), larger when
     the only new memory is the FP8 output (per-tensor encoding through the table), else the default."""
     dtype = values.dtype(planned.name)
@@ -286,7 +286,7 @@ def _chunk_elements(planned: PlannedTensor, values: TensorValues) -> int:
 
 
 def _write_small(
-    planned: PlannedTensor,
+    planned: PlannedWrite,
     writers: dict[str, SafetensorsWriter],
     scale: ScaleChoice | None,
     source: Checkpoint | None,

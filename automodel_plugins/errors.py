@@ -202,7 +202,7 @@ class FrozenFp8WeightError(AutomodelPluginsError, RuntimeError):
 
 
 class TrainerOptionError(AutomodelPluginsError, ValueError):
-    """A trainer option the fused loss does not implement (``automodel_plugins.trl.SFTTrainer``); names it."""
+    """A trainer option the fused loss does not implement (``automodel_plugins.integrations.trl.SFTTrainer``); names it."""
 
 
 # --- model fix-ups ----------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """TRL's ``SFTTrainer`` and this project's fused loss (issue 21 item 4).
 
 Stock ``trl.SFTTrainer`` (TRL 1.x) trains through ``model(**batch, fused_lm_head=True)``, its own chunked head:
-this project's op never runs there. ``automodel_plugins.trl.SFTTrainer`` keeps TRL on the model's labelled
+this project's op never runs there. ``automodel_plugins.integrations.trl.SFTTrainer`` keeps TRL on the model's labelled
 forward. The reference is stock ``trl.SFTTrainer`` on the same FP8 checkpoint loaded the same way (fp32, so that
 both losses are compared without bf16 rounding), same data, seed and optimizer: per-step losses equal, and the
 call counts say which loss ran in each.
@@ -136,7 +136,7 @@ def train(
 def test_sft_trainer_runs_our_fused_loss_with_stock_losses(
     checkpoint: Path, tmp_path: Path, completion_only: bool, accumulation: int, lora: bool
 ) -> None:
-    from automodel_plugins.trl import SFTTrainer
+    from automodel_plugins.integrations.trl import SFTTrainer
 
     options = {"completion_only": completion_only, "accumulation": accumulation, "lora": lora}
     stock_losses, stock_counts = train(trl.SFTTrainer, checkpoint, tmp_path / "stock", **options)
@@ -150,7 +150,7 @@ def test_sft_trainer_runs_our_fused_loss_with_stock_losses(
 
 
 def test_options_our_loss_does_not_implement_are_refused(checkpoint: Path, tmp_path: Path) -> None:
-    from automodel_plugins.trl import SFTTrainer
+    from automodel_plugins.integrations.trl import SFTTrainer
 
     model = automodel_plugins.from_pretrained(checkpoint, dtype=torch.float32)
     config = trl.SFTConfig(output_dir=str(tmp_path), loss_type="dft", report_to=[], use_cpu=True)

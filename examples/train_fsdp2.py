@@ -17,8 +17,10 @@ CPU and gloo run anywhere (``--backend gloo --device cpu``, the defaults); ``--b
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -147,37 +149,52 @@ def save_adapter(model: Any, directory: Path) -> None:
     dist.barrier()
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def run(args: argparse.Namespace) -> None:
+    """Everything between ``init_process_group`` and its teardown; the model and mesh die with this frame."""
+    from torch.distributed.device_mesh import init_device_mesh
+
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if args.device == "cuda":
-        torch.cuda.set_device(local_rank)
     device = torch.device(args.device, local_rank) if args.device == "cuda" else torch.device("cpu")
+    mesh = init_device_mesh(args.device, (dist.get_world_size(),))
+    model = build_sharded(args, mesh, device)
+    batch = synthetic_batch(model.config, rank=dist.get_rank(), batch=args.batch, seq=args.seq)
+    losses = train(model, {k: v.to(device) for k, v in batch.items()}, args)
+    if dist.get_rank() == 0:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "losses.json").write_text(
+            json.dumps({"losses": losses, "world_size": dist.get_world_size()})
+        )
+    if args.lora_r > 0:
+        save_adapter(model, args.out / "adapter")
+        if args.no_merge:
+            return
+        model = automodel_plugins.merge_lora(model)  # merged layers: plain nn.Linear, the others FP8
+    automodel_plugins.save_pretrained(model, args.out / "finetuned-fp8")  # every rank: its own shards
+    if dist.get_rank() == 0:
+        print(f"saved {args.out / 'finetuned-fp8'}", flush=True)
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(args.backend)
     try:
-        from torch.distributed.device_mesh import init_device_mesh
-
-        mesh = init_device_mesh(args.device, (dist.get_world_size(),))
-        model = build_sharded(args, mesh, device)
-        batch = synthetic_batch(model.config, rank=dist.get_rank(), batch=args.batch, seq=args.seq)
-        losses = train(model, {k: v.to(device) for k, v in batch.items()}, args)
-        if dist.get_rank() == 0:
-            args.out.mkdir(parents=True, exist_ok=True)
-            (args.out / "losses.json").write_text(
-                json.dumps({"losses": losses, "world_size": dist.get_world_size()})
-            )
-        if args.lora_r > 0:
-            save_adapter(model, args.out / "adapter")
-            if args.no_merge:
-                return 0
-            model = automodel_plugins.merge_lora(model)  # merged layers: plain nn.Linear, the others FP8
-        automodel_plugins.save_pretrained(model, args.out / "finetuned-fp8")  # every rank: its own shards
-        if dist.get_rank() == 0:
-            print(f"saved {args.out / 'finetuned-fp8'}", flush=True)
+        run(args)
     finally:
+        gc.collect()  # DTensor caches holding the mesh, before the group goes
         dist.destroy_process_group()
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    arguments = parse_args()
+    status = main(arguments)
+    if arguments.backend == "gloo":
+        # gloo's process group stops its threads only in its destructor, which something always keeps alive
+        # until interpreter finalization; a thread freeing a finished collective's tensors there can abort the
+        # process (SIGABRT, "terminate called without an active exception") after all work is done. Leave
+        # without that finalization once everything is written (tests/distributed/_worker.py has the details).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    raise SystemExit(status)

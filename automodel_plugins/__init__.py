@@ -18,6 +18,7 @@ its own floor or the floors below it, and no two modules import each other (``te
     pipeline/    the load side (plan, stream) and the save side (plan, write, convert), the readers both share
     cli/         the automodel-plugins command       } the top floor, with this module, which re-exports
     testing/     the plugin author's kit             } the public names of every floor below
+    integrations/  trainers built on transformers (TRL), each importing its own tool
 """
 
 from __future__ import annotations

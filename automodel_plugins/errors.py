@@ -220,6 +220,10 @@ class FrozenFp8WeightError(AutomodelPluginsError, RuntimeError):
     """Gradients were asked of an FP8-resident weight, which holds the checkpoint's FP8 codes and stays frozen."""
 
 
+class TrainerOptionError(AutomodelPluginsError, ValueError):
+    """A trainer option the fused loss does not implement (``automodel_plugins.integrations.trl.SFTTrainer``); names it."""
+
+
 # --- model fix-ups ----------------------------------------------------------------------------------------
 
 

@@ -6,6 +6,7 @@
 * ``device_map``: transformers' ``device_map`` settled on the meta model: the device each tensor is streamed to;
 * ``rotary``: recomputing the rotary buffers meta init leaves as garbage;
 * ``forward``: the fused-loss forward a plugin binds on the instance;
+* ``fsdp_head``: running the fused loss as ``lm_head``'s forward, through FSDP2's hooks on it;
 * ``fp8_resident``: what every FP8-resident module shares: frozen ``uint8`` codes (``Fp8Codes``), the base
   that keeps them and the fp32 scales out of dtype casts (``Fp8Resident``), the dequantizing matmul;
 * ``fp8_linear``: ``Fp8Linear``, a frozen linear holding its checkpoint FP8 weight (``dequantize=False``);

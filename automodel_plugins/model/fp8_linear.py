@@ -42,6 +42,7 @@ from automodel_plugins.fp8.decode import dequantize
 from automodel_plugins.fp8.formats import is_fp8
 from automodel_plugins.fp8.quantization import quantization_dict
 from automodel_plugins.fp8.scales import decode_scale, grid_shape
+from automodel_plugins.model.fp8_ops import fp8_dequantize_op, fp8_linear_op
 from automodel_plugins.model.placement import is_dtensor, write_local
 
 __all__ = [
@@ -208,7 +209,13 @@ def fp8_matmul(
 ) -> torch.Tensor:
     """``F.linear(x, dequantized codes, bias)`` for 2-D ``uint8`` ``codes`` and their fp32 ``scale``: under
     autograd (``x`` or ``bias`` requiring grad) through :class:`_Fp8LinearFunction`, whose graph keeps only
-    the codes; otherwise directly, the dequantized weight dropped on return."""
+    the codes; otherwise directly, the dequantized weight dropped on return. Under ``torch.compile`` the same
+    code runs as the custom op ``automodel_plugins::fp8_linear`` (:mod:`~automodel_plugins.model.fp8_ops`)."""
+    if torch.compiler.is_compiling():
+        block = None if layout.block_size is None else list(layout.block_size)
+        return fp8_linear_op(
+            x, codes, scale, bias, layout.fp8_dtype, block, layout.compute_dtype, layout.rows_per_chunk
+        )
     needs_graph = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
     if not needs_graph:
         return _fp8_linear(x, codes, scale, bias, layout)
@@ -409,6 +416,11 @@ class Fp8Linear(Fp8Resident, nn.Linear):
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The whole weight in ``dtype`` (default: the compute dtype): what a dequantize-at-load model holds."""
+        if torch.compiler.is_compiling():  # one opaque op in the graph, the same code inside
+            block = None if self.block_size is None else list(self.block_size)
+            return fp8_dequantize_op(
+                self.weight, self.weight_scale_inv, self.fp8_dtype, block, dtype or self.compute_dtype
+            )
         layout = self._layout(dtype or self.compute_dtype, whole=True)
         return _dequantize_rows(self.weight, self.weight_scale_inv, layout, 0, self.out_features)
 

@@ -42,6 +42,7 @@ from automodel_plugins.fp8.decode import dequantize
 from automodel_plugins.fp8.formats import is_fp8
 from automodel_plugins.fp8.quantization import quantization_dict
 from automodel_plugins.fp8.scales import decode_scale, grid_shape
+from automodel_plugins.model import fp8_peft_hook  # noqa: F401  (PEFT's merge over Fp8Linear)
 from automodel_plugins.model.fp8_ops import fp8_dequantize_op, fp8_linear_op
 from automodel_plugins.model.placement import is_dtensor, write_local
 

@@ -3,18 +3,22 @@
 The light names (markers, ``Claim``, errors) import eagerly; everything else, the loading API and the helpers
 a plugin's hooks call, imports torch and transformers on first use, so ``automodel-plugins list`` stays fast.
 
-Where things live (one folder per stage of the data path)::
+Where things live, one folder per stage of the data path, bottom floor first: a module imports only from
+its own floor or the floors below it, and no two modules import each other (``tests/test_package_shape.py``)::
 
-    sources/     what a checkpoint path names, and its config
-    checkpoint/  safetensors headers, the shard index, the lazy reader
+    ``errors``, ``progress``, ``_version``   the typed errors, the progress-bar switch, the version
+    registry/    hook specs, plugin discovery and isolation, claims (runs no data-path code)
+    sources/     what a checkpoint path or hub repo id names, the hub options, its config
+    checkpoint/  safetensors headers, the shard index, the lazy reader, the streaming writer
     fp8/         FP8 formats, scales, decode (dequantize) and encode (quantize)
     adapters/    model tensor names <-> checkpoint keys (and FP8 scales)
-    pipeline/    load (plan, stream) and save (plan, write, convert), describe
-    model/       the stock class on meta, tensor placement per rank, rotary repair, forward override
-    registry/    hook specs, plugin discovery and isolation, claims
     ops/         fused linear cross-entropy
-    cli/         the automodel-plugins command
-    testing/     the plugin author's kit
+    model/       the stock class on meta, tensor placement per rank, rotary repair, forward override,
+                 FP8-resident layers
+    pipeline/    the load side (plan, stream) and the save side (plan, write, convert), the readers both share
+    cli/         the automodel-plugins command       } the top floor, with this module, which re-exports
+    testing/     the plugin author's kit             } the public names of every floor below
+    integrations/  trainers built on transformers (TRL), each importing its own tool
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from automodel_plugins._version import __version__ as __version__
 from automodel_plugins.errors import (
     AmbiguousClaimError,
     AutomodelPluginsError,
@@ -36,20 +41,22 @@ from automodel_plugins.errors import (
 from automodel_plugins.registry.claims import Claim, Decline
 from automodel_plugins.registry.markers import PROJECT_NAME, hookimpl, hookspec
 
-__version__ = "0.2.0"
-
 _LAZY = {
     # loading
-    "from_pretrained": "automodel_plugins.pipeline.load",
-    "build_model": "automodel_plugins.pipeline.load",
-    "load_weights": "automodel_plugins.pipeline.load",
+    "from_pretrained": "automodel_plugins.pipeline.load.load",
+    "build_model": "automodel_plugins.pipeline.load.load",
+    "load_weights": "automodel_plugins.pipeline.load.load",
+    # transformers' Auto classes, routed through the registry
+    "AutoModel": "automodel_plugins.pipeline.load.auto",
+    "AutoModelForCausalLM": "automodel_plugins.pipeline.load.auto",
+    "AutoModelForImageTextToText": "automodel_plugins.pipeline.load.auto",
     # saving
-    "save_pretrained": "automodel_plugins.pipeline.save",
-    "SaveReport": "automodel_plugins.pipeline.save",
-    "convert_checkpoint": "automodel_plugins.pipeline.convert",
+    "save_pretrained": "automodel_plugins.pipeline.save.save",
+    "SaveReport": "automodel_plugins.pipeline.save.save",
+    "convert_checkpoint": "automodel_plugins.pipeline.save.convert",
     "Composition": "automodel_plugins.pipeline.composition",
-    "LoadReport": "automodel_plugins.pipeline.stream",
-    "describe_checkpoint": "automodel_plugins.pipeline.describe",
+    "LoadReport": "automodel_plugins.pipeline.load.report",
+    "describe_checkpoint": "automodel_plugins.pipeline.load.describe",
     "load_config": "automodel_plugins.sources.config",
     "Checkpoint": "automodel_plugins.checkpoint.reader",
     "get_registry": "automodel_plugins.registry.manager",
@@ -74,6 +81,7 @@ _LAZY = {
     "dequantize_lora_bases": "automodel_plugins.model.fp8_lora",
     "merge_lora": "automodel_plugins.model.fp8_lora",
     "register_fp8_lora": "automodel_plugins.model.fp8_lora",
+    "requantize_state_dict": "automodel_plugins.model.requantize",
 }
 
 if TYPE_CHECKING:
@@ -96,13 +104,19 @@ if TYPE_CHECKING:
         merge_lora,
         register_fp8_lora,
     )
+    from automodel_plugins.model.requantize import requantize_state_dict
     from automodel_plugins.model.rotary import repair_rotary
     from automodel_plugins.pipeline.composition import Composition
-    from automodel_plugins.pipeline.convert import convert_checkpoint
-    from automodel_plugins.pipeline.describe import describe_checkpoint
-    from automodel_plugins.pipeline.load import build_model, from_pretrained, load_weights
-    from automodel_plugins.pipeline.save import SaveReport, save_pretrained
-    from automodel_plugins.pipeline.stream import LoadReport
+    from automodel_plugins.pipeline.load.auto import (
+        AutoModel,
+        AutoModelForCausalLM,
+        AutoModelForImageTextToText,
+    )
+    from automodel_plugins.pipeline.load.describe import describe_checkpoint
+    from automodel_plugins.pipeline.load.load import build_model, from_pretrained, load_weights
+    from automodel_plugins.pipeline.load.report import LoadReport
+    from automodel_plugins.pipeline.save.convert import convert_checkpoint
+    from automodel_plugins.pipeline.save.save import SaveReport, save_pretrained
     from automodel_plugins.registry.manager import Registry, get_registry
     from automodel_plugins.sources.config import load_config
 
@@ -116,50 +130,22 @@ def __getattr__(name: str) -> Any:
     return value
 
 
-__all__ = [
-    "PROJECT_NAME",
-    "AmbiguousClaimError",
-    "AutomodelPluginsError",
-    "Checkpoint",
-    "CheckpointError",
-    "Claim",
-    "Composition",
-    "ConfigError",
-    "Decline",
-    "Fp8Experts",
-    "Fp8Linear",
-    "Fp8LoraLinear",
-    "Fp8StateDictAdapter",
-    "FrozenFp8WeightError",
-    "LoadReport",
-    "NoPluginClaimError",
-    "NotQuantizedError",
-    "Piece",
-    "PluginError",
-    "PrefixRename",
-    "PrefixRenames",
-    "Registry",
-    "SaveReport",
-    "StateDictAdapter",
-    "TensorSource",
-    "UnknownPluginError",
-    "build_model",
-    "claim_fp8_or_unquantized",
-    "convert_checkpoint",
-    "dequantize_lora_bases",
-    "describe_checkpoint",
-    "fp8_adapter_for",
-    "from_pretrained",
-    "fused_loss_forward",
-    "get_registry",
-    "hookimpl",
-    "hookspec",
-    "load_config",
-    "load_weights",
-    "merge_lora",
-    "register_fp8_lora",
-    "repair_rotary",
-    "save_pretrained",
-    "stacked_boxes",
-    "vlm_fused_loss_forward",
-]
+__all__ = sorted(
+    [
+        "PROJECT_NAME",
+        "AmbiguousClaimError",
+        "AutomodelPluginsError",
+        "CheckpointError",
+        "Claim",
+        "ConfigError",
+        "Decline",
+        "FrozenFp8WeightError",
+        "NoPluginClaimError",
+        "NotQuantizedError",
+        "PluginError",
+        "UnknownPluginError",
+        "hookimpl",
+        "hookspec",
+        *_LAZY,
+    ]
+)

@@ -44,7 +44,7 @@ def worker(converter: str, path: str, dest: str) -> dict:
     from transformers import Mistral3ForConditionalGeneration
 
     import automodel_plugins
-    import automodel_plugins.pipeline.convert
+    import automodel_plugins.pipeline.save.convert
 
     with PeakRss() as peak:
         wall, cpu = time.perf_counter(), time.process_time()

@@ -56,7 +56,7 @@ def worker(loader: str, path: str) -> dict:
     from transformers import Mistral3ForConditionalGeneration
 
     import automodel_plugins
-    import automodel_plugins.pipeline.load
+    import automodel_plugins.pipeline.load.load
 
     with PeakRss() as peak:
         wall, cpu = time.perf_counter(), time.process_time()

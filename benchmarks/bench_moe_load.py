@@ -51,7 +51,7 @@ def worker(loader: str, path: str) -> dict:
     from transformers.utils import logging
 
     import automodel_plugins
-    import automodel_plugins.pipeline.load  # imported before the baseline, by both loaders
+    import automodel_plugins.pipeline.load.load  # imported before the baseline, by both loaders
     from automodel_plugins.testing.stock_conversions import stock_per_expert_conversion
 
     logging.set_verbosity_error()
@@ -81,7 +81,7 @@ def dequantized_bytes(path: Path) -> int:
     from automodel_plugins.model.stock import build_on_meta
     from automodel_plugins.model.tensors import model_tensors
     from automodel_plugins.pipeline.composition import adapter_for
-    from automodel_plugins.pipeline.plan import plan_load
+    from automodel_plugins.pipeline.load.plan import plan_load
     from automodel_plugins.registry import get_registry
     from automodel_plugins.sources import load_config
 

@@ -151,7 +151,7 @@ def child_load(path: str) -> dict:
     from transformers import Mistral3ForConditionalGeneration  # noqa: F401  (imported before the baseline)
 
     import automodel_plugins
-    import automodel_plugins.pipeline.load
+    import automodel_plugins.pipeline.load.load
 
     with Peak() as peak:
         started = time.perf_counter()

@@ -223,10 +223,10 @@ def test_index_json_parses_back(tmp_path: Path) -> None:
 
 def test_the_tiling_check_accepts_exact_tilings_and_refuses_gaps_and_overlaps() -> None:
     from automodel_plugins.errors import SaveError
-    from automodel_plugins.pipeline.save_plan import PlannedTensor
-    from automodel_plugins.pipeline.save_write import check_tiling
+    from automodel_plugins.pipeline.save.plan import PlannedWrite
+    from automodel_plugins.pipeline.save.write import check_tiling
 
-    planned = PlannedTensor("w", "w", torch.float32, (200, 130))
+    planned = PlannedWrite("w", "w", torch.float32, (200, 130))
 
     def rows(n: int) -> list:
         edges = [round(200 * i / n) for i in range(n + 1)]

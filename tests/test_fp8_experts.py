@@ -12,7 +12,7 @@ import torch
 from automodel_plugins.errors import FrozenFp8WeightError, ScaleError
 from automodel_plugins.fp8 import quantize
 from automodel_plugins.model.fp8_experts import Fp8Experts, fused_experts_shapes
-from automodel_plugins.model.fp8_linear import Fp8Codes
+from automodel_plugins.model.fp8_resident import Fp8Codes
 from automodel_plugins.testing.residency import watch_weight_copies
 from automodel_plugins.testing.tiny_models import tiny_qwen3_vl_moe_config
 

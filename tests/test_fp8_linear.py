@@ -14,7 +14,8 @@ from torch.nn import functional as F
 
 from automodel_plugins.errors import FrozenFp8WeightError, ScaleError
 from automodel_plugins.fp8 import encode_scale, quantize
-from automodel_plugins.model.fp8_linear import Fp8Codes, Fp8Linear
+from automodel_plugins.model.fp8_linear import Fp8Linear
+from automodel_plugins.model.fp8_resident import Fp8Codes
 from automodel_plugins.testing.residency import watch_weight_copies
 
 E4M3, E5M2, BF16, F32 = torch.float8_e4m3fn, torch.float8_e5m2, torch.bfloat16, torch.float32

@@ -1,7 +1,7 @@
 """Hostile and unlucky inputs to the host, each built here in its real on-disk form: every one is either loaded
 exactly (compared with stock transformers' own load) or refused with a typed error naming the culprit.
 
-Covered here (plugin-specific cases live in ``plugins/mistral3_fp8/tests/test_bad_input.py``): shards replaced
+Covered here (the cases on a Mistral3 checkpoint live in ``tests/e2e/test_bad_input.py``): shards replaced
 or rewritten while a load reads them; FP8 checkpoints the stock path would load unscaled; deeply nested JSON;
 NUL bytes, directories and FIFOs where files belong; adapters and claims that misbehave; configs transformers
 cannot build from; a layer count the checkpoint does not hold; files truncated after a load (``mmap=False``).
@@ -42,7 +42,7 @@ from automodel_plugins.errors import (
     UnsafeCheckpointPathError,
     UnsupportedQuantizationError,
 )
-from automodel_plugins.pipeline.load import build_model, from_pretrained
+from automodel_plugins.pipeline.load.load import build_model, from_pretrained
 from automodel_plugins.registry import Registry
 from automodel_plugins.testing.checkpoints import write_fp8_checkpoint
 from automodel_plugins.testing.compare import assert_same_state_dict, load_stock
@@ -281,8 +281,8 @@ def test_huge_layer_count_fails_before_anything_is_built(
     def never(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("a model was built before the config was checked against the headers")
 
-    monkeypatch.setattr("automodel_plugins.pipeline.load.build_on_meta", never)
-    monkeypatch.setattr("automodel_plugins.pipeline.load.stock_class", never)
+    monkeypatch.setattr("automodel_plugins.pipeline.load.load.build_on_meta", never)
+    monkeypatch.setattr("automodel_plugins.pipeline.load.load.stock_class", never)
     registry = registry_with(llama_plugin()) if claimed else isolated_registry
     with pytest.raises(ConfigMismatchError, match=r"num_hidden_layers is 1000000") as caught:
         from_pretrained(ckpt, registry=registry)
@@ -562,7 +562,7 @@ TRUNCATE_AFTER_LOAD = """
 import os, sys, types
 from automodel_plugins import Claim, hookimpl, repair_rotary
 from automodel_plugins.adapters import StateDictAdapter, TensorSource
-from automodel_plugins.pipeline.load import from_pretrained
+from automodel_plugins.pipeline.load.load import from_pretrained
 from automodel_plugins.registry import Registry
 
 registry = Registry()

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 import automodel_plugins
 from automodel_plugins.cli import main as cli_main
-from automodel_plugins.pipeline.convert import convert_checkpoint
+from automodel_plugins.pipeline.save.convert import convert_checkpoint
 from automodel_plugins.registry import set_registry
 from automodel_plugins.testing.compare import assert_same_state_dict, load_stock
 from automodel_plugins.testing.fake_hub import FakeHub

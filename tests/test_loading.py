@@ -22,8 +22,9 @@ from automodel_plugins.errors import (
     UnexpectedKeysError,
 )
 from automodel_plugins.model.tensors import ensure_materialized, model_tensors
-from automodel_plugins.pipeline.plan import plan_load
-from automodel_plugins.pipeline.stream import read_value, stream_into
+from automodel_plugins.pipeline.load.plan import plan_load
+from automodel_plugins.pipeline.load.stream import stream_into
+from automodel_plugins.pipeline.readers import read_value
 
 # --- a tiny model and its checkpoints ---------------------------------------------------------------------
 

@@ -30,7 +30,7 @@ from automodel_plugins.errors import MissingKeysError, ShapeMismatchError
 from automodel_plugins.fp8.decode import dequantize
 from automodel_plugins.fp8.encode import quantize
 from automodel_plugins.fp8.stacked import stacked_dequantize, stacked_encode
-from automodel_plugins.pipeline.stream import read_assembled
+from automodel_plugins.pipeline.readers import read_assembled
 from automodel_plugins.registry import Registry
 from automodel_plugins.testing.tiny_models import tiny_llama_config
 

@@ -24,7 +24,7 @@ from automodel_plugins import (
 )
 from automodel_plugins.adapters import Fp8StateDictAdapter
 from automodel_plugins.model.rotary import repair_rotary
-from automodel_plugins.pipeline.load import resolve_dtype
+from automodel_plugins.pipeline.load.load import resolve_dtype
 from automodel_plugins.registry import Registry
 from automodel_plugins.testing.checkpoints import write_fp8_checkpoint
 from automodel_plugins.testing.compare import assert_same_state_dict
@@ -218,10 +218,8 @@ def test_wrong_hook_return_types(fp8_path: Path, returns: dict[str, Any], match:
 
 
 def test_stock_only_options_are_refused_on_the_plugin_path(fp8_path: Path) -> None:
-    with pytest.raises(TypeError, match="attn_implementation"):
-        from_pretrained(
-            fp8_path, registry=registry_with(fake_llama=LlamaPlugin()), attn_implementation="eager"
-        )
+    with pytest.raises(TypeError, match=r"key_mapping.*'fake_llama'"):
+        from_pretrained(fp8_path, registry=registry_with(fake_llama=LlamaPlugin()), key_mapping={"a": "b"})
 
 
 def test_float32_target(fp8_path: Path) -> None:

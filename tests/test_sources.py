@@ -20,7 +20,7 @@ from transformers import LlamaForCausalLM
 from automodel_plugins import Checkpoint, CheckpointError, ConfigError, from_pretrained
 from automodel_plugins.cli import main as cli_main
 from automodel_plugins.errors import SourceNotFoundError
-from automodel_plugins.pipeline.describe import describe_checkpoint
+from automodel_plugins.pipeline.load.describe import describe_checkpoint
 from automodel_plugins.registry import Registry
 from automodel_plugins.sources import INDEX_NAME, SAFETENSORS_NAME, load_config, resolve
 from automodel_plugins.testing.checkpoints import write_fp8_checkpoint

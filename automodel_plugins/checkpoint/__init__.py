@@ -9,6 +9,7 @@
 * ``regions``: the byte runs of a box of a tensor (what the reader preads and the writer pwrites);
 * ``writer``: safetensors files written at known offsets, byte-identical to ``save_file``;
 * ``shards``: which file each tensor goes to, and the index, as ``save_pretrained`` writes them;
+* ``write_behind``: the writes of a shard on one background thread, overlapping the next chunk's encoding;
 * ``destination``: a checkpoint directory written in a temporary directory and renamed into place.
 """
 

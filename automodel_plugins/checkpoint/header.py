@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 
 from automodel_plugins.errors import CheckpointError, CorruptCheckpointError
+from automodel_plugins.sources.head import MAX_HEADER_BYTES, header_length
 
 __all__ = [
     "MAX_HEADER_BYTES",
@@ -31,9 +31,6 @@ __all__ = [
     "parse_header_bytes",
     "pread_exactly",
 ]
-
-# safetensors refuses headers above 100 MB; refusing them here keeps a hostile length from allocating.
-MAX_HEADER_BYTES = 100_000_000
 
 
 def _build_dtype_table() -> dict[str, torch.dtype]:
@@ -110,25 +107,6 @@ def _read_bytes(file: Path, fd: int, offset: int, length: int, what: str) -> byt
     if got != length:
         raise CorruptCheckpointError(f"file ended inside the {what}", path=file)
     return bytes(buffer)
-
-
-def header_length(file: Path, prefix: bytes, file_size: int) -> int:
-    """The JSON header's length from a file's first 8 bytes, checked against the file size and the limit."""
-    if file_size < 8 or len(prefix) < 8:
-        raise CorruptCheckpointError(
-            f"file is {file_size} bytes, too short for a safetensors header", path=file
-        )
-    (length,) = struct.unpack("<Q", prefix[:8])
-    if length > file_size - 8:
-        raise CorruptCheckpointError(
-            f"header length {length} exceeds the file size ({file_size} bytes): truncated or not safetensors",
-            path=file,
-        )
-    if length > MAX_HEADER_BYTES:
-        raise CorruptCheckpointError(
-            f"header length {length} exceeds the {MAX_HEADER_BYTES}-byte limit", path=file
-        )
-    return length
 
 
 def _read_head(file: Path, fd: int, size: int) -> bytes:

@@ -23,6 +23,7 @@ from automodel_plugins.checkpoint.index import shard_files, shard_names
 from automodel_plugins.checkpoint.regions import box_runs, box_shape
 from automodel_plugins.checkpoint.shard import ShardFile
 from automodel_plugins.errors import CheckpointError, CorruptCheckpointError
+from automodel_plugins.sources.options import HubOptions
 from automodel_plugins.sources.resolve import CONFIG_NAME, INDEX_NAME, CheckpointLocation, resolve
 
 __all__ = ["Checkpoint"]
@@ -84,18 +85,25 @@ class Checkpoint:
         cache_dir: str | Path | None = None,
         token: str | bool | None = None,
         local_files_only: bool | None = None,
+        progress: bool | None = None,
     ) -> Checkpoint:
         """Open a checkpoint directory, a single ``.safetensors`` file, an ``*.index.json`` file, the
         checkpoint a ``config.json`` path belongs to, or a hub repo id (see
-        :func:`automodel_plugins.sources.resolve`, which the hub options go to).
+        :func:`automodel_plugins.sources.resolve`, which the hub options go to as one
+        :class:`~automodel_plugins.sources.options.HubOptions`).
 
         For a repo, ``download`` fetches the weights files into the Hugging Face cache; ``download=False``
         reads the headers of those not cached with range requests instead (all of ``inspect``, and a pipeline
         stage's plan): tensor data of such a file raises :class:`CheckpointError` until it is fetched.
         """
-        location = resolve(
-            path, revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only
+        options = HubOptions(
+            revision=revision,
+            cache_dir=cache_dir,
+            token=token,
+            local_files_only=local_files_only,
+            progress=progress,
         )
+        location = resolve(path, options)
         weights = location.weights()
         names = [weights.file.name] if weights.index is None else sorted(shard_names(weights.index))
         if download:

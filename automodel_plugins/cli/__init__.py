@@ -1,7 +1,7 @@
 """``automodel-plugins``: list the installed plugins and who claims a config; inspect and convert a checkpoint.
 
 One module per command (``listing``, ``describe``, ``convert``), each adding its own sub-parser; ``render``
-draws tables and nested values. ``list`` without ``--config`` imports neither torch nor transformers, so it answers in
+draws tables and nested values; ``hub`` holds the hub flags the commands share, ``exits`` the exit statuses. ``list`` without ``--config`` imports neither torch nor transformers, so it answers in
 well under a second. Exit codes: 0 success, 2 a user-facing problem (bad config, claim conflict or error,
 unknown plugin name), printed as one line without a traceback.
 """
@@ -11,10 +11,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from automodel_plugins import __version__
+from automodel_plugins._version import __version__
 from automodel_plugins.cli import convert, describe, listing
 from automodel_plugins.cli.exits import EXIT_OK, EXIT_USER_ERROR
-from automodel_plugins.errors import AutomodelPluginsError
+from automodel_plugins.errors import AutomodelPluginsError, cli_spelling
 
 __all__ = ["EXIT_OK", "EXIT_USER_ERROR", "main"]
 
@@ -23,7 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status instead of exiting, so tests can call it."""
     args = _parser().parse_args(argv)
     try:
-        return args.handler(args)
+        with cli_spelling():  # errors name --revision, not revision=
+            return args.handler(args)
     except AutomodelPluginsError as exc:
         print(f"automodel-plugins: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -25,7 +25,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from automodel_plugins.pipeline.describe import describe_checkpoint
+    from automodel_plugins.pipeline.load.describe import describe_checkpoint
 
     description = describe_checkpoint(args.path, **hub_options(args))
     if args.json:

@@ -42,16 +42,18 @@ def run(args: argparse.Namespace) -> int:
     claimed_by: str | None = None
     problem: AutomodelPluginsError | None = None
     if args.config is not None:
-        from automodel_plugins.sources import load_config
+        from automodel_plugins.sources import HubOptions, load_config
 
         config = load_config(args.config, **hub_options(args))
         verdicts = registry.claims(config)
         try:
             claimed_by = pick_winner(verdicts)
             if claimed_by is None:
-                from automodel_plugins.pipeline.preflight import check_headers_of
+                from automodel_plugins.pipeline.load.preflight import check_headers_of
 
-                check_headers_of(args.config, config, stock=True, **hub_options(args))  # what stock would get
+                check_headers_of(
+                    args.config, config, stock=True, options=HubOptions(**hub_options(args))
+                )  # what stock would get
         except AutomodelPluginsError as exc:
             problem = exc
     records = registry.plugins()

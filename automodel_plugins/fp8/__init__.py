@@ -3,6 +3,7 @@
 * ``formats``: the float8 dtypes and the names scales have beside a weight;
 * ``scales``: scale dtypes (fp32, bf16, E8M0 bytes), grids, and the checks that refuse a poisoned scale;
 * ``decode``: dequantize a weight, or one rank's region of it;
+* ``stacked``: block FP8 of stacked matrices (fused MoE experts), one scale grid per matrix;
 * ``encode``: quantize a float weight, per tensor or per block;
 * ``amax``: the largest magnitude per tensor or per block of the part of a weight a rank holds, combined over ranks;
 * ``scale_policy``: which scale a weight is saved with (its source scale while it fits, else a fresh one);

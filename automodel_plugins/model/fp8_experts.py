@@ -5,7 +5,7 @@ scales, and dequantizes one expert's matrix at a time in the forward.
 What :class:`Fp8Experts` holds, named as the module it replaces and transformers' own ``FP8Experts``:
 
 * ``gate_up_proj [E, 2I, H]`` and ``down_proj [E, H, I]``: the FP8 codes, byte for byte, as frozen ``uint8``
-  parameters (:class:`~automodel_plugins.model.fp8_linear.Fp8Codes`, for the reasons given for ``Fp8Linear``:
+  parameters (:class:`~automodel_plugins.model.fp8_resident.Fp8Codes`, for the reasons given for ``Fp8Linear``:
   gloo, mixed-precision policies and ``model.to(dtype)`` leave integers alone). ``state_dict()`` shows them in
   their FP8 dtype.
 * ``gate_up_proj_scale_inv [E, ceil(2I/bm), ceil(H/bn)]`` and ``down_proj_scale_inv``: one fp32 block grid
@@ -13,7 +13,7 @@ What :class:`Fp8Experts` holds, named as the module it replaces and transformers
 
 The forward is the stock eager loop (``Qwen3VLMoeTextExperts.forward``: one-hot mask, the experts hit, gate|up
 chunked, activation, down, routing weight, ``index_add_``), with each ``F.linear(x, W[e])`` taken by
-:func:`~automodel_plugins.model.fp8_linear.fp8_matmul` over ``W[e]``'s codes: the loader's own dequantization
+:func:`~automodel_plugins.model.fp8_resident.fp8_matmul` over ``W[e]``'s codes: the loader's own dequantization
 (fp32 product, one rounding), so the result is bit-identical to a dequantize-at-load model run eagerly, and
 under autograd only the codes are saved for backward. Only block-scaled FP8 is held (the FP8 releases' form);
 per-tensor scaled experts are dequantized at load instead.
@@ -32,7 +32,8 @@ from automodel_plugins.fp8.decode import dequantize
 from automodel_plugins.fp8.formats import is_fp8
 from automodel_plugins.fp8.scales import decode_scale
 from automodel_plugins.fp8.stacked import stacked_grid_shape
-from automodel_plugins.model.fp8_linear import (
+from automodel_plugins.model import fp8_ops  # noqa: F401  (registers the resident matmul op)
+from automodel_plugins.model.fp8_resident import (
     DequantLayout,
     Fp8Codes,
     Fp8Resident,

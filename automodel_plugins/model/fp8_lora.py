@@ -25,7 +25,9 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from automodel_plugins.model.fp8_linear import Fp8Linear, sync_quantization_config
+from automodel_plugins.model.fp8_linear import Fp8Linear
+from automodel_plugins.model.fp8_resident import sync_quantization_config
+from automodel_plugins.model.sharded_merge import merge_sharded_lora_layers
 
 __all__ = ["Fp8LoraLinear", "adopt_fp8_base", "dequantize_lora_bases", "merge_lora", "register_fp8_lora"]
 
@@ -100,7 +102,18 @@ def merge_lora(peft_model: nn.Module, **merge_kwargs: Any) -> nn.Module:
     layers without an adapter stay FP8. The returned stock model's ``quantization_config`` lists the merged
     layers in ``modules_to_not_convert`` (or is dropped when no FP8 layer is left), so a stock
     ``save_pretrained`` writes a checkpoint transformers loads as it is.
+
+    Under FSDP2 (base weights sharded by rows) every rank calls this together and merges its own rows
+    (:func:`~automodel_plugins.model.sharded_merge.merge_sharded_lora_layers`): the merged weights are
+    ``DTensor`` shards equal to a one-process merge's rows, for ``automodel_plugins.save_pretrained`` from
+    every rank. The FSDP2 units still refer to the replaced layers, so save the merged model (and load the
+    save) rather than run it.
     """
+    merge_sharded_lora_layers(
+        peft_model,
+        safe_merge=bool(merge_kwargs.get("safe_merge", False)),
+        adapter_names=merge_kwargs.get("adapter_names"),
+    )
     dequantize_lora_bases(peft_model)
     merged = peft_model.merge_and_unload(**merge_kwargs)
     sync_quantization_config(merged)

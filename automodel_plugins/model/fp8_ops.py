@@ -1,20 +1,20 @@
 """The FP8-resident compute as ``torch.library`` custom ops, so ``torch.compile`` keeps it inside one graph.
 
 The eager code (:func:`~automodel_plugins.fp8.decode.dequantize`: numpy table lookups through ctypes, scale
-checks that read values; the row-chunked matmul of :mod:`~automodel_plugins.model.fp8_linear`) cannot be traced
+checks that read values; the row-chunked matmul of :mod:`~automodel_plugins.model.fp8_resident`) cannot be traced
 by dynamo: every FP8 layer cost a few graph breaks. Wrapped as opaque ops with fake (shape-only)
 implementations, a compiled model calls exactly that eager code, so a compiled step computes every FP8 layer
 bit for bit as an eager one:
 
-* ``automodel_plugins::fp8_dequantize(codes, scale, fp8_dtype, block_size, dtype, first_row)``: rows of an FP8
-  weight (``uint8`` codes, the whole fp32 scale) dequantized into ``dtype``;
+* ``automodel_plugins::fp8_dequantize(codes, scale, fp8_dtype, block_size, dtype)``: a whole FP8 weight
+  (``uint8`` codes, its fp32 scale or grid) dequantized into ``dtype``;
 * ``automodel_plugins::fp8_linear(x, codes, scale, bias, fp8_dtype, block_size, compute_dtype, rows_per_chunk)``:
   ``F.linear(x, dequantized codes, bias)``; its autograd saves only ``codes`` and ``scale`` and calls
 * ``automodel_plugins::fp8_linear_input_grad(grad_out, codes, scale, ..., x_dtype)``: ``grad_out @ weight``,
   the weight dequantized again.
 
-:func:`~automodel_plugins.model.fp8_linear.fp8_matmul` uses these ops only while dynamo traces
-(``torch.compiler.is_compiling()``); eager calls keep the autograd ``Function`` they always used, so eager
+:func:`~automodel_plugins.model.fp8_resident.fp8_matmul` and ``Fp8Linear.dequantized_weight`` use these ops
+only while dynamo traces (``torch.compiler.is_compiling()``); eager calls keep the autograd ``Function`` they always used, so eager
 results, speed and what a ``TorchDispatchMode`` sees (it does not look inside a custom op) are unchanged.
 """
 
@@ -23,6 +23,13 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+from automodel_plugins.fp8.decode import dequantize
+from automodel_plugins.model.fp8_resident import (
+    DequantLayout,
+    linear_dequantized,
+    linear_dequantized_input_grad,
+)
+
 __all__ = ["fp8_dequantize_op", "fp8_linear_op"]
 
 NAMESPACE = "automodel_plugins"
@@ -30,9 +37,7 @@ NAMESPACE = "automodel_plugins"
 
 def _layout(
     fp8_dtype: torch.dtype, block_size: list[int] | None, compute_dtype: torch.dtype, rows_per_chunk: int
-):  # -> DequantLayout; imported here: fp8_linear imports this module
-    from automodel_plugins.model.fp8_linear import DequantLayout
-
+) -> DequantLayout:
     block = None if block_size is None else (int(block_size[0]), int(block_size[1]))
     return DequantLayout(fp8_dtype, block, compute_dtype, rows_per_chunk)
 
@@ -47,8 +52,6 @@ def fp8_dequantize_op(
 ) -> torch.Tensor:
     """A whole ``uint8``-coded FP8 weight (``scale``: 0-d or its grid) in ``dtype``: the loader's own
     :func:`~automodel_plugins.fp8.decode.dequantize`."""
-    from automodel_plugins.fp8.decode import dequantize
-
     block = None if block_size is None else (int(block_size[0]), int(block_size[1]))
     return dequantize(codes.view(fp8_dtype), scale, dtype=dtype, block_size=block)
 
@@ -70,10 +73,8 @@ def fp8_linear_op(
     rows_per_chunk: int,
 ) -> torch.Tensor:
     """``F.linear(x, dequantized codes, bias)``, one weight (or block of rows) alive at a time."""
-    from automodel_plugins.model.fp8_linear import _fp8_linear
-
     layout = _layout(fp8_dtype, block_size, compute_dtype, rows_per_chunk)
-    return _fp8_linear(x, codes, scale, bias, layout)
+    return linear_dequantized(x, codes, scale, bias, layout)
 
 
 @fp8_linear_op.register_fake
@@ -95,10 +96,8 @@ def fp8_linear_input_grad_op(
     x_dtype: torch.dtype,
 ) -> torch.Tensor:
     """``grad_out @ weight`` in ``x_dtype``, the weight dequantized again (whole, or a block of rows at a time)."""
-    from automodel_plugins.model.fp8_linear import _fp8_linear_input_grad
-
     layout = _layout(fp8_dtype, block_size, compute_dtype, rows_per_chunk)
-    return _fp8_linear_input_grad(grad_out, codes, scale, layout, x_dtype)
+    return linear_dequantized_input_grad(grad_out, codes, scale, layout, x_dtype)
 
 
 @fp8_linear_input_grad_op.register_fake

@@ -23,6 +23,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.hooks import RemovableHandle
 
 from automodel_plugins.errors import FrozenFp8BaseWarning
+from automodel_plugins.model.fp8_resident import Fp8Resident
 
 __all__ = ["fp8_layers_without_training", "watch_resident_training"]
 
@@ -41,8 +42,6 @@ def watch_resident_training(model: nn.Module) -> None:
 def fp8_layers_without_training(model: nn.Module) -> tuple[int, bool]:
     """``(FP8-resident modules, whether any of them is trained)``: by a trainable parameter of its own, or
     through a trainable module that holds it as ``base_layer``."""
-    from automodel_plugins.model.fp8_linear import Fp8Resident
-
     resident = [m for m in model.modules() if isinstance(m, Fp8Resident)]
     trained = {id(m) for m in resident if any(p.requires_grad for p in m.parameters())}
     for module in model.modules():

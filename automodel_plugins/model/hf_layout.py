@@ -25,7 +25,7 @@ from automodel_plugins.model.tensors import model_tensors
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-__all__ = ["linear_weights", "resident_weights", "saved_tensors", "transformers_keys"]
+__all__ = ["linear_weights", "resident_modules", "saved_tensors", "transformers_keys"]
 
 
 def saved_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -33,7 +33,7 @@ def saved_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     buffers, a tied tensor once under its tie's source name, ``_keys_to_ignore_on_save`` left out.
 
     An FP8-resident layer (:class:`~automodel_plugins.model.fp8_linear.Fp8Linear`) counts as the linear it
-    stands for: its weight (the FP8 codes, valued through :func:`resident_weights`), not its scale buffer,
+    stands for: its weight (the FP8 codes, valued through :func:`resident_modules`), not its scale buffer,
     which the save's scale policy writes itself; FP8-resident experts
     (:class:`~automodel_plugins.model.fp8_experts.Fp8Experts`) likewise count as their fused tensors.
     """
@@ -48,7 +48,7 @@ def saved_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: t for name, t in tensors.items() if name not in ignored}
 
 
-def resident_weights(model: nn.Module) -> dict[str, Fp8Linear | Fp8Experts]:
+def resident_modules(model: nn.Module) -> dict[str, Fp8Linear | Fp8Experts]:
     """``weight name -> module`` of every FP8-resident layer's weight and FP8-resident experts' fused tensors:
     a save values these by their dequantized values."""
     out: dict[str, Fp8Linear | Fp8Experts] = {

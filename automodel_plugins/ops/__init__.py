@@ -1,4 +1,7 @@
-"""Fused training ops that need only torch (kept import-light: no transformers here)."""
+"""Fused training ops that need only torch (kept import-light: no transformers here).
+
+* ``linear_cross_entropy``: the LM head and the cross-entropy fused, chunked so full logits never exist.
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The four hooks a plugin may implement. Each is a documented spec; plugins implement any subset.
 
-Order of a load (see ``automodel_plugins/pipeline/load.py``)::
+Order of a load (see ``automodel_plugins/pipeline/load/load.py``)::
 
     config ─> claim_config (every plugin) ─> stock class on meta ─> state_dict_adapter (winner)
            ─> stream tensors through the adapter ─> post_materialize (winner) ─> tie weights

@@ -2,14 +2,24 @@
 
 Every entry point that takes a checkpoint path (loading, ``build_model``, ``inspect``, ``list --config``)
 goes through :func:`resolve`, so a directory, a weights file, an index, a ``config.json`` path and a hub repo
-id mean the same checkpoint everywhere. ``hub`` fetches a repo's files on demand into the Hugging Face cache;
-``shared`` makes one rank per machine do it under ``torch.distributed``.
+id mean the same checkpoint everywhere.
+
+* ``location``: what every location is (``CheckpointLocation``) and the file names of a checkpoint;
+* ``options``: ``HubOptions``, the hub options as one value, built once by each entry point;
+* ``hub``: ``HubLocation``, a repo's files fetched on demand into the Hugging Face cache;
+* ``hub_guard``: what a hub's answers may not decide (a commit or ETag naming a path), and the bounds on every
+  wait and body while this package talks to a hub;
+* ``shared``: one rank per machine does such work under ``torch.distributed`` while the others wait;
+* ``head``: a safetensors header's length, bounded, from a file's first 8 bytes (local or by range request);
+* ``resolve``: what a path or repo id names (``LocalLocation`` or ``HubLocation``);
+* ``config``: ``load_config``; ``schema``: the config fields checked before transformers sees them.
 """
 
 from __future__ import annotations
 
 from automodel_plugins.sources.config import config_path_of, load_config
 from automodel_plugins.sources.hub import HubLocation, is_repo_id
+from automodel_plugins.sources.options import HubOptions
 from automodel_plugins.sources.resolve import (
     CONFIG_NAME,
     INDEX_NAME,
@@ -26,6 +36,7 @@ __all__ = [
     "SAFETENSORS_NAME",
     "CheckpointLocation",
     "HubLocation",
+    "HubOptions",
     "LocalLocation",
     "Weights",
     "config_path_of",

@@ -10,12 +10,19 @@ from __future__ import annotations
 
 import os
 import stat
-from abc import ABC, abstractmethod
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from automodel_plugins.errors import CheckpointError, ConfigError, SourceNotFoundError
+from automodel_plugins.sources.hub import HubLocation, is_repo_id
+from automodel_plugins.sources.location import (
+    CONFIG_NAME,
+    INDEX_NAME,
+    SAFETENSORS_NAME,
+    CheckpointLocation,
+    Weights,
+)
+from automodel_plugins.sources.options import HubOptions
 
 __all__ = [
     "CONFIG_NAME",
@@ -29,82 +36,8 @@ __all__ = [
     "resolve",
 ]
 
-CONFIG_NAME = "config.json"
-INDEX_NAME = "model.safetensors.index.json"
-SAFETENSORS_NAME = "model.safetensors"
 _INDEX_SUFFIX = ".index.json"
 _SAFETENSORS_SUFFIX = ".safetensors"
-
-
-@dataclass(frozen=True)
-class Weights:
-    """Where the tensors are: an index naming shard files, or one safetensors file (exactly one is set)."""
-
-    index: Path | None = None
-    file: Path | None = None
-
-
-class CheckpointLocation(ABC):
-    """Where a checkpoint's files are: a local directory (:class:`LocalLocation`) or a hub repo
-    (:class:`~automodel_plugins.sources.hub.HubLocation`, whose files are fetched into the Hugging Face cache
-    only when asked for).
-
-    ``given`` is what the user passed; ``directory`` holds the files (for a repo, its cache snapshot);
-    ``named_weights`` is the index or weights file the user named, if any. Code that reads a checkpoint asks
-    for files by name through :meth:`config_file`, :meth:`weights` and :meth:`file`, and so takes repo ids
-    for free.
-    """
-
-    given: str
-    named_weights: Path | None
-
-    @property
-    @abstractmethod
-    def directory(self) -> Path:
-        """The local directory that holds (or, for a repo, will hold) the checkpoint's files."""
-
-    @property
-    def config(self) -> Path:
-        """Where the ``config.json`` is (or will be once fetched); :meth:`config_file` checks it exists."""
-        return self.directory / CONFIG_NAME
-
-    @property
-    def is_remote(self) -> bool:
-        """True for a hub repo: files may have to be fetched (and can be described from their headers)."""
-        return False
-
-    @abstractmethod
-    def config_file(self) -> Path:
-        """The local ``config.json`` (fetched if needed); :class:`ConfigError` names what is missing."""
-
-    @abstractmethod
-    def has_config(self) -> bool:
-        """Whether the checkpoint has a ``config.json``."""
-
-    @abstractmethod
-    def weights(self) -> Weights:
-        """The index (a local file) or the one weights file (its local path, fetched by :meth:`file`)."""
-
-    @abstractmethod
-    def file(self, name: str) -> Path:
-        """The local path of ``name``, a file the index lists (or the weights file), fetched if needed."""
-
-    def is_local(self, name: str) -> bool:
-        """Whether ``name`` can be read without fetching it."""
-        return True
-
-    def fetch(self, names: Iterable[str]) -> None:
-        """Make every file of ``names`` local (one download per machine); a local checkpoint has them all."""
-        return None
-
-    def header_bytes(self, names: Iterable[str]) -> dict[str, tuple[bytes, int]]:
-        """For each file of ``names`` that is not local: its first ``8 + header length`` bytes and its size,
-        read without fetching the file (range requests). A local checkpoint has nothing to add."""
-        return {}
-
-    def size(self, name: str) -> int:
-        """Bytes of the file ``name`` (for a repo file not fetched yet: as the hub reports it)."""
-        return self.file(name).stat().st_size
 
 
 @dataclass(frozen=True)
@@ -208,24 +141,12 @@ def read_regular_file(path: Path) -> bytes:
         os.close(fd)
 
 
-def resolve(
-    source: str | Path | CheckpointLocation,
-    *,
-    revision: str | None = None,
-    cache_dir: str | Path | None = None,
-    token: str | bool | None = None,
-    local_files_only: bool | None = None,
-    progress: bool | None = None,
-    collective: bool = False,
-) -> CheckpointLocation:
+def resolve(source: str | Path | CheckpointLocation, options: HubOptions | None = None) -> CheckpointLocation:
     """What ``source`` names: a model directory, a ``.safetensors`` file, a ``*.index.json`` or a ``.json``
     config on disk; else a Hugging Face Hub repo id (``org/name``), as transformers decides: an existing local
     path always wins over a repo id of the same spelling. A location passes through unchanged.
 
-    ``revision``, ``cache_dir``, ``token`` and ``local_files_only`` mean what they mean to transformers and
-    apply to repo ids only (as does the ``HF_HUB_OFFLINE`` / ``HF_HOME`` / ``HF_HUB_CACHE`` / ``HF_ENDPOINT`` /
-    ``HF_TOKEN`` environment); ``progress`` switches download bars; ``collective``: under ``torch.distributed``,
-    downloads are made once per machine while the other ranks wait (every rank must then make the same calls).
+    ``options`` (:class:`~automodel_plugins.sources.options.HubOptions`) apply to repo ids only.
 
     Raises :class:`SourceNotFoundError` (a ``ConfigError`` and a ``CheckpointError``) when a path does not
     exist and is no repo id, and :class:`CheckpointError` for a file of another kind (``pytorch_model.bin``).
@@ -236,18 +157,8 @@ def resolve(
     if "\0" in str(source):
         raise SourceNotFoundError(path, "a path cannot contain a NUL byte")
     if not path.exists():
-        from automodel_plugins.sources.hub import HubLocation, is_repo_id
-
         if isinstance(source, str) and is_repo_id(source):
-            return HubLocation(
-                source,
-                revision=revision,
-                cache_dir=cache_dir,
-                token=token,
-                local_files_only=local_files_only,
-                progress=progress,
-                collective=collective,
-            )
+            return HubLocation(source, options or HubOptions())
         raise SourceNotFoundError(path)
     return _local(str(source), path)
 

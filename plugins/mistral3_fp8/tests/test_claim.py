@@ -6,13 +6,12 @@ from typing import Any
 
 import pytest
 from automodel_plugins_mistral3_fp8 import plugin
+from mistral3_checkpoints import PLUGIN, Checkpoints, CheckpointSpec, ModelSpec, tiny_config
 from transformers import AutoConfig, LlamaConfig, Qwen2VLConfig
 
 from automodel_plugins import Claim, Decline, NoPluginClaimError
 from automodel_plugins.registry import Registry
 from automodel_plugins.sources import load_config
-
-from .conftest import PLUGIN, Checkpoints, CheckpointSpec, ModelSpec, tiny_config
 
 FP8 = {
     "quant_method": "fp8",

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 from automodel_plugins_mistral3_fp8 import plugin
+from mistral3_checkpoints import PLUGIN, checkpoint_tensors, edit_tensors
 from transformers import Ministral3ForCausalLM
 
 import automodel_plugins
@@ -22,7 +23,7 @@ from automodel_plugins import Claim, Decline, save_pretrained
 from automodel_plugins.checkpoint.writer import FileLayout, SafetensorsWriter, TensorSpec
 from automodel_plugins.errors import CheckpointError
 from automodel_plugins.model.stock import build_on_meta
-from automodel_plugins.pipeline.describe import describe_checkpoint
+from automodel_plugins.pipeline.load.describe import describe_checkpoint
 from automodel_plugins.registry import Registry
 from automodel_plugins.sources import load_config
 from automodel_plugins.testing.checkpoints import write_fp8_checkpoint
@@ -32,8 +33,6 @@ from automodel_plugins.testing.tiny_models import (
     text_batch,
     tiny_ministral3_config,
 )
-
-from .conftest import PLUGIN, checkpoint_tensors, edit_tensors
 
 DEVSTRAL_NOT_CONVERTED = ("model.vision_tower", "model.multi_modal_projector", "lm_head")
 """The ``modules_to_not_convert`` transformers' Ministral 3 conversion writes, text-only models included."""

@@ -5,11 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from automodel_plugins import from_pretrained
-from automodel_plugins.registry import Registry
-
-from .conftest import (
+from mistral3_checkpoints import (
     TEXT_ROTARY,
     VISION_ROTARY,
     Checkpoints,
@@ -21,6 +17,9 @@ from .conftest import (
     rotary_state,
     stock_load,
 )
+
+from automodel_plugins import from_pretrained
+from automodel_plugins.registry import Registry
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

@@ -156,7 +156,9 @@ def test_layer_count_the_checkpoint_does_not_hold_fails_before_building(
     section, name = field.split(".")
     config[section][name] = 10**6
     (path / "config.json").write_text(json.dumps(config))
-    monkeypatch.setattr("automodel_plugins.pipeline.load.build_on_meta", lambda *a, **k: pytest.fail("built"))
+    monkeypatch.setattr(
+        "automodel_plugins.pipeline.load.load.build_on_meta", lambda *a, **k: pytest.fail("built")
+    )
     with pytest.raises(ConfigMismatchError, match=rf"{field} is 1000000") as caught:
         automodel_plugins.from_pretrained(path)
     assert held in str(caught.value)

@@ -24,7 +24,7 @@ from automodel_plugins.errors import (
     UnexpectedKeysError,
 )
 from automodel_plugins.model.fp8_linear import Fp8Linear
-from automodel_plugins.pipeline.describe import describe_checkpoint
+from automodel_plugins.pipeline.load.describe import describe_checkpoint
 from automodel_plugins.testing.compare import assert_same_logits
 
 PIECE = "model.language_model.layers.1.mlp.experts.3.up_proj.weight"

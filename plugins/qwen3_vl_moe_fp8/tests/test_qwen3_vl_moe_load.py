@@ -147,7 +147,7 @@ def test_fp32_load_matches_the_reference(moe_checkpoint: Any, image_inputs: Any)
 def test_only_the_overlapping_pieces_are_read_for_a_region(moe_checkpoint: Any) -> None:
     """``read_assembled`` of experts 1..2 and the up half of gate_up_proj reads those 2 pieces and no other."""
     from automodel_plugins.checkpoint import Checkpoint
-    from automodel_plugins.pipeline.stream import read_assembled
+    from automodel_plugins.pipeline.readers import read_assembled
 
     path = moe_checkpoint(experts="per-expert", block_size=(16, 16))
     model = automodel_plugins.build_model(path)

@@ -31,7 +31,7 @@ from moe_checkpoints import (
 import automodel_plugins
 from automodel_plugins.errors import DtypeMismatchError, FrozenFp8WeightError
 from automodel_plugins.model.fp8_experts import Fp8Experts
-from automodel_plugins.pipeline.describe import describe_checkpoint
+from automodel_plugins.pipeline.load.describe import describe_checkpoint
 from automodel_plugins.testing.checkpoints import write_fp8_checkpoint
 from automodel_plugins.testing.compare import assert_same_logits
 from automodel_plugins.testing.residency import held_bytes, watch_weight_copies

@@ -1,0 +1,283 @@
+"""Streaming a planned load into a model, one tensor (or one rank's region of it) at a time.
+
+What a target tensor is decides how its value arrives: a tensor still on the meta device is replaced by a new
+one (created on the load's ``device``; a tensor stored as it loads, read whole on CPU, is used in place from the
+memory map, never copied, unless the load asks for private copies); a real tensor, plain or a DTensor shard
+(FSDP2, tensor parallel), is written in place, reading only the region this rank holds. Dtypes come from the
+plan in both cases. A weight the plan keeps FP8 goes to its
+:class:`~automodel_plugins.model.fp8_linear.Fp8Linear` as the stored FP8 bytes (the region's bytes on a
+sharded model) with its whole scale, and a fused expert tensor kept FP8 to its
+:class:`~automodel_plugins.model.fp8_experts.Fp8Experts` piece by piece (each piece's bytes into its rows, its
+grid into its cells of the stacked grid): no dequantized copy is made. No value becomes NaN or inf on the way: FP8
+data is checked as it is dequantized, and a conversion to a narrower float dtype that overflows is refused. A
+shard modified in place while it was read fails the load (one replaced by rename is still read consistently:
+see ``checkpoint.shard``).
+
+A tensor assembled from pieces (:class:`~automodel_plugins.adapters.Piece`: a MoE layer's per-expert FP8
+tensors, a fused tensor stored transposed) is written piece by piece into its destination (the new tensor, or
+this rank's local shard): of each piece only the part overlapping the destination is read, dequantized with
+that piece's own scale, and copied into its place, so at most one piece is held beside the destination.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from automodel_plugins.adapters import TensorSource
+from automodel_plugins.adapters.pieces import (
+    PieceGeometry,
+    as_slices,
+    intersect,
+    relative_slices,
+    whole_box,
+)
+from automodel_plugins.checkpoint import Checkpoint
+from automodel_plugins.fp8.decode import check_finite
+from automodel_plugins.fp8.scales import decode_scale
+from automodel_plugins.fp8.stacked import (
+    stacked_grid_shape,
+)
+from automodel_plugins.model.fp8_experts import Fp8Experts
+from automodel_plugins.model.fp8_linear import Fp8Linear
+from automodel_plugins.model.placement import is_dtensor, local_region, write_local
+from automodel_plugins.model.tensors import model_tensors
+from automodel_plugins.pipeline.load.plan import LoadPlan, PlannedTensor
+from automodel_plugins.pipeline.load.report import LoadReport
+from automodel_plugins.pipeline.readers import Action, read_assembled, read_fp8, read_scale, read_value
+from automodel_plugins.progress import progress_bar
+
+__all__ = ["stream_into"]
+
+
+def stream_into(
+    model: nn.Module,
+    plan: LoadPlan,
+    checkpoint: Checkpoint,
+    *,
+    device: torch.device | None = None,
+    progress: bool | None = None,
+    names: Mapping[str, str] | None = None,
+    mmap: bool = True,
+    devices: Mapping[str, torch.device] | None = None,
+) -> LoadReport:
+    """Load every planned tensor into ``model``: meta tensors are replaced (on ``device``, CPU by default, or
+    the device ``devices`` gives the planned name: a ``device_map``), real ones are written in place (each rank
+    its own region). ``names`` maps a planned (stock) name to the tensor's name in ``model`` where they differ
+    (inside PEFT tuner layers).
+
+    ``mmap=False``: tensors stored as they load get private copies instead of views of the memory-mapped shards,
+    so the model survives its files being truncated or rewritten later (see ``from_pretrained``).
+    """
+    device = torch.device("cpu") if device is None else torch.device(device)
+    report = LoadReport(unused_keys_allowed=len(plan.unused_keys))
+    started, bytes_before = time.perf_counter(), checkpoint.bytes_read
+    targets = model_tensors(model)
+    desc = f"loading {checkpoint.total_nbytes() / 2**30:.2f} GiB"
+    for planned_name in progress_bar(list(plan), enabled=progress, desc=desc):
+        name = names.get(planned_name, planned_name) if names else planned_name
+        planned, target = plan[planned_name], targets[name]
+        here = devices.get(planned_name, device) if devices else device
+        if planned.action == "kept_fp8" and isinstance(_module_of(model, name), Fp8Experts):
+            report.pieces += _load_resident_experts(model, name, target, planned, checkpoint, here)
+            report.assembled += planned.source.is_assembled
+            how: Action = "kept_fp8"
+        elif planned.action == "kept_fp8":
+            _load_resident(model, name, target, planned.source, checkpoint, here, mmap=mmap)
+            how = "kept_fp8"
+        elif planned.source.is_assembled:
+            how = planned.action
+            report.assembled += 1
+            report.pieces += _load_assembled(model, name, target, planned, checkpoint, here)
+        elif target.is_meta:
+            value, how = read_value(
+                checkpoint, planned.source, dtype=planned.dtype, device=here, in_place_ok=mmap
+            )
+            _assign(model, name, target, value)
+        else:
+            value, how = read_value(
+                checkpoint,
+                planned.source,
+                dtype=planned.dtype,
+                device=target.device,
+                region=local_region(target),
+            )
+            write_local(target, value)
+        report.tensors += 1
+        setattr(report, how, getattr(report, how) + 1)
+        report.dropped_keys.extend(planned.source.dropped_keys)
+    checkpoint.check_unchanged()
+    report.bytes_read = checkpoint.bytes_read - bytes_before
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _load_assembled(
+    model: nn.Module,
+    name: str,
+    target: torch.Tensor,
+    planned: PlannedTensor,
+    checkpoint: Checkpoint,
+    device: torch.device,
+) -> int:
+    """Assemble a tensor from its pieces: into a new tensor for a meta target, else straight into this rank's
+    local shard (never a second copy of it). Returns the pieces read."""
+    shape = tuple(target.shape)
+    if target.is_meta:
+        value, read = read_assembled(
+            checkpoint, planned.source, shape=shape, dtype=planned.dtype, device=device
+        )
+        _assign(model, name, target, value)
+        return read
+    local = target.to_local() if is_dtensor(target) else target
+    region = local_region(target)
+    if local.numel() == 0:
+        return 0
+    with torch.no_grad():
+        _, read = read_assembled(
+            checkpoint,
+            planned.source,
+            shape=shape,
+            dtype=local.dtype,
+            device=local.device,
+            region=region,
+            out=local,
+        )
+    return read
+
+
+def _load_resident(
+    model: nn.Module,
+    name: str,
+    target: torch.Tensor,
+    source: TensorSource,
+    checkpoint: Checkpoint,
+    device: torch.device,
+    *,
+    mmap: bool,
+) -> None:
+    layer = model.get_submodule(name.rpartition(".")[0])
+    if not isinstance(layer, Fp8Linear):
+        raise TypeError(f"{name!r} is planned FP8-resident but its module is a {type(layer).__name__}")
+    region = None if target.is_meta else local_region(target)
+    if target.is_meta:
+        codes, scale = read_fp8(checkpoint, source, device=device, in_place_ok=mmap)
+    else:
+        codes, scale = read_fp8(checkpoint, source, device=target.device, region=region)
+    # Kept FP8, dequantized in every forward: refuse now what would be NaN or inf there.
+    check_finite(
+        codes,
+        scale,
+        dtype=layer.compute_dtype,
+        block_size=source.block_size,
+        region=region if source.block_size is not None else None,
+        key=source.key,
+        path=checkpoint.info(source.key).file,
+    )
+    layer.load_fp8(codes, scale)
+
+
+def _module_of(model: nn.Module, name: str) -> nn.Module:
+    return model.get_submodule(name.rpartition(".")[0])
+
+
+def _load_resident_experts(
+    model: nn.Module,
+    name: str,
+    target: torch.Tensor,
+    planned: PlannedTensor,
+    checkpoint: Checkpoint,
+    device: torch.device,
+) -> int:
+    """Put a fused expert tensor's FP8 codes and stacked block grid into its :class:`Fp8Experts`, straight from
+    the pieces as stored: each piece's FP8 bytes (only the part this rank's region overlaps) are copied into
+    their rows of the ``uint8`` destination (a new tensor for a meta target, else this rank's local shard), and
+    each piece's validated scale grid into its cells of the stacked grid (every piece's, so that the replicated
+    grid is whole on every rank). No dequantized copy is made. Returns the pieces whose bytes were read."""
+    layer = _module_of(model, name)
+    leaf = name.rpartition(".")[2]
+    shape = tuple(target.shape)
+    block = layer.block_size
+    region = None if target.is_meta else local_region(target)
+    wanted = whole_box(shape) if region is None else tuple((part.start, part.stop) for part in region)
+    if target.is_meta:
+        codes = torch.empty(shape, dtype=torch.uint8, device=device)
+    else:
+        codes = target.to_local() if is_dtensor(target) else target
+    scale = torch.empty(stacked_grid_shape(shape, block), dtype=torch.float32, device=codes.device)
+    read = 0
+    for piece in planned.source.parts():
+        info = checkpoint.info(piece.key)
+        geometry = PieceGeometry.of(piece, shape, len(info.shape))
+        piece_scale = read_scale(checkpoint, piece.stored_source())
+        cells = _grid_cells(geometry.box, block)
+        scale[as_slices(cells)] = decode_scale(piece_scale).reshape(
+            tuple(stop - start for start, stop in cells)
+        )
+        overlap = intersect(geometry.box, wanted)
+        if overlap is None:
+            continue
+        stored_region = geometry.stored_region(overlap)
+        whole = stored_region == whole_box(info.shape)
+        data = checkpoint.read(piece.key, None if whole else as_slices(stored_region))
+        _check_finite_matrices(
+            data, piece_scale, stored_region, layer.compute_dtype, block, piece.key, info.file
+        )
+        with torch.no_grad():
+            codes[relative_slices(overlap, wanted)] = geometry.to_model(data, overlap).view(torch.uint8)
+        read += 1
+    if target.is_meta:
+        layer.load_fp8(leaf, codes, scale)
+    else:
+        layer.load_scale(leaf, scale)
+    return read
+
+
+def _grid_cells(box: tuple[tuple[int, int], ...], block: tuple[int, int]) -> tuple[tuple[int, int], ...]:
+    """The cells of a stacked block grid that a block-aligned box of the stacked weight covers."""
+    *leading, (r0, r1), (c0, c1) = box
+    return (
+        *leading,
+        (r0 // block[0], -(-r1 // block[0])),
+        (c0 // block[1], -(-c1 // block[1])),
+    )
+
+
+def _check_finite_matrices(
+    data: torch.Tensor,
+    scale: torch.Tensor,
+    stored_region: tuple[tuple[int, int], ...],
+    dtype: torch.dtype,
+    block: tuple[int, int],
+    key: str,
+    path: object,
+) -> None:
+    """Kept FP8, dequantized in every forward: refuse now what would be NaN or inf there, matrix by matrix
+    (``data`` is ``stored_region`` of a 2-D piece or of a stacked one, ``scale`` the piece's whole scale)."""
+    matrix_region = as_slices(stored_region[-2:])
+    if data.dim() == 2:
+        check_finite(data, scale, dtype=dtype, block_size=block, region=matrix_region, key=key, path=path)
+        return
+    first = stored_region[0][0]
+    for index in range(data.shape[0]):
+        check_finite(
+            data[index],
+            scale[first + index],
+            dtype=dtype,
+            block_size=block,
+            region=matrix_region,
+            key=key,
+            path=path,
+        )
+
+
+def _assign(model: nn.Module, name: str, target: torch.Tensor, value: torch.Tensor) -> None:
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if isinstance(target, nn.Parameter):
+        module._parameters[leaf] = nn.Parameter(value, requires_grad=target.requires_grad)
+    else:
+        module._buffers[leaf] = value

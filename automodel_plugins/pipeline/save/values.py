@@ -1,0 +1,262 @@
+"""Where the values a save writes come from, a bounded chunk at a time: a model's tensors, or a checkpoint.
+
+* :class:`ModelValues`: the tensors of a model in memory. A DTensor (FSDP2, tensor parallel) gives this rank's
+  local shard, which is one box of the global tensor (``model.placement.local_region``); a plain tensor the
+  whole of it. The weight of an FP8-resident layer is valued as what it stands for, its dequantized weight
+  in the compute dtype, a chunk of rows at a time (re-encoding it with its own scale gives back its bytes);
+  a fused tensor of FP8-resident experts likewise, a run of experts at a time, each matrix with its own grid.
+* :class:`CheckpointValues`: a checkpoint read as a load would read it (``pipeline.readers.read_value``: FP8
+  dequantized with its scale, other floats cast), a chunk of rows at a time, never a whole tensor: what
+  ``automodel-plugins convert`` streams through.
+
+Both hand out chunks of at most about :data:`CHUNK_ELEMENTS` elements (whole rows of the box), so the
+working set of a save stays a few MiB whatever the tensor sizes. :class:`PieceValues` puts either in front of
+a plan that writes model tensors back as the pieces they were assembled from: a piece's values are the part
+of its model tensor's box this process holds, in the piece's stored orientation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+
+from automodel_plugins.adapters.pieces import intersect, relative_slices
+from automodel_plugins.fp8.decode import dequantize
+from automodel_plugins.model.fp8_experts import Fp8Experts
+from automodel_plugins.model.placement import is_dtensor, local_region
+from automodel_plugins.pipeline.readers import read_value
+
+if TYPE_CHECKING:
+    from automodel_plugins.adapters.pieces import PieceGeometry
+    from automodel_plugins.checkpoint import Checkpoint
+    from automodel_plugins.model.fp8_linear import Fp8Linear
+    from automodel_plugins.pipeline.load.plan import LoadPlan
+    from automodel_plugins.pipeline.save.plan import SavePlan
+
+__all__ = ["CHUNK_ELEMENTS", "Box", "CheckpointValues", "ModelValues", "PieceValues", "TensorValues"]
+
+CHUNK_ELEMENTS = 1 << 20
+"""Elements per chunk (4 MiB of fp32 temporaries)."""
+
+Box = tuple[tuple[int, int], ...]
+"""A region of a tensor as ``(start, stop)`` per dim: plain data, to compare and send between ranks."""
+
+
+class TensorValues(Protocol):
+    """The values of the tensors being saved, as this process holds them."""
+
+    device: torch.device
+
+    def box(self, name: str) -> Box:
+        """The region of tensor ``name`` this process holds (empty along some dim when it holds none)."""
+
+    def dtype(self, name: str) -> torch.dtype:
+        """The dtype the values of ``name`` come in."""
+
+    def chunks(self, name: str, elements: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(first row within the box, values)`` for consecutive chunks of whole rows of the box, of about
+        ``elements`` elements each (default :data:`CHUNK_ELEMENTS`; ``0``: as large as costs no memory)."""
+
+
+def _rows_per_chunk(shape: tuple[int, ...], elements: int | None) -> int:
+    return max(1, (elements or CHUNK_ELEMENTS) // max(1, math.prod(shape[1:])))
+
+
+class ModelValues:
+    """The tensors of a model (name -> tensor), each as this rank holds it; ``resident`` names the weights of
+    FP8-resident layers (``hf_layout.resident_modules``), valued by their dequantized rows."""
+
+    def __init__(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        *,
+        resident: Mapping[str, Fp8Linear | Fp8Experts] = {},
+    ) -> None:
+        self.tensors = dict(tensors)
+        self.resident = dict(resident)
+        first = next(iter(self.tensors.values()), None)
+        self.device = torch.device("cpu") if first is None else _local(first).device
+
+    def dtype(self, name: str) -> torch.dtype:
+        layer = self.resident.get(name)
+        return layer.compute_dtype if layer is not None else self.tensors[name].dtype
+
+    def box(self, name: str) -> Box:
+        tensor = self.tensors[name]
+        region = local_region(tensor)
+        if region is None:
+            return tuple((0, size) for size in tensor.shape)
+        return tuple((part.start, part.stop) for part in region)
+
+    def chunks(self, name: str, elements: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        """Views of the local tensor: ``elements=0`` gives it whole (one write, no copy)."""
+        if name in self.resident:
+            yield from self._dequantized_chunks(name, elements)
+            return
+        local = _local(self.tensors[name]).detach()
+        if local.dim() == 0 or (elements == 0 and local.is_contiguous()):
+            yield 0, local
+            return
+        step = _rows_per_chunk(tuple(local.shape), elements)
+        for row in range(0, local.shape[0], step):
+            yield row, local[row : row + step]
+
+    def _dequantized_chunks(self, name: str, elements: int | None) -> Iterator[tuple[int, torch.Tensor]]:
+        """Rows of this rank's box of an FP8-resident weight, dequantized as the layer's forward does (fp32
+        product with the block of each element, one rounding to the compute dtype)."""
+        layer = self.resident[name]
+        codes = _local(self.tensors[name]).detach().view(layer.fp8_dtype)
+        if isinstance(layer, Fp8Experts):
+            yield from _dequantized_experts(
+                codes, layer.scale(name.rpartition(".")[2]), layer, self.box(name), elements
+            )
+            return
+        (row0, _), (col0, col1) = self.box(name)
+        step = _rows_per_chunk(tuple(codes.shape), elements or None)
+        for row in range(0, codes.shape[0], step):
+            part = codes[row : row + step]
+            region = (slice(row0 + row, row0 + row + part.shape[0]), slice(col0, col1))
+            yield (
+                row,
+                dequantize(
+                    part.contiguous(),
+                    layer.weight_scale_inv,
+                    dtype=layer.compute_dtype,
+                    block_size=layer.block_size,
+                    region=region if layer.block_size is not None else None,
+                ),
+            )
+
+
+def _dequantized_experts(
+    codes: torch.Tensor, scale: torch.Tensor, layer: Fp8Experts, box: Box, elements: int | None
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Runs of experts of this rank's box of a fused FP8-resident tensor, each matrix dequantized with its own
+    grid of the whole stacked ``scale`` as the experts' forward does."""
+    (expert0, _), (row0, row1), (col0, col1) = box
+    whole = (row0, col0) == (0, 0) and (row1, col1) == tuple(codes.shape[1:])
+    region = None if whole else (slice(row0, row1), slice(col0, col1))
+    step = _rows_per_chunk(tuple(codes.shape), elements or None)
+    for first in range(0, codes.shape[0], step):
+        part = codes[first : first + step]
+        out = torch.empty(part.shape, dtype=layer.compute_dtype, device=part.device)
+        for index in range(part.shape[0]):
+            out[index] = dequantize(
+                part[index].contiguous(),
+                scale[expert0 + first + index],
+                dtype=layer.compute_dtype,
+                block_size=layer.block_size,
+                region=region,
+            )
+        yield first, out
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if is_dtensor(tensor) else tensor  # type: ignore[attr-defined]
+
+
+class CheckpointValues:
+    """The model values a load of ``checkpoint`` with ``plan`` would give, read a chunk of rows at a time."""
+
+    def __init__(self, checkpoint: Checkpoint, plan: LoadPlan) -> None:
+        self.checkpoint = checkpoint
+        self.plan = plan
+        self.device = torch.device("cpu")
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.plan[name].dtype
+
+    def box(self, name: str) -> Box:
+        return tuple((0, size) for size in self.plan[name].shape)
+
+    def chunks(self, name: str, elements: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        """Reads into fresh buffers: never more than about ``elements`` (``0`` and ``None``: the default)."""
+        planned = self.plan[name]
+        shape = planned.shape
+        if not shape:
+            value, _ = read_value(self.checkpoint, planned.source, dtype=planned.dtype, device=self.device)
+            yield 0, value
+            return
+        step = _rows_per_chunk(shape, elements)
+        for row in range(0, shape[0], step):
+            region = tuple(slice(0, size) for size in shape)
+            region = (slice(row, min(row + step, shape[0])), *region[1:])
+            value, _ = read_value(
+                self.checkpoint,
+                planned.source,
+                dtype=planned.dtype,
+                device=self.device,
+                region=region,
+                shape=shape,
+            )
+            yield row, value
+
+
+class PieceValues:
+    """The values of a plan's pieces (entries with ``piece_of``) from ``base``, which holds the model tensors;
+    every other name goes to ``base`` as it is.
+
+    A piece's box is the overlap of its geometry's box with the box of the model tensor ``base`` holds, in the
+    piece's stored coordinates; its chunks are that overlap's values, reoriented, a bounded run of stored rows
+    at a time (the whole overlap is gathered first only where stored rows are not model rows, a piece of one
+    expert or a transposed matrix: at most one piece).
+    """
+
+    def __init__(self, base: TensorValues, plan: SavePlan) -> None:
+        self.base = base
+        self.device = base.device
+        self.pieces = {
+            planned.name: (planned.piece_of, planned.geometry)
+            for planned in plan.tensors
+            if planned.piece_of is not None and planned.geometry is not None
+        }
+
+    def dtype(self, name: str) -> torch.dtype:
+        entry = self.pieces.get(name)
+        return self.base.dtype(name if entry is None else entry[0])
+
+    def _overlap(self, name: str) -> tuple[str, PieceGeometry, Box, Box | None]:
+        tensor, geometry = self.pieces[name]
+        held = self.base.box(tensor)
+        return tensor, geometry, held, intersect(held, geometry.box)
+
+    def box(self, name: str) -> Box:
+        if name not in self.pieces:
+            return self.base.box(name)
+        _, geometry, _, overlap = self._overlap(name)
+        if overlap is None:
+            return tuple((0, 0) for _ in range(geometry.stored_ndim))
+        return geometry.stored_region(overlap)
+
+    def chunks(self, name: str, elements: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        if name not in self.pieces:
+            yield from self.base.chunks(name, elements)
+            return
+        tensor, geometry, held, overlap = self._overlap(name)
+        if overlap is None:
+            return
+        first = geometry.stored_region(overlap)[0][0] if geometry.stored_ndim else 0
+        if geometry.keeps_rows:
+            for row, chunk in self.base.chunks(tensor, elements):
+                rows = ((held[0][0] + row, held[0][0] + row + chunk.shape[0]), *held[1:])
+                part = intersect(rows, overlap)
+                if part is not None:
+                    values = geometry.to_stored(chunk[relative_slices(part, rows)])
+                    yield geometry.stored_region(part)[0][0] - first, values.contiguous()
+            return
+        gathered = torch.cat(
+            [
+                chunk[relative_slices(part, rows)]
+                for row, chunk in self.base.chunks(tensor, 0)
+                for rows in [((held[0][0] + row, held[0][0] + row + chunk.shape[0]), *held[1:])]
+                for part in [intersect(rows, overlap)]
+                if part is not None
+            ]
+        )
+        stored = geometry.to_stored(gathered)
+        step = _rows_per_chunk(tuple(stored.shape), elements or None)
+        for row in range(0, stored.shape[0], step):
+            yield row, stored[row : row + step].contiguous()

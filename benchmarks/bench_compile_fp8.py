@@ -5,9 +5,11 @@ FP8 checkpoint in a temporary directory, loads it with ``dequantize=False``, wra
 (r=4), runs one eager forward (the one-shot rotary repair), then ``torch._dynamo.explain`` on a labelled batch
 (text only; ``--image`` adds an image, whose Pixtral tower breaks in stock transformers code). Prints the graph
 and break counts, the breaks whose stack passes through the FP8 code (``automodel_plugins/fp8/``,
-``model/fp8_*``), and every break by place. Not a timing.
+``model/fp8_*``), and every break by place. ``--compare BACKEND`` then runs one step (loss + backward) of a
+deep copy compiled with that backend against the eager step and prints the loss difference and the largest
+LoRA-gradient difference (relative to each gradient's largest value). Not a timing.
 
-    python benchmarks/bench_compile_fp8.py [--kind block] [--skip-logits] [--image]
+    python benchmarks/bench_compile_fp8.py [--kind block] [--skip-logits] [--image] [--compare inductor]
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ def main() -> None:
     parser.add_argument("--kind", default="per-tensor", choices=("per-tensor", "block"))
     parser.add_argument("--skip-logits", action="store_true", help="load with skip_logits=True")
     parser.add_argument("--image", action="store_true", help="an image in the batch")
+    parser.add_argument("--compare", metavar="BACKEND", help="compiled (inductor, aot_eager) vs eager step")
     args = parser.parse_args()
 
     import peft
@@ -52,8 +55,11 @@ def main() -> None:
             registry=Registry.from_entry_points("mistral3_fp8"),
             progress=False,
         )
+    torch.manual_seed(1)
     lora = peft.LoraConfig(
-        r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        r=4,
+        init_lora_weights=False,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     )
     model = peft.get_peft_model(model, lora)
     batch = mistral3_image_batch(config, batch=2, seq=15, image_rows=1 if args.image else 0)
@@ -74,6 +80,29 @@ def main() -> None:
     )
     for place, count in places.most_common():
         print(f"  {count:3d}  {place}")
+    if args.compare:
+        compare(model, batch, args.compare)
+
+
+def compare(model, batch, backend: str) -> None:  # type: ignore[no-untyped-def]
+    import copy
+
+    import torch
+
+    compiled_model = copy.deepcopy(model)
+    model.zero_grad()
+    expected = model(**batch).loss
+    expected.backward()
+    loss = torch.compile(compiled_model, backend=backend)(**batch).loss
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    got = {n: p.grad for n, p in compiled_model.named_parameters() if p.grad is not None}
+    worst = max(((got[n] - g).abs().max() / g.abs().max()).item() for n, g in grads.items())
+    equal = sum(torch.equal(got[n], g) for n, g in grads.items())
+    print(
+        f"{backend} vs eager: loss {loss.item():.9g} vs {expected.item():.9g} (diff {(loss - expected).abs().item():.3g}); "
+        f"{len(grads)} gradients, {equal} bit-equal, largest difference {worst:.3g} of the gradient's largest value"
+    )
 
 
 if __name__ == "__main__":

@@ -25,7 +25,13 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import Mistral3Config, Mistral3ForConditionalGeneration, Mistral4Config, PixtralVisionConfig
+from transformers import (
+    Mistral3Config,
+    Mistral3ForConditionalGeneration,
+    Mistral4Config,
+    Mistral4ForCausalLM,
+    PixtralVisionConfig,
+)
 
 from automodel_plugins.testing.tiny_models import TINY_PIXTRAL_SIZES
 
@@ -105,6 +111,7 @@ def tiny_model(seed: int = 0) -> Mistral3ForConditionalGeneration:
 
 
 def legacy_key(name: str) -> str:
+    """A VLM's runtime name in the legacy layout (``language_model.model.*``)."""
     for model, checkpoint in _LEGACY:
         if name.startswith(model):
             return checkpoint + name[len(model) :]
@@ -152,10 +159,11 @@ def write_checkpoint(
     """``model`` in ``form`` (see the module docstring; block forms in ``block`` blocks), legacy keys, one
     safetensors file and a config.json."""
     directory.mkdir(parents=True, exist_ok=True)
+    vlm = isinstance(model, Mistral3ForConditionalGeneration)
     tensors: dict[str, torch.Tensor] = {}
     for name, value in model.state_dict().items():
         value = value.detach().to(torch.bfloat16 if form == "bf16" else torch.float32)
-        key = legacy_key(name)
+        key = legacy_key(name) if vlm else name
         if form == "bf16" or not _quantized(name):
             tensors[key] = value.to(torch.bfloat16).contiguous()
             continue
@@ -246,6 +254,8 @@ def reference_state_dict(directory: Path, dtype: torch.dtype = torch.bfloat16) -
             [torch.cat([experts[e]["gate_proj"], experts[e]["up_proj"]]) for e in order]
         )
         values[f"{layer}.mlp.experts.down_proj"] = torch.stack([experts[e]["down_proj"] for e in order])
+    if json.loads((directory / "config.json").read_text())["model_type"] == "mistral4":
+        return values  # text-only: keys are the module tree's names
     inverse = {checkpoint: model for model, checkpoint in _LEGACY}
     out = {}
     for key, value in values.items():
@@ -254,10 +264,30 @@ def reference_state_dict(directory: Path, dtype: torch.dtype = torch.bfloat16) -
     return out
 
 
-def reference_model(directory: Path, dtype: torch.dtype = torch.bfloat16) -> Mistral3ForConditionalGeneration:
-    """Stock ``Mistral3ForConditionalGeneration`` built at normal init (real rotary buffers) holding
-    :func:`reference_state_dict`, strictly."""
+def tiny_text_model(seed: int = 0) -> Mistral4ForCausalLM:
+    """The text-only tiny model (``Mistral4ForCausalLM``), fp32, seeded, norms and router perturbed."""
+    torch.manual_seed(seed)
+    config = tiny_text_config(architectures=["Mistral4ForCausalLM"])
+    model = Mistral4ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.add_(torch.randn_like(param) * 0.1)
+            if name.endswith("mlp.gate.weight"):
+                param.normal_(0, 0.5)
+    return model
+
+
+def reference_model(directory: Path, dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
+    """The stock class of the checkpoint's config (``Mistral3ForConditionalGeneration`` or
+    ``Mistral4ForCausalLM``) built at normal init (real rotary buffers), holding :func:`reference_state_dict`,
+    strictly."""
+    raw = json.loads((directory / "config.json").read_text())
+    raw.pop("quantization_config", None)
+    text_only = raw["model_type"] == "mistral4"
+    config = Mistral4Config.from_dict(raw) if text_only else Mistral3Config.from_dict(raw)
+    cls = Mistral4ForCausalLM if text_only else Mistral3ForConditionalGeneration
     torch.manual_seed(0)
-    model = Mistral3ForConditionalGeneration._from_config(tiny_config(), dtype=dtype)
+    model = cls._from_config(config, dtype=dtype)
     model.load_state_dict(reference_state_dict(directory, dtype), strict=True)
     return model.eval()

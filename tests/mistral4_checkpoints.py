@@ -5,7 +5,8 @@ independently of the host.
 Text: hidden 64, 3 layers (``first_k_dense_replace=1``: layer 0 dense, layers 1-2 MoE), 4 routed experts (2 per
 token), one shared expert, expert intermediate 24 (``2I = 48 != H``), MLA with ``q_lora_rank`` 48,
 ``kv_lora_rank`` 32, ``qk_rope_head_dim`` 8 (``kv_a_proj_with_mqa`` has 40 = 32 + 8 outputs: with 16x16 blocks a
-partial edge block, as Small 4's 576 = 512 + 64 has with 128x128), yarn with Llama-4 attention scaling. Vision:
+partial edge block, as Small 4's 576 = 512 + 64 has with 128x128), yarn (``mscale`` 1, ``mscale_all_dim`` 0.5: the
+rotary's ``attention_scaling`` and the attention's softmax scale both move) with Llama-4 attention scaling. Vision:
 the tiny Pixtral tower. Keys in the legacy layout (``language_model.model.*``), as Small 4's ``config.json``
 repo stores them.
 
@@ -48,7 +49,7 @@ ROPE = {
     "beta_fast": 32.0,
     "beta_slow": 1.0,
     "mscale": 1.0,
-    "mscale_all_dim": 1.0,
+    "mscale_all_dim": 0.5,
     "llama_4_scaling_beta": 0.1,
 }
 _LEGACY = (

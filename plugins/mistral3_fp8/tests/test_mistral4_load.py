@@ -10,7 +10,16 @@ from typing import Any
 
 import pytest
 import torch
-from mistral4_checkpoints import FORMS, LAYERS, PLUGIN, reference_model, tiny_model, write_checkpoint
+from mistral4_checkpoints import (
+    EXPERTS,
+    FORMS,
+    LAYERS,
+    PLUGIN,
+    reference_model,
+    stored_tensors,
+    tiny_model,
+    write_checkpoint,
+)
 
 import automodel_plugins
 from automodel_plugins.model.fp8_experts import Fp8Experts
@@ -84,3 +93,19 @@ def test_unaligned_per_expert_pieces_are_dequantized_with_the_reason(checkpoints
     expected = eager(reference_model(checkpoints["block-per-expert"]))
     for inputs in batches(expected):
         assert_same_logits(ours, expected, inputs)
+
+
+def test_one_scale_per_expert_is_held_as_stored(checkpoints: dict[str, Path]) -> None:
+    """Small 4's fused experts stay FP8 as the file holds them: the codes byte for byte, and the ``[E, 1, 1]``
+    scales (gate and up sharing one per expert) as the fp32 grid of one whole-matrix block per expert."""
+    path = checkpoints["per-tensor"]
+    ours = automodel_plugins.from_pretrained(path, dtype=BF16, dequantize=False)
+    stored = stored_tensors(path)
+    for layer in range(1, LAYERS):
+        experts = ours.get_submodule(f"model.language_model.layers.{layer}.mlp.experts")
+        for projection in ("gate_up_proj", "down_proj"):
+            key = f"language_model.model.layers.{layer}.mlp.experts.{projection}"
+            assert torch.equal(getattr(experts, projection).view(torch.uint8), stored[key].view(torch.uint8))
+            scale = experts.get_buffer(f"{projection}_scale_inv")
+            assert scale.shape == (EXPERTS, 1, 1) and scale.dtype == torch.float32
+            assert torch.equal(scale, stored[f"{key}_scale_inv"].float())

@@ -45,7 +45,7 @@ ROPE = {
     "rope_type": "yarn",
     "rope_theta": 10000.0,
     "factor": 4.0,
-    "original_max_position_embeddings": 32,
+    "original_max_position_embeddings": 8,
     "beta_fast": 32.0,
     "beta_slow": 1.0,
     "mscale": 1.0,

@@ -46,6 +46,14 @@ def test_rotary_is_yarn_over_the_rope_dims_with_its_scaling(path: Path) -> None:
     )
     assert rotary.inv_freq.dtype == F32 and rotary.inv_freq.numel() == text.qk_rope_head_dim // 2
     assert rotary.attention_scaling != 1.0
+    # Llama-4 scaling moves the queries of positions past original_max_position_embeddings: the test batches
+    # (12 and 16 tokens) reach them
+    from transformers.models.mistral4.modeling_mistral4 import get_llama_4_attn_scale
+
+    scale = get_llama_4_attn_scale(
+        torch.arange(12)[None], ROPE["llama_4_scaling_beta"], ROPE["original_max_position_embeddings"]
+    )
+    assert (scale.flatten() > 1).any()
     assert_same_rotary(ours, reference_model(path))
 
 

@@ -81,7 +81,7 @@ def tiny_text_config(**overrides: Any) -> Mistral4Config:
         "qk_nope_head_dim": 8,
         "v_head_dim": 16,
         "vocab_size": 256,
-        "max_position_embeddings": 128,
+        "max_position_embeddings": 32,
         "rope_parameters": dict(ROPE),
         "tie_word_embeddings": False,
     }

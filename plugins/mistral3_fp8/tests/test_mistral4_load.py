@@ -20,8 +20,10 @@ from mistral4_checkpoints import (
     tiny_model,
     write_checkpoint,
 )
+from safetensors.torch import save_file
 
 import automodel_plugins
+from automodel_plugins.errors import CheckpointError, ScaleError
 from automodel_plugins.model.fp8_experts import Fp8Experts
 from automodel_plugins.testing.compare import assert_same_logits, assert_same_rotary, assert_same_state_dict
 from automodel_plugins.testing.tiny_models import mistral3_image_batch, text_batch
@@ -109,3 +111,34 @@ def test_one_scale_per_expert_is_held_as_stored(checkpoints: dict[str, Path]) ->
             scale = experts.get_buffer(f"{projection}_scale_inv")
             assert scale.shape == (EXPERTS, 1, 1) and scale.dtype == torch.float32
             assert torch.equal(scale, stored[f"{key}_scale_inv"].float())
+
+
+def rewrite(path: Path, edit: Any) -> Path:
+    tensors = stored_tensors(path)
+    edit(tensors)
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return path
+
+
+def test_an_expert_scale_of_another_shape_is_refused_by_name(tmp_path: Path) -> None:
+    """One scale per expert must be ``[E, 1, 1]``; a flat ``[E]`` is not guessed at."""
+    key = "language_model.model.layers.1.mlp.experts.gate_up_proj_scale_inv"
+    path = write_checkpoint(tiny_model(), tmp_path / "flat", "per-tensor")
+    rewrite(path, lambda tensors: tensors.__setitem__(key, tensors[key].reshape(-1)))
+    with pytest.raises(ScaleError, match=r"gate_up_proj_scale_inv.*shape \(4,\)"):
+        automodel_plugins.from_pretrained(path, dtype=BF16)
+
+
+def test_fused_and_per_expert_experts_together_are_refused(tmp_path: Path) -> None:
+    fused = stored_tensors(write_checkpoint(tiny_model(), tmp_path / "fused", "block-fused"))
+    path = write_checkpoint(tiny_model(), tmp_path / "mixed", "block-per-expert")
+    layer = "language_model.model.layers.2.mlp.experts."
+
+    def mix(tensors: dict[str, torch.Tensor]) -> None:
+        for key in [k for k in tensors if k.startswith(layer)]:
+            del tensors[key]
+        tensors.update({k: v for k, v in fused.items() if k.startswith(layer)})
+
+    rewrite(path, mix)
+    with pytest.raises(CheckpointError, match="mixes per-expert"):
+        automodel_plugins.from_pretrained(path, dtype=BF16)

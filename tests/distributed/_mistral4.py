@@ -88,8 +88,49 @@ def fsdp_load(ctx: Any, name: str, *, dequantize: bool = True) -> dict[str, Any]
     return result
 
 
+def expert_split(ctx: Any, name: str, expert_dim: int) -> dict[str, Any]:
+    """Expert parameters ``distribute_tensor``-ed ``Shard(expert_dim)`` (0: expert parallelism, experts 0-1 and
+    2-3; 1: rows of every expert, inside the one whole-matrix block of a ``[E, 1, 1]`` scale), everything else
+    replicated: this rank's values and the gathered ones against one process's load, and what it read."""
+    from torch import nn
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    from automodel_plugins.checkpoint import Checkpoint
+
+    path = checkpoint(ctx, name)
+    reference = automodel_plugins.from_pretrained(path).eval()
+    model = automodel_plugins.build_model(path)
+    for param_name, param in list(model.named_parameters()):
+        expert = param_name.endswith((".experts.gate_up_proj", ".experts.down_proj"))
+        module_name, _, leaf = param_name.rpartition(".")
+        value = distribute_tensor(param.detach(), ctx.mesh, [Shard(expert_dim) if expert else Replicate()])
+        model.get_submodule(module_name)._parameters[leaf] = nn.Parameter(
+            value, requires_grad=param.requires_grad
+        )
+    model.to_empty(device="cpu")
+    with _checks.record_reads() as reads:
+        automodel_plugins.load_weights(model, path)
+    expert_reads = [(key, bounds) for key, bounds in reads if ".experts." in key and "scale" not in key]
+    with Checkpoint.open(path) as opened:
+        expert_bytes = sum(
+            opened.info(key).nbytes for key in opened if ".experts." in key and "scale" not in key
+        )
+        expert_bytes_read = sum(_checks._read_bytes(opened, key, bounds) for key, bounds in expert_reads)
+    gathered = {n: _checks.full_value(t) for n, t in model_tensors(model).items()}
+    return {
+        "local_mismatches": _checks.local_mismatches(model, reference.state_dict()),
+        "full_mismatches": _checks.mismatches(gathered, model_tensors(reference)),
+        "expert_reads": _checks.sorted_reads(expert_reads),
+        "expert_bytes": expert_bytes,
+        "expert_bytes_read": expert_bytes_read,
+    }
+
+
 SCENARIOS = {
     "mistral4_fsdp_per_tensor": lambda ctx: fsdp_load(ctx, "mistral4_per_tensor"),
     "mistral4_fsdp_per_expert": lambda ctx: fsdp_load(ctx, "mistral4_per_expert"),
     "mistral4_fsdp_resident": lambda ctx: fsdp_load(ctx, "mistral4_per_tensor", dequantize=False),
+    "mistral4_expert_parallel": lambda ctx: expert_split(ctx, "mistral4_per_tensor", 0),
+    "mistral4_expert_rows": lambda ctx: expert_split(ctx, "mistral4_per_tensor", 1),
+    "mistral4_expert_parallel_pieces": lambda ctx: expert_split(ctx, "mistral4_per_expert", 0),
 }

@@ -119,7 +119,7 @@ def legacy_key(name: str) -> str:
     return name
 
 
-def _quantized(name: str) -> bool:
+def is_quantized(name: str) -> bool:
     """The text stack's linear weights (attention, dense MLP, shared experts) and the fused experts: not the
     router, norms, embeddings, head or vision."""
     if (
@@ -165,7 +165,7 @@ def write_checkpoint(
     for name, value in model.state_dict().items():
         value = value.detach().to(torch.bfloat16 if form == "bf16" else torch.float32)
         key = legacy_key(name) if vlm else name
-        if form == "bf16" or not _quantized(name):
+        if form == "bf16" or not is_quantized(name):
             tensors[key] = value.to(torch.bfloat16).contiguous()
             continue
         fused = name.endswith(("experts.gate_up_proj", "experts.down_proj"))

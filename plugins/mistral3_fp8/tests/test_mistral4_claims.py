@@ -15,7 +15,10 @@ from mistral4_checkpoints import (
     BLOCK,
     EXPERTS,
     LAYERS,
+    NOT_CONVERTED,
     PLUGIN,
+    is_quantized,
+    legacy_key,
     reference_model,
     tiny_config,
     tiny_model,
@@ -26,7 +29,9 @@ from mistral4_checkpoints import (
 
 import automodel_plugins
 from automodel_plugins import Claim, Decline
+from automodel_plugins.checkpoint.writer import FileLayout, SafetensorsWriter, TensorSpec
 from automodel_plugins.errors import CheckpointError
+from automodel_plugins.model.stock import build_on_meta
 from automodel_plugins.pipeline.load.describe import describe_checkpoint
 from automodel_plugins.testing.compare import assert_same_logits, assert_same_rotary, assert_same_state_dict
 from automodel_plugins.testing.tiny_models import text_batch
@@ -118,3 +123,61 @@ def test_vlm_keys_under_a_text_only_config_are_refused_by_name(tmp_path: Path) -
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="text-only mistral4 model"):
         automodel_plugins.from_pretrained(path, dtype=BF16)
+
+
+def small_4_config() -> Any:
+    """A full-size Mistral Small 4 VLM config: transformers 5.25's ``Mistral4Config`` defaults (its docstring
+    names ``mistralai/Mistral-Small-4-119B-2603``; not checked against the repo's config.json) under a default
+    Pixtral tower, per-tensor FP8 with static activations as the HF form is described."""
+    from transformers import Mistral3Config, Mistral4Config, PixtralVisionConfig
+
+    config = Mistral3Config(
+        text_config=Mistral4Config(), vision_config=PixtralVisionConfig(), tie_word_embeddings=False
+    )
+    config.quantization_config = {**FP8, "modules_to_not_convert": NOT_CONVERTED}
+    return config
+
+
+def write_header_only_small_4(directory: Path, config: Any) -> int:
+    """``config.json`` and a full-size safetensors file whose data is a hole (a sparse file), in the HF form:
+    legacy keys, FP8 text linears with 0-d ``weight_scale_inv`` and ``activation_scale``, fused FP8 experts with
+    ``[E, 1, 1]`` scales and ``[E]`` activation scales, BF16 elsewhere. Returns the tensor bytes declared."""
+    directory.mkdir(parents=True, exist_ok=True)
+    specs = []
+    for name, tensor in build_on_meta(config, torch.bfloat16).state_dict().items():
+        key, shape = legacy_key(name), tuple(tensor.shape)
+        if not is_quantized(name):
+            specs.append(TensorSpec(key, torch.bfloat16, shape))
+        elif len(shape) == 3:
+            specs.append(TensorSpec(key, torch.float8_e4m3fn, shape))
+            specs.append(TensorSpec(f"{key}_scale_inv", torch.float32, (shape[0], 1, 1)))
+            specs.append(TensorSpec(f"{key}_activation_scale", torch.float32, (shape[0],)))
+        else:
+            specs.append(TensorSpec(key, torch.float8_e4m3fn, shape))
+            for scale in ("weight_scale_inv", "activation_scale"):
+                specs.append(TensorSpec(key.removesuffix("weight") + scale, torch.float32, ()))
+    SafetensorsWriter.create(directory / "model.safetensors", FileLayout.plan(specs, {"format": "pt"})).close(
+        sync=False
+    )
+    (directory / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    return sum(spec.nbytes for spec in specs)
+
+
+def test_full_size_small_4_builds_on_meta_and_inspect_plans_it(tmp_path: Path, run_cli: Any) -> None:
+    config = small_4_config()
+    model = automodel_plugins.build_model(config)
+    assert model.device.type == "meta" and model.automodel_composition.plugin == PLUGIN
+    text = sum(p.numel() for n, p in model.named_parameters() if n.startswith("model.language_model."))
+    assert 115e9 < text < 121e9  # 119B in the name; the vision tower and head aside
+    declared = write_header_only_small_4(tmp_path / "small4", config)
+    result = run_cli("inspect", str(tmp_path / "small4"), "--json")
+    assert result.returncode == 0, result.stderr
+    described = json.loads(result.stdout)
+    assert described["plugin"] == PLUGIN and described["bytes_read"] == 0
+    assert described["checkpoint"]["tensor_bytes"] == declared
+    load = described["load"]
+    layers, experts = config.text_config.num_hidden_layers, config.text_config.n_routed_experts
+    assert load["adapter_details"] == {"experts": "fused"} and load["layout"] == "legacy"
+    per_layer = ATTENTION_LINEARS + 3 + 2  # attention, shared experts, the two fused expert tensors
+    assert load["fp8_tensors"] == load["fp8_resident_layers"] == per_layer * layers
+    assert load["fp8_not_resident"] == 0 and experts == 128

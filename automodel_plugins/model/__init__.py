@@ -9,6 +9,8 @@
   that keeps them and the fp32 scales out of dtype casts (``Fp8Resident``), the dequantizing matmul;
 * ``fp8_linear``: ``Fp8Linear``, a frozen linear holding its checkpoint FP8 weight (``dequantize=False``);
 * ``fp8_experts``: ``Fp8Experts``, fused MoE experts holding their FP8 weights and block scales;
+* ``fp8_grouped``: ``Fp8Experts``' grouped forward: the hit experts dequantized into a reused buffer, one grouped
+  matmul;
 * ``fp8_lora``: merging PEFT LoRA over ``Fp8Linear`` bases (imports peft);
 * ``hf_layout``: what transformers' ``save_pretrained`` writes for a model (keys, order, tied tensors once).
 """

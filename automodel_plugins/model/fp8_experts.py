@@ -264,9 +264,10 @@ class Fp8Experts(Fp8Resident):
             return grouped_experts_forward(self, hidden_states, top_k_index, top_k_weights)
         if implementation != "eager":
             raise ExpertsImplementationError(
+                None,
                 f"experts_implementation={implementation!r} is not one FP8-resident experts (Fp8Experts) run: "
                 f"choose one of {EXPERTS_IMPLEMENTATIONS} (model.set_experts_implementation), or load with "
-                "dequantize=True to use it"
+                "dequantize=True to use it",
             )
         return self._eager_forward(hidden_states, top_k_index, top_k_weights)
 

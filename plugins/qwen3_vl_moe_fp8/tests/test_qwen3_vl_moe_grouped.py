@@ -13,10 +13,12 @@ from typing import Any
 import peft
 import pytest
 import torch
-from moe_checkpoints import LAYERS, PLUGIN, reference_model
+from moe_checkpoints import GRID_THW, LAYERS, PLUGIN, reference_model, tiny_config
 
 import automodel_plugins
 from automodel_plugins.model.fp8_experts import Fp8Experts
+from automodel_plugins.testing.residency import watch_weight_copies
+from automodel_plugins.testing.tiny_models import qwen3_vl_image_batch
 
 ALIGNED = (8, 8)
 F32, BF16 = torch.float32, torch.bfloat16
@@ -83,3 +85,18 @@ def test_logits_loss_and_lora_gradients_equal_stock_with_the_same_implementation
     torch.testing.assert_close(loss, want_loss, **tol)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, want_grads[name], **tol, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_no_dequantized_expert_stays_alive_or_is_saved_for_backward(moe_checkpoint: Any) -> None:
+    """The grouped path over a whole model: 11 tokens, top-2, so no activation ([11 | 22, *]) shares an expert
+    matrix's shape (24, 48, 64) and the watch counts only dequantized copies."""
+    path = moe_checkpoint(experts="per-expert", block_size=ALIGNED)
+    model = automodel_plugins.from_pretrained(path, dtype=F32, dequantize=False)
+    experts = [m for m in model.modules() if isinstance(m, Fp8Experts)]
+    assert {m.experts_implementation for m in experts} == {"grouped_mm"}
+    batch = qwen3_vl_image_batch(tiny_config(), batch=1, seq=11, grid_thw=GRID_THW)
+    with watch_weight_copies(model, experts) as watch:
+        model(**batch).loss.backward()
+    assert watch.created > 0 and watch.layer_calls == LAYERS
+    assert watch.alive_after_layers == [0] * LAYERS and watch.saved_copies == []
+    assert all(m.gate_up_proj.grad is None for m in experts)

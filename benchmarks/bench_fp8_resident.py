@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"  run {repeat + 1} {path_kind:<17} peak +{row['peak'] / 2**20:6.0f} MiB  resident "
             f"{row['resident_bytes'] / 2**20:6.0f} MiB  step {row['step_seconds']:6.2f} s  "
-            f"loss {row['loss']:.5f}",
+            f"loss {row['loss']:.5f}  load average {os.getloadavg()[0]:.1f}",
             flush=True,
         )
 
@@ -233,7 +233,10 @@ def main(argv: list[str] | None = None) -> int:
             )
         same = abs(results["resident-eager"][0]["loss"] - results["dequantized-eager"][0]["loss"])
         print(f"|loss resident-eager - loss dequantized-eager| = {same:.2e}")
-    print(f"load average (1, 5, 15 min) at the end: {os.getloadavg()}")
+    print(
+        f"load average (1, 5, 15 min) at the end: {os.getloadavg()}; "
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"
+    )
     return 0
 
 

@@ -110,12 +110,14 @@ def _dequantize_experts(
 
 
 def _grouped_mm_fits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether torch's grouped matmul takes ``a [S, K]`` and ``b [n, K, N]`` as they are."""
+    """Whether torch's grouped matmul takes ``a [S, K]`` and ``b [n, K, N]`` as they are: CPU in fp32 or BF16,
+    CUDA (SM80+) in BF16, and every stride and pointer a multiple of 16 bytes."""
     if not (hasattr(F, "grouped_mm") or hasattr(torch, "_grouped_mm")):
         return False
     if a.device.type == "cuda":
-        return a.dtype == torch.bfloat16 and torch.cuda.get_device_capability(a.device) >= (8, 0)
-    if a.device.type != "cpu" or a.dtype not in (torch.float32, torch.bfloat16):
+        if a.dtype != torch.bfloat16 or torch.cuda.get_device_capability(a.device) < (8, 0):
+            return False
+    elif a.device.type != "cpu" or a.dtype not in (torch.float32, torch.bfloat16):
         return False
     for tensor in (a, b):
         if tensor.data_ptr() % _ALIGNMENT:

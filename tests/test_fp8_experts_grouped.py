@@ -31,6 +31,7 @@ import torch
 from test_fp8_experts import make_pair
 
 from automodel_plugins.errors import ConfigError, ExpertsImplementationError
+from automodel_plugins.fp8.decode import dequantize
 from automodel_plugins.model import fp8_grouped
 from automodel_plugins.model.fp8_experts import Fp8Experts
 from automodel_plugins.model.fp8_grouped import ExpertGroups, release_dequant_buffers
@@ -174,11 +175,15 @@ def test_only_hit_experts_are_dequantized_into_one_reused_buffer() -> None:
     second, _ = pair("grouped_mm", seed=3)
     x, index, weights = routing(48, 4, 1, only=(0, 3))
     run(first, x, index, weights)
-    (buffer,) = fp8_grouped._BUFFERS.by_key.values()
-    assert buffer.numel() == 2 * 64 * 48  # the two hit experts' gate_up [2I, H] (down [H, I] is smaller)
-    pointer = buffer.data_ptr()
+    buffers = fp8_grouped._BUFFERS.by_key
+    assert set(buffers) == {(torch.device("cpu"), F32), (torch.device("cpu"), torch.int32)}  # + the indices
+    assert (
+        buffers[torch.device("cpu"), F32].numel() == 2 * 64 * 48
+    )  # the 2 hit experts' gate_up (down: smaller)
+    assert buffers[torch.device("cpu"), torch.int32].numel() == 16 * 48  # one block row of indices
+    pointers = {key: b.data_ptr() for key, b in buffers.items()}
     run(second, x, index, weights)  # another layer, forward and backward: the same storage
-    assert [b.data_ptr() for b in fp8_grouped._BUFFERS.by_key.values()] == [pointer]
+    assert {key: b.data_ptr() for key, b in fp8_grouped._BUFFERS.by_key.items()} == pointers
     release_dequant_buffers()
     assert fp8_grouped._BUFFERS.by_key == {}
 
@@ -214,3 +219,28 @@ def test_expert_groups_keep_hit_experts_in_order_and_drop_sentinels() -> None:
     groups = ExpertGroups.of(ids, 4)
     assert (groups.experts, groups.counts, groups.rows) == ((0, 2), (2, 3), 6)
     assert groups.runs(1) == [(0, 1, 0, 2), (1, 2, 2, 5)]
+
+
+@pytest.mark.parametrize("fp8_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize("dtype", [F32, BF16, torch.float16])
+def test_the_grouped_dequantization_is_the_loaders_bit_for_bit(
+    fp8_dtype: torch.dtype, dtype: torch.dtype
+) -> None:
+    """Every finite code under scales spanning 2**-20..2**4, in a 40 x 56 matrix of 16 x 16 blocks (partial edge
+    blocks on both axes), against the loader's ``dequantize`` (large enough for its CPU table path too)."""
+    g = torch.Generator().manual_seed(0)
+    finite = torch.arange(256, dtype=torch.uint8)
+    finite = finite[torch.isfinite(finite.view(fp8_dtype).float())]
+    for rows, cols in ((40, 56), (80, 104)):
+        codes = finite[torch.randint(len(finite), (rows, cols), generator=g)]
+        grid = (
+            2.0
+            ** torch.randint(-20, 5, (3 if rows == 40 else 5, 4 if cols == 56 else 7), generator=g).float()
+        )
+        grid = grid * (1 + torch.rand(grid.shape, generator=g))
+        if dtype == torch.float16:
+            grid = grid.clamp(max=1.0)  # 57344 (e5m2's largest) x 2 overflows FP16: the loader refuses it
+        layout = fp8_grouped.DequantLayout(fp8_dtype, (16, 16), dtype, rows_per_chunk=1 << 62)
+        got = fp8_grouped.dequantize_block_matrix(codes, grid, layout, torch.empty(rows, cols, dtype=dtype))
+        want = dequantize(codes.view(fp8_dtype), grid, dtype=dtype, block_size=(16, 16))
+        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), (rows, cols)

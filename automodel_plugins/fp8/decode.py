@@ -151,7 +151,6 @@ def _lut_dequantize_blocks(
     block_size: tuple[int, int],
     origin: tuple[int, int],
     watch: _BadByteWatch,
-    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Block scales through tables: per block row, one 256-entry table per column block (byte value times that
     block's scale, reference formula), stacked; each byte's index is ``its column block * 256 + byte``."""
@@ -164,7 +163,7 @@ def _lut_dequantize_blocks(
     first, last = int(col_block[0]), int(col_block[-1])
     offsets = ((col_block - first) * 256).astype(np.int32)
     source = _borrowed_bytes(weight).reshape(weight.shape)
-    out = torch.empty(weight.shape, dtype=dtype) if out is None else out
+    out = torch.empty(weight.shape, dtype=dtype)
     target = out.view(torch_bits).numpy()
     sub = max(1, _LUT_CHUNK_PAIRS // cols)  # rows per take: 256 KiB of int32 indices
     index = np.empty((min(sub, rows), cols), dtype=np.int32)
@@ -206,18 +205,17 @@ def _dequantize_blocks(
     block_size: tuple[int, int],
     origin: tuple[int, int],
     watch: _BadByteWatch,
-    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Multiply each element by its block's scale, for a weight that may be an unaligned region."""
     rows, cols = weight.shape
     bm, bn = block_size
     r0, c0 = origin
-    if table_lookup_applies(weight, dtype) and rows and cols and (out is None or out.is_contiguous()):
-        return _lut_dequantize_blocks(weight, grid, dtype, block_size, origin, watch, out)
+    if table_lookup_applies(weight, dtype) and rows and cols:
+        return _lut_dequantize_blocks(weight, grid, dtype, block_size, origin, watch)
     watch.unseen()
     device = weight.device
     col_scale_index = torch.arange(c0, c0 + cols, device=device) // bn
-    out = torch.empty(weight.shape, dtype=dtype, device=device) if out is None else out
+    out = torch.empty(weight.shape, dtype=dtype, device=device)
     step = _row_chunk(rows, cols)
     for r in range(0, rows, step):
         n = min(step, rows - r)
@@ -236,26 +234,16 @@ def dequantize(
     region: tuple[slice, slice] | None = None,
     key: str | None = None,
     path: str | Path | None = None,
-    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``(weight.float() * scale.float()).to(dtype)``, with block scales expanded over their blocks.
 
     ``weight`` is either the full fp8 weight or, with ``region``, the already-read ``full[region]``;
-    ``scale`` is always the full scale (0-d or the whole grid), moved to the weight's device. ``out`` (block
-    scales only: a ``dtype`` tensor of ``weight``'s shape on its device) receives the result instead of a new
-    tensor, so a caller dequantizing into a reused buffer touches no fresh pages.
+    ``scale`` is always the full scale (0-d or the whole grid), moved to the weight's device.
     Works in row chunks so the fp32 temporaries stay bounded whatever the weight size. Raises
     :class:`~automodel_plugins.errors.NonFiniteWeightError` (naming ``key`` and ``path`` when given) rather
     than return NaN or inf, and :class:`~automodel_plugins.errors.ScaleError` for a scale that does not fit.
     """
     decoded = decode_scale(scale).to(weight.device)
-    if out is not None and (
-        block_size is None or out.shape != weight.shape or out.dtype != dtype or out.device != weight.device
-    ):
-        raise ValueError(
-            f"out must be a {dtype} tensor of shape {tuple(weight.shape)} on {weight.device} and block scales "
-            f"given, got {out.dtype} {tuple(out.shape)} on {out.device} (block_size={block_size})"
-        )
     if block_size is None:
         if decoded.numel() != 1:
             raise ScaleError(
@@ -279,7 +267,7 @@ def dequantize(
         check_scale_shape(tuple(scale.shape), tuple(weight.shape), block_size, key, path)
     grid = _covering_grid(decoded, tuple(weight.shape), tuple(block_size), origin, key=key, path=path)
     watch = _BadByteWatch.for_scales(weight, grid.reshape(-1), dtype)
-    out = _dequantize_blocks(weight, decoded, dtype, tuple(block_size), origin, watch, out)
+    out = _dequantize_blocks(weight, decoded, dtype, tuple(block_size), origin, watch)
     if watch.needs_scan:
         bm, bn = block_size
 

@@ -113,6 +113,58 @@ def worker(path_kind: str, checkpoint: str, args: argparse.Namespace) -> dict:
     }
 
 
+def layer_worker(checkpoint: str, args: argparse.Namespace) -> dict:
+    """One MoE layer's experts alone, forward + backward (input and routing-weight gradients) on the routing
+    its router gives the batch's embeddings: the resident experts (grouped, eager) and the same experts
+    dequantized (stock grouped_mm, eager), interleaved in one process, median of ``--layer-repeats``."""
+    import torch
+
+    import automodel_plugins
+    from automodel_plugins.model.fp8_experts import Fp8Experts
+
+    dtype = getattr(torch, args.dtype)
+    model = automodel_plugins.from_pretrained(
+        checkpoint, dtype=dtype, dequantize=False, skip_logits=True, progress=False
+    )
+    name, resident = next((n, m) for n, m in model.named_modules() if isinstance(m, Fp8Experts))
+    block = model.get_submodule(name.removesuffix(".experts"))
+    from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTextExperts
+
+    stock = Qwen3VLMoeTextExperts(resident.config).to(dtype)
+    stock.config = copy_config = type(resident.config).from_dict(resident.config.to_dict())
+    for projection in ("gate_up_proj", "down_proj"):
+        setattr(stock, projection, torch.nn.Parameter(resident.dequantized(projection), requires_grad=False))
+    torch.manual_seed(0)
+    vocab = resident.config.vocab_size
+    ids = torch.randint(20, vocab, (args.tokens,))
+    hidden = model.get_input_embeddings()(ids).detach()
+    with torch.no_grad():
+        _, top_k_weights, top_k_index = block.gate(hidden)
+    upstream = torch.randn_like(hidden)
+
+    def once(module) -> float:
+        x = hidden.clone().requires_grad_(True)
+        w = top_k_weights.detach().clone().requires_grad_(True)
+        started = time.perf_counter()
+        module(x, top_k_index, w).backward(upstream)
+        return time.perf_counter() - started
+
+    paths = {
+        "resident grouped_mm": (resident, resident.config, "grouped_mm"),
+        "dequantized grouped_mm": (stock, copy_config, "grouped_mm"),
+        "resident eager": (resident, resident.config, "eager"),
+        "dequantized eager": (stock, copy_config, "eager"),
+    }
+    seconds: dict[str, list[float]] = {p: [] for p in paths}
+    for repeat in range(args.layer_repeats + 1):
+        for path, (module, config, implementation) in paths.items():
+            config._experts_implementation = implementation
+            elapsed = once(module)
+            if repeat:  # the first round warms up (buffers, allocator)
+                seconds[path].append(elapsed)
+    return {p: statistics.median(v) for p, v in seconds.items()}
+
+
 def _step(model, optimizer, batch, cuda: bool) -> tuple[float, float]:
     import torch
 
@@ -155,12 +207,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"))
     parser.add_argument("--path", type=Path, help="an existing checkpoint instead of the generated one")
-    parser.add_argument("--worker", choices=MOE_PATHS, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--layer-repeats", type=int, default=9, help="--kind moe: timed rounds of the one-layer measurement"
+    )
+    parser.add_argument("--worker", choices=(*MOE_PATHS, "layer"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.dtype == "auto":
         from bench_train_step import fast_cpu_bf16
 
         args.dtype = "bfloat16" if args.device.startswith("cuda") or fast_cpu_bf16() else "float32"
+    if args.worker == "layer":
+        print(json.dumps(layer_worker(str(args.path), args)))
+        return 0
     if args.worker:
         print(json.dumps(worker(args.worker, str(args.path), args)))
         return 0
@@ -233,6 +291,26 @@ def main(argv: list[str] | None = None) -> int:
             )
         same = abs(results["resident-eager"][0]["loss"] - results["dequantized-eager"][0]["loss"])
         print(f"|loss resident-eager - loss dequantized-eager| = {same:.2e}")
+        cmd = [
+            sys.executable,
+            __file__,
+            "--worker",
+            "layer",
+            "--path",
+            str(checkpoint),
+            "--dtype",
+            args.dtype,
+        ]
+        cmd += ["--tokens", str(args.tokens), "--layer-repeats", str(args.layer_repeats)]
+        layer = run_json_worker(cmd, what="layer", env=worker_env())
+        print(
+            f"\none MoE layer's experts alone, forward + backward, {args.tokens} tokens, interleaved in one process, "
+            f"median of {args.layer_repeats}:"
+        )
+        for path, value in layer.items():
+            print(f"  {path:<24} {value * 1e3:8.1f} ms")
+        ratio = layer["resident grouped_mm"] / layer["dequantized grouped_mm"]
+        print(f"  resident grouped_mm / dequantized grouped_mm: {ratio:.3f}")
     print(
         f"load average (1, 5, 15 min) at the end: {os.getloadavg()}; "
         f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"

@@ -14,7 +14,7 @@ import sys
 from automodel_plugins._version import __version__
 from automodel_plugins.cli import convert, describe, listing
 from automodel_plugins.cli.exits import EXIT_OK, EXIT_USER_ERROR
-from automodel_plugins.errors import AutomodelPluginsError
+from automodel_plugins.errors import AutomodelPluginsError, cli_spelling
 
 __all__ = ["EXIT_OK", "EXIT_USER_ERROR", "main"]
 
@@ -23,7 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status instead of exiting, so tests can call it."""
     args = _parser().parse_args(argv)
     try:
-        return args.handler(args)
+        with cli_spelling():  # errors name --revision, not revision=
+            return args.handler(args)
     except AutomodelPluginsError as exc:
         print(f"automodel-plugins: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -43,6 +43,7 @@ from automodel_plugins.fp8.decode import dequantize
 from automodel_plugins.fp8.formats import is_fp8
 from automodel_plugins.fp8.scales import decode_scale
 from automodel_plugins.fp8.stacked import stacked_grid_shape
+from automodel_plugins.model import fp8_ops  # noqa: F401  (registers the resident matmul op)
 from automodel_plugins.model.fp8_grouped import grouped_experts_forward
 from automodel_plugins.model.fp8_resident import (
     DequantLayout,
@@ -134,9 +135,8 @@ class Fp8Experts(Fp8Resident):
         config: Any = None,
     ) -> None:
         super().__init__()
-        self.config = (
-            config  # the stock module's (text) config: its _experts_implementation picks the forward
-        )
+        # the stock module's (text) config, shared with the model: its _experts_implementation picks the forward
+        self.config = config
         if not is_fp8(fp8_dtype):
             raise TypeError(f"{fp8_dtype} is not an FP8 weight dtype")
         self.num_experts, self.hidden_dim, self.intermediate_dim = num_experts, hidden_dim, intermediate_dim

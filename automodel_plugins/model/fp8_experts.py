@@ -26,7 +26,8 @@ call as the stock module reads it, so ``model.set_experts_implementation`` appli
   (token, expert) pair, which from FP8 codes would mean dequantizing each hit expert once per token.
 
 Under autograd only the codes (and the routing) are saved for backward. Only block-scaled FP8 is held (the FP8
-releases' form); per-tensor scaled experts are dequantized at load instead.
+releases' form); one scale per expert (``[E, 1, 1]``, Mistral Small 4's fused form) is held as a grid whose single
+block covers the whole expert matrix; other per-tensor forms are dequantized at load instead.
 """
 
 from __future__ import annotations

@@ -76,6 +76,7 @@ class Fp8StateDictAdapter(StateDictAdapter):
     def __post_init__(self) -> None:
         self._renames = PrefixRenames(self.renames)
         self.modules_to_not_convert = tuple(self.modules_to_not_convert)
+        self._not_converted = frozenset(self.modules_to_not_convert)
         if self.block_size is not None:
             self.block_size = (int(self.block_size[0]), int(self.block_size[1]))
 
@@ -163,7 +164,16 @@ class Fp8StateDictAdapter(StateDictAdapter):
         return present[0]
 
     def _never_converted(self, name: str) -> bool:
-        return any(name == m or name.startswith(m + ".") for m in self.modules_to_not_convert)
+        """``name`` is a listed module or inside one: it or one of its dotted prefixes is listed (a set lookup
+        per prefix, not a scan of the list per tensor: a 235B MoE lists ~100 modules for ~73k tensors)."""
+        if name in self._not_converted:
+            return True
+        end = name.find(".")
+        while end != -1:
+            if name[:end] in self._not_converted:
+                return True
+            end = name.find(".", end + 1)
+        return False
 
 
 def fp8_adapter_for(

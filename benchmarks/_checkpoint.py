@@ -308,7 +308,10 @@ def write_header_only_235b(directory: Path) -> Path:
         "activation_scheme": "dynamic",
         "weight_block_size": list(block),
         "modules_to_not_convert": ["model.visual", "lm_head"]
-        + [f"model.language_model.layers.{i}.mlp.gate" for i in range(QWEN3_VL_235B_TEXT["num_hidden_layers"])],
+        + [
+            f"model.language_model.layers.{i}.mlp.gate"
+            for i in range(QWEN3_VL_235B_TEXT["num_hidden_layers"])
+        ],
     }
     (directory / "config.json").write_text(json.dumps(document, indent=2))
     return directory

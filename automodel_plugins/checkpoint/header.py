@@ -153,7 +153,7 @@ def _naturals(values: Any) -> bool:
 
 def _parse_entry(file: Path, key: str, raw: Any, data_size: int) -> HeaderEntry:
     """Validate one header entry: known dtype, sane shape, offsets that match shape x dtype and fit the file."""
-    if type(raw) is not dict or not _ENTRY_FIELDS <= raw.keys():
+    if type(raw) is not dict or not raw.keys() >= _ENTRY_FIELDS:
         raise CorruptCheckpointError("header entry lacks dtype/shape/data_offsets", path=file, key=key)
     name, shape, offsets = raw["dtype"], raw["shape"], raw["data_offsets"]
     dtype = SAFETENSORS_DTYPES.get(name) if type(name) is str else None

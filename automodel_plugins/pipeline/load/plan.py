@@ -119,6 +119,7 @@ def plan_load(
     allow_unused: bool = False,
     keep_fp8: Collection[str] = (),
     require_fp8: Collection[str] = (),
+    sources: Mapping[str, TensorSource] | None = None,
 ) -> LoadPlan:
     """Plan the load of ``tensors`` (name -> the model's tensor, on meta or real) from ``checkpoint``.
 
@@ -130,8 +131,12 @@ def plan_load(
     checkpoint lacks or whose header dtype or shape does not fit its weight, and :class:`ShapeMismatchError` /
     :class:`DtypeMismatchError` for a stored tensor that cannot become the model's (a BF16 weight with an FP8
     scale beside it included).
+
+    ``sources`` holds ``adapter.from_hf(name)`` of every tensor when the caller already asked the adapter (a
+    second plan of the same tensors, ``inspect``'s ``dequantize=False`` one): the answers are not asked again.
     """
-    sources = {name: adapter.from_hf(name) for name in tensors}
+    if sources is None:
+        sources = {name: adapter.from_hf(name) for name in tensors}
     missing = sorted(
         f"{name} (checkpoint key {key!r})"
         for name, src in sources.items()

@@ -54,9 +54,9 @@ check_structure(config, checkpoint)
 parsed = time.process_time()
 targets = model_tensors(model)
 adapter = adapter_for(registry, plugin, config, checkpoint)
-sources = {name: adapter.from_hf(name) for name in targets}
-plan_load(targets, adapter, checkpoint, sources=sources)
-plan_resident(model, targets, adapter, checkpoint, sources=sources)
+sources, checked = {name: adapter.from_hf(name) for name in targets}, set()  # as describe_checkpoint does
+plan_load(targets, adapter, checkpoint, sources=sources, checked=checked)
+plan_resident(model, targets, adapter, checkpoint, sources=sources, checked=checked)
 done = time.process_time()
 print(len(checkpoint), parsed - start, done - parsed)
 """

@@ -97,9 +97,9 @@ class Fp8StateDictAdapter(StateDictAdapter):
         stored ``transposed`` or not: its FP8 scale found under any accepted name when it is FP8, its static
         activation scale accounted for. ``name`` (the model tensor) is checked against
         ``modules_to_not_convert``; a key the checkpoint lacks gives a plain piece, which planning reports."""
-        if key not in self.checkpoint or not is_fp8(self.checkpoint.info(key).dtype):
+        stored = self.checkpoint.info(key) if key in self.checkpoint else None
+        if stored is None or not is_fp8(stored.dtype):
             return Piece(key, box, transposed=transposed)
-        stored = self.checkpoint.info(key)
         if self.fp8_dtype is not None and stored.dtype != self.fp8_dtype:
             raise DtypeMismatchError(
                 f"FP8 weight is stored as {stored.dtype} but the config's quantization_config declares "

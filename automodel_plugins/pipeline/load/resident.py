@@ -84,11 +84,14 @@ def plan_resident(
     checkpoint: Checkpoint,
     *,
     sources: Mapping[str, TensorSource] | None = None,
+    checked: set[str] | None = None,
 ) -> LoadPlan:
     """The ``dequantize=False`` plan of ``tensors`` (the model's, by name): residency candidates whose FP8 data
     fits kept FP8, except an experts module's tensor whose sibling cannot be (then both are dequantized).
-    ``sources``: the adapter's answers when already asked (see :func:`plan_load`)."""
-    plan = plan_load(tensors, adapter, checkpoint, keep_fp8=residency_candidates(model), sources=sources)
+    ``sources``, ``checked``: the adapter's answers and the tensors already checked (see :func:`plan_load`)."""
+    plan = plan_load(
+        tensors, adapter, checkpoint, keep_fp8=residency_candidates(model), sources=sources, checked=checked
+    )
     for name in _experts_modules(model):
         names = [f"{name}.{p}" for p in EXPERT_PROJECTIONS]
         if not all(n in plan for n in names):

@@ -142,7 +142,6 @@ def _decode_header(file: Path, head: bytes, file_size: int) -> tuple[dict[str, A
 
 
 _INT = frozenset({int})
-_ENTRY_FIELDS = frozenset({"dtype", "shape", "data_offsets"})
 
 
 def _naturals(values: Any) -> bool:
@@ -153,9 +152,12 @@ def _naturals(values: Any) -> bool:
 
 def _parse_entry(file: Path, key: str, raw: Any, data_size: int) -> HeaderEntry:
     """Validate one header entry: known dtype, sane shape, offsets that match shape x dtype and fit the file."""
-    if type(raw) is not dict or not raw.keys() >= _ENTRY_FIELDS:
-        raise CorruptCheckpointError("header entry lacks dtype/shape/data_offsets", path=file, key=key)
-    name, shape, offsets = raw["dtype"], raw["shape"], raw["data_offsets"]
+    try:
+        name, shape, offsets = raw["dtype"], raw["shape"], raw["data_offsets"]
+    except (KeyError, TypeError):  # a field missing, or no JSON object at all
+        raise CorruptCheckpointError(
+            "header entry lacks dtype/shape/data_offsets", path=file, key=key
+        ) from None
     dtype = SAFETENSORS_DTYPES.get(name) if type(name) is str else None
     if dtype is None:
         raise CorruptCheckpointError(f"unknown dtype {name!r}", path=file, key=key)
@@ -179,8 +181,9 @@ def _parse_entry(file: Path, key: str, raw: Any, data_size: int) -> HeaderEntry:
             path=file,
             key=key,
         )
-    info = TensorInfo(key=key, dtype=dtype, shape=tuple(shape), file=file, nbytes=end - begin)
-    return HeaderEntry(info=info, begin=begin, end=end)
+    return HeaderEntry(
+        TensorInfo(key, dtype, tuple(shape), file, end - begin), begin, end
+    )  # positional: faster
 
 
 def _check_coverage(file: Path, entries: list[HeaderEntry], data_size: int) -> None:

@@ -18,6 +18,7 @@ its own floor or the floors below it, and no two modules import each other (``te
     pipeline/    the load side (plan, stream) and the save side (plan, write, convert), the readers both share
     cli/         the automodel-plugins command       } the top floor, with this module, which re-exports
     testing/     the plugin author's kit             } the public names of every floor below
+    integrations/  trainers built on transformers (TRL), each importing its own tool
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ _LAZY = {
     "from_pretrained": "automodel_plugins.pipeline.load.load",
     "build_model": "automodel_plugins.pipeline.load.load",
     "load_weights": "automodel_plugins.pipeline.load.load",
+    # transformers' Auto classes, routed through the registry
+    "AutoModel": "automodel_plugins.pipeline.load.auto",
+    "AutoModelForCausalLM": "automodel_plugins.pipeline.load.auto",
+    "AutoModelForImageTextToText": "automodel_plugins.pipeline.load.auto",
     # saving
     "save_pretrained": "automodel_plugins.pipeline.save.save",
     "SaveReport": "automodel_plugins.pipeline.save.save",
@@ -76,6 +81,7 @@ _LAZY = {
     "dequantize_lora_bases": "automodel_plugins.model.fp8_lora",
     "merge_lora": "automodel_plugins.model.fp8_lora",
     "register_fp8_lora": "automodel_plugins.model.fp8_lora",
+    "requantize_state_dict": "automodel_plugins.model.requantize",
 }
 
 if TYPE_CHECKING:
@@ -98,8 +104,14 @@ if TYPE_CHECKING:
         merge_lora,
         register_fp8_lora,
     )
+    from automodel_plugins.model.requantize import requantize_state_dict
     from automodel_plugins.model.rotary import repair_rotary
     from automodel_plugins.pipeline.composition import Composition
+    from automodel_plugins.pipeline.load.auto import (
+        AutoModel,
+        AutoModelForCausalLM,
+        AutoModelForImageTextToText,
+    )
     from automodel_plugins.pipeline.load.describe import describe_checkpoint
     from automodel_plugins.pipeline.load.load import build_model, from_pretrained, load_weights
     from automodel_plugins.pipeline.load.report import LoadReport

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 
@@ -49,6 +51,16 @@ class AmbiguousClaimError(AutomodelPluginsError):
 
 class NoPluginClaimError(AutomodelPluginsError):
     """``require_plugin=True`` and no plugin claimed the config."""
+
+
+class LoadOptionError(AutomodelPluginsError, TypeError, ValueError):
+    """A transformers ``from_pretrained`` option (or a value of one) that this load cannot honour: names the
+    option and says why, and what to do instead (see ``docs/loading-options.md``). A ``TypeError`` (an
+    unexpected keyword) and a ``ValueError`` (a refused value) alike, so code catching either catches it."""
+
+    def __init__(self, option: str, message: str) -> None:
+        self.option = option
+        super().__init__(f"option {option}: {message}")
 
 
 # --- config and checkpoint --------------------------------------------------------------------------------
@@ -137,7 +149,14 @@ class HubOfflineError(HubError, SourceNotFoundError):
 
 
 class HubDownloadError(HubError):
-    """Any other failure to fetch a file (a server error, a download another rank made that failed)."""
+    """Any other failure to fetch a file (a server error, a truncated body, a download past its deadline, a
+    download another rank made that failed)."""
+
+
+class UnsafeHubAnswerError(HubDownloadError):
+    """The hub (or a mirror) answered something this package refuses to act on: a commit that is not 40 hex
+    digits (or not the one asked for), an ``ETag`` that is not a plain token, a body longer than announced.
+    huggingface_hub names cache paths after these answers, so they are refused before anything is written."""
 
 
 class CorruptCheckpointError(CheckpointError):
@@ -201,6 +220,15 @@ class FrozenFp8WeightError(AutomodelPluginsError, RuntimeError):
     """Gradients were asked of an FP8-resident weight, which holds the checkpoint's FP8 codes and stays frozen."""
 
 
+class FrozenFp8BaseWarning(UserWarning):
+    """An optimizer step on an FP8-resident model (``dequantize=False``) none of whose FP8 layers carries a
+    trainable adapter: the step can train only what is not FP8 (embeddings, norms, the head)."""
+
+
+class TrainerOptionError(AutomodelPluginsError, ValueError):
+    """A trainer option the fused loss does not implement (``automodel_plugins.integrations.trl.SFTTrainer``); names it."""
+
+
 # --- model fix-ups ----------------------------------------------------------------------------------------
 
 
@@ -246,3 +274,42 @@ class SaveWriteError(SaveError):
     def __init__(self, message: str, *, path: str | Path | None = None, errno: int | None = None) -> None:
         self.errno = errno
         super().__init__(message, path=path)
+
+
+# --- how advice names an option ---------------------------------------------------------------------------
+# An error's advice names an option as the Python argument (``revision=``) from Python, as the flag
+# (``--revision``) from the command line, so users are told what to type where they are. The CLI runs its
+# commands under :func:`cli_spelling`; messages built meanwhile (also in worker threads started with a copy of
+# the context) spell options through :func:`option`.
+
+_CLI: ContextVar[bool] = ContextVar("automodel_plugins_cli_spelling", default=False)
+
+OPTION_FLAGS = {
+    "revision": "--revision",
+    "cache_dir": "--cache-dir",
+    "local_files_only": "--local-files-only",
+}
+"""Python arguments and the CLI flags that set them (a token has no flag: ``HF_TOKEN`` or ``hf auth login``)."""
+
+
+def in_cli() -> bool:
+    """Whether the current call came from the command line."""
+    return _CLI.get()
+
+
+def option(name: str, value: str | None = None) -> str:
+    """``name`` as the caller spells it: ``revision=`` / ``local_files_only=True`` in Python, ``--revision`` /
+    ``--local-files-only`` on the command line (``value`` is shown in Python only; flags take it after them)."""
+    if in_cli() and name in OPTION_FLAGS:
+        return OPTION_FLAGS[name]
+    return f"{name}={value if value is not None else ''}"
+
+
+@contextmanager
+def cli_spelling() -> Iterator[None]:
+    """Spell options as CLI flags in the messages built inside."""
+    token = _CLI.set(True)
+    try:
+        yield
+    finally:
+        _CLI.reset(token)

@@ -315,15 +315,19 @@ def test_sharded_head_is_refused(single_rank_mesh: Any) -> None:
         model(**batch, skip_logits=True)
 
 
-def test_head_as_its_own_fsdp2_unit_falls_back_to_stock(single_rank_mesh: Any) -> None:
-    """``fully_shard(lm_head)`` unshards the head only inside ``lm_head.forward`` (a pre-hook): stock's loss."""
+@pytest.mark.parametrize("reshard", [True, False], ids=["reshard", "keep"])
+def test_head_as_its_own_fsdp2_unit_keeps_the_fused_loss(single_rank_mesh: Any, reshard: bool) -> None:
+    """``fully_shard(lm_head)`` unshards the head only inside ``lm_head``'s hooks: the loss runs as its forward,
+    through them (no warning, no logits), and equals stock's, gradient included (issue 21 item 3)."""
     from torch.distributed.fsdp import fully_shard
 
     stock, batch = llama()
     fused = bind(copy.deepcopy(stock))
-    fully_shard(fused.lm_head, mesh=single_rank_mesh)
-    with pytest.warns(UserWarning, match="forward hooks"):
+    fully_shard(fused.lm_head, mesh=single_rank_mesh, reshard_after_forward=reshard)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
         got = fused(**batch, skip_logits=True)
+    assert got.logits is None
     expected = stock(**batch)
     torch.testing.assert_close(got.loss, expected.loss, atol=ATOL, rtol=0)
     got.loss.backward()
@@ -331,6 +335,31 @@ def test_head_as_its_own_fsdp2_unit_falls_back_to_stock(single_rank_mesh: Any) -
     torch.testing.assert_close(
         fused.lm_head.weight.grad.full_tensor(), stock.lm_head.weight.grad, atol=ATOL, rtol=0
     )
+    assert "forward" not in fused.lm_head.__dict__  # the stand-in forward lasted one call
+
+
+def test_head_whose_fsdp2_output_dtype_would_round_the_loss_falls_back(single_rank_mesh: Any) -> None:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    stock, batch = llama()
+    fused = bind(copy.deepcopy(stock))
+    policy = MixedPrecisionPolicy(output_dtype=torch.bfloat16)
+    fully_shard(fused.lm_head, mesh=single_rank_mesh, mp_policy=policy)
+    with pytest.warns(UserWarning, match="casts its output to torch.bfloat16"):
+        got = fused(**batch, skip_logits=True)
+    assert got.logits is not None and got.logits.dtype == torch.bfloat16
+
+
+def test_user_hook_next_to_fsdp2_hooks_still_falls_back(single_rank_mesh: Any) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    stock, batch = llama()
+    fused = bind(copy.deepcopy(stock))
+    fully_shard(fused.lm_head, mesh=single_rank_mesh)
+    hooked_head(fused)
+    with pytest.warns(UserWarning, match="forward hooks"):
+        got = fused(**batch, skip_logits=True)
+    assert got.logits is not None
 
 
 # --- heads the fused loss cannot stand in for: the stock loss, with one warning ---------------------------
@@ -383,6 +412,16 @@ def pre_hooked_head(model: nn.Module) -> None:
     model.lm_head.register_forward_pre_hook(lambda module, args: (args[0] * 0.5,))
 
 
+def instance_forward_head(model: nn.Module) -> None:
+    """What accelerate's ``add_hook_to_module`` (device maps, offload) does: a forward set on the instance."""
+    import types
+
+    def scaled(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        return nn.Linear.forward(self, x) * 1.5
+
+    model.lm_head.forward = types.MethodType(scaled, model.lm_head)  # deepcopy rebinds it to the copy
+
+
 @pytest.mark.parametrize(
     ("change", "reason"),
     [
@@ -390,8 +429,9 @@ def pre_hooked_head(model: nn.Module) -> None:
         (temperature_head, "TemperatureLinear overrides nn.Linear.forward"),
         (hooked_head, "forward hooks"),
         (pre_hooked_head, "forward hooks"),
+        (instance_forward_head, "forward is replaced on the instance"),
     ],
-    ids=["wrapped", "subclass-forward", "forward-hook", "pre-hook"],
+    ids=["wrapped", "subclass-forward", "forward-hook", "pre-hook", "instance-forward"],
 )
 def test_unfusable_head_falls_back_to_stock_loss_with_one_warning(
     change: Callable[[nn.Module], None], reason: str

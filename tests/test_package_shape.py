@@ -26,7 +26,7 @@ FLOORS = (
     ("ops",),
     ("model",),
     ("pipeline",),
-    ("", "cli", "testing"),  # "": the package root, whose lazy exports reach every floor
+    ("", "cli", "testing", "integrations"),  # "": the package root, whose lazy exports reach every floor
 )
 """Bottom to top, as the root's docstring lists them: a module imports only from its own floor or below."""
 

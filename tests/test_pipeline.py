@@ -218,10 +218,8 @@ def test_wrong_hook_return_types(fp8_path: Path, returns: dict[str, Any], match:
 
 
 def test_stock_only_options_are_refused_on_the_plugin_path(fp8_path: Path) -> None:
-    with pytest.raises(TypeError, match="attn_implementation"):
-        from_pretrained(
-            fp8_path, registry=registry_with(fake_llama=LlamaPlugin()), attn_implementation="eager"
-        )
+    with pytest.raises(TypeError, match=r"key_mapping.*'fake_llama'"):
+        from_pretrained(fp8_path, registry=registry_with(fake_llama=LlamaPlugin()), key_mapping={"a": "b"})
 
 
 def test_float32_target(fp8_path: Path) -> None:

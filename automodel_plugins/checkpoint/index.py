@@ -14,7 +14,7 @@ from pathlib import Path
 from automodel_plugins.errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointPathError
 from automodel_plugins.sources.resolve import CheckpointLocation, not_a_file, read_regular_file
 
-__all__ = ["load_weight_map", "shard_files", "shard_names"]
+__all__ = ["link_leads_outside", "load_weight_map", "shard_files", "shard_names"]
 
 
 def _allowed_roots(directory: Path) -> list[Path]:
@@ -30,11 +30,27 @@ def _is_within(path: Path, root: Path) -> bool:
     return path != root and path.is_relative_to(root)
 
 
+def link_leads_outside(directory: Path, file: Path) -> Path | None:
+    """Where ``file`` of the checkpoint in ``directory`` leads once its links are followed, when that is outside
+    the checkpoint (and, for a cache snapshot, outside the cache's blob store); ``None`` when it stays inside.
+    The one rule for every file read or copied from a checkpoint: a link may not lead outside it."""
+    resolved = file.resolve()
+    return None if any(_is_within(resolved, root) for root in _allowed_roots(directory)) else resolved
+
+
 def _check_entry_name(index: Path, key: str, name: str) -> None:
-    """A weight_map file name must be a plain relative name: no absolute path, no ``..``."""
+    """A weight_map file name must be a plain relative name: no absolute path, no ``..``, no NUL, no
+    backslash."""
     if "\0" in name:
         raise UnsafeCheckpointPathError(
             f"weight_map entry {name!r} contains a NUL byte: no file has such a name", path=index, key=key
+        )
+    if "\\" in name:
+        raise UnsafeCheckpointPathError(
+            f"weight_map entry {name!r} contains a backslash: a path separator on Windows (and to "
+            "huggingface_hub), never part of a shard's plain file name",
+            path=index,
+            key=key,
         )
     relative = Path(name)
     if relative.is_absolute() or ".." in relative.parts or name in ("", "."):
@@ -48,8 +64,8 @@ def _check_entry_name(index: Path, key: str, name: str) -> None:
 def _check_within(location: CheckpointLocation, index: Path, key: str, name: str, file: Path) -> Path:
     """``file`` as the index names it, once its links are followed and found to stay inside the checkpoint
     (refused otherwise: a hostile link). The named path is kept, so errors and ``inspect`` show the names."""
-    resolved = file.resolve()
-    if not any(_is_within(resolved, root) for root in _allowed_roots(location.directory)):
+    resolved = link_leads_outside(location.directory, file)
+    if resolved is not None:
         raise UnsafeCheckpointPathError(
             f"weight_map entry {name!r} resolves to {resolved}, outside the checkpoint directory "
             f"{location.directory}",

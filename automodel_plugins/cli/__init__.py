@@ -15,7 +15,7 @@ import sys
 from automodel_plugins._version import __version__
 from automodel_plugins.cli import convert, describe, listing
 from automodel_plugins.cli.exits import EXIT_OK, EXIT_USER_ERROR
-from automodel_plugins.errors import AutomodelPluginsError
+from automodel_plugins.errors import AutomodelPluginsError, cli_spelling
 
 __all__ = ["EXIT_OK", "EXIT_USER_ERROR", "main"]
 
@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in _HEADER_ONLY:
         gc.set_threshold(*_GC_THRESHOLDS)
     try:
-        return args.handler(args)
+        with cli_spelling():  # errors name --revision, not revision=
+            return args.handler(args)
     except AutomodelPluginsError as exc:
         print(f"automodel-plugins: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -18,7 +18,10 @@ holds the vision tower too for VLMs) with the caller's arguments, then:
   ``load_balancing_loss_func`` of them, and a labelled call's loss adds ``router_aux_loss_coef * aux_loss``.
 
 The fused loss reads ``lm_head.weight`` directly, so it is only right when ``lm_head`` is what that weight
-says: a plain ``nn.Linear`` with no forward hooks. A labelled call on any other head (a PEFT LoRA on
+says: a plain ``nn.Linear`` with no forward hooks but FSDP2's. When ``lm_head`` carries FSDP2's hooks (its own
+unit, or a group with the final norm as accelerate wraps it), the loss runs as ``lm_head``'s forward, through
+those hooks (``model/fsdp_head.py``): FSDP2 unshards the weight, re-unshards it for the backward and
+reduce-scatters its gradient as for the stock call. A labelled call on any other head (a PEFT LoRA on
 ``lm_head``, a quantized or wrapped Linear, a user's hook) runs the stock forward instead, with a warning
 once per model: the loss stays right and only the memory saving is lost.
 
@@ -39,6 +42,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from automodel_plugins.model.fsdp_head import (
+    call_as_forward,
+    fsdp_output_dtype,
+    has_forward_hooks,
+    only_fsdp_hooks,
+)
 from automodel_plugins.model.placement import is_dtensor
 from automodel_plugins.ops.linear_cross_entropy import linear_cross_entropy
 
@@ -73,10 +82,9 @@ def fused_loss_forward(
 
     ``vocab_size``: the head's vocabulary size, or a function of the model's config returning it (checked
     against ``lm_head.weight`` at call time, so a tensor-parallel-sharded head fails loudly instead of
-    computing a wrong loss). ``memory_budget_bytes``: the fused op's budget for one chunk's fp32
-    working set (its logit tiles, the hidden-state rows they read and write, and the fp32 copy of a bf16
-    head's tile; its
-    :func:`~automodel_plugins.ops.default_memory_budget` when ``None``). ``output_class``: the output dataclass, when the stock return annotation does not
+    computing a wrong loss). ``memory_budget_bytes``: the fused op's budget for one block's working
+    set (its logit tiles and the hidden-state rows they read and write; for a bf16 head twice
+    :func:`~automodel_plugins.ops.default_memory_budget` when ``None``, else that default). ``output_class``: the output dataclass, when the stock return annotation does not
     name exactly one ``ModelOutput`` subclass. The result wraps ``stock_forward`` (``functools.wraps``) so
     ``inspect.signature`` reports the stock signature, which ``generate`` reads.
     """
@@ -102,15 +110,21 @@ def fused_loss_forward(
         hidden = outputs[0]
         loss = None
         if head["labels"] is not None:
-            loss = causal_lm_fused_loss(
-                hidden,
-                _lm_head(self, _vocab_size(vocab_size, self.config)),
-                head["labels"],
-                shift_labels=head["shift_labels"],
-                num_items_in_batch=head["num_items_in_batch"],
-                ignore_index=ignore_index,
-                memory_budget_bytes=memory_budget_bytes,
-            )
+
+            def head_loss(final_hidden: torch.Tensor) -> torch.Tensor:
+                return causal_lm_fused_loss(
+                    final_hidden,
+                    _lm_head(self, _vocab_size(vocab_size, self.config)),
+                    head["labels"],
+                    shift_labels=head["shift_labels"],
+                    num_items_in_batch=head["num_items_in_batch"],
+                    ignore_index=ignore_index,
+                    memory_budget_bytes=memory_budget_bytes,
+                )
+
+            # FSDP2's hooks on lm_head (the only ones left here) must fire around the read of its weight.
+            has_hooks = has_forward_hooks(self.lm_head)
+            loss = call_as_forward(self.lm_head, head_loss, hidden) if has_hooks else head_loss(hidden)
         aux_loss = None
         if router_loss is not None and _wants_router_logits(self.config, call):
             aux_loss, coefficient = router_loss(
@@ -193,7 +207,8 @@ def causal_lm_fused_loss(
     ``ignore_index``). ``shift_labels``, already aligned with the predictions, replaces that shift (context
     parallelism hands those in). ``num_items_in_batch`` (the label count over a whole gradient-accumulation
     batch) divides the summed loss; otherwise it is the mean over non-ignored labels (0 when all are ignored,
-    where stock gives NaN). The weight is read now, inside the forward, where FSDP2 has it unsharded.
+    where stock gives NaN). The weight is read now, inside the forward (``lm_head``'s, under its own FSDP2
+    hooks), where FSDP2 has it unsharded.
     """
     if shift_labels is None:
         shift_labels = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
@@ -225,14 +240,20 @@ def unfusable_head_reason(head: nn.Module) -> str | None:
     """Why the fused loss cannot stand in for ``head(hidden)``, or ``None`` when it can.
 
     It can when ``head`` computes exactly ``F.linear(x, head.weight, head.bias)``: an ``nn.Linear`` (or a
-    subclass keeping ``nn.Linear.forward``, such as a parametrized one) with no forward hooks or pre-hooks.
+    subclass keeping ``nn.Linear.forward``, such as a parametrized one) with no forward hooks or pre-hooks but
+    FSDP2's (which only gather the weight, unless a mixed-precision ``output_dtype`` would round the loss).
     """
     if not isinstance(head, nn.Linear):
         return f"lm_head is a {type(head).__module__}.{type(head).__qualname__}, not an nn.Linear"
     if type(head).forward is not nn.Linear.forward:
         return f"lm_head's class {type(head).__qualname__} overrides nn.Linear.forward"
-    if head._forward_hooks or head._forward_pre_hooks:
+    if "forward" in head.__dict__:  # accelerate's device-map hooks, a user's wrapper
+        return "lm_head's forward is replaced on the instance, which the fused loss would skip"
+    if has_forward_hooks(head) and not only_fsdp_hooks(head):
         return "lm_head has forward hooks, which the fused loss would skip"
+    output_dtype = fsdp_output_dtype(head)
+    if output_dtype is not None:
+        return f"lm_head's FSDP2 MixedPrecisionPolicy casts its output to {output_dtype}, which would round the loss"
     return None
 
 
@@ -314,7 +335,7 @@ def _lm_head(model: nn.Module, vocab_size: int) -> nn.Linear:
     if is_dtensor(weight):
         raise RuntimeError(
             "lm_head.weight is a DTensor at forward time (tensor-parallel): the fused loss needs the full head; "
-            "replicate lm_head, or shard it together with its parent module under FSDP2"
+            "replicate lm_head, or shard it with FSDP2 (fully_shard), whose hooks gather it for the forward"
         )
     if weight.dim() != 2 or weight.shape[0] != vocab_size:
         raise RuntimeError(

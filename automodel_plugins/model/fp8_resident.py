@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from automodel_plugins.errors import FrozenFp8WeightError
+from automodel_plugins.errors import DtypeMismatchError, FrozenFp8WeightError
 from automodel_plugins.fp8.decode import dequantize
 from automodel_plugins.fp8.formats import is_fp8
 from automodel_plugins.fp8.quantization import quantization_dict
@@ -26,8 +26,11 @@ __all__ = [
     "DequantLayout",
     "Fp8Codes",
     "Fp8Resident",
+    "check_resident_state_dict",
     "dequantize_rows",
     "fp8_matmul",
+    "linear_dequantized",
+    "linear_dequantized_input_grad",
     "modules_of_type",
     "sync_quantization_config",
 ]
@@ -107,7 +110,7 @@ def _row_chunks(rows: int, step: int) -> Iterator[tuple[int, int]]:
         yield r0, min(rows, r0 + step)
 
 
-def _fp8_linear(
+def linear_dequantized(
     x: torch.Tensor,
     codes: torch.Tensor,
     scale: torch.Tensor,
@@ -130,7 +133,7 @@ def _fp8_linear(
     return out
 
 
-def _fp8_linear_input_grad(
+def linear_dequantized_input_grad(
     grad_out: torch.Tensor,
     codes: torch.Tensor,
     scale: torch.Tensor,
@@ -158,14 +161,14 @@ class _Fp8LinearFunction(torch.autograd.Function):
     def forward(ctx: Any, x, codes, scale, bias, layout: DequantLayout):  # type: ignore[override]
         ctx.save_for_backward(codes, scale)
         ctx.layout, ctx.x_dtype = layout, x.dtype
-        return _fp8_linear(x, codes, scale, bias, layout)
+        return linear_dequantized(x, codes, scale, bias, layout)
 
     @staticmethod
     def backward(ctx: Any, grad_out):  # type: ignore[override]
         codes, scale = ctx.saved_tensors
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = _fp8_linear_input_grad(grad_out, codes, scale, ctx.layout, ctx.x_dtype)
+            grad_x = linear_dequantized_input_grad(grad_out, codes, scale, ctx.layout, ctx.x_dtype)
         if ctx.needs_input_grad[3]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
         return grad_x, None, None, grad_bias, None
@@ -180,10 +183,17 @@ def fp8_matmul(
 ) -> torch.Tensor:
     """``F.linear(x, dequantized codes, bias)`` for 2-D ``uint8`` ``codes`` and their fp32 ``scale``: under
     autograd (``x`` or ``bias`` requiring grad) through :class:`_Fp8LinearFunction`, whose graph keeps only
-    the codes; otherwise directly, the dequantized weight dropped on return."""
+    the codes; otherwise directly, the dequantized weight dropped on return. While dynamo traces
+    (``torch.compile``), the same code runs as the custom op ``automodel_plugins::fp8_linear``, registered by
+    :mod:`~automodel_plugins.model.fp8_ops` (which ``Fp8Linear`` and ``Fp8Experts`` import)."""
+    if torch.compiler.is_compiling():
+        block = None if layout.block_size is None else list(layout.block_size)
+        return torch.ops.automodel_plugins.fp8_linear(
+            x, codes, scale, bias, layout.fp8_dtype, block, layout.compute_dtype, layout.rows_per_chunk
+        )
     needs_graph = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
     if not needs_graph:
-        return _fp8_linear(x, codes, scale, bias, layout)
+        return linear_dequantized(x, codes, scale, bias, layout)
     return _Fp8LinearFunction.apply(x, codes, scale, bias, layout)
 
 
@@ -245,6 +255,26 @@ class Fp8Resident(nn.Module):
             if codes is not None and not isinstance(codes, Fp8Codes) and not is_dtensor(codes):
                 self._parameters[name] = Fp8Codes(codes.data)
 
+    def check_codes_dtype(self, key: str, dtype: torch.dtype) -> None:
+        """Only this layer's FP8 codes load into it: its FP8 dtype, or ``uint8`` (the same bytes). torch's
+        ``copy_`` would cast anything else (BF16 weights, another FP8 format) into meaningless codes, silently."""
+        if dtype in (self.fp8_dtype, torch.uint8):
+            return
+        kind = type(self).__name__
+        if is_fp8(dtype):
+            raise DtypeMismatchError(
+                f"{dtype} codes cannot be loaded into an {kind} holding {self.fp8_dtype} codes: the same bytes "
+                "mean other numbers in another FP8 format",
+                key=key,
+            )
+        raise DtypeMismatchError(
+            f"a {dtype} value cannot be loaded into the FP8 codes of an {kind} (FP8-resident, dequantize=False: "
+            f"it holds {self.fp8_dtype} codes and a scale; a cast would make the values meaningless codes). "
+            "Load these weights into a model loaded with dequantize=True, or re-quantize them first, "
+            "deliberately: model.load_state_dict(automodel_plugins.requantize_state_dict(model, state_dict))",
+            key=key,
+        )
+
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
         for name in self.CODE_NAMES:
@@ -256,7 +286,8 @@ class Fp8Resident(nn.Module):
     ) -> None:
         for name in self.CODE_NAMES:
             codes = state_dict.get(prefix + name)
-            if codes is not None and is_fp8(codes.dtype):
+            if isinstance(codes, torch.Tensor):
+                self.check_codes_dtype(prefix + name, codes.dtype)
                 state_dict[prefix + name] = codes.view(torch.uint8)
         for name in self.SCALE_NAMES:
             scale, buffer = state_dict.get(prefix + name), self._buffers.get(name)
@@ -273,6 +304,18 @@ class Fp8Resident(nn.Module):
 def modules_of_type(model: nn.Module, kind: type[M]) -> dict[str, M]:
     """Every module of ``model`` that is a ``kind``, by module name."""
     return {name: module for name, module in model.named_modules() if isinstance(module, kind)}
+
+
+def check_resident_state_dict(module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+    """A ``load_state_dict`` pre-hook for a model holding FP8-resident modules: refuses a value no resident
+    module can take as codes (:meth:`Fp8Resident.check_codes_dtype`) before the load copies anything, so a
+    refused load leaves the whole model as it was (each module checks again when the load reaches it)."""
+    for name, resident in modules_of_type(module, Fp8Resident).items():
+        for code_name in resident.CODE_NAMES:
+            key = f"{prefix}{name}.{code_name}" if name else f"{prefix}{code_name}"
+            value = state_dict.get(key)
+            if isinstance(value, torch.Tensor):
+                resident.check_codes_dtype(key, value.dtype)
 
 
 def sync_quantization_config(model: nn.Module) -> str | None:

@@ -6,17 +6,18 @@ The host never subclasses or patches a model class: every load starts from the c
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import copy
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from automodel_plugins.errors import ConfigError
+from automodel_plugins.errors import ConfigError, LoadOptionError
 from automodel_plugins.sources import config_path_of
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
 
-__all__ = ["build_on_meta", "stock_class"]
+__all__ = ["auto_target", "build_on_meta", "stock_class"]
 
 
 def stock_class(config: PretrainedConfig) -> type[PreTrainedModel]:
@@ -51,19 +52,53 @@ def stock_class(config: PretrainedConfig) -> type[PreTrainedModel]:
     )
 
 
-def build_on_meta(config: PretrainedConfig, dtype: torch.dtype) -> PreTrainedModel:
+def auto_target(auto_class: type, config: PretrainedConfig) -> type[PreTrainedModel]:
+    """The class transformers' ``auto_class`` (``AutoModelForCausalLM``, ...) loads ``config`` as; a config it
+    does not serve is the error transformers raises (a ``ValueError``), as a :class:`ConfigError`."""
+    from transformers.models.auto.auto_factory import _get_model_class
+
+    mapping = auto_class._model_mapping
+    if type(config) not in mapping:
+        raise ConfigError(
+            config_path_of(config),
+            f"Unrecognized configuration class {type(config)} for this kind of AutoModel: {auto_class.__name__} "
+            f"(transformers' {auto_class.__name__} does not load {config.model_type!r} configs either)",
+        )
+    return _get_model_class(config, mapping)
+
+
+def build_on_meta(config: PretrainedConfig, dtype: torch.dtype, **build: Any) -> PreTrainedModel:
     """The stock class of ``config`` with every tensor on meta: nothing allocated, nothing initialized.
 
-    A config the class cannot be built from (what :func:`~automodel_plugins.sources.load_config` does not
-    already refuse) raises :class:`ConfigError` naming the config file and the class, not the exception from
-    deep inside its ``__init__``.
+    ``build`` holds transformers' construction options (``attn_implementation``, ``experts_implementation``),
+    given to the class as its ``from_pretrained`` gives them; one the class refuses (an implementation that is
+    not installed or that it does not support) is a :class:`LoadOptionError` with transformers' reason. A config
+    the class cannot be built from (what :func:`~automodel_plugins.sources.load_config` does not already
+    refuse) raises :class:`ConfigError` naming the config file and the class, not the exception from deep
+    inside its ``__init__``.
     """
     model_class = stock_class(config)
+    pristine = copy.deepcopy(config) if build else None  # construction sets the options on the config
     try:
         with torch.device("meta"):
-            return model_class._from_config(config, dtype=dtype)
+            return model_class._from_config(config, dtype=dtype, **build)
     except Exception as exc:
+        if pristine is not None and _builds(model_class, pristine, dtype):
+            option = next(iter(build)) if len(build) == 1 else " / ".join(build)
+            raise LoadOptionError(
+                option, f"{model_class.__name__} refuses {build}: {type(exc).__name__}: {exc}"
+            ) from exc
         raise ConfigError(
             config_path_of(config),
             f"transformers cannot build {model_class.__name__} from this config: {type(exc).__name__}: {exc}",
         ) from exc
+
+
+def _builds(model_class: type[PreTrainedModel], config: PretrainedConfig, dtype: torch.dtype) -> bool:
+    """Whether the class builds from ``config`` without the construction options (so those were at fault)."""
+    try:
+        with torch.device("meta"):
+            model_class._from_config(config, dtype=dtype)
+    except Exception:
+        return False
+    return True

@@ -8,6 +8,7 @@ and a non-persistent buffer (no checkpoint carries it) that nobody recomputed af
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -93,18 +94,20 @@ def _is_poisoned(tensor: torch.Tensor) -> bool:
     return bool((tensor == torch.iinfo(tensor.dtype).min).all())
 
 
-def poison_meta_buffers(model: nn.Module, device: torch.device) -> list[str]:
+def poison_meta_buffers(model: nn.Module, device: torch.device | Callable[[str], torch.device]) -> list[str]:
     """Give buffers still on meta (non-persistent: never in a checkpoint) a poison value, to be recomputed.
 
     NaN (or the integer minimum) rather than uninitialized memory, so that a buffer nobody recomputed is
-    caught by :func:`unrecomputed_buffers` instead of running silently wrong. Returns their names.
+    caught by :func:`unrecomputed_buffers` instead of running silently wrong. ``device`` may be a function of
+    the buffer's name (a ``device_map``). Returns their names.
     """
     poisoned = []
     for module_name, module in model.named_modules():
         for name, buffer in list(module._buffers.items()):
             if buffer is not None and buffer.is_meta:
-                module._buffers[name] = _poison(buffer, device)
-                poisoned.append(f"{module_name}.{name}" if module_name else name)
+                full = f"{module_name}.{name}" if module_name else name
+                module._buffers[name] = _poison(buffer, device(full) if callable(device) else device)
+                poisoned.append(full)
     return poisoned
 
 

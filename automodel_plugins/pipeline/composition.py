@@ -7,7 +7,10 @@ and the forward it binds are checked in one place.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import stat
 import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from automodel_plugins.adapters import StateDictAdapter, TensorSource, fp8_adapter_for
+from automodel_plugins.checkpoint.destination import ProtectedDirectory
 from automodel_plugins.errors import AutomodelPluginsError, PluginError
 from automodel_plugins.fp8.quantization import quantization_dict
 
@@ -46,16 +50,26 @@ COMPOSITION_ATTR = "automodel_composition"
 
 @dataclass(frozen=True)
 class FileStamp:
-    """A file's size and modification time when it was read, to tell whether it changed since."""
+    """A file as it was when read, to tell whether it changed since: its size, modification and status-change
+    times and inode, and for a safetensors file a digest of its header (names, dtypes, shapes, offsets).
+
+    The status-change time (``ctime``) moves with every write and cannot be set back by a user, unlike the
+    modification time: a rewrite of the same size with the old ``mtime`` restored is still seen. The header
+    digest sees a new header under any metadata.
+    """
 
     path: Path
     size: int
     mtime_ns: int
+    ctime_ns: int = 0
+    inode: int = 0
+    header_digest: str | None = None
 
     @classmethod
     def of(cls, path: Path) -> FileStamp:
-        stat = path.stat()
-        return cls(path, stat.st_size, stat.st_mtime_ns)
+        info = path.stat()
+        digest = _header_digest(path) if path.name.endswith(".safetensors") else None
+        return cls(path, info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino, digest)
 
     def changed(self) -> bool:
         try:
@@ -71,7 +85,9 @@ class SourceRecord:
 
     ``path`` is what the checkpoint was opened from (a directory, or the weights file, index or config named);
     ``quantization_config`` is the source ``config.json``'s own, as written there; ``adapter`` what the
-    adapter described (layout, granularity, scale names); ``files`` the config and weights as they were then.
+    adapter described (layout, granularity, scale names); ``files`` the config and weights as they were then;
+    ``protected`` the directory's real path, device and inode then: no save may write over it, whatever it
+    holds now.
     """
 
     path: Path
@@ -81,10 +97,33 @@ class SourceRecord:
     adapter: dict[str, Any]
     files: tuple[FileStamp, ...]
     stage: bool = False
+    protected: ProtectedDirectory | None = None
 
     def changed_files(self) -> list[Path]:
         """Files of the source that changed (or vanished) since the load."""
         return [stamp.path for stamp in self.files if stamp.changed()]
+
+
+def _header_digest(path: Path) -> str | None:
+    """SHA-256 of the file's ``8 + header length`` first bytes (``None`` when they cannot be read as such)."""
+    from automodel_plugins.checkpoint.header import MAX_HEADER_BYTES
+
+    try:  # not blocking on a FIFO put in the file's place: checked on the open file
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        prefix = os.pread(fd, 8, 0)
+        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else MAX_HEADER_BYTES + 1
+        if length > MAX_HEADER_BYTES:
+            return None
+        return hashlib.sha256(prefix + os.pread(fd, length, 8)).hexdigest()
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def record_source(
@@ -113,6 +152,7 @@ def record_source(
         # A stage's load from a hub repo leaves other stages' shards on the hub: only local files were read.
         files=tuple(FileStamp.of(path) for path in files if path is not None and path.is_file()),
         stage=stage,
+        protected=ProtectedDirectory.of(location.directory),
     )
 
 

@@ -7,6 +7,8 @@ id mean the same checkpoint everywhere.
 * ``location``: what every location is (``CheckpointLocation``) and the file names of a checkpoint;
 * ``options``: ``HubOptions``, the hub options as one value, built once by each entry point;
 * ``hub``: ``HubLocation``, a repo's files fetched on demand into the Hugging Face cache;
+* ``hub_guard``: what a hub's answers may not decide (a commit or ETag naming a path), and the bounds on every
+  wait and body while this package talks to a hub;
 * ``shared``: one rank per machine does such work under ``torch.distributed`` while the others wait;
 * ``head``: a safetensors header's length, bounded, from a file's first 8 bytes (local or by range request);
 * ``resolve``: what a path or repo id names (``LocalLocation`` or ``HubLocation``);

@@ -36,8 +36,13 @@ def load_config(
     :func:`~automodel_plugins.sources.resolve`; ``progress`` switches the download bar).
 
     Raises :class:`ConfigError` naming the file (and the field) for a missing file, malformed JSON, a value that
-    is not an object, a missing or unknown ``model_type`` (also in nested ``*_config`` objects), or a size,
-    head count or rotary parameter no model can be built with (see :mod:`automodel_plugins.sources.schema`).
+    is not an object, a missing or unknown top-level ``model_type``, a size, head count or rotary parameter no
+    model can be built with (see :mod:`automodel_plugins.sources.schema`), or a config transformers refuses.
+
+    A nested ``model_type`` is transformers' to judge: its config classes accept published values that are not
+    in its list (Kimi-K2.5's ``text_config.model_type: "kimi_k2"``, which ``Kimi_K25Config`` rewrites to
+    ``deepseek_v3``; Qwen3-Omni's ``code2wav_config.model_type: ""``). Only when transformers refuses the
+    config are the nested ``model_type`` fields it does not know named in the error.
     """
     options = HubOptions(
         revision=revision,
@@ -49,7 +54,7 @@ def load_config(
     location = resolve(path, options)
     file = location.config_file()
     data = _read_object(file)
-    _check_model_types(file, data)
+    _check_model_type(file, data, "model_type", required=True)
     problems = config_problems(data)
     if problems:
         raise ConfigError(file, "; ".join(problems))
@@ -60,9 +65,7 @@ def load_config(
     try:
         config = AutoConfig.from_pretrained(str(source), local_files_only=True, trust_remote_code=False)
     except Exception as exc:
-        raise ConfigError(
-            file, f"transformers cannot build this config: {type(exc).__name__}: {exc}"
-        ) from exc
+        raise ConfigError(file, _refusal(data, exc)) from exc
     if location.is_remote:  # as transformers names it, so PEFT adapters and model cards name the repo
         config.name_or_path = location.given
     return config
@@ -118,15 +121,40 @@ def _too_deep(value: Any, limit: int, path: str = "") -> str | None:
     return None
 
 
-def _check_model_types(file: Path, data: dict[str, Any]) -> None:
-    """Check the top-level ``model_type`` and those of nested sub-configs (``text_config`` and the like)."""
-    _check_model_type(file, data, "model_type", required=True)
+def _refusal(data: dict[str, Any], exc: Exception) -> str:
+    """Why transformers refused ``data``: the nested ``model_type`` fields it does not know and names in its
+    error first (its own message lists every model type it has, but not the field), then its error, cut
+    short. A nested type transformers did not complain about (``""`` in Qwen3-Omni) is not blamed."""
+    said = f"{type(exc).__name__}: {exc}"
+    unknown = []
+    for field, value in _nested_model_types(data):
+        if str(value) and str(value) in said:
+            try:
+                _check_model_type(None, {"model_type": value}, field, required=True)
+            except ConfigError as error:
+                unknown.append(str(error))
+    said = said if len(said) <= _MAX_QUOTED else said[:_MAX_QUOTED] + "..."
+    return f"transformers cannot build this config: {'; '.join([*unknown, said])}"
+
+
+_MAX_QUOTED = 300
+"""Characters of transformers' own message quoted in a refusal (its unknown-type message lists ~600 names)."""
+
+
+def _nested_model_types(data: dict[str, Any], where: str = "") -> list[tuple[str, Any]]:
+    """``(dotted field, value)`` of every ``model_type`` below the top level (``text_config.model_type``,
+    ``thinker_config.audio_config.model_type``, ...); depth is bounded by :data:`MAX_CONFIG_DEPTH`."""
+    found = []
     for key, value in data.items():
-        if isinstance(value, dict) and "model_type" in value:
-            _check_model_type(file, value, f"{key}.model_type", required=False)
+        if isinstance(value, dict):
+            field = f"{where}{key}"
+            if "model_type" in value:
+                found.append((f"{field}.model_type", value["model_type"]))
+            found += _nested_model_types(value, f"{field}.")
+    return found
 
 
-def _check_model_type(file: Path, data: dict[str, Any], field: str, *, required: bool) -> None:
+def _check_model_type(file: Path | None, data: dict[str, Any], field: str, *, required: bool) -> None:
     from transformers import __version__ as transformers_version
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 

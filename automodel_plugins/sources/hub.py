@@ -16,7 +16,7 @@ file is fetched at that commit: a push during a load cannot mix two versions, an
 
 from __future__ import annotations
 
-import re
+import contextvars
 import socket
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -35,10 +35,13 @@ from automodel_plugins.errors import (
     HubOfflineError,
     HubRepoNotFoundError,
     HubRevisionNotFoundError,
+    in_cli,
+    option,
 )
 from automodel_plugins.progress import progress_enabled
 from automodel_plugins.sources import shared
 from automodel_plugins.sources.head import header_length
+from automodel_plugins.sources.hub_guard import COMMIT, check_commit, check_revision, read_at_most, watching
 from automodel_plugins.sources.location import (
     CONFIG_NAME,
     INDEX_NAME,
@@ -53,7 +56,7 @@ __all__ = ["FETCHED_SUFFIXES", "HubLocation", "is_repo_id"]
 FETCHED_SUFFIXES = (".json", ".safetensors")
 """The only kinds of file ever fetched from a repo: configs, indexes and safetensors weights."""
 
-_COMMIT = re.compile(r"[0-9a-f]{40}")
+_ERROR_BODY_BYTES = 1 << 16
 _PARALLEL_DOWNLOADS = 8
 _LIBRARY = "automodel-plugins"
 
@@ -86,6 +89,8 @@ class HubLocation(CheckpointLocation):
     named_weights = None
 
     def __init__(self, repo_id: str, options: HubOptions | None = None) -> None:
+        if options is not None and options.revision is not None:
+            check_revision(repo_id, options.revision)  # before any request: huggingface_hub writes refs/<rev>
         self.repo_id = repo_id
         self.given = repo_id
         self.options = options or HubOptions()
@@ -239,9 +244,7 @@ class HubLocation(CheckpointLocation):
         needed = [name for name in names if not self.is_local(name)]
         if not needed:
             return
-        workers = min(_PARALLEL_DOWNLOADS, len(needed))
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            found = dict(zip(needed, pool.map(self._download, needed), strict=True))
+        found = dict(zip(needed, _in_threads(self._download, needed), strict=True))
         absent = [name for name, ok in found.items() if not ok]
         if absent and not optional:
             raise self._missing(absent)
@@ -263,28 +266,32 @@ class HubLocation(CheckpointLocation):
     def _download(self, name: str) -> bool:
         """``hf_hub_download`` of one file at the commit; False when the repo has no such file."""
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import LocalEntryNotFoundError, RemoteEntryNotFoundError
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RemoteEntryNotFoundError
 
-        try:
-            hf_hub_download(
-                self.repo_id,
-                name,
-                revision=self.commit,
-                cache_dir=self.options.cache_dir,
-                token=self.options.token,
-                local_files_only=self.offline,
-                tqdm_class=_bar_class(self.options.progress),
-                library_name=_LIBRARY,
-                library_version=__version__,
-            )
-        except RemoteEntryNotFoundError:
-            return False
-        except LocalEntryNotFoundError as exc:
-            if self._known_missing(name):
+        with watching(self.repo_id, self.options.revision, name, self.commit) as watch:
+            try:
+                hf_hub_download(
+                    self.repo_id,
+                    name,
+                    revision=self.commit,
+                    cache_dir=self.options.cache_dir,
+                    token=self.options.token,
+                    local_files_only=self.offline,
+                    tqdm_class=_bar_class(self.options.progress),
+                    library_name=_LIBRARY,
+                    library_version=__version__,
+                )
+            except RemoteEntryNotFoundError:
                 return False
-            raise self._error(exc, name) from exc
-        except Exception as exc:
-            raise self._error(exc, name) from exc
+            except LocalEntryNotFoundError as exc:
+                if self._known_missing(name):
+                    return False
+                raise self._error(exc, name) from exc
+            except Exception as exc:
+                if watch.received and not isinstance(exc, (HubError, HfHubHTTPError)):
+                    # the body was cut short (the connection closed, or fewer bytes than the metadata said)
+                    raise watch.error(f"download failed after {watch.counts()}: {exc}") from exc
+                raise self._error(exc, name) from exc
         return True
 
     def _known_missing(self, name: str) -> bool:
@@ -297,22 +304,24 @@ class HubLocation(CheckpointLocation):
         return found is not None and not isinstance(found, str)
 
     def _resolve_commit(self) -> str:
-        if self.options.revision is not None and _COMMIT.fullmatch(self.options.revision):
+        if self.options.revision is not None and COMMIT.fullmatch(self.options.revision):
             return self.options.revision
         from huggingface_hub import HfApi
 
         api = HfApi(library_name=_LIBRARY, library_version=__version__)
-        try:
-            resolved = api.resolve_revision(
-                self.repo_id,
-                revision=self.options.revision,
-                cache_dir=self.options.cache_dir,
-                local_files_only=self.offline,
-                token=self.options.token,
-            )
-        except Exception as exc:
-            raise self._error(exc) from exc
-        return resolved.resolved
+        with watching(self.repo_id, self.options.revision, None, None) as watch:
+            try:
+                resolved = api.resolve_revision(
+                    self.repo_id,
+                    revision=self.options.revision,
+                    cache_dir=self.options.cache_dir,
+                    local_files_only=self.offline,
+                    token=self.options.token,
+                )
+            except Exception as exc:
+                raise self._error(exc) from exc
+            # the server's answer was checked before huggingface_hub wrote it; a cached ref is checked here
+            return check_commit(resolved.resolved, watch, "the commit")
 
     # --- range requests ------------------------------------------------------------------------------------
 
@@ -320,9 +329,7 @@ class HubLocation(CheckpointLocation):
         known = {name: self._heads[name] for name in names if name in self._heads}
         missing = [name for name in names if name not in known]
         if missing:
-            workers = min(_PARALLEL_DOWNLOADS, len(missing))
-            with ThreadPoolExecutor(max_workers=workers) as pool:
-                known.update(zip(missing, pool.map(self._read_head, missing), strict=True))
+            known.update(zip(missing, _in_threads(self._read_head, missing), strict=True))
         return known
 
     def _read_head(self, name: str) -> tuple[bytes, int]:
@@ -334,33 +341,70 @@ class HubLocation(CheckpointLocation):
 
     def _read_range(self, name: str, start: int, stop: int) -> tuple[bytes, int]:
         """Bytes ``[start, stop)`` of ``name`` at the commit, and the file's size, through huggingface_hub's
-        session (its endpoint, token, proxies and offline switch)."""
+        session (its endpoint, token, proxies and offline switch).
+
+        The body is streamed and never read past what was asked for: a ``206`` must be the asked range (of a
+        file whose size ``Content-Range`` gives); a ``200`` (a server that ignores ``Range``) is the file from
+        byte 0, so its first ``stop`` bytes are read and the rest dropped, its size taken from
+        ``Content-Length``. Anything else is a :class:`HubDownloadError`.
+        """
         if self.offline:
             raise self._offline(name, None)
         from huggingface_hub import constants, hf_hub_url
-        from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+        from huggingface_hub.utils import build_hf_headers, get_session
 
         url = hf_hub_url(self.repo_id, name, revision=self.commit)
         headers = build_hf_headers(
             token=self.options.token, library_name=_LIBRARY, library_version=__version__
         )
         headers["Range"] = f"bytes={start}-{stop - 1}"
-        try:
-            response = get_session().get(url, headers=headers, timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT)
-            hf_raise_for_status(response)
-        except Exception as exc:
-            raise self._error(exc, name) from exc
-        if response.status_code == 206:
-            total = response.headers.get("Content-Range", "").rpartition("/")[2]
-            if not total.isdigit():
-                raise HubDownloadError(
-                    self.repo_id,
-                    f"range request answered without a file size (Content-Range {total!r})",
-                    revision=self.options.revision,
-                    filename=name,
+        headers["Accept-Encoding"] = "identity"  # byte offsets of the file itself, not of a compressed body
+        with watching(self.repo_id, self.options.revision, name, self.commit) as watch:
+            try:
+                with get_session().stream(
+                    "GET", url, headers=headers, timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT
+                ) as response:
+                    return self._range_answer(response, watch, start, stop)
+            except HubError:
+                raise
+            except Exception as exc:
+                raise self._error(exc, name) from exc
+
+    def _range_answer(self, response: Any, watch: Any, start: int, stop: int) -> tuple[bytes, int]:
+        status = response.status_code
+        if status >= 400:
+            import httpx2
+            from huggingface_hub.utils import hf_raise_for_status
+
+            body = read_at_most(response, _ERROR_BODY_BYTES)
+            hf_raise_for_status(
+                httpx2.Response(status, headers=response.headers, content=body, request=response.request)
+            )
+        if status == 206:
+            first, last, size = _content_range(response.headers.get("Content-Range", ""))
+            if size is None or first != start or last != min(stop, size) - 1:
+                raise watch.error(
+                    f"asked for bytes {start}-{stop - 1}, the server answered "
+                    f"Content-Range {response.headers.get('Content-Range')!r}"
                 )
-            return response.content, int(total)
-        return response.content[start:stop], len(response.content)  # a server that ignores Range
+            want = last - first + 1
+            data = read_at_most(response, want)
+            offset = 0
+        elif status == 200:
+            length = response.headers.get("Content-Length", "")
+            if not length.isdigit():
+                raise watch.error(
+                    "the server ignored the range request and sent the whole file without a Content-Length"
+                )
+            size = int(length)
+            want = min(stop, size)
+            data = read_at_most(response, want)  # the file from byte 0: read what is needed, drop the rest
+            offset = start
+        else:
+            raise watch.error(f"range request answered HTTP {status}")
+        if len(data) < want:
+            raise watch.error(f"the answer to a range request ended after {len(data)} of {want} bytes")
+        return data[offset:], size
 
     # --- collectives and errors ----------------------------------------------------------------------------
 
@@ -412,7 +456,8 @@ class HubLocation(CheckpointLocation):
         if isinstance(exc, RevisionNotFoundError):
             return HubRevisionNotFoundError(
                 self.repo_id,
-                f"no branch, tag or commit {self.options.revision!r}: pass an existing one as revision=",
+                f"no branch, tag or commit {self.options.revision!r}: pass an existing one as "
+                f"{option('revision')}",
                 **where,
             )
         if isinstance(exc, RemoteEntryNotFoundError):
@@ -442,15 +487,24 @@ class HubLocation(CheckpointLocation):
 
         what = f"{name!r}" if name else "this revision"
         if self.options.local_files_only:
-            why = "downloads are off (local_files_only=True)"
+            why = f"downloads are off ({option('local_files_only', 'True')})"
         elif constants.is_offline_mode():
             why = "downloads are off (HF_HUB_OFFLINE=1)"
+        elif _is_timeout(cause):
+            why = (
+                f"the hub at {constants.ENDPOINT} did not answer in time ({type(cause).__name__}; each request "
+                f"waits HF_HUB_ETAG_TIMEOUT={constants.HF_HUB_ETAG_TIMEOUT} s for metadata, "
+                f"HF_HUB_DOWNLOAD_TIMEOUT={constants.HF_HUB_DOWNLOAD_TIMEOUT} s for data)"
+            )
         else:
             why = f"the hub at {constants.ENDPOINT} cannot be reached ({type(cause).__name__}: {cause})"
+        path = (
+            "" if Path(self.given).exists() else f"; nor is there a local path {self.given!r} in {Path.cwd()}"
+        )
         return HubOfflineError(
             self.repo_id,
-            f"{what} is not in the cache {self.cache_root} and {why}: load it once with network access "
-            "(or pass cache_dir= / set HF_HUB_CACHE to the cache that has it)",
+            f"{what} is not in the cache {self.cache_root} and {why}{path}: check the spelling, or load it once "
+            f"with network access (or pass {option('cache_dir')} / set HF_HUB_CACHE to the cache that has it)",
             revision=self.options.revision,
             filename=name,
         )
@@ -459,8 +513,37 @@ class HubLocation(CheckpointLocation):
         from huggingface_hub import get_token
 
         if self.options.token is False or (self.options.token is None and get_token() is None):
-            return "no token was sent: accept the repo's terms on the hub, then pass token= or set HF_TOKEN"
+            how = "set HF_TOKEN or run `hf auth login`" if in_cli() else "pass token= or set HF_TOKEN"
+            return f"no token was sent: accept the repo's terms on the hub, then {how}"
         return "the token sent has no access to it: accept the repo's terms on the hub with that account"
+
+
+def _in_threads(work: Callable[[str], T], names: list[str]) -> list[T]:
+    """``work`` of each name, several at once, each in a copy of this context (so hub checks and the CLI's
+    spelling of options reach the worker threads)."""
+    contexts = [contextvars.copy_context() for _ in names]
+    with ThreadPoolExecutor(max_workers=min(_PARALLEL_DOWNLOADS, len(names))) as pool:
+        return list(pool.map(lambda context, name: context.run(work, name), contexts, names))
+
+
+def _content_range(text: str) -> tuple[int | None, int | None, int | None]:
+    """``bytes first-last/size`` as numbers (``None`` where absent or malformed)."""
+    unit, _, spec = text.strip().partition(" ")
+    span, _, size = spec.partition("/")
+    first, _, last = span.partition("-")
+    if unit.lower() != "bytes" or not (first.isdigit() and last.isdigit()):
+        return None, None, None
+    return int(first), int(last), int(size) if size.isdigit() else None
+
+
+def _is_timeout(exc: BaseException | None) -> bool:
+    import httpx2
+
+    while exc is not None:
+        if isinstance(exc, httpx2.TimeoutException):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 class _SilentBar(tqdm):

@@ -17,6 +17,10 @@ Usage::
         print(hub.bytes_served)             # {"total": ..., "files": {"org/tiny:config.json": ...}}
 
 or, for a subprocess, its ``env()`` (``HF_ENDPOINT`` is read once, at import, by ``huggingface_hub.constants``).
+``hub.misbehave(repo_id, ...)`` makes one repo's answers hostile or broken (:class:`Misbehaviour`: a commit,
+``X-Repo-Commit`` or ETag of any text, ``Range`` ignored, bytes after the body, a body cut short, a stall, a
+trickle) until ``clear_overrides()``. From a shell, ``python -m automodel_plugins.testing.fake_hub DIR [--port N]``
+serves a directory of checkpoints (``DIR/ORG/NAME`` as repo ``ORG/NAME``) until interrupted.
 The pytest fixtures ``fake_hub`` (patched in, online, a fresh cache) and ``fake_hub_server`` (the session's one
 server) come with the author kit. Run one server per test session: huggingface_hub keeps connections and the
 endpoint it was first given, and a request to a closed port retries for about 23 s.
@@ -51,14 +55,22 @@ import re
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
-__all__ = ["LFS_SUFFIXES", "FakeHub", "RequestRecord", "git_blob_sha1"]
+__all__ = [
+    "LFS_SUFFIXES",
+    "FakeHub",
+    "Misbehaviour",
+    "RequestRecord",
+    "endpoint_patched",
+    "git_blob_sha1",
+    "main",
+]
 
 LFS_SUFFIXES = (
     ".safetensors",
@@ -94,6 +106,37 @@ _RANGE_RE = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$", re.IGNORECASE)
 _TYPES = {"models": "model", "datasets": "dataset", "spaces": "space", None: "model"}
 
 
+@contextlib.contextmanager
+def endpoint_patched(url: str, value: Any = None) -> Iterator[Any]:
+    """Point an already-imported huggingface_hub at the hub at ``url`` (restored on exit); yields ``value``.
+
+    ``constants.ENDPOINT`` alone is not enough: ``hf_hub_url`` formats the import-time
+    ``constants.HUGGINGFACE_CO_URL_TEMPLATE`` and the module-level helpers
+    (``huggingface_hub.model_info``, ``get_safetensors_metadata``, ``list_repo_files`` ...)
+    are bound methods of ``huggingface_hub.hf_api.api``, an ``HfApi()`` built when
+    ``huggingface_hub.hf_api`` is first imported (lazily), with the endpoint of that moment.
+    """
+    import sys
+
+    from huggingface_hub import constants, hf_api
+
+    saved = (constants.ENDPOINT, constants.HUGGINGFACE_CO_URL_TEMPLATE, hf_api.api.endpoint)
+    constants.ENDPOINT = url
+    constants.HUGGINGFACE_CO_URL_TEMPLATE = url + "/{repo_id}/resolve/{revision}/{filename}"
+    hf_api.api.endpoint = url
+    # transformers caches one HfApi (transformers.utils.hub._hf_api, used by resolve_revision) whose
+    # endpoint is fixed when it is first built: drop it so it is rebuilt against this hub.
+    t_hub = sys.modules.get("transformers.utils.hub")
+    if t_hub is not None and hasattr(t_hub, "_hf_api"):
+        t_hub._hf_api = None
+    try:
+        yield value
+    finally:
+        constants.ENDPOINT, constants.HUGGINGFACE_CO_URL_TEMPLATE, hf_api.api.endpoint = saved
+        if t_hub is not None and hasattr(t_hub, "_hf_api"):
+            t_hub._hf_api = None
+
+
 def git_blob_sha1(data: bytes) -> str:
     """The git object id of a blob: what the Hub uses as ETag for non-LFS files."""
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
@@ -124,6 +167,44 @@ class _Repo:
     commits: dict = field(default_factory=dict)  # sha -> {path: _File}
     refs: dict = field(default_factory=dict)  # branch/tag -> sha
     last_modified: str = "2024-01-01T00:00:00.000Z"
+
+
+@dataclass
+class Misbehaviour:
+    """How one repo's answers go wrong (:meth:`FakeHub.misbehave`): a hostile or broken hub or mirror.
+
+    ``files`` (a regular expression searched in the file name) limits the body and ETag misbehaviours to the
+    files it matches; ``None``: every file.
+    """
+
+    commit: str | None = None
+    """Sent as the repo's ``sha`` (any text: ``../../x`` too), and then answered as a revision."""
+    header_commit: str | None = None
+    """Sent as every ``X-Repo-Commit`` (file answers, found or not), whatever the commit asked for."""
+    any_revision: bool = False
+    """Answer every revision asked for (``../../x`` too) with the main branch's commit."""
+    etag: str | None = None
+    """Sent as every file's ``ETag`` (and ``X-Linked-Etag``), verbatim."""
+    ignore_range: bool = False
+    """Answer a ``Range`` request with ``200`` and the whole body."""
+    extra_bytes: int = 0
+    """Zeros sent after each file's body (and counted in its ``Content-Length``): a server sending more."""
+    body_bytes: int | None = None
+    """Each ``GET`` body is only the file's first ``body_bytes`` bytes, with a matching ``Content-Length``, while
+    the metadata still announces the whole size (a mirror's truncated copy)."""
+    body_cut_at: int | None = None
+    """The connection closes after this many body bytes although ``Content-Length`` promised more."""
+    stall: float = 0.0
+    """Seconds to wait before answering any request for the repo (a hung mirror); cut short by
+    :meth:`FakeHub.clear_overrides` and :meth:`FakeHub.stop`."""
+    chunk_size: int | None = None
+    """Bytes per body chunk (default: the hub's ``chunk_size``)."""
+    chunk_delay: float | None = None
+    """Seconds between body chunks (default: the hub's ``chunk_delay``): a trickling server."""
+    files: str | None = None
+
+    def applies(self, filename: str) -> bool:
+        return self.files is None or re.search(self.files, filename) is not None
 
 
 @dataclass
@@ -162,6 +243,8 @@ class FakeHub:
         self.file_requests: Counter = Counter()  # (repo_id, filename, method) -> count
         self.requests: list[RequestRecord] = []
         self._overrides: list[list] = []  # [regex, method, status, headers, body, remaining]
+        self._misbehaviours: dict[str, Misbehaviour] = {}
+        self._calm = threading.Event()  # set: stalls end now
         self._servers: list[ThreadingHTTPServer] = []
         self._threads: list[threading.Thread] = []
         self.url = ""
@@ -184,6 +267,7 @@ class FakeHub:
         return self
 
     def stop(self) -> None:
+        self._calm.set()
         for srv in self._servers:
             srv.shutdown()
             srv.server_close()
@@ -282,9 +366,21 @@ class FakeHub:
         with self._lock:
             self._overrides.append([re.compile(path_regex), method, status, dict(headers or {}), body, times])
 
+    def misbehave(self, repo_id: str, **how: Any) -> Misbehaviour:
+        """Make ``repo_id``'s answers go wrong as :class:`Misbehaviour` ``how`` says (until
+        :meth:`clear_overrides`)."""
+        misbehaviour = Misbehaviour(**how)
+        with self._lock:
+            self._misbehaviours[repo_id] = misbehaviour
+            self._calm.clear()
+        return misbehaviour
+
     def clear_overrides(self) -> None:
+        """Drop every :meth:`add_override` and :meth:`misbehave` (and end any stall in progress)."""
         with self._lock:
             self._overrides.clear()
+            self._misbehaviours.clear()
+            self._calm.set()
 
     def remove_repo(self, repo_id: str, repo_type: str = "model") -> None:
         with self._lock:
@@ -333,35 +429,9 @@ class FakeHub:
             "HF_HUB_DISABLE_XET": "1",
         }
 
-    @contextlib.contextmanager
-    def patch_endpoint(self):
-        """Point an already-imported huggingface_hub at this hub (restored on exit).
-
-        ``constants.ENDPOINT`` alone is not enough: ``hf_hub_url`` formats the import-time
-        ``constants.HUGGINGFACE_CO_URL_TEMPLATE`` and the module-level helpers
-        (``huggingface_hub.model_info``, ``get_safetensors_metadata``, ``list_repo_files`` ...)
-        are bound methods of ``huggingface_hub.hf_api.api``, an ``HfApi()`` built when
-        ``huggingface_hub.hf_api`` is first imported (lazily), with the endpoint of that moment.
-        """
-        import sys
-
-        from huggingface_hub import constants, hf_api
-
-        saved = (constants.ENDPOINT, constants.HUGGINGFACE_CO_URL_TEMPLATE, hf_api.api.endpoint)
-        constants.ENDPOINT = self.url
-        constants.HUGGINGFACE_CO_URL_TEMPLATE = self.url + "/{repo_id}/resolve/{revision}/{filename}"
-        hf_api.api.endpoint = self.url
-        # transformers caches one HfApi (transformers.utils.hub._hf_api, used by resolve_revision) whose
-        # endpoint is fixed when it is first built: drop it so it is rebuilt against this hub.
-        t_hub = sys.modules.get("transformers.utils.hub")
-        if t_hub is not None and hasattr(t_hub, "_hf_api"):
-            t_hub._hf_api = None
-        try:
-            yield self
-        finally:
-            constants.ENDPOINT, constants.HUGGINGFACE_CO_URL_TEMPLATE, hf_api.api.endpoint = saved
-            if t_hub is not None and hasattr(t_hub, "_hf_api"):
-                t_hub._hf_api = None
+    def patch_endpoint(self) -> contextlib.AbstractContextManager[FakeHub]:
+        """Point an already-imported huggingface_hub at this hub (restored on exit): :func:`endpoint_patched`."""
+        return endpoint_patched(self.url, self)
 
     # ------------------------------------------------------------------ HTTP
     def _handler(self, server_name: str):
@@ -394,24 +464,35 @@ class FakeHub:
                 head: bool,
                 count_as: tuple | None = None,
                 content_length: int | None = None,
+                how: Misbehaviour | None = None,
             ) -> None:
+                tail = how.extra_bytes if how else 0
                 self.send_response(status)
                 hdrs = {"Content-Type": "application/json; charset=utf-8"}
                 hdrs.update(headers or {})
-                hdrs["Content-Length"] = str(len(body) if content_length is None else content_length)
+                hdrs["Content-Length"] = str(len(body) + tail if content_length is None else content_length)
                 for k, v in hdrs.items():
                     self.send_header(k, v)
                 self.end_headers()
                 sent = 0
-                if not head and body:
+                if not head and (body or tail):
+                    size = (how.chunk_size if how else None) or hub.chunk_size
+                    delay = hub.chunk_delay if how is None or how.chunk_delay is None else how.chunk_delay
+                    total = len(body) + tail
+                    stop = total if how is None or how.body_cut_at is None else min(how.body_cut_at, total)
                     try:
-                        for i in range(0, len(body), hub.chunk_size):
-                            chunk = body[i : i + hub.chunk_size]
+                        while sent < stop:
+                            n = min(size, stop - sent)
+                            chunk = body[sent : sent + n]
+                            chunk += bytes(n - len(chunk))  # past the body: the misbehaviour's extra zeros
                             self.wfile.write(chunk)
-                            sent += len(chunk)
-                            if hub.chunk_delay:
+                            sent += n
+                            if delay:
                                 self.wfile.flush()
-                                time.sleep(hub.chunk_delay)
+                                time.sleep(delay)
+                        if stop < total:
+                            self.wfile.flush()
+                            self.close_connection = True  # fewer bytes than Content-Length promised
                     except (BrokenPipeError, ConnectionResetError):
                         self.close_connection = True
                 self._record(status, sent, count_as)
@@ -463,6 +544,9 @@ class FakeHub:
                 if repo is None:
                     return None
                 sha = self._resolve_rev(repo, rev)
+                how = hub._misbehaviours.get(repo_id)
+                if sha is None and how is not None and (how.any_revision or rev == how.commit):
+                    sha = repo.refs.get("main") or next(iter(repo.commits))
                 if sha is None:
                     self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}", head=head)
                     return None
@@ -542,6 +626,7 @@ class FakeHub:
                 if found is None:
                     return
                 repo, sha = found
+                how = self._misbehaviour(repo_id)
                 blobs = query.get("blobs", ["false"])[0].lower() == "true"
                 siblings = []
                 for f in sorted(repo.commits[sha].values(), key=lambda f: f.path):
@@ -555,7 +640,7 @@ class FakeHub:
                     "_id": hashlib.md5(repo_id.encode()).hexdigest()[:24],
                     "id": repo_id,
                     "author": repo_id.split("/")[0] if "/" in repo_id else None,
-                    "sha": sha,
+                    "sha": how.commit if how and how.commit is not None else sha,
                     "lastModified": repo.last_modified,
                     "createdAt": repo.last_modified,
                     "private": repo.private,
@@ -624,6 +709,8 @@ class FakeHub:
                 if found is None:
                     return
                 repo, sha = found
+                how = self._misbehaviour(repo_id)
+                sha_said = how.header_commit if how and how.header_commit is not None else sha
                 token = self._token()
                 if repo.gated and token not in repo.tokens:
                     msg = (
@@ -636,17 +723,21 @@ class FakeHub:
                 f = repo.commits[sha].get(filename)
                 if f is None:
                     return self._error(
-                        404, "EntryNotFound", "Entry not found", head=head, extra={"X-Repo-Commit": sha}
+                        404, "EntryNotFound", "Entry not found", head=head, extra={"X-Repo-Commit": sha_said}
                     )
+                if how and not how.applies(filename):
+                    how = None
                 headers = {
-                    "X-Repo-Commit": sha,
+                    "X-Repo-Commit": sha_said,
                     "ETag": f'"{f.etag}"',
                     "Accept-Ranges": "bytes",
                     "Content-Type": "application/octet-stream",
                     "Vary": "Origin, Accept-Encoding",
                 }
+                if how and how.etag is not None:
+                    headers["ETag"] = how.etag
                 if f.lfs:
-                    headers["X-Linked-Etag"] = f'"{f.sha256}"'
+                    headers["X-Linked-Etag"] = how.etag if how and how.etag is not None else f'"{f.sha256}"'
                     headers["X-Linked-Size"] = str(f.size)
                     if hub.lfs_redirect:
                         loc = f"{hub.cdn_url}/cdn/{f.sha256}?" + urlencode(
@@ -654,7 +745,7 @@ class FakeHub:
                         )
                         headers["Location"] = loc
                         return self._send(302, b"", headers, head=head)
-                self._body_with_range(f, headers, (repo_id, filename), head=head)
+                self._body_with_range(f, headers, (repo_id, filename), head=head, how=how)
 
             def _cdn(self, sha256: str, query: dict, *, head: bool) -> None:
                 repo_id, filename = query.get("repo", [""])[0], query.get("file", [""])[0]
@@ -667,13 +758,30 @@ class FakeHub:
                                     "Accept-Ranges": "bytes",
                                     "Content-Type": "application/octet-stream",
                                 }
+                                how = self._misbehaviour(repo_id or repo.repo_id)
+                                if how and not how.applies(filename or f.path):
+                                    how = None
                                 return self._body_with_range(
-                                    f, headers, (repo_id or repo.repo_id, filename or f.path), head=head
+                                    f,
+                                    headers,
+                                    (repo_id or repo.repo_id, filename or f.path),
+                                    head=head,
+                                    how=how,
                                 )
                 self._error(404, None, "NoSuchKey", head=head)
 
-            def _body_with_range(self, f: _File, headers: dict, count_as: tuple, *, head: bool) -> None:
-                rng = self.headers.get("Range")
+            def _misbehaviour(self, repo_id: str) -> Misbehaviour | None:
+                """The repo's misbehaviour, once its stall (if any) is over."""
+                with hub._lock:
+                    how = hub._misbehaviours.get(repo_id)
+                if how is not None and how.stall:
+                    hub._calm.wait(how.stall)
+                return how
+
+            def _body_with_range(
+                self, f: _File, headers: dict, count_as: tuple, *, head: bool, how: Misbehaviour | None = None
+            ) -> None:
+                rng = None if how and how.ignore_range else self.headers.get("Range")
                 if rng and not head:
                     m = _RANGE_RE.match(rng)
                     if m is None:
@@ -695,6 +803,60 @@ class FakeHub:
                         )
                     headers = {**headers, "Content-Range": f"bytes {start}-{end}/{f.size}"}
                     return self._send(206, f.data[start : end + 1], headers, head=head, count_as=count_as)
-                self._send(200, f.data, headers, head=head, count_as=count_as, content_length=f.size)
+                body = f.data if how is None or how.body_bytes is None else f.data[: how.body_bytes]
+                extra = how.extra_bytes if how else 0
+                length = f.size + extra if head else len(body) + extra
+                self._send(200, body, headers, head=head, count_as=count_as, content_length=length, how=how)
 
         return Handler
+
+
+# ---------------------------------------------------------------------- python -m automodel_plugins.testing.fake_hub
+
+
+def checkpoint_repos(root: Path) -> dict[str, Path]:
+    """The repos a directory of checkpoints holds: itself if it has a ``config.json`` (repo id: its name),
+    else each ``NAME/`` and ``ORG/NAME/`` below it that has one."""
+    root = Path(root)
+    if (root / "config.json").is_file():
+        return {root.resolve().name: root}
+    found = [p.parent for p in [*root.glob("*/config.json"), *root.glob("*/*/config.json")] if p.is_file()]
+    return {d.relative_to(root).as_posix(): d for d in sorted(found)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve a directory of checkpoints as a stand-in hub on 127.0.0.1 until interrupted."""
+    import argparse
+    import signal
+
+    parser = argparse.ArgumentParser(
+        prog="python -m automodel_plugins.testing.fake_hub",
+        description="Serve checkpoint directories as hub repos on 127.0.0.1 (DIR/ORG/NAME -> repo ORG/NAME, "
+        "DIR/NAME -> NAME; a DIR with a config.json -> repo named after it), for loads without network.",
+    )
+    parser.add_argument("directory", metavar="DIR", type=Path, help="a checkpoint, or a directory of them")
+    parser.add_argument("--port", type=int, default=0, help="port to listen on (default: any free port)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    args = parser.parse_args(argv)
+    repos = checkpoint_repos(args.directory)
+    if not repos:
+        parser.error(f"no checkpoint (a directory with a config.json) in {args.directory} or below it")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with FakeHub(args.host, args.port) as hub:
+        for repo_id, directory in repos.items():
+            hub.add_directory(repo_id, directory)
+        print(f"fake hub serving {len(repos)} repo(s) at {hub.url} (Ctrl-C stops it)", flush=True)
+        for repo_id, directory in repos.items():
+            print(f"  {repo_id}  <- {directory}", flush=True)
+        print(f"export HF_ENDPOINT={hub.url} HF_HUB_DISABLE_XET=1", flush=True)
+        try:
+            while not stop.wait(0.5):
+                pass
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

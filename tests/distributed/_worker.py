@@ -347,37 +347,7 @@ def train_step(ctx: Context) -> dict[str, Any]:
         name for name, t in reference.state_dict().items() if not torch.equal(before[name], t)
     )
     result["updated_mismatches"] = full_state_mismatches(model, reference)
-    result["own_unit_head"] = _own_unit_head(ctx, path, batch)
     return result
-
-
-def _own_unit_head(ctx: Context, path: Path, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """``lm_head`` as an FSDP2 unit of its own: its weight is unsharded only in ``lm_head``'s pre-hook, which
-    the fused loss would skip, so a labelled call must warn and give the stock loss (with logits)."""
-    import warnings
-
-    from torch.distributed.fsdp import fully_shard
-
-    model = automodel_plugins.build_model(path)
-    for layer in model.model.language_model.layers:
-        fully_shard(layer, mesh=ctx.mesh)
-    fully_shard(model.lm_head, mesh=ctx.mesh)
-    fully_shard(model, mesh=ctx.mesh)
-    model.to_empty(device="cpu")
-    automodel_plugins.load_weights(model, path)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        out = model(**batch, skip_logits=True)
-    reference = _tiny.reference(path)
-    del reference.forward  # the stock forward of the single-process load: the loss the fallback must give
-    with torch.no_grad():
-        reference_loss = reference(**batch).loss.item()
-    return {
-        "warnings": [str(w.message) for w in caught if issubclass(w.category, UserWarning)],
-        "loss": out.loss.item(),
-        "reference_loss": reference_loss,
-        "had_logits": out.logits is not None,
-    }
 
 
 def _train(model: Any, batch: dict[str, torch.Tensor], *, steps: int) -> tuple[list[float], list[bool]]:
@@ -396,6 +366,179 @@ def _train(model: Any, batch: dict[str, torch.Tensor], *, steps: int) -> tuple[l
         out.loss.backward()
         optimizer.step()
     return losses, had_logits
+
+
+# --- lm_head under FSDP2 hooks of its own: accelerate's layout and the ones fully_shard reaches ------------
+
+
+def accelerate_fsdp2(ctx: Context, model: Any) -> Any:
+    """accelerate 1.16's own ``fsdp2_prepare_model`` on ``model``, with its default FSDP2 plugin settings
+    (transformer-based wrap of ``_no_split_modules``, ``reshard_after_forward=True``, no mixed precision).
+
+    On CPU ``Accelerator(fsdp_plugin=...)`` silently prepares DDP instead, so the function gets the few
+    attributes of an ``Accelerator`` it reads; the ``fully_shard`` calls are accelerate's own: every decoder
+    (and vision) layer, the input embeddings, the tail ``[final_norm, lm_head]`` with
+    ``reshard_after_forward=False`` (``lm_head`` alone when the final norm is not a direct child of the base
+    model, as on Mistral3's VLM; with the embeddings when tied), then the root.
+    """
+    from types import SimpleNamespace
+
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+    plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=2, auto_wrap_policy="transformer_based_wrap", cpu_ram_efficient_loading=False
+    )
+    accelerator = SimpleNamespace(
+        state=SimpleNamespace(fsdp_plugin=plugin),
+        torch_device_mesh=None,
+        mixed_precision="no",
+        is_main_process=ctx.rank == 0,
+        device=torch.device("cpu"),
+    )
+    return fsdp2_prepare_model(accelerator, model)
+
+
+def head_groups(model: Any) -> list[dict[str, Any]]:
+    """The FSDP2 groups holding ``lm_head`` (by module name) and their ``reshard_after_forward``."""
+    from torch.distributed.fsdp import FSDPModule
+
+    names = {module: name for name, module in model.named_modules()}
+    groups = []
+    if isinstance(model.lm_head, FSDPModule):
+        state = model.lm_head._get_fsdp_state()
+        for group in state._fsdp_param_groups:
+            groups.append(
+                {
+                    "modules": sorted(names[m] for m in state._modules),
+                    "reshard_after_forward": bool(group.post_forward_mesh_info is not None),
+                }
+            )
+    return groups
+
+
+def head_parameter_name(model: Any) -> str:
+    """The name ``named_parameters`` gives ``lm_head.weight`` (the first of its names: tied, the embeddings')."""
+    weight = model.lm_head.weight
+    return next(name for name, param in model.named_parameters() if param is weight)
+
+
+def _user_head_layout(ctx: Context, path: Path, layout: str) -> Any:
+    """Layouts a user reaches with ``fully_shard``: every decoder layer, then ``lm_head`` alone or with the
+    final norm, ``reshard_after_forward`` True or False, inside the root; built on meta, then loaded.
+    ``head_output_bf16``: FSDP2 casts what ``lm_head`` returns to bf16, which would round a fused loss."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    model = automodel_plugins.build_model(path, dtype=torch.float32)
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=ctx.mesh)
+    reshard = layout.endswith("_reshard")
+    norm = model.model.language_model.norm
+    tail = [norm, model.lm_head] if layout.startswith("norm_head") else model.lm_head
+    policy = MixedPrecisionPolicy(output_dtype=torch.bfloat16 if layout == "head_output_bf16" else None)
+    fully_shard(tail, mesh=ctx.mesh, reshard_after_forward=reshard, mp_policy=policy)
+    fully_shard(model, mesh=ctx.mesh)
+    model.to_empty(device="cpu")
+    automodel_plugins.load_weights(model, path)
+    return model
+
+
+def _train_recorded(
+    model: Any, batch: dict[str, torch.Tensor], *, steps: int, skip_logits: bool | None
+) -> dict[str, Any]:
+    """``steps`` SGD steps: each loss, whether logits came back, the UserWarnings, the full gradients of the
+    first step and the full parameters after the last (the optimizer made before any forward, see ``_train``)."""
+    import warnings
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    extra = {} if skip_logits is None else {"skip_logits": skip_logits}
+    losses, had_logits, grads = [], [], {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(steps):
+            out = model(**batch, **extra)
+            losses.append(out.loss.item())
+            had_logits.append(out.logits is not None)
+            optimizer.zero_grad()
+            out.loss.backward()
+            if step == 0:
+                grads = {
+                    n: _checks.full_value(p.grad) for n, p in model.named_parameters() if p.grad is not None
+                }
+            optimizer.step()
+    params = {n: _checks.full_value(p).detach() for n, p in model.named_parameters()}
+    return {
+        "losses": losses,
+        "had_logits": had_logits,
+        "warnings": [str(w.message) for w in caught if issubclass(w.category, UserWarning)],
+        "grads": grads,
+        "params": params,
+    }
+
+
+def _stock_reference(path: Path, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The stock forward (full logits, transformers' loss) of the single-process load, trained the same way
+    (fp32 throughout, so that bf16 rounding of stock's logits does not blur the comparison)."""
+    reference = automodel_plugins.from_pretrained(path, dtype=torch.float32).train()
+    del reference.forward  # the instance's fused-loss forward: back to the class's stock one
+    return _train_recorded(reference, batch, steps=2, skip_logits=None)
+
+
+def _head_facts(model: Any, batch: dict[str, torch.Tensor], reference: dict[str, Any]) -> dict[str, Any]:
+    """Train ``model`` with ``skip_logits=True`` and compare loss, gradients and updated weights with the stock
+    reference."""
+    facts: dict[str, Any] = {
+        "groups": head_groups(model),
+        "head_sharded_at_rest": _checks.is_dtensor(model.lm_head.weight),
+    }
+    model.train()
+    got = _train_recorded(model, batch, steps=2, skip_logits=True)
+    facts.update(losses=got["losses"], had_logits=got["had_logits"], warnings=got["warnings"])
+    facts["reference_losses"] = reference["losses"]
+    facts["grad_names"] = sorted(got["grads"])
+    facts["reference_grad_names"] = sorted(reference["grads"])
+    shared = set(got["grads"]) & set(reference["grads"])
+    facts["max_grad_diff"] = max((got["grads"][n] - reference["grads"][n]).abs().max().item() for n in shared)
+    head = head_parameter_name(model)  # the embeddings' name when tied
+    facts["head_parameter"] = head
+    facts["head_grad_diff"] = (got["grads"][head] - reference["grads"][head]).abs().max().item()
+    facts["max_param_diff"] = max(
+        (got["params"][n] - reference["params"][n]).abs().max().item() for n in reference["params"]
+    )
+    return facts
+
+
+def accelerate_head(ctx: Context) -> dict[str, Any]:
+    """accelerate's FSDP2 layout on a model loaded by ``from_pretrained`` (the VLM, tied and untied, and the
+    text-only model, whose final norm joins ``lm_head``'s group): the fused loss runs (no logits, no warning),
+    and loss, gradients and updated weights equal the stock loss with full logits in one process."""
+    result = {}
+    cases = (("vlm_untied", "per_tensor_untied", _tiny.inputs), ("vlm_tied", "per_tensor_tied", _tiny.inputs))
+    cases += (("text_only", _tiny.TEXT_ONLY, _tiny.text_inputs),)
+    for name, checkpoint, make_batch in cases:
+        path, batch = ctx.checkpoint(checkpoint), make_batch()
+        reference = _stock_reference(path, batch)
+        model = accelerate_fsdp2(ctx, automodel_plugins.from_pretrained(path, dtype=torch.float32))
+        result[name] = _head_facts(model, batch, reference)
+    return result
+
+
+USER_HEAD_LAYOUTS = ("head", "head_reshard", "norm_head", "norm_head_reshard")
+
+
+def fsdp_head_layouts(ctx: Context) -> dict[str, Any]:
+    """``lm_head`` in an FSDP2 unit of its own, alone or with the final norm, ``reshard_after_forward`` False or
+    True, inside the root: the fused loss runs and equals the stock loss, gradients and update."""
+    path, batch = ctx.checkpoint("per_tensor_untied"), _tiny.inputs()
+    reference = _stock_reference(path, batch)
+    result = {
+        layout: _head_facts(_user_head_layout(ctx, path, layout), batch, reference)
+        for layout in USER_HEAD_LAYOUTS
+    }
+    cast = _user_head_layout(ctx, path, "head_output_bf16").train()
+    facts = _train_recorded(cast, batch, steps=1, skip_logits=True)
+    result["head_output_bf16"] = {k: facts[k] for k in ("losses", "had_logits", "warnings")}
+    return result
 
 
 # --- FP8-resident weights (dequantize=False) ------------------------------------------------------------
@@ -517,6 +660,73 @@ def _mean_lora_step(model: Any, batches: list[dict[str, torch.Tensor]]) -> tuple
     with torch.no_grad():
         loss_after = sum(model(**batch).loss for batch in batches) / len(batches)
     return grads, after, [loss.item(), loss_after.item()]
+
+
+MERGE_FORMATS = ("source", "none")
+
+
+def merge_dir(ctx: Context, checkpoint: str) -> Path:
+    return ctx.out / f"merge-{checkpoint}"
+
+
+def fsdp_resident_merge(ctx: Context, checkpoint: str) -> dict[str, Any]:
+    """An FSDP2 LoRA run on the FP8-resident base (one step, each rank half the batch), then ``merge_lora`` on
+    every rank (each merges its own rows) and ``save_pretrained`` from every rank in each of
+    :data:`MERGE_FORMATS`. Rank 0 writes the trained adapters (gathered) to ``adapters.safetensors``, from which
+    the pytest side makes the one-process merge and save; here the gathered merged weights are compared with a
+    one-process merge of the same adapters."""
+    from safetensors.torch import save_file
+    from torch import nn
+
+    from automodel_plugins.model.fp8_linear import Fp8Linear
+
+    path, out = ctx.checkpoint(checkpoint), merge_dir(ctx, checkpoint)
+    single = with_lora(automodel_plugins.from_pretrained(path, dequantize=False))
+    initial = {n: p.detach().clone() for n, p in single.named_parameters() if "lora_" in n}
+    model = fsdp_resident_model(ctx, path, lora=True)
+    automodel_plugins.load_weights(model, path)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                _checks.local_value(param).copy_(_checks.local_part(param, initial[name]))
+    model.train()
+    batch = _tiny.inputs(batch=2 * ctx.world)
+    rows = batch["input_ids"].shape[0] // ctx.world
+    _, trained, _ = _lora_step(
+        model, {k: v[ctx.rank * rows : (ctx.rank + 1) * rows] for k, v in batch.items()}
+    )
+    if ctx.rank == 0:
+        out.mkdir(parents=True)
+        save_file({n: t.contiguous() for n, t in trained.items()}, out / "adapters.safetensors")
+    dist.barrier()
+
+    merged = automodel_plugins.merge_lora(model)  # the root unit is unsharded after the step's forward
+    linears = {n: m for n, m in merged.named_modules() if type(m) is nn.Linear and "language_model" in n}
+    result: dict[str, Any] = {
+        "merged_type": type(merged).__name__,
+        "fp8_left": sum(isinstance(m, Fp8Linear) for m in merged.modules()),
+        "lora_left": sum("lora_" in n for n, _ in merged.named_parameters()),
+        "merged_sharded": sorted(n for n, m in linears.items() if _checks.is_dtensor(m.weight)),
+        "merged_rows": {n: _checks.chunk_bounds(m.weight) for n, m in linears.items()},
+        "quantization_config": getattr(merged.config, "quantization_config", None) is not None,
+    }
+    with torch.no_grad():
+        for name, param in single.named_parameters():
+            if "lora_" in name:
+                param.copy_(trained[name])
+    reference = automodel_plugins.merge_lora(single)
+    gathered = {name: _checks.full_value(t) for name, t in model_tensors(merged).items()}
+    result["merge_mismatches"] = _checks.mismatches(gathered, model_tensors(reference))
+    result["reports"] = {}
+    for quantization in MERGE_FORMATS:
+        report = automodel_plugins.save_pretrained(merged, out / quantization, quantization=quantization)
+        result["reports"][quantization] = {
+            "bytes_written_by_rank": report.bytes_written_by_rank,
+            "files": report.files,
+            "scales_kept": report.scales_kept,
+            "scales_fresh": report.scales_fresh,
+        }
+    return result
 
 
 # --- FP8-resident experts (dequantize=False on a MoE) ---------------------------------------------------------
@@ -736,11 +946,15 @@ SCENARIOS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "fsdp_resident_block": lambda ctx: fsdp_resident_load(ctx, "block_untied"),
     "fsdp_resident_lora": fsdp_resident_lora,
     "moe_fsdp_resident": moe_fsdp_resident,
+    "fsdp_resident_merge_per_tensor": lambda ctx: fsdp_resident_merge(ctx, "per_tensor_untied"),
+    "fsdp_resident_merge_block": lambda ctx: fsdp_resident_merge(ctx, "block_untied"),
     "fsdp_save_per_tensor": lambda ctx: fsdp_save(ctx, "per_tensor_tied"),
     "fsdp_save_block": lambda ctx: fsdp_save(ctx, "block_untied"),
     "tp_save_block": lambda ctx: tp_save(ctx, "block_untied"),
     "tp_save_per_tensor": lambda ctx: tp_save(ctx, "per_tensor_untied"),
     "save_failures": save_failures,
+    "accelerate_head": accelerate_head,
+    "fsdp_head_layouts": fsdp_head_layouts,
 }
 
 

@@ -8,5 +8,9 @@
 * ``stream``: reading each planned tensor (or one rank's region) into the model;
 * ``report``: ``LoadReport``, what a load did;
 * ``load``: ``from_pretrained``, ``build_model``, ``load_weights``;
+* ``options``: transformers' ``from_pretrained`` keywords on the plugin path, in one table (``OPTIONS``: supported,
+  accepted, stock-only, refused), and the load's dtype (``dtype="auto"`` as transformers decides it);
+* ``auto``: ``AutoModelForImageTextToText``, ``AutoModelForCausalLM``, ``AutoModel``: transformers' Auto classes
+  routed through the registry;
 * ``describe``: what a load would do, without reading tensor data (``inspect``).
 """

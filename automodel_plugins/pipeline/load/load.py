@@ -13,6 +13,8 @@ the stored FP8 bytes and scales.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,13 +25,17 @@ from automodel_plugins.checkpoint import Checkpoint
 from automodel_plugins.errors import (
     CheckpointError,
     ConfigError,
+    LoadOptionError,
     NoPluginClaimError,
     PluginError,
     RotaryRepairError,
 )
+from automodel_plugins.model import fp8_peft_hook
+from automodel_plugins.model.device_map import Placement, dispatch, normalize_device_map
 from automodel_plugins.model.forward import SKIP_LOGITS_OPTION
+from automodel_plugins.model.fp8_training_check import watch_resident_training
 from automodel_plugins.model.rotary import rope_suspects
-from automodel_plugins.model.stock import build_on_meta, stock_class
+from automodel_plugins.model.stock import auto_target, build_on_meta, stock_class
 from automodel_plugins.model.tensors import (
     ensure_materialized,
     model_tensors,
@@ -49,6 +55,13 @@ from automodel_plugins.pipeline.composition import (
     drop_quantization_config,
     record_source,
 )
+from automodel_plugins.pipeline.load.options import (
+    apply_config_overrides,
+    build_dtype,
+    load_dtype,
+    parse_load_options,
+    resolve_dtype,
+)
 from automodel_plugins.pipeline.load.plan import LoadPlan, plan_load
 from automodel_plugins.pipeline.load.preflight import check_headers_of, check_stock_path, check_structure
 from automodel_plugins.pipeline.load.report import LoadReport
@@ -67,9 +80,11 @@ from automodel_plugins.sources import (
     CheckpointLocation,
     HubLocation,
     HubOptions,
+    config_path_of,
     load_config,
     resolve,
 )
+from automodel_plugins.sources.hub_guard import watching
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
@@ -82,8 +97,8 @@ __all__ = ["build_model", "from_pretrained", "load_weights", "resolve_dtype"]
 def from_pretrained(
     path: str | Path | CheckpointLocation,
     *,
-    dtype: torch.dtype | None = None,
-    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device | None = None,
     dequantize: bool = True,
     require_plugin: bool = False,
     skip_logits: bool = False,
@@ -95,16 +110,17 @@ def from_pretrained(
     token: str | bool | None = None,
     local_files_only: bool | None = None,
     collective: bool = True,
-    **stock_kwargs: Any,
-) -> PreTrainedModel:
+    auto_class: type | None = None,
+    **options: Any,
+) -> PreTrainedModel | tuple[PreTrainedModel, dict[str, Any]]:
     """Load ``path`` (a checkpoint directory or file, or a hub repo id) through the plugin that claims its
     config, onto the stock transformers class.
 
     No plugin claiming the config means the stock ``from_pretrained`` of the config's architecture (unless
     ``require_plugin``), but never for a checkpoint holding FP8 tensors the stock loader would not scale.
-    ``dtype`` defaults to the config's (BF16 for FP8 checkpoints): the dtype of every float tensor, and the
-    compute dtype of FP8-resident layers. ``dequantize=False``: the checkpoint's FP8 linear weights stay FP8
-    (frozen :class:`~automodel_plugins.model.fp8_linear.Fp8Linear` layers, 1 byte a parameter plus their
+    ``dtype`` (default ``"auto"``, as in transformers 5: the config's, else the checkpoint's first floating
+    non-FP8 tensor's) is the dtype of every float tensor, and the compute dtype of FP8-resident layers.
+    ``dequantize=False``: the checkpoint's FP8 linear weights stay FP8 (frozen :class:`~automodel_plugins.model.fp8_linear.Fp8Linear` layers, 1 byte a parameter plus their
     scales), dequantized one layer at a time in the forward, and so do block-FP8 fused MoE experts
     (:class:`~automodel_plugins.model.fp8_experts.Fp8Experts`, one expert's matrix at a time); an unquantized checkpoint raises
     :class:`~automodel_plugins.errors.NotQuantizedError`. ``skip_logits``: a forward given ``labels`` computes
@@ -116,6 +132,16 @@ def from_pretrained(
     this; ``collective=False`` makes this call download on its own instead (a load on some ranks only). The
     model is returned in eval mode, like transformers does.
 
+    ``options`` are transformers' ``from_pretrained`` keywords (``attn_implementation``, ``device_map``,
+    ``torch_dtype``, ...): each is honoured with transformers' meaning or refused with a
+    :class:`~automodel_plugins.errors.LoadOptionError` saying why, as
+    :data:`~automodel_plugins.pipeline.load.options.OPTIONS` (``docs/loading-options.md``) decides. ``device``
+    is the same as ``device_map=device``; a ``device_map`` streams each tensor straight to its device.
+    ``auto_class``: the transformers Auto class this call stands for (what the Auto doors of
+    :mod:`automodel_plugins.pipeline.load.auto` pass): with no plugin claiming the config, it loads the
+    checkpoint; with one, the class it maps the config to must be the plugin's (or that class's base model,
+    which is returned).
+
     ``mmap``: tensors stored in the dtype they load in (BF16 embeddings, norms, ``lm_head``) are, by default,
     views of the memory-mapped shard files: no copy, and pages shared with the page cache. The model then
     depends on those files staying as they are: replacing a file by renaming a new one over it is safe (the
@@ -125,7 +151,10 @@ def from_pretrained(
     the files), for checkpoints on storage that may change under a running job.
     """
     registry = registry or get_registry()
-    options = HubOptions(
+    given = parse_load_options({**options, **({} if dtype is None else {"dtype": dtype})})
+    if device is not None and given.device_map is not None:
+        raise LoadOptionError("device_map", f"give device or device_map, not both (device={device!r})")
+    hub = HubOptions(
         revision=revision,
         cache_dir=cache_dir,
         token=token,
@@ -133,8 +162,9 @@ def from_pretrained(
         progress=progress,
         collective=collective,
     )
-    location = resolve(path, options)
-    config = load_config(location)
+    location = resolve(path, hub)
+    config = given.config or load_config(location)
+    apply_config_overrides(config, given.overrides)
     claim = registry.winning_claim(config, require_plugin=require_plugin)
     if claim is None:
         if not dequantize:
@@ -142,42 +172,63 @@ def from_pretrained(
                 f"{path}: dequantize=False needs the host's loader, and no plugin claims this config "
                 "(stock transformers would load it); install or select a plugin that serves it"
             )
-        return _stock_from_pretrained(location, config, dtype=dtype, device=device, **stock_kwargs)
+        return _stock_from_pretrained(location, config, device=device, model_class=auto_class, **given.stock)
     plugin = claim.plugin
-    if stock_kwargs:
-        raise TypeError(
-            f"options {sorted(stock_kwargs)} only apply to the stock path; plugin {plugin!r} claimed this config"
-        )
-    dtype = resolve_dtype(config, dtype)
-    device = torch.device(device)
+    given.check_plugin_path(plugin)
+    target = None if auto_class is None else auto_target(auto_class, config)
+    device_map = normalize_device_map(device if given.device_map is None else given.device_map)
+    mmap = mmap and given.mmap is not False
     if location.is_remote:  # before any download: a config its headers contradict fails now
         check_headers_of(location, config, stock=False)
     with Checkpoint.open(location) as checkpoint:
         check_structure(config, checkpoint)
-        model = build_on_meta(config, dtype)
-        options = {SKIP_LOGITS_OPTION: skip_logits, "mmap": mmap, "dequantize": dequantize}
-        composition = compose(registry, claim, **options)
+        dtype = load_dtype(config, given.dtype, checkpoint)
+        model = build_on_meta(config, dtype, **given.build)
+        base_only = target is not None and _base_only(model, target, auto_class, plugin)
+        flags = {SKIP_LOGITS_OPTION: skip_logits, "mmap": mmap, "dequantize": dequantize}
+        composition = compose(registry, claim, **flags)
         adapter = adapter_for(registry, plugin, config, checkpoint)
         plan = _plan_build(model, adapter, checkpoint, dequantize=dequantize, composition=composition)
-        composition.load = stream_into(model, plan, checkpoint, device=device, progress=progress, mmap=mmap)
+        placement = Placement.of(model, device_map, given.max_memory)  # FP8-resident layers at their size
+        composition.load = stream_into(
+            model,
+            plan,
+            checkpoint,
+            device=placement.default,
+            progress=progress,
+            mmap=mmap,
+            devices=placement.tensors(plan),
+        )
         composition.adapter = adapter.describe()
         composition.source = record_source(location, checkpoint, adapter)
-    poisoned = poison_meta_buffers(model, device)
+    poisoned = poison_meta_buffers(model, placement.device_of)
     registry.call(plugin, "post_materialize", model=model, config=config)
     model.tie_weights()
     _check_buffers_recomputed(model, poisoned, plugin)
     ensure_materialized(model)
     if not composition.fp8_resident:
         composition.dequantized_from = drop_quantization_config(model)
+    if given.generation_config is not None:
+        model.generation_config = given.generation_config
     bind_forward(registry, plugin, model, config, composition)
     setattr(model, COMPOSITION_ATTR, composition)
-    return model.eval()
+    model.eval()
+    if placement.device_map is not None:
+        dispatch(model, placement.device_map)
+    if base_only:
+        # AutoModel: the stock base model, as transformers' AutoModel gives it; its tensor names are not the
+        # checkpoint model's, so it carries no source record to save "as it came" from
+        model = model.base_model
+        setattr(model, COMPOSITION_ATTR, dataclasses.replace(composition, source=None))
+    if given.output_loading_info:
+        return model, _loading_info()
+    return model
 
 
 def build_model(
     path_or_config: str | Path | CheckpointLocation | PretrainedConfig,
     *,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     dequantize: bool = True,
     skip_logits: bool = False,
     require_plugin: bool = False,
@@ -188,6 +239,7 @@ def build_model(
     local_files_only: bool | None = None,
     progress: bool | None = None,
     collective: bool = True,
+    **options: Any,
 ) -> PreTrainedModel:
     """The composed stock model on the meta device, weights not loaded: shard it, ``to_empty``, then
     :func:`load_weights`. The claiming plugin's ``post_materialize`` runs now (on meta) so that it can install
@@ -199,11 +251,18 @@ def build_model(
     ``dequantize=False`` (needs the checkpoint path: which weights stay FP8 is read from its headers) builds
     the FP8-resident layers now, so that sharding splits their FP8 codes, and each rank later reads only its
     slice of them.
+
+    ``options``: transformers' options that shape the built model (``attn_implementation``,
+    ``experts_implementation``, ``torch_dtype``, config attributes) and the accepted ones, as in
+    :func:`from_pretrained`; those about loading (``device_map``, ...) are a
+    :class:`~automodel_plugins.errors.LoadOptionError`. ``dtype="auto"`` (or None) is the config's dtype, else,
+    given a path, the checkpoint's as :func:`from_pretrained` decides it.
     """
     registry = registry or get_registry()
+    given = parse_load_options({**options, **({} if dtype is None else {"dtype": dtype})}, build_only=True)
     location = None
     if isinstance(path_or_config, (str, Path, CheckpointLocation)):
-        options = HubOptions(
+        hub = HubOptions(
             revision=revision,
             cache_dir=cache_dir,
             token=token,
@@ -211,18 +270,22 @@ def build_model(
             progress=progress,
             collective=collective,
         )
-        location = resolve(path_or_config, options)
+        location = resolve(path_or_config, hub)
         config = load_config(location)
+        apply_config_overrides(config, given.overrides)
         check_headers_of(location, config, stock=False)
     else:
         config = path_or_config
+        apply_config_overrides(config, given.overrides)
     if not dequantize and location is None:
         raise TypeError(
             "build_model(..., dequantize=False) needs the checkpoint path, not a config: which linear weights "
             "stay FP8 is read from the checkpoint's headers"
         )
     claim = registry.winning_claim(config, require_plugin=require_plugin)
-    model = build_on_meta(config, resolve_dtype(config, dtype))
+    if claim is not None:
+        given.check_plugin_path(claim.plugin)
+    model = build_on_meta(config, build_dtype(config, given.dtype, location), **given.build)
     composition = compose(registry, claim, **{SKIP_LOGITS_OPTION: skip_logits}, dequantize=dequantize)
     if not dequantize:
         with Checkpoint.open(location, download=False) as checkpoint:
@@ -319,6 +382,8 @@ def _plan_build(
     plan = plan_resident(model, model_tensors(model), adapter, checkpoint)
     if not dequantize:
         composition.fp8_resident = make_fp8_resident(model, plan, checkpoint)
+        watch_resident_training(model)  # warns at an optimizer step that can train no FP8 layer
+        fp8_peft_hook.install()  # PEFT's own merge over these layers
         composition.fp8_not_resident = [name for name, p in plan.items() if p.action == "dequantized"]
         _warn_not_resident(composition.fp8_not_resident, plan)
     return plan
@@ -346,26 +411,35 @@ def _warn_not_resident(names: list[str], plan: LoadPlan) -> None:
     )
 
 
-def resolve_dtype(config: PretrainedConfig, dtype: torch.dtype | str | None) -> torch.dtype:
-    """The explicit ``dtype``, else the config's floating dtype, else BF16 (what FP8 checkpoints train in)."""
-    candidate = dtype if dtype is not None else getattr(config, "dtype", None)
-    if isinstance(candidate, str):
-        candidate = getattr(torch, candidate, None)
-    if isinstance(candidate, torch.dtype) and candidate.is_floating_point and candidate.itemsize >= 2:
-        return candidate
-    if dtype is not None:
-        raise ConfigError(None, f"dtype {dtype!r} is not a floating dtype a model can be loaded in")
-    return torch.bfloat16
+def _base_only(model: PreTrainedModel, target: type, auto_class: type, plugin: str) -> bool:
+    """Whether ``auto_class`` asks for the base model of the class the plugin loads (``AutoModel``); a class
+    that is neither is refused before any tensor is read."""
+    if isinstance(model, target):
+        return False
+    if type(model.base_model) is target:
+        return True
+    raise ConfigError(
+        config_path_of(model.config),
+        f"{auto_class.__name__} maps this config to {target.__name__}, but plugin {plugin!r} loads it as "
+        f"{type(model).__name__}: use automodel_plugins.from_pretrained, or transformers' {auto_class.__name__} "
+        "with AUTOMODEL_PLUGINS='' (no plugin)",
+    )
+
+
+def _loading_info() -> dict[str, Any]:
+    """What ``output_loading_info=True`` returns beside the model, in transformers' form: nothing missing,
+    unexpected or mismatched, since each of those fails the plugin path's load with a typed error."""
+    return {"missing_keys": set(), "unexpected_keys": set(), "mismatched_keys": set(), "error_msgs": []}
 
 
 def _stock_from_pretrained(
     location: CheckpointLocation,
     config: PretrainedConfig,
     *,
-    dtype: torch.dtype | None,
-    device: str | torch.device,
+    device: str | torch.device | None,
+    model_class: type | None = None,
     **kwargs: Any,
-) -> PreTrainedModel:
+) -> PreTrainedModel | tuple[PreTrainedModel, dict[str, Any]]:
     """No plugin claimed the config: transformers' own loader, without remote code; a repo id goes to it with
     the hub options (pinned to the commit the config came from).
 
@@ -373,10 +447,11 @@ def _stock_from_pretrained(
     than silently swapped for the directory's. The headers are checked first: against the config's structure,
     and for FP8 tensors the stock loader would load unscaled (:func:`check_stock_path`).
     """
-    if kwargs.pop("trust_remote_code", False):
-        raise ConfigError(
-            location.config, "trust_remote_code is refused: code shipped with a checkpoint never runs"
-        )
+    kwargs.pop("config", None)  # already ``config``, with the keyword overrides applied
+    if kwargs.get("dtype") is None:
+        kwargs["dtype"] = "auto"
+    if kwargs.get("device_map") is None:
+        kwargs["device_map"] = str(device or "cpu")
     if isinstance(location, HubLocation):
         source = location.repo_id
         kwargs.update(
@@ -395,18 +470,25 @@ def _stock_from_pretrained(
             "or its index: pass the directory",
             path=named,
         )
-    with Checkpoint.open(location, download=False) as checkpoint:  # headers only: stock downloads itself
+    with Checkpoint.open(location, download=False) as checkpoint:  # headers first, before any weights
         check_structure(config, checkpoint)
         check_stock_path(config, checkpoint)
-    model = stock_class(config).from_pretrained(
-        source, config=config, dtype=dtype or "auto", device_map=str(device), **kwargs
-    )
+        weights = [file.relative_to(location.directory).as_posix() for file in checkpoint.files]
+    guard = contextlib.nullcontext()
+    if isinstance(location, HubLocation):
+        # fetched through the checks on the hub's answers (and its per-file deadline); transformers then finds
+        # them in the cache at the commit without a request, and what else it fetches is checked the same way
+        location.fetch(weights)
+        guard = watching(location.repo_id, location.options.revision, None, location.commit)
+    with guard:
+        loaded = (model_class or stock_class(config)).from_pretrained(source, config=config, **kwargs)
+    model = loaded[0] if isinstance(loaded, tuple) else loaded
     setattr(
         model,
         COMPOSITION_ATTR,
         Composition(plugin=None, claim_reason="no plugin claimed the config: stock path"),
     )
-    return model
+    return loaded
 
 
 def _check_buffers_recomputed(model: PreTrainedModel, poisoned: list[str], plugin: str) -> None:

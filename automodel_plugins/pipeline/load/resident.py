@@ -30,6 +30,7 @@ from automodel_plugins.model.fp8_experts import (
     fused_experts_shapes,
 )
 from automodel_plugins.model.fp8_linear import SCALE_NAME, Fp8Linear, fp8_linear_modules
+from automodel_plugins.model.fp8_resident import check_resident_state_dict
 from automodel_plugins.model.tensors import model_tensors
 from automodel_plugins.pipeline.load.plan import plan_load
 
@@ -156,6 +157,7 @@ def make_fp8_resident(model: nn.Module, plan: LoadPlan, checkpoint: Checkpoint) 
             resident.bias = linear.bias  # the same (meta) parameter: it is planned and streamed as before
         setattr(parent, child, resident)
         layers.append(layer_name)
+    model.register_load_state_dict_pre_hook(check_resident_state_dict)
     order = {name: index for index, (name, _) in enumerate(model.named_modules())}
     return sorted(layers, key=order.__getitem__)
 

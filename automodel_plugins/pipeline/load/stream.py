@@ -62,10 +62,12 @@ def stream_into(
     progress: bool | None = None,
     names: Mapping[str, str] | None = None,
     mmap: bool = True,
+    devices: Mapping[str, torch.device] | None = None,
 ) -> LoadReport:
-    """Load every planned tensor into ``model``: meta tensors are replaced (on ``device``, CPU by default),
-    real ones are written in place (each rank its own region). ``names`` maps a planned (stock) name to the
-    tensor's name in ``model`` where they differ (inside PEFT tuner layers).
+    """Load every planned tensor into ``model``: meta tensors are replaced (on ``device``, CPU by default, or
+    the device ``devices`` gives the planned name: a ``device_map``), real ones are written in place (each rank
+    its own region). ``names`` maps a planned (stock) name to the tensor's name in ``model`` where they differ
+    (inside PEFT tuner layers).
 
     ``mmap=False``: tensors stored as they load get private copies instead of views of the memory-mapped shards,
     so the model survives its files being truncated or rewritten later (see ``from_pretrained``).
@@ -78,20 +80,21 @@ def stream_into(
     for planned_name in progress_bar(list(plan), enabled=progress, desc=desc):
         name = names.get(planned_name, planned_name) if names else planned_name
         planned, target = plan[planned_name], targets[name]
+        here = devices.get(planned_name, device) if devices else device
         if planned.action == "kept_fp8" and isinstance(_module_of(model, name), Fp8Experts):
-            report.pieces += _load_resident_experts(model, name, target, planned, checkpoint, device)
+            report.pieces += _load_resident_experts(model, name, target, planned, checkpoint, here)
             report.assembled += planned.source.is_assembled
             how: Action = "kept_fp8"
         elif planned.action == "kept_fp8":
-            _load_resident(model, name, target, planned.source, checkpoint, device, mmap=mmap)
+            _load_resident(model, name, target, planned.source, checkpoint, here, mmap=mmap)
             how = "kept_fp8"
         elif planned.source.is_assembled:
             how = planned.action
             report.assembled += 1
-            report.pieces += _load_assembled(model, name, target, planned, checkpoint, device)
+            report.pieces += _load_assembled(model, name, target, planned, checkpoint, here)
         elif target.is_meta:
             value, how = read_value(
-                checkpoint, planned.source, dtype=planned.dtype, device=device, in_place_ok=mmap
+                checkpoint, planned.source, dtype=planned.dtype, device=here, in_place_ok=mmap
             )
             _assign(model, name, target, value)
         else:

@@ -8,18 +8,23 @@ transformers' FP8 format, keeping the source's scales wherever it already had th
 bytes are the source's). The model is only built on the meta device, for its names, shapes and modules.
 
 The checkpoint's other files (tokenizer, processor and chat-template files, ``generation_config.json``) are
-copied beside the new weights; other weight files (``*.safetensors``, ``*.bin`` ...) are not.
+copied beside the new weights; other weight files (``*.safetensors``, ``*.bin`` ...) are not. A link among them
+that leads outside the checkpoint (a ``tokenizer_config.json`` pointing at the hub token, say) is refused with
+:class:`~automodel_plugins.errors.UnsafeCheckpointPathError`, as the index refuses such a shard: the copy would
+put that file in the new checkpoint, ready to be shared.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from automodel_plugins.checkpoint import Checkpoint
-from automodel_plugins.errors import UnknownQuantizationError
+from automodel_plugins.checkpoint.index import link_leads_outside
+from automodel_plugins.errors import UnknownQuantizationError, UnsafeCheckpointPathError
 from automodel_plugins.fp8.quantization import quantization_dict
 from automodel_plugins.model.hf_layout import saved_tensors
 from automodel_plugins.model.stock import build_on_meta
@@ -64,8 +69,10 @@ def convert_checkpoint(
     ``source`` is a checkpoint directory (or its weights file, index or config) or a hub repo id (with
     transformers' ``revision``, ``cache_dir``, ``token``, ``local_files_only``: only the config, the index, the
     shards it names and the repo's other top-level ``.json`` files, such as the tokenizer's, are downloaded).
-    Options as :func:`automodel_plugins.save_pretrained`'s. Returns its :class:`SaveReport`.
+    Options as :func:`automodel_plugins.save_pretrained`'s. Returns its :class:`SaveReport` (``seconds``: the
+    whole conversion, from resolving ``source`` on).
     """
+    started = time.perf_counter()
     if to not in CONVERT_FORMATS:
         raise UnknownQuantizationError(
             f"unknown target format {to!r}: pass one of {', '.join(map(repr, CONVERT_FORMATS))}"
@@ -93,7 +100,7 @@ def convert_checkpoint(
         if "quantization_config" in vars(model.config):
             del model.config.quantization_config  # the values are plain floats once read
         extra = _extra_files(location)
-        has_generation_config = any(file.name == _GENERATION_CONFIG for file in extra)
+        has_generation_config = _GENERATION_CONFIG in extra
         return write_checkpoint(
             model,
             dest,
@@ -110,11 +117,14 @@ def convert_checkpoint(
             if has_generation_config or not model.can_generate()
             else model.generation_config,
             extra_files=extra,
+            label="converting",
+            started=started,
         )
 
 
-def _extra_files(location: CheckpointLocation) -> list[Path]:
-    """The checkpoint's own files that are neither weights nor its index nor ``config.json``.
+def _extra_files(location: CheckpointLocation) -> dict[str, Path]:
+    """The checkpoint's own files that are neither weights nor its index nor ``config.json``: each name, and
+    the regular file it is once links are followed (checked to stay inside the checkpoint).
 
     From a hub repo, its other top-level ``.json`` files (tokenizer, generation and processor configs): the
     hub source never fetches anything else (no code, no pickles; ``chat_template.jinja`` or a SentencePiece
@@ -124,8 +134,21 @@ def _extra_files(location: CheckpointLocation) -> list[Path]:
         listed = location.repo_files() or {}
         names = sorted(name for name in listed if "/" not in name and name.endswith(".json") and _extra(name))
         location.fetch(names)
-        return [location.file(name) for name in names]
-    return sorted(file for file in location.directory.iterdir() if file.is_file() and _extra(file.name))
+        files = [location.file(name) for name in names]
+    else:
+        files = sorted(file for file in location.directory.iterdir() if file.is_file() and _extra(file.name))
+    extra = {}
+    for file in files:
+        outside = link_leads_outside(location.directory, file)
+        if outside is not None:
+            raise UnsafeCheckpointPathError(
+                f"{file.name} is a link to {outside}, outside the checkpoint directory {location.directory}: "
+                "convert copies only the checkpoint's own files (copy that file into the checkpoint, or remove "
+                "the link)",
+                path=file,
+            )
+        extra[file.name] = file.resolve()
+    return extra
 
 
 def _extra(name: str) -> bool:

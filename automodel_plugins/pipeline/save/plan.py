@@ -93,7 +93,7 @@ class SaveFormat:
         block = None
         if quantization == "fp8-block":
             block = _block_size(DEFAULT_BLOCK_SIZE if block_size is None else block_size)
-        skip = None if modules_to_not_convert is None else tuple(modules_to_not_convert)
+        skip = None if modules_to_not_convert is None else _module_patterns(modules_to_not_convert)
         return cls(quantization, block, skip)
 
     @property
@@ -102,10 +102,42 @@ class SaveFormat:
 
 
 def _block_size(value: int | Sequence[int]) -> tuple[int, int]:
-    sizes = (value, value) if isinstance(value, int) and not isinstance(value, bool) else tuple(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        sizes: tuple[object, ...] = (value, value)
+    elif isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        sizes = tuple(value)
+    else:
+        sizes = ()
     if len(sizes) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sizes):
         raise SaveOptionError(f"block_size must be a positive int or two of them, got {value!r}")
     return (int(sizes[0]), int(sizes[1]))
+
+
+def _module_patterns(patterns: Sequence[str]) -> tuple[str, ...]:
+    """The modules an FP8 format keeps unquantized, checked: each a non-empty string that compiles as a
+    regular expression (transformers matches them as prefixes, regexes and suffixes: ``""`` would match every
+    module and quantize nothing)."""
+    import re
+
+    checked = tuple(patterns)
+    for position, pattern in enumerate(checked):
+        if not isinstance(pattern, str):
+            raise SaveOptionError(
+                f"modules_to_not_convert[{position}] is {pattern!r}, not a module name (a string)"
+            )
+        if not pattern.strip():
+            raise SaveOptionError(
+                f"modules_to_not_convert[{position}] is the empty name {pattern!r}: it matches every module, "
+                "so nothing would be quantized; remove it"
+            )
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise SaveOptionError(
+                f"modules_to_not_convert[{position}] {pattern!r} is not a valid pattern "
+                f"(transformers matches the entries as regular expressions): {exc}"
+            ) from exc
+    return checked
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,10 @@ See ``docs/saving.md``.
 from __future__ import annotations
 
 import copy
+import errno
+import os
 import shutil
+import stat
 import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -25,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from automodel_plugins.checkpoint import Checkpoint
-from automodel_plugins.checkpoint.destination import Destination
+from automodel_plugins.checkpoint.destination import Destination, ProtectedDirectory
 from automodel_plugins.checkpoint.shards import ShardPlan, default_max_shard_size, parse_shard_size
 from automodel_plugins.errors import (
     CheckpointError,
@@ -128,6 +131,7 @@ def save_pretrained(
         quantization, block_size=block_size, modules_to_not_convert=modules_to_not_convert
     )
     _refuse_adapters(model)
+    _refuse_meta(model)
     composition = composition_of(model)
     record = composition.source if composition is not None else None
     if record is not None and record.stage:
@@ -153,6 +157,7 @@ def save_pretrained(
             progress=progress,
             fsync=fsync,
             generation_config=model.generation_config if model.can_generate() else None,
+            protected=[record.protected] if record is not None and record.protected is not None else [],
         )
 
 
@@ -163,6 +168,18 @@ def _refuse_adapters(model: nn.Module) -> None:
             "the model carries PEFT adapters: merge them first (model = model.merge_and_unload()), then "
             "save_pretrained(model, dest, quantization='source'); or save the adapters alone with "
             "model.save_pretrained(dest)"
+        )
+
+
+def _refuse_meta(model: nn.Module) -> None:
+    """A model built on the meta device (``build_model``) and never loaded has no values to write."""
+    left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        shown = ", ".join(left[:5]) + (f", ... ({len(left)} in all)" if len(left) > 5 else "")
+        raise SaveError(
+            f"{len(left)} model tensor(s) are still on the meta device ({shown}): there are no values to save. "
+            "Load the weights first (load_weights(model, path), after model.to_empty(device=...) for a model "
+            "from build_model), or use from_pretrained"
         )
 
 
@@ -231,14 +248,20 @@ def write_checkpoint(
     progress: bool | None,
     generation_config: GenerationConfig | None,
     fsync: bool = True,
-    extra_files: Iterable[Path] = (),
+    extra_files: Mapping[str, Path] | None = None,
     config: PretrainedConfig | None = None,
+    protected: Iterable[Path | ProtectedDirectory] = (),
+    label: str = "saving",
+    started: float | None = None,
 ) -> SaveReport:
     """Plan, then write ``tensors`` of ``model`` (name -> the model's tensor, for shapes and dtypes; the bytes
-    come from ``values``) into ``dest``, with ``config`` (default the model's) and ``extra_files`` copied in.
-    ``source``: the source checkpoint, open; ``declared``: the ``quantization_config`` the weights were loaded
-    under. Shared by ``save_pretrained`` and ``convert``; collective when distributed."""
-    started = time.perf_counter()
+    come from ``values``) into ``dest``, with ``config`` (default the model's) and ``extra_files`` (name in the
+    checkpoint -> the regular file to copy there) copied in. ``source``: the source checkpoint, open;
+    ``declared``: the ``quantization_config`` the weights were loaded under; ``protected``: directories the
+    destination must not be, be in, or contain (besides the open source's); ``label`` the progress bar's;
+    ``started``: the ``time.perf_counter()`` the work began at (for ``SaveReport.seconds``; default now).
+    Shared by ``save_pretrained`` and ``convert``; collective when distributed."""
+    started = time.perf_counter() if started is None else started
     ranks = Ranks.current()
     try:
         shard_size = parse_shard_size(default_max_shard_size() if max_shard_size is None else max_shard_size)
@@ -253,7 +276,14 @@ def write_checkpoint(
             UserWarning,
             stacklevel=3,
         )
-    protected = [source.checkpoint.directory] if source is not None else []
+    if save_format.is_fp8_format and not plan.quantized and ranks.is_main:
+        warnings.warn(
+            f"quantization={save_format.quantization!r} quantizes no weight: modules_to_not_convert "
+            f"{list(save_format.modules_to_not_convert or [])} (or the source's list) excludes every linear layer",
+            UserWarning,
+            stacklevel=3,
+        )
+    protected = [*protected, *([source.checkpoint.directory] if source is not None else [])]
     error: BaseException | None = None
     destination = None
     if ranks.is_main:
@@ -282,13 +312,21 @@ def write_checkpoint(
             max_shard_size=shard_size,
             progress=progress,
             fsync=fsync,
+            label=label,
         )
         written = ranks.gather(result.bytes_written)
         listing = None
         if destination is not None:
             try:
                 _finish(
-                    destination, plan, result.shards, model, config, generation_config, extra_files, fsync
+                    destination,
+                    plan,
+                    result.shards,
+                    model,
+                    config,
+                    generation_config,
+                    extra_files or {},
+                    fsync,
                 )
                 listing = sorted(
                     (file.name, file.stat().st_size) for file in final.iterdir() if file.is_file()
@@ -358,7 +396,7 @@ def _finish(
     model: PreTrainedModel,
     config: PretrainedConfig | None,
     generation_config: GenerationConfig | None,
-    extra_files: Iterable[Path],
+    extra_files: Mapping[str, Path],
     fsync: bool,
 ) -> None:
     """Rank 0, once every tensor is written: the index, the extra files, the generation config, then
@@ -367,12 +405,31 @@ def _finish(
     index = shards.index_text(_total_parameters(model, plan))
     if index is not None:
         (staging / shards.index_name).write_text(index, encoding="utf-8")
-    for file in extra_files:
-        shutil.copy2(file, staging / file.name)
+    for name, file in extra_files.items():
+        _copy_regular(file, staging / name)
     if generation_config is not None:
         generation_config.save_pretrained(staging)
     _config_to_save(config or model.config, model, plan).save_pretrained(staging)
     destination.commit(sync=fsync)
+
+
+def _copy_regular(source: Path, target: Path) -> None:
+    """Copy the regular file ``source`` (never through a link: one put in its place since it was checked is
+    refused) to the new file ``target``."""
+    try:
+        fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        with open(fd, "rb") as reader:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(errno.EINVAL, "not a regular file")
+            with open(target, "xb") as writer:
+                shutil.copyfileobj(reader, writer)
+    except OSError as exc:
+        raise SaveWriteError(
+            f"cannot copy {source.name} into the checkpoint: {exc.strerror or exc} (it is no longer the regular "
+            "file that was checked)",
+            path=source,
+            errno=exc.errno,
+        ) from exc
 
 
 def _total_parameters(model: PreTrainedModel, plan: SavePlan) -> int:

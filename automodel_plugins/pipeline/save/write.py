@@ -67,6 +67,7 @@ def write_plan(
     max_shard_size: int,
     progress: bool | None,
     fsync: bool = True,
+    label: str = "saving",
 ) -> WriteResult:
     """Write every tensor of ``plan`` into shard files in ``directory`` (the index and config are the caller's).
 
@@ -97,7 +98,7 @@ def write_plan(
         items = progress_bar(
             list(zip(plan.tensors, writes, strict=True)),
             enabled=progress if ranks.is_main else False,
-            desc=f"saving {shards.total_size / 2**30:.2f} GiB",
+            desc=f"{label} {shards.total_size / 2**30:.2f} GiB",
         )
         with WriteBehind() as pending:
             for planned, box in items:

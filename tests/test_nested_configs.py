@@ -265,7 +265,17 @@ def test_qwen3_omni_loads_as_stock_transformers_loads_it(qwen3_omni: Path, plugi
     )
     assert type(model) is transformers.Qwen3OmniMoeForConditionalGeneration
     ours, theirs = model.state_dict(), reference.state_dict()
-    assert list(ours) == list(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert list(ours) == list(theirs) and all(_same_bytes(ours[k], theirs[k]) for k in ours)
+
+
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit for bit, NaN included: transformers 5.25 leaves the tiny talker's fused experts uninitialized at
+    construction, so the saved checkpoint may hold NaN bytes, which both loads must read as they are."""
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+    )
 
 
 def test_an_unknown_nested_type_transformers_refuses_is_still_named(tmp_path: Path) -> None:

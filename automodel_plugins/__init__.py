@@ -82,6 +82,9 @@ _LAZY = {
     "merge_lora": "automodel_plugins.model.fp8_lora",
     "register_fp8_lora": "automodel_plugins.model.fp8_lora",
     "requantize_state_dict": "automodel_plugins.model.requantize",
+    # tensor parallelism from the model's tp_plan (FP8-resident layers included)
+    "parallelize_fp8": "automodel_plugins.model.tensor_parallel",
+    "tensor_parallel_plan": "automodel_plugins.model.tensor_parallel",
 }
 
 if TYPE_CHECKING:
@@ -106,6 +109,7 @@ if TYPE_CHECKING:
     )
     from automodel_plugins.model.requantize import requantize_state_dict
     from automodel_plugins.model.rotary import repair_rotary
+    from automodel_plugins.model.tensor_parallel import parallelize_fp8, tensor_parallel_plan
     from automodel_plugins.pipeline.composition import Composition
     from automodel_plugins.pipeline.load.auto import (
         AutoModel,

@@ -220,6 +220,11 @@ class FrozenFp8WeightError(AutomodelPluginsError, RuntimeError):
     """Gradients were asked of an FP8-resident weight, which holds the checkpoint's FP8 codes and stays frozen."""
 
 
+class TensorParallelError(AutomodelPluginsError, ValueError):
+    """A tensor-parallel layout an FP8-resident layer cannot run (a placement other than a row or column split
+    on one mesh dim, or an input not laid out as that split needs); names the layer and the layout."""
+
+
 class TrainerOptionError(AutomodelPluginsError, ValueError):
     """A trainer option the fused loss does not implement (``automodel_plugins.integrations.trl.SFTTrainer``); names it."""
 

@@ -57,6 +57,7 @@ _LAZY = {
     "Composition": "automodel_plugins.pipeline.composition",
     "LoadReport": "automodel_plugins.pipeline.load.report",
     "describe_checkpoint": "automodel_plugins.pipeline.load.describe",
+    "plan_memory": "automodel_plugins.pipeline.load.memory_plan",
     "load_config": "automodel_plugins.sources.config",
     "Checkpoint": "automodel_plugins.checkpoint.reader",
     "get_registry": "automodel_plugins.registry.manager",
@@ -118,6 +119,7 @@ if TYPE_CHECKING:
     )
     from automodel_plugins.pipeline.load.describe import describe_checkpoint
     from automodel_plugins.pipeline.load.load import build_model, from_pretrained, load_weights
+    from automodel_plugins.pipeline.load.memory_plan import plan_memory
     from automodel_plugins.pipeline.load.report import LoadReport
     from automodel_plugins.pipeline.save.convert import convert_checkpoint
     from automodel_plugins.pipeline.save.save import SaveReport, save_pretrained

@@ -225,6 +225,10 @@ class TensorParallelError(AutomodelPluginsError, ValueError):
     on one mesh dim, or an input not laid out as that split needs); names the layer and the layout."""
 
 
+class LayoutError(AutomodelPluginsError, ValueError):
+    """A parallel layout the memory plan cannot take (``--layout fsdp=8,tp=2``): names the degree at fault."""
+
+
 class TrainerOptionError(AutomodelPluginsError, ValueError):
     """A trainer option the fused loss does not implement (``automodel_plugins.integrations.trl.SFTTrainer``); names it."""
 

@@ -751,6 +751,53 @@ def tp_resident_lora(ctx: Context) -> dict[str, Any]:
     }
 
 
+def held_by_kind(model: Any) -> dict[str, int]:
+    """Bytes of this rank's local parameter shards and persistent buffers, by kind as ``plan_memory`` says them:
+    FP8-resident codes, their scales, every other tensor by dtype (LoRA adapters apart, under ``lora``)."""
+    from automodel_plugins.model.fp8_linear import Fp8Linear
+
+    codes = {id(m.weight) for m in model.modules() if isinstance(m, Fp8Linear)}
+    held: dict[str, int] = {}
+    for name, tensor in model_tensors(model).items():
+        local = _checks.local_value(tensor)
+        kind = (
+            "lora"
+            if "lora_" in name
+            else "fp8_codes"
+            if id(tensor) in codes
+            else "scales"
+            if name.endswith("_scale_inv")
+            else str(local.dtype).removeprefix("torch.")
+        )
+        held[kind] = held.get(kind, 0) + local.numel() * local.element_size()
+    return held
+
+
+def plan_vs_measured(ctx: Context, layout: str) -> dict[str, Any]:
+    """``plan_memory`` of the 16x16-block checkpoint (FP8-resident, LoRA r=4) for ``layout``, against
+    this rank's load with that layout: bytes read (the reader's counter) and bytes held by kind."""
+    from automodel_plugins.pipeline.load.memory_plan import plan_memory
+
+    path = ctx.checkpoint("block_untied")
+    if layout == "tp":
+        model, targets = tp_resident_model(ctx, path, lora=True), ("q_proj", "v_proj")
+    else:  # with_lora's targets
+        model = fsdp_resident_model(ctx, path, lora=True)
+        targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "linear_1")
+    report = automodel_plugins.load_weights(model, path)
+    degrees = {"tp": ctx.world} if layout == "tp" else {"fsdp": ctx.world}
+    plan = plan_memory(path, dequantize=False, lora_r=4, lora_targets=targets, **degrees)
+    mine = plan.ranks[ctx.rank]
+    return {
+        "measured_read": report.bytes_read,
+        "measured_held": held_by_kind(model),
+        "planned_read": mine.read,
+        "planned_held": dict(mine.held),
+        "planned_lora_params": mine.lora["params"],
+        "plan": plan.to_dict(),
+    }
+
+
 MERGE_FORMATS = ("source", "none")
 
 
@@ -1046,6 +1093,8 @@ SCENARIOS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "tp_resident_block_cut": lambda ctx: tp_resident_load(ctx, "block_untied"),
     "tp_resident_block_aligned": lambda ctx: tp_resident_load(ctx, "block4_untied"),
     "tp_resident_lora": tp_resident_lora,
+    "plan_fsdp": lambda ctx: plan_vs_measured(ctx, "fsdp"),
+    "plan_tp": lambda ctx: plan_vs_measured(ctx, "tp"),
     "accelerate_head": accelerate_head,
     "fsdp_head_layouts": fsdp_head_layouts,
 }

@@ -31,3 +31,41 @@ def test_the_plan_is_exact_on_the_tiny_checkpoint(distributed_run, scenario) -> 
     for result in distributed_run.ranks(scenario):
         assert result["planned_read"] == result["measured_read"]
         assert {**result["planned_held"], "lora": result["planned_lora_params"]} == result["measured_held"]
+
+
+FOUR = 4
+
+
+@pytest.fixture(scope="module")
+def four_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    """Its own launch: the plan scenarios on 4 gloo ranks (2 CPU cores suffice; slower)."""
+    import json
+
+    import torch.distributed as dist
+
+    from .conftest import launch
+
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("torch.distributed with the gloo backend is not available")
+    out = tmp_path_factory.mktemp("four-ranks")
+    run = launch(list(SCENARIOS), out, nproc=FOUR)
+    results = {}
+    for scenario in SCENARIOS:
+        for rank in range(FOUR):
+            path = out / "results" / f"{scenario}.rank{rank}.json"
+            if not path.is_file():
+                pytest.fail(f"rank {rank} wrote no result for {scenario!r}:\n{run.log_tail()}")
+            results[scenario, rank] = json.loads(path.read_text())
+            assert "error" not in results[scenario, rank], results[scenario, rank]["error"]
+    return results
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_the_plan_is_exact_on_four_ranks(four_ranks, scenario) -> None:
+    for rank in range(FOUR):
+        result = four_ranks[scenario, rank]
+        assert result["plan"]["world_size"] == FOUR
+        assert result["planned_read"] == result["measured_read"], rank
+        assert {**result["planned_held"], "lora": result["planned_lora_params"]} == result["measured_held"], (
+            rank
+        )

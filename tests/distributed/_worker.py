@@ -726,15 +726,22 @@ def tp_resident_lora(ctx: Context) -> dict[str, Any]:
     initial = {n: p.detach().clone() for n, p in single.named_parameters() if "lora_" in n}
     single_grads, single_after, single_losses = _lora_step(single, batch)
 
-    model = tp_resident_model(ctx, path, lora=True)
-    automodel_plugins.load_weights(model, path)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_" in name:
-                _checks.local_value(param).copy_(_checks.local_part(param, initial[name]))
-    model.train()
-    grads, after, losses = _lora_step(model, batch)
+    def split_step(dequantize: bool) -> tuple[Any, dict, dict, list[float]]:
+        model = tp_resident_model(ctx, path, dequantize=dequantize, lora=True)
+        automodel_plugins.load_weights(model, path)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_" in name:
+                    _checks.local_value(param).copy_(_checks.local_part(param, initial[name]))
+        return (model.train(), *_lora_step(model.train(), batch))
+
+    model, grads, after, losses = split_step(dequantize=False)
+    _, dequantized_grads, dequantized_after, dequantized_losses = split_step(dequantize=True)
     return {
+        "equal_to_split_dequantized": losses == dequantized_losses
+        and all(torch.equal(grads[n], dequantized_grads[n]) for n in dequantized_grads)
+        and all(torch.equal(after[n], dequantized_after[n]) for n in dequantized_after)
+        and sorted(grads) == sorted(dequantized_grads),
         "losses": losses,
         "single_losses": single_losses,
         "grad_names": sorted(grads),

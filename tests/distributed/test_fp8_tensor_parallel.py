@@ -59,6 +59,8 @@ def test_a_lora_step_on_q_and_v_over_split_fp8_layers_equals_one_process(distrib
         assert len(result["lora_b_sharded"]) == 2 * 4, "lora_B is split by rows with its base layer"
         assert all(".language_model." in name for name in result["lora_b_sharded"])
         assert result["grad_names"] == result["single_grad_names"] and len(result["grad_names"]) == LORA
+        # The same split and LoRA over the dequantized model (stock nn.Linear bases): the same bits.
+        assert result["equal_to_split_dequantized"], f"rank {rank}"
         single, split = result["single_losses"], result["losses"]
         assert single[1] != single[0], "the step must change the loss"
         assert abs(split[0] - single[0]) <= 1e-3 and abs(split[1] - single[1]) <= 1e-3, (split, single)

@@ -23,6 +23,10 @@ FP8 codes and the scale** and dequantizes again in backward for the input gradie
 A weight whose dequantized copy would exceed :attr:`Fp8Linear.dequant_budget_bytes` is processed in blocks of
 rows, so the transient stays within the budget (results then equal within rounding, not bit for bit).
 
+Under tensor parallelism (``ColwiseParallel`` / ``RowwiseParallel``: the codes a DTensor split by rows or
+columns, the scale whole on every rank) the forward runs the same math on the local shard
+(:mod:`~automodel_plugins.model.fp8_tensor_parallel`).
+
 ``torch._scaled_mm`` is not used: in torch 2.13 it multiplies two FP8 operands (W8A8), so it would quantize the
 activations and change the result by FP8's precision, far beyond the tolerance of a dequantized model; it has
 no BF16 x FP8 (weight-only) or block-scaled CPU path. The same dequantize-then-matmul code runs on CUDA.

@@ -229,6 +229,11 @@ class LayoutError(AutomodelPluginsError, ValueError):
     """A parallel layout the memory plan cannot take (``--layout fsdp=8,tp=2``): names the degree at fault."""
 
 
+class FrozenFp8BaseWarning(UserWarning):
+    """An optimizer step on an FP8-resident model (``dequantize=False``) none of whose FP8 layers carries a
+    trainable adapter: the step can train only what is not FP8 (embeddings, norms, the head)."""
+
+
 class TrainerOptionError(AutomodelPluginsError, ValueError):
     """A trainer option the fused loss does not implement (``automodel_plugins.integrations.trl.SFTTrainer``); names it."""
 

@@ -104,3 +104,19 @@ def test_inspect_layout_prints_each_rank_the_worst_and_the_total(checkpoint: Pat
     assert text.returncode == 0 and "worst rank" in text.stdout, text.stderr
     bad = run_cli("inspect", str(checkpoint), "--layout", "fsdp=2,pp=2")
     assert bad.returncode != 0 and "'pp=2'" in bad.stderr
+
+
+def test_a_hub_repo_is_planned_from_its_headers_alone(checkpoint: Path, fake_hub) -> None:
+    import struct
+
+    fake_hub.add_directory("org/plan", checkpoint)
+    fake_hub.reset_counters()
+    remote = plan_memory("org/plan", fsdp=2, tp=2, dequantize=False, lora_r=4)
+    local = plan_memory(checkpoint, fsdp=2, tp=2, dequantize=False, lora_r=4)
+    assert [r.to_dict() for r in remote.ranks] == [r.to_dict() for r in local.ranks]
+    with open(checkpoint / "model.safetensors", "rb") as fh:
+        header = 8 + struct.unpack("<Q", fh.read(8))[0]
+    served = {
+        k.split(":", 1)[1]: n for k, n in fake_hub.bytes_served["files"].items() if k.startswith("org/plan:")
+    }
+    assert served["model.safetensors"] == header  # of the weights, only the header came

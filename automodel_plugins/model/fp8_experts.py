@@ -26,7 +26,8 @@ call as the stock module reads it, so ``model.set_experts_implementation`` appli
   (token, expert) pair, which from FP8 codes would mean dequantizing each hit expert once per token.
 
 Under autograd only the codes (and the routing) are saved for backward. Only block-scaled FP8 is held (the FP8
-releases' form); per-tensor scaled experts are dequantized at load instead.
+releases' form); one scale per expert (``[E, 1, 1]``, Mistral Small 4's fused form) is held as a grid whose single
+block covers the whole expert matrix; other per-tensor forms are dequantized at load instead.
 """
 
 from __future__ import annotations
@@ -74,10 +75,12 @@ def fused_experts_shapes(module: nn.Module) -> dict[str, tuple[int, int, int]] |
     forward :class:`Fp8Experts` reproduces (gate and up concatenated along dim 1, ``[out, in]`` matrices, no
     bias, a gate, and an eager forward that is ``Qwen3VLMoeTextExperts``' to the bytecode: transformers copies
     that loop into Mixtral, Qwen2/3-MoE, DeepSeek-V3 and others); else ``None``."""
-    if isinstance(module, Fp8Experts) or not _runs_the_reference_loop(type(module)):
+    if isinstance(module, Fp8Experts):
         return None
     params = {name: getattr(module, name, None) for name in EXPERT_PROJECTIONS}
     if not all(isinstance(p, nn.Parameter) and p.dim() == 3 for p in params.values()):
+        return None  # before the bytecode check: a model without experts never imports the reference's module
+    if not _runs_the_reference_loop(type(module)):
         return None
     layout = (
         getattr(module, "is_transposed", False),

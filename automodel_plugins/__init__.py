@@ -57,6 +57,7 @@ _LAZY = {
     "Composition": "automodel_plugins.pipeline.composition",
     "LoadReport": "automodel_plugins.pipeline.load.report",
     "describe_checkpoint": "automodel_plugins.pipeline.load.describe",
+    "plan_memory": "automodel_plugins.pipeline.load.memory_plan",
     "load_config": "automodel_plugins.sources.config",
     "Checkpoint": "automodel_plugins.checkpoint.reader",
     "get_registry": "automodel_plugins.registry.manager",
@@ -82,6 +83,9 @@ _LAZY = {
     "merge_lora": "automodel_plugins.model.fp8_lora",
     "register_fp8_lora": "automodel_plugins.model.fp8_lora",
     "requantize_state_dict": "automodel_plugins.model.requantize",
+    # tensor parallelism from the model's tp_plan (FP8-resident layers included)
+    "parallelize_fp8": "automodel_plugins.model.tensor_parallel",
+    "tensor_parallel_plan": "automodel_plugins.model.tensor_parallel",
 }
 
 if TYPE_CHECKING:
@@ -106,6 +110,7 @@ if TYPE_CHECKING:
     )
     from automodel_plugins.model.requantize import requantize_state_dict
     from automodel_plugins.model.rotary import repair_rotary
+    from automodel_plugins.model.tensor_parallel import parallelize_fp8, tensor_parallel_plan
     from automodel_plugins.pipeline.composition import Composition
     from automodel_plugins.pipeline.load.auto import (
         AutoModel,
@@ -114,6 +119,7 @@ if TYPE_CHECKING:
     )
     from automodel_plugins.pipeline.load.describe import describe_checkpoint
     from automodel_plugins.pipeline.load.load import build_model, from_pretrained, load_weights
+    from automodel_plugins.pipeline.load.memory_plan import plan_memory
     from automodel_plugins.pipeline.load.report import LoadReport
     from automodel_plugins.pipeline.save.convert import convert_checkpoint
     from automodel_plugins.pipeline.save.save import SaveReport, save_pretrained

@@ -225,6 +225,15 @@ class FrozenFp8WeightError(AutomodelPluginsError, RuntimeError):
     """Gradients were asked of an FP8-resident weight, which holds the checkpoint's FP8 codes and stays frozen."""
 
 
+class TensorParallelError(AutomodelPluginsError, ValueError):
+    """A tensor-parallel layout an FP8-resident layer cannot run (a placement other than a row or column split
+    on one mesh dim, or an input not laid out as that split needs); names the layer and the layout."""
+
+
+class LayoutError(AutomodelPluginsError, ValueError):
+    """A parallel layout the memory plan cannot take (``--layout fsdp=8,tp=2``): names the degree at fault."""
+
+
 class FrozenFp8BaseWarning(UserWarning):
     """An optimizer step on an FP8-resident model (``dequantize=False``) none of whose FP8 layers carries a
     trainable adapter: the step can train only what is not FP8 (embeddings, norms, the head)."""

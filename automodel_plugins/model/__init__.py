@@ -10,6 +10,8 @@
 * ``fp8_resident``: what every FP8-resident module shares: frozen ``uint8`` codes (``Fp8Codes``), the base
   that keeps them and the fp32 scales out of dtype casts (``Fp8Resident``), the dequantizing matmul;
 * ``fp8_linear``: ``Fp8Linear``, a frozen linear holding its checkpoint FP8 weight (``dequantize=False``);
+* ``fp8_tensor_parallel``: ``Fp8Linear``'s forward with its codes split by rows or columns (tensor parallel);
+* ``tensor_parallel``: transformers' ``tp_plan`` as torch ``ColwiseParallel`` / ``RowwiseParallel`` (PEFT-aware);
 * ``fp8_experts``: ``Fp8Experts``, fused MoE experts holding their FP8 weights and block scales;
 * ``fp8_grouped``: ``Fp8Experts``' grouped forward: the hit experts dequantized into a reused buffer, one grouped
   matmul;

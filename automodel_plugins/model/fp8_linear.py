@@ -23,6 +23,10 @@ FP8 codes and the scale** and dequantizes again in backward for the input gradie
 A weight whose dequantized copy would exceed :attr:`Fp8Linear.dequant_budget_bytes` is processed in blocks of
 rows, so the transient stays within the budget (results then equal within rounding, not bit for bit).
 
+Under tensor parallelism (``ColwiseParallel`` / ``RowwiseParallel``: the codes a DTensor split by rows or
+columns, the scale whole on every rank) the forward runs the same math on the local shard
+(:mod:`~automodel_plugins.model.fp8_tensor_parallel`).
+
 ``torch._scaled_mm`` is not used: in torch 2.13 it multiplies two FP8 operands (W8A8), so it would quantize the
 activations and change the result by FP8's precision, far beyond the tolerance of a dequantized model; it has
 no BF16 x FP8 (weight-only) or block-scaled CPU path. The same dequantize-then-matmul code runs on CUDA.
@@ -194,17 +198,18 @@ class Fp8Linear(Fp8Resident, nn.Linear):
 
     # --- compute
 
-    def _layout(self, dtype: torch.dtype, *, whole: bool = False) -> DequantLayout:
+    def _layout(
+        self, dtype: torch.dtype, *, whole: bool = False, origin: tuple[int, int] | None = None
+    ) -> DequantLayout:
         row_bytes = max(1, self.in_features * dtype.itemsize)
         rows = self.out_features if whole else max(1, self.dequant_budget_bytes // row_bytes)
-        return DequantLayout(self.fp8_dtype, self.block_size, dtype, rows)
+        return DequantLayout(self.fp8_dtype, self.block_size, dtype, rows, origin)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if is_dtensor(self.weight):  # FSDP2 hands the forward a plain unsharded tensor; TP would not
-            raise NotImplementedError(
-                "Fp8Linear under tensor parallelism (a DTensor weight in the forward) is not supported; "
-                "shard FP8-resident layers with FSDP2, or load with dequantize=True"
-            )
+        if is_dtensor(self.weight):  # tensor parallelism (FSDP2 hands the forward a plain unsharded tensor)
+            from automodel_plugins.model.fp8_tensor_parallel import sharded_fp8_linear
+
+            return sharded_fp8_linear(self, x)
         return fp8_matmul(x, self.weight, self.weight_scale_inv, self.bias, self._layout(self.compute_dtype))
 
     def extra_repr(self) -> str:

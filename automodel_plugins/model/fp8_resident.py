@@ -91,17 +91,22 @@ class DequantLayout:
     block_size: tuple[int, int] | None
     compute_dtype: torch.dtype
     rows_per_chunk: int
+    origin: tuple[int, int] | None = None
+    """Codes that are a shard of the weight (tensor parallelism): where they start in it, row and column (the
+    block scales are the whole grid's, so a shard may start inside a block). None: the codes are the weight."""
 
 
 def dequantize_rows(
     codes: torch.Tensor, scale: torch.Tensor, layout: DequantLayout, r0: int, r1: int
 ) -> torch.Tensor:
-    """Rows ``r0:r1`` of the weight, dequantized into the compute dtype."""
+    """Rows ``r0:r1`` of the codes (a weight, or the shard at ``layout.origin``), dequantized into the compute
+    dtype."""
     rows, cols = codes.shape
     part = codes[r0:r1].view(layout.fp8_dtype)
     region = None
-    if layout.block_size is not None and (r0, r1) != (0, rows):
-        region = (slice(r0, r1), slice(0, cols))
+    if layout.block_size is not None and ((r0, r1) != (0, rows) or layout.origin is not None):
+        top, left = layout.origin or (0, 0)
+        region = (slice(top + r0, top + r1), slice(left, left + cols))
     return dequantize(part, scale, dtype=layout.compute_dtype, block_size=layout.block_size, region=region)
 
 
@@ -186,7 +191,7 @@ def fp8_matmul(
     the codes; otherwise directly, the dequantized weight dropped on return. While dynamo traces
     (``torch.compile``), the same code runs as the custom op ``automodel_plugins::fp8_linear``, registered by
     :mod:`~automodel_plugins.model.fp8_ops` (which ``Fp8Linear`` and ``Fp8Experts`` import)."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() and layout.origin is None:  # a tensor-parallel shard: traced as written
         block = None if layout.block_size is None else list(layout.block_size)
         return torch.ops.automodel_plugins.fp8_linear(
             x, codes, scale, bias, layout.fp8_dtype, block, layout.compute_dtype, layout.rows_per_chunk

@@ -15,6 +15,9 @@ import torch
 from automodel_plugins.testing.tiny_models import mistral3_image_batch, tiny_mistral3_config
 
 BLOCK = (16, 16)
+ALIGNED_BLOCK = (4, 4)
+"""Blocks every 2-rank tensor-parallel boundary of the tiny model respects (q 32, k/v 16, gate/up 36 rows;
+o 32, down 36 columns), where ``BLOCK``'s cut gate/up/down inside block 2."""
 TEXT = {"hidden_size": 67, "intermediate_size": 72, "num_hidden_layers": 4, "vocab_size": 251}
 VISION = {"num_hidden_layers": 2}
 """Where these differ from ``tiny_mistral3_config`` (its 4 heads / 2 KV heads of 16 and real YaRN rotary stay)."""

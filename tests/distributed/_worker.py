@@ -50,6 +50,7 @@ CHECKPOINTS = {  # name -> (block size, tied embeddings)
     "per_tensor_tied": (None, True),
     "per_tensor_untied": (None, False),
     "block_untied": (_tiny.BLOCK, False),
+    "block4_untied": (_tiny.ALIGNED_BLOCK, False),
 }
 _NOT_WEIGHTS = ("_scale_inv", "activation_scale")  # key suffixes of scales, not weights
 
@@ -673,6 +674,148 @@ def _mean_lora_step(model: Any, batches: list[dict[str, torch.Tensor]]) -> tuple
     return grads, after, [loss.item(), loss_after.item()]
 
 
+# --- tensor parallelism of FP8-resident layers ----------------------------------------------------------
+
+
+def tp_resident_model(ctx: Context, path: Path, *, dequantize: bool = False, lora: bool = False) -> Any:
+    """``build_model`` (and LoRA on q/v, on meta) -> ``parallelize_fp8`` (the model's tp_plan: q/k/v/gate/up
+    column-wise, o/down row-wise) -> ``to_empty`` -> ``load_weights``, each rank its rows or columns."""
+    model = automodel_plugins.build_model(path, dequantize=dequantize)
+    if lora:
+        model = with_qv_lora(model)
+    automodel_plugins.parallelize_fp8(model, ctx.mesh)
+    model.to_empty(device="cpu")
+    return model
+
+
+def with_qv_lora(model: Any) -> Any:
+    import peft
+
+    torch.manual_seed(3)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    return peft.get_peft_model(model, config)
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+def tp_resident_load(ctx: Context, checkpoint: str) -> dict[str, Any]:
+    """The tensor-parallel load of FP8-resident layers: each rank reads and holds its rows (column-wise) or
+    columns (row-wise) of the codes, every scale whole; gathered, the single-process load bit for bit; logits
+    equal to the same tensor-parallel layout of the dequantized model (bit for bit) and to one process."""
+    path = ctx.checkpoint(checkpoint)
+    reference = automodel_plugins.from_pretrained(path, dequantize=False)
+    model = tp_resident_model(ctx, path)
+    result = load_recorded(model, path)
+    result["fp8_resident"] = len(model.automodel_composition.fp8_resident)
+    result["codes_held"], result["codes_total"] = codes_held(model)
+    result["placements"] = {
+        name: [repr(p) for p in module.weight.placements]
+        for name, module in model.named_modules()
+        if name.endswith(("layers.1.mlp.up_proj", "layers.1.mlp.down_proj", "layers.1.self_attn.q_proj"))
+    }
+    gathered = {name: _checks.full_value(t) for name, t in model_tensors(model).items()}
+    result["full_mismatches"] = _checks.mismatches(gathered, model_tensors(reference))
+    dequantized = tp_resident_model(ctx, path, dequantize=True)
+    automodel_plugins.load_weights(dequantized, path)
+    batch = _tiny.inputs()
+    mine, theirs, single = (logits(m.eval(), batch) for m in (model, dequantized, reference))
+    result["logits_equal_tp_dequantized"] = bool(torch.equal(mine, theirs))
+    result["logits_max_diff_single"] = _max_diff(mine, single)
+    result["logits_max_abs"] = single.float().abs().max().item()
+    result["logits_dtype"] = str(mine.dtype)
+    return result
+
+
+def tp_resident_lora(ctx: Context) -> dict[str, Any]:
+    """A LoRA step (q_proj/v_proj) over the tensor-parallel FP8-resident model, both ranks on the same batch,
+    against the same step in one process: losses, every LoRA gradient and updated adapter (gathered)."""
+    path = ctx.checkpoint("block_untied")
+    batch = _tiny.inputs(batch=2)
+    single = with_qv_lora(automodel_plugins.from_pretrained(path, dequantize=False)).train()
+    initial = {n: p.detach().clone() for n, p in single.named_parameters() if "lora_" in n}
+    single_grads, single_after, single_losses = _lora_step(single, batch)
+
+    def split_step(dequantize: bool) -> tuple[Any, dict, dict, list[float]]:
+        model = tp_resident_model(ctx, path, dequantize=dequantize, lora=True)
+        automodel_plugins.load_weights(model, path)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_" in name:
+                    _checks.local_value(param).copy_(_checks.local_part(param, initial[name]))
+        return (model.train(), *_lora_step(model.train(), batch))
+
+    model, grads, after, losses = split_step(dequantize=False)
+    _, dequantized_grads, dequantized_after, dequantized_losses = split_step(dequantize=True)
+    return {
+        "equal_to_split_dequantized": losses == dequantized_losses
+        and all(torch.equal(grads[n], dequantized_grads[n]) for n in dequantized_grads)
+        and all(torch.equal(after[n], dequantized_after[n]) for n in dequantized_after)
+        and sorted(grads) == sorted(dequantized_grads),
+        "losses": losses,
+        "single_losses": single_losses,
+        "grad_names": sorted(grads),
+        "single_grad_names": sorted(single_grads),
+        "max_grad_diff": max(_max_diff(grads[n], single_grads[n]) for n in single_grads),
+        "max_grad": max(single_grads[n].abs().max().item() for n in single_grads),
+        "max_param_diff": max(_max_diff(after[n], single_after[n]) for n in single_after),
+        "lora_b_sharded": sorted(
+            n for n, p in model.named_parameters() if "lora_B" in n and _checks.is_dtensor(p)
+        ),
+        "trainable": sorted(n for n, p in model.named_parameters() if p.requires_grad),
+        "codes_held": codes_held(model)[0],
+        "codes_total": codes_held(model)[1],
+    }
+
+
+def held_by_kind(model: Any) -> dict[str, int]:
+    """Bytes of this rank's local parameter shards and persistent buffers, by kind as ``plan_memory`` says them:
+    FP8-resident codes, their scales, every other tensor by dtype (LoRA adapters apart, under ``lora``)."""
+    from automodel_plugins.model.fp8_linear import Fp8Linear
+
+    codes = {id(m.weight) for m in model.modules() if isinstance(m, Fp8Linear)}
+    held: dict[str, int] = {}
+    for name, tensor in model_tensors(model).items():
+        local = _checks.local_value(tensor)
+        kind = (
+            "lora"
+            if "lora_" in name
+            else "fp8_codes"
+            if id(tensor) in codes
+            else "scales"
+            if name.endswith("_scale_inv")
+            else str(local.dtype).removeprefix("torch.")
+        )
+        held[kind] = held.get(kind, 0) + local.numel() * local.element_size()
+    return held
+
+
+def plan_vs_measured(ctx: Context, layout: str) -> dict[str, Any]:
+    """``plan_memory`` of the 16x16-block checkpoint (FP8-resident, LoRA r=4) for ``layout``, against
+    this rank's load with that layout: bytes read (the reader's counter) and bytes held by kind."""
+    from automodel_plugins.pipeline.load.memory_plan import plan_memory
+
+    path = ctx.checkpoint("block_untied")
+    if layout == "tp":
+        model, targets = tp_resident_model(ctx, path, lora=True), ("q_proj", "v_proj")
+    else:  # with_lora's targets
+        model = fsdp_resident_model(ctx, path, lora=True)
+        targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "linear_1")
+    report = automodel_plugins.load_weights(model, path)
+    degrees = {"tp": ctx.world} if layout == "tp" else {"fsdp": ctx.world}
+    plan = plan_memory(path, dequantize=False, lora_r=4, lora_targets=targets, **degrees)
+    mine = plan.ranks[ctx.rank]
+    return {
+        "measured_read": report.bytes_read,
+        "measured_held": held_by_kind(model),
+        "planned_read": mine.read,
+        "planned_held": dict(mine.held),
+        "planned_lora_params": mine.lora["params"],
+        "plan": plan.to_dict(),
+    }
+
+
 MERGE_FORMATS = ("source", "none")
 
 
@@ -964,6 +1107,12 @@ SCENARIOS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "tp_save_block": lambda ctx: tp_save(ctx, "block_untied"),
     "tp_save_per_tensor": lambda ctx: tp_save(ctx, "per_tensor_untied"),
     "save_failures": save_failures,
+    "tp_resident_per_tensor": lambda ctx: tp_resident_load(ctx, "per_tensor_untied"),
+    "tp_resident_block_cut": lambda ctx: tp_resident_load(ctx, "block_untied"),
+    "tp_resident_block_aligned": lambda ctx: tp_resident_load(ctx, "block4_untied"),
+    "tp_resident_lora": tp_resident_lora,
+    "plan_fsdp": lambda ctx: plan_vs_measured(ctx, "fsdp"),
+    "plan_tp": lambda ctx: plan_vs_measured(ctx, "tp"),
     "accelerate_head": accelerate_head,
     "fsdp_head_layouts": fsdp_head_layouts,
     **_mistral4.SCENARIOS,

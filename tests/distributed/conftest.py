@@ -75,16 +75,21 @@ def collected_scenarios(session: pytest.Session) -> list[str]:
 
 
 def launch(
-    scenarios: list[str], out: Path, *, timeout: float = TIMEOUT_S, env: dict[str, str] | None = None
+    scenarios: list[str],
+    out: Path,
+    *,
+    timeout: float = TIMEOUT_S,
+    env: dict[str, str] | None = None,
+    nproc: int = WORLD_SIZE,
 ) -> DistributedRun:
-    """``torchrun --nproc_per_node 2 --master_port <free> _worker.py <scenarios> <out>``, killed on timeout;
-    ``env`` adds to the environment."""
+    """``torchrun --nproc_per_node <nproc> --master_port <free> _worker.py <scenarios> <out>``, killed on
+    timeout; ``env`` adds to the environment."""
     command = [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--nproc_per_node",
-        str(WORLD_SIZE),
+        str(nproc),
         "--master_addr",
         "127.0.0.1",
         "--master_port",

@@ -12,5 +12,6 @@
   accepted, stock-only, refused), and the load's dtype (``dtype="auto"`` as transformers decides it);
 * ``auto``: ``AutoModelForImageTextToText``, ``AutoModelForCausalLM``, ``AutoModel``: transformers' Auto classes
   routed through the registry;
-* ``describe``: what a load would do, without reading tensor data (``inspect``).
+* ``describe``: what a load would do, without reading tensor data (``inspect``);
+* ``memory_plan``: the bytes each rank reads and holds for a parallel layout (``inspect --layout``).
 """

@@ -1,0 +1,196 @@
+"""The memory plan (``automodel_plugins.plan_memory``, ``inspect --layout``) for published full-size configs, from
+header-only checkpoints (sparse files: headers, no data), as the table in ``docs/fp8-resident.md``.
+
+* Devstral 2 123B (text-only Ministral 3, per-tensor FP8 with static activation scales): the sizes of
+  ``plugins/mistral3_fp8/tests/test_ministral3_text.py`` (``DEVSTRAL_2_123B_SIZES``, from public descriptions).
+* Qwen3-VL-235B-A22B (block-FP8 128x128, one tensor per expert and projection, routers / vision / head BF16):
+  94 layers, hidden 4096, 64 heads and 4 KV heads of 128, 128 experts of 1536 (8 active), vocabulary 151936,
+  vision tower 27 layers of 1152 (the published config's sizes; the Qwen3-235B-A22B model card gives 94 layers,
+  64 Q / 4 KV heads, 128 experts, 8 active).
+
+LoRA: r=16 on q_proj and v_proj (vision tower included where its names match), fp32 adapters, gradients and two
+Adam states. Not counted: activations, temporaries, CUDA context.
+
+    python benchmarks/plan_table.py            # markdown table on stdout
+    python benchmarks/plan_table.py --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+GPU_BYTES = 80e9
+DEVSTRAL_2_123B = {
+    "hidden_size": 12288,
+    "intermediate_size": 28672,
+    "num_hidden_layers": 88,
+    "num_attention_heads": 96,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "vocab_size": 131072,
+}
+QWEN3_VL_235B_TEXT = {
+    "hidden_size": 4096,
+    "intermediate_size": 12288,
+    "num_hidden_layers": 94,
+    "num_attention_heads": 64,
+    "num_key_value_heads": 4,
+    "head_dim": 128,
+    "vocab_size": 151936,
+    "num_experts": 128,
+    "num_experts_per_tok": 8,
+    "moe_intermediate_size": 1536,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+    "rope_parameters": {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [24, 20, 20]},
+}
+QWEN3_VL_235B_VISION = {
+    "depth": 27,
+    "hidden_size": 1152,
+    "intermediate_size": 4304,
+    "num_heads": 16,
+    "out_hidden_size": 4096,
+    "patch_size": 16,
+    "temporal_patch_size": 2,
+    "spatial_merge_size": 2,
+    "num_position_embeddings": 2304,
+    "deepstack_visual_indexes": [8, 16, 24],
+}
+LAYOUTS = {
+    "Devstral 2 123B": [
+        ("fsdp=8", True, 0),
+        ("fsdp=8", False, 0),
+        ("fsdp=8", False, 16),
+        ("fsdp=4,tp=2", False, 16),
+        ("tp=8", False, 16),
+        ("fsdp=16", False, 16),
+    ],
+    "Qwen3-VL-235B-A22B": [
+        ("fsdp=8", True, 0),
+        ("fsdp=8", False, 0),
+        ("fsdp=8", False, 16),
+        ("fsdp=4,tp=2", False, 16),
+        ("fsdp=16", False, 16),
+    ],
+}
+
+
+def write_devstral(directory: Path) -> None:
+    from automodel_plugins.testing.header_only import write_header_only_checkpoint
+    from automodel_plugins.testing.tiny_models import MINISTRAL3_TEXT_ROPE_PARAMETERS, tiny_ministral3_config
+
+    config = tiny_ministral3_config(**DEVSTRAL_2_123B, rope_parameters=MINISTRAL3_TEXT_ROPE_PARAMETERS)
+    write_header_only_checkpoint(
+        config,
+        directory,
+        block_size=None,
+        modules_to_not_convert=("model.vision_tower", "model.multi_modal_projector", "lm_head"),
+    )
+
+
+def write_qwen3_vl_235b(directory: Path) -> None:
+    from transformers import Qwen3VLMoeConfig
+
+    from automodel_plugins.testing.header_only import write_header_only_checkpoint
+
+    config = Qwen3VLMoeConfig(
+        text_config=dict(QWEN3_VL_235B_TEXT),
+        vision_config=dict(QWEN3_VL_235B_VISION),
+        tie_word_embeddings=False,
+    )
+    config.architectures = ["Qwen3VLMoeForConditionalGeneration"]
+    layers = QWEN3_VL_235B_TEXT["num_hidden_layers"]
+    write_header_only_checkpoint(
+        config,
+        directory,
+        block_size=(128, 128),
+        modules_to_not_convert=(
+            "model.visual",
+            "lm_head",
+            *(f"model.language_model.layers.{i}.mlp.gate" for i in range(layers)),
+        ),
+        activation_scale=False,
+        quantization_extra={"fmt": "e4m3"},
+    )
+
+
+def gb(nbytes: float) -> str:
+    return f"{nbytes / 1e9:.1f}"
+
+
+def rows(name: str, path: Path) -> list[dict[str, Any]]:
+    import automodel_plugins
+    from automodel_plugins.pipeline.load.memory_plan import Layout
+
+    out = []
+    for layout, dequantize, lora_r in LAYOUTS[name]:
+        degrees = Layout.parse(layout)
+        started = time.perf_counter()
+        plan = automodel_plugins.plan_memory(
+            path, fsdp=degrees.fsdp, tp=degrees.tp, ep=degrees.ep, dequantize=dequantize, lora_r=lora_r
+        )
+        worst = plan.worst
+        out.append(
+            {
+                "model": name,
+                "layout": layout,
+                "load": "dequantized (BF16)" if dequantize else "FP8-resident",
+                "lora_r": lora_r,
+                "read_worst": max(r.read for r in plan.ranks),
+                "held": dict(worst.held),
+                "weights_worst": worst.weights,
+                "lora_worst": sum(worst.lora.values()),
+                "total_worst": worst.total,
+                "total_all": sum(r.total for r in plan.ranks),
+                "seconds": round(time.perf_counter() - started, 1),
+            }
+        )
+        print(f"{name} {layout} {out[-1]['load']} r={lora_r}: {gb(worst.total)} GB", file=sys.stderr)
+    return out
+
+
+def markdown(table: list[dict[str, Any]]) -> str:
+    head = (
+        "| model | layout | load | LoRA r | read / rank (worst) | weights held / rank (worst): FP8 codes + scales"
+        " + BF16 | LoRA + grads + Adam / rank | total / rank (worst) | all ranks | fits 80 GB? |\n"
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    )
+    lines = [head]
+    for row in table:
+        held = row["held"]
+        parts = " + ".join(f"{gb(held[k])}" for k in ("fp8_codes", "scales", "bfloat16") if k in held)
+        lines.append(
+            f"| {row['model']} | {row['layout']} | {row['load']} | {row['lora_r'] or '-'} | {gb(row['read_worst'])} GB"
+            f" | {gb(row['weights_worst'])} GB ({parts}) | {gb(row['lora_worst'])} GB | {gb(row['total_worst'])} GB"
+            f" | {gb(row['total_all'])} GB | {'yes' if row['total_worst'] < GPU_BYTES else 'no'} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--only", choices=sorted(LAYOUTS), help="one model")
+    args = parser.parse_args()
+    table = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, write in (("Devstral 2 123B", write_devstral), ("Qwen3-VL-235B-A22B", write_qwen3_vl_235b)):
+            if args.only and args.only != name:
+                continue
+            path = Path(tmp) / name.replace(" ", "-")
+            write(path)
+            table += rows(name, path)
+    print(json.dumps(table, indent=2) if args.json else markdown(table))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

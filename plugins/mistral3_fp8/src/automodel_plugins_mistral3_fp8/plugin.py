@@ -37,10 +37,21 @@ def claim_config(config: Any) -> Claim | Decline | None:
 
 @hookimpl
 def state_dict_adapter(config: Any, checkpoint: Any) -> Any:
-    """Legacy or runtime key layout (from the checkpoint's keys), FP8 scales under any accepted name."""
+    """Legacy, runtime or Mistral-native key layout (from the checkpoint's keys), FP8 scales under any
+    accepted name."""
     from automodel_plugins import fp8_adapter_for
     from automodel_plugins_mistral3_fp8.layout import check_text_only_layout, detect_layout, renames_for
+    from automodel_plugins_mistral3_fp8.native import MistralNativeAdapter, is_native
 
+    if is_native(checkpoint.keys()):
+        base = fp8_adapter_for(config, checkpoint, layout="native")
+        return MistralNativeAdapter(
+            checkpoint,
+            block_size=base.block_size,
+            modules_to_not_convert=base.modules_to_not_convert,
+            fp8_dtype=base.fp8_dtype,
+            config=config,
+        )
     if getattr(config, "model_type", None) == TEXT_MODEL_TYPE:
         layout = check_text_only_layout(checkpoint.keys(), where=checkpoint.directory)
     else:

@@ -347,3 +347,50 @@ def test_unreadable_compressed_tensors_is_refused_with_the_reason() -> None:
     params["quantization_config"]["config_groups"]["FP8_BLOCK"]["weights"]["num_bits"] = 4
     with pytest.raises(UnsupportedQuantizationError, match=r"weights\.num_bits"):
         translate_params(params)
+
+
+def _shard_native(source: Path, destination: Path) -> None:
+    """``source``'s one consolidated file split in two, as Mistral names shards, with the index vLLM reads."""
+    from safetensors.torch import load_file
+
+    destination.mkdir()
+    (destination / "params.json").write_bytes((source / "params.json").read_bytes())
+    tensors = load_file(source / "consolidated.safetensors")
+    names = ("consolidated-00001-of-00002.safetensors", "consolidated-00002-of-00002.safetensors")
+    keys = sorted(tensors)
+    halves = (keys[: len(keys) // 2], keys[len(keys) // 2 :])
+    weight_map = {}
+    for name, half in zip(names, halves, strict=True):
+        save_file({k: tensors[k] for k in half}, destination / name)
+        weight_map.update(dict.fromkeys(half, name))
+    index = {"metadata": {}, "weight_map": weight_map}
+    (destination / "consolidated.safetensors.index.json").write_text(json.dumps(index))
+
+
+def test_sharded_native_loads_with_stock_logits(tmp_path: Path, dense_native: tuple[Path, Any]) -> None:
+    directory, reference = dense_native
+    _shard_native(directory, tmp_path / "sharded")
+    model = automodel_plugins.from_pretrained(tmp_path / "sharded", dtype=torch.float32)
+    assert_same_logits(model, reference, text_batch(reference.config.text_config, labels=False))
+
+
+def test_native_only_repo_downloads_params_and_consolidated_shards_only(
+    fake_hub: Any, tmp_path: Path, dense_native: tuple[Path, Any]
+) -> None:
+    directory, reference = dense_native
+    _shard_native(directory, tmp_path / "sharded")
+    extras = {"tekken.json": b"{}", "README.md": b"# native", "consolidated.safetensors": b"not read"}
+    fake_hub.add_directory("mistralai/native-only", tmp_path / "sharded", extra=extras)
+    fake_hub.reset_counters()
+    model = automodel_plugins.from_pretrained("mistralai/native-only", dtype=torch.float32)
+    assert_same_logits(model, reference, text_batch(reference.config.text_config, labels=False))
+    prefix = "mistralai/native-only:"
+    served = {
+        k[len(prefix) :] for k, n in fake_hub.bytes_served["files"].items() if k.startswith(prefix) and n
+    }
+    assert served == {
+        "params.json",
+        "consolidated.safetensors.index.json",
+        "consolidated-00001-of-00002.safetensors",
+        "consolidated-00002-of-00002.safetensors",
+    }

@@ -394,3 +394,174 @@ def test_native_only_repo_downloads_params_and_consolidated_shards_only(
         "consolidated-00001-of-00002.safetensors",
         "consolidated-00002-of-00002.safetensors",
     }
+
+
+# --- Mistral Large 3 at full size: a header-only native checkpoint planned ---------------------------------
+
+# transformers' convert_mistral4_weight_to_hf renamings, reversed (HF module path under a text layer -> native).
+_MLA_TO_NATIVE = {
+    "input_layernorm": "attention_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_a_proj": "attention.wq_a",
+    "self_attn.q_a_layernorm": "attention.q_a_norm",
+    "self_attn.q_b_proj": "attention.wq_b",
+    "self_attn.kv_a_proj_with_mqa": "attention.wkv_a_with_mqa",
+    "self_attn.kv_a_layernorm": "attention.kv_a_norm",
+    "self_attn.kv_b_proj": "attention.wkv_b",
+    "self_attn.o_proj": "attention.wo",
+    "mlp.gate_proj": "feed_forward.w1",
+    "mlp.down_proj": "feed_forward.w2",
+    "mlp.up_proj": "feed_forward.w3",
+    "mlp.gate": "gate",
+    "mlp.shared_experts.gate_proj": "shared_experts.w1",
+    "mlp.shared_experts.down_proj": "shared_experts.w2",
+    "mlp.shared_experts.up_proj": "shared_experts.w3",
+}
+_BF16_LEAVES = ("kv_a_proj_with_mqa", "q_a_proj", "gate")  # the compressed-tensors ignore list's regexes
+
+
+def _large3_native_specs(model: Any) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """``(native key, dtype, shape)`` of every tensor of the Large 3 release as its quantization_config says:
+    FP8 text linears with a BF16 ``weight_scale`` per 128x128 block, the ignored modules BF16."""
+    text = model.config.text_config
+    specs: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
+
+    def linear(key: str, shape: tuple[int, int], fp8: bool) -> None:
+        if not fp8:
+            specs.append((key, torch.bfloat16, shape))
+            return
+        specs.append((key, torch.float8_e4m3fn, shape))
+        grid = (-(-shape[0] // 128), -(-shape[1] // 128))
+        specs.append((key.removesuffix("weight") + "weight_scale", torch.bfloat16, grid))
+
+    for name, tensor in model.state_dict().items():
+        shape = tuple(tensor.shape)
+        layer = re.match(
+            r"^model\.language_model\.layers\.(\d+)\.(.+)\.(weight|gate_up_proj|down_proj)$", name
+        )
+        if layer is None:
+            if name.startswith("model.language_model."):
+                rest = name[len("model.language_model.") :].replace("embed_tokens.", "tok_embeddings.")
+                specs.append((rest, torch.bfloat16, shape))
+            elif name == "lm_head.weight":
+                specs.append(("output.weight", torch.bfloat16, shape))
+            else:
+                specs.append((_native_key(name), torch.bfloat16, shape))
+            continue
+        n, module, leaf = layer.groups()
+        if module == "mlp.experts":
+            width, hidden = text.moe_intermediate_size, text.hidden_size
+            for e in range(text.n_routed_experts):
+                if leaf == "gate_up_proj":
+                    linear(f"layers.{n}.experts.{e}.w1.weight", (width, hidden), True)
+                    linear(f"layers.{n}.experts.{e}.w3.weight", (width, hidden), True)
+                else:
+                    linear(f"layers.{n}.experts.{e}.w2.weight", (hidden, width), True)
+            continue
+        key = f"layers.{n}.{_MLA_TO_NATIVE[module]}.weight"
+        if len(shape) == 2:
+            linear(key, shape, not module.endswith(_BF16_LEAVES))
+        else:
+            specs.append((key, torch.bfloat16, shape))
+    return specs
+
+
+def _write_header_only(
+    directory: Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]], shards: int
+) -> int:
+    """Sparse ``consolidated-0000X-of-0000N.safetensors`` shards holding only real headers, and their index."""
+    from automodel_plugins.checkpoint.writer import FileLayout, SafetensorsWriter, TensorSpec
+
+    directory.mkdir()
+    per = -(-len(specs) // shards)
+    weight_map = {}
+    total = 0
+    for i in range(shards):
+        part = [TensorSpec(key, dtype, shape) for key, dtype, shape in specs[i * per : (i + 1) * per]]
+        name = f"consolidated-{i + 1:05d}-of-{shards:05d}.safetensors"
+        SafetensorsWriter.create(directory / name, FileLayout.plan(part, {"format": "pt"})).close(sync=False)
+        weight_map.update(dict.fromkeys((spec.name for spec in part), name))
+        total += sum(spec.nbytes for spec in part)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / "consolidated.safetensors.index.json").write_text(json.dumps(index))
+    (directory / "params.json").write_bytes(LARGE_3_PARAMS.read_bytes())
+    return total
+
+
+class _Mistral4Claim:
+    """Stands in for the ``mistral3`` + ``mistral4`` claim another change adds: the Mistral3 plugin's own
+    adapter and rotary hooks, claiming the MoE generation too."""
+
+    from automodel_plugins import hookimpl
+
+    @hookimpl
+    def claim_config(self, config: Any) -> Any:
+        from automodel_plugins import Claim
+
+        text = getattr(getattr(config, "text_config", None), "model_type", None)
+        if getattr(config, "model_type", None) == "mistral3" and text == "mistral4":
+            return Claim(priority=0, reason="test stand-in for the mistral4 claim")
+        return None
+
+    @hookimpl
+    def state_dict_adapter(self, config: Any, checkpoint: Any) -> Any:
+        from automodel_plugins_mistral3_fp8 import plugin
+
+        return plugin.state_dict_adapter(config, checkpoint)
+
+
+@pytest.fixture(scope="module")
+def large3_header_only(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
+    from transformers import AutoConfig
+
+    data = translate_params(_large3())
+    config = AutoConfig.for_model(data.pop("model_type"), **data)
+    with torch.device("meta"):
+        model = Mistral3ForConditionalGeneration(config)
+    directory = tmp_path_factory.mktemp("large3") / "Mistral-Large-3-675B-Instruct-2512"
+    return directory, _write_header_only(directory, _large3_native_specs(model), shards=8)
+
+
+@pytest.mark.skipif(not LARGE_3_PARAMS.is_file(), reason="the real params.json is not on this machine")
+def test_large3_header_only_native_checkpoint_is_planned(large3_header_only: tuple[Path, int]) -> None:
+    from automodel_plugins.pipeline.load.describe import describe_checkpoint
+    from automodel_plugins.registry import Registry
+
+    directory, declared = large3_header_only
+    registry = Registry()
+    registry.register(_Mistral4Claim(), "mistral4_stand_in")
+    described = describe_checkpoint(directory, registry=registry)
+    assert described["bytes_read"] == 0 and described["plugin"] == "mistral4_stand_in"
+    assert described["checkpoint"]["tensor_bytes"] == declared
+    assert described["config"]["text_model_type"] == "mistral4"
+    load = described["load"]
+    assert (load["layout"], load["granularity"], load["scale_names"]) == (
+        "native",
+        "block 128x128",
+        ["weight_scale"],
+    )
+    layers, moe_layers, experts, vision_layers = 61, 61 - 3, 128, 48
+    # fused gate_up/down per MoE layer from per-expert pieces; vision q/k: one piece each, in rotary order
+    assert load["assembled_tensors"] == 2 * moe_layers + 2 * vision_layers
+    assert load["pieces"] == 3 * experts * moe_layers + 2 * vision_layers
+    # FP8: q_b, kv_b, o per layer; w1/w2/w3 of the dense layers and of the shared experts; the fused experts
+    assert load["fp8_tensors"] == 3 * layers + 3 * 3 + 3 * moe_layers + 2 * moe_layers
+    assert load["scale_keys"] == described["checkpoint"]["fp8_tensors"]
+
+
+@pytest.mark.skipif(not LARGE_3_PARAMS.is_file(), reason="the real params.json is not on this machine")
+def test_large3_inspect_names_the_claim_or_its_absence(
+    large3_header_only: tuple[Path, int], run_cli: Any
+) -> None:
+    """Until the ``mistral4`` claim lands, ``inspect`` reports that no plugin claims Large 3 (the Mistral3
+    plugin's decline names the text model); once it does, the plan is the native one."""
+    directory, declared = large3_header_only
+    result = run_cli("inspect", str(directory), "--json")
+    assert result.returncode == 0, result.stderr
+    described = json.loads(result.stdout)
+    assert described["bytes_read"] == 0 and described["checkpoint"]["tensor_bytes"] == declared
+    if described["plugin"] is None:
+        (verdict,) = [v for v in described["claims"] if v["plugin"] == "mistral3_fp8"]
+        assert not verdict["claimed"] and "mistral4" in verdict["reason"]
+    else:
+        assert described["load"]["layout"] == "native"

@@ -126,7 +126,7 @@ def _config_summary(config: PretrainedConfig) -> dict[str, Any]:
 
 def _hub_summary(location: HubLocation, checkpoint: Checkpoint) -> dict[str, Any]:
     """The repo and commit, the files a load reads and the bytes it downloads, and what it leaves on the hub."""
-    read = [CONFIG_NAME]
+    read = [location.config.name]  # params.json for a native-only repo
     if checkpoint.index_path is not None:
         read.append(checkpoint.index_path.name)
     read += [file.name for file in checkpoint.files]

@@ -26,7 +26,6 @@ from automodel_plugins.pipeline.load.preflight import check_stock_path, check_st
 from automodel_plugins.pipeline.load.resident import plan_resident
 from automodel_plugins.registry import Registry, get_registry, pick_winner
 from automodel_plugins.sources import (
-    CONFIG_NAME,
     CheckpointLocation,
     HubLocation,
     HubOptions,

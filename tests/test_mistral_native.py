@@ -242,14 +242,11 @@ def test_dense_native_loads_with_stock_logits(dense_native: tuple[Path, Any]) ->
     assert_same_logits(model, reference, mistral3_image_batch(reference.config, labels=False))
 
 
-def test_fp8_native_dequantizes_like_the_reference(tmp_path: Path, dense_native: tuple[Path, Any]) -> None:
+def _write_fp8_native(directory: Path, reference: Any, destination: Path) -> dict[str, torch.Tensor]:
     """Mistral's own per-tensor FP8 (``qscale_weight``, ``qscale_act``) on the text linears, q/k included."""
-    directory, reference = dense_native
     params = json.loads((directory / "params.json").read_text())
     params["quantization"] = {"qformat_weight": "fp8_e4m3", "qscheme_act": "TENSOR"}
     tensors = _native_tensors(reference)
-    expected = Mistral3ForConditionalGeneration(reference.config).eval()
-    expected.load_state_dict(reference.state_dict())
     linear = re.compile(r"^layers\.\d+\.(attention\.w[qkvo]|feed_forward\.w[123])\.weight$")
     for key in [k for k in tensors if linear.match(k)]:
         weight = tensors[key].float()
@@ -258,8 +255,18 @@ def test_fp8_native_dequantizes_like_the_reference(tmp_path: Path, dense_native:
         tensors[key] = codes
         tensors[key.replace(".weight", ".qscale_weight")] = scale
         tensors[key.replace(".weight", ".qscale_act")] = torch.tensor(1.0)
-    (tmp_path / "params.json").write_text(json.dumps(params))
-    save_file(tensors, tmp_path / "consolidated.safetensors")
+    destination.mkdir(exist_ok=True)
+    (destination / "params.json").write_text(json.dumps(params))
+    save_file(tensors, destination / "consolidated.safetensors")
+    return tensors
+
+
+def test_fp8_native_dequantizes_like_the_reference(tmp_path: Path, dense_native: tuple[Path, Any]) -> None:
+    """Mistral's own per-tensor FP8 (``qscale_weight``, ``qscale_act``) on the text linears, q/k included."""
+    directory, reference = dense_native
+    tensors = _write_fp8_native(directory, reference, tmp_path)
+    expected = Mistral3ForConditionalGeneration(reference.config).eval()
+    expected.load_state_dict(reference.state_dict())
     # The reference: the same codes dequantized independently, then permuted as transformers' converter does.
     state = expected.state_dict()
     for name in state:
@@ -565,3 +572,57 @@ def test_large3_inspect_names_the_claim_or_its_absence(
         assert not verdict["claimed"] and "mistral4" in verdict["reason"]
     else:
         assert described["load"]["layout"] == "native"
+
+
+# --- native in, native out ------------------------------------------------------------------------------------
+
+
+def _stored(directory: Path) -> dict[str, tuple[str, tuple[int, ...], bytes]]:
+    """Every tensor of a directory's safetensors files: dtype, shape and raw bytes."""
+    from safetensors import safe_open
+
+    out = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        with safe_open(file, "pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
+                tensor = handle.get_tensor(key)
+                raw = (
+                    tensor.contiguous().view(torch.uint8).numpy().tobytes()
+                    if tensor.dim()
+                    else tensor.reshape(1).view(torch.uint8).numpy().tobytes()
+                )
+                out[key] = (str(tensor.dtype), tuple(tensor.shape), raw)
+    return out
+
+
+@pytest.mark.parametrize("form", ["bf16", "fp8"])
+def test_native_in_native_out_is_byte_identical(
+    tmp_path: Path, dense_native: tuple[Path, Any], form: str
+) -> None:
+    directory, reference = dense_native
+    source = directory
+    if form == "fp8":
+        source = tmp_path / "fp8"
+        _write_fp8_native(directory, reference, source)
+    model = automodel_plugins.from_pretrained(source, dtype=torch.float32)
+    automodel_plugins.save_pretrained(model, tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["consolidated.safetensors", "params.json"]
+    assert (tmp_path / "out" / "params.json").read_bytes() == (source / "params.json").read_bytes()
+    assert _stored(tmp_path / "out") == _stored(source)
+
+
+def test_native_out_shards_as_mistral_names_them_and_loads_back(
+    tmp_path: Path, dense_native: tuple[Path, Any]
+) -> None:
+    directory, reference = dense_native
+    model = automodel_plugins.from_pretrained(directory, dtype=torch.float32)
+    automodel_plugins.save_pretrained(model, tmp_path / "out", max_shard_size=200_000)
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    shards = [n for n in names if n.startswith("consolidated-")]
+    assert len(shards) > 1 and all(
+        re.fullmatch(r"consolidated-\d{5}-of-\d{5}\.safetensors", n) for n in shards
+    )
+    assert set(names) == {*shards, "consolidated.safetensors.index.json", "params.json"}
+    assert _stored(tmp_path / "out") == _stored(directory)
+    again = automodel_plugins.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    assert_same_logits(again, reference, text_batch(reference.config.text_config, labels=False))

@@ -21,7 +21,7 @@ import automodel_plugins
 from automodel_plugins.errors import ConfigError, UnsupportedQuantizationError
 from automodel_plugins.sources import load_config, resolve
 from automodel_plugins.sources.native import translate_params
-from automodel_plugins.testing.compare import assert_same_logits
+from automodel_plugins.testing.compare import assert_same_logits, assert_same_state_dict
 from automodel_plugins.testing.tiny_models import mistral3_image_batch, text_batch, tiny_mistral3_config
 
 LARGE_3_PARAMS = Path("/work/shared/reference/data/mistral-large-3-675b-instruct-2512.params.json")
@@ -626,3 +626,22 @@ def test_native_out_shards_as_mistral_names_them_and_loads_back(
     assert _stored(tmp_path / "out") == _stored(directory)
     again = automodel_plugins.from_pretrained(tmp_path / "out", dtype=torch.float32)
     assert_same_logits(again, reference, text_batch(reference.config.text_config, labels=False))
+
+
+def test_convert_native_to_hf_streams_into_transformers_form(
+    tmp_path: Path, dense_native: tuple[Path, Any]
+) -> None:
+    """``convert`` of a native checkpoint writes transformers' form (config.json, HF names, q/k rows in
+    half-split order), which stock transformers loads with the reference's logits."""
+    from automodel_plugins.pipeline.save.convert import convert_checkpoint
+
+    directory, reference = dense_native
+    source = tmp_path / "fp8"
+    _write_fp8_native(directory, reference, source)
+    convert_checkpoint(source, tmp_path / "hf", to="bf16")
+    names = {p.name for p in (tmp_path / "hf").iterdir()}
+    assert "config.json" in names and "params.json" not in names and "consolidated.safetensors" not in names
+    stock = Mistral3ForConditionalGeneration.from_pretrained(tmp_path / "hf", dtype=torch.bfloat16).eval()
+    ours = automodel_plugins.from_pretrained(source, dtype=torch.bfloat16)
+    assert_same_state_dict(ours, stock)
+    assert_same_logits(stock, ours, text_batch(reference.config.text_config, labels=False))

@@ -645,3 +645,47 @@ def test_convert_native_to_hf_streams_into_transformers_form(
     ours = automodel_plugins.from_pretrained(source, dtype=torch.bfloat16)
     assert_same_state_dict(ours, stock)
     assert_same_logits(stock, ours, text_batch(reference.config.text_config, labels=False))
+
+
+def test_convert_layout_native_dequantizes_in_native_form(
+    tmp_path: Path, dense_native: tuple[Path, Any], run_cli: Any
+) -> None:
+    """``convert --layout native --to bf16`` of Mistral's FP8: native names and shapes, q/k rows back in rotary
+    order, params.json without its quantization; loaded back, the values ``from_pretrained`` gives the FP8."""
+    directory, reference = dense_native
+    source = tmp_path / "fp8"
+    stored = _write_fp8_native(directory, reference, source)
+    result = run_cli("convert", str(source), str(tmp_path / "bf16"), "--to", "bf16", "--layout", "native")
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "bf16"
+    assert sorted(p.name for p in out.iterdir()) == ["consolidated.safetensors", "params.json"]
+    params = json.loads((out / "params.json").read_text())
+    assert "quantization" not in params
+    assert params == {
+        k: v for k, v in json.loads((source / "params.json").read_text()).items() if k != "quantization"
+    }
+    written = _stored(out)
+    assert set(written) == {k for k in stored if not k.endswith(("qscale_weight", "qscale_act"))}
+    assert all(dtype == "torch.bfloat16" for dtype, _, _ in written.values())
+    # q/k in rotary order on disk: the FP8 source's codes times its scale, rounded to BF16, row for row
+    key = "layers.0.attention.wq.weight"
+    expected = (stored[key].float() * stored["layers.0.attention.wq.qscale_weight"].float()).to(
+        torch.bfloat16
+    )
+    assert written[key][2] == expected.view(torch.uint8).numpy().tobytes()
+    ours = automodel_plugins.from_pretrained(out, dtype=torch.bfloat16)
+    again = automodel_plugins.from_pretrained(source, dtype=torch.bfloat16)
+    assert_same_state_dict(ours, again)
+
+
+def test_convert_layout_native_from_hf_form_is_refused(
+    tmp_path: Path, dense_native: tuple[Path, Any]
+) -> None:
+    from automodel_plugins.errors import SaveOptionError
+    from automodel_plugins.pipeline.save.convert import convert_checkpoint
+
+    _, reference = dense_native
+    reference.save_pretrained(tmp_path / "hf")
+    with pytest.raises(SaveOptionError, match="not converted to native yet"):
+        convert_checkpoint(tmp_path / "hf", tmp_path / "out", to="bf16", layout="native")
+    assert not (tmp_path / "out").exists()

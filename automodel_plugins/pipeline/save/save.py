@@ -264,7 +264,8 @@ def write_checkpoint(
     protected: Iterable[Path | ProtectedDirectory] = (),
     label: str = "saving",
     started: float | None = None,
-    native_params: Path | None = None,
+    native_params: Path | bytes | None = None,
+    plan: SavePlan | None = None,
 ) -> SaveReport:
     """Plan, then write ``tensors`` of ``model`` (name -> the model's tensor, for shapes and dtypes; the bytes
     come from ``values``) into ``dest``, with ``config`` (default the model's) and ``extra_files`` (name in the
@@ -272,15 +273,16 @@ def write_checkpoint(
     ``declared``: the ``quantization_config`` the weights were loaded under; ``protected``: directories the
     destination must not be, be in, or contain (besides the open source's); ``label`` the progress bar's;
     ``started``: the ``time.perf_counter()`` the work began at (for ``SaveReport.seconds``; default now).
-    ``native_params``: write Mistral's native form (consolidated shard names, and this ``params.json`` copied
-    in place of ``config.json`` and the generation config); the plan's keys must be native ones. Shared by ``save_pretrained`` and ``convert``; collective when distributed."""
+    ``native_params``: write Mistral's native form (consolidated shard names, and this ``params.json`` (a file
+    to copy, or its bytes) in place of ``config.json`` and the generation config); the plan's keys must be
+    native ones. ``plan``: planned by the caller (default: from ``save_format``). Shared by ``save_pretrained`` and ``convert``; collective when distributed."""
     started = time.perf_counter() if started is None else started
     ranks = Ranks.current()
     try:
         shard_size = parse_shard_size(default_max_shard_size() if max_shard_size is None else max_shard_size)
     except ValueError as exc:
         raise SaveOptionError(str(exc)) from exc
-    plan = _plan(model, tensors, save_format, source, declared)
+    plan = plan if plan is not None else _plan(model, tensors, save_format, source, declared)
     if plan.partial_blocks and ranks.is_main:
         warnings.warn(
             f"{len(plan.partial_blocks)} weight(s) have sizes the block size {save_format.block_size} does not "
@@ -413,7 +415,7 @@ def _finish(
     generation_config: GenerationConfig | None,
     extra_files: Mapping[str, Path],
     fsync: bool,
-    native_params: Path | None = None,
+    native_params: Path | bytes | None = None,
 ) -> None:
     """Rank 0, once every tensor is written: the index, the extra files, the generation config, then
     ``config.json`` (last: a directory without it never loads), and the rename into place. Native form:
@@ -424,8 +426,11 @@ def _finish(
         (staging / shards.index_name).write_text(index, encoding="utf-8")
     for name, file in extra_files.items():
         _copy_regular(file, staging / name)
-    if native_params is not None:
+    if isinstance(native_params, bytes):
+        (staging / PARAMS_NAME).write_bytes(native_params)
+    elif native_params is not None:
         _copy_regular(native_params, staging / PARAMS_NAME)
+    if native_params is not None:
         destination.commit(sync=fsync)
         return
     if generation_config is not None:

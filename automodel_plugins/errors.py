@@ -220,6 +220,11 @@ class FrozenFp8WeightError(AutomodelPluginsError, RuntimeError):
     """Gradients were asked of an FP8-resident weight, which holds the checkpoint's FP8 codes and stays frozen."""
 
 
+class FrozenFp8BaseWarning(UserWarning):
+    """An optimizer step on an FP8-resident model (``dequantize=False``) none of whose FP8 layers carries a
+    trainable adapter: the step can train only what is not FP8 (embeddings, norms, the head)."""
+
+
 class TrainerOptionError(AutomodelPluginsError, ValueError):
     """A trainer option the fused loss does not implement (``automodel_plugins.integrations.trl.SFTTrainer``); names it."""
 

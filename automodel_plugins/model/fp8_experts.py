@@ -32,6 +32,7 @@ from automodel_plugins.fp8.decode import dequantize
 from automodel_plugins.fp8.formats import is_fp8
 from automodel_plugins.fp8.scales import decode_scale
 from automodel_plugins.fp8.stacked import stacked_grid_shape
+from automodel_plugins.model import fp8_ops  # noqa: F401  (registers the resident matmul op)
 from automodel_plugins.model.fp8_resident import (
     DequantLayout,
     Fp8Codes,

@@ -38,6 +38,7 @@ from torch import nn
 from automodel_plugins.errors import ScaleError
 from automodel_plugins.fp8.formats import is_fp8
 from automodel_plugins.fp8.scales import decode_scale, grid_shape
+from automodel_plugins.model.fp8_ops import fp8_dequantize_op  # also registers the resident matmul op
 from automodel_plugins.model.fp8_resident import (
     DequantLayout,
     Fp8Codes,
@@ -171,6 +172,11 @@ class Fp8Linear(Fp8Resident, nn.Linear):
             raise NotImplementedError(
                 "the whole weight of a sharded (DTensor) Fp8Linear is on several ranks: merge_lora merges a "
                 "sharded model shard by shard; to dequantize, gather the codes (full_tensor()) first"
+            )
+        if torch.compiler.is_compiling():  # one opaque op in the graph, the same code inside
+            block = None if self.block_size is None else list(self.block_size)
+            return fp8_dequantize_op(
+                self.weight, self.weight_scale_inv, self.fp8_dtype, block, dtype or self.compute_dtype
             )
         layout = self._layout(dtype or self.compute_dtype, whole=True)
         return dequantize_rows(self.weight, self.weight_scale_inv, layout, 0, self.out_features)

@@ -1,17 +1,17 @@
 """PEFT LoRA over FP8-resident layers: training works with PEFT's stock ``lora.Linear``; merging needs this.
 
 :class:`~automodel_plugins.model.fp8_linear.Fp8Linear` is an ``nn.Linear`` subclass, so ``get_peft_model`` wraps
-it with PEFT's stock ``lora.Linear`` (forward, training, ``save_pretrained``, ``PeftModel.from_pretrained`` all
+it with PEFT's ``lora.Linear`` (forward, training, ``save_pretrained``, ``PeftModel.from_pretrained`` all
 work; ``compute_dtype`` gives the adapters the compute dtype). PEFT's merge adds the LoRA delta to
-``base_layer.weight`` in place, which for FP8 codes is either an error or, were it allowed, the delta added to
-unscaled codes. Two ways that merge right, both into a stock ``nn.Linear`` holding the dequantized weight in the
-compute dtype (re-quantizing there would lose most of a small delta):
-
-* :func:`merge_lora` (``merge_and_unload`` for a model with FP8-resident bases, whatever wrapper PEFT chose):
-  the stock model back, merged layers as plain ``nn.Linear``, its ``quantization_config`` saying what it holds;
-* :func:`register_fp8_lora` on the ``LoraConfig`` before ``get_peft_model`` (or on the config passed to
-  ``PeftModel.from_pretrained``): PEFT's own ``merge_adapter`` / ``unmerge_adapter`` / ``merge_and_unload``
-  then work through :class:`Fp8LoraLinear`, and ``unmerge`` restores the FP8 base exactly.
+``base_layer.weight`` in place, which for FP8 codes is either an error or (``safe_merge=True``) the delta cast
+to ``uint8`` and added to the codes. So every such layer is an :class:`Fp8LoraLinear` (the
+:mod:`~automodel_plugins.model.fp8_peft_hook` turns PEFT's ``lora.Linear`` over an ``Fp8Linear`` into one, with
+nothing registered; :func:`register_fp8_lora` does it through PEFT's custom-module API), whose merge goes into a
+stock ``nn.Linear`` holding the dequantized weight in the compute dtype plus the delta (re-quantizing there
+would lose most of a small delta). PEFT's own ``merge_adapter`` / ``unmerge_adapter`` / ``merge_and_unload``
+then work, and ``unmerge`` restores the FP8 base exactly. :func:`merge_lora` is ``merge_and_unload`` that also
+makes the config's ``quantization_config`` say what the merged model holds (needed before a stock
+``save_pretrained``).
 
 Importing this module imports PEFT.
 """
@@ -29,7 +29,7 @@ from automodel_plugins.model.fp8_linear import Fp8Linear
 from automodel_plugins.model.fp8_resident import sync_quantization_config
 from automodel_plugins.model.sharded_merge import merge_sharded_lora_layers
 
-__all__ = ["Fp8LoraLinear", "dequantize_lora_bases", "merge_lora", "register_fp8_lora"]
+__all__ = ["Fp8LoraLinear", "adopt_fp8_base", "dequantize_lora_bases", "merge_lora", "register_fp8_lora"]
 
 _FP8_BASE = "_fp8_base"
 
@@ -63,6 +63,14 @@ class Fp8LoraLinear(LoraLinear):
 
     def __repr__(self) -> str:
         return super().__repr__().replace("lora.Linear", "lora.Fp8LoraLinear", 1)
+
+
+def adopt_fp8_base(layer: nn.Module) -> None:
+    """Make ``layer``, when it is exactly PEFT's ``lora.Linear``, an :class:`Fp8LoraLinear` (a subclass with no
+    state of its own). Called by :mod:`~automodel_plugins.model.fp8_peft_hook` when PEFT gives a LoRA layer an
+    :class:`Fp8Linear` base, so that PEFT's own merge works without :func:`register_fp8_lora`."""
+    if type(layer) is LoraLinear:
+        layer.__class__ = Fp8LoraLinear
 
 
 def register_fp8_lora(config: Any) -> Any:

@@ -29,6 +29,8 @@ __all__ = [
     "check_resident_state_dict",
     "dequantize_rows",
     "fp8_matmul",
+    "linear_dequantized",
+    "linear_dequantized_input_grad",
     "modules_of_type",
     "sync_quantization_config",
 ]
@@ -108,7 +110,7 @@ def _row_chunks(rows: int, step: int) -> Iterator[tuple[int, int]]:
         yield r0, min(rows, r0 + step)
 
 
-def _fp8_linear(
+def linear_dequantized(
     x: torch.Tensor,
     codes: torch.Tensor,
     scale: torch.Tensor,
@@ -131,7 +133,7 @@ def _fp8_linear(
     return out
 
 
-def _fp8_linear_input_grad(
+def linear_dequantized_input_grad(
     grad_out: torch.Tensor,
     codes: torch.Tensor,
     scale: torch.Tensor,
@@ -159,14 +161,14 @@ class _Fp8LinearFunction(torch.autograd.Function):
     def forward(ctx: Any, x, codes, scale, bias, layout: DequantLayout):  # type: ignore[override]
         ctx.save_for_backward(codes, scale)
         ctx.layout, ctx.x_dtype = layout, x.dtype
-        return _fp8_linear(x, codes, scale, bias, layout)
+        return linear_dequantized(x, codes, scale, bias, layout)
 
     @staticmethod
     def backward(ctx: Any, grad_out):  # type: ignore[override]
         codes, scale = ctx.saved_tensors
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = _fp8_linear_input_grad(grad_out, codes, scale, ctx.layout, ctx.x_dtype)
+            grad_x = linear_dequantized_input_grad(grad_out, codes, scale, ctx.layout, ctx.x_dtype)
         if ctx.needs_input_grad[3]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
         return grad_x, None, None, grad_bias, None
@@ -181,10 +183,17 @@ def fp8_matmul(
 ) -> torch.Tensor:
     """``F.linear(x, dequantized codes, bias)`` for 2-D ``uint8`` ``codes`` and their fp32 ``scale``: under
     autograd (``x`` or ``bias`` requiring grad) through :class:`_Fp8LinearFunction`, whose graph keeps only
-    the codes; otherwise directly, the dequantized weight dropped on return."""
+    the codes; otherwise directly, the dequantized weight dropped on return. While dynamo traces
+    (``torch.compile``), the same code runs as the custom op ``automodel_plugins::fp8_linear``, registered by
+    :mod:`~automodel_plugins.model.fp8_ops` (which ``Fp8Linear`` and ``Fp8Experts`` import)."""
+    if torch.compiler.is_compiling():
+        block = None if layout.block_size is None else list(layout.block_size)
+        return torch.ops.automodel_plugins.fp8_linear(
+            x, codes, scale, bias, layout.fp8_dtype, block, layout.compute_dtype, layout.rows_per_chunk
+        )
     needs_graph = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
     if not needs_graph:
-        return _fp8_linear(x, codes, scale, bias, layout)
+        return linear_dequantized(x, codes, scale, bias, layout)
     return _Fp8LinearFunction.apply(x, codes, scale, bias, layout)
 
 

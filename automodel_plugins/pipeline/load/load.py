@@ -30,8 +30,10 @@ from automodel_plugins.errors import (
     PluginError,
     RotaryRepairError,
 )
+from automodel_plugins.model import fp8_peft_hook
 from automodel_plugins.model.device_map import Placement, dispatch, normalize_device_map
 from automodel_plugins.model.forward import SKIP_LOGITS_OPTION
+from automodel_plugins.model.fp8_training_check import watch_resident_training
 from automodel_plugins.model.rotary import rope_suspects
 from automodel_plugins.model.stock import auto_target, build_on_meta, stock_class
 from automodel_plugins.model.tensors import (
@@ -380,6 +382,8 @@ def _plan_build(
     plan = plan_resident(model, model_tensors(model), adapter, checkpoint)
     if not dequantize:
         composition.fp8_resident = make_fp8_resident(model, plan, checkpoint)
+        watch_resident_training(model)  # warns at an optimizer step that can train no FP8 layer
+        fp8_peft_hook.install()  # PEFT's own merge over these layers
         composition.fp8_not_resident = [name for name, p in plan.items() if p.action == "dequantized"]
         _warn_not_resident(composition.fp8_not_resident, plan)
     return plan

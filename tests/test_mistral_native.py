@@ -689,3 +689,26 @@ def test_convert_layout_native_from_hf_form_is_refused(
     with pytest.raises(SaveOptionError, match="not converted to native yet"):
         convert_checkpoint(tmp_path / "hf", tmp_path / "out", to="bf16", layout="native")
     assert not (tmp_path / "out").exists()
+
+
+def test_fp8_save_of_a_native_model_keeps_the_translated_modules_to_not_convert(
+    tmp_path: Path, dense_native: tuple[Path, Any]
+) -> None:
+    """Another format than the source's writes transformers' form; its default ``modules_to_not_convert`` is
+    the one the native ``quantization`` declares once translated (vision tower, projector, head)."""
+    directory, reference = dense_native
+    _write_fp8_native(directory, reference, tmp_path / "fp8")
+    model = automodel_plugins.from_pretrained(tmp_path / "fp8", dtype=torch.bfloat16)
+    automodel_plugins.save_pretrained(model, tmp_path / "out", quantization="fp8-tensor")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["quantization_config"]["modules_to_not_convert"] == [
+        "model.vision_tower",
+        "model.multi_modal_projector",
+        "lm_head",
+    ]
+    assert not (tmp_path / "out" / "params.json").exists()
+    written = _stored(tmp_path / "out")
+    assert all(
+        not key.startswith("model.vision_tower") or dtype == "torch.bfloat16"
+        for key, (dtype, _, _) in written.items()
+    )

@@ -712,3 +712,52 @@ def test_fp8_save_of_a_native_model_keeps_the_translated_modules_to_not_convert(
         not key.startswith("model.vision_tower") or dtype == "torch.bfloat16"
         for key, (dtype, _, _) in written.items()
     )
+
+
+def test_fp8_resident_native_load_gives_the_dequantized_logits(
+    tmp_path: Path, dense_native: tuple[Path, Any]
+) -> None:
+    """``dequantize=False``: v/o and the MLP stay FP8 (one piece each); q/k, whose rows are permuted on read,
+    are dequantized (a permuted piece is no ``Fp8Linear`` as stored); logits as the dequantized load's."""
+    from automodel_plugins.model.fp8_linear import Fp8Linear
+
+    directory, reference = dense_native
+    _write_fp8_native(directory, reference, tmp_path / "fp8")
+    with pytest.warns(UserWarning, match=r"4 FP8 tensor\(s\) cannot stay FP8 .*k_proj"):
+        resident = automodel_plugins.from_pretrained(tmp_path / "fp8", dtype=torch.float32, dequantize=False)
+    plain = automodel_plugins.from_pretrained(tmp_path / "fp8", dtype=torch.float32)
+    attention = resident.model.language_model.layers[0].self_attn
+    assert isinstance(attention.v_proj, Fp8Linear) and isinstance(attention.o_proj, Fp8Linear)
+    assert not isinstance(attention.q_proj, Fp8Linear) and not isinstance(attention.k_proj, Fp8Linear)
+    assert_same_logits(resident, plain, text_batch(reference.config.text_config, labels=False))
+
+
+def test_inspect_of_a_native_only_repo_reads_headers_and_names_params_json(
+    fake_hub: Any, tmp_path: Path, dense_native: tuple[Path, Any]
+) -> None:
+    from automodel_plugins.pipeline.load.describe import describe_checkpoint
+
+    directory, _ = dense_native
+    _shard_native(directory, tmp_path / "sharded")
+    fake_hub.add_directory("mistralai/native-inspect", tmp_path / "sharded", extra={"tekken.json": b"{}"})
+    fake_hub.reset_counters()
+    described = describe_checkpoint("mistralai/native-inspect")
+    assert described["plugin"] == "mistral3_fp8" and described["load"]["layout"] == "native"
+    hub = described["hub"]
+    assert hub["files_read"] == [
+        "params.json",
+        "consolidated.safetensors.index.json",
+        "consolidated-00001-of-00002.safetensors",
+        "consolidated-00002-of-00002.safetensors",
+    ]
+    assert set(hub["not_downloaded"]) == {"tekken.json"}
+    prefix = "mistralai/native-inspect:"
+    whole = {
+        k[len(prefix) :] for k, n in fake_hub.bytes_served["files"].items() if k.startswith(prefix) and n
+    }
+    assert {"params.json", "consolidated.safetensors.index.json"} <= whole
+    for shard in hub["files_read"][2:]:  # headers only, by range requests
+        assert (
+            fake_hub.bytes_served["files"].get(prefix + shard, 0)
+            < (tmp_path / "sharded" / shard).stat().st_size
+        )

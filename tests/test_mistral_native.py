@@ -761,3 +761,64 @@ def test_inspect_of_a_native_only_repo_reads_headers_and_names_params_json(
             fake_hub.bytes_served["files"].get(prefix + shard, 0)
             < (tmp_path / "sharded" / shard).stat().st_size
         )
+
+
+def test_text_only_native_loads_with_stock_logits(tmp_path: Path) -> None:
+    """A text-only native release (Devstral 2 123B's form: no ``vision_encoder``, ``yarn.apply_scale: true``)
+    is a ``Ministral3ForCausalLM`` whose rotary scales attention as transformers' text-only conversion does."""
+    from transformers import Ministral3ForCausalLM
+
+    from automodel_plugins.testing.tiny_models import MINISTRAL3_TEXT_ROPE_PARAMETERS, tiny_ministral3_config
+
+    torch.manual_seed(1)
+    config = tiny_ministral3_config(rope_parameters=MINISTRAL3_TEXT_ROPE_PARAMETERS)
+    reference = Ministral3ForCausalLM(config).eval()
+    tensors = {}
+    for name, tensor in reference.state_dict().items():
+        vlm_name = (
+            "model.language_model." + name.removeprefix("model.") if name.startswith("model.") else name
+        )
+        value = tensor.detach().clone()
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = config.num_attention_heads if "q_proj" in name else config.num_key_value_heads
+            value = _unpermute_for_rope(value, heads)
+        tensors[_native_key(vlm_name)] = value.contiguous()
+    rope = config.rope_parameters
+    params = {
+        "dim": config.hidden_size,
+        "n_layers": config.num_hidden_layers,
+        "head_dim": config.head_dim,
+        "hidden_dim": config.intermediate_size,
+        "n_heads": config.num_attention_heads,
+        "n_kv_heads": config.num_key_value_heads,
+        "rope_theta": rope["rope_theta"],
+        "norm_eps": config.rms_norm_eps,
+        "vocab_size": config.vocab_size,
+        "tied_embeddings": False,
+        "max_position_embeddings": config.max_position_embeddings,
+        "q_lora_rank": None,
+        "qk_rope_head_dim": None,
+        "qk_nope_head_dim": None,
+        "kv_lora_rank": None,
+        "v_head_dim": None,
+        "yarn": {
+            "original_max_position_embeddings": rope["original_max_position_embeddings"],
+            "factor": rope["factor"],
+            "apply_scale": True,
+            "beta": rope["beta_fast"],
+            "alpha": rope["beta_slow"],
+        },
+        "llama_4_scaling": {
+            "original_max_position_embeddings": rope["original_max_position_embeddings"],
+            "beta": 0.1,
+        },
+    }
+    source = tmp_path / "native"
+    source.mkdir()
+    (source / "params.json").write_text(json.dumps(params))
+    save_file(tensors, source / "consolidated.safetensors")
+    model = automodel_plugins.from_pretrained(source, dtype=torch.float32)
+    assert type(model) is Ministral3ForCausalLM
+    assert_same_logits(model, reference, text_batch(config, labels=False))
+    automodel_plugins.save_pretrained(model, tmp_path / "out")
+    assert _stored(tmp_path / "out") == _stored(source)

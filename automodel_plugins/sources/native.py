@@ -156,6 +156,7 @@ def translate_params(params: Mapping[str, Any], path: str | Path | None = PARAMS
     quantization = _quantization(at, params, vision=params.get("vision_encoder") is not None, mla=is_mla)
     vision = params.get("vision_encoder")
     if vision is None:
+        text["architectures"] = ["Mistral4ForCausalLM" if is_mla else "Ministral3ForCausalLM"]
         if quantization is not None:
             text["quantization_config"] = quantization
         return text

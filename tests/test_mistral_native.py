@@ -14,6 +14,13 @@ from typing import Any
 
 import pytest
 import torch
+from mistral_native_checkpoints import (
+    native_key,
+    native_tensors,
+    params_of,
+    unpermute_for_rope,
+    write_fp8_native,
+)
 from safetensors.torch import save_file
 from transformers import Mistral3ForConditionalGeneration
 
@@ -26,133 +33,6 @@ from automodel_plugins.testing.tiny_models import mistral3_image_batch, text_bat
 
 LARGE_3_PARAMS = Path("/work/shared/reference/data/mistral-large-3-675b-instruct-2512.params.json")
 
-# transformers' STATE_DICT_MAPPING (native -> legacy HF), reversed here: HF runtime name -> native key.
-_TO_NATIVE = [
-    (r"^lm_head\.weight$", "output.weight"),
-    (r"^model\.language_model\.norm\.weight$", "norm.weight"),
-    (r"^model\.language_model\.embed_tokens\.weight$", "tok_embeddings.weight"),
-    (r"^model\.language_model\.layers\.(\d+)\.input_layernorm\.weight$", r"layers.\1.attention_norm.weight"),
-    (
-        r"^model\.language_model\.layers\.(\d+)\.post_attention_layernorm\.weight$",
-        r"layers.\1.ffn_norm.weight",
-    ),
-    (
-        r"^model\.language_model\.layers\.(\d+)\.self_attn\.(q|k|v|o)_proj\.weight$",
-        r"layers.\1.attention.w\2.weight",
-    ),
-    (r"^model\.language_model\.layers\.(\d+)\.mlp\.gate_proj\.weight$", r"layers.\1.feed_forward.w1.weight"),
-    (r"^model\.language_model\.layers\.(\d+)\.mlp\.down_proj\.weight$", r"layers.\1.feed_forward.w2.weight"),
-    (r"^model\.language_model\.layers\.(\d+)\.mlp\.up_proj\.weight$", r"layers.\1.feed_forward.w3.weight"),
-    (
-        r"^model\.vision_tower\.transformer\.layers\.(\d+)\.(attention_norm|ffn_norm)\.weight$",
-        r"vision_encoder.transformer.layers.\1.\2.weight",
-    ),
-    (
-        r"^model\.vision_tower\.transformer\.layers\.(\d+)\.attention\.(q|k|v|o)_proj\.weight$",
-        r"vision_encoder.transformer.layers.\1.attention.w\2.weight",
-    ),
-    (
-        r"^model\.vision_tower\.transformer\.layers\.(\d+)\.feed_forward\.gate_proj\.weight$",
-        r"vision_encoder.transformer.layers.\1.feed_forward.w1.weight",
-    ),
-    (
-        r"^model\.vision_tower\.transformer\.layers\.(\d+)\.feed_forward\.down_proj\.weight$",
-        r"vision_encoder.transformer.layers.\1.feed_forward.w2.weight",
-    ),
-    (
-        r"^model\.vision_tower\.transformer\.layers\.(\d+)\.feed_forward\.up_proj\.weight$",
-        r"vision_encoder.transformer.layers.\1.feed_forward.w3.weight",
-    ),
-    (r"^model\.multi_modal_projector\.linear_1\.weight$", "vision_language_adapter.w_in.weight"),
-    (r"^model\.multi_modal_projector\.linear_2\.weight$", "vision_language_adapter.w_out.weight"),
-    (r"^model\.vision_tower\.ln_pre\.weight$", "vision_encoder.ln_pre.weight"),
-    (r"^model\.vision_tower\.patch_conv\.weight$", "vision_encoder.patch_conv.weight"),
-    (
-        r"^model\.multi_modal_projector\.patch_merger\.merging_layer\.weight$",
-        "patch_merger.merging_layer.weight",
-    ),
-    (r"^model\.multi_modal_projector\.norm\.weight$", "pre_mm_projector_norm.weight"),
-]
-
-
-def _native_key(name: str) -> str:
-    for pattern, replacement in _TO_NATIVE:
-        key, hits = re.subn(pattern, replacement, name)
-        if hits:
-            return key
-    raise AssertionError(f"no native name for {name}")
-
-
-def _unpermute_for_rope(tensor: torch.Tensor, heads: int) -> torch.Tensor:
-    """The inverse of transformers' ``permute_for_rope``: HF half-split rows back to Mistral's interleaved ones."""
-    rows, cols = tensor.shape
-    return tensor.view(heads, 2, rows // heads // 2, cols).transpose(1, 2).reshape(rows, cols)
-
-
-def _native_tensors(model: Mistral3ForConditionalGeneration) -> dict[str, torch.Tensor]:
-    config = model.config
-    out = {}
-    for name, tensor in model.state_dict().items():
-        value = tensor.detach().clone()
-        if name.endswith(("q_proj.weight", "k_proj.weight")):
-            if "vision_tower" in name:
-                heads = config.vision_config.num_attention_heads
-            elif "q_proj" in name:
-                heads = config.text_config.num_attention_heads
-            else:
-                heads = config.text_config.num_key_value_heads
-            value = _unpermute_for_rope(value, heads)
-        out[_native_key(name)] = value.contiguous()
-    return out
-
-
-def _params_of(config: Any) -> dict[str, Any]:
-    """The ``params.json`` a Ministral 3 VLM release carries for ``config`` (field names as published)."""
-    text, vision = config.text_config, config.vision_config
-    rope = text.rope_parameters
-    return {
-        "dim": text.hidden_size,
-        "n_layers": text.num_hidden_layers,
-        "head_dim": text.head_dim,
-        "hidden_dim": text.intermediate_size,
-        "n_heads": text.num_attention_heads,
-        "n_kv_heads": text.num_key_value_heads,
-        "rope_theta": rope["rope_theta"],
-        "norm_eps": text.rms_norm_eps,
-        "vocab_size": text.vocab_size,
-        "tied_embeddings": False,
-        "max_position_embeddings": text.max_position_embeddings,
-        "yarn": {
-            "original_max_position_embeddings": rope["original_max_position_embeddings"],
-            "factor": rope["factor"],
-            "apply_scale": False,
-            "beta": rope["beta_fast"],
-            "alpha": rope["beta_slow"],
-        },
-        "llama_4_scaling": {
-            "original_max_position_embeddings": rope["original_max_position_embeddings"],
-            "beta": rope["llama_4_scaling_beta"],
-        },
-        "vision_encoder": {
-            "image_token_id": config.image_token_id,
-            "image_break_token_id": 12,
-            "image_end_token_id": 13,
-            "intermediate_size": vision.intermediate_size,
-            "num_hidden_layers": vision.num_hidden_layers,
-            "num_attention_heads": vision.num_attention_heads,
-            "mm_projector_id": "patch_merge",
-            "spatial_merge_size": config.spatial_merge_size,
-            "hidden_size": vision.hidden_size,
-            "num_channels": vision.num_channels,
-            "image_size": vision.image_size,
-            "max_image_size": vision.image_size,
-            "patch_size": vision.patch_size,
-            "rope_theta": vision.rope_parameters["rope_theta"],
-            "add_pre_mm_projector_layer_norm": True,
-            "adapter_bias": config.multimodal_projector_bias,
-        },
-    }
-
 
 @pytest.fixture(scope="module")
 def dense_native(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Mistral3ForConditionalGeneration]:
@@ -160,8 +40,8 @@ def dense_native(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Mistra
     config = tiny_mistral3_config(vision={"hidden_act": "silu"})  # Mistral's vision FFN is SiLU-gated
     reference = Mistral3ForConditionalGeneration(config).eval()
     directory = tmp_path_factory.mktemp("native")
-    (directory / "params.json").write_text(json.dumps(_params_of(config)))
-    save_file(_native_tensors(reference), directory / "consolidated.safetensors")
+    (directory / "params.json").write_text(json.dumps(params_of(config)))
+    save_file(native_tensors(reference), directory / "consolidated.safetensors")
     return directory, reference
 
 
@@ -242,35 +122,16 @@ def test_dense_native_loads_with_stock_logits(dense_native: tuple[Path, Any]) ->
     assert_same_logits(model, reference, mistral3_image_batch(reference.config, labels=False))
 
 
-def _write_fp8_native(directory: Path, reference: Any, destination: Path) -> dict[str, torch.Tensor]:
-    """Mistral's own per-tensor FP8 (``qscale_weight``, ``qscale_act``) on the text linears, q/k included."""
-    params = json.loads((directory / "params.json").read_text())
-    params["quantization"] = {"qformat_weight": "fp8_e4m3", "qscheme_act": "TENSOR"}
-    tensors = _native_tensors(reference)
-    linear = re.compile(r"^layers\.\d+\.(attention\.w[qkvo]|feed_forward\.w[123])\.weight$")
-    for key in [k for k in tensors if linear.match(k)]:
-        weight = tensors[key].float()
-        scale = weight.abs().max() / 448.0
-        codes = (weight / scale).to(torch.float8_e4m3fn)
-        tensors[key] = codes
-        tensors[key.replace(".weight", ".qscale_weight")] = scale
-        tensors[key.replace(".weight", ".qscale_act")] = torch.tensor(1.0)
-    destination.mkdir(exist_ok=True)
-    (destination / "params.json").write_text(json.dumps(params))
-    save_file(tensors, destination / "consolidated.safetensors")
-    return tensors
-
-
 def test_fp8_native_dequantizes_like_the_reference(tmp_path: Path, dense_native: tuple[Path, Any]) -> None:
     """Mistral's own per-tensor FP8 (``qscale_weight``, ``qscale_act``) on the text linears, q/k included."""
     directory, reference = dense_native
-    tensors = _write_fp8_native(directory, reference, tmp_path)
+    tensors = write_fp8_native(directory, reference, tmp_path)
     expected = Mistral3ForConditionalGeneration(reference.config).eval()
     expected.load_state_dict(reference.state_dict())
     # The reference: the same codes dequantized independently, then permuted as transformers' converter does.
     state = expected.state_dict()
     for name in state:
-        key = _native_key(name)
+        key = native_key(name)
         if key.replace(".weight", ".qscale_weight") in tensors:
             value = (tensors[key].float() * tensors[key.replace(".weight", ".qscale_weight")].float()).to(
                 state[name].dtype
@@ -453,7 +314,7 @@ def _large3_native_specs(model: Any) -> list[tuple[str, torch.dtype, tuple[int, 
             elif name == "lm_head.weight":
                 specs.append(("output.weight", torch.bfloat16, shape))
             else:
-                specs.append((_native_key(name), torch.bfloat16, shape))
+                specs.append((native_key(name), torch.bfloat16, shape))
             continue
         n, module, leaf = layer.groups()
         if module == "mlp.experts":
@@ -603,7 +464,7 @@ def test_native_in_native_out_is_byte_identical(
     source = directory
     if form == "fp8":
         source = tmp_path / "fp8"
-        _write_fp8_native(directory, reference, source)
+        write_fp8_native(directory, reference, source)
     model = automodel_plugins.from_pretrained(source, dtype=torch.float32)
     automodel_plugins.save_pretrained(model, tmp_path / "out")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["consolidated.safetensors", "params.json"]
@@ -637,7 +498,7 @@ def test_convert_native_to_hf_streams_into_transformers_form(
 
     directory, reference = dense_native
     source = tmp_path / "fp8"
-    _write_fp8_native(directory, reference, source)
+    write_fp8_native(directory, reference, source)
     convert_checkpoint(source, tmp_path / "hf", to="bf16")
     names = {p.name for p in (tmp_path / "hf").iterdir()}
     assert "config.json" in names and "params.json" not in names and "consolidated.safetensors" not in names
@@ -654,7 +515,7 @@ def test_convert_layout_native_dequantizes_in_native_form(
     order, params.json without its quantization; loaded back, the values ``from_pretrained`` gives the FP8."""
     directory, reference = dense_native
     source = tmp_path / "fp8"
-    stored = _write_fp8_native(directory, reference, source)
+    stored = write_fp8_native(directory, reference, source)
     result = run_cli("convert", str(source), str(tmp_path / "bf16"), "--to", "bf16", "--layout", "native")
     assert result.returncode == 0, result.stderr
     out = tmp_path / "bf16"
@@ -697,7 +558,7 @@ def test_fp8_save_of_a_native_model_keeps_the_translated_modules_to_not_convert(
     """Another format than the source's writes transformers' form; its default ``modules_to_not_convert`` is
     the one the native ``quantization`` declares once translated (vision tower, projector, head)."""
     directory, reference = dense_native
-    _write_fp8_native(directory, reference, tmp_path / "fp8")
+    write_fp8_native(directory, reference, tmp_path / "fp8")
     model = automodel_plugins.from_pretrained(tmp_path / "fp8", dtype=torch.bfloat16)
     automodel_plugins.save_pretrained(model, tmp_path / "out", quantization="fp8-tensor")
     config = json.loads((tmp_path / "out" / "config.json").read_text())
@@ -722,7 +583,7 @@ def test_fp8_resident_native_load_gives_the_dequantized_logits(
     from automodel_plugins.model.fp8_linear import Fp8Linear
 
     directory, reference = dense_native
-    _write_fp8_native(directory, reference, tmp_path / "fp8")
+    write_fp8_native(directory, reference, tmp_path / "fp8")
     with pytest.warns(UserWarning, match=r"4 FP8 tensor\(s\) cannot stay FP8 .*k_proj"):
         resident = automodel_plugins.from_pretrained(tmp_path / "fp8", dtype=torch.float32, dequantize=False)
     plain = automodel_plugins.from_pretrained(tmp_path / "fp8", dtype=torch.float32)
@@ -781,8 +642,8 @@ def test_text_only_native_loads_with_stock_logits(tmp_path: Path) -> None:
         value = tensor.detach().clone()
         if name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = config.num_attention_heads if "q_proj" in name else config.num_key_value_heads
-            value = _unpermute_for_rope(value, heads)
-        tensors[_native_key(vlm_name)] = value.contiguous()
+            value = unpermute_for_rope(value, heads)
+        tensors[native_key(vlm_name)] = value.contiguous()
     rope = config.rope_parameters
     params = {
         "dim": config.hidden_size,

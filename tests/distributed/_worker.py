@@ -197,6 +197,12 @@ def fsdp_native(ctx: Context) -> dict[str, Any]:
     model.eval()
     batch = _tiny.inputs()
     result["logits_equal"] = bool(torch.equal(logits(model, batch), logits(reference, batch)))
+    model.reshard()
+    try:
+        automodel_plugins.save_pretrained(model, ctx.out / "native-fsdp-save")
+        result["save_error"] = None
+    except Exception as exc:
+        result["save_error"] = f"{type(exc).__name__}: {exc}"
     return result
 
 

@@ -683,3 +683,18 @@ def test_text_only_native_loads_with_stock_logits(tmp_path: Path) -> None:
     assert_same_logits(model, reference, text_batch(config, labels=False))
     automodel_plugins.save_pretrained(model, tmp_path / "out")
     assert _stored(tmp_path / "out") == _stored(source)
+
+
+def test_native_only_repo_loads_offline_from_the_cache(
+    fake_hub: Any, tmp_path: Path, dense_native: tuple[Path, Any]
+) -> None:
+    directory, reference = dense_native
+    _shard_native(directory, tmp_path / "sharded")
+    fake_hub.add_directory("mistralai/native-offline", tmp_path / "sharded")
+    automodel_plugins.from_pretrained("mistralai/native-offline", dtype=torch.float32)
+    fake_hub.reset_counters()
+    model = automodel_plugins.from_pretrained(
+        "mistralai/native-offline", dtype=torch.float32, local_files_only=True
+    )
+    assert_same_logits(model, reference, text_batch(reference.config.text_config, labels=False))
+    assert not any(k.startswith("mistralai/native-offline:") for k in fake_hub.bytes_served["files"])

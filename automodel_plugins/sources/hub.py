@@ -174,16 +174,22 @@ class HubLocation(CheckpointLocation):
         repo (``params.json`` and no ``config.json``): there the weights are ``consolidated.safetensors.index.json``
         and the shards it lists, else ``consolidated.safetensors``, and nothing else is downloaded.
         """
+        try:
+            if self._fetch_optional(
+                INDEX_NAME
+            ):  # asked first: an HF repo's weights never wait on params.json
+                return Weights(index=self.directory / INDEX_NAME)
+        except HubOfflineError:
+            # a cache holding only the single file (or a native repo's files) is fine offline
+            if not (
+                self.is_local(SAFETENSORS_NAME)
+                or (self.is_local(PARAMS_NAME) and not self.is_local(CONFIG_NAME))
+            ):
+                raise
         if self._is_native_repo():
             if self._fetch_optional(NATIVE_INDEX_NAME):
                 return Weights(index=self.directory / NATIVE_INDEX_NAME)
             return Weights(file=self.directory / NATIVE_SAFETENSORS_NAME)
-        try:
-            if self._fetch_optional(INDEX_NAME):
-                return Weights(index=self.directory / INDEX_NAME)
-        except HubOfflineError:
-            if not self.is_local(SAFETENSORS_NAME):  # a cache holding only the single file is fine offline
-                raise
         return Weights(file=self.directory / SAFETENSORS_NAME)
 
     def file(self, name: str) -> Path:

@@ -84,6 +84,11 @@ class ConfigMismatchError(ConfigError):
     vocabulary or width): refused from the headers, before a model is built."""
 
 
+class ExpertsImplementationError(ConfigError):
+    """The model's ``experts_implementation`` is one FP8-resident experts cannot run (a CUDA kernel of stock's
+    that takes dequantized weights): raised at the forward, naming it and the ones that run."""
+
+
 class CheckpointError(AutomodelPluginsError, ValueError):
     """A checkpoint that cannot be loaded as it is. ``path`` and ``key`` name the culprit when known."""
 

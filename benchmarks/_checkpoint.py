@@ -184,9 +184,151 @@ def write_moe_checkpoint(directory: Path, *, shards: int = SHARDS, seed: int = S
     return directory
 
 
+TINY_TEXT = {
+    **TEXT,
+    "hidden_size": 512,
+    "intermediate_size": 1536,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 2,
+    "head_dim": 64,
+    "vocab_size": 8192,
+}
+TINY_VISION = {**VISION, "intermediate_size": 1024, "image_size": 448}
+
+# Qwen/Qwen3-VL-235B-A22B-Instruct-FP8 as released: its config.json's sizes, 94 layers of 128 experts.
+QWEN3_VL_235B_TEXT = {
+    "hidden_size": 4096,
+    "intermediate_size": 12288,
+    "num_hidden_layers": 94,
+    "num_attention_heads": 64,
+    "num_key_value_heads": 4,
+    "head_dim": 128,
+    "vocab_size": 151936,
+    "max_position_embeddings": 262144,
+    "num_experts": 128,
+    "num_experts_per_tok": 8,
+    "moe_intermediate_size": 1536,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+    "rms_norm_eps": 1e-6,
+    "rope_parameters": {
+        "rope_type": "default",
+        "rope_theta": 5e6,
+        "mrope_section": [24, 20, 20],
+        "mrope_interleaved": True,
+    },
+}
+QWEN3_VL_235B_VISION = {
+    "depth": 27,
+    "hidden_size": 1152,
+    "intermediate_size": 4304,
+    "num_heads": 16,
+    "out_hidden_size": 4096,
+    "patch_size": 16,
+    "temporal_patch_size": 2,
+    "spatial_merge_size": 2,
+    "num_position_embeddings": 2304,
+    "deepstack_visual_indexes": [8, 16, 24],
+    "hidden_act": "gelu_pytorch_tanh",
+}
+QWEN3_VL_235B_SHARDS = 24
+QWEN3_VL_235B_BLOCK = (128, 128)
+
+
+def build_qwen3_vl_235b_config():
+    """The ``Qwen3VLMoeConfig`` of Qwen3-VL-235B-A22B at full size (block FP8 as the FP8 release declares)."""
+    from transformers import Qwen3VLMoeConfig
+
+    config = Qwen3VLMoeConfig(
+        text_config=dict(QWEN3_VL_235B_TEXT),
+        vision_config=dict(QWEN3_VL_235B_VISION),
+        image_token_id=151655,
+        video_token_id=151656,
+        vision_start_token_id=151652,
+        vision_end_token_id=151653,
+        tie_word_embeddings=False,
+    )
+    config.architectures = ["Qwen3VLMoeForConditionalGeneration"]
+    return config
+
+
+def write_header_only_235b(directory: Path) -> Path:
+    """Qwen3-VL-235B-A22B in the FP8 release's form with headers only: every tensor the release stores (one
+    128x128-block FP8 tensor + ``weight_scale_inv`` grid per expert and projection, attention FP8, routers /
+    vision / embeddings / norms / ``lm_head`` BF16) with its real shape, dtype and offsets, in full-size files
+    whose data is a hole (sparse: ~10 MB on disk for ~236 GB declared). Only headers can be read from it."""
+    import torch
+
+    from automodel_plugins.checkpoint.writer import FileLayout, SafetensorsWriter, TensorSpec
+    from automodel_plugins.model.stock import build_on_meta
+
+    config = build_qwen3_vl_235b_config()
+    block = QWEN3_VL_235B_BLOCK
+    not_converted = ("model.visual", "lm_head", ".mlp.gate.")
+
+    def fp8(name: str, rows: int, cols: int) -> list[TensorSpec]:
+        grid = (-(-rows // block[0]), -(-cols // block[1]))
+        return [
+            TensorSpec(name, torch.float8_e4m3fn, (rows, cols)),
+            TensorSpec(name.removesuffix("weight") + "weight_scale_inv", torch.float32, grid),
+        ]
+
+    model = build_on_meta(config, torch.bfloat16)
+    linears = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    specs: list[TensorSpec] = []
+    for name, tensor in model.state_dict().items():
+        if name.endswith((".experts.gate_up_proj", ".experts.down_proj")):
+            layer, parameter = name.rsplit(".experts.", 1)
+            projections = ("gate_proj", "up_proj") if parameter == "gate_up_proj" else ("down_proj",)
+            rows = tensor.shape[1] // len(projections)
+            for expert in range(tensor.shape[0]):
+                for projection in projections:
+                    specs += fp8(f"{layer}.experts.{expert}.{projection}.weight", rows, tensor.shape[2])
+        elif name in linears and not any(part in name + "." for part in not_converted):
+            specs += fp8(name, *tensor.shape)
+        else:
+            specs.append(TensorSpec(name, torch.bfloat16, tuple(tensor.shape)))
+    directory.mkdir(parents=True, exist_ok=True)
+    weight_map: dict[str, str] = {}
+    shards = QWEN3_VL_235B_SHARDS
+    for index in range(shards):
+        part = specs[index::shards]
+        filename = f"model-{index + 1:05d}-of-{shards:05d}.safetensors"
+        layout = FileLayout.plan(part, {"format": "pt"})
+        SafetensorsWriter.create(directory / filename, layout).close(sync=False)
+        weight_map.update(dict.fromkeys((spec.name for spec in part), filename))
+    total = sum(spec.nbytes for spec in specs)
+    index_json = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index_json, indent=2))
+    document = config.to_dict()
+    document["dtype"] = "bfloat16"
+    document["quantization_config"] = {
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "activation_scheme": "dynamic",
+        "weight_block_size": list(block),
+        "modules_to_not_convert": ["model.visual", "lm_head"]
+        + [
+            f"model.language_model.layers.{i}.mlp.gate"
+            for i in range(QWEN3_VL_235B_TEXT["num_hidden_layers"])
+        ],
+    }
+    (directory / "config.json").write_text(json.dumps(document, indent=2))
+    return directory
+
+
 def _spec_digest(kind: str) -> str:
     if kind == "moe":
         spec: dict[str, Any] = {"text": MOE_TEXT, "vision": MOE_VISION, "block": MOE_BLOCK, "shards": SHARDS}
+    elif kind == "qwen3-vl-235b-header-only":
+        spec = {
+            "text": QWEN3_VL_235B_TEXT,
+            "vision": QWEN3_VL_235B_VISION,
+            "block": QWEN3_VL_235B_BLOCK,
+            "shards": QWEN3_VL_235B_SHARDS,
+        }
+    elif kind == "tiny":
+        spec = {"text": TINY_TEXT, "vision": TINY_VISION, "top": TOP, "shards": 2}
     else:
         spec = {"text": TEXT, "vision": VISION, "top": TOP, "kind": kind, "shards": SHARDS}
     spec.update(seed=SEED, v=2)
@@ -194,8 +336,22 @@ def _spec_digest(kind: str) -> str:
 
 
 def checkpoint_dir(kind: str = "per-tensor") -> Path:
-    family = "qwen3-vl-moe-fp8-per-expert" if kind == "moe" else f"mistral3-fp8-{kind}"
+    family = {"moe": "qwen3-vl-moe-fp8-per-expert", "qwen3-vl-235b-header-only": kind}.get(
+        kind, f"mistral3-fp8-{kind}"
+    )
     return CACHE_DIR / f"{family}-{_spec_digest(kind)}"
+
+
+def ensure_tiny_checkpoint(*, quiet: bool = False) -> Path:
+    """A tiny Mistral3 FP8 checkpoint (the demo's sizes: hidden 512, 4 layers, vocab 8192; 2 shards, ~30 MiB),
+    for the command-line benchmarks, where what counts is the fixed cost, not the bytes."""
+    config = build_config(TINY_TEXT, TINY_VISION)
+    return _ensure("tiny", lambda tmp: write_checkpoint(tmp, shards=2, config=config), quiet=quiet)
+
+
+def ensure_header_only_235b(*, quiet: bool = False) -> Path:
+    """The header-only Qwen3-VL-235B-A22B FP8 checkpoint (73,768 tensors in 24 shards), written on first call."""
+    return _ensure("qwen3-vl-235b-header-only", write_header_only_235b, quiet=quiet)
 
 
 def ensure_moe_checkpoint(*, quiet: bool = False) -> Path:

@@ -19,8 +19,13 @@ Targets: peak resident / peak dequantized <= 0.65; step time resident / dequanti
 
     python benchmarks/bench_fp8_resident.py                   # per-tensor scales, 1 process per path
     python benchmarks/bench_fp8_resident.py --kind block --repeats 3 [--dtype float32] [--device cuda]
-    python benchmarks/bench_fp8_resident.py --kind moe --tokens 256   # the MoE of bench_moe_load.py: experts
-                                                                      # Fp8Experts (eager loop) vs dequantized
+    python benchmarks/bench_fp8_resident.py --kind moe --tokens 256 --repeats 3
+
+``--kind moe`` runs the MoE of ``bench_moe_load.py`` (experts ``Fp8Experts``, LoRA on the attention) with each
+``experts_implementation`` in the same run: ``resident`` (``grouped_mm``: hit experts dequantized into a reused
+buffer, one grouped matmul) and ``resident-eager`` (the exact eager loop) against ``dequantized`` (stock's
+``grouped_mm``, its default and fastest on CPU) and ``dequantized-eager``. Target for the MoE: step time
+resident / dequantized (``grouped_mm``) <= 1.2.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import sys
 import time
@@ -38,8 +44,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _workers import alternating, run_json_worker, worker_env
 
 PATHS = ("resident", "dequantized")
+MOE_PATHS = ("resident", "dequantized", "resident-eager", "dequantized-eager")
+"""``--kind moe``: each path with the experts_implementation its suffix names (none: ``grouped_mm``)."""
 PEAK_TARGET = 0.65
 TIME_TARGET = 1.5
+MOE_TIME_TARGET = 1.2
 TEXT_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
@@ -72,10 +81,12 @@ def worker(path_kind: str, checkpoint: str, args: argparse.Namespace) -> dict:
             checkpoint,
             dtype=dtype,
             device=device,
-            dequantize=path_kind != "resident",
+            dequantize=not path_kind.startswith("resident"),
             skip_logits=True,
             progress=False,
         )
+        if args.kind == "moe":
+            model.set_experts_implementation("eager" if path_kind.endswith("-eager") else "grouped_mm")
         load_seconds = time.perf_counter() - started
         resident_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
         config = peft.LoraConfig(r=16, lora_alpha=32, target_modules=TEXT_TARGETS, lora_dropout=0.0)
@@ -96,7 +107,62 @@ def worker(path_kind: str, checkpoint: str, args: argparse.Namespace) -> dict:
         "fp8_layers": sum(isinstance(m, (Fp8Linear, Fp8Experts)) for m in model.modules()),
         "lora_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "dtype": args.dtype,
+        "experts_implementation": model.config.get_text_config()._experts_implementation
+        if args.kind == "moe"
+        else None,
     }
+
+
+def layer_worker(checkpoint: str, args: argparse.Namespace) -> dict:
+    """One MoE layer's experts alone, forward + backward (input and routing-weight gradients) on the routing
+    its router gives the batch's embeddings: the resident experts (grouped, eager) and the same experts
+    dequantized (stock grouped_mm, eager), interleaved in one process, median of ``--layer-repeats``."""
+    import torch
+
+    import automodel_plugins
+    from automodel_plugins.model.fp8_experts import Fp8Experts
+
+    dtype = getattr(torch, args.dtype)
+    model = automodel_plugins.from_pretrained(
+        checkpoint, dtype=dtype, dequantize=False, skip_logits=True, progress=False
+    )
+    name, resident = next((n, m) for n, m in model.named_modules() if isinstance(m, Fp8Experts))
+    block = model.get_submodule(name.removesuffix(".experts"))
+    from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTextExperts
+
+    stock = Qwen3VLMoeTextExperts(resident.config).to(dtype)
+    stock.config = copy_config = type(resident.config).from_dict(resident.config.to_dict())
+    for projection in ("gate_up_proj", "down_proj"):
+        setattr(stock, projection, torch.nn.Parameter(resident.dequantized(projection), requires_grad=False))
+    torch.manual_seed(0)
+    vocab = resident.config.vocab_size
+    ids = torch.randint(20, vocab, (args.tokens,))
+    hidden = model.get_input_embeddings()(ids).detach()
+    with torch.no_grad():
+        _, top_k_weights, top_k_index = block.gate(hidden)
+    upstream = torch.randn_like(hidden)
+
+    def once(module) -> float:
+        x = hidden.clone().requires_grad_(True)
+        w = top_k_weights.detach().clone().requires_grad_(True)
+        started = time.perf_counter()
+        module(x, top_k_index, w).backward(upstream)
+        return time.perf_counter() - started
+
+    paths = {
+        "resident grouped_mm": (resident, resident.config, "grouped_mm"),
+        "dequantized grouped_mm": (stock, copy_config, "grouped_mm"),
+        "resident eager": (resident, resident.config, "eager"),
+        "dequantized eager": (stock, copy_config, "eager"),
+    }
+    seconds: dict[str, list[float]] = {p: [] for p in paths}
+    for repeat in range(args.layer_repeats + 1):
+        for path, (module, config, implementation) in paths.items():
+            config._experts_implementation = implementation
+            elapsed = once(module)
+            if repeat:  # the first round warms up (buffers, allocator)
+                seconds[path].append(elapsed)
+    return {p: statistics.median(v) for p, v in seconds.items()}
 
 
 def _step(model, optimizer, batch, cuda: bool) -> tuple[float, float]:
@@ -116,6 +182,8 @@ def _step(model, optimizer, batch, cuda: bool) -> tuple[float, float]:
 def run_worker(path_kind: str, checkpoint: Path, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--worker", path_kind, "--path", str(checkpoint)]
     cmd += [
+        "--kind",
+        args.kind,
         "--tokens",
         str(args.tokens),
         "--steps",
@@ -139,12 +207,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"))
     parser.add_argument("--path", type=Path, help="an existing checkpoint instead of the generated one")
-    parser.add_argument("--worker", choices=PATHS, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--layer-repeats", type=int, default=9, help="--kind moe: timed rounds of the one-layer measurement"
+    )
+    parser.add_argument("--worker", choices=(*MOE_PATHS, "layer"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.dtype == "auto":
         from bench_train_step import fast_cpu_bf16
 
         args.dtype = "bfloat16" if args.device.startswith("cuda") or fast_cpu_bf16() else "float32"
+    if args.worker == "layer":
+        print(json.dumps(layer_worker(str(args.path), args)))
+        return 0
     if args.worker:
         print(json.dumps(worker(args.worker, str(args.path), args)))
         return 0
@@ -153,14 +227,15 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint = args.path or (
         ensure_moe_checkpoint() if args.kind == "moe" else ensure_checkpoint(args.kind)
     )
-    results: dict[str, list[dict]] = {p: [] for p in PATHS}
-    for repeat, path_kind in alternating(PATHS, args.repeats):
+    paths = MOE_PATHS if args.kind == "moe" else PATHS
+    results: dict[str, list[dict]] = {p: [] for p in paths}
+    for repeat, path_kind in alternating(paths, args.repeats):
         row = run_worker(path_kind, checkpoint, args)
         results[path_kind].append(row)
         print(
-            f"  run {repeat + 1} {path_kind:<11} peak +{row['peak'] / 2**20:6.0f} MiB  resident "
+            f"  run {repeat + 1} {path_kind:<17} peak +{row['peak'] / 2**20:6.0f} MiB  resident "
             f"{row['resident_bytes'] / 2**20:6.0f} MiB  step {row['step_seconds']:6.2f} s  "
-            f"loss {row['loss']:.5f}",
+            f"loss {row['loss']:.5f}  load average {os.getloadavg()[0]:.1f}",
             flush=True,
         )
 
@@ -173,11 +248,14 @@ def main(argv: list[str] | None = None) -> int:
         f"({first['lora_params'] / 1e6:.2f}M trainable), 1 x {args.tokens} tokens, forward + backward + AdamW, "
         f"median of {args.repeats} process(es) per path; memory: {first['memory_method']}"
     )
-    print("| path | FP8 layers | resident (MiB) | peak, load + step (MiB) | load (s) | step (s) | loss |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for p in PATHS:
+    print(
+        "| path | experts | FP8 layers | resident (MiB) | peak, load + step (MiB) | load (s) | step (s) | loss |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for p in paths:
         print(
-            f"| {p} | {results[p][0]['fp8_layers']} | {med(p, 'resident_bytes') / 2**20:.0f} | "
+            f"| {p} | {results[p][0].get('experts_implementation') or '-'} | {results[p][0]['fp8_layers']} | "
+            f"{med(p, 'resident_bytes') / 2**20:.0f} | "
             f"{med(p, 'peak') / 2**20:.0f} | {med(p, 'load_seconds'):.1f} | {med(p, 'step_seconds'):.2f} | "
             f"{results[p][0]['loss']:.5f} |"
         )
@@ -196,6 +274,47 @@ def main(argv: list[str] | None = None) -> int:
         f"{verdict(time_ratio <= TIME_TARGET)}"
     )
     print(f"|loss resident - loss dequantized| = {loss_diff:.2e}")
+    if args.kind == "moe":
+        moe_ratio = time_ratio
+        print(
+            f"MoE step time resident (grouped_mm) / dequantized (grouped_mm): {moe_ratio:.3f}  target <= "
+            f"{MOE_TIME_TARGET}  {verdict(moe_ratio <= MOE_TIME_TARGET)}"
+        )
+        for mine, peer in (
+            ("resident", "dequantized-eager"),
+            ("resident-eager", "dequantized-eager"),
+            ("resident-eager", "resident"),
+        ):
+            print(
+                f"{mine} / {peer}: step time {med(mine, 'step_seconds') / med(peer, 'step_seconds'):.3f}, "
+                f"peak {med(mine, 'peak') / med(peer, 'peak'):.3f}"
+            )
+        same = abs(results["resident-eager"][0]["loss"] - results["dequantized-eager"][0]["loss"])
+        print(f"|loss resident-eager - loss dequantized-eager| = {same:.2e}")
+        cmd = [
+            sys.executable,
+            __file__,
+            "--worker",
+            "layer",
+            "--path",
+            str(checkpoint),
+            "--dtype",
+            args.dtype,
+        ]
+        cmd += ["--tokens", str(args.tokens), "--layer-repeats", str(args.layer_repeats)]
+        layer = run_json_worker(cmd, what="layer", env=worker_env())
+        print(
+            f"\none MoE layer's experts alone, forward + backward, {args.tokens} tokens, interleaved in one process, "
+            f"median of {args.layer_repeats}:"
+        )
+        for path, value in layer.items():
+            print(f"  {path:<24} {value * 1e3:8.1f} ms")
+        ratio = layer["resident grouped_mm"] / layer["dequantized grouped_mm"]
+        print(f"  resident grouped_mm / dequantized grouped_mm: {ratio:.3f}")
+    print(
+        f"load average (1, 5, 15 min) at the end: {os.getloadavg()}; "
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"
+    )
     return 0
 
 

@@ -12,6 +12,7 @@ import json
 import math
 import os
 from dataclasses import dataclass
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -77,12 +78,16 @@ class HeaderEntry:
 
 
 def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """json object hook: a key written twice in a header would silently shadow a tensor."""
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
+    """json object hook: a key written twice in a header would silently shadow a tensor. (The dict is built in
+    C; the keys are walked only when it came out shorter than the pairs: a 73k-entry header calls this 73k
+    times.)"""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"duplicate key {key!r}")
+            seen.add(key)
     return out
 
 
@@ -136,21 +141,29 @@ def _decode_header(file: Path, head: bytes, file_size: int) -> tuple[dict[str, A
     return header, length
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+_INT = frozenset({int})
+
+
+def _naturals(values: Any) -> bool:
+    """A JSON array of integers >= 0 (not booleans: JSON ``true`` is no dimension). Checked with C-level
+    calls, no Python per element: a 235B MoE's headers hold ~150k of them."""
+    return type(values) is list and set(map(type, values)) <= _INT and min(values, default=0) >= 0
 
 
 def _parse_entry(file: Path, key: str, raw: Any, data_size: int) -> HeaderEntry:
     """Validate one header entry: known dtype, sane shape, offsets that match shape x dtype and fit the file."""
-    if not isinstance(raw, dict) or not {"dtype", "shape", "data_offsets"} <= raw.keys():
-        raise CorruptCheckpointError("header entry lacks dtype/shape/data_offsets", path=file, key=key)
-    dtype = SAFETENSORS_DTYPES.get(raw["dtype"]) if isinstance(raw["dtype"], str) else None
+    try:
+        name, shape, offsets = raw["dtype"], raw["shape"], raw["data_offsets"]
+    except (KeyError, TypeError):  # a field missing, or no JSON object at all
+        raise CorruptCheckpointError(
+            "header entry lacks dtype/shape/data_offsets", path=file, key=key
+        ) from None
+    dtype = SAFETENSORS_DTYPES.get(name) if type(name) is str else None
     if dtype is None:
-        raise CorruptCheckpointError(f"unknown dtype {raw['dtype']!r}", path=file, key=key)
-    shape, offsets = raw["shape"], raw["data_offsets"]
-    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise CorruptCheckpointError(f"unknown dtype {name!r}", path=file, key=key)
+    if not _naturals(shape):
         raise CorruptCheckpointError(f"invalid shape {shape!r}", path=file, key=key)
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) and o >= 0 for o in offsets)):
+    if not (_naturals(offsets) and len(offsets) == 2):
         raise CorruptCheckpointError(f"invalid data_offsets {offsets!r}", path=file, key=key)
     begin, end = offsets
     expected = math.prod(shape) * dtype.itemsize
@@ -168,8 +181,9 @@ def _parse_entry(file: Path, key: str, raw: Any, data_size: int) -> HeaderEntry:
             path=file,
             key=key,
         )
-    info = TensorInfo(key=key, dtype=dtype, shape=tuple(shape), file=file, nbytes=end - begin)
-    return HeaderEntry(info=info, begin=begin, end=end)
+    return HeaderEntry(
+        TensorInfo(key, dtype, tuple(shape), file, end - begin), begin, end
+    )  # positional: faster
 
 
 def _check_coverage(file: Path, entries: list[HeaderEntry], data_size: int) -> None:
@@ -220,7 +234,7 @@ def parse_header_bytes(file: Path, head: bytes, file_size: int) -> Header:
     if metadata is not None and not isinstance(metadata, dict):
         raise CorruptCheckpointError("__metadata__ is not a JSON object", path=file)
     entries = sorted(
-        (_parse_entry(file, key, raw, data_size) for key, raw in header.items()), key=lambda e: e.begin
+        (_parse_entry(file, key, raw, data_size) for key, raw in header.items()), key=attrgetter("begin")
     )
     _check_coverage(file, entries, data_size)
     return Header(entries=entries, data_start=8 + length)

@@ -8,7 +8,7 @@ the checkpoint is refused rather than read.
 from __future__ import annotations
 
 import json
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 from automodel_plugins.errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointPathError
@@ -98,21 +98,29 @@ def shard_names(index: Path) -> dict[str, set[str]]:
     """The shard file names the index lists (checked to be plain names) and the keys it assigns to each."""
     keys_by_name: dict[str, set[str]] = {}
     for key, name in load_weight_map(index).items():
-        _check_entry_name(index, key, name)
-        keys_by_name.setdefault(name, set()).add(key)
+        keys = keys_by_name.get(name)
+        if keys is None:  # each name is checked once, naming the first key that lists it
+            _check_entry_name(index, key, name)
+            keys_by_name[name] = keys = set()
+        keys.add(key)
     return keys_by_name
 
 
 def shard_files(
-    location: CheckpointLocation, index: Path, *, remote: Collection[str] = ()
+    location: CheckpointLocation,
+    index: Path,
+    *,
+    remote: Collection[str] = (),
+    names: Mapping[str, set[str]] | None = None,
 ) -> tuple[tuple[Path, ...], dict[Path, set[str]]]:
     """Shard files named by the index (ordered by name) and the keys it assigns to each.
 
     Local shards are checked to exist inside the checkpoint; those in ``remote`` (a hub repo's shards not
-    downloaded yet) are where their download will land.
+    downloaded yet) are where their download will land. ``names`` is :func:`shard_names` of ``index`` when
+    the caller already has it (the index is then not parsed again).
     """
     assigned: dict[Path, set[str]] = {}
-    for name, keys in sorted(shard_names(index).items()):
+    for name, keys in sorted((shard_names(index) if names is None else names).items()):
         if name in remote:
             file = location.directory / name
         else:

@@ -9,6 +9,7 @@ unknown plugin name), printed as one line without a traceback.
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 
 from automodel_plugins._version import __version__
@@ -19,15 +20,30 @@ from automodel_plugins.errors import AutomodelPluginsError, cli_spelling
 __all__ = ["EXIT_OK", "EXIT_USER_ERROR", "main"]
 
 
+_HEADER_ONLY = ("list", "inspect")
+"""Commands that build many small objects (header entries, pieces, plans) and no garbage cycles worth chasing."""
+
+_GC_THRESHOLDS = (200_000, 30, 30)
+"""The cyclic collector's thresholds for those commands (as mypy sets them): the default (700, 10, 10) runs a
+young collection every 700 new objects, and the full ones it triggers walk every object torch and transformers
+created at import, about a third of ``inspect``'s CPU time on a 73,768-tensor checkpoint. Memory is still freed
+by reference counting; only cycles wait longer."""
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status instead of exiting, so tests can call it."""
     args = _parser().parse_args(argv)
+    thresholds = gc.get_threshold()
+    if args.command in _HEADER_ONLY:
+        gc.set_threshold(*_GC_THRESHOLDS)
     try:
         with cli_spelling():  # errors name --revision, not revision=
             return args.handler(args)
     except AutomodelPluginsError as exc:
         print(f"automodel-plugins: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    finally:  # a caller in the same process (a test) keeps its own
+        gc.set_threshold(*thresholds)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -11,6 +11,8 @@
   that keeps them and the fp32 scales out of dtype casts (``Fp8Resident``), the dequantizing matmul;
 * ``fp8_linear``: ``Fp8Linear``, a frozen linear holding its checkpoint FP8 weight (``dequantize=False``);
 * ``fp8_experts``: ``Fp8Experts``, fused MoE experts holding their FP8 weights and block scales;
+* ``fp8_grouped``: ``Fp8Experts``' grouped forward: the hit experts dequantized into a reused buffer, one grouped
+  matmul;
 * ``fp8_ops``: the FP8 decode and the resident matmul as ``torch.library`` custom ops, for ``torch.compile``;
 * ``fp8_lora``: merging PEFT LoRA over ``Fp8Linear`` bases (imports peft);
 * ``fp8_peft_hook``: makes PEFT's LoRA over an ``Fp8Linear`` an ``Fp8LoraLinear``, so PEFT's own merge works;

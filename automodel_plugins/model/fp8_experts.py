@@ -11,28 +11,41 @@ What :class:`Fp8Experts` holds, named as the module it replaces and transformers
 * ``gate_up_proj_scale_inv [E, ceil(2I/bm), ceil(H/bn)]`` and ``down_proj_scale_inv``: one fp32 block grid
   per expert matrix (persistent buffers, replicated under FSDP2 like ``Fp8Linear``'s scale).
 
-The forward is the stock eager loop (``Qwen3VLMoeTextExperts.forward``: one-hot mask, the experts hit, gate|up
-chunked, activation, down, routing weight, ``index_add_``), with each ``F.linear(x, W[e])`` taken by
-:func:`~automodel_plugins.model.fp8_resident.fp8_matmul` over ``W[e]``'s codes: the loader's own dequantization
-(fp32 product, one rounding), so the result is bit-identical to a dequantize-at-load model run eagerly, and
-under autograd only the codes are saved for backward. Only block-scaled FP8 is held (the FP8 releases' form);
-per-tensor scaled experts are dequantized at load instead.
+The forward follows the model's ``experts_implementation`` (``config._experts_implementation``, read at every
+call as the stock module reads it, so ``model.set_experts_implementation`` applies):
+
+* ``"eager"`` (and no config, as a stock module standing alone): the stock eager loop
+  (``Qwen3VLMoeTextExperts.forward``: one-hot mask, the experts hit, gate|up chunked, activation, down, routing
+  weight, ``index_add_``), with each ``F.linear(x, W[e])`` taken by
+  :func:`~automodel_plugins.model.fp8_resident.fp8_matmul` over ``W[e]``'s codes: the loader's own
+  dequantization (fp32 product, one rounding), so the result is bit-identical to a dequantize-at-load model run
+  eagerly; the exact reference.
+* ``"grouped_mm"`` (stock's default) and ``"batched_mm"``: :func:`~automodel_plugins.model.fp8_grouped.
+  grouped_experts_forward`, stock's grouped path with only the hit experts dequantized into a reused buffer and
+  one grouped matmul. ``batched_mm`` runs it too: stock's ``batched_mm`` gathers one weight matrix per
+  (token, expert) pair, which from FP8 codes would mean dequantizing each hit expert once per token.
+
+Under autograd only the codes (and the routing) are saved for backward. Only block-scaled FP8 is held (the FP8
+releases' form); one scale per expert (``[E, 1, 1]``, Mistral Small 4's fused form) is held as a grid whose single
+block covers the whole expert matrix; other per-tensor forms are dequantized at load instead.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from automodel_plugins.errors import FrozenFp8WeightError, ScaleError
+from automodel_plugins.errors import ExpertsImplementationError, FrozenFp8WeightError, ScaleError
 from automodel_plugins.fp8.decode import dequantize
 from automodel_plugins.fp8.formats import is_fp8
 from automodel_plugins.fp8.scales import decode_scale
 from automodel_plugins.fp8.stacked import stacked_grid_shape
 from automodel_plugins.model import fp8_ops  # noqa: F401  (registers the resident matmul op)
+from automodel_plugins.model.fp8_grouped import grouped_experts_forward
 from automodel_plugins.model.fp8_resident import (
     DequantLayout,
     Fp8Codes,
@@ -42,10 +55,19 @@ from automodel_plugins.model.fp8_resident import (
 )
 from automodel_plugins.model.placement import is_dtensor, write_local
 
-__all__ = ["EXPERT_PROJECTIONS", "Fp8Experts", "fp8_experts_modules", "fused_experts_shapes"]
+__all__ = [
+    "EXPERTS_IMPLEMENTATIONS",
+    "EXPERT_PROJECTIONS",
+    "Fp8Experts",
+    "fp8_experts_modules",
+    "fused_experts_shapes",
+]
 
 EXPERT_PROJECTIONS = ("gate_up_proj", "down_proj")
 """The fused parameters of a transformers experts module, in order: ``[E, 2I, H]`` and ``[E, H, I]``."""
+EXPERTS_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
+"""The ``experts_implementation`` values :class:`Fp8Experts` runs (stock's CUDA kernels ``deepgemm``,
+``sonicmoe`` and its FP8-experts functions take dequantized or re-quantized weights of their own)."""
 
 
 def fused_experts_shapes(module: nn.Module) -> dict[str, tuple[int, int, int]] | None:
@@ -53,10 +75,12 @@ def fused_experts_shapes(module: nn.Module) -> dict[str, tuple[int, int, int]] |
     forward :class:`Fp8Experts` reproduces (gate and up concatenated along dim 1, ``[out, in]`` matrices, no
     bias, a gate, and an eager forward that is ``Qwen3VLMoeTextExperts``' to the bytecode: transformers copies
     that loop into Mixtral, Qwen2/3-MoE, DeepSeek-V3 and others); else ``None``."""
-    if isinstance(module, Fp8Experts) or not _runs_the_reference_loop(type(module)):
+    if isinstance(module, Fp8Experts):
         return None
     params = {name: getattr(module, name, None) for name in EXPERT_PROJECTIONS}
     if not all(isinstance(p, nn.Parameter) and p.dim() == 3 for p in params.values()):
+        return None  # before the bytecode check: a model without experts never imports the reference's module
+    if not _runs_the_reference_loop(type(module)):
         return None
     layout = (
         getattr(module, "is_transposed", False),
@@ -95,6 +119,9 @@ class Fp8Experts(Fp8Resident):
 
     CODE_NAMES = EXPERT_PROJECTIONS
     SCALE_NAMES = tuple(f"{name}_scale_inv" for name in EXPERT_PROJECTIONS)
+    dequant_budget_bytes: int = 256 << 20
+    """The grouped path dequantizes at most this many bytes of hit experts at a time (at least one expert):
+    more hit experts are processed a run at a time, each run one grouped matmul (the same products)."""
 
     def __init__(
         self,
@@ -108,8 +135,11 @@ class Fp8Experts(Fp8Resident):
         compute_dtype: torch.dtype = torch.bfloat16,
         scale_dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        config: Any = None,
     ) -> None:
         super().__init__()
+        # the stock module's (text) config, shared with the model: its _experts_implementation picks the forward
+        self.config = config
         if not is_fp8(fp8_dtype):
             raise TypeError(f"{fp8_dtype} is not an FP8 weight dtype")
         self.num_experts, self.hidden_dim, self.intermediate_dim = num_experts, hidden_dim, intermediate_dim
@@ -150,7 +180,14 @@ class Fp8Experts(Fp8Resident):
             compute_dtype=module.gate_up_proj.dtype,
             scale_dtype=scale_dtype,
             device=device,
+            config=getattr(module, "config", None),
         )
+
+    @property
+    def experts_implementation(self) -> str:
+        """What the forward runs: the config's ``_experts_implementation`` (``"eager"`` without one, as a stock
+        experts module standing alone falls back to its eager loop)."""
+        return getattr(self.config, "_experts_implementation", None) or "eager"
 
     @property
     def shapes(self) -> dict[str, tuple[int, int, int]]:
@@ -225,6 +262,22 @@ class Fp8Experts(Fp8Resident):
                 "Fp8Experts with DTensor codes in the forward (tensor or expert parallelism) is not "
                 "supported; shard FP8-resident experts with FSDP2, or load with dequantize=True"
             )
+        implementation = self.experts_implementation
+        if implementation in ("grouped_mm", "batched_mm"):
+            return grouped_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+        if implementation != "eager":
+            raise ExpertsImplementationError(
+                None,
+                f"experts_implementation={implementation!r} is not one FP8-resident experts (Fp8Experts) run: "
+                f"choose one of {EXPERTS_IMPLEMENTATIONS} (model.set_experts_implementation), or load with "
+                "dequantize=True to use it",
+            )
+        return self._eager_forward(hidden_states, top_k_index, top_k_weights)
+
+    def _eager_forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """The stock eager loop over the hit experts, each matrix dequantized on its own (the exact reference)."""
         layout = self._layout()
         gate_up, down = self.gate_up_proj, self.down_proj
         gate_up_scale, down_scale = self.gate_up_proj_scale_inv, self.down_proj_scale_inv
@@ -250,7 +303,8 @@ class Fp8Experts(Fp8Resident):
     def extra_repr(self) -> str:
         return (
             f"num_experts={self.num_experts}, hidden_dim={self.hidden_dim}, "
-            f"intermediate_dim={self.intermediate_dim}, " + self._fp8_repr()
+            f"intermediate_dim={self.intermediate_dim}, experts_implementation={self.experts_implementation}, "
+            + self._fp8_repr()
         )
 
 

@@ -153,7 +153,7 @@ def test_unclaimed_checkpoint_is_described_without_a_plan(
         {
             "plugin": PLUGIN,
             "claimed": False,
-            "reason": "mistral3 VLM with text model 'mistral': only 'ministral3' is served",
+            "reason": "mistral3 VLM with text model 'mistral': only 'ministral3' or 'mistral4' is served",
             "priority": None,
             "error": None,
         }

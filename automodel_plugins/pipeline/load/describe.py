@@ -168,8 +168,10 @@ def _load_summary(
     model = build_model(config, dtype=dtype, registry=registry)
     targets = model_tensors(model)
     adapter = adapter_for(registry, plugin, config, checkpoint)
-    plan = plan_load(targets, adapter, checkpoint)
-    resident = plan_resident(model, targets, adapter, checkpoint)
+    # The adapter is asked, and its answers checked against the headers, once for both plans.
+    sources, checked = {name: adapter.from_hf(name) for name in targets}, set[str]()
+    plan = plan_load(targets, adapter, checkpoint, sources=sources, checked=checked)
+    resident = plan_resident(model, targets, adapter, checkpoint, sources=sources, checked=checked)
     kept = sum(planned.action == "kept_fp8" for planned in resident.values())
     adapter_info = adapter.describe()
     actions = Counter(planned.action for planned in plan.values())

@@ -119,6 +119,8 @@ def plan_load(
     allow_unused: bool = False,
     keep_fp8: Collection[str] = (),
     require_fp8: Collection[str] = (),
+    sources: Mapping[str, TensorSource] | None = None,
+    checked: set[str] | None = None,
 ) -> LoadPlan:
     """Plan the load of ``tensors`` (name -> the model's tensor, on meta or real) from ``checkpoint``.
 
@@ -130,8 +132,16 @@ def plan_load(
     checkpoint lacks or whose header dtype or shape does not fit its weight, and :class:`ShapeMismatchError` /
     :class:`DtypeMismatchError` for a stored tensor that cannot become the model's (a BF16 weight with an FP8
     scale beside it included).
+
+    ``sources`` holds ``adapter.from_hf(name)`` of every tensor when the caller already asked the adapter (a
+    second plan of the same tensors, ``inspect``'s ``dequantize=False`` one): the answers are not asked again.
+    ``checked`` names the tensors whose sources an earlier plan of the same tensors and sources already checked
+    against the headers (shapes, boxes, scales: checks that do not depend on what is kept FP8); they are not
+    checked again, and this plan adds the names it checks. Dtype checks, which do, always run.
     """
-    sources = {name: adapter.from_hf(name) for name in tensors}
+    checked = set() if checked is None else checked
+    if sources is None:
+        sources = {name: adapter.from_hf(name) for name in tensors}
     missing = sorted(
         f"{name} (checkpoint key {key!r})"
         for name, src in sources.items()
@@ -165,8 +175,16 @@ def plan_load(
             )
         if source.is_assembled:
             planned[name] = _plan_assembled(
-                name, target, source, checkpoint, dtype, keep=name in keep, misfit=misfit
+                name,
+                target,
+                source,
+                checkpoint,
+                dtype,
+                keep=name in keep,
+                misfit=misfit,
+                checked=name in checked,
             )
+            checked.add(name)
             if name in required and planned[name].action != "kept_fp8":
                 raise DtypeMismatchError(
                     f"model tensor {name!r} is an FP8-resident weight but the checkpoint stores its pieces "
@@ -185,8 +203,9 @@ def plan_load(
                 key=source.key,
             )
         _check_compatible(name, target, source, checkpoint, kept=kept)
-        if source.is_fp8:
+        if source.is_fp8 and name not in checked:
             _check_scale(source.parts()[0], checkpoint)
+        checked.add(name)
         info = checkpoint.info(source.key)
         target_dtype = _target_dtype(target, dtype)
         planned[name] = PlannedTensor(
@@ -220,10 +239,44 @@ def _plan_assembled(
     *,
     keep: bool = False,
     misfit: str | None = None,
+    checked: bool = False,
 ) -> PlannedTensor:
-    """Check every piece against the headers and the boxes against the tensor; plan the assembled value."""
+    """Check every piece against the headers and the boxes against the tensor (unless ``checked``: done by an
+    earlier plan, only the dtypes are checked); plan the assembled value."""
     shape = tuple(target.shape)
     kept = keep and source.is_fp8 and misfit is None
+    if checked:
+        for piece in () if kept else source.parts():
+            _check_dtype(name, target, piece.key, checkpoint.info(piece.key), fp8=piece.is_fp8)
+    else:
+        _check_pieces(name, target, source, checkpoint, kept=kept)
+    target_dtype = _target_dtype(target, dtype)
+    stored = checkpoint.info(source.key).dtype
+    if kept:
+        block = source.parts()[0].block_size
+        return PlannedTensor(
+            source,
+            stored,
+            "kept_fp8",
+            numel=target.numel(),
+            scale_numel=math.prod(stacked_grid_shape(shape, block)),
+            shape=shape,
+        )
+    return PlannedTensor(
+        source,
+        loaded_dtype(stored, fp8=source.is_fp8, dtype=target_dtype),
+        "dequantized" if source.is_fp8 else "converted",
+        numel=target.numel(),
+        shape=shape,
+        note=(misfit or "") if keep and source.is_fp8 else "",
+    )
+
+
+def _check_pieces(
+    name: str, target: torch.Tensor, source: TensorSource, checkpoint: Checkpoint, *, kept: bool
+) -> None:
+    """Every piece's stored shape against its box, its dtype (unless ``kept``) and scale; the boxes' tiling."""
+    shape = tuple(target.shape)
     boxes = []
     for piece in source.parts():
         info = checkpoint.info(piece.key)
@@ -249,26 +302,6 @@ def _plan_assembled(
             path=checkpoint.info(source.key).file,
             key=source.key,
         )
-    target_dtype = _target_dtype(target, dtype)
-    stored = checkpoint.info(source.key).dtype
-    if kept:
-        block = source.parts()[0].block_size
-        return PlannedTensor(
-            source,
-            stored,
-            "kept_fp8",
-            numel=target.numel(),
-            scale_numel=math.prod(stacked_grid_shape(shape, block)),
-            shape=shape,
-        )
-    return PlannedTensor(
-        source,
-        loaded_dtype(stored, fp8=source.is_fp8, dtype=target_dtype),
-        "dequantized" if source.is_fp8 else "converted",
-        numel=target.numel(),
-        shape=shape,
-        note=(misfit or "") if keep and source.is_fp8 else "",
-    )
 
 
 def residency_misfit(source: TensorSource, shape: tuple[int, ...], checkpoint: Checkpoint) -> str | None:

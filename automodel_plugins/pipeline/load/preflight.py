@@ -44,12 +44,13 @@ def layer_lists(keys: list[str]) -> dict[str, set[int]]:
     """Every indexed module list in ``keys`` (``language_model.model.layers`` -> {0, 1, ...}), with the indices
     of enclosing lists written ``*`` (``model.layers.*.mlp.experts``)."""
     lists: dict[str, set[int]] = {}
-    for key in keys:
-        parts = key.split(".")
-        for i, part in enumerate(parts[1:-1], start=1):
-            if part.isdigit():
-                prefix = ".".join("*" if p.isdigit() else p for p in parts[:i])
-                lists.setdefault(prefix, set()).add(int(part))
+    for module in {key.rpartition(".")[0] for key in keys}:  # a weight and its scales: one module
+        pattern: list[str] = []
+        for i, part in enumerate(module.split(".")):
+            digit = part.isdigit()
+            if digit and i:
+                lists.setdefault(".".join(pattern), set()).add(int(part))
+            pattern.append("*" if digit else part)
     return lists
 
 

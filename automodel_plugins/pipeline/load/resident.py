@@ -35,7 +35,7 @@ from automodel_plugins.model.tensors import model_tensors
 from automodel_plugins.pipeline.load.plan import plan_load
 
 if TYPE_CHECKING:
-    from automodel_plugins.adapters import StateDictAdapter
+    from automodel_plugins.adapters import StateDictAdapter, TensorSource
     from automodel_plugins.checkpoint import Checkpoint
     from automodel_plugins.pipeline.load.plan import LoadPlan
 
@@ -79,11 +79,20 @@ def resident_weights(model: nn.Module) -> set[str]:
 
 
 def plan_resident(
-    model: nn.Module, tensors: Mapping[str, torch.Tensor], adapter: StateDictAdapter, checkpoint: Checkpoint
+    model: nn.Module,
+    tensors: Mapping[str, torch.Tensor],
+    adapter: StateDictAdapter,
+    checkpoint: Checkpoint,
+    *,
+    sources: Mapping[str, TensorSource] | None = None,
+    checked: set[str] | None = None,
 ) -> LoadPlan:
     """The ``dequantize=False`` plan of ``tensors`` (the model's, by name): residency candidates whose FP8 data
-    fits kept FP8, except an experts module's tensor whose sibling cannot be (then both are dequantized)."""
-    plan = plan_load(tensors, adapter, checkpoint, keep_fp8=residency_candidates(model))
+    fits kept FP8, except an experts module's tensor whose sibling cannot be (then both are dequantized).
+    ``sources``, ``checked``: the adapter's answers and the tensors already checked (see :func:`plan_load`)."""
+    plan = plan_load(
+        tensors, adapter, checkpoint, keep_fp8=residency_candidates(model), sources=sources, checked=checked
+    )
     for name in _experts_modules(model):
         names = [f"{name}.{p}" for p in EXPERT_PROJECTIONS]
         if not all(n in plan for n in names):

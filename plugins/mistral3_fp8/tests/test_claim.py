@@ -50,7 +50,7 @@ def test_mistral_small_text_model_is_declined_with_the_reason(quantization: dict
     config = with_quantization(tiny_config(ModelSpec(text_type="mistral")), quantization)
     assert config.text_config.model_type == "mistral"
     assert plugin.claim_config(config) == Decline(
-        reason="mistral3 VLM with text model 'mistral': only 'ministral3' is served"
+        reason="mistral3 VLM with text model 'mistral': only 'ministral3' or 'mistral4' is served"
     )
 
 
@@ -91,6 +91,7 @@ def test_unclaimed_checkpoint_with_require_plugin_raises(
     assert registry.resolve(config) is None
     with pytest.raises(NoPluginClaimError, match="mistral3") as caught:
         registry.resolve(config, require_plugin=True)
-    assert f"{PLUGIN} (mistral3 VLM with text model 'mistral': only 'ministral3' is served)" in str(
-        caught.value
+    assert (
+        f"{PLUGIN} (mistral3 VLM with text model 'mistral': only 'ministral3' or 'mistral4' is served)"
+        in str(caught.value)
     )

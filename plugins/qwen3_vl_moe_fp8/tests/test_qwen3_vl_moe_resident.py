@@ -1,7 +1,8 @@
 """FP8-resident experts (``dequantize=False``): where every expert piece starts on a block boundary (8x8 blocks:
 24, 48 and 64 are multiples of 8), a MoE layer's experts become an ``Fp8Experts`` holding the checkpoint's FP8
 bytes and grids, and the model computes exactly what the stock class holding the hand-dequantized weights
-computes with its eager experts loop (the losses and LoRA gradients too); ``inspect`` agrees with the load."""
+computes with its eager experts loop (the losses and LoRA gradients too; both models set to ``eager``: the
+default, ``grouped_mm``, is compared in ``test_qwen3_vl_moe_grouped.py``); ``inspect`` agrees with the load."""
 
 from __future__ import annotations
 
@@ -141,7 +142,7 @@ def test_logits_equal_the_stock_class_holding_the_reference_dequantization(
     form: str, dtype: torch.dtype, moe_checkpoint: Any, image_inputs: Any
 ) -> None:
     path = moe_checkpoint(experts=form, block_size=ALIGNED)
-    assert_same_logits(load_resident(path, dtype), eager(reference_model(path, dtype)), image_inputs)
+    assert_same_logits(eager(load_resident(path, dtype)), eager(reference_model(path, dtype)), image_inputs)
 
 
 def test_logits_equal_stock_transformers_reading_the_per_expert_form(
@@ -152,7 +153,7 @@ def test_logits_equal_stock_transformers_reading_the_per_expert_form(
     path = moe_checkpoint(experts="per-expert", block_size=ALIGNED)
     with stock_per_expert_conversion():
         stock = load_stock(path)
-    assert_same_logits(load_resident(path), eager(stock), image_inputs)
+    assert_same_logits(eager(load_resident(path)), eager(stock), image_inputs)
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16])
@@ -161,7 +162,7 @@ def test_loss_and_lora_gradients_are_bit_identical_to_the_dequantized_model(
     form: str, dtype: torch.dtype, moe_checkpoint: Any, image_batch: Any
 ) -> None:
     path = moe_checkpoint(experts=form, block_size=ALIGNED)
-    resident = with_lora(load_resident(path, dtype))
+    resident = with_lora(eager(load_resident(path, dtype)))
     dequantized = with_lora(eager(automodel_plugins.from_pretrained(path, dtype=dtype)))
     results = []
     for model in (resident, dequantized):
@@ -180,7 +181,7 @@ def test_loss_and_lora_gradients_are_bit_identical_to_the_dequantized_model(
 
 
 def test_no_dequantized_expert_stays_alive_or_is_saved_for_backward(moe_checkpoint: Any) -> None:
-    model = with_lora(load_resident(moe_checkpoint(experts="per-expert", block_size=ALIGNED), F32))
+    model = with_lora(eager(load_resident(moe_checkpoint(experts="per-expert", block_size=ALIGNED), F32)))
     experts = [m for m in model.modules() if isinstance(m, Fp8Experts)]
     with watch_weight_copies(model, experts) as watch:
         model(**one_sequence()).loss.backward()

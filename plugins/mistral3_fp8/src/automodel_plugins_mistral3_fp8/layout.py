@@ -47,9 +47,11 @@ def detect_layout(keys: Iterable[str], *, where: object = None) -> str:
     return "legacy" if legacy else "runtime"
 
 
-def check_text_only_layout(keys: Iterable[str], *, where: object = None) -> str:
-    """``"runtime"`` for a text-only Ministral 3 checkpoint (``model.layers.*``); a VLM's keys under a
-    text-only config are refused by name, rather than left to strict key accounting."""
+def check_text_only_layout(
+    keys: Iterable[str], *, where: object = None, text_type: str = "ministral3"
+) -> str:
+    """``"runtime"`` for a text-only Ministral 3 or Mistral 4 (``text_type``) checkpoint (``model.layers.*``);
+    a VLM's keys under a text-only config are refused by name, rather than left to strict key accounting."""
     text = vlm = None
     for key in keys:
         if text is None and key.startswith(_TEXT_MARKERS):
@@ -58,13 +60,13 @@ def check_text_only_layout(keys: Iterable[str], *, where: object = None) -> str:
             vlm = key
     if vlm is not None:
         raise CheckpointError(
-            f"config.json declares a text-only ministral3 model, but the checkpoint holds a Mistral3 VLM's keys "
+            f"config.json declares a text-only {text_type} model, but the checkpoint holds a Mistral3 VLM's keys "
             f"({vlm!r}); load it with the VLM's config (model_type mistral3)",
             path=where,
         )
     if text is None:
         raise CheckpointError(
-            "no Ministral3 text key found (expected model.layers.* and model.embed_tokens.*)", path=where
+            f"no {text_type} text key found (expected model.layers.* and model.embed_tokens.*)", path=where
         )
     return "runtime"
 

@@ -698,3 +698,114 @@ def test_native_only_repo_loads_offline_from_the_cache(
     )
     assert_same_logits(model, reference, text_batch(reference.config.text_config, labels=False))
     assert not any(k.startswith("mistralai/native-offline:") for k in fake_hub.bytes_served["files"])
+
+
+def test_mla_moe_native_loads_with_stock_logits(tmp_path: Path) -> None:
+    """A tiny Large-3-shaped native checkpoint (MLA, a dense first layer, per-expert ``experts.E.w1/w2/w3``,
+    shared experts, a Pixtral tower): written by this test from transformers' Mistral4 conversion run backwards
+    (renames inverted, experts split, vision q/k back in rotary order, MLA text q/k as they are), loaded
+    natively onto stock ``Mistral3ForConditionalGeneration`` with logits equal to stock holding the weights."""
+    from mistral4_checkpoints import tiny_text_config
+    from transformers import Mistral3Config, PixtralVisionConfig
+
+    from automodel_plugins.testing.tiny_models import TINY_PIXTRAL_SIZES
+
+    rope = {
+        "rope_type": "yarn",
+        "rope_theta": 10000.0,
+        "factor": 4.0,
+        "original_max_position_embeddings": 8,
+        "beta_fast": 32.0,
+        "beta_slow": 1.0,
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
+        "llama_4_scaling_beta": 0.1,
+        "partial_rotary_factor": 0.5,
+    }
+    config = Mistral3Config(
+        text_config=tiny_text_config(rope_parameters=rope, norm_topk_prob=True, routed_scaling_factor=1.0),
+        vision_config=PixtralVisionConfig(**{**TINY_PIXTRAL_SIZES, "hidden_act": "silu"}),
+        image_token_id=10,
+        spatial_merge_size=2,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(3)
+    reference = Mistral3ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, param in reference.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                param.normal_(0, 0.5)
+    text = config.text_config
+    tensors: dict[str, torch.Tensor] = {}
+    for name, tensor in reference.state_dict().items():
+        value = tensor.detach().clone()
+        layer = re.match(
+            r"^model\.language_model\.layers\.(\d+)\.(.+)\.(weight|gate_up_proj|down_proj)$", name
+        )
+        if layer is None:
+            if name.startswith("model.vision_tower") and name.endswith(("q_proj.weight", "k_proj.weight")):
+                value = unpermute_for_rope(value, config.vision_config.num_attention_heads)
+            tensors[native_key(name)] = value.contiguous()
+            continue
+        n, module, leaf = layer.groups()
+        if module == "mlp.experts":
+            width = text.moe_intermediate_size
+            for e in range(text.n_routed_experts):
+                if leaf == "gate_up_proj":
+                    tensors[f"layers.{n}.experts.{e}.w1.weight"] = value[e, :width].contiguous()
+                    tensors[f"layers.{n}.experts.{e}.w3.weight"] = value[e, width:].contiguous()
+                else:
+                    tensors[f"layers.{n}.experts.{e}.w2.weight"] = value[e].contiguous()
+            continue
+        tensors[f"layers.{n}.{_MLA_TO_NATIVE[module]}.weight"] = value.contiguous()
+    vision = params_of(tiny_mistral3_config(vision={"hidden_act": "silu"}))["vision_encoder"]
+    params = {
+        "dim": text.hidden_size,
+        "n_layers": text.num_hidden_layers,
+        "head_dim": text.qk_nope_head_dim + text.qk_rope_head_dim,
+        "hidden_dim": text.intermediate_size,
+        "n_heads": text.num_attention_heads,
+        "n_kv_heads": text.num_key_value_heads,
+        "norm_eps": text.rms_norm_eps,
+        "vocab_size": text.vocab_size,
+        "tied_embeddings": False,
+        "max_position_embeddings": text.max_position_embeddings,
+        "q_lora_rank": text.q_lora_rank,
+        "kv_lora_rank": text.kv_lora_rank,
+        "qk_nope_head_dim": text.qk_nope_head_dim,
+        "qk_rope_head_dim": text.qk_rope_head_dim,
+        "v_head_dim": text.v_head_dim,
+        "moe": {
+            "expert_hidden_dim": text.moe_intermediate_size,
+            "first_k_dense_replace": text.first_k_dense_replace,
+            "num_expert_groups": 1,
+            "num_expert_groups_per_tok": 1,
+            "num_experts": text.n_routed_experts,
+            "num_experts_per_tok": text.num_experts_per_tok,
+            "num_shared_experts": text.n_shared_experts,
+            "route_every_n": 1,
+            "routed_scale": 1.0,
+        },
+        "rope_theta": rope["rope_theta"],
+        "yarn": {
+            "alpha": 1,
+            "apply_scale": False,
+            "beta": 32,
+            "factor": 4,
+            "original_max_position_embeddings": 8,
+        },
+        "llama_4_scaling": {"beta": 0.1, "original_max_position_embeddings": 8},
+        "vision_encoder": vision,
+    }
+    source = tmp_path / "native"
+    source.mkdir()
+    (source / "params.json").write_text(json.dumps(params))
+    save_file(tensors, source / "consolidated.safetensors")
+    model = automodel_plugins.from_pretrained(source, dtype=torch.float32)
+    model.set_experts_implementation("eager")
+    reference.set_experts_implementation("eager")
+    assert_same_state_dict(model, reference)
+    assert_same_logits(model, reference, text_batch(text, labels=False))
+    assert_same_logits(model, reference, mistral3_image_batch(config, labels=False))
+    automodel_plugins.save_pretrained(model, tmp_path / "out")
+    assert _stored(tmp_path / "out") == _stored(source)

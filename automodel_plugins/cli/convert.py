@@ -118,4 +118,4 @@ def _command_seconds(started: float) -> float:
 
 
 def _shard_size(value: str | None) -> int | str | None:
-    return int(value) if value is not None and value.isdigit() else value
+    return int(value) if value is not None and value.isascii() and value.isdigit() else value

@@ -419,7 +419,7 @@ class HubLocation(CheckpointLocation):
             offset = 0
         elif status == 200:
             length = response.headers.get("Content-Length", "")
-            if not length.isdigit():
+            if not (length.isascii() and length.isdigit()):  # '²' passes isdigit, not int
                 raise watch.error(
                     "the server ignored the range request and sent the whole file without a Content-Length"
                 )
@@ -558,9 +558,9 @@ def _content_range(text: str) -> tuple[int | None, int | None, int | None]:
     unit, _, spec = text.strip().partition(" ")
     span, _, size = spec.partition("/")
     first, _, last = span.partition("-")
-    if unit.lower() != "bytes" or not (first.isdigit() and last.isdigit()):
+    if unit.lower() != "bytes" or not (f"{first}{last}".isascii() and first.isdigit() and last.isdigit()):
         return None, None, None
-    return int(first), int(last), int(size) if size.isdigit() else None
+    return int(first), int(last), int(size) if size.isascii() and size.isdigit() else None
 
 
 def _is_timeout(exc: BaseException | None) -> bool:

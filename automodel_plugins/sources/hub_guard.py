@@ -276,7 +276,7 @@ def _on_response(response: Any) -> None:
         size = headers.get("X-Linked-Size") or (
             None if response.is_redirect else headers.get("Content-Length")
         )
-        if size is not None and size.isdigit():
+        if size is not None and size.isascii() and size.isdigit():
             watch.expected = int(size)
             url = str(response.request.url)
             watch.expected_url = urljoin(url, headers["Location"]) if "Location" in headers else url

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from automodel_plugins.errors import ConfigMismatchError, UnsupportedQuantizationError
+from automodel_plugins.errors import CheckpointError, ConfigMismatchError, UnsupportedQuantizationError
 from automodel_plugins.fp8.formats import is_fp8
 from automodel_plugins.fp8.quantization import quantization_dict
 
@@ -47,7 +47,7 @@ def layer_lists(keys: list[str]) -> dict[str, set[int]]:
     for module in {key.rpartition(".")[0] for key in keys}:  # a weight and its scales: one module
         pattern: list[str] = []
         for i, part in enumerate(module.split(".")):
-            digit = part.isdigit()
+            digit = part.isascii() and part.isdigit()  # not '²', which int() refuses
             if digit and i:
                 lists.setdefault(".".join(pattern), set()).add(int(part))
             pattern.append("*" if digit else part)
@@ -73,6 +73,7 @@ def check_structure(config: PretrainedConfig, checkpoint: Checkpoint) -> None:
     """
     check_layer_counts(config, checkpoint.keys(), checkpoint.config_path)
     _check_embedding(config, checkpoint)
+    _check_key_digits(checkpoint)
 
 
 def check_layer_counts(config: PretrainedConfig, keys: list[str], config_path: Path) -> None:
@@ -98,6 +99,21 @@ def check_layer_counts(config: PretrainedConfig, keys: list[str], config_path: P
                 config_path,
                 f"{field} is {wanted}, but the checkpoint holds at most {available} layers ({held}): "
                 "config and checkpoint disagree",
+            )
+
+
+def _check_key_digits(checkpoint: Checkpoint) -> None:
+    """Refuse a tensor key with a segment of non-ASCII digits (``layers.²``): ``str.isdigit`` takes it for a
+    list index and ``int`` refuses it, so transformers' loader would fail on it with a raw ``ValueError``."""
+    keys = checkpoint.keys()
+    for module in {key.rpartition(".")[0] for key in keys}:
+        odd = next((p for p in module.split(".") if p.isdigit() and not p.isascii()), None)
+        if odd is not None:
+            key = next(k for k in keys if k.startswith(f"{module}."))
+            raise CheckpointError(
+                f"segment {odd!r} of this key is made of non-ASCII digits: no module list is indexed so",
+                path=checkpoint.directory,
+                key=key,
             )
 
 

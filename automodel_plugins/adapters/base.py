@@ -34,6 +34,9 @@ class Piece:
     stored tensor's rank is reached (expert ``e``'s ``[I, H]`` gate fills ``((e, e+1), (0, I), (0, H))`` of a
     ``[E, 2I, H]`` tensor), and, with ``transposed``, its last two dims swapped. ``scale_key`` set means the
     piece is FP8 data times that scale (one per tensor, or one per ``block_size`` block of each 2-D matrix).
+    ``rope_heads`` set means the stored 2-D matrix's rows are in Mistral's interleaved rotary order, per head
+    of ``rows // rope_heads`` rows (native q/k projections): read, they are permuted into transformers'
+    half-split order (``permute_for_rope`` of transformers' Mistral converters); written, permuted back.
     """
 
     key: str
@@ -42,6 +45,7 @@ class Piece:
     block_size: tuple[int, int] | None = None
     transposed: bool = False
     dropped_keys: tuple[str, ...] = ()
+    rope_heads: int | None = None
 
     @property
     def is_fp8(self) -> bool:

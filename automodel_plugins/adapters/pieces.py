@@ -102,10 +102,11 @@ class PieceGeometry:
     box: Box
     stored_ndim: int
     transposed: bool = False
+    rope_heads: int | None = None
 
     @classmethod
     def of(cls, piece: Piece, shape: Sequence[int], stored_ndim: int) -> PieceGeometry:
-        return cls(piece.box_in(shape), stored_ndim, piece.transposed)
+        return cls(piece.box_in(shape), stored_ndim, piece.transposed, piece.rope_heads)
 
     @property
     def squeezed(self) -> int:
@@ -134,21 +135,49 @@ class PieceGeometry:
     def keeps_rows(self) -> bool:
         """Whether the stored tensor's dim 0 is the model tensor's dim 0 (a run of model rows is a run of
         stored rows)."""
-        return self.squeezed == 0 and not (self.transposed and self.stored_ndim == 2)
+        return (
+            self.squeezed == 0 and not (self.transposed and self.stored_ndim == 2) and self.rope_heads is None
+        )
 
     def stored_region(self, overlap: Box) -> Box:
-        """The part ``overlap`` (a box of the model tensor inside :attr:`box`) in stored coordinates."""
+        """The part ``overlap`` (a box of the model tensor inside :attr:`box`) in stored coordinates (for rows
+        in rotary order: every row of the box, since a model row's stored row lies elsewhere in its head)."""
         local = [(a - b, c - b) for (a, c), (b, _) in zip(overlap, self.box, strict=True)][self.squeezed :]
         if self.transposed:
             local[-2], local[-1] = local[-1], local[-2]
+        if self.rope_heads is not None:
+            local[0] = (0, self.box[self.squeezed][1] - self.box[self.squeezed][0])
         return tuple(local)
 
     def to_model(self, stored: torch.Tensor, overlap: Box) -> torch.Tensor:
         """Values read from :meth:`stored_region` as a view shaped like ``overlap``, in the model's orientation."""
         value = stored.transpose(-2, -1) if self.transposed else stored
+        if self.rope_heads is not None:
+            (start, stop), (first, _) = overlap[self.squeezed], self.box[self.squeezed]
+            value = _rope_rows(value, self.rope_heads, to_half_split=True)[start - first : stop - first]
         return value.reshape(tuple(stop - start for start, stop in overlap))
 
     def to_stored(self, model_view: torch.Tensor) -> torch.Tensor:
-        """The inverse of :meth:`to_model`: model values of an overlap as the stored tensor orders them."""
+        """The inverse of :meth:`to_model`: model values of an overlap as the stored tensor orders them (rows
+        in rotary order need every row of the box: a rank holding part of a head cannot reorder it alone)."""
         value = model_view.reshape(model_view.shape[self.squeezed :]) if self.squeezed else model_view
+        if self.rope_heads is not None:
+            rows = self.box[self.squeezed][1] - self.box[self.squeezed][0]
+            if value.shape[0] != rows:
+                raise ValueError(
+                    f"rows in rotary order are written whole: {value.shape[0]} of {rows} rows are held here"
+                )
+            value = _rope_rows(value, self.rope_heads, to_half_split=False)
         return value.transpose(-2, -1) if self.transposed else value
+
+
+def _rope_rows(matrix: torch.Tensor, heads: int, *, to_half_split: bool) -> torch.Tensor:
+    """Rows of each head from Mistral's interleaved rotary order (pairs ``2i, 2i+1``) to transformers'
+    half-split order (``i, i + d/2``), or back: transformers' ``permute_for_rope`` and its inverse."""
+    rows, rest = matrix.shape[0], matrix.shape[1:]
+    if heads <= 0 or rows % (2 * heads):
+        raise ValueError(f"{rows} rows do not split into {heads} heads of an even size")
+    half = rows // heads // 2
+    if to_half_split:
+        return matrix.reshape(heads, half, 2, *rest).transpose(1, 2).reshape(rows, *rest)
+    return matrix.reshape(heads, 2, half, *rest).transpose(1, 2).reshape(rows, *rest)

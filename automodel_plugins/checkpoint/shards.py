@@ -16,7 +16,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from automodel_plugins.checkpoint.writer import TensorSpec
-from automodel_plugins.sources.resolve import INDEX_NAME, SAFETENSORS_NAME
+from automodel_plugins.sources.resolve import (
+    INDEX_NAME,
+    NATIVE_INDEX_NAME,
+    NATIVE_SAFETENSORS_NAME,
+    SAFETENSORS_NAME,
+)
 
 __all__ = ["ShardPlan", "default_max_shard_size", "parse_shard_size", "plan_shards"]
 
@@ -57,6 +62,7 @@ class ShardPlan:
 
     files: dict[str, list[TensorSpec]]
     weight_map: dict[str, str]
+    index_file: str = INDEX_NAME
 
     @property
     def total_size(self) -> int:
@@ -78,21 +84,25 @@ class ShardPlan:
 
     @property
     def index_name(self) -> str:
-        return INDEX_NAME
+        return self.index_file
 
 
-def plan_shards(specs: Sequence[TensorSpec], max_shard_size: int | str) -> ShardPlan:
-    """Split ``specs`` (in the order they are to be saved) into files, exactly as ``save_pretrained`` would."""
+def plan_shards(specs: Sequence[TensorSpec], max_shard_size: int | str, *, native: bool = False) -> ShardPlan:
+    """Split ``specs`` (in the order they are to be saved) into files, exactly as ``save_pretrained`` would;
+    ``native``: named as Mistral's native checkpoints are (``consolidated.safetensors``, or
+    ``consolidated-0000X-of-0000N.safetensors`` and ``consolidated.safetensors.index.json``)."""
     from huggingface_hub import split_state_dict_into_shards_factory
 
+    single = NATIVE_SAFETENSORS_NAME if native else SAFETENSORS_NAME
     by_name = {spec.name: spec for spec in specs}
     split = split_state_dict_into_shards_factory(
         by_name,
         get_storage_size=lambda spec: spec.nbytes,
-        filename_pattern=SAFETENSORS_NAME.replace(".safetensors", "{suffix}.safetensors"),
+        filename_pattern=single.replace(".safetensors", "{suffix}.safetensors"),
         max_shard_size=parse_shard_size(max_shard_size),
     )
     files = {name: [by_name[key] for key in keys] for name, keys in split.filename_to_tensors.items()}
     if not files:  # a model without tensors still gets its (empty) weights file
-        files = {SAFETENSORS_NAME: []}
-    return ShardPlan(files=files, weight_map=dict(split.tensor_to_filename))
+        files = {single: []}
+    index = NATIVE_INDEX_NAME if native else INDEX_NAME
+    return ShardPlan(files=files, weight_map=dict(split.tensor_to_filename), index_file=index)

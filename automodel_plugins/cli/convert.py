@@ -54,6 +54,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help="a module the FP8 formats keep unquantized (repeatable; default the source's list, else "
         "transformers' default)",
     )
+    convert.add_argument(
+        "--layout",
+        choices=("hf", "native"),
+        default="hf",
+        help="hf (default): transformers' form (config.json, HF names); native: Mistral's native form "
+        "(params.json, consolidated shards, native names), from a native SRC with --to bf16",
+    )
     convert.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     convert.add_argument("--no-progress", action="store_true", help="no progress bar")
     convert.add_argument(
@@ -75,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
         args.source,
         args.dest,
         to=args.to,
+        layout=args.layout,
         block_size=args.block,
         modules_to_not_convert=args.not_convert,
         max_shard_size=_shard_size(args.max_shard_size),

@@ -139,6 +139,10 @@ def record_source(
     config_file = location.config if location.has_config() else None
     if config_file is not None:
         raw = json.loads(config_file.read_text(encoding="utf-8"))
+        if location.is_native:  # params.json: its quantization as the translated config declares it
+            from automodel_plugins.sources.native import translate_params
+
+            raw = translate_params(raw, config_file)
         quantization = raw.get("quantization_config")
     else:
         quantization = quantization_dict(fallback_config) if fallback_config is not None else None

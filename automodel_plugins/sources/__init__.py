@@ -12,7 +12,8 @@ id mean the same checkpoint everywhere.
 * ``shared``: one rank per machine does such work under ``torch.distributed`` while the others wait;
 * ``head``: a safetensors header's length, bounded, from a file's first 8 bytes (local or by range request);
 * ``resolve``: what a path or repo id names (``LocalLocation`` or ``HubLocation``);
-* ``config``: ``load_config``; ``schema``: the config fields checked before transformers sees them.
+* ``config``: ``load_config``; ``schema``: the config fields checked before transformers sees them;
+* ``native``: Mistral's native ``params.json`` translated, field by field, into the config it describes.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from automodel_plugins.errors import ConfigError
+from automodel_plugins.sources.native import PARAMS_NAME, translate_params
 from automodel_plugins.sources.options import HubOptions
 from automodel_plugins.sources.resolve import CONFIG_NAME, CheckpointLocation, read_regular_file, resolve
 from automodel_plugins.sources.schema import config_problems
@@ -54,6 +55,10 @@ def load_config(
     location = resolve(path, options)
     file = location.config_file()
     data = _read_object(file)
+    if (
+        file.name == PARAMS_NAME
+    ):  # Mistral's native form: translated field by field, then checked as any config
+        data = translate_params(data, file)
     _check_model_type(file, data, "model_type", required=True)
     problems = config_problems(data)
     if problems:
@@ -63,7 +68,12 @@ def load_config(
     # A file named config.json is loaded through its directory, so name_or_path is the model directory.
     source = file.parent if file.name == CONFIG_NAME else file
     try:
-        config = AutoConfig.from_pretrained(str(source), local_files_only=True, trust_remote_code=False)
+        if file.name == PARAMS_NAME:
+            fields = {k: v for k, v in data.items() if k != "model_type"}
+            config = AutoConfig.for_model(data["model_type"], **fields)
+            config.name_or_path = str(file.parent)
+        else:
+            config = AutoConfig.from_pretrained(str(source), local_files_only=True, trust_remote_code=False)
     except Exception as exc:
         raise ConfigError(file, _refusal(data, exc)) from exc
     if location.is_remote:  # as transformers names it, so PEFT adapters and model cards name the repo

@@ -45,6 +45,9 @@ from automodel_plugins.sources.hub_guard import COMMIT, check_commit, check_revi
 from automodel_plugins.sources.location import (
     CONFIG_NAME,
     INDEX_NAME,
+    NATIVE_INDEX_NAME,
+    NATIVE_SAFETENSORS_NAME,
+    PARAMS_NAME,
     SAFETENSORS_NAME,
     CheckpointLocation,
     Weights,
@@ -95,6 +98,7 @@ class HubLocation(CheckpointLocation):
         self.given = repo_id
         self.options = options or HubOptions()
         self._commit: str | None = None
+        self._native: bool | None = None
         self._heads: dict[str, tuple[bytes, int]] = {}
 
     def __repr__(self) -> str:
@@ -138,31 +142,54 @@ class HubLocation(CheckpointLocation):
 
     # --- the location API ----------------------------------------------------------------------------------
 
+    @property
+    def config(self) -> Path:
+        """``config.json``; in a repo without one but with Mistral's ``params.json``, that (fetched to know)."""
+        return self.directory / (PARAMS_NAME if self._is_native_repo() else CONFIG_NAME)
+
     def config_file(self) -> Path:
-        if not self._fetch_optional(CONFIG_NAME):
+        if not self._fetch_optional(CONFIG_NAME) and not self._is_native_repo():
             raise HubFileNotFoundError(
                 self.repo_id,
-                f"no {CONFIG_NAME} at this revision: not a transformers checkpoint",
+                f"no {CONFIG_NAME} (nor Mistral's {PARAMS_NAME}) at this revision: not a transformers checkpoint",
                 revision=self.options.revision,
                 filename=CONFIG_NAME,
             )
         return self.config
 
     def has_config(self) -> bool:
-        return self._fetch_optional(CONFIG_NAME)
+        return self._fetch_optional(CONFIG_NAME) or self._is_native_repo()
+
+    def _is_native_repo(self) -> bool:
+        """Mistral's native form: no ``config.json`` but a ``params.json`` (each fetched at most once)."""
+        if self._native is None:
+            self._native = not self._fetch_optional(CONFIG_NAME) and self._fetch_optional(PARAMS_NAME)
+        return self._native
 
     def weights(self) -> Weights:
         """The index (fetched), else ``model.safetensors`` (not fetched: :meth:`file` or :meth:`fetch` it).
 
         As in transformers, a repo's weights are its index or its ``model.safetensors``; other
-        ``*.safetensors`` files (``consolidated.safetensors``) are never candidates.
+        ``*.safetensors`` files (``consolidated.safetensors``) are never candidates, except in a native-only
+        repo (``params.json`` and no ``config.json``): there the weights are ``consolidated.safetensors.index.json``
+        and the shards it lists, else ``consolidated.safetensors``, and nothing else is downloaded.
         """
         try:
-            if self._fetch_optional(INDEX_NAME):
+            if self._fetch_optional(
+                INDEX_NAME
+            ):  # asked first: an HF repo's weights never wait on params.json
                 return Weights(index=self.directory / INDEX_NAME)
         except HubOfflineError:
-            if not self.is_local(SAFETENSORS_NAME):  # a cache holding only the single file is fine offline
+            # a cache holding only the single file (or a native repo's files) is fine offline
+            if not (
+                self.is_local(SAFETENSORS_NAME)
+                or (self.is_local(PARAMS_NAME) and not self.is_local(CONFIG_NAME))
+            ):
                 raise
+        if self._is_native_repo():
+            if self._fetch_optional(NATIVE_INDEX_NAME):
+                return Weights(index=self.directory / NATIVE_INDEX_NAME)
+            return Weights(file=self.directory / NATIVE_SAFETENSORS_NAME)
         return Weights(file=self.directory / SAFETENSORS_NAME)
 
     def file(self, name: str) -> Path:

@@ -9,11 +9,25 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["CONFIG_NAME", "INDEX_NAME", "SAFETENSORS_NAME", "CheckpointLocation", "Weights"]
+__all__ = [
+    "CONFIG_NAME",
+    "INDEX_NAME",
+    "NATIVE_INDEX_NAME",
+    "NATIVE_SAFETENSORS_NAME",
+    "PARAMS_NAME",
+    "SAFETENSORS_NAME",
+    "CheckpointLocation",
+    "Weights",
+]
 
 CONFIG_NAME = "config.json"
 INDEX_NAME = "model.safetensors.index.json"
 SAFETENSORS_NAME = "model.safetensors"
+PARAMS_NAME = "params.json"
+"""Mistral's native config (translated by :mod:`automodel_plugins.sources.native`)."""
+NATIVE_INDEX_NAME = "consolidated.safetensors.index.json"
+NATIVE_SAFETENSORS_NAME = "consolidated.safetensors"
+"""Mistral's native weights: one file, or ``consolidated-0000X-of-0000N.safetensors`` listed by the index."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +61,12 @@ class CheckpointLocation(ABC):
     def config(self) -> Path:
         """Where the ``config.json`` is (or will be once fetched); :meth:`config_file` checks it exists."""
         return self.directory / CONFIG_NAME
+
+    @property
+    def is_native(self) -> bool:
+        """Whether the checkpoint is in Mistral's native form (``params.json`` and no ``config.json``: where
+        both are present, the HF form wins, as in transformers and vLLM's default)."""
+        return self.config.name == PARAMS_NAME
 
     @property
     def is_remote(self) -> bool:

@@ -18,6 +18,9 @@ from automodel_plugins.sources.hub import HubLocation, is_repo_id
 from automodel_plugins.sources.location import (
     CONFIG_NAME,
     INDEX_NAME,
+    NATIVE_INDEX_NAME,
+    NATIVE_SAFETENSORS_NAME,
+    PARAMS_NAME,
     SAFETENSORS_NAME,
     CheckpointLocation,
     Weights,
@@ -69,7 +72,9 @@ class LocalLocation(CheckpointLocation):
         if self.config.exists():
             raise ConfigError(self.config, not_a_file(self.config) or "cannot be read")
         if self.named_weights is None and self.config.parent == self.directory:
-            raise ConfigError(self.directory, f"no {CONFIG_NAME} in this directory")
+            raise ConfigError(
+                self.directory, f"no {CONFIG_NAME} in this directory (nor Mistral's {PARAMS_NAME})"
+            )
         raise ConfigError(self.config, f"no {CONFIG_NAME} beside the named weights")
 
     def has_config(self) -> bool:
@@ -84,6 +89,8 @@ class LocalLocation(CheckpointLocation):
             if self.named_weights.name.endswith(_INDEX_SUFFIX):
                 return Weights(index=self.named_weights)
             return Weights(file=self.named_weights)
+        if self.is_native:
+            return _native_weights(self.directory)
         index = self.directory / INDEX_NAME
         if index.exists():
             return Weights(index=index)  # read (and refused if it is no file) by the index reader
@@ -166,15 +173,39 @@ def resolve(source: str | Path | CheckpointLocation, options: HubOptions | None 
 def _local(given: str, path: Path) -> LocalLocation:
     if path.is_dir():
         directory = path.resolve()
-        return LocalLocation(given, directory, directory / CONFIG_NAME)
+        return LocalLocation(given, directory, _config_in(directory))
     directory = path.parent.resolve()
     named = directory / path.name
     if path.name.endswith((_INDEX_SUFFIX, _SAFETENSORS_SUFFIX)):
-        return LocalLocation(given, directory, directory / CONFIG_NAME, named_weights=named)
+        return LocalLocation(given, directory, _config_in(directory), named_weights=named)
     if path.suffix == ".json":
         return LocalLocation(given, directory, named)
     raise CheckpointError(
         "not a checkpoint directory, a .safetensors file, a *.index.json index or a config.json", path=path
+    )
+
+
+def _config_in(directory: Path) -> Path:
+    """``config.json``; in a directory without one but with Mistral's ``params.json``, that (native form)."""
+    config = directory / CONFIG_NAME
+    if not config.exists() and (directory / PARAMS_NAME).is_file():
+        return directory / PARAMS_NAME
+    return config
+
+
+def _native_weights(directory: Path) -> Weights:
+    """Mistral's native weights: ``consolidated.safetensors.index.json`` (its shards named
+    ``consolidated-0000X-of-0000N.safetensors``), else the one ``consolidated.safetensors``."""
+    index = directory / NATIVE_INDEX_NAME
+    if index.exists():
+        return Weights(index=index)
+    single = directory / NATIVE_SAFETENSORS_NAME
+    if single.exists():
+        return Weights(file=single)
+    raise CheckpointError(
+        f"{PARAMS_NAME} without {CONFIG_NAME} (Mistral's native form), but neither {NATIVE_INDEX_NAME} nor "
+        f"{NATIVE_SAFETENSORS_NAME}",
+        path=directory,
     )
 
 

@@ -125,6 +125,26 @@ def moe_inputs(*, seed: int = 1, aligned: bool = False, batch: int = 2) -> dict[
     return qwen3_vl_image_batch(moe_config(aligned), seed=seed, batch=batch)
 
 
+NATIVE = "mistral3_native_fp8"
+"""A Mistral-native checkpoint (``params.json`` + ``consolidated.safetensors``, Mistral's per-tensor FP8)."""
+
+
+def write_native_checkpoint(directory: Path, *, seed: int = 0) -> Path:
+    """The tiny VLM (odd hidden size 67: uneven shards) in Mistral's native form, FP8 text linears, q/k rows in
+    Mistral's rotary order (written by ``tests/mistral_native_checkpoints.py``, not the plugin)."""
+    from mistral_native_checkpoints import write_fp8_native, write_native
+    from transformers import Mistral3ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = Mistral3ForConditionalGeneration(
+        tiny_mistral3_config(**TEXT, vision={**VISION, "hidden_act": "silu"})
+    )
+    _perturb_norms(model)
+    plain = write_native(directory.with_name(directory.name + "-bf16"), model)
+    write_fp8_native(plain, model, directory)
+    return directory
+
+
 def text_only_config() -> Any:
     from automodel_plugins.testing.tiny_models import tiny_ministral3_config
 

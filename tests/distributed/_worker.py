@@ -177,6 +177,36 @@ def fsdp_text_only(ctx: Context) -> dict[str, Any]:
     return result
 
 
+def fsdp_native(ctx: Context) -> dict[str, Any]:
+    """A Mistral-native FP8 checkpoint in the FSDP2 flow: q/k rows are permuted from Mistral's rotary order, so
+    each rank reads the whole rows of its q/k pieces (a head's rows are spread over them) and keeps its shard;
+    gathered weights and logits (with an image) equal the single-process load's; then a native save."""
+    path = ctx.checkpoint(_tiny.NATIVE)
+    reference = _tiny.reference(path)
+    model = fsdp_model(ctx, path)
+    with _checks.record_reads() as reads:
+        report = automodel_plugins.load_weights(model, path)
+    watched = ("layers.0.attention.wq.weight", "layers.0.attention.wv.weight")
+    result = {
+        "dequantized": report.dequantized,
+        "bounds": {key: [bounds for k, bounds in reads if k == key] for key in watched},
+        "rows": {key: Checkpoint.open(path).info(key).shape[0] for key in watched},
+    }
+    result["plain_tensors"] = sorted(n for n, t in model_tensors(model).items() if not _checks.is_dtensor(t))
+    result["local_mismatches"] = _checks.local_mismatches(model, reference.state_dict())
+    result["full_mismatches"] = full_state_mismatches(model, reference)
+    model.eval()
+    batch = _tiny.inputs()
+    result["logits_equal"] = bool(torch.equal(logits(model, batch), logits(reference, batch)))
+    model.reshard()
+    try:
+        automodel_plugins.save_pretrained(model, ctx.out / "native-fsdp-save")
+        result["save_error"] = None
+    except Exception as exc:
+        result["save_error"] = f"{type(exc).__name__}: {exc}"
+    return result
+
+
 # --- mixture of experts: fused expert parameters assembled from per-expert FP8 pieces ----------------------
 
 
@@ -1086,6 +1116,7 @@ SCENARIOS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "fsdp_per_tensor": lambda ctx: fsdp_load(ctx, "per_tensor_tied"),
     "fsdp_block": lambda ctx: fsdp_load(ctx, "block_untied"),
     "fsdp_text_only": fsdp_text_only,
+    "fsdp_native": fsdp_native,
     "moe_fsdp": moe_fsdp,
     "moe_expert_parallel": lambda ctx: moe_distributed(ctx, expert_dim=0),
     "moe_expert_rows": lambda ctx: moe_distributed(ctx, expert_dim=1),
@@ -1157,6 +1188,7 @@ def main(argv: list[str]) -> int:
             for name, (block, tied) in CHECKPOINTS.items():
                 _tiny.write_checkpoint(ctx.checkpoint(name), block_size=block, tie_word_embeddings=tied)
             _tiny.write_text_only_checkpoint(ctx.checkpoint(_tiny.TEXT_ONLY))
+            _tiny.write_native_checkpoint(ctx.checkpoint(_tiny.NATIVE))
             _tiny.write_moe_checkpoint(ctx.checkpoint(_tiny.MOE))
             _tiny.write_moe_checkpoint(ctx.checkpoint(_tiny.MOE_ALIGNED), aligned=True)
         dist.barrier()

@@ -26,7 +26,6 @@ from automodel_plugins.pipeline.load.preflight import check_stock_path, check_st
 from automodel_plugins.pipeline.load.resident import plan_resident
 from automodel_plugins.registry import Registry, get_registry, pick_winner
 from automodel_plugins.sources import (
-    CONFIG_NAME,
     CheckpointLocation,
     HubLocation,
     HubOptions,
@@ -126,7 +125,7 @@ def _config_summary(config: PretrainedConfig) -> dict[str, Any]:
 
 def _hub_summary(location: HubLocation, checkpoint: Checkpoint) -> dict[str, Any]:
     """The repo and commit, the files a load reads and the bytes it downloads, and what it leaves on the hub."""
-    read = [CONFIG_NAME]
+    read = [location.config.name]  # params.json for a native-only repo
     if checkpoint.index_path is not None:
         read.append(checkpoint.index_path.name)
     read += [file.name for file in checkpoint.files]

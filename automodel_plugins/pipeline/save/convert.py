@@ -16,22 +16,23 @@ put that file in the new checkpoint, ready to be shared.
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 
 from automodel_plugins.checkpoint import Checkpoint
 from automodel_plugins.checkpoint.index import link_leads_outside
-from automodel_plugins.errors import UnknownQuantizationError, UnsafeCheckpointPathError
+from automodel_plugins.errors import SaveOptionError, UnknownQuantizationError, UnsafeCheckpointPathError
 from automodel_plugins.fp8.quantization import quantization_dict
 from automodel_plugins.model.hf_layout import saved_tensors
 from automodel_plugins.model.stock import build_on_meta
 from automodel_plugins.model.tensors import model_tensors
 from automodel_plugins.pipeline.composition import adapter_for
 from automodel_plugins.pipeline.load.plan import plan_load
-from automodel_plugins.pipeline.save.plan import SaveFormat, SourceView
+from automodel_plugins.pipeline.save.plan import ModelTensor, SaveFormat, SourceView, plan_in_layout
 from automodel_plugins.pipeline.save.save import SaveReport, write_checkpoint
 from automodel_plugins.pipeline.save.values import CheckpointValues
 from automodel_plugins.registry import Registry, get_registry
@@ -52,6 +53,7 @@ def convert_checkpoint(
     dest: str | Path,
     *,
     to: str,
+    layout: str = "hf",
     block_size: int | Sequence[int] | None = None,
     modules_to_not_convert: Sequence[str] | None = None,
     max_shard_size: int | str | None = None,
@@ -69,7 +71,9 @@ def convert_checkpoint(
     ``source`` is a checkpoint directory (or its weights file, index or config) or a hub repo id (with
     transformers' ``revision``, ``cache_dir``, ``token``, ``local_files_only``: only the config, the index, the
     shards it names and the repo's other top-level ``.json`` files, such as the tokenizer's, are downloaded).
-    Options as :func:`automodel_plugins.save_pretrained`'s. Returns its :class:`SaveReport` (``seconds``: the
+    Options as :func:`automodel_plugins.save_pretrained`'s. ``layout``: ``"hf"`` (transformers' form, whatever
+    the source's), or ``"native"`` (Mistral's native form: ``params.json`` without its quantization,
+    ``consolidated*.safetensors`` with native names; from a native source, ``to="bf16"``). Returns its :class:`SaveReport` (``seconds``: the
     whole conversion, from resolving ``source`` on).
     """
     started = time.perf_counter()
@@ -77,6 +81,10 @@ def convert_checkpoint(
         raise UnknownQuantizationError(
             f"unknown target format {to!r}: pass one of {', '.join(map(repr, CONVERT_FORMATS))}"
         )
+    if layout not in ("hf", "native"):
+        raise SaveOptionError(f"unknown layout {layout!r}: pass 'hf' or 'native'")
+    if layout == "native" and to != "bf16":
+        raise SaveOptionError(f"layout 'native' is written unquantized: pass to='bf16', not {to!r}")
     save_format = SaveFormat.parse(
         CONVERT_FORMATS[to], block_size=block_size, modules_to_not_convert=modules_to_not_convert
     )
@@ -89,6 +97,11 @@ def convert_checkpoint(
         progress=progress,
     )
     location = resolve(source, options)
+    if layout == "native" and not location.is_native:
+        raise SaveOptionError(
+            f"layout 'native' needs a Mistral-native source (params.json + consolidated*.safetensors); "
+            f"{location.given} is in transformers' form, which is not converted to native yet"
+        )
     config = load_config(location)
     claim = registry.winning_claim(config)
     model = build_on_meta(config, torch.bfloat16)
@@ -101,11 +114,13 @@ def convert_checkpoint(
             del model.config.quantization_config  # the values are plain floats once read
         extra = _extra_files(location)
         has_generation_config = _GENERATION_CONFIG in extra
+        native = layout == "native"
+        tensors = saved_tensors(model)
         return write_checkpoint(
             model,
             dest,
             save_format=save_format,
-            tensors=saved_tensors(model),
+            tensors=tensors,
             values=CheckpointValues(checkpoint, plan),
             source=source_view,
             declared=declared,
@@ -114,12 +129,29 @@ def convert_checkpoint(
             progress=progress,
             fsync=fsync,
             generation_config=None
-            if has_generation_config or not model.can_generate()
+            if native or has_generation_config or not model.can_generate()
             else model.generation_config,
             extra_files=extra,
             label="converting",
             started=started,
+            native_params=_unquantized_params(location.config) if native else None,
+            plan=plan_in_layout(model_tensors_for_save(model, tensors), source_view) if native else None,
         )
+
+
+def _unquantized_params(params: Path) -> bytes:
+    """``params.json`` as it is, less the quantization it declares (the weights are written unquantized)."""
+    data = json.loads(params.read_text(encoding="utf-8"))
+    for field in ("quantization", "quantization_config"):
+        data.pop(field, None)
+    return (json.dumps(data, indent=2) + "\n").encode()
+
+
+def model_tensors_for_save(
+    model: torch.nn.Module, tensors: Mapping[str, torch.Tensor]
+) -> dict[str, ModelTensor]:
+    """Shape and dtype of each tensor to write (the meta model's)."""
+    return {name: ModelTensor(tuple(t.shape), t.dtype) for name, t in tensors.items()}
 
 
 def _extra_files(location: CheckpointLocation) -> dict[str, Path]:

@@ -272,6 +272,37 @@ def plan_save(
     return plan
 
 
+def plan_in_layout(tensors: Mapping[str, ModelTensor], source: SourceView) -> SavePlan:
+    """Plan writing ``tensors`` unquantized, in their own dtype, in the source's key layout (Mistral's native
+    names, say) rather than transformers': the source adapter's keys, a tensor assembled from pieces split back
+    into them (each piece's box in its stored orientation, rows in rotary order where the adapter says so)."""
+    planned: list[PlannedWrite] = []
+    checkpoint = source.checkpoint
+    for name, tensor in tensors.items():
+        where = source.adapter.from_hf(name)
+        if not where.is_assembled:
+            planned.append(PlannedWrite(name, where.key, tensor.dtype, tensor.shape))
+            continue
+        for piece in where.pieces:
+            if piece.key not in checkpoint:
+                raise SaveError(
+                    f"tensor {name!r} is assembled from a piece the source lacks ({piece.key!r})",
+                    path=checkpoint.directory,
+                )
+            geometry = PieceGeometry.of(piece, tensor.shape, len(checkpoint.info(piece.key).shape))
+            stored = geometry.stored_shape
+            if stored is None or tuple(checkpoint.info(piece.key).shape) != stored:
+                raise SaveError(
+                    f"piece {piece.key!r} of {name!r} (shape {tensor.shape}) does not fit the source's "
+                    f"{tuple(checkpoint.info(piece.key).shape)}",
+                    path=checkpoint.directory,
+                )
+            planned.append(
+                PlannedWrite(piece.key, piece.key, tensor.dtype, stored, piece_of=name, geometry=geometry)
+            )
+    return SavePlan(SaveFormat.parse("none"), planned, None)
+
+
 def fp8_scale_name(weight_name: str) -> str:
     """The model-side name of a weight's FP8 scale (``q_proj.weight`` -> ``q_proj.weight_scale_inv``)."""
     return weight_name.removesuffix("weight") + _FP8_SCALE_SUFFIX

@@ -59,6 +59,7 @@ from automodel_plugins.pipeline.save.values import ModelValues, TensorValues
 from automodel_plugins.pipeline.save.write import WriteResult, write_plan
 from automodel_plugins.registry import Registry, get_registry
 from automodel_plugins.sources import load_config
+from automodel_plugins.sources.native import PARAMS_NAME
 
 if TYPE_CHECKING:
     from torch import nn
@@ -158,7 +159,17 @@ def save_pretrained(
             fsync=fsync,
             generation_config=model.generation_config if model.can_generate() else None,
             protected=[record.protected] if record is not None and record.protected is not None else [],
+            native_params=_native_params(source, save_format),
         )
+
+
+def _native_params(source: SourceView | None, save_format: SaveFormat) -> Path | None:
+    """The source's ``params.json`` when the model came from Mistral's native form and is saved in the format
+    it came in (``quantization="source"``): native in, native out. Other formats write transformers' form."""
+    if source is None or save_format.quantization != "source":
+        return None
+    location = source.checkpoint.location
+    return location.config if location is not None and location.is_native else None
 
 
 def _refuse_adapters(model: nn.Module) -> None:
@@ -253,6 +264,8 @@ def write_checkpoint(
     protected: Iterable[Path | ProtectedDirectory] = (),
     label: str = "saving",
     started: float | None = None,
+    native_params: Path | bytes | None = None,
+    plan: SavePlan | None = None,
 ) -> SaveReport:
     """Plan, then write ``tensors`` of ``model`` (name -> the model's tensor, for shapes and dtypes; the bytes
     come from ``values``) into ``dest``, with ``config`` (default the model's) and ``extra_files`` (name in the
@@ -260,14 +273,16 @@ def write_checkpoint(
     ``declared``: the ``quantization_config`` the weights were loaded under; ``protected``: directories the
     destination must not be, be in, or contain (besides the open source's); ``label`` the progress bar's;
     ``started``: the ``time.perf_counter()`` the work began at (for ``SaveReport.seconds``; default now).
-    Shared by ``save_pretrained`` and ``convert``; collective when distributed."""
+    ``native_params``: write Mistral's native form (consolidated shard names, and this ``params.json`` (a file
+    to copy, or its bytes) in place of ``config.json`` and the generation config); the plan's keys must be
+    native ones. ``plan``: planned by the caller (default: from ``save_format``). Shared by ``save_pretrained`` and ``convert``; collective when distributed."""
     started = time.perf_counter() if started is None else started
     ranks = Ranks.current()
     try:
         shard_size = parse_shard_size(default_max_shard_size() if max_shard_size is None else max_shard_size)
     except ValueError as exc:
         raise SaveOptionError(str(exc)) from exc
-    plan = _plan(model, tensors, save_format, source, declared)
+    plan = plan if plan is not None else _plan(model, tensors, save_format, source, declared)
     if plan.partial_blocks and ranks.is_main:
         warnings.warn(
             f"{len(plan.partial_blocks)} weight(s) have sizes the block size {save_format.block_size} does not "
@@ -313,6 +328,7 @@ def write_checkpoint(
             progress=progress,
             fsync=fsync,
             label=label,
+            native=native_params is not None,
         )
         written = ranks.gather(result.bytes_written)
         listing = None
@@ -327,6 +343,7 @@ def write_checkpoint(
                     generation_config,
                     extra_files or {},
                     fsync,
+                    native_params,
                 )
                 listing = sorted(
                     (file.name, file.stat().st_size) for file in final.iterdir() if file.is_file()
@@ -398,15 +415,24 @@ def _finish(
     generation_config: GenerationConfig | None,
     extra_files: Mapping[str, Path],
     fsync: bool,
+    native_params: Path | bytes | None = None,
 ) -> None:
     """Rank 0, once every tensor is written: the index, the extra files, the generation config, then
-    ``config.json`` (last: a directory without it never loads), and the rename into place."""
+    ``config.json`` (last: a directory without it never loads), and the rename into place. Native form:
+    ``params.json`` copied last instead, and no generation config (Mistral's native form has none)."""
     staging = destination.staging
     index = shards.index_text(_total_parameters(model, plan))
     if index is not None:
         (staging / shards.index_name).write_text(index, encoding="utf-8")
     for name, file in extra_files.items():
         _copy_regular(file, staging / name)
+    if isinstance(native_params, bytes):
+        (staging / PARAMS_NAME).write_bytes(native_params)
+    elif native_params is not None:
+        _copy_regular(native_params, staging / PARAMS_NAME)
+    if native_params is not None:
+        destination.commit(sync=fsync)
+        return
     if generation_config is not None:
         generation_config.save_pretrained(staging)
     _config_to_save(config or model.config, model, plan).save_pretrained(staging)

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 from automodel_plugins.adapters.pieces import intersect, relative_slices
+from automodel_plugins.errors import SaveError
 from automodel_plugins.fp8.decode import dequantize
 from automodel_plugins.model.fp8_experts import Fp8Experts
 from automodel_plugins.model.placement import is_dtensor, local_region
@@ -247,6 +248,13 @@ class PieceValues:
                     values = geometry.to_stored(chunk[relative_slices(part, rows)])
                     yield geometry.stored_region(part)[0][0] - first, values.contiguous()
             return
+        if geometry.rope_heads is not None and overlap[geometry.squeezed] != geometry.box[geometry.squeezed]:
+            raise SaveError(
+                f"{name!r} is stored with its rows in Mistral's rotary order, and this rank holds rows "
+                f"{overlap[geometry.squeezed]} of {geometry.box[geometry.squeezed]}: a head's rows are spread over "
+                "the stored tensor, so it is written whole by one rank; a sharded save of a Mistral-native model "
+                "is not supported yet (save from one process, or with quantization='none' in transformers' form)"
+            )
         gathered = torch.cat(
             [
                 chunk[relative_slices(part, rows)]

@@ -68,8 +68,10 @@ def write_plan(
     progress: bool | None,
     fsync: bool = True,
     label: str = "saving",
+    native: bool = False,
 ) -> WriteResult:
-    """Write every tensor of ``plan`` into shard files in ``directory`` (the index and config are the caller's).
+    """Write every tensor of ``plan`` into shard files in ``directory`` (the index and config are the caller's;
+    ``native``: the files named as Mistral's native ones).
 
     Every rank calls it; every collective is reached by every rank (a failure on one rank is first made known
     to all, then raised everywhere), so no rank is left waiting.
@@ -78,7 +80,7 @@ def write_plan(
         values = PieceValues(values, plan)
     writes = _assign_boxes(plan, values, ranks)
     scales = _choose_scales(plan, values, writes, source, ranks)
-    shards = plan_shards(plan.specs(), max_shard_size)
+    shards = plan_shards(plan.specs(), max_shard_size, native=native)
     error: BaseException | None = None
     if ranks.is_main:
         try:

@@ -45,12 +45,23 @@ def claim_config(config: Any) -> Claim | Decline | None:
 
 @hookimpl
 def state_dict_adapter(config: Any, checkpoint: Any) -> Any:
-    """Legacy or runtime key layout (from the checkpoint's keys), FP8 scales under any accepted name; for a
-    Mistral 4 text model, the experts in their on-disk form (fused or per expert)."""
+    """Legacy, runtime or Mistral-native key layout (from the checkpoint's keys), FP8 scales under any accepted
+    name; for a Mistral 4 text model, the experts in their on-disk form (fused or per expert; native: per
+    expert, ``experts.E.w1/w2/w3``)."""
     from automodel_plugins import fp8_adapter_for
     from automodel_plugins_mistral3_fp8.experts import ExpertShapes, Mistral4ExpertsAdapter, detect_form
     from automodel_plugins_mistral3_fp8.layout import check_text_only_layout, detect_layout, renames_for
+    from automodel_plugins_mistral3_fp8.native import MistralNativeAdapter, is_native
 
+    if is_native(checkpoint.keys()):
+        base = fp8_adapter_for(config, checkpoint, layout="native")
+        return MistralNativeAdapter(
+            checkpoint,
+            block_size=base.block_size,
+            modules_to_not_convert=base.modules_to_not_convert,
+            fp8_dtype=base.fp8_dtype,
+            config=config,
+        )
     model_type = getattr(config, "model_type", None)
     if model_type in _TEXT_ONLY:
         layout = check_text_only_layout(checkpoint.keys(), where=checkpoint.directory, text_type=model_type)

@@ -1,0 +1,171 @@
+"""Tiny Mistral3 checkpoints written in Mistral's native form (``params.json``, ``consolidated.safetensors``) by
+the tests' own writer: transformers' ``convert_mistral3_weights_to_hf.py`` run backwards from its own table
+(``STATE_DICT_MAPPING`` inverted, ``permute_for_rope`` undone), never the plugin's mapping, so a wrong name or
+permutation in the plugin cannot hide behind the same one here. Shared by ``test_mistral_native.py`` and the
+distributed scenarios.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from transformers import Mistral3ForConditionalGeneration
+
+# transformers' STATE_DICT_MAPPING (native -> legacy HF), reversed here: HF runtime name -> native key.
+_TO_NATIVE = [
+    (r"^lm_head\.weight$", "output.weight"),
+    (r"^model\.language_model\.norm\.weight$", "norm.weight"),
+    (r"^model\.language_model\.embed_tokens\.weight$", "tok_embeddings.weight"),
+    (r"^model\.language_model\.layers\.(\d+)\.input_layernorm\.weight$", r"layers.\1.attention_norm.weight"),
+    (
+        r"^model\.language_model\.layers\.(\d+)\.post_attention_layernorm\.weight$",
+        r"layers.\1.ffn_norm.weight",
+    ),
+    (
+        r"^model\.language_model\.layers\.(\d+)\.self_attn\.(q|k|v|o)_proj\.weight$",
+        r"layers.\1.attention.w\2.weight",
+    ),
+    (r"^model\.language_model\.layers\.(\d+)\.mlp\.gate_proj\.weight$", r"layers.\1.feed_forward.w1.weight"),
+    (r"^model\.language_model\.layers\.(\d+)\.mlp\.down_proj\.weight$", r"layers.\1.feed_forward.w2.weight"),
+    (r"^model\.language_model\.layers\.(\d+)\.mlp\.up_proj\.weight$", r"layers.\1.feed_forward.w3.weight"),
+    (
+        r"^model\.vision_tower\.transformer\.layers\.(\d+)\.(attention_norm|ffn_norm)\.weight$",
+        r"vision_encoder.transformer.layers.\1.\2.weight",
+    ),
+    (
+        r"^model\.vision_tower\.transformer\.layers\.(\d+)\.attention\.(q|k|v|o)_proj\.weight$",
+        r"vision_encoder.transformer.layers.\1.attention.w\2.weight",
+    ),
+    (
+        r"^model\.vision_tower\.transformer\.layers\.(\d+)\.feed_forward\.gate_proj\.weight$",
+        r"vision_encoder.transformer.layers.\1.feed_forward.w1.weight",
+    ),
+    (
+        r"^model\.vision_tower\.transformer\.layers\.(\d+)\.feed_forward\.down_proj\.weight$",
+        r"vision_encoder.transformer.layers.\1.feed_forward.w2.weight",
+    ),
+    (
+        r"^model\.vision_tower\.transformer\.layers\.(\d+)\.feed_forward\.up_proj\.weight$",
+        r"vision_encoder.transformer.layers.\1.feed_forward.w3.weight",
+    ),
+    (r"^model\.multi_modal_projector\.linear_1\.weight$", "vision_language_adapter.w_in.weight"),
+    (r"^model\.multi_modal_projector\.linear_2\.weight$", "vision_language_adapter.w_out.weight"),
+    (r"^model\.vision_tower\.ln_pre\.weight$", "vision_encoder.ln_pre.weight"),
+    (r"^model\.vision_tower\.patch_conv\.weight$", "vision_encoder.patch_conv.weight"),
+    (
+        r"^model\.multi_modal_projector\.patch_merger\.merging_layer\.weight$",
+        "patch_merger.merging_layer.weight",
+    ),
+    (r"^model\.multi_modal_projector\.norm\.weight$", "pre_mm_projector_norm.weight"),
+]
+
+
+def native_key(name: str) -> str:
+    for pattern, replacement in _TO_NATIVE:
+        key, hits = re.subn(pattern, replacement, name)
+        if hits:
+            return key
+    raise AssertionError(f"no native name for {name}")
+
+
+def unpermute_for_rope(tensor: torch.Tensor, heads: int) -> torch.Tensor:
+    """The inverse of transformers' ``permute_for_rope``: HF half-split rows back to Mistral's interleaved ones."""
+    rows, cols = tensor.shape
+    return tensor.view(heads, 2, rows // heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def native_tensors(model: Mistral3ForConditionalGeneration) -> dict[str, torch.Tensor]:
+    config = model.config
+    out = {}
+    for name, tensor in model.state_dict().items():
+        value = tensor.detach().clone()
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            if "vision_tower" in name:
+                heads = config.vision_config.num_attention_heads
+            elif "q_proj" in name:
+                heads = config.text_config.num_attention_heads
+            else:
+                heads = config.text_config.num_key_value_heads
+            value = unpermute_for_rope(value, heads)
+        out[native_key(name)] = value.contiguous()
+    return out
+
+
+def params_of(config: Any) -> dict[str, Any]:
+    """The ``params.json`` a Ministral 3 VLM release carries for ``config`` (field names as published)."""
+    text, vision = config.text_config, config.vision_config
+    rope = text.rope_parameters
+    return {
+        "dim": text.hidden_size,
+        "n_layers": text.num_hidden_layers,
+        "head_dim": text.head_dim,
+        "hidden_dim": text.intermediate_size,
+        "n_heads": text.num_attention_heads,
+        "n_kv_heads": text.num_key_value_heads,
+        "rope_theta": rope["rope_theta"],
+        "norm_eps": text.rms_norm_eps,
+        "vocab_size": text.vocab_size,
+        "tied_embeddings": False,
+        "max_position_embeddings": text.max_position_embeddings,
+        "yarn": {
+            "original_max_position_embeddings": rope["original_max_position_embeddings"],
+            "factor": rope["factor"],
+            "apply_scale": False,
+            "beta": rope["beta_fast"],
+            "alpha": rope["beta_slow"],
+        },
+        "llama_4_scaling": {
+            "original_max_position_embeddings": rope["original_max_position_embeddings"],
+            "beta": rope["llama_4_scaling_beta"],
+        },
+        "vision_encoder": {
+            "image_token_id": config.image_token_id,
+            "image_break_token_id": 12,
+            "image_end_token_id": 13,
+            "intermediate_size": vision.intermediate_size,
+            "num_hidden_layers": vision.num_hidden_layers,
+            "num_attention_heads": vision.num_attention_heads,
+            "mm_projector_id": "patch_merge",
+            "spatial_merge_size": config.spatial_merge_size,
+            "hidden_size": vision.hidden_size,
+            "num_channels": vision.num_channels,
+            "image_size": vision.image_size,
+            "max_image_size": vision.image_size,
+            "patch_size": vision.patch_size,
+            "rope_theta": vision.rope_parameters["rope_theta"],
+            "add_pre_mm_projector_layer_norm": True,
+            "adapter_bias": config.multimodal_projector_bias,
+        },
+    }
+
+
+def write_fp8_native(directory: Path, reference: Any, destination: Path) -> dict[str, torch.Tensor]:
+    """Mistral's own per-tensor FP8 (``qscale_weight``, ``qscale_act``) on the text linears, q/k included."""
+    params = json.loads((directory / "params.json").read_text())
+    params["quantization"] = {"qformat_weight": "fp8_e4m3", "qscheme_act": "TENSOR"}
+    tensors = native_tensors(reference)
+    linear = re.compile(r"^layers\.\d+\.(attention\.w[qkvo]|feed_forward\.w[123])\.weight$")
+    for key in [k for k in tensors if linear.match(k)]:
+        weight = tensors[key].float()
+        scale = weight.abs().max() / 448.0
+        codes = (weight / scale).to(torch.float8_e4m3fn)
+        tensors[key] = codes
+        tensors[key.replace(".weight", ".qscale_weight")] = scale
+        tensors[key.replace(".weight", ".qscale_act")] = torch.tensor(1.0)
+    destination.mkdir(exist_ok=True)
+    (destination / "params.json").write_text(json.dumps(params))
+    save_file(tensors, destination / "consolidated.safetensors")
+    return tensors
+
+
+def write_native(directory: Path, model: Mistral3ForConditionalGeneration) -> Path:
+    """``model`` as a native BF16/F32 checkpoint: ``params.json`` and one ``consolidated.safetensors``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "params.json").write_text(json.dumps(params_of(model.config)))
+    save_file(native_tensors(model), directory / "consolidated.safetensors")
+    return directory

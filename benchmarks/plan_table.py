@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_checkpoint
+
 GPU_BYTES = 80e9
 DEVSTRAL_2_123B = {
     "hidden_size": 12288,
@@ -34,33 +36,6 @@ DEVSTRAL_2_123B = {
     "num_key_value_heads": 8,
     "head_dim": 128,
     "vocab_size": 131072,
-}
-QWEN3_VL_235B_TEXT = {
-    "hidden_size": 4096,
-    "intermediate_size": 12288,
-    "num_hidden_layers": 94,
-    "num_attention_heads": 64,
-    "num_key_value_heads": 4,
-    "head_dim": 128,
-    "vocab_size": 151936,
-    "num_experts": 128,
-    "num_experts_per_tok": 8,
-    "moe_intermediate_size": 1536,
-    "decoder_sparse_step": 1,
-    "mlp_only_layers": [],
-    "rope_parameters": {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [24, 20, 20]},
-}
-QWEN3_VL_235B_VISION = {
-    "depth": 27,
-    "hidden_size": 1152,
-    "intermediate_size": 4304,
-    "num_heads": 16,
-    "out_hidden_size": 4096,
-    "patch_size": 16,
-    "temporal_patch_size": 2,
-    "spatial_merge_size": 2,
-    "num_position_embeddings": 2304,
-    "deepstack_visual_indexes": [8, 16, 24],
 }
 LAYOUTS = {
     "Devstral 2 123B": [
@@ -95,17 +70,12 @@ def write_devstral(directory: Path) -> None:
 
 
 def write_qwen3_vl_235b(directory: Path) -> None:
-    from transformers import Qwen3VLMoeConfig
+    from _checkpoint import build_qwen3_vl_235b_config  # the published config, shared with bench_inspect
 
     from automodel_plugins.testing.header_only import write_header_only_checkpoint
 
-    config = Qwen3VLMoeConfig(
-        text_config=dict(QWEN3_VL_235B_TEXT),
-        vision_config=dict(QWEN3_VL_235B_VISION),
-        tie_word_embeddings=False,
-    )
-    config.architectures = ["Qwen3VLMoeForConditionalGeneration"]
-    layers = QWEN3_VL_235B_TEXT["num_hidden_layers"]
+    config = build_qwen3_vl_235b_config()
+    layers = config.text_config.num_hidden_layers
     write_header_only_checkpoint(
         config,
         directory,

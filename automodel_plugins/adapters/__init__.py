@@ -6,6 +6,8 @@
   :func:`~automodel_plugins.adapters.pieces.stacked_boxes`);
 * ``fp8``: :class:`Fp8StateDictAdapter`, prefix renames plus FP8 scales, and :func:`fp8_adapter_for`, the
   adapter a config's ``quantization_config`` asks for (also the host's default when a plugin names none).
+* ``experts``: fused MoE experts from per-expert checkpoint tensors (key patterns,
+  :class:`~automodel_plugins.adapters.experts.ExpertShapes`, the pieces), shared by the MoE plugins.
 """
 
 from __future__ import annotations

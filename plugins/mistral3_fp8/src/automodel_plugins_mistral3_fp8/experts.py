@@ -17,50 +17,29 @@ Two on-disk forms, told apart by the checkpoint's keys:
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any
 
-from automodel_plugins import Fp8StateDictAdapter, StateDictAdapter, TensorSource, stacked_boxes
+from automodel_plugins import Fp8StateDictAdapter, StateDictAdapter, TensorSource
+from automodel_plugins.adapters.experts import (
+    EXPERTS,
+    FUSED_KEY,
+    PER_EXPERT_KEY,
+    PROJECTIONS,
+    ExpertShapes,
+    per_expert_pieces,
+)
 from automodel_plugins.errors import CheckpointError
 
 PER_EXPERT, FUSED = "per-expert", "fused"
-EXPERTS = ".mlp.experts."
-PROJECTIONS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
-"""Fused runtime parameter -> the per-expert projections stacked into it, in order along its dim 1."""
-_PER_EXPERT_KEY = re.compile(r"\.mlp\.experts\.\d+\.(gate|up|down)_proj\.weight$")
-_FUSED_KEY = re.compile(r"\.mlp\.experts\.(gate_up|down)_proj$")
-
-
-@dataclasses.dataclass(frozen=True)
-class ExpertShapes:
-    """The runtime shapes of one layer's expert parameters, from the ``mistral4`` text config."""
-
-    experts: int
-    hidden: int
-    intermediate: int
-
-    @classmethod
-    def of(cls, config: Any) -> ExpertShapes:
-        text = config.get_text_config()
-        return cls(text.n_routed_experts, text.hidden_size, text.moe_intermediate_size)
-
-    def runtime(self, parameter: str) -> tuple[int, int, int]:
-        e, h, i = self.experts, self.hidden, self.intermediate
-        return (e, 2 * i, h) if parameter == "gate_up_proj" else (e, h, i)
-
-    @property
-    def whole_matrix_block(self) -> tuple[int, int]:
-        """A block size one block of which covers every expert matrix of both fused tensors: the block grid
-        of one scale per expert is then ``[E, 1, 1]``."""
-        side = max(2 * self.intermediate, self.hidden)
-        return side, side
+EXPERTS_FIELD = "n_routed_experts"
+"""The ``mistral4`` text config's expert count (:meth:`ExpertShapes.of`)."""
 
 
 def detect_form(keys: list[str], *, where: object = None) -> str | None:
     """``per-expert`` or ``fused`` from the checkpoint's keys; ``None`` when it holds no expert tensor. A
     checkpoint mixing both is refused."""
-    per_expert = next((key for key in keys if _PER_EXPERT_KEY.search(key)), None)
-    fused = next((key for key in keys if _FUSED_KEY.search(key)), None)
+    per_expert = next((key for key in keys if PER_EXPERT_KEY.search(key)), None)
+    fused = next((key for key in keys if FUSED_KEY.search(key)), None)
     if per_expert and fused:
         raise CheckpointError(
             f"checkpoint mixes per-expert ({per_expert!r}) and fused ({fused!r}) expert tensors", path=where
@@ -83,15 +62,7 @@ class Mistral4ExpertsAdapter(StateDictAdapter):
             return self.inner.from_hf(name)
         if self.form == FUSED:
             return self._fused(name, parameter)
-        projections = PROJECTIONS[parameter]
-        boxes = stacked_boxes(self.shapes.runtime(parameter), len(projections))
-        layer_key = self.inner.to_hf(layer)
-        pieces = (
-            (f"{layer_key}{EXPERTS}{expert}.{projection}.weight", box)
-            for expert, row in enumerate(boxes)
-            for projection, box in zip(projections, row, strict=True)
-        )
-        return self.inner.assembled(name, pieces)
+        return self.inner.assembled(name, per_expert_pieces(self.inner.to_hf(layer), parameter, self.shapes))
 
     def _fused(self, name: str, parameter: str) -> TensorSource:
         """The fused tensor one to one; a per-tensor FP8 one whose scale holds one value per expert

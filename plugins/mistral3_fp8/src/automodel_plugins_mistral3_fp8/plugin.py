@@ -49,7 +49,12 @@ def state_dict_adapter(config: Any, checkpoint: Any) -> Any:
     name; for a Mistral 4 text model, the experts in their on-disk form (fused or per expert; native: per
     expert, ``experts.E.w1/w2/w3``)."""
     from automodel_plugins import fp8_adapter_for
-    from automodel_plugins_mistral3_fp8.experts import ExpertShapes, Mistral4ExpertsAdapter, detect_form
+    from automodel_plugins_mistral3_fp8.experts import (
+        EXPERTS_FIELD,
+        ExpertShapes,
+        Mistral4ExpertsAdapter,
+        detect_form,
+    )
     from automodel_plugins_mistral3_fp8.layout import check_text_only_layout, detect_layout, renames_for
     from automodel_plugins_mistral3_fp8.native import MistralNativeAdapter, is_native
 
@@ -71,7 +76,7 @@ def state_dict_adapter(config: Any, checkpoint: Any) -> Any:
     if config.get_text_config().model_type != MOE_TEXT_MODEL_TYPE:
         return adapter
     form = detect_form(list(checkpoint.keys()), where=checkpoint.directory)
-    return Mistral4ExpertsAdapter(adapter, form, ExpertShapes.of(config))
+    return Mistral4ExpertsAdapter(adapter, form, ExpertShapes.of(config, EXPERTS_FIELD))
 
 
 @hookimpl

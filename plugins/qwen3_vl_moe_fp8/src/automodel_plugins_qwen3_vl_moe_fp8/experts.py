@@ -18,46 +18,30 @@ The orientation of a fused checkpoint is read from both tensors' shapes: ``gate_
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
-from automodel_plugins import Fp8StateDictAdapter, StateDictAdapter, TensorSource, stacked_boxes
+from automodel_plugins import Fp8StateDictAdapter, StateDictAdapter, TensorSource
+from automodel_plugins.adapters.experts import (
+    EXPERTS,
+    FUSED_KEY,
+    PER_EXPERT_KEY,
+    PROJECTIONS,
+    ExpertShapes,
+    per_expert_pieces,
+)
 from automodel_plugins.errors import CheckpointError
 
 PER_EXPERT, FUSED_TRANSPOSED, FUSED_RUNTIME = "per-expert", "fused-transposed", "fused-runtime"
-EXPERTS = ".mlp.experts."
-PROJECTIONS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
-"""Fused runtime parameter -> the per-expert projections stacked into it, in order along its dim 1."""
-_PER_EXPERT_KEY = re.compile(r"\.mlp\.experts\.\d+\.(gate|up|down)_proj\.weight$")
-_FUSED_KEY = re.compile(r"\.mlp\.experts\.(gate_up|down)_proj$")
-
-
-@dataclass(frozen=True)
-class ExpertShapes:
-    """The runtime shapes of one layer's expert parameters, from the text config."""
-
-    experts: int
-    hidden: int
-    intermediate: int
-
-    @classmethod
-    def of(cls, config: Any) -> ExpertShapes:
-        text = config.get_text_config()
-        return cls(text.num_experts, text.hidden_size, text.moe_intermediate_size)
-
-    def runtime(self, parameter: str) -> tuple[int, int, int]:
-        e, h, i = self.experts, self.hidden, self.intermediate
-        return (e, 2 * i, h) if parameter == "gate_up_proj" else (e, h, i)
+EXPERTS_FIELD = "num_experts"
+"""The Qwen3-VL-MoE text config's expert count (:meth:`ExpertShapes.of`)."""
 
 
 def detect_form(checkpoint: Any, shapes: ExpertShapes) -> str | None:
     """The experts' on-disk form, from the checkpoint's keys (and, for fused tensors, their shapes); ``None``
     when it holds no expert tensor (no MoE layer). A checkpoint mixing forms is refused."""
     keys = list(checkpoint.keys())
-    per_expert = next((key for key in keys if _PER_EXPERT_KEY.search(key)), None)
-    fused = [key for key in keys if _FUSED_KEY.search(key)]
+    per_expert = next((key for key in keys if PER_EXPERT_KEY.search(key)), None)
+    fused = [key for key in keys if FUSED_KEY.search(key)]
     if per_expert and fused:
         raise CheckpointError(
             f"checkpoint mixes per-expert ({per_expert!r}) and fused ({fused[0]!r}) expert tensors",
@@ -115,21 +99,10 @@ class ExpertsAdapter(StateDictAdapter):
             return self.inner.from_hf(name)
         if self.form == FUSED_TRANSPOSED:
             return self.inner.assembled(name, [(self.inner.to_hf(name), None)], transposed=True)
-        projections = PROJECTIONS[parameter]
-        boxes = stacked_boxes(self.shapes.runtime(parameter), len(projections))
-        return self.inner.assembled(name, _per_expert_pieces(self.inner.to_hf(layer), projections, boxes))
+        return self.inner.assembled(name, per_expert_pieces(self.inner.to_hf(layer), parameter, self.shapes))
 
     def to_hf(self, name: str) -> str:
         return self.inner.to_hf(name)
 
     def describe(self) -> dict[str, Any]:
         return {**self.inner.describe(), "adapter": type(self).__name__, "experts": self.form}
-
-
-def _per_expert_pieces(
-    layer_key: str, projections: tuple[str, ...], boxes: list[list[tuple]]
-) -> Iterable[tuple[str, tuple]]:
-    """``(key, box)`` of every expert's projections: expert ``e``'s ``j``-th projection fills ``boxes[e][j]``."""
-    for expert, row in enumerate(boxes):
-        for projection, box in zip(projections, row, strict=True):
-            yield f"{layer_key}{EXPERTS}{expert}.{projection}.weight", box

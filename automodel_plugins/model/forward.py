@@ -82,10 +82,9 @@ def fused_loss_forward(
 
     ``vocab_size``: the head's vocabulary size, or a function of the model's config returning it (checked
     against ``lm_head.weight`` at call time, so a tensor-parallel-sharded head fails loudly instead of
-    computing a wrong loss). ``memory_budget_bytes``: the fused op's budget for one chunk's fp32
-    working set (its logit tiles, the hidden-state rows they read and write, and the fp32 copy of a bf16
-    head's tile; its
-    :func:`~automodel_plugins.ops.default_memory_budget` when ``None``). ``output_class``: the output dataclass, when the stock return annotation does not
+    computing a wrong loss). ``memory_budget_bytes``: the fused op's budget for one block's working
+    set (its logit tiles and the hidden-state rows they read and write; for a bf16 head twice
+    :func:`~automodel_plugins.ops.default_memory_budget` when ``None``, else that default). ``output_class``: the output dataclass, when the stock return annotation does not
     name exactly one ``ModelOutput`` subclass. The result wraps ``stock_forward`` (``functools.wraps``) so
     ``inspect.signature`` reports the stock signature, which ``generate`` reads.
     """

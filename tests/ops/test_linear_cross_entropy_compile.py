@@ -85,6 +85,7 @@ def fused_mistral() -> tuple[torch.nn.Module, dict]:
     return model, {"input_ids": input_ids, "labels": labels, "num_items_in_batch": torch.tensor(17)}
 
 
+@pytest.mark.slow  # inductor on a whole (tiny) model: ~15 s
 def test_model_fused_forward_compiles_to_one_graph_equal_to_eager() -> None:
     model, batch = fused_mistral()
 

@@ -21,6 +21,7 @@ safe; CUDA graphs and ``torch.compile`` of this path are not supported. Its size
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,7 @@ from automodel_plugins.model.fp8_resident import DequantLayout
 
 if TYPE_CHECKING:
     from automodel_plugins.model.fp8_experts import Fp8Experts
+    from automodel_plugins.model.fp8_experts_delta import ExpertDelta
 
 __all__ = [
     "ExpertGroups",
@@ -235,11 +237,27 @@ def fp8_grouped_linear(
 
 
 def grouped_experts_forward(
-    module: Fp8Experts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    module: Fp8Experts,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    deltas: Mapping[str, Sequence[ExpertDelta]] | None = None,
 ) -> torch.Tensor:
     """transformers' ``grouped_mm_experts_forward`` over FP8 codes: the same sort, gathers, gate, routing
-    weights, un-sort and per-token sum over the top-k, so the result is the dequantized model's grouped path."""
+    weights, un-sort and per-token sum over the top-k, so the result is the dequantized model's grouped path.
+    ``deltas``: LoRA on the fused tensors, by name (:mod:`~automodel_plugins.model.fp8_experts_delta`)."""
     layout, budget = module._layout(), module.dequant_budget_bytes
+
+    def project(x: torch.Tensor, name: str) -> torch.Tensor:
+        codes, scale = getattr(module, name), module.scale(name)
+        if deltas and deltas.get(name):
+            from automodel_plugins.model.fp8_experts_delta import (
+                fp8_lora_experts_linear,
+            )  # imports this module
+
+            return fp8_lora_experts_linear(x, codes, scale, groups, layout, budget, deltas[name])
+        return fp8_grouped_linear(x, codes, scale, groups, layout, budget)
+
     num_top_k = top_k_index.size(-1)
     num_tokens, hidden_dim = hidden_states.shape
     sample_weights = top_k_weights.reshape(-1)
@@ -248,14 +266,10 @@ def grouped_experts_forward(
     selected_hidden_states_g = hidden_states[perm // num_top_k]
     sample_weights_g = sample_weights[perm]
     groups = ExpertGroups.of(expert_ids_g, module.num_experts)
-    proj_out = fp8_grouped_linear(
-        selected_hidden_states_g, module.gate_up_proj, module.gate_up_proj_scale_inv, groups, layout, budget
-    )
+    proj_out = project(selected_hidden_states_g, "gate_up_proj")
     gate, up = proj_out.chunk(2, dim=-1)
     proj_out = module.act_fn(gate) * up
-    proj_out = fp8_grouped_linear(
-        proj_out, module.down_proj, module.down_proj_scale_inv, groups, layout, budget
-    )
+    proj_out = project(proj_out, "down_proj")
     weighted_out = proj_out * sample_weights_g.unsqueeze(-1)
     inv_perm = torch.empty_like(perm)
     inv_perm[perm] = torch.arange(perm.size(0), device=hidden_states.device)

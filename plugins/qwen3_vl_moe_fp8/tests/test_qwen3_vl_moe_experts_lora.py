@@ -365,3 +365,48 @@ def test_peft_merge_and_unload_equals_merge_lora_and_unmerge_restores_the_codes(
     for a, b in zip(fp8_experts(peft_merged), fp8_experts(ours), strict=True):
         for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
             assert torch.equal(x.view(torch.uint8), y.view(torch.uint8)), name
+
+
+# --- the adapter as a file, and gradient checkpointing ------------------------------------------------------------
+
+
+def test_the_saved_adapter_loads_into_the_stock_model_and_back(
+    moe_checkpoint: Any, tmp_path: Path, image_inputs: Any
+) -> None:
+    """``save_pretrained`` writes the keys stock PEFT writes for the stock model: the adapter trained on the
+    resident experts loads into the dequantized model (and into a resident one) and gives the same logits."""
+    path = moe_checkpoint(experts="per-expert", block_size=ALIGNED)
+    resident = adapted(automodel_plugins.from_pretrained(path, dtype=F32, dequantize=False))
+    resident.save_pretrained(tmp_path / "adapter")
+    with torch.no_grad():
+        want = resident(**image_inputs).logits
+    stock = peft.PeftModel.from_pretrained(
+        automodel_plugins.from_pretrained(path, dtype=F32), tmp_path / "adapter"
+    )
+    again = peft.PeftModel.from_pretrained(
+        automodel_plugins.from_pretrained(path, dtype=F32, dequantize=False), tmp_path / "adapter"
+    )
+    assert type(experts_of(again.base_model.model, 1)) is Fp8ExpertsParamWrapper
+    with torch.no_grad():
+        assert torch.equal(stock(**image_inputs).logits, want)
+        assert torch.equal(again(**image_inputs).logits, want)
+
+
+def test_gradient_checkpointing_gives_the_same_expert_lora_gradients(
+    moe_checkpoint: Any, image_batch: Any
+) -> None:
+    """The recomputed forward attaches the deltas again (the wrapper's forward runs again)."""
+    path = moe_checkpoint(experts="per-expert", block_size=ALIGNED)
+    results = []
+    for checkpointing in (False, True):
+        model = automodel_plugins.from_pretrained(path, dtype=F32, dequantize=False)
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        model = adapted(model).train()
+        assert model.base_model.model.model.language_model.gradient_checkpointing == checkpointing
+        model(**image_batch).loss.backward()
+        results.append(lora_grads(model))
+    plain, checkpointed = results
+    assert sorted(plain) == sorted(checkpointed) and sum(".experts." in n for n in plain) == LAYERS * 4
+    for name, grad in plain.items():
+        assert torch.equal(grad, checkpointed[name]), name

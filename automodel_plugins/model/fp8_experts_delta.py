@@ -116,10 +116,7 @@ class _LoraExpertsLinear(torch.autograd.Function):
             grouped,
             scalings,
         )
-        _, rows, _ = codes.shape
-        if not groups.experts:
-            return x.new_zeros(groups.rows, rows)
-        out = x.new_zeros(groups.rows, rows)
+        out = x.new_zeros(groups.rows, codes.shape[1])  # rows past the groups (sentinel ids) stay zero
         for g0, g1, r0, r1 in groups.runs(_per_run(codes, layout, budget)):
             weights = _merged_run(codes, scale, groups.experts[g0:g1], layout, pairs, scalings)
             out[r0:r1] = _matmul(x[r0:r1], weights.transpose(-2, -1), groups.counts[g0:g1], grouped)

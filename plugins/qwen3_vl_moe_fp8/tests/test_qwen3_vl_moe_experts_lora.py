@@ -410,3 +410,22 @@ def test_gradient_checkpointing_gives_the_same_expert_lora_gradients(
     assert sorted(plain) == sorted(checkpointed) and sum(".experts." in n for n in plain) == LAYERS * 4
     for name, grad in plain.items():
         assert torch.equal(grad, checkpointed[name]), name
+
+
+def test_one_expert_per_run_gives_the_same_loss_and_gradients(
+    moe_checkpoint: Any, image_batch: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A dequantization budget below one expert matrix: every run is one expert (forward and backward), as a
+    large model's layer is split into runs; the numbers do not depend on it."""
+    path = moe_checkpoint(experts="per-expert", block_size=ALIGNED)
+    results = []
+    for budget in (Fp8Experts.dequant_budget_bytes, 1):
+        monkeypatch.setattr(Fp8Experts, "dequant_budget_bytes", budget)
+        model = adapted(automodel_plugins.from_pretrained(path, dtype=F32, dequantize=False))
+        loss = model(**image_batch).loss
+        loss.backward()
+        results.append((loss.detach(), lora_grads(model)))
+    (loss, grads), (one_loss, one_grads) = results
+    assert torch.equal(loss, one_loss) and sorted(grads) == sorted(one_grads)
+    for name, grad in grads.items():
+        assert torch.equal(grad, one_grads[name]), name

@@ -50,7 +50,12 @@ from automodel_plugins.fp8.scales import decode_scale
 from automodel_plugins.fp8.stacked import stacked_grid_shape
 from automodel_plugins.model import fp8_ops  # noqa: F401  (registers the resident matmul op)
 from automodel_plugins.model.fp8_experts_delta import ExpertDelta, active_deltas, fp8_lora_experts_linear
-from automodel_plugins.model.fp8_grouped import ExpertGroups, grouped_experts_forward
+from automodel_plugins.model.fp8_grouped import (
+    ExpertGroups,
+    GroupedLinear,
+    fp8_grouped_linear,
+    grouped_experts_forward,
+)
 from automodel_plugins.model.fp8_resident import (
     DequantLayout,
     Fp8Codes,
@@ -271,7 +276,8 @@ class Fp8Experts(Fp8Resident):
         implementation = self.experts_implementation
         deltas = active_deltas(self)  # LoRA on the experts (target_parameters), attached by its PEFT wrapper
         if implementation in ("grouped_mm", "batched_mm"):
-            return grouped_experts_forward(self, hidden_states, top_k_index, top_k_weights, deltas)
+            linear = self._lora_grouped_linear(deltas) if deltas else None
+            return grouped_experts_forward(self, hidden_states, top_k_index, top_k_weights, linear)
         if implementation != "eager":
             raise ExpertsImplementationError(
                 None,
@@ -312,6 +318,18 @@ class Fp8Experts(Fp8Resident):
             current_hidden_states = current_hidden_states * top_k_weights[token_idx, top_k_pos, None]
             final_hidden_states.index_add_(0, token_idx, current_hidden_states.to(final_hidden_states.dtype))
         return final_hidden_states
+
+    def _lora_grouped_linear(self, deltas: Mapping[str, tuple[ExpertDelta, ...]]) -> GroupedLinear:
+        """The grouped path's projection with LoRA deltas on the tensors that have them."""
+        layout, budget = self._layout(), self.dequant_budget_bytes
+
+        def linear(x: torch.Tensor, name: str, groups: ExpertGroups) -> torch.Tensor:
+            codes, scale = getattr(self, name), self.scale(name)
+            if name in deltas:
+                return fp8_lora_experts_linear(x, codes, scale, groups, layout, budget, deltas[name])
+            return fp8_grouped_linear(x, codes, scale, groups, layout, budget)
+
+        return linear
 
     def _eager_lora_forward(
         self,

@@ -21,7 +21,7 @@ safe; CUDA graphs and ``torch.compile`` of this path are not supported. Its size
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +32,6 @@ from automodel_plugins.model.fp8_resident import DequantLayout
 
 if TYPE_CHECKING:
     from automodel_plugins.model.fp8_experts import Fp8Experts
-    from automodel_plugins.model.fp8_experts_delta import ExpertDelta
 
 __all__ = [
     "ExpertGroups",
@@ -41,6 +40,9 @@ __all__ = [
     "grouped_experts_forward",
     "release_dequant_buffers",
 ]
+
+GroupedLinear = Callable[[torch.Tensor, str, "ExpertGroups"], torch.Tensor]
+"""``(rows sorted by expert, fused tensor name, their groups) -> the projection``."""
 
 _ALIGNMENT = 16
 """Bytes: the CPU ``grouped_mm`` kernel refuses strides (and, before torch 2.11, pointers) not a multiple of it."""
@@ -241,22 +243,18 @@ def grouped_experts_forward(
     hidden_states: torch.Tensor,
     top_k_index: torch.Tensor,
     top_k_weights: torch.Tensor,
-    deltas: Mapping[str, Sequence[ExpertDelta]] | None = None,
+    linear: GroupedLinear | None = None,
 ) -> torch.Tensor:
     """transformers' ``grouped_mm_experts_forward`` over FP8 codes: the same sort, gathers, gate, routing
     weights, un-sort and per-token sum over the top-k, so the result is the dequantized model's grouped path.
-    ``deltas``: LoRA on the fused tensors, by name (:mod:`~automodel_plugins.model.fp8_experts_delta`)."""
+    ``linear(x, name, groups)``: the projection by the fused tensor ``name`` (default: :func:`fp8_grouped_linear`
+    over the codes; LoRA on the experts passes its own, :mod:`~automodel_plugins.model.fp8_experts_delta`)."""
     layout, budget = module._layout(), module.dequant_budget_bytes
 
     def project(x: torch.Tensor, name: str) -> torch.Tensor:
-        codes, scale = getattr(module, name), module.scale(name)
-        if deltas and deltas.get(name):
-            from automodel_plugins.model.fp8_experts_delta import (
-                fp8_lora_experts_linear,
-            )  # imports this module
-
-            return fp8_lora_experts_linear(x, codes, scale, groups, layout, budget, deltas[name])
-        return fp8_grouped_linear(x, codes, scale, groups, layout, budget)
+        if linear is not None:
+            return linear(x, name, groups)
+        return fp8_grouped_linear(x, getattr(module, name), module.scale(name), groups, layout, budget)
 
     num_top_k = top_k_index.size(-1)
     num_tokens, hidden_dim = hidden_states.shape

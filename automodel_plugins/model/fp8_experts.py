@@ -25,12 +25,13 @@ call as the stock module reads it, so ``model.set_experts_implementation`` appli
   one grouped matmul. ``batched_mm`` runs it too: stock's ``batched_mm`` gathers one weight matrix per
   (token, expert) pair, which from FP8 codes would mean dequantizing each hit expert once per token.
 
-Under autograd only the codes (and the routing) are saved for backward. PEFT LoRA on the fused tensors
-(``target_parameters``) reaches the forward as deltas its wrapper attaches
-(:mod:`~automodel_plugins.model.fp8_experts_lora`): each hit expert's matrix is then dequantized + delta,
-formed per run of hit experts (:mod:`~automodel_plugins.model.fp8_experts_delta`). Only block-scaled FP8 is held (the FP8
+Under autograd only the codes (and the routing) are saved for backward. Only block-scaled FP8 is held (the FP8
 releases' form); one scale per expert (``[E, 1, 1]``, Mistral Small 4's fused form) is held as a grid whose single
 block covers the whole expert matrix; other per-tensor forms are dequantized at load instead.
+
+PEFT LoRA on the fused tensors (``target_parameters``) reaches the forward as deltas its wrapper attaches
+(:mod:`~automodel_plugins.model.fp8_experts_lora`): each hit expert's matrix is then dequantized + delta, formed
+per run of hit experts (:mod:`~automodel_plugins.model.fp8_experts_delta`).
 """
 
 from __future__ import annotations

@@ -81,9 +81,8 @@ def _merged_run(
     """``[n, R, C]`` (the reused buffer): the listed experts' dequantized matrices plus every delta."""
     weights = _dequantize_experts(codes, scale, experts, layout)
     index = torch.tensor(experts, device=codes.device)
-    with torch.autocast(
-        device_type=codes.device.type, enabled=False
-    ):  # as PEFT's proxy: in the weight's dtype
+    # as PEFT's proxy: the sum in the weight's dtype, whatever autocast is on
+    with torch.autocast(device_type=codes.device.type, enabled=False):
         for (lhs, rhs), scaling in zip(factors, scalings, strict=True):
             weights.baddbmm_(lhs.index_select(0, index), rhs.index_select(0, index), alpha=scaling)
     return weights
@@ -109,13 +108,8 @@ class _LoraExpertsLinear(torch.autograd.Function):
     def forward(ctx: Any, x, codes, scale, groups, layout, budget, grouped, scalings, *factors):  # type: ignore[override]
         pairs = list(zip(factors[::2], factors[1::2], strict=True))
         ctx.save_for_backward(x, codes, scale, *factors)
-        ctx.groups, ctx.layout, ctx.budget, ctx.grouped, ctx.scalings = (
-            groups,
-            layout,
-            budget,
-            grouped,
-            scalings,
-        )
+        ctx.groups, ctx.layout, ctx.budget = groups, layout, budget
+        ctx.grouped, ctx.scalings = grouped, scalings
         out = x.new_zeros(groups.rows, codes.shape[1])  # rows past the groups (sentinel ids) stay zero
         for g0, g1, r0, r1 in groups.runs(_per_run(codes, layout, budget)):
             weights = _merged_run(codes, scale, groups.experts[g0:g1], layout, pairs, scalings)

@@ -133,7 +133,8 @@ def test_stock_transformers_keeping_fp8_builds_the_merged_layers_as_plain_linear
     stock, info = transformers.AutoModelForImageTextToText.from_pretrained(
         tmp_path / "merged", dtype=F32, output_loading_info=True
     )
-    assert not info["missing_keys"], sorted(info["missing_keys"])  # before: the merged layers' weight_scale_inv
+    # before the fix: the merged layers' weight_scale_inv, left as torch.empty's memory
+    assert not info["missing_keys"], sorted(info["missing_keys"])
     for name, module in merged.named_modules():
         if not name.startswith(TEXT) or not isinstance(module, torch.nn.Linear):
             continue
@@ -144,7 +145,9 @@ def test_stock_transformers_keeping_fp8_builds_the_merged_layers_as_plain_linear
         else:
             assert type(loaded).__name__ == "FP8Linear", name
             assert torch.equal(loaded.weight.view(torch.uint8), module.weight), name  # the same codes
-            assert torch.equal(loaded.weight_scale_inv.reshape(module.weight_scale_inv.shape), module.weight_scale_inv)
+            assert torch.equal(
+                loaded.weight_scale_inv.reshape(module.weight_scale_inv.shape), module.weight_scale_inv
+            )
 
 
 def test_merge_adapter_unmerge_adapter_and_unload_keep_the_config_truthful(
@@ -162,7 +165,11 @@ def test_merge_adapter_unmerge_adapter_and_unload_keep_the_config_truthful(
     assert not_converted(unloaded.config) == [*NOT_CONVERTED, *MERGED]
     safe = resident(path, registry).merge_and_unload(safe_merge=True)
     reference = automodel_plugins.merge_lora(resident(path, registry))
-    assert quantization_dict(safe.config) == quantization_dict(reference.config) == quantization_dict(unloaded.config)
+    assert (
+        quantization_dict(safe.config)
+        == quantization_dict(reference.config)
+        == quantization_dict(unloaded.config)
+    )
 
 
 def test_merging_every_fp8_layer_drops_the_quantization_and_unmerging_brings_it_back(

@@ -31,6 +31,7 @@ from automodel_plugins.model.fp8_experts import (
 )
 from automodel_plugins.model.fp8_linear import SCALE_NAME, Fp8Linear, fp8_linear_modules
 from automodel_plugins.model.fp8_resident import check_resident_state_dict
+from automodel_plugins.model.quantization_record import track_quantization
 from automodel_plugins.model.tensors import model_tensors
 from automodel_plugins.pipeline.load.plan import plan_load
 
@@ -159,7 +160,9 @@ def make_fp8_resident(model: nn.Module, plan: LoadPlan, checkpoint: Checkpoint) 
         layers.append(layer_name)
     model.register_load_state_dict_pre_hook(check_resident_state_dict)
     order = {name: index for index, (name, _) in enumerate(model.named_modules())}
-    return sorted(layers, key=order.__getitem__)
+    layers.sort(key=order.__getitem__)
+    track_quantization(model, layers)  # merges and unmerges keep the config's quantization_config truthful
+    return layers
 
 
 def _make_experts_resident(model: nn.Module, plan: LoadPlan, checkpoint: Checkpoint) -> list[str]:

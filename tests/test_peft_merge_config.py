@@ -32,6 +32,7 @@ a resident model does not keep a static checkpoint's ``activation_scale`` (a sep
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -187,3 +188,25 @@ def test_merging_every_fp8_layer_drops_the_quantization_and_unmerging_brings_it_
     expected = logits(with_lora(stock_load(path, dtype=F32), EVERY_FP8).merge_and_unload())
     stock = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / "merged", dtype=F32)
     assert torch.equal(logits(stock.eval()), expected)
+
+
+def test_a_config_without_modules_to_not_convert_keeps_transformers_defaults_beside_the_merged_layers(
+    path: Path, registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A written ``modules_to_not_convert`` replaces transformers' defaults (``lm_head``, ...), which apply only
+    when the config lists none: the merged save must still keep them unconverted. The reference is what
+    transformers builds from the source checkpoint itself (without dequantizing): the same modules, except that
+    the merged layers are plain ``nn.Linear``."""
+    source = Path(shutil.copytree(path, tmp_path / "source"))
+    edit_config(source, lambda config: config["quantization_config"].pop("modules_to_not_convert"))
+    merged = resident(source, registry).merge_and_unload()
+    merged.save_pretrained(tmp_path / "merged")
+    monkeypatch.setattr(FineGrainedFP8HfQuantizer, "validate_environment", lambda self, *a, **k: None)
+    built = {}
+    for name in ("source", "merged"):
+        stock = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / name, dtype=F32)
+        built[name] = {
+            n: type(m).__name__ for n, m in stock.named_modules() if isinstance(m, torch.nn.Linear)
+        }
+    assert built["source"]["lm_head"] == "Linear"  # transformers' default
+    assert built["merged"] == {n: "Linear" if n in MERGED else kind for n, kind in built["source"].items()}

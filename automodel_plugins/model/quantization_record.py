@@ -31,6 +31,8 @@ class QuantizationRecord:
     """The ``quantization_config`` a model was loaded under, its FP8-resident modules (``resident``, module
     order) and which of them the model no longer holds in FP8 (:attr:`dequantized`).
 
+    ``dequantized_at_load``: modules whose checkpoint FP8 weights the load dequantized although the rest stay
+    FP8 (experts off the block boundaries, a weight assembled from several tensors), listed from the start.
     ``default_not_converted``: what transformers keeps unquantized when the declared config lists no
     ``modules_to_not_convert`` (a written list replaces its defaults, so they are written out with it)."""
 
@@ -39,11 +41,14 @@ class QuantizationRecord:
         config: Any,
         declared: Mapping[str, Any],
         resident: Sequence[str],
+        *,
+        dequantized_at_load: Sequence[str] = (),
         default_not_converted: Sequence[str] = (),
     ) -> None:
         self.config = config
         self.declared = copy.deepcopy(dict(declared))
         self.resident = tuple(resident)
+        self.dequantized_at_load = tuple(dequantized_at_load)
         self.default_not_converted = tuple(default_not_converted)
         self.dequantized: set[str] = set()
 
@@ -56,27 +61,36 @@ class QuantizationRecord:
         self.write()
 
     def write(self) -> None:
-        """Set ``config.quantization_config``: the declared one, with the dequantized modules appended to
-        ``modules_to_not_convert`` in module order; no quantization at all when none is left FP8."""
+        """Set ``config.quantization_config``: the declared one, with the modules dequantized at load and the
+        dequantized resident ones (module order) appended to ``modules_to_not_convert`` unless an entry already
+        covers them; no quantization at all when no resident module is left FP8."""
         if self.dequantized.issuperset(self.resident):
             if quantization_dict(self.config) is not None:
                 del self.config.quantization_config
             return
         quantization = copy.deepcopy(self.declared)
         merged = [name for name in self.resident if name in self.dequantized]
-        if merged:
-            listed = quantization.get("modules_to_not_convert")
-            kept = list(self.default_not_converted) if listed is None else list(listed)
-            quantization["modules_to_not_convert"] = kept + merged
+        listed = quantization.get("modules_to_not_convert")
+        kept = list(self.default_not_converted) if listed is None else list(listed)
+        added = [name for name in (*self.dequantized_at_load, *merged) if not _covered(name, kept)]
+        if added:
+            quantization["modules_to_not_convert"] = kept + added
         self.config.quantization_config = quantization
 
     def __repr__(self) -> str:
         return f"QuantizationRecord({len(self.resident)} FP8-resident modules, {len(self.dequantized)} dequantized)"
 
 
-def track_quantization(model: nn.Module, names: Sequence[str]) -> QuantizationRecord | None:
+def _covered(name: str, entries: Sequence[str]) -> bool:
+    return any(name == entry or name.startswith(entry + ".") for entry in entries)
+
+
+def track_quantization(
+    model: nn.Module, names: Sequence[str], *, dequantized_at_load: Sequence[str] = ()
+) -> QuantizationRecord | None:
     """Give each FP8-resident module ``names`` of ``model`` (module order) its name and a record of
-    ``model.config``'s quantization, shared by all; None (nothing given) when the config declares none."""
+    ``model.config``'s quantization, shared by all, and write the config when ``dequantized_at_load`` (module
+    order) lists any module; None (nothing given) when the config declares no quantization."""
     config = getattr(model, "config", None)
     declared = quantization_dict(config) if config is not None else None
     if declared is None:
@@ -86,8 +100,12 @@ def track_quantization(model: nn.Module, names: Sequence[str]) -> QuantizationRe
         from transformers.quantizers.base import get_keys_to_not_convert
 
         defaults = sorted(get_keys_to_not_convert(model))
-    record = QuantizationRecord(config, declared, names, defaults)
+    record = QuantizationRecord(
+        config, declared, names, dequantized_at_load=dequantized_at_load, default_not_converted=defaults
+    )
     for name in names:
         module = model.get_submodule(name)
         module.quantization_record, module.module_name = record, name
+    if dequantized_at_load:
+        record.write()
     return record

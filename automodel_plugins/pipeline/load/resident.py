@@ -161,7 +161,13 @@ def make_fp8_resident(model: nn.Module, plan: LoadPlan, checkpoint: Checkpoint) 
     model.register_load_state_dict_pre_hook(check_resident_state_dict)
     order = {name: index for index, (name, _) in enumerate(model.named_modules())}
     layers.sort(key=order.__getitem__)
-    track_quantization(model, layers)  # merges and unmerges keep the config's quantization_config truthful
+    # the config names FP8 exactly what stays FP8, now and after any LoRA merge or unmerge
+    dequantized = {
+        name.rpartition(".")[0] for name, planned in plan.items() if planned.action == "dequantized"
+    }
+    track_quantization(
+        model, layers, dequantized_at_load=sorted(dequantized & order.keys(), key=order.__getitem__)
+    )
     return layers
 
 

@@ -13,9 +13,9 @@ under a config saying FP8. What transformers 5.25 does with that directory:
 * on a CUDA device with compute capability >= 8.9 (H100; what the second test reproduces on CPU by keeping
   ``dequantize=False`` past ``validate_environment``, the only place transformers decides it), every merged layer
   becomes a transformers ``FP8Linear``: the merged weight is cast into ``float8_e4m3fn`` codes (FP8's rounding,
-  0.014 on weights of 0.34) and its ``weight_scale_inv`` is MISSING from the checkpoint, so it keeps the
-  uninitialized memory of ``torch.empty`` (seen: 0 and -1.2e36). No error, no warning: one ``MISSING`` line in
-  the load report, and silently wrong layers.
+  0.014 on weights of 0.34) and its ``weight_scale_inv`` is MISSING from the checkpoint, so it is left
+  uninitialized (the model is built on meta; seen: 0 for a per-tensor scale, -1.2e36 in a block grid). No error:
+  the ``MISSING`` lines of the load report, and silently wrong layers.
 * ``automodel_plugins.from_pretrained(dir)`` decides by each tensor's stored dtype, not by the config, so it
   loaded the merged layers right, dequantized or FP8-resident (``dequantize=False``: the merged layers plain
   ``nn.Linear``, the others ``Fp8Linear``), before and after the fix.

@@ -4,7 +4,7 @@ stock ``save_pretrained`` writes a checkpoint transformers reads as it is.
 Experts whose pieces are off the block boundaries are dequantized at a ``dequantize=False`` load (the attention
 stays FP8). Before, the config still named them FP8: a stock save wrote their BF16/FP32 fused tensors without
 scales, and transformers' non-dequantizing (GPU) path made them ``FP8Experts``, the weights cast into FP8 codes
-and ``*_scale_inv`` MISSING (uninitialized memory). Now they are listed in ``modules_to_not_convert`` from the
+and ``*_scale_inv`` MISSING (left uninitialized). Now they are listed in ``modules_to_not_convert`` from the
 load on, and merging LoRA on the attention adds the merged layers after them. (transformers decides to
 dequantize only in ``validate_environment``, by the device; the tests keep ``dequantize=False`` past it, as on
 an FP8 GPU, and compare the weights: the forward of its FP8 modules needs its Triton kernels.)

@@ -195,8 +195,10 @@ def _load_resident_experts(
     """Put a fused expert tensor's FP8 codes and stacked block grid into its :class:`Fp8Experts`, straight from
     the pieces as stored: each piece's FP8 bytes (only the part this rank's region overlaps) are copied into
     their rows of the ``uint8`` destination (a new tensor for a meta target, else this rank's local shard), and
-    each piece's validated scale grid into its cells of the stacked grid (every piece's, so that the replicated
-    grid is whole on every rank). No dequantized copy is made. Returns the pieces whose bytes were read."""
+    each piece's validated scale grid into its cells of the stacked grid: every piece's where the grid is a
+    replicated buffer (FSDP2: whole on every rank), only the pieces of this rank's experts where expert
+    parallelism placed the grid ``Shard(0)`` too. No dequantized copy is made. Returns the pieces whose bytes
+    were read."""
     layer = _module_of(model, name)
     leaf = name.rpartition(".")[2]
     shape = tuple(target.shape)
@@ -207,19 +209,28 @@ def _load_resident_experts(
         codes = torch.empty(shape, dtype=torch.uint8, device=device)
     else:
         codes = target.to_local() if is_dtensor(target) else target
-    scale = torch.empty(stacked_grid_shape(shape, block), dtype=torch.float32, device=codes.device)
+    grid_region = None if target.is_meta else local_region(layer.scale(leaf))
+    grid_wanted = whole_box(stacked_grid_shape(shape, block))
+    if grid_region is not None:
+        grid_wanted = tuple((part.start, part.stop) for part in grid_region)
+    grid_held = tuple(stop - start for start, stop in grid_wanted)
+    scale = torch.empty(grid_held, dtype=torch.float32, device=codes.device)
     read = 0
     for piece in planned.source.parts():
         info = checkpoint.info(piece.key)
         geometry = PieceGeometry.of(piece, shape, len(info.shape))
-        piece_scale = read_scale(checkpoint, piece.stored_source())
         cells = _grid_cells(geometry.box, block)
-        scale[as_slices(cells)] = decode_scale(piece_scale).reshape(
-            tuple(stop - start for start, stop in cells)
-        )
+        cells_held = intersect(cells, grid_wanted)
+        piece_scale = None
+        if cells_held is not None:
+            piece_scale = read_scale(checkpoint, piece.stored_source())
+            grid = decode_scale(piece_scale).reshape(tuple(stop - start for start, stop in cells))
+            scale[relative_slices(cells_held, grid_wanted)] = grid[relative_slices(cells_held, cells)]
         overlap = intersect(geometry.box, wanted)
         if overlap is None:
             continue
+        if piece_scale is None:
+            piece_scale = read_scale(checkpoint, piece.stored_source())
         stored_region = geometry.stored_region(overlap)
         whole = stored_region == whole_box(info.shape)
         data = checkpoint.read(piece.key, None if whole else as_slices(stored_region))

@@ -111,8 +111,9 @@ def batches(model: Any, name: str, count: int) -> list[dict[str, torch.Tensor]]:
 
 
 def ep_model(path: Path, ep_mesh: Any, *, dequantize: bool, fsdp: Any = None) -> tuple[Any, dict[str, str]]:
-    """build on meta -> ``parallelize_experts`` -> (``fsdp``: a (dp, ep) mesh: the experts FSDP2 over dp, every
-    decoder layer and the root HSDP over the mesh) -> to_empty."""
+    """build on meta -> ``parallelize_experts`` -> (``fsdp``: an (ep, dp) mesh: the experts FSDP2 over dp, every
+    decoder layer and the root HSDP over the mesh, i.e. sharded over dp and replicated over ep, as
+    ``plan_memory`` places them) -> to_empty."""
     model = automodel_plugins.build_model(path, dequantize=dequantize, dtype=DTYPE)
     applied = automodel_plugins.parallelize_experts(model, ep_mesh)
     if fsdp is not None:
@@ -192,6 +193,9 @@ def ep_scenario(ctx: Any, name: str, *, dequantize: bool) -> dict[str, Any]:
         report = automodel_plugins.load_weights(model, path)
     result: dict[str, Any] = {"applied": applied, "bytes_read": report.bytes_read}
     result.update(read_facts(reads, path))
+    result.update(
+        plan_facts(path, report, model, dequantize=dequantize, ep=ctx.world, coordinate=(0, ctx.rank, 0))
+    )
     tensors = model_tensors(model)
     result["local_mismatches"] = _checks.local_mismatches(model, model_tensors(single))
     result["resident_experts"] = sum(isinstance(m, Fp8Experts) for m in model.modules())
@@ -216,57 +220,94 @@ def ep_scenario(ctx: Any, name: str, *, dequantize: bool) -> dict[str, Any]:
 
 
 def _step(ctx: Any, model: Any, single: Any, runs: list, *, dequantize: bool) -> dict[str, Any]:
-    """One backward (and, dequantized, one SGD step) on 2 ranks against one process on the mean loss."""
+    """One backward (and, dequantized, one SGD step) on 2 ranks against one process on the mean loss: a replicated
+    parameter's gradient is this rank's batch's (averaged over the ranks here), an expert's (a DTensor) already
+    sums every rank's tokens (divided by the ranks here)."""
     model.train(), single.train()
     loss = model(**runs[ctx.rank]).loss
     loss.backward()
     single_loss = sum(single(**batch).loss for batch in runs) / len(runs)
     single_loss.backward()
     single_params = dict(single.named_parameters())
-    diffs, names, expert_grads = {}, [], 0
+    averaged, diffs = {}, {}
     for pname, param in model.named_parameters():
         if param.grad is None:
             continue
-        names.append(pname)
-        grad = param.grad
-        if _checks.is_dtensor(grad):  # an expert's gradient: the tokens of every rank's batch, summed
-            local = grad.to_local() / ctx.world
+        if _checks.is_dtensor(param.grad):
+            averaged[pname] = param.grad.to_local() / ctx.world
             want = _checks.local_part(param, single_params[pname].grad)
-            expert_grads += 1
         else:
-            local = grad.clone()
-            dist.all_reduce(local)
-            local /= ctx.world
+            averaged[pname] = param.grad.clone()
+            dist.all_reduce(averaged[pname])
+            averaged[pname] /= ctx.world
             want = single_params[pname].grad
-        diffs[pname] = _max_diff(local, want) / _scale_of(want)
-        grad_local = local.clone()
-        param.grad = None
-        param._averaged = grad_local  # type: ignore[attr-defined]
-    losses = torch.tensor([loss.item()])
-    dist.all_reduce(losses)
+        diffs[pname] = _max_diff(averaged[pname], want) / _scale_of(want)
     result = {
-        "grad_names": sorted(names),
+        "grad_names": sorted(diffs),
         "single_grad_names": sorted(n for n, p in single_params.items() if p.grad is not None),
-        "expert_grads": expert_grads,
+        "expert_grads": sum(_checks.is_dtensor(p.grad) for p in model.parameters() if p.grad is not None),
         "max_grad_rel_diff": max(diffs.values()),
         "worst_grad": max(diffs, key=diffs.get),
-        "loss": losses.item() / ctx.world,
+        "loss": _mean(ctx, loss.item()),
         "single_loss": single_loss.item(),
     }
     if dequantize:
         with torch.no_grad():
             for pname, param in model.named_parameters():
-                averaged = getattr(param, "_averaged", None)
-                if averaged is not None:
-                    _checks.local_value(param).sub_(0.5 * averaged)
+                if pname in averaged:
+                    _checks.local_value(param).sub_(0.5 * averaged[pname])
             for param in single.parameters():
                 if param.grad is not None:
                     param.sub_(0.5 * param.grad)
-            after = torch.tensor([model(**runs[ctx.rank]).loss.item()])
-            dist.all_reduce(after)
-            result["loss_after"] = after.item() / ctx.world
+            result["loss_after"] = _mean(ctx, model(**runs[ctx.rank]).loss.item())
             result["single_loss_after"] = (sum(single(**b).loss for b in runs) / len(runs)).item()
     return result
+
+
+def _mean(ctx: Any, value: float) -> float:
+    total = torch.tensor([value])
+    dist.all_reduce(total)
+    return total.item() / ctx.world
+
+
+def held_by_kind(model: Any) -> dict[str, int]:
+    """Bytes of this rank's local parameter shards and persistent buffers by kind, as ``plan_memory`` names them:
+    FP8-resident codes (``Fp8Linear`` weights, ``Fp8Experts``' fused tensors), their fp32 scales, every other
+    tensor by dtype."""
+    from automodel_plugins.model.fp8_resident import Fp8Resident
+
+    codes = {
+        id(getattr(m, name)) for m in model.modules() if isinstance(m, Fp8Resident) for name in m.CODE_NAMES
+    }
+    held: dict[str, int] = {}
+    for name, tensor in model_tensors(model).items():
+        local = _checks.local_value(tensor)
+        kind = (
+            "fp8_codes"
+            if id(tensor) in codes
+            else "scales"
+            if name.endswith("_scale_inv")
+            else str(local.dtype).removeprefix("torch.")
+        )
+        held[kind] = held.get(kind, 0) + local.numel() * local.element_size()
+    return held
+
+
+def plan_facts(
+    path: Path, report: Any, model: Any, *, dequantize: bool, coordinate: tuple[int, int, int], **degrees: int
+) -> dict[str, Any]:
+    """``plan_memory`` (headers only) for this layout, the planned rank at ``coordinate`` against what this rank
+    read (the reader's counter) and holds."""
+    from automodel_plugins.pipeline.load.memory_plan import plan_memory
+
+    plan = plan_memory(path, dequantize=dequantize, dtype=DTYPE, **degrees)
+    (mine,) = [rank for rank in plan.ranks if rank.coordinate == coordinate]
+    return {
+        "measured_read": report.bytes_read,
+        "measured_held": held_by_kind(model),
+        "planned_read": mine.read,
+        "planned_held": dict(mine.held),
+    }
 
 
 def ep_refusals(ctx: Any) -> dict[str, Any]:
@@ -302,14 +343,18 @@ def ep_fsdp(ctx: Any, name: str, *, dequantize: bool) -> dict[str, Any]:
     a rank), the rest HSDP; reads, gathered tensors, logits and FSDP2's averaged gradients against one process."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "ep"))
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("ep", "dp"))
     path = checkpoint(ctx, name)
     single = automodel_plugins.from_pretrained(path, dequantize=dequantize, dtype=DTYPE)
     model, applied = ep_model(path, mesh["ep"], dequantize=dequantize, fsdp=mesh)
     with _checks.record_reads() as reads:
-        automodel_plugins.load_weights(model, path)
-    result: dict[str, Any] = {"applied": applied, "coordinate": mesh.get_coordinate()}
+        report = automodel_plugins.load_weights(model, path)
+    ep, dp = mesh.get_coordinate()
+    result: dict[str, Any] = {"applied": applied, "ep": ep, "dp": dp}
     result.update(read_facts(reads, path))
+    result.update(
+        plan_facts(path, report, model, dequantize=dequantize, fsdp=2, ep=2, coordinate=(dp, ep, 0))
+    )
     tensors = model_tensors(model)
     gathered = {n: _checks.full_value(t) for n, t in tensors.items()}
     result["full_mismatches"] = _checks.mismatches(gathered, model_tensors(single))

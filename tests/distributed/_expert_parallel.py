@@ -215,8 +215,21 @@ def ep_scenario(ctx: Any, name: str, *, dequantize: bool) -> dict[str, Any]:
         inputs = {k: v for k, v in mine.items() if k != "labels"}
         got, want = model(**inputs).logits, single(**inputs).logits
     result["logits_max_diff"], result["logits_scale"] = _max_diff(got, want), _scale_of(want)
+    # the stock default above (grouped_mm); the eager loop too, on both sides
+    _experts_implementation(model, "eager"), _experts_implementation(single, "eager")
+    with torch.no_grad():
+        result["eager_logits_max_diff"] = _max_diff(model(**inputs).logits, single(**inputs).logits)
+    _experts_implementation(model, "grouped_mm"), _experts_implementation(single, "grouped_mm")
     result.update(_step(ctx, model, single, runs, dequantize=dequantize))
     return result
+
+
+def _experts_implementation(model: Any, name: str) -> None:
+    """What the experts' forward runs, on every experts module's config (Mistral3's VLM has no
+    ``set_experts_implementation``; the experts read their text config at every call)."""
+    for module in model.modules():
+        if "experts" in type(module).__name__.lower() and hasattr(module, "config"):
+            module.config._experts_implementation = name
 
 
 def _step(ctx: Any, model: Any, single: Any, runs: list, *, dequantize: bool) -> dict[str, Any]:

@@ -20,8 +20,10 @@ an expert count the EP degree does not divide is a :class:`~automodel_plugins.er
 naming the module and both sizes (transformers raises a bare ``ValueError`` half-way through the model).
 
 Without tensor parallelism every rank holds its own batch, so ``AutoEP`` always runs the all-to-all (its
-all-reduce variant needs the EP group to share one batch). The flow: ``build_model`` on meta (PEFT, if any) ->
-:func:`parallelize_experts` -> ``fully_shard`` on another mesh dim, if any -> ``to_empty`` -> ``load_weights``.
+all-reduce variant needs the EP group to share one batch). The flow on an ``(ep, dp)`` mesh: ``build_model`` on
+meta (PEFT, if any) -> :func:`parallelize_experts` on ``mesh["ep"]`` -> :func:`fully_shard_experts` on
+``mesh["dp"]`` -> ``fully_shard`` of each decoder layer and the root on the whole mesh (HSDP: sharded over dp,
+replicated over ep, so the other gradients are averaged over every rank) -> ``to_empty`` -> ``load_weights``.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from automodel_plugins.model.placement import is_dtensor
 from automodel_plugins.model.tensor_parallel import pattern_of
 from automodel_plugins.model.tensors import unwrap_peft
 
-__all__ = ["expert_parallel_plan", "parallelize_experts"]
+__all__ = ["expert_parallel_plan", "fully_shard_experts", "parallelize_experts"]
 
 PARAMETER_STYLE, MODULE_STYLE = "grouped_gemm", "ep_dispatch_experts"
 
@@ -166,3 +168,25 @@ def parallelize_experts(
             f"{type(module).__name__}: {module.num_experts} of {module.num_experts * ep} experts a rank"
         )
     return applied
+
+
+def fully_shard_experts(model: nn.Module, dp_mesh: Any, **fsdp_kwargs: Any) -> list[str]:
+    """FSDP2 over the 1-D ``dp_mesh`` (the data-parallel dim beside the EP dim) of every experts module
+    :func:`parallelize_experts` split; call it before ``fully_shard`` of the decoder layers. An expert's gradient
+    already sums the tokens of its EP group's batches (the all-to-all's backward), so it is divided by all
+    ``dp x ep`` batches, as transformers' ``apply_fully_sharded_data_parallelism`` does: with ``dp > 1``
+    FSDP2 sums and divides locally (a custom divide factor would be a ``PREMUL_SUM``, which gloo refuses);
+    with ``dp == 1`` there is no reduction and FSDP2 divides by the factor itself. Returns the modules sharded."""
+    from torch.distributed.fsdp import fully_shard
+
+    done = []
+    for name, module in expert_parallel_plan(model).items():
+        if not getattr(module, "_is_expert_parallel", False):
+            raise ExpertParallelError(f"{name} is not expert-parallel: run parallelize_experts on it first")
+        ep = module._parameters["gate_up_proj"].device_mesh.size()
+        fully_shard(module, mesh=dp_mesh, **fsdp_kwargs)
+        module.set_gradient_divide_factor(float(dp_mesh.size() * ep))
+        if dp_mesh.size() > 1:
+            module.set_force_sum_reduction_for_comms(True)
+        done.append(name)
+    return done

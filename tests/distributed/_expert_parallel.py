@@ -119,13 +119,8 @@ def ep_model(path: Path, ep_mesh: Any, *, dequantize: bool, fsdp: Any = None) ->
     if fsdp is not None:
         from torch.distributed.fsdp import fully_shard
 
+        automodel_plugins.fully_shard_experts(model, fsdp["dp"])
         for layer in model.model.language_model.layers:
-            experts = getattr(layer.mlp, "experts", None)
-            if experts is not None:
-                fully_shard(experts, mesh=fsdp["dp"])
-                # every expert's gradient sums the tokens of the dp * ep batches: average over all of them
-                experts.set_gradient_divide_factor(float(fsdp.size()))
-                experts.set_force_sum_reduction_for_comms(True)
             fully_shard(layer, mesh=fsdp)
         fully_shard(model, mesh=fsdp)
     model.to_empty(device="cpu")
@@ -356,7 +351,7 @@ def ep_fsdp(ctx: Any, name: str, *, dequantize: bool) -> dict[str, Any]:
     a rank), the rest HSDP; reads, gathered tensors, logits and FSDP2's averaged gradients against one process."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("ep", "dp"))
+    mesh = init_device_mesh("cpu", (2, ctx.world // 2), mesh_dim_names=("ep", "dp"))
     path = checkpoint(ctx, name)
     single = automodel_plugins.from_pretrained(path, dequantize=dequantize, dtype=DTYPE)
     model, applied = ep_model(path, mesh["ep"], dequantize=dequantize, fsdp=mesh)
@@ -366,7 +361,9 @@ def ep_fsdp(ctx: Any, name: str, *, dequantize: bool) -> dict[str, Any]:
     result: dict[str, Any] = {"applied": applied, "ep": ep, "dp": dp}
     result.update(read_facts(reads, path))
     result.update(
-        plan_facts(path, report, model, dequantize=dequantize, fsdp=2, ep=2, coordinate=(dp, ep, 0))
+        plan_facts(
+            path, report, model, dequantize=dequantize, fsdp=ctx.world // 2, ep=2, coordinate=(dp, ep, 0)
+        )
     )
     tensors = model_tensors(model)
     gathered = {n: _checks.full_value(t) for n, t in tensors.items()}
@@ -411,6 +408,7 @@ SCENARIOS = {
     "ep_native_resident": lambda ctx: ep_scenario(ctx, NATIVE, dequantize=False),
     "ep_native_dequantized": lambda ctx: ep_scenario(ctx, NATIVE, dequantize=True),
     "ep_refusals": ep_refusals,
+    "ep_hsdp_qwen_dequantized": lambda ctx: ep_fsdp(ctx, QWEN, dequantize=True),  # 2 ranks: (ep=2, dp=1)
     "ep_fsdp_qwen_resident": lambda ctx: ep_fsdp(ctx, QWEN, dequantize=False),
     "ep_fsdp_qwen_dequantized": lambda ctx: ep_fsdp(ctx, QWEN, dequantize=True),
 }

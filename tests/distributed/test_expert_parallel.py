@@ -20,7 +20,7 @@ RESIDENT = (
 )
 DEQUANTIZED = ("ep_qwen_dequantized", "ep_mistral4_pieces_dequantized", "ep_native_dequantized")
 FUSED = ("ep_mistral4_fused_resident",)
-SCENARIOS = (*RESIDENT, *DEQUANTIZED, "ep_refusals")
+SCENARIOS = (*RESIDENT, *DEQUANTIZED, "ep_refusals", "ep_hsdp_qwen_dequantized")
 LAYERS = 2  # MoE layers of every checkpoint here (Mistral 4: layer 0 dense, 1-2 MoE)
 
 
@@ -89,3 +89,16 @@ def test_bad_layouts_are_refused_by_name(distributed_run) -> None:
         assert "5 experts" in uneven and "2 expert-parallel ranks" in uneven
         assert "already a DTensor" in result["after_fsdp"] and "experts.gate_up_proj" in result["after_fsdp"]
         assert "must be 1-D" in result["two_dims"]
+
+
+def test_ep_with_fsdp2_on_a_mesh_whose_dp_dim_is_one_rank(distributed_run) -> None:
+    """The 2-D flow on (ep=2, dp=1): ``fully_shard_experts`` on a 1-rank dp dim (FSDP2 divides by the factor
+    itself there; a forced sum would leave the experts' gradients twice too large), the layers HSDP (replicated
+    over ep: their gradients averaged by FSDP2). Gradients of every parameter, experts included, equal one
+    process on the mean loss."""
+    for rank, result in enumerate(distributed_run.ranks("ep_hsdp_qwen_dequantized")):
+        assert result["full_mismatches"] == [], f"rank {rank}"
+        assert result["grad_names"] == result["single_grad_names"]
+        assert any(".experts." in n for n in result["grad_names"])
+        assert result["max_grad_rel_diff"] <= 1e-5, (rank, result["worst_grad"], result["max_grad_rel_diff"])
+        assert abs(result["loss"] - result["single_loss"]) <= 1e-5 * result["single_loss"]

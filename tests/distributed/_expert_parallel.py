@@ -203,6 +203,7 @@ def ep_scenario(ctx: Any, name: str, *, dequantize: bool) -> dict[str, Any]:
     result["single_expert_bytes"] = sum(
         t.nbytes for n, t in model_tensors(single).items() if ".experts." in n and "shared" not in n
     )
+    result.update(source_save(ctx, model, path, f"ep-save-{name}-{'bf16' if dequantize else 'fp8'}"))
     runs = batches(single, name, ctx.world)
     mine = runs[ctx.rank]
     model.eval(), single.eval()
@@ -217,6 +218,40 @@ def ep_scenario(ctx: Any, name: str, *, dequantize: bool) -> dict[str, Any]:
     _experts_implementation(model, "grouped_mm"), _experts_implementation(single, "grouped_mm")
     result.update(_step(ctx, model, single, runs, dequantize=dequantize))
     return result
+
+
+def source_save(ctx: Any, model: Any, path: Path, folder: str) -> dict[str, Any]:
+    """A save in the source format from every rank right after the load: the keys whose stored bytes differ
+    from the source checkpoint's (rank 0 compares), or the error."""
+    from safetensors import safe_open
+
+    out = ctx.out / folder
+    try:
+        automodel_plugins.save_pretrained(model, out)
+    except Exception as exc:
+        return {"save_error": f"{type(exc).__name__}: {exc}"}
+    dist.barrier()
+    if ctx.rank:
+        return {"save_error": None}
+
+    def stored(directory: Path) -> dict[str, torch.Tensor]:
+        tensors = {}
+        for file in sorted(directory.glob("*.safetensors")):
+            with safe_open(file, "pt") as handle:
+                tensors.update({key: handle.get_tensor(key) for key in handle.keys()})  # noqa: SIM118
+        return tensors
+
+    saved, source = stored(out), stored(path)
+    different = sorted(
+        key
+        for key in source.keys() | saved.keys()
+        if key not in saved
+        or key not in source
+        or not torch.equal(
+            saved[key].reshape(-1).view(torch.uint8), source[key].reshape(-1).view(torch.uint8)
+        )
+    )
+    return {"save_error": None, "save_different": different, "save_keys": len(saved)}
 
 
 def _experts_implementation(model: Any, name: str) -> None:

@@ -4,7 +4,8 @@ and dequantized ones, on a Qwen3-VL-MoE checkpoint (per-expert block pieces), Mi
 scale per expert; per-expert block pieces) and a Mistral-native MoE checkpoint. Against one process holding the
 whole model on both batches, fp32: this rank's tensors bit for bit, logits on its batch, the gradients of a step
 on the mean of the ranks' losses (experts' too where dequantized) and the loss after an SGD step; what each rank
-read against its experts' share; the memory plan against what each rank read and holds."""
+read against its experts' share; a source-format save against the source bytes; the memory plan against what each
+rank read and holds."""
 
 from __future__ import annotations
 
@@ -80,6 +81,15 @@ def test_the_memory_plan_matches_each_ranks_reads_and_holdings(distributed_run, 
             assert abs(nbytes - measured[kind]) <= 0.1 * measured[kind], (rank, kind, planned, measured)
         assert abs(result["planned_read"] - result["measured_read"]) <= 0.1 * result["measured_read"]
         assert planned == measured and result["planned_read"] == result["measured_read"], rank
+
+
+@pytest.mark.parametrize("scenario", RESIDENT + DEQUANTIZED)
+def test_a_source_save_from_every_rank_is_the_source_checkpoint(distributed_run, scenario) -> None:
+    """Right after the expert-parallel load: each rank writes its experts (FP8-resident ones from their local
+    grids), and the files hold the source checkpoint's bytes, every tensor."""
+    ranks = distributed_run.ranks(scenario)
+    assert [r["save_error"] for r in ranks] == [None, None], [r["save_error"] for r in ranks]
+    assert ranks[0]["save_keys"] > 0 and ranks[0]["save_different"] == []
 
 
 def test_bad_layouts_are_refused_by_name(distributed_run) -> None:

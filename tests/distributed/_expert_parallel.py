@@ -216,7 +216,39 @@ def ep_scenario(ctx: Any, name: str, *, dequantize: bool) -> dict[str, Any]:
     with torch.no_grad():
         result["eager_logits_max_diff"] = _max_diff(model(**inputs).logits, single(**inputs).logits)
     _experts_implementation(model, "grouped_mm"), _experts_implementation(single, "grouped_mm")
-    result.update(_step(ctx, model, single, runs, dequantize=dequantize))
+    result.update(_step(ctx, model, single, runs, sgd=dequantize))
+    return result
+
+
+def _attention_lora(model: Any) -> Any:
+    import peft
+
+    torch.manual_seed(3)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    return peft.get_peft_model(
+        model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+    )
+
+
+def ep_lora(ctx: Any, name: str) -> dict[str, Any]:
+    """LoRA on the attention of an FP8-resident MoE whose experts are split by expert (PEFT first, on meta, then
+    ``parallelize_experts``, which finds the experts under the PEFT model): the adapters' gradients (they reach
+    the first layer's attention through the second layer's dispatched experts) and the loss after an SGD step
+    against one process with the same adapters on the mean of the ranks' losses."""
+    path = checkpoint(ctx, name)
+    single = _attention_lora(automodel_plugins.from_pretrained(path, dequantize=False, dtype=DTYPE))
+    initial = {n: p.detach().clone() for n, p in single.named_parameters() if "lora_" in n}
+    model = _attention_lora(automodel_plugins.build_model(path, dequantize=False, dtype=DTYPE))
+    applied = automodel_plugins.parallelize_experts(model, ctx.mesh)
+    model.to_empty(device="cpu")
+    automodel_plugins.load_weights(model, path)
+    with torch.no_grad():
+        for pname, param in model.named_parameters():
+            if "lora_" in pname:
+                param.copy_(initial[pname])
+    runs = batches(single, name, ctx.world)
+    result: dict[str, Any] = {"applied": applied}
+    result.update(_step(ctx, model, single, runs, sgd=True))
     return result
 
 
@@ -262,7 +294,7 @@ def _experts_implementation(model: Any, name: str) -> None:
             module.config._experts_implementation = name
 
 
-def _step(ctx: Any, model: Any, single: Any, runs: list, *, dequantize: bool) -> dict[str, Any]:
+def _step(ctx: Any, model: Any, single: Any, runs: list, *, sgd: bool) -> dict[str, Any]:
     """One backward (and, dequantized, one SGD step) on 2 ranks against one process on the mean loss: a replicated
     parameter's gradient is this rank's batch's (averaged over the ranks here), an expert's (a DTensor) already
     sums every rank's tokens (divided by the ranks here)."""
@@ -294,7 +326,7 @@ def _step(ctx: Any, model: Any, single: Any, runs: list, *, dequantize: bool) ->
         "loss": _mean(ctx, loss.item()),
         "single_loss": single_loss.item(),
     }
-    if dequantize:
+    if sgd:
         with torch.no_grad():
             for pname, param in model.named_parameters():
                 if pname in averaged:
@@ -442,6 +474,8 @@ SCENARIOS = {
     "ep_mistral4_pieces_dequantized": lambda ctx: ep_scenario(ctx, MISTRAL4_PIECES, dequantize=True),
     "ep_native_resident": lambda ctx: ep_scenario(ctx, NATIVE, dequantize=False),
     "ep_native_dequantized": lambda ctx: ep_scenario(ctx, NATIVE, dequantize=True),
+    "ep_qwen_resident_lora": lambda ctx: ep_lora(ctx, QWEN),
+    "ep_native_resident_lora": lambda ctx: ep_lora(ctx, NATIVE),
     "ep_refusals": ep_refusals,
     "ep_hsdp_qwen_dequantized": lambda ctx: ep_fsdp(ctx, QWEN, dequantize=True),  # 2 ranks: (ep=2, dp=1)
     "ep_fsdp_qwen_resident": lambda ctx: ep_fsdp(ctx, QWEN, dequantize=False),

@@ -21,7 +21,8 @@ RESIDENT = (
 )
 DEQUANTIZED = ("ep_qwen_dequantized", "ep_mistral4_pieces_dequantized", "ep_native_dequantized")
 FUSED = ("ep_mistral4_fused_resident",)
-SCENARIOS = (*RESIDENT, *DEQUANTIZED, "ep_refusals", "ep_hsdp_qwen_dequantized")
+LORA = ("ep_qwen_resident_lora", "ep_native_resident_lora")
+SCENARIOS = (*RESIDENT, *DEQUANTIZED, *LORA, "ep_refusals", "ep_hsdp_qwen_dequantized")
 LAYERS = 2  # MoE layers of every checkpoint here (Mistral 4: layer 0 dense, 1-2 MoE)
 
 
@@ -90,6 +91,22 @@ def test_a_source_save_from_every_rank_is_the_source_checkpoint(distributed_run,
     ranks = distributed_run.ranks(scenario)
     assert [r["save_error"] for r in ranks] == [None, None], [r["save_error"] for r in ranks]
     assert ranks[0]["save_keys"] > 0 and ranks[0]["save_different"] == []
+
+
+@pytest.mark.parametrize("scenario", LORA)
+def test_a_lora_step_on_the_attention_over_split_fp8_experts_equals_one_process(
+    distributed_run, scenario
+) -> None:
+    """PEFT first (on meta), then ``parallelize_experts`` (the experts found under the PEFT model); the adapters'
+    gradients come back through the dispatched ``Fp8Experts`` of the later layer."""
+    for rank, result in enumerate(distributed_run.ranks(scenario)):
+        assert all(name.startswith("base_model.model.") for name in result["applied"]), result["applied"]
+        assert result["grad_names"] == result["single_grad_names"]
+        assert result["grad_names"] and all("lora_" in n for n in result["grad_names"])
+        assert result["max_grad_rel_diff"] <= 1e-5, (rank, result["worst_grad"], result["max_grad_rel_diff"])
+        assert abs(result["loss"] - result["single_loss"]) <= 1e-5 * result["single_loss"]
+        assert abs(result["loss_after"] - result["single_loss_after"]) <= 1e-5 * result["single_loss_after"]
+        assert result["loss_after"] < result["loss"], "the step must move the loss"
 
 
 def test_bad_layouts_are_refused_by_name(distributed_run) -> None:

@@ -42,7 +42,8 @@ from automodel_plugins.model.tensors import unwrap_peft
 
 __all__ = ["expert_parallel_plan", "fully_shard_experts", "parallelize_experts"]
 
-PARAMETER_STYLE, MODULE_STYLE = "grouped_gemm", "ep_dispatch_experts"
+MODULE_STYLE = "ep_dispatch_experts"
+"""The ``ep_plan`` style of an experts module (its fused parameters' ``grouped_gemm`` entries go with it)."""
 
 
 def expert_parallel_plan(model: nn.Module) -> dict[str, nn.Module]:
@@ -63,6 +64,8 @@ def expert_parallel_plan(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def _check(name: str, module: nn.Module, ep: int) -> None:
+    if getattr(module, "_is_expert_parallel", False) or getattr(module, "_is_hooked", False):
+        raise ExpertParallelError(f"{name} is already expert-parallel (parallelize_experts ran on it before)")
     missing = [
         leaf for leaf in EXPERT_PROJECTIONS if not isinstance(module._parameters.get(leaf), nn.Parameter)
     ]
@@ -84,8 +87,6 @@ def _check(name: str, module: nn.Module, ep: int) -> None:
             f"split evenly (each rank holds experts // ep of them, as transformers' grouped_gemm style does): "
             f"choose an EP degree that divides {experts}"
         )
-    if getattr(module, "_is_expert_parallel", False) or getattr(module, "_is_hooked", False):
-        raise ExpertParallelError(f"{name} is already expert-parallel (parallelize_experts ran on it before)")
 
 
 def _singleton_mesh(device_type: str) -> Any:
@@ -98,20 +99,19 @@ def _singleton_mesh(device_type: str) -> Any:
     return DeviceMesh.from_group(group, device_type, mesh_dim_names=("tp",))
 
 
-class _Dispatch:
-    """transformers' ``EpDispatchExpertsParallel`` with the forward context extended to the scale buffers."""
+def _dispatch_style() -> Any:
+    """transformers' ``EpDispatchExpertsParallel`` with its forward context (which hands the experts' forward its
+    DTensor parameters as local tensors) extended to the module's DTensor buffers: an ``Fp8Experts``' grids."""
+    from transformers.distributed.expert_parallel import EpDispatchExpertsParallel
 
-    def __init__(self) -> None:
-        from transformers.distributed.expert_parallel import EpDispatchExpertsParallel
+    class LocalBuffersDispatch(EpDispatchExpertsParallel):
+        def context_around_forward(self, module: nn.Module, mesh: Any) -> Any:
+            stack = contextlib.ExitStack()
+            stack.enter_context(super().context_around_forward(module, mesh))
+            stack.enter_context(_local_buffers(module))
+            return stack
 
-        class Dispatch(EpDispatchExpertsParallel):
-            def context_around_forward(self, module: nn.Module, mesh: Any) -> Any:
-                stack = contextlib.ExitStack()
-                stack.enter_context(super().context_around_forward(module, mesh))
-                stack.enter_context(_local_buffers(module))
-                return stack
-
-        self.style = Dispatch()
+    return LocalBuffersDispatch()
 
 
 @contextlib.contextmanager
@@ -153,7 +153,7 @@ def parallelize_experts(
     for name, module in modules.items():
         _check(name, module, ep)
     tp_mesh = _singleton_mesh(ep_mesh.device_type) if tp_mesh is None else tp_mesh
-    parameters, dispatch, applied = MoEParamShard(Shard(0), shards_expert_dim=True), _Dispatch().style, {}
+    parameters, dispatch, applied = MoEParamShard(Shard(0), shards_expert_dim=True), _dispatch_style(), {}
     for name, module in modules.items():
         for leaf in EXPERT_PROJECTIONS:
             parameters.shard_param(module, leaf, ep_mesh)

@@ -18,7 +18,7 @@ the function the streaming loader reads by. The placements are those of the docu
 * buffers (FP8 scales among them) replicated whole on every rank, as the loader holds them.
 
 Reads: each rank's region of every tensor in its stored dtype, plus each FP8 scale it needs whole (for
-pieces: the pieces its region overlaps; FP8-resident experts read every piece's scale, or under ``ep`` the scales
+pieces: the pieces its region overlaps; FP8-resident experts read every piece's scale, or under ``ep`` the grids
 of the pieces of the rank's experts). Held: the region in
 the loaded dtype (FP8 codes: one byte), FP8 scales as fp32. LoRA (PEFT on ``lora_targets``, rank ``lora_r``):
 adapters ``A [r, in]`` and ``B [out, r]`` placed as :func:`tensor_parallel_plan` and FSDP2 place them, held in
@@ -43,6 +43,7 @@ from torch import nn
 from automodel_plugins.adapters.pieces import PieceGeometry, intersect
 from automodel_plugins.checkpoint import Checkpoint
 from automodel_plugins.errors import LayoutError, NoPluginClaimError
+from automodel_plugins.fp8.stacked import is_stacked
 from automodel_plugins.model.fp8_experts import EXPERT_PROJECTIONS, fused_experts_shapes
 from automodel_plugins.model.placement import Region, shard_region
 from automodel_plugins.model.tensor_parallel import tensor_parallel_plan
@@ -369,11 +370,19 @@ def _read_bytes(
             overlap = intersect(geometry.box, wanted)
             if overlap is not None:
                 total += math.prod(stop - start for start, stop in overlap) * info.dtype.itemsize
-        held_grid = kept and (
-            grids is None or intersect(PieceGeometry.of(piece, shape, len(info.shape)).box, grids) is not None
-        )
-        if piece.scale_key is not None and (overlap is not None or held_grid):
-            total += checkpoint.info(piece.scale_key).nbytes
+        if piece.scale_key is None:
+            continue
+        scale_bytes = checkpoint.info(piece.scale_key).nbytes
+        if kept and grids is not None:
+            box = PieceGeometry.of(piece, shape, len(info.shape)).box
+            held = intersect(box, grids)
+            if held is not None and len(info.shape) == 3 and is_stacked(tuple(info.shape), piece.block_size):
+                # a piece stacking experts: the loader reads the grids of the rank's experts only
+                total += scale_bytes * (held[0][1] - held[0][0]) // (box[0][1] - box[0][0])
+            elif held is not None or overlap is not None:
+                total += scale_bytes
+        elif overlap is not None or kept:
+            total += scale_bytes
     return total
 
 

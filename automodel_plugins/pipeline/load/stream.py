@@ -38,9 +38,7 @@ from automodel_plugins.adapters.pieces import (
 from automodel_plugins.checkpoint import Checkpoint
 from automodel_plugins.fp8.decode import check_finite
 from automodel_plugins.fp8.scales import decode_scale
-from automodel_plugins.fp8.stacked import (
-    stacked_grid_shape,
-)
+from automodel_plugins.fp8.stacked import is_stacked, stacked_grid_shape
 from automodel_plugins.model.fp8_experts import Fp8Experts
 from automodel_plugins.model.fp8_linear import Fp8Linear
 from automodel_plugins.model.placement import is_dtensor, local_region, write_local
@@ -221,21 +219,35 @@ def _load_resident_experts(
         geometry = PieceGeometry.of(piece, shape, len(info.shape))
         cells = _grid_cells(geometry.box, block)
         cells_held = intersect(cells, grid_wanted)
-        piece_scale = None
+        piece_scale, scale_first = None, 0
         if cells_held is not None:
-            piece_scale = read_scale(checkpoint, piece.stored_source())
-            grid = decode_scale(piece_scale).reshape(tuple(stop - start for start, stop in cells))
-            scale[relative_slices(cells_held, grid_wanted)] = grid[relative_slices(cells_held, cells)]
+            # a piece stacking several experts (a fused tensor): only the grids of the experts held
+            stacked = (
+                grid_region is not None
+                and len(info.shape) == 3
+                and is_stacked(tuple(info.shape), piece.block_size)
+                and cells_held[1:] == cells[1:]
+            )
+            if stacked:
+                scale_first = cells_held[0][0] - cells[0][0]
+                matrices = (scale_first, cells_held[0][1] - cells[0][0])
+                piece_scale = read_scale(checkpoint, piece.stored_source(), matrices)
+                grid = decode_scale(piece_scale).reshape(tuple(stop - start for start, stop in cells_held))
+                scale[relative_slices(cells_held, grid_wanted)] = grid
+            else:
+                piece_scale = read_scale(checkpoint, piece.stored_source())
+                grid = decode_scale(piece_scale).reshape(tuple(stop - start for start, stop in cells))
+                scale[relative_slices(cells_held, grid_wanted)] = grid[relative_slices(cells_held, cells)]
         overlap = intersect(geometry.box, wanted)
         if overlap is None:
             continue
         if piece_scale is None:
-            piece_scale = read_scale(checkpoint, piece.stored_source())
+            piece_scale, scale_first = read_scale(checkpoint, piece.stored_source()), 0
         stored_region = geometry.stored_region(overlap)
         whole = stored_region == whole_box(info.shape)
         data = checkpoint.read(piece.key, None if whole else as_slices(stored_region))
         _check_finite_matrices(
-            data, piece_scale, stored_region, layer.compute_dtype, block, piece.key, info.file
+            data, piece_scale, stored_region, layer.compute_dtype, block, piece.key, info.file, scale_first
         )
         with torch.no_grad():
             codes[relative_slices(overlap, wanted)] = geometry.to_model(data, overlap).view(torch.uint8)
@@ -265,14 +277,16 @@ def _check_finite_matrices(
     block: tuple[int, int],
     key: str,
     path: object,
+    scale_first: int = 0,
 ) -> None:
     """Kept FP8, dequantized in every forward: refuse now what would be NaN or inf there, matrix by matrix
-    (``data`` is ``stored_region`` of a 2-D piece or of a stacked one, ``scale`` the piece's whole scale)."""
+    (``data`` is ``stored_region`` of a 2-D piece or of a stacked one, ``scale`` the piece's scale: whole, or
+    the grids of its matrices from ``scale_first`` on)."""
     matrix_region = as_slices(stored_region[-2:])
     if data.dim() == 2:
         check_finite(data, scale, dtype=dtype, block_size=block, region=matrix_region, key=key, path=path)
         return
-    first = stored_region[0][0]
+    first = stored_region[0][0] - scale_first
     for index in range(data.shape[0]):
         check_finite(
             data[index],

@@ -45,7 +45,9 @@ def test_each_rank_reads_its_experts_share_of_codes_and_scales(distributed_run, 
     for rank, result in enumerate(ranks):
         assert result["expert_code_bytes_read"] * 2 == result["expert_code_bytes"], f"rank {rank}"
         assert result["expert_scale_bytes_read"] * 2 == result["expert_scale_bytes"], f"rank {rank}"
-        if scenario in FUSED:  # one [E, ...] tensor and [E, 1, 1] scale a projection: this rank's rows of both
+        if (
+            scenario in FUSED
+        ):  # one [E, ...] tensor and [E, 1, 1] scale a projection: this rank's rows of both
             assert result["experts_opened"] == []
         else:  # one tensor an expert: only this rank's experts' pieces are opened, grids included
             assert result["experts_opened"] == [2 * rank, 2 * rank + 1]

@@ -385,6 +385,38 @@ def plan_facts(
     }
 
 
+def ep_shared_batch(ctx: Any, name: str) -> dict[str, Any]:
+    """Every rank the same batch (``tp_mesh`` = the EP mesh, transformers' meaning: the ranks sharing one batch):
+    at inference ``AutoEP`` runs its all-reduce (each rank its experts on the whole batch, other ranks' routes
+    masked with the sentinel id the experts' forward skips), in training its all-to-all over slices of the batch;
+    logits and gradients against one process on that batch."""
+    path = checkpoint(ctx, name)
+    single = automodel_plugins.from_pretrained(path, dequantize=False, dtype=DTYPE)
+    model = automodel_plugins.build_model(path, dequantize=False, dtype=DTYPE)
+    automodel_plugins.parallelize_experts(model, ctx.mesh, tp_mesh=ctx.mesh)
+    model.to_empty(device="cpu")
+    automodel_plugins.load_weights(model, path)
+    batch = batches(single, name, 1)[0]
+    model.eval(), single.eval()
+    with torch.no_grad():
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        got, want = model(**inputs).logits, single(**inputs).logits
+    result: dict[str, Any] = {"logits_max_diff": _max_diff(got, want), "logits_scale": _scale_of(want)}
+    model.train(), single.train()
+    model(**batch).loss.backward()
+    single(**batch).loss.backward()
+    single_params = dict(single.named_parameters())
+    diffs = {
+        n: _max_diff(p.grad, single_params[n].grad) / _scale_of(single_params[n].grad)
+        for n, p in model.named_parameters()
+        if p.grad is not None
+    }
+    result.update(
+        max_grad_rel_diff=max(diffs.values()), worst_grad=max(diffs, key=diffs.get), grads=len(diffs)
+    )
+    return result
+
+
 def ep_refusals(ctx: Any) -> dict[str, Any]:
     """What is refused, by name: 5 experts on 2 ranks; a model already FSDP2-sharded; a 2-D mesh."""
     from torch.distributed.fsdp import fully_shard
@@ -476,6 +508,7 @@ SCENARIOS = {
     "ep_native_dequantized": lambda ctx: ep_scenario(ctx, NATIVE, dequantize=True),
     "ep_qwen_resident_lora": lambda ctx: ep_lora(ctx, QWEN),
     "ep_native_resident_lora": lambda ctx: ep_lora(ctx, NATIVE),
+    "ep_shared_batch": lambda ctx: ep_shared_batch(ctx, QWEN),
     "ep_refusals": ep_refusals,
     "ep_hsdp_qwen_dequantized": lambda ctx: ep_fsdp(ctx, QWEN, dequantize=True),  # 2 ranks: (ep=2, dp=1)
     "ep_fsdp_qwen_resident": lambda ctx: ep_fsdp(ctx, QWEN, dequantize=False),

@@ -22,7 +22,7 @@ RESIDENT = (
 DEQUANTIZED = ("ep_qwen_dequantized", "ep_mistral4_pieces_dequantized", "ep_native_dequantized")
 FUSED = ("ep_mistral4_fused_resident",)
 LORA = ("ep_qwen_resident_lora", "ep_native_resident_lora")
-SCENARIOS = (*RESIDENT, *DEQUANTIZED, *LORA, "ep_refusals", "ep_hsdp_qwen_dequantized")
+SCENARIOS = (*RESIDENT, *DEQUANTIZED, *LORA, "ep_refusals", "ep_hsdp_qwen_dequantized", "ep_shared_batch")
 LAYERS = 2  # MoE layers of every checkpoint here (Mistral 4: layer 0 dense, 1-2 MoE)
 
 
@@ -108,6 +108,15 @@ def test_a_lora_step_on_the_attention_over_split_fp8_experts_equals_one_process(
         assert abs(result["loss"] - result["single_loss"]) <= 1e-5 * result["single_loss"]
         assert abs(result["loss_after"] - result["single_loss_after"]) <= 1e-5 * result["single_loss_after"]
         assert result["loss_after"] < result["loss"], "the step must move the loss"
+
+
+def test_ranks_sharing_one_batch_run_transformers_all_reduce_and_sliced_all_to_all(distributed_run) -> None:
+    """``tp_mesh`` = the EP mesh (every rank the same batch, as under tensor parallelism): inference takes
+    ``AutoEP``'s all-reduce (other ranks' routes sent to the sentinel id ``Fp8Experts`` skips), training its
+    all-to-all over slices of the batch; both equal one process on that batch."""
+    for rank, result in enumerate(distributed_run.ranks("ep_shared_batch")):
+        assert result["logits_max_diff"] <= 1e-6 * result["logits_scale"], (rank, result)
+        assert result["grads"] > 0 and result["max_grad_rel_diff"] <= 1e-5, (rank, result)
 
 
 def test_bad_layouts_are_refused_by_name(distributed_run) -> None:

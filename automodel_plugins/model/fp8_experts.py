@@ -236,7 +236,8 @@ class Fp8Experts(Fp8Resident):
         self.load_scale(name, scale)
 
     def load_scale(self, name: str, scale: torch.Tensor) -> None:
-        """Hold ``scale`` (the whole stacked grid, any scale dtype) as ``name``'s fp32 scale buffer."""
+        """Hold ``scale`` (the whole stacked grid, or this rank's experts' grids under expert parallelism, any
+        scale dtype) as ``name``'s fp32 scale buffer."""
         buffer_name = f"{name}_scale_inv"
         buffer = self._buffers[buffer_name]
         device = getattr(self, name).device
@@ -271,8 +272,9 @@ class Fp8Experts(Fp8Resident):
             )
         if is_dtensor(self.gate_up_proj):
             raise NotImplementedError(
-                "Fp8Experts with DTensor codes in the forward (tensor or expert parallelism) is not "
-                "supported; shard FP8-resident experts with FSDP2, or load with dequantize=True"
+                "Fp8Experts with DTensor codes in the forward: expert parallelism runs through "
+                "automodel_plugins.parallelize_experts (which hands the forward this rank's experts as local "
+                "tensors); tensor parallelism of the experts is not supported (shard them with FSDP2 or by experts)"
             )
         implementation = self.experts_implementation
         deltas = active_deltas(self)  # LoRA on the experts (target_parameters), attached by its PEFT wrapper

@@ -14,6 +14,8 @@ The fused loss's forward (``ops/linear_cross_entropy.py``, ``model/forward.py``)
 from __future__ import annotations
 
 import copy
+import math
+import pickle
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,10 +26,11 @@ import torch.nn.functional as F
 from mistral3_checkpoints import TEXT_ROTARY, VISION_ROTARY
 from torch import nn
 from torch._dynamo.backends.debugging import ExplainWithBackend
-from transformers import Mistral3ForConditionalGeneration
+from transformers import Mistral3ForConditionalGeneration, MistralConfig, MistralForCausalLM
 
 import automodel_plugins
-from automodel_plugins.testing.tiny_models import mistral3_image_batch, tiny_mistral3_config
+from automodel_plugins.model.rotary import repair_rotary
+from automodel_plugins.testing.tiny_models import TINY_TEXT_SIZES, mistral3_image_batch, tiny_mistral3_config
 
 peft = pytest.importorskip("peft")
 
@@ -221,3 +224,52 @@ def test_rotary_buffers_are_right_at_a_compiled_first_call(
     assert torch.equal(got, expected)
     in_rotary = [r for r in breaks_outside_the_fused_loss(explain) if "model/rotary.py" in r]
     assert bool(in_rotary) is breaks_expected, in_rotary
+
+
+# --- the _apply arming, eagerly (a tiny Mistral text model: no checkpoint, no compile) ----------------------
+
+
+def _mistral() -> tuple[nn.Module, nn.Module]:
+    """An armed model built on meta and materialized, and the plainly built reference."""
+    config = MistralConfig(**TINY_TEXT_SIZES, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    reference = MistralForCausalLM(config)
+    with torch.device("meta"):
+        model = MistralForCausalLM(config)
+    assert repair_rotary(model) == 1
+    _fill(model, 0.5)
+    model.load_state_dict(reference.state_dict())
+    return model, reference
+
+
+def test_to_empty_after_the_first_forward_is_repaired() -> None:
+    """Was a documented gap: the one-shot hook was gone by then."""
+    model, reference = _mistral()
+    ids = torch.arange(9).unsqueeze(0)
+    model(input_ids=ids)
+    _fill(model.model.rotary_emb, math.nan)
+    assert torch.equal(model.model.rotary_emb.inv_freq, reference.model.rotary_emb.inv_freq)
+    assert torch.equal(model(input_ids=ids).logits, reference(input_ids=ids).logits)
+
+
+def test_the_arming_follows_a_deepcopy_and_a_pickle() -> None:
+    model, reference = _mistral()
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        _fill(clone.model.rotary_emb, math.nan)
+        assert torch.equal(clone.model.rotary_emb.inv_freq, reference.model.rotary_emb.inv_freq)
+        assert model.model.rotary_emb._apply.module is model.model.rotary_emb
+        assert clone.model.rotary_emb._apply.module is clone.model.rotary_emb
+
+
+def test_a_cast_and_to_empty_under_inference_mode_keep_fp32_frequencies() -> None:
+    """``to_empty`` under ``inference_mode`` makes inference tensors, which cannot be written in place outside
+    it: they are replaced."""
+    model, reference = _mistral()
+    rotary = model.model.rotary_emb
+    with torch.inference_mode():
+        model.to(torch.bfloat16)
+        assert rotary.inv_freq.dtype == F32
+        rotary.to_empty(device="cpu")
+    assert rotary.inv_freq.dtype == F32 and not rotary.inv_freq.is_inference()
+    assert torch.equal(rotary.inv_freq, reference.model.rotary_emb.inv_freq)
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16

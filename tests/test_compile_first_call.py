@@ -94,6 +94,7 @@ def compiled_first_call(model: nn.Module, call: Callable[[nn.Module], Any]) -> t
 # --- a loaded model: dequantized, and FP8-resident + LoRA --------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("resident", [False, True], ids=["dequantized", "resident-lora"])
 def test_first_compiled_forward_has_no_break_and_equals_eager(
     checkpoint: Path, plugin_registry: Any, resident: bool
@@ -111,6 +112,7 @@ def test_first_compiled_forward_has_no_break_and_equals_eager(
     assert_fresh(model.get_base_model() if resident else model, BOTH)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("resident", [False, True], ids=["dequantized", "resident-lora"])
 def test_first_compiled_step_has_no_break_and_equals_eager(
     checkpoint: Path, plugin_registry: Any, resident: bool
@@ -204,6 +206,7 @@ MATERIALIZED = {  # how -> (make, rotary modules right after the first call, gra
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", sorted(MATERIALIZED))
 def test_rotary_buffers_are_right_at_a_compiled_first_call(
     checkpoint: Path, plugin_registry: Any, how: str

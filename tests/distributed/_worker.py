@@ -50,6 +50,7 @@ from distributed import (
     _experts_lora,
     _mistral4,
     _peft_merge_config,
+    _rotary_compile,
     _stages,
     _tiny,
 )
@@ -1147,6 +1148,7 @@ SCENARIOS: dict[str, Callable[[Context], dict[str, Any]]] = {
     **_experts_lora.SCENARIOS,
     **_expert_parallel.SCENARIOS,
     **_peft_merge_config.SCENARIOS,
+    **_rotary_compile.SCENARIOS,
 }
 
 

@@ -51,6 +51,7 @@ __all__ = [
     "SavePlan",
     "SourceView",
     "fp8_quantization_config",
+    "partial_blocks",
     "plan_save",
 ]
 
@@ -150,6 +151,9 @@ class PlannedScale:
     shape: tuple[int, ...]
     block_size: tuple[int, int] | None
     source_key: str | None = None
+    source_index: tuple[int, ...] | None = None
+    """Where this weight's scale lies within ``source_key`` (one expert's of a ``[E, 1, 1]`` scale); ``None``:
+    all of it."""
 
 
 @dataclass(frozen=True)
@@ -268,39 +272,8 @@ def plan_save(
     skip = _not_converted(save_format, declared, default_not_converted)
     planned = [_fp8_format(name, t, save_format, skip, hf_keys, source) for name, t in tensors.items()]
     plan = SavePlan(save_format, planned, fp8_quantization_config(save_format.block_size, skip))
-    plan.partial_blocks = _partial_blocks(plan)
+    plan.partial_blocks = partial_blocks(plan)
     return plan
-
-
-def plan_in_layout(tensors: Mapping[str, ModelTensor], source: SourceView) -> SavePlan:
-    """Plan writing ``tensors`` unquantized, in their own dtype, in the source's key layout (Mistral's native
-    names, say) rather than transformers': the source adapter's keys, a tensor assembled from pieces split back
-    into them (each piece's box in its stored orientation, rows in rotary order where the adapter says so)."""
-    planned: list[PlannedWrite] = []
-    checkpoint = source.checkpoint
-    for name, tensor in tensors.items():
-        where = source.adapter.from_hf(name)
-        if not where.is_assembled:
-            planned.append(PlannedWrite(name, where.key, tensor.dtype, tensor.shape))
-            continue
-        for piece in where.pieces:
-            if piece.key not in checkpoint:
-                raise SaveError(
-                    f"tensor {name!r} is assembled from a piece the source lacks ({piece.key!r})",
-                    path=checkpoint.directory,
-                )
-            geometry = PieceGeometry.of(piece, tensor.shape, len(checkpoint.info(piece.key).shape))
-            stored = geometry.stored_shape
-            if stored is None or tuple(checkpoint.info(piece.key).shape) != stored:
-                raise SaveError(
-                    f"piece {piece.key!r} of {name!r} (shape {tensor.shape}) does not fit the source's "
-                    f"{tuple(checkpoint.info(piece.key).shape)}",
-                    path=checkpoint.directory,
-                )
-            planned.append(
-                PlannedWrite(piece.key, piece.key, tensor.dtype, stored, piece_of=name, geometry=geometry)
-            )
-    return SavePlan(SaveFormat.parse("none"), planned, None)
 
 
 def fp8_scale_name(weight_name: str) -> str:
@@ -430,7 +403,8 @@ def _reusable_scale(
     return where.scale_key
 
 
-def _partial_blocks(plan: SavePlan) -> list[str]:
+def partial_blocks(plan: SavePlan) -> list[str]:
+    """Keys of the planned FP8-block weights whose sizes the block size does not divide."""
     block = plan.format.block_size
     if block is None:
         return []

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -386,10 +387,14 @@ def _fp8_format(
 def _reusable_scale(
     name: str, tensor: ModelTensor, block: tuple[int, int] | None, source: SourceView | None
 ) -> str | None:
-    """The source scale of ``name`` when the source stored it as E4M3 with this granularity and shape."""
+    """The source scale of ``name`` when the source stored it as E4M3 with this granularity and shape (per
+    tensor, also as one piece whose rows are only permuted, Mistral-native q/k: one scale covers any order)."""
     if source is None:
         return None
     where = source.adapter.from_hf(name)
+    only = where.pieces[0] if len(where.pieces) == 1 else None
+    if block is None and only is not None and only.box is None and not only.transposed:
+        where = only.stored_source()
     if (
         where.is_assembled
         or not where.is_fp8
@@ -399,6 +404,8 @@ def _reusable_scale(
         return None
     info = source.checkpoint.info(where.key)
     if info.dtype != torch.float8_e4m3fn or tuple(info.shape) != tensor.shape:
+        return None
+    if block is None and math.prod(source.checkpoint.info(where.scale_key).shape) != 1:
         return None
     return where.scale_key
 

@@ -270,3 +270,47 @@ def mla_params_of(config: Any) -> dict[str, Any]:
         },
         "vision_encoder": vision,
     }
+
+
+def mla_model(seed: int = 0) -> Mistral3ForConditionalGeneration:
+    """The tiny Mistral 4 VLM of ``mistral4_checkpoints`` with what the native format can say: yarn without
+    magnitude correction (``mscale`` 1, 1) and Mistral's SiLU-gated vision FFN; norms and router perturbed."""
+    from mistral4_checkpoints import tiny_config
+
+    config = tiny_config()
+    config.text_config.rope_parameters["mscale_all_dim"] = 1.0
+    config.vision_config.hidden_act = "silu"
+    torch.manual_seed(seed)
+    model = Mistral3ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.add_(torch.randn_like(param) * 0.1)
+            if name.endswith("mlp.gate.weight"):
+                param.normal_(0, 0.5)
+    return model
+
+
+def write_mla_fp8_native(model: Mistral3ForConditionalGeneration, directory: Path) -> Path:
+    """``model`` (MLA + experts) as a native checkpoint with Mistral's own per-tensor FP8 (``qscale_weight``,
+    dynamic activations) on every 2-D text linear, each expert's ``w1/w2/w3`` its own scale; router, norms,
+    embeddings, head and vision BF16."""
+    tensors = mla_native_tensors(model.state_dict(), model.config)
+    linear = re.compile(
+        r"^layers\.\d+\.(attention\.w\w+|feed_forward\.w\d|shared_experts\.w\d|experts\.\d+\.w\d)\.weight$"
+    )
+    out = {}
+    for key, value in tensors.items():
+        if linear.match(key):
+            weight = value.float()
+            scale = weight.abs().max() / 448.0
+            out[key] = (weight / scale).to(torch.float8_e4m3fn)
+            out[key.replace(".weight", ".qscale_weight")] = scale
+        else:
+            out[key] = value.to(torch.bfloat16).contiguous()
+    params = mla_params_of(model.config)
+    params["quantization"] = {"qformat_weight": "fp8_e4m3", "qscheme_act": "NO_SCALES"}
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "params.json").write_text(json.dumps(params))
+    save_file(out, directory / "consolidated.safetensors")
+    return directory

@@ -16,8 +16,9 @@ from typing import Any
 
 import pytest
 import torch
-from mistral4_checkpoints import reference_state_dict, stored_tensors, tiny_config, write_checkpoint
+from mistral4_checkpoints import reference_state_dict, stored_tensors, write_checkpoint
 from mistral_native_checkpoints import (
+    mla_model,
     mla_native_tensors,
     mla_params_of,
     native_tensors,
@@ -41,23 +42,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*partial:UserWarning")
 LARGE_3_PARAMS = Path("/work/shared/reference/data/mistral-large-3-675b-instruct-2512.params.json")
 BLOCK = (16, 16)
 _FP8 = re.compile(r"\.(weight_scale|qscale_weight)$")
-
-
-def mla_model(seed: int = 0) -> Mistral3ForConditionalGeneration:
-    """The tiny Mistral 4 VLM of ``mistral4_checkpoints`` with what the native format can say: yarn without
-    magnitude correction (``mscale`` 1, 1) and Mistral's SiLU-gated vision FFN."""
-    config = tiny_config()
-    config.text_config.rope_parameters["mscale_all_dim"] = 1.0
-    config.vision_config.hidden_act = "silu"
-    torch.manual_seed(seed)
-    model = Mistral3ForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.add_(torch.randn_like(param) * 0.1)
-            if name.endswith("mlp.gate.weight"):
-                param.normal_(0, 0.5)
-    return model
 
 
 @pytest.fixture(scope="module")

@@ -440,3 +440,30 @@ def test_source_save_after_training_rescales_only_what_moved(dense: dict[str, An
     for name, value in trained.items():
         step = value.float().abs() * 2**-3 + 1e-6
         assert ((again[name].float() - value.float()).abs() <= step).all(), name
+
+
+def test_text_only_hf_to_native_loads_with_stock_logits(tmp_path: Path) -> None:
+    """Devstral 2's class (``Ministral3ForCausalLM``, YaRN spelled ``mscale`` 1 / ``mscale_all_dim`` 0 as
+    transformers' text-only converter writes it, ``yarn.apply_scale: true``) -> native -> loaded: stock logits."""
+    from transformers import Ministral3ForCausalLM
+
+    from automodel_plugins.testing.compare import assert_same_logits
+    from automodel_plugins.testing.tiny_models import (
+        MINISTRAL3_TEXT_ROPE_PARAMETERS,
+        text_batch,
+        tiny_ministral3_config,
+    )
+
+    torch.manual_seed(1)
+    config = tiny_ministral3_config(rope_parameters=MINISTRAL3_TEXT_ROPE_PARAMETERS)
+    reference = Ministral3ForCausalLM(config).eval()
+    with torch.no_grad():  # values BF16 holds exactly (convert writes BF16); the rotary buffers stay fp32
+        for param in reference.parameters():
+            param.copy_(param.to(torch.bfloat16))
+    reference.save_pretrained(tmp_path / "hf")
+    convert_checkpoint(tmp_path / "hf", tmp_path / "native", to="bf16", layout="native")
+    params = json.loads((tmp_path / "native" / "params.json").read_text())
+    assert "vision_encoder" not in params and params["yarn"]["apply_scale"] is True
+    model = automodel_plugins.from_pretrained(tmp_path / "native", dtype=torch.float32)
+    assert type(model) is Ministral3ForCausalLM
+    assert_same_logits(model, reference, text_batch(config, labels=False))

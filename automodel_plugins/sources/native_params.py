@@ -128,13 +128,14 @@ def _rope(text: Any, mla: bool) -> dict[str, Any]:
     mscale = (rope.get("mscale"), rope.get("mscale_all_dim"))
     if mscale == (1.0, 1.0):
         apply_scale = False
-    elif mscale == (None, None) and not mla:
-        apply_scale = True
+    elif mscale in ((None, None), (1.0, 0.0)) and not mla:
+        apply_scale = True  # (1, 0): transformers' text-only Ministral 3 converter spells the default so
     else:
         _refuse(
             "rope_parameters.mscale",
             mscale,
-            "yarn.apply_scale says (1, 1) (false) or, for a dense model, transformers' default (true)",
+            "yarn.apply_scale says (1, 1) (false) or, for a dense model, transformers' default (true: "
+            "no mscale, or (1, 0))",
         )
     original = rope["original_max_position_embeddings"]
     out["yarn"] = {

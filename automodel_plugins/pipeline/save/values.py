@@ -322,15 +322,14 @@ class PieceValues:
                 f"{overlap[geometry.squeezed]} of {geometry.box[geometry.squeezed]}, which cut a head: its rows "
                 "are permuted within the head, so it is written by a process holding whole heads"
             )
-        gathered = torch.cat(
-            [
-                chunk[relative_slices(part, rows)]
-                for row, chunk in self.base.chunks(tensor, 0, own_rows)
-                for rows in [((held[0][0] + row, held[0][0] + row + chunk.shape[0]), *held[1:])]
-                for part in [intersect(rows, overlap)]
-                if part is not None
-            ]
-        )
+        parts = [
+            chunk[relative_slices(part, rows)]
+            for row, chunk in self.base.chunks(tensor, 0, own_rows)
+            for rows in [((held[0][0] + row, held[0][0] + row + chunk.shape[0]), *held[1:])]
+            for part in [intersect(rows, overlap)]
+            if part is not None
+        ]
+        gathered = parts[0] if len(parts) == 1 else torch.cat(parts)  # one expert's run: no copy
         stored = geometry.to_stored(gathered) if heads is None else geometry.heads_to_stored(gathered)
         step = _rows_per_chunk(tuple(stored.shape), elements or None)
         for row in range(0, stored.shape[0], step):

@@ -110,7 +110,7 @@ class ModelValues:
     ) -> Iterator[tuple[int, torch.Tensor]]:
         """Views of the local tensor: ``elements=0`` gives it whole (one write, no copy)."""
         if name in self.resident:
-            yield from _rows_of(self._dequantized_chunks(name, elements), rows)
+            yield from _rows_of(self._dequantized_chunks(name, elements, rows), rows)
             return
         local = _local(self.tensors[name]).detach()
         if local.dim() == 0 or (elements == 0 and rows is None and local.is_contiguous()):
@@ -121,17 +121,24 @@ class ModelValues:
         for row in range(start, stop, step):
             yield row, local[row : min(row + step, stop)]
 
-    def _dequantized_chunks(self, name: str, elements: int | None) -> Iterator[tuple[int, torch.Tensor]]:
+    def _dequantized_chunks(
+        self, name: str, elements: int | None, rows: tuple[int, int] | None = None
+    ) -> Iterator[tuple[int, torch.Tensor]]:
         """Rows of this rank's box of an FP8-resident weight, dequantized as the layer's forward does (fp32
-        product with the block of each element, one rounding to the compute dtype)."""
+        product with the block of each element, one rounding to the compute dtype); of fused experts, only
+        the experts ``rows`` names (one piece's expert is not all of them)."""
         layer = self.resident[name]
         codes = _local(self.tensors[name]).detach().view(layer.fp8_dtype)
         if isinstance(layer, Fp8Experts):
             scale = layer.scale(name.rpartition(".")[2])
             held = local_region(scale)  # expert parallelism: the grids of this rank's experts only
-            yield from _dequantized_experts(
-                codes, _local(scale), layer, self.box(name), elements, 0 if held is None else held[0].start
-            )
+            box = self.box(name)
+            first, last = rows if rows is not None else (0, codes.shape[0])
+            box = ((box[0][0] + first, box[0][0] + last), *box[1:])
+            for row, chunk in _dequantized_experts(
+                codes[first:last], _local(scale), layer, box, elements, 0 if held is None else held[0].start
+            ):
+                yield first + row, chunk
             return
         (row0, _), (col0, col1) = self.box(name)
         step = _rows_per_chunk(tuple(codes.shape), elements or None)

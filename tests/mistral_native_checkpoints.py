@@ -169,3 +169,148 @@ def write_native(directory: Path, model: Mistral3ForConditionalGeneration) -> Pa
     (directory / "params.json").write_text(json.dumps(params_of(model.config)))
     save_file(native_tensors(model), directory / "consolidated.safetensors")
     return directory
+
+
+# --- the MoE generation (MLA + experts): transformers' convert_mistral4_weight_to_hf run backwards ------------
+
+MLA_TO_NATIVE = {
+    "input_layernorm": "attention_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_a_proj": "attention.wq_a",
+    "self_attn.q_a_layernorm": "attention.q_a_norm",
+    "self_attn.q_b_proj": "attention.wq_b",
+    "self_attn.kv_a_proj_with_mqa": "attention.wkv_a_with_mqa",
+    "self_attn.kv_a_layernorm": "attention.kv_a_norm",
+    "self_attn.kv_b_proj": "attention.wkv_b",
+    "self_attn.o_proj": "attention.wo",
+    "mlp.gate_proj": "feed_forward.w1",
+    "mlp.down_proj": "feed_forward.w2",
+    "mlp.up_proj": "feed_forward.w3",
+    "mlp.gate": "gate",
+    "mlp.shared_experts.gate_proj": "shared_experts.w1",
+    "mlp.shared_experts.down_proj": "shared_experts.w2",
+    "mlp.shared_experts.up_proj": "shared_experts.w3",
+}
+"""transformers' Mistral4 conversion renamings, reversed: HF module path under a text layer -> native."""
+
+
+def mla_native_tensors(state: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Tensor]:
+    """A ``Mistral3ForConditionalGeneration`` (``mistral4`` text) state dict under native names: experts split
+    into ``experts.E.w1/w3`` (gate rows, then up) and ``w2``, vision q/k back in rotary order, MLA text as is."""
+    text = config.text_config
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        value = tensor.detach().clone()
+        layer = re.match(
+            r"^model\.language_model\.layers\.(\d+)\.(.+)\.(weight|gate_up_proj|down_proj)$", name
+        )
+        if layer is None:
+            if name.startswith("model.vision_tower") and name.endswith(("q_proj.weight", "k_proj.weight")):
+                value = unpermute_for_rope(value, config.vision_config.num_attention_heads)
+            out[native_key(name)] = value.contiguous()
+            continue
+        n, module, leaf = layer.groups()
+        if module == "mlp.experts":
+            width = text.moe_intermediate_size
+            for e in range(text.n_routed_experts):
+                if leaf == "gate_up_proj":
+                    out[f"layers.{n}.experts.{e}.w1.weight"] = value[e, :width].contiguous()
+                    out[f"layers.{n}.experts.{e}.w3.weight"] = value[e, width:].contiguous()
+                else:
+                    out[f"layers.{n}.experts.{e}.w2.weight"] = value[e].contiguous()
+            continue
+        out[f"layers.{n}.{MLA_TO_NATIVE[module]}.weight"] = value.contiguous()
+    return out
+
+
+def mla_params_of(config: Any) -> dict[str, Any]:
+    """The ``params.json`` of a Large-3-shaped release for ``config`` (yarn ``apply_scale: false``, Llama-4
+    scaling, the vision encoder as a Ministral 3 release writes it)."""
+    text = config.text_config
+    rope = text.rope_parameters
+    vision = params_of(config)["vision_encoder"]
+    return {
+        "dim": text.hidden_size,
+        "n_layers": text.num_hidden_layers,
+        "head_dim": text.qk_nope_head_dim + text.qk_rope_head_dim,
+        "hidden_dim": text.intermediate_size,
+        "n_heads": text.num_attention_heads,
+        "n_kv_heads": text.num_key_value_heads,
+        "norm_eps": text.rms_norm_eps,
+        "vocab_size": text.vocab_size,
+        "tied_embeddings": False,
+        "max_position_embeddings": text.max_position_embeddings,
+        "q_lora_rank": text.q_lora_rank,
+        "kv_lora_rank": text.kv_lora_rank,
+        "qk_nope_head_dim": text.qk_nope_head_dim,
+        "qk_rope_head_dim": text.qk_rope_head_dim,
+        "v_head_dim": text.v_head_dim,
+        "moe": {
+            "expert_hidden_dim": text.moe_intermediate_size,
+            "first_k_dense_replace": text.first_k_dense_replace,
+            "num_expert_groups": text.n_group,
+            "num_expert_groups_per_tok": text.topk_group,
+            "num_experts": text.n_routed_experts,
+            "num_experts_per_tok": text.num_experts_per_tok,
+            "num_shared_experts": text.n_shared_experts,
+            "route_every_n": 1,
+            "routed_scale": text.routed_scaling_factor,
+        },
+        "rope_theta": rope["rope_theta"],
+        "yarn": {
+            "alpha": rope["beta_slow"],
+            "apply_scale": False,
+            "beta": rope["beta_fast"],
+            "factor": rope["factor"],
+            "original_max_position_embeddings": rope["original_max_position_embeddings"],
+        },
+        "llama_4_scaling": {
+            "beta": rope["llama_4_scaling_beta"],
+            "original_max_position_embeddings": rope["original_max_position_embeddings"],
+        },
+        "vision_encoder": vision,
+    }
+
+
+def mla_model(seed: int = 0) -> Mistral3ForConditionalGeneration:
+    """The tiny Mistral 4 VLM of ``mistral4_checkpoints`` with what the native format can say: yarn without
+    magnitude correction (``mscale`` 1, 1) and Mistral's SiLU-gated vision FFN; norms and router perturbed."""
+    from mistral4_checkpoints import tiny_config
+
+    config = tiny_config()
+    config.text_config.rope_parameters["mscale_all_dim"] = 1.0
+    config.vision_config.hidden_act = "silu"
+    torch.manual_seed(seed)
+    model = Mistral3ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.add_(torch.randn_like(param) * 0.1)
+            if name.endswith("mlp.gate.weight"):
+                param.normal_(0, 0.5)
+    return model
+
+
+def write_mla_fp8_native(model: Mistral3ForConditionalGeneration, directory: Path) -> Path:
+    """``model`` (MLA + experts) as a native checkpoint with Mistral's own per-tensor FP8 (``qscale_weight``,
+    dynamic activations) on every 2-D text linear, each expert's ``w1/w2/w3`` its own scale; router, norms,
+    embeddings, head and vision BF16."""
+    tensors = mla_native_tensors(model.state_dict(), model.config)
+    linear = re.compile(
+        r"^layers\.\d+\.(attention\.w\w+|feed_forward\.w\d|shared_experts\.w\d|experts\.\d+\.w\d)\.weight$"
+    )
+    out = {}
+    for key, value in tensors.items():
+        if linear.match(key):
+            weight = value.float()
+            scale = weight.abs().max() / 448.0
+            out[key] = (weight / scale).to(torch.float8_e4m3fn)
+            out[key.replace(".weight", ".qscale_weight")] = scale
+        else:
+            out[key] = value.to(torch.bfloat16).contiguous()
+    params = mla_params_of(model.config)
+    params["quantization"] = {"qformat_weight": "fp8_e4m3", "qscheme_act": "NO_SCALES"}
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "params.json").write_text(json.dumps(params))
+    save_file(out, directory / "consolidated.safetensors")
+    return directory

@@ -539,17 +539,25 @@ def test_convert_layout_native_dequantizes_in_native_form(
     assert_same_state_dict(ours, again)
 
 
-def test_convert_layout_native_from_hf_form_is_refused(
+def test_convert_layout_native_from_hf_form_is_the_reference_writers_native_form(
     tmp_path: Path, dense_native: tuple[Path, Any]
 ) -> None:
-    from automodel_plugins.errors import SaveOptionError
+    """HF form -> native: every tensor under the name and in the row order this test's own writer (transformers'
+    converter run backwards) gives, byte for byte in BF16, and the ``params.json`` a Ministral 3 release
+    carries for the config."""
     from automodel_plugins.pipeline.save.convert import convert_checkpoint
 
     _, reference = dense_native
     reference.save_pretrained(tmp_path / "hf")
-    with pytest.raises(SaveOptionError, match="not converted to native yet"):
-        convert_checkpoint(tmp_path / "hf", tmp_path / "out", to="bf16", layout="native")
-    assert not (tmp_path / "out").exists()
+    convert_checkpoint(tmp_path / "hf", tmp_path / "out", to="bf16", layout="native")
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["consolidated.safetensors", "params.json"]
+    assert json.loads((out / "params.json").read_text()) == params_of(reference.config)
+    expected = {
+        key: (str(torch.bfloat16), tuple(t.shape), t.to(torch.bfloat16).view(torch.uint8).numpy().tobytes())
+        for key, t in native_tensors(reference).items()
+    }
+    assert _stored(out) == expected
 
 
 def test_fp8_save_of_a_native_model_keeps_the_translated_modules_to_not_convert(

@@ -49,6 +49,7 @@ from distributed import (
     _expert_parallel,
     _experts_lora,
     _mistral4,
+    _native_save,
     _peft_merge_config,
     _rotary_compile,
     _stages,
@@ -1149,6 +1150,7 @@ SCENARIOS: dict[str, Callable[[Context], dict[str, Any]]] = {
     **_expert_parallel.SCENARIOS,
     **_peft_merge_config.SCENARIOS,
     **_rotary_compile.SCENARIOS,
+    **_native_save.SCENARIOS,
 }
 
 

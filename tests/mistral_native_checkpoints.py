@@ -169,3 +169,143 @@ def write_native(directory: Path, model: Mistral3ForConditionalGeneration) -> Pa
     (directory / "params.json").write_text(json.dumps(params_of(model.config)))
     save_file(native_tensors(model), directory / "consolidated.safetensors")
     return directory
+
+
+# --- the MoE generation (Mistral Large 3's shape): MLA, per-expert experts -------------------------------------
+
+# transformers' convert_mistral4_weight_to_hf renamings, reversed (HF module path under a text layer -> native).
+MLA_TO_NATIVE = {
+    "input_layernorm": "attention_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_a_proj": "attention.wq_a",
+    "self_attn.q_a_layernorm": "attention.q_a_norm",
+    "self_attn.q_b_proj": "attention.wq_b",
+    "self_attn.kv_a_proj_with_mqa": "attention.wkv_a_with_mqa",
+    "self_attn.kv_a_layernorm": "attention.kv_a_norm",
+    "self_attn.kv_b_proj": "attention.wkv_b",
+    "self_attn.o_proj": "attention.wo",
+    "mlp.gate_proj": "feed_forward.w1",
+    "mlp.down_proj": "feed_forward.w2",
+    "mlp.up_proj": "feed_forward.w3",
+    "mlp.gate": "gate",
+    "mlp.shared_experts.gate_proj": "shared_experts.w1",
+    "mlp.shared_experts.down_proj": "shared_experts.w2",
+    "mlp.shared_experts.up_proj": "shared_experts.w3",
+}
+MLA_ROPE = {
+    "rope_type": "yarn",
+    "rope_theta": 10000.0,
+    "factor": 4.0,
+    "original_max_position_embeddings": 8,
+    "beta_fast": 32.0,
+    "beta_slow": 1.0,
+    "mscale": 1.0,
+    "mscale_all_dim": 1.0,
+    "llama_4_scaling_beta": 0.1,
+    "partial_rotary_factor": 0.5,
+}
+"""What the params.json translation gives an MLA model (``yarn.apply_scale: false``, Llama-4 scaling)."""
+
+
+def tiny_mla_model(seed: int = 3, **text_overrides: Any) -> Mistral3ForConditionalGeneration:
+    """A tiny Large-3-shaped VLM (``tests/mistral4_checkpoints``' text sizes, ``text_overrides`` applied; a
+    SiLU Pixtral tower), fp32, seeded, the router spread so that routing depends on it."""
+    from mistral4_checkpoints import tiny_text_config
+    from transformers import Mistral3Config, PixtralVisionConfig
+
+    from automodel_plugins.testing.tiny_models import TINY_PIXTRAL_SIZES
+
+    config = Mistral3Config(
+        text_config=tiny_text_config(
+            rope_parameters=dict(MLA_ROPE), norm_topk_prob=True, routed_scaling_factor=1.0, **text_overrides
+        ),
+        vision_config=PixtralVisionConfig(**{**TINY_PIXTRAL_SIZES, "hidden_act": "silu"}),
+        image_token_id=10,
+        spatial_merge_size=2,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = Mistral3ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                param.normal_(0, 0.5)
+    return model
+
+
+def mla_native_tensors(model: Mistral3ForConditionalGeneration) -> dict[str, torch.Tensor]:
+    """transformers' Mistral4 conversion run backwards: renames inverted, fused experts split into
+    ``experts.E.w1/w3/w2``, vision q/k back in rotary order, MLA text q/k as they are (a pure rename there)."""
+    config = model.config
+    width = config.text_config.moe_intermediate_size
+    tensors: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        value = tensor.detach().clone()
+        layer = re.match(
+            r"^model\.language_model\.layers\.(\d+)\.(.+)\.(weight|gate_up_proj|down_proj)$", name
+        )
+        if layer is None:
+            if name.startswith("model.vision_tower") and name.endswith(("q_proj.weight", "k_proj.weight")):
+                value = unpermute_for_rope(value, config.vision_config.num_attention_heads)
+            tensors[native_key(name)] = value.contiguous()
+            continue
+        n, module, leaf = layer.groups()
+        if module == "mlp.experts":
+            for e in range(config.text_config.n_routed_experts):
+                if leaf == "gate_up_proj":
+                    tensors[f"layers.{n}.experts.{e}.w1.weight"] = value[e, :width].contiguous()
+                    tensors[f"layers.{n}.experts.{e}.w3.weight"] = value[e, width:].contiguous()
+                else:
+                    tensors[f"layers.{n}.experts.{e}.w2.weight"] = value[e].contiguous()
+            continue
+        tensors[f"layers.{n}.{MLA_TO_NATIVE[module]}.weight"] = value.contiguous()
+    return tensors
+
+
+def mla_params(model: Mistral3ForConditionalGeneration) -> dict[str, Any]:
+    """The ``params.json`` of :func:`tiny_mla_model` (Large 3's field names and sections)."""
+    from automodel_plugins.testing.tiny_models import tiny_mistral3_config
+
+    text = model.config.text_config
+    rope = text.rope_parameters
+    return {
+        "dim": text.hidden_size,
+        "n_layers": text.num_hidden_layers,
+        "head_dim": text.qk_nope_head_dim + text.qk_rope_head_dim,
+        "hidden_dim": text.intermediate_size,
+        "n_heads": text.num_attention_heads,
+        "n_kv_heads": text.num_key_value_heads,
+        "norm_eps": text.rms_norm_eps,
+        "vocab_size": text.vocab_size,
+        "tied_embeddings": False,
+        "max_position_embeddings": text.max_position_embeddings,
+        "q_lora_rank": text.q_lora_rank,
+        "kv_lora_rank": text.kv_lora_rank,
+        "qk_nope_head_dim": text.qk_nope_head_dim,
+        "qk_rope_head_dim": text.qk_rope_head_dim,
+        "v_head_dim": text.v_head_dim,
+        "moe": {
+            "expert_hidden_dim": text.moe_intermediate_size,
+            "first_k_dense_replace": text.first_k_dense_replace,
+            "num_expert_groups": 1,
+            "num_expert_groups_per_tok": 1,
+            "num_experts": text.n_routed_experts,
+            "num_experts_per_tok": text.num_experts_per_tok,
+            "num_shared_experts": text.n_shared_experts,
+            "route_every_n": 1,
+            "routed_scale": 1.0,
+        },
+        "rope_theta": rope["rope_theta"],
+        "yarn": {
+            "alpha": int(rope["beta_slow"]),
+            "apply_scale": False,
+            "beta": int(rope["beta_fast"]),
+            "factor": int(rope["factor"]),
+            "original_max_position_embeddings": rope["original_max_position_embeddings"],
+        },
+        "llama_4_scaling": {
+            "beta": rope["llama_4_scaling_beta"],
+            "original_max_position_embeddings": rope["original_max_position_embeddings"],
+        },
+        "vision_encoder": params_of(tiny_mistral3_config(vision={"hidden_act": "silu"}))["vision_encoder"],
+    }

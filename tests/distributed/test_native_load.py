@@ -7,7 +7,7 @@ import pytest
 
 pytestmark = pytest.mark.distributed
 
-SCENARIOS = ("fsdp_native",)
+SCENARIOS = ("fsdp_native", "fsdp_native_resident")
 
 
 def test_sharded_native_load_equals_single_process(distributed_run) -> None:
@@ -33,3 +33,15 @@ def test_sharded_save_of_rotary_order_rows_is_refused_by_name(distributed_run) -
     errors = [result["save_error"] for result in distributed_run.ranks("fsdp_native")]
     assert all(error is not None and "rotary order" in error for error in errors), errors
     assert any(error.startswith("SaveError") and "attention.w" in error for error in errors), errors
+
+
+def test_fp8_resident_sharded_native_load_permutes_rotary_rows(distributed_run) -> None:
+    """``dequantize=False`` under FSDP2: q stays FP8 with its rows sharded; each rank reads q's rows whole and
+    keeps its shard of the permuted codes; gathered codes, scales and logits equal one process's."""
+    for rank, result in enumerate(distributed_run.ranks("fsdp_native_resident")):
+        assert result["q_resident"], f"rank {rank}"
+        local, total = result["q_rows"]
+        assert 0 < local < total, f"rank {rank}: q's codes are not sharded"
+        assert result["q_bounds"] and all(b is None or b[0] == [0, total] for b in result["q_bounds"]), rank
+        assert result["full_mismatches"] == [], f"rank {rank}"
+        assert result["logits_equal"], f"rank {rank}"

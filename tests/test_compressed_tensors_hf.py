@@ -352,3 +352,22 @@ def test_an_ignored_module_holding_fp8_is_refused(tmp_path: Path, mistral4: dict
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=r"o_proj.*modules_to_not_convert"):
         automodel_plugins.from_pretrained(path, dtype=BF16)
+
+
+def test_merged_lora_layers_join_the_ignore_list(mistral4: dict[str, Any]) -> None:
+    """After ``merge_lora`` on an FP8-resident compressed-tensors model, the merged (now BF16) layers are named
+    in its ``ignore`` (compressed-tensors' own field, not ``modules_to_not_convert`` beside it), so the config
+    still reads back: the FP8 layers left are still read as FP8, the merged ones as unquantized."""
+    import peft
+
+    _, path = mistral4["aligned"]
+    model = automodel_plugins.from_pretrained(path, dtype=BF16, dequantize=False)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_b_proj"]))
+    merged = automodel_plugins.merge_lora(model)
+    section = merged.config.quantization_config
+    assert "modules_to_not_convert" not in section
+    names = [f"model.language_model.layers.{n}.self_attn.q_b_proj" for n in range(LAYERS)]
+    assert section["ignore"][-LAYERS:] == names
+    assert "model.language_model.layers.0.self_attn.kv_b_proj" not in section["ignore"]
+    assert not any("vision_tower" in name or name == "lm_head" for name in section["ignore"][4:])
+    assert parse_fp8_quantization(merged.config).modules_to_not_convert == ("lm_head", *names)

@@ -8,6 +8,7 @@ Why ``uint8`` codes, fp32 scale buffers and dequantize-then-matmul: see :mod:`au
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -326,7 +327,7 @@ def check_resident_state_dict(module: nn.Module, state_dict: dict[str, Any], pre
 def sync_quantization_config(model: nn.Module) -> str | None:
     """Make ``model.config.quantization_config`` say what the model holds, so that a stock ``save_pretrained``
     writes a checkpoint transformers reads as it is: every plain ``nn.Linear`` not yet covered (a merged LoRA
-    layer, now in the compute dtype) joins ``modules_to_not_convert``; with no FP8-resident module left (layer
+    layer, now in the compute dtype) joins ``modules_to_not_convert`` (compressed-tensors: its ``ignore``); with no FP8-resident module left (layer
     or experts), the quantization is dropped. Returns the method dropped, or None."""
     config = getattr(model, "config", None)
     quantization = quantization_dict(config) if config is not None else None
@@ -335,11 +336,18 @@ def sync_quantization_config(model: nn.Module) -> str | None:
     if not modules_of_type(model, Fp8Resident):
         del config.quantization_config
         return str(quantization.get("quant_method"))
-    skipped = list(quantization.get("modules_to_not_convert") or [])
-    covered = tuple(skipped)
+    # compressed-tensors lists them in its ``ignore`` (names, or ``re:`` patterns matched from the start)
+    field = "ignore" if quantization.get("quant_method") == "compressed-tensors" else "modules_to_not_convert"
+    skipped = list(quantization.get(field) or [])
+    covered = tuple(m for m in skipped if not m.startswith("re:"))
+    patterns = [re.compile(m[3:]) for m in skipped if m.startswith("re:")]
     for name, module in model.named_modules():
-        if type(module) is nn.Linear and not any(name == m or name.startswith(m + ".") for m in covered):
+        if (
+            type(module) is nn.Linear
+            and not any(name == m or name.startswith(m + ".") for m in covered)
+            and not any(pattern.match(name) for pattern in patterns)
+        ):
             skipped.append(name)
-    quantization["modules_to_not_convert"] = skipped
+    quantization[field] = skipped
     config.quantization_config = quantization
     return None

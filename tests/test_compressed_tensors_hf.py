@@ -171,6 +171,12 @@ def test_mistral4_inspect_plans_the_compressed_tensors_load(mistral4: dict[str, 
     assert json.loads(listing.stdout)["claimed_by"] == PLUGIN
     described = describe_checkpoint(path)
     assert described["plugin"] == PLUGIN and described["bytes_read"] == 0
+    assert described["config"]["quantization"] == {
+        "quant_method": "compressed-tensors",
+        "weight_block_size": [16, 16],
+        "activation_scheme": "dynamic",
+        "modules_to_not_convert": ["lm_head"],
+    }
     load = described["load"]
     assert (load["granularity"], load["scale_names"]) == ("block 16x16", ["weight_scale"])
     assert load["assembled_tensors"] == 2 * (LAYERS - 1)

@@ -5,9 +5,10 @@ Large 3's ignore list as published), ``consolidated.safetensors`` with native na
 ``experts.E.w1/w2/w3`` and block scales under either spelling (llm-compressor's ``weight_scale``, BF16; Mistral's
 ``qscale_weight``, fp32). Sizes give partial edge blocks (hidden 72 with 16x16 blocks: every matrix's last
 column block, the experts' ``down`` rows) and a BF16 ``kv_a_proj_with_mqa`` of 40 rows (not a multiple of the
-block, as Large 3's 576 is not of 128). The quantization and the reference dequantization are written here
-(amax per block, then codes times their block's scale in fp32, cast once; experts stacked by hand); the
-reference model is stock ``Mistral3ForConditionalGeneration`` (``mistral4`` text) holding those weights.
+block, as Large 3's 576 is not of 128). The quantization (amax per block: ``tests/mistral_native_checkpoints.py``)
+and the reference dequantization (codes times their block's scale in fp32, cast once; experts stacked by hand:
+here) are the tests' own; the reference model is stock ``Mistral3ForConditionalGeneration`` (``mistral4`` text)
+holding those weights.
 
 The dense form (``ministral3`` text, q/k rows in Mistral's rotary order) checks FP8 residency of rotary-order
 rows: kept FP8 when the permutation stays within rows of scale blocks, dequantized with the reason otherwise.
@@ -16,7 +17,6 @@ rows: kept FP8 when the permutation stays within rows of scale blocks, dequantiz
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +24,14 @@ import pytest
 import torch
 from mistral_native_checkpoints import (
     MLA_TO_NATIVE,
-    mla_native_tensors,
-    mla_params,
+    compressed_tensors,
+    expand,
     native_key,
     native_tensors,
     params_of,
+    quantize,
     tiny_mla_model,
+    write_large3_like,
 )
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -43,82 +45,6 @@ from automodel_plugins.testing.tiny_models import mistral3_image_batch, text_bat
 
 BF16 = torch.bfloat16
 BLOCK = 16
-LARGE_3_IGNORE = [
-    "model.embed_tokens",
-    "re:patch_merger.*",
-    "re:vision_encoder.*",
-    "re:vision_language_adapter.*",
-    "re:.*kv_a_proj_with_mqa$",
-    "re:.*q_a_proj$",
-    "re:.*gate$",
-    "lm_head",
-]
-"""The ``ignore`` list of Large 3's real ``params.json``, as published."""
-_FP8_MAX = 448.0
-
-
-def compressed_tensors(block: int, ignore: list[str]) -> dict[str, Any]:
-    """Large 3's ``quantization_config`` with ``block`` x ``block`` blocks."""
-    return {
-        "config_groups": {
-            "FP8_BLOCK": {
-                "format": "float-quantized",
-                "input_activations": {
-                    "actorder": None,
-                    "block_structure": None,
-                    "dynamic": True,
-                    "group_size": 128,
-                    "num_bits": 8,
-                    "observer": None,
-                    "observer_kwargs": {},
-                    "strategy": "group",
-                    "symmetric": True,
-                    "type": "float",
-                },
-                "output_activations": None,
-                "targets": ["Linear"],
-                "weights": {
-                    "actorder": None,
-                    "block_structure": [block, block],
-                    "dynamic": False,
-                    "group_size": None,
-                    "num_bits": 8,
-                    "observer": "static_minmax",
-                    "observer_kwargs": {},
-                    "strategy": "block",
-                    "symmetric": True,
-                    "type": "float",
-                },
-            }
-        },
-        "format": "float-quantized",
-        "global_compression_ratio": None,
-        "ignore": ignore,
-        "kv_cache_scheme": None,
-        "quant_method": "compressed-tensors",
-        "quantization_status": "compressed",
-        "sparsity_config": {},
-        "transform_config": {},
-        "version": "0.12.3.dev29+g73c2cf9.d20251119",
-    }
-
-
-def expand(grid: torch.Tensor, shape: torch.Size, block: int) -> torch.Tensor:
-    """Each block's scale over its (possibly partial) block."""
-    return grid.repeat_interleave(block, 0)[: shape[0]].repeat_interleave(block, 1)[:, : shape[1]]
-
-
-def quantize(weight: torch.Tensor, block: int, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """FP8 codes and a ``scale_dtype`` grid of ``block`` x ``block`` scales (amax / 448 per block)."""
-    rows, cols = weight.shape
-    grid = torch.empty(math.ceil(rows / block), math.ceil(cols / block))
-    for i in range(grid.shape[0]):
-        for j in range(grid.shape[1]):
-            part = weight[i * block : (i + 1) * block, j * block : (j + 1) * block]
-            grid[i, j] = (part.abs().amax() / _FP8_MAX).clamp(min=1e-8)
-    grid = grid.to(scale_dtype)
-    codes = (weight.float() / expand(grid.float(), weight.shape, block)).clamp(-_FP8_MAX, _FP8_MAX)
-    return codes.to(torch.float8_e4m3fn), grid
 
 
 def dequantize(codes: torch.Tensor, grid: torch.Tensor, block: int) -> torch.Tensor:
@@ -132,31 +58,6 @@ def stored(directory: Path) -> dict[str, torch.Tensor]:
 
 def raw(tensors: dict[str, torch.Tensor]) -> dict[str, bytes]:
     return {k: v.reshape(-1).view(torch.uint8).numpy().tobytes() for k, v in tensors.items()}
-
-
-# --- Large 3's shape: MLA, MoE, per-expert pieces ---------------------------------------------------------------
-
-QUANTIZED_LEAVES = ("wq_b", "wkv_b", "wo", "w1", "w2", "w3")
-"""Text linears Large 3 quantizes (``wq_a``, ``wkv_a_with_mqa`` and the router ``gate`` are ignored)."""
-
-
-def write_large3_like(model: Mistral3ForConditionalGeneration, directory: Path, scale_name: str) -> Path:
-    directory.mkdir()
-    scale_dtype = BF16 if scale_name == "weight_scale" else torch.float32
-    tensors = {}
-    for key, value in mla_native_tensors(model).items():
-        module = key.removesuffix(".weight").rpartition(".")[2]
-        if key.startswith("layers.") and key.endswith(".weight") and module in QUANTIZED_LEAVES:
-            codes, grid = quantize(value, BLOCK, scale_dtype)
-            tensors[key] = codes
-            tensors[key.removesuffix("weight") + scale_name] = grid
-        else:
-            tensors[key] = value.to(BF16)  # what Large 3 ignores is BF16 on disk
-    params = mla_params(model)
-    params["quantization_config"] = compressed_tensors(BLOCK, LARGE_3_IGNORE)
-    (directory / "params.json").write_text(json.dumps(params))
-    save_file(tensors, directory / "consolidated.safetensors")
-    return directory
 
 
 def large3_reference(

@@ -51,4 +51,82 @@ def fsdp_native_resident(ctx: Any) -> dict[str, Any]:
     return result
 
 
-SCENARIOS = {"fsdp_native_resident": fsdp_native_resident}
+SCENARIOS: dict[str, Any] = {"fsdp_native_resident": fsdp_native_resident}
+
+
+# --- Mistral Large 3's form, tiny: compressed-tensors FP8_BLOCK, per-expert pieces ----------------------------
+
+
+def large3_like(ctx: Any) -> Any:
+    """The tiny Large-3-form checkpoint (written once, by rank 0)."""
+    import torch.distributed as dist
+    from mistral_native_checkpoints import tiny_mla_model, write_large3_like
+
+    path = ctx.out / "ckpt-native-large3-like"
+    if ctx.rank == 0 and not path.is_dir():
+        write_large3_like(tiny_mla_model(hidden_size=72, moe_intermediate_size=32), path, "weight_scale")
+    dist.barrier()
+    return path
+
+
+def large3_fsdp(ctx: Any, *, dequantize: bool) -> dict[str, Any]:
+    """FSDP2 on every decoder layer and the root (experts ``Shard(0)``): gathered tensors and logits with an
+    image equal the single-process load's (dequantized, or FP8-resident: ``Fp8Experts`` codes sharded)."""
+    from distributed import _mistral4
+
+    path = large3_like(ctx)
+    reference = automodel_plugins.from_pretrained(path, dequantize=dequantize).eval()
+    model = _mistral4.sharded(ctx, path, dequantize=dequantize)
+    tensors = model_tensors(model)
+    gathered = {name: _checks.full_value(t) for name, t in tensors.items()}
+    experts = tensors["model.language_model.layers.1.mlp.experts.gate_up_proj"]
+    result: dict[str, Any] = {
+        "full_mismatches": _checks.mismatches(gathered, model_tensors(reference)),
+        "expert_region": _checks.chunk_bounds(experts),
+        "expert_dtype": str(experts.dtype),
+    }
+    model.eval()
+    batch = _mistral4.image_batch(reference.config)
+    with torch.no_grad():
+        result["logits_equal"] = bool(torch.equal(model(**batch).logits, reference(**batch).logits))
+    return result
+
+
+def large3_expert_parallel(ctx: Any) -> dict[str, Any]:
+    """The expert tensors ``Shard(0)`` (each rank 2 of the 4 experts), everything else replicated: this rank reads
+    only its experts' ``experts.E.w1/w2/w3`` pieces, every expert byte once between the ranks."""
+    from torch import nn
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    from automodel_plugins.checkpoint import Checkpoint
+
+    path = large3_like(ctx)
+    reference = automodel_plugins.from_pretrained(path).eval()
+    model = automodel_plugins.build_model(path)
+    for name, param in list(model.named_parameters()):
+        expert = name.endswith((".experts.gate_up_proj", ".experts.down_proj"))
+        module, _, leaf = name.rpartition(".")
+        value = distribute_tensor(param.detach(), ctx.mesh, [Shard(0) if expert else Replicate()])
+        model.get_submodule(module)._parameters[leaf] = nn.Parameter(value, requires_grad=param.requires_grad)
+    model.to_empty(device="cpu")
+    with _checks.record_reads() as reads:
+        automodel_plugins.load_weights(model, path)
+    pieces = sorted({key for key, _ in reads if ".experts." in key and "scale" not in key})
+    with Checkpoint.open(path) as opened:
+        expert_keys = [key for key in opened if ".experts." in key and "scale" not in key]
+    gathered = {name: _checks.full_value(t) for name, t in model_tensors(model).items()}
+    return {
+        "full_mismatches": _checks.mismatches(gathered, model_tensors(reference)),
+        "experts_read": sorted({int(key.split(".")[3]) for key in pieces}),
+        "pieces_read": len(pieces),
+        "pieces_total": len(expert_keys),
+    }
+
+
+SCENARIOS.update(
+    {
+        "native_large3_fsdp": lambda ctx: large3_fsdp(ctx, dequantize=True),
+        "native_large3_fsdp_resident": lambda ctx: large3_fsdp(ctx, dequantize=False),
+        "native_large3_expert_parallel": large3_expert_parallel,
+    }
+)

@@ -377,3 +377,33 @@ def test_merged_lora_layers_join_the_ignore_list(mistral4: dict[str, Any]) -> No
     assert "model.language_model.layers.0.self_attn.kv_b_proj" not in section["ignore"]
     assert not any("vision_tower" in name or name == "lm_head" for name in section["ignore"][4:])
     assert parse_fp8_quantization(merged.config).modules_to_not_convert == ("lm_head", *names)
+
+
+def test_fused_bf16_experts_beside_compressed_tensors_linears(tmp_path: Path) -> None:
+    """llm-compressor quantizes ``Linear`` modules: transformers' fused experts (3-D parameters, no ``Linear``)
+    stay BF16 while the attention, dense and shared-expert linears are FP8. That loads as the reference too,
+    the experts as stored (no warning with ``dequantize=False``: BF16 experts are simply BF16)."""
+    original = write_checkpoint(tiny_model(), tmp_path / "fg", "per-tensor")
+    stored = stored_tensors(original)
+    tensors = {}
+    for key, value in stored.items():
+        if key.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            tensors[key] = (value.float() * stored[f"{key}_scale_inv"].float()).to(BF16)
+        elif ".mlp.experts." not in key:
+            tensors[
+                key.replace("weight_scale_inv", "weight_scale").replace("activation_scale", "input_scale")
+            ] = value
+    path = tmp_path / "ct"
+    path.mkdir()
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((original / "config.json").read_text())
+    config["quantization_config"] = fp8_block(None)
+    (path / "config.json").write_text(json.dumps(config))
+    expected = eager(reference_model(original))
+    ours = eager(automodel_plugins.from_pretrained(path, dtype=BF16))
+    assert_same_state_dict(ours, expected)
+    resident = eager(automodel_plugins.from_pretrained(path, dtype=BF16, dequantize=False))
+    assert resident.automodel_composition.fp8_not_resident == []
+    assert isinstance(resident.model.language_model.layers[1].mlp.shared_experts.up_proj, Fp8Linear)
+    for inputs in batches(expected.config):
+        assert_same_logits(resident, expected, inputs)

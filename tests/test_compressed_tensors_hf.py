@@ -39,22 +39,31 @@ BF16 = torch.bfloat16
 PLUGIN = "mistral3_fp8"
 
 
+CHANNEL = [1, 4096]
+"""A block one row high and wider than any tiny row: the fine-grained writer's form of per-channel scales (the
+grid is ``[out, 1]``, compressed-tensors' per-channel ``weight_scale``), rewritten as ``strategy: channel``."""
+
+
 def fp8_block(block: list[int] | None) -> dict[str, Any]:
-    """llm-compressor's FP8_BLOCK (``block``) or FP8 per-tensor (``None``) dict as it writes it in config.json."""
+    """llm-compressor's dict as it writes it in config.json: FP8_BLOCK (``block``), FP8_DYNAMIC (per-channel
+    weights, dynamic per-token activations: ``block`` :data:`CHANNEL`) or FP8 per tensor, static (``None``)."""
+    channel = block is not None and block[0] == 1
     weights = {
         "actorder": None,
-        "block_structure": block,
+        "block_structure": None if channel else block,
         "dynamic": False,
         "group_size": None,
         "num_bits": 8,
         "observer": "static_minmax" if block else "minmax",
         "observer_kwargs": {},
-        "strategy": "block" if block else "tensor",
+        "strategy": "channel" if channel else "block" if block else "tensor",
         "symmetric": True,
         "type": "float",
     }
     activations = (
-        {"dynamic": True, "group_size": 128, "num_bits": 8, "strategy": "group", "symmetric": True}
+        {"dynamic": True, "num_bits": 8, "strategy": "token", "symmetric": True}
+        if channel
+        else {"dynamic": True, "group_size": 128, "num_bits": 8, "strategy": "group", "symmetric": True}
         if block
         else {"dynamic": False, "num_bits": 8, "strategy": "tensor", "symmetric": True}
     )
@@ -122,13 +131,14 @@ def mistral4(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, 
         ("block", "block-per-expert", (16, 16)),
         ("aligned", "block-per-expert", (8, 8)),
         ("tensor", "per-tensor", (16, 16)),
+        ("channel", "block-per-expert", tuple(CHANNEL)),
     ):
         original = write_checkpoint(model, root / f"{name}-fg", form, block=block)
         out[name] = (original, as_compressed_tensors(original, root / f"{name}-ct"))
     return out
 
 
-@pytest.mark.parametrize("form", ["block", "aligned", "tensor"])
+@pytest.mark.parametrize("form", ["block", "aligned", "tensor", "channel"])
 def test_mistral4_loads_bit_identical_to_the_reference(mistral4: dict[str, Any], form: str) -> None:
     original, path = mistral4[form]
     ours = eager(automodel_plugins.from_pretrained(path, dtype=BF16))
@@ -137,6 +147,13 @@ def test_mistral4_loads_bit_identical_to_the_reference(mistral4: dict[str, Any],
     for inputs in batches(expected.config):
         assert_same_logits(ours, expected, inputs)
     assert "compressed-tensors" in ours.automodel_composition.claim_reason
+    granularity = {
+        "block": "block 16x16",
+        "aligned": "block 8x8",
+        "tensor": "per-tensor",
+        "channel": "per-channel",
+    }
+    assert ours.automodel_composition.adapter["granularity"] == granularity[form]
 
 
 @pytest.mark.parametrize("form", ["block", "aligned"])
@@ -155,7 +172,7 @@ def test_mistral4_dequantize_false_keeps_fp8_with_the_same_logits(
     for name in ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"):
         assert isinstance(getattr(attention, name), Fp8Linear), name
     experts = ours.get_submodule("model.language_model.layers.1.mlp.experts")
-    assert isinstance(experts, Fp8Experts) == (form == "aligned")
+    assert isinstance(experts, Fp8Experts) == (form != "block")
     stored = stored_tensors(path)
     key = "language_model.model.layers.0.self_attn.kv_a_proj_with_mqa.weight"
     assert torch.equal(attention.kv_a_proj_with_mqa.weight.view(torch.uint8), stored[key].view(torch.uint8))
@@ -233,8 +250,14 @@ def _dense_reference(
             [16, 16],
         ),
         (CheckpointSpec(scale_name="weight_scale", activation_scale_name="input_scale"), None),
+        (
+            CheckpointSpec(
+                model=ODD, block_size=tuple(CHANNEL), scale_name="weight_scale", activation_scale_name=None
+            ),
+            CHANNEL,
+        ),
     ],
-    ids=["block-partial-edges", "tensor-static"],
+    ids=["block-partial-edges", "tensor-static", "channel"],
 )
 def test_dense_mistral3_loads_like_the_reference(
     tmp_path: Path, spec: CheckpointSpec, block: list[int] | None
@@ -281,8 +304,8 @@ UNSUPPORTED = {
     ),
     "fp8-dynamic-weights": (lambda s, g: g["weights"].update(dynamic=True), "weights.dynamic"),
     "asymmetric": (lambda s, g: g["weights"].update(symmetric=False), "weights.symmetric"),
-    "per-channel": (
-        lambda s, g: g["weights"].update(strategy="channel", block_structure=None),
+    "per-group": (
+        lambda s, g: g["weights"].update(strategy="group", group_size=128, block_structure=None),
         "weights.strategy",
     ),
     "activation-only": (lambda s, g: g.update(weights=None), "FP8_BLOCK.weights"),
@@ -303,7 +326,7 @@ def test_unsupported_schemes_are_refused_naming_the_field(case: str) -> None:
     assert "repo/config.json" in str(info.value) and "quantization_config" in str(info.value)
 
 
-@pytest.mark.parametrize("case", ["int4-weights", "per-channel", "activation-only"])
+@pytest.mark.parametrize("case", ["int4-weights", "per-group", "activation-only"])
 def test_unsupported_schemes_are_declined_naming_the_field(case: str) -> None:
     """Not the host's to apply: declined (stock transformers' compressed-tensors integration may serve it),
     the reason naming the field; loading with ``require_plugin`` then fails."""
@@ -317,7 +340,7 @@ def test_unsupported_schemes_are_declined_naming_the_field(case: str) -> None:
     assert isinstance(answer, Decline) and field in answer.reason
 
 
-@pytest.mark.parametrize("block", [[128, 128], None], ids=["block", "tensor"])
+@pytest.mark.parametrize("block", [[128, 128], None, CHANNEL], ids=["block", "tensor", "channel"])
 def test_fp8_schemes_are_claimed_by_mistral3_and_mistral4(block: list[int] | None) -> None:
     from automodel_plugins_mistral3_fp8 import plugin
     from mistral3_checkpoints import tiny_config as dense_config
@@ -326,7 +349,7 @@ def test_fp8_schemes_are_claimed_by_mistral3_and_mistral4(block: list[int] | Non
     for config in (tiny_config(), tiny_text_config(), dense_config(ModelSpec())):
         config.quantization_config = fp8_block(block)
         claim = plugin.claim_config(config)
-        shown = "128x128 block FP8" if block else "per-tensor FP8"
+        shown = {None: "per-tensor FP8", 128: "128x128 block FP8", 1: "per-channel FP8"}[block and block[0]]
         assert isinstance(claim, Claim) and f"compressed-tensors {shown}" in claim.reason
 
 
@@ -336,6 +359,8 @@ def test_parsed_settings() -> None:
     assert parsed.modules_to_not_convert == ("lm_head",)  # re: patterns leave it to the tensors' dtypes
     parsed = parse_fp8_quantization(_Config(fp8_block(None)))
     assert (parsed.weight_block_size, parsed.activation_scheme) == (None, "static")
+    parsed = parse_fp8_quantization(_Config(fp8_block(CHANNEL)))
+    assert (parsed.weight_block_size, parsed.activation_scheme) == ((1, 2**31 - 1), "dynamic")
 
 
 @pytest.mark.parametrize(

@@ -3,11 +3,13 @@ applies: the ``quant_method: fp8`` dict of transformers' ``FineGrainedFP8Config`
 
 One home for both places the format appears: an HF ``config.json`` (``quant_method: "compressed-tensors"``) and
 Mistral's native ``params.json`` (Mistral Large 3). The host reads one FP8 group targeting ``Linear``: float
-8-bit (E4M3) weights, static and symmetric, scaled per tensor (``strategy: tensor``) or per block
-(``strategy: block`` + ``block_structure``), stored compressed (``format: float-quantized``). Their
+8-bit (E4M3) weights, static and symmetric, scaled per tensor (``strategy: tensor``), per output channel
+(``strategy: channel``, llm-compressor's FP8_DYNAMIC: a ``[out, 1]`` scale, read as a block grid whose blocks are
+one row by :data:`WHOLE_ROW` columns) or per block (``strategy: block`` + ``block_structure``, FP8_BLOCK), stored
+compressed (``format: float-quantized``). Their
 ``weight_scale`` (Mistral's ``qscale_weight``) is multiplied like ``weight_scale_inv``; static input scales
 (``input_scale``) are accounted for and dropped, dynamic ones need none. Everything else compressed-tensors can
-describe (integer or 4-bit weights, NVFP4, per-channel or per-group scales, dynamic or asymmetric weights,
+describe (integer or 4-bit weights, NVFP4, per-group scales, dynamic or asymmetric weights,
 activation-only schemes, quantized outputs or KV cache, sparsity, transforms, several groups) is an
 :class:`UnsupportedQuantizationError` naming the field, never a load that guesses.
 
@@ -25,9 +27,13 @@ from typing import Any
 
 from automodel_plugins.errors import ConfigError, UnsupportedQuantizationError
 
-__all__ = ["METHOD", "hf_ignore", "translate_compressed_tensors"]
+__all__ = ["METHOD", "PER_CHANNEL_BLOCK", "WHOLE_ROW", "hf_ignore", "translate_compressed_tensors"]
 
 METHOD = "compressed-tensors"
+WHOLE_ROW = 2**31 - 1
+"""Columns of a per-channel scale's block: more than any row has, so each row's one scale covers all of it
+(the grid of an ``[out, in]`` weight is ``[out, 1]``, compressed-tensors' per-channel ``weight_scale``)."""
+PER_CHANNEL_BLOCK = (1, WHOLE_ROW)
 
 _KNOWN = {
     "config_groups",
@@ -123,9 +129,11 @@ def translate_compressed_tensors(
         block_size: list[int] | None = list(block)
     elif strategy == "tensor":
         block_size = None
+    elif strategy == "channel":
+        block_size = list(PER_CHANNEL_BLOCK)
     else:
         raise at.unsupported(
-            f"{where}.weights.strategy", f"{strategy!r}: only 'block' and 'tensor' scales are read"
+            f"{where}.weights.strategy", f"{strategy!r}: only 'block', 'channel' and 'tensor' scales are read"
         )
     activations = group.get("input_activations")
     if activations is not None and not isinstance(activations, dict):

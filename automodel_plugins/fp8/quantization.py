@@ -106,7 +106,8 @@ def parse_fp8_quantization(config: Any, *, path: str | Path | None = None) -> Fp
 
 
 def describe_fp8(quantization: Mapping[str, Any]) -> str:
-    """``"128x128 block FP8 weights"`` or ``"per-tensor FP8 weights"``, for a claim's reason.
+    """``"128x128 block FP8 weights"``, ``"per-tensor FP8 weights"`` or ``"per-channel FP8 weights"``, for a
+    claim's reason.
 
     Lenient on purpose: a malformed ``weight_block_size`` is shown as written and refused later by the
     adapter (``fp8_adapter_for``), whose error names the field.
@@ -114,16 +115,19 @@ def describe_fp8(quantization: Mapping[str, Any]) -> str:
     block = quantization.get("weight_block_size")
     if not block:
         return "per-tensor FP8 weights"
+    if isinstance(block, (list, tuple)) and tuple(block) == compressed_tensors.PER_CHANNEL_BLOCK:
+        return "per-channel FP8 weights"
     shown = "x".join(map(str, block)) if isinstance(block, (list, tuple)) else repr(block)
     return f"{shown} block FP8 weights"
 
 
 def claim_fp8_or_unquantized(config: Any, model: str, *, priority: int = 0) -> Claim | Decline:
     """The claim for a config already known to be ``model``: unquantized, ``quant_method: fp8``, or
-    compressed-tensors FP8 the host reads (llm-compressor's FP8_BLOCK and per-tensor FP8).
+    compressed-tensors FP8 the host reads (llm-compressor's FP8_BLOCK, FP8_DYNAMIC's per-channel weights,
+    per-tensor FP8).
 
     Any other method (``awq``, ``gptq``, ...) and compressed-tensors schemes the host does not apply (int4,
-    int8, NVFP4, per-channel FP8, activations only, ...) are not ours: a :class:`Decline` naming the method or
+    int8, NVFP4, per-group scales, activations only, ...) are not ours: a :class:`Decline` naming the method or
     the compressed-tensors field, so another plugin or stock transformers (whose compressed-tensors
     integration applies them) may serve it and ``list --config`` says why this one did not. An ``fp8`` config
     the host cannot read (``fmt: e5m2``, a zero block) is still claimed, so that the load fails naming the

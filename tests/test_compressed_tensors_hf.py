@@ -199,10 +199,13 @@ def test_mistral4_inspect_plans_the_compressed_tensors_load(mistral4: dict[str, 
     assert load["assembled_tensors"] == 2 * (LAYERS - 1)
 
 
-def test_mistral4_source_save_is_the_source(mistral4: dict[str, Any], tmp_path: Path) -> None:
+@pytest.mark.parametrize(("form", "dequantize"), [("tensor", True), ("channel", True), ("channel", False)])
+def test_mistral4_source_save_is_the_source(
+    mistral4: dict[str, Any], tmp_path: Path, form: str, dequantize: bool
+) -> None:
     """Saved as it came: the compressed-tensors dict and every tensor (``weight_scale`` and all) unchanged."""
-    _, path = mistral4["tensor"]
-    model = automodel_plugins.from_pretrained(path, dtype=BF16)
+    _, path = mistral4[form]
+    model = automodel_plugins.from_pretrained(path, dtype=BF16, dequantize=dequantize)
     automodel_plugins.save_pretrained(model, tmp_path / "out")
     saved, source = stored_tensors(tmp_path / "out"), stored_tensors(path)
     assert saved.keys() == source.keys()

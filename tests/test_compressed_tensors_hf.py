@@ -435,3 +435,16 @@ def test_fused_bf16_experts_beside_compressed_tensors_linears(tmp_path: Path) ->
     assert isinstance(resident.model.language_model.layers[1].mlp.shared_experts.up_proj, Fp8Linear)
     for inputs in batches(expected.config):
         assert_same_logits(resident, expected, inputs)
+
+
+def test_a_declined_scheme_with_require_plugin_is_an_error_naming_the_field(
+    tmp_path: Path, mistral4: dict[str, Any]
+) -> None:
+    from automodel_plugins.errors import NoPluginClaimError
+
+    path = shutil.copytree(mistral4["tensor"][1], tmp_path / "int4")
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = _edited(UNSUPPORTED["int4-weights"][0])
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(NoPluginClaimError, match=r"weights\.type"):
+        automodel_plugins.from_pretrained(path, dtype=BF16, require_plugin=True)

@@ -5,13 +5,13 @@ One home for both places the format appears: an HF ``config.json`` (``quant_meth
 Mistral's native ``params.json`` (Mistral Large 3). The host reads one FP8 group targeting ``Linear``: float
 8-bit (E4M3) weights, static and symmetric, scaled per tensor (``strategy: tensor``), per output channel
 (``strategy: channel``, llm-compressor's FP8_DYNAMIC: a ``[out, 1]`` scale, read as a block grid whose blocks are
-one row by :data:`WHOLE_ROW` columns) or per block (``strategy: block`` + ``block_structure``, FP8_BLOCK), stored
-compressed (``format: float-quantized``). Their
-``weight_scale`` (Mistral's ``qscale_weight``) is multiplied like ``weight_scale_inv``; static input scales
-(``input_scale``) are accounted for and dropped, dynamic ones need none. Everything else compressed-tensors can
-describe (integer or 4-bit weights, NVFP4, per-group scales, dynamic or asymmetric weights,
-activation-only schemes, quantized outputs or KV cache, sparsity, transforms, several groups) is an
-:class:`UnsupportedQuantizationError` naming the field, never a load that guesses.
+one row by :data:`WHOLE_ROW` columns, so all block-FP8 machinery applies) or per block (``strategy: block`` +
+``block_structure``, FP8_BLOCK), stored compressed (``format: float-quantized``). Their ``weight_scale``
+(Mistral's ``qscale_weight``) is multiplied like ``weight_scale_inv``; static input scales (``input_scale``) are
+accounted for and dropped, dynamic ones need none. Everything else compressed-tensors can describe (integer or
+4-bit weights, NVFP4, per-group scales, dynamic or asymmetric weights, activation-only schemes, quantized
+outputs or KV cache, sparsity, transforms, several groups) is an :class:`UnsupportedQuantizationError` naming
+the field, never a load that guesses.
 
 The ``ignore`` list names modules in the naming of whoever quantized them (native names in a ``params.json``),
 so turning it into ``modules_to_not_convert`` is the caller's (``ignore`` argument); :func:`hf_ignore` is the

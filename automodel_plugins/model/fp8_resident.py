@@ -327,8 +327,9 @@ def check_resident_state_dict(module: nn.Module, state_dict: dict[str, Any], pre
 def sync_quantization_config(model: nn.Module) -> str | None:
     """Make ``model.config.quantization_config`` say what the model holds, so that a stock ``save_pretrained``
     writes a checkpoint transformers reads as it is: every plain ``nn.Linear`` not yet covered (a merged LoRA
-    layer, now in the compute dtype) joins ``modules_to_not_convert`` (compressed-tensors: its ``ignore``); with no FP8-resident module left (layer
-    or experts), the quantization is dropped. Returns the method dropped, or None."""
+    layer, now in the compute dtype) joins ``modules_to_not_convert`` (compressed-tensors: its ``ignore``);
+    with no FP8-resident module left (layer or experts), the quantization is dropped. Returns the method
+    dropped, or None."""
     config = getattr(model, "config", None)
     quantization = quantization_dict(config) if config is not None else None
     if quantization is None:

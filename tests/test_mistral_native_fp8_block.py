@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 import torch
 from mistral_native_checkpoints import (
+    LARGE_3_IGNORE,
     MLA_TO_NATIVE,
     compressed_tensors,
     expand,
@@ -281,3 +282,13 @@ def test_rotary_order_q_k_crossing_scale_blocks_are_dequantized_with_the_reason(
         f"model.language_model.layers.{n}.self_attn.{p}_proj.weight" for n in (0, 1) for p in "qk"
     )
     assert_same_logits(ours, expected, text_batch(expected.config.text_config, labels=False))
+
+
+LARGE_3_PARAMS = Path("/work/shared/reference/data/mistral-large-3-675b-instruct-2512.params.json")
+
+
+@pytest.mark.skipif(not LARGE_3_PARAMS.is_file(), reason="the real params.json is not on this machine")
+def test_the_tiny_form_declares_large3_quantization_as_published() -> None:
+    """The tiny checkpoints' ``quantization_config`` is the real Large 3 one, field for field, but the block."""
+    published = json.loads(LARGE_3_PARAMS.read_text())["quantization_config"]
+    assert compressed_tensors(128, LARGE_3_IGNORE) == published

@@ -173,6 +173,11 @@ def test_mistral4_dequantize_false_keeps_fp8_with_the_same_logits(
         assert isinstance(getattr(attention, name), Fp8Linear), name
     experts = ours.get_submodule("model.language_model.layers.1.mlp.experts")
     assert isinstance(experts, Fp8Experts) == (form != "block")
+    # the config says what the model holds, in compressed-tensors' own terms (experts dequantized: ignored)
+    section = ours.config.quantization_config
+    assert "modules_to_not_convert" not in section
+    assert ("model.language_model.layers.1.mlp.experts" in section["ignore"]) == (form == "block")
+    parse_fp8_quantization(ours.config)
     stored = stored_tensors(path)
     key = "language_model.model.layers.0.self_attn.kv_a_proj_with_mqa.weight"
     assert torch.equal(attention.kv_a_proj_with_mqa.weight.view(torch.uint8), stored[key].view(torch.uint8))

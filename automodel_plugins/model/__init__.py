@@ -18,6 +18,8 @@
 * ``fp8_ops``: the FP8 decode and the resident matmul as ``torch.library`` custom ops, for ``torch.compile``;
 * ``fp8_lora``: merging PEFT LoRA over ``Fp8Linear`` bases (imports peft);
 * ``fp8_peft_hook``: makes PEFT's LoRA over an ``Fp8Linear`` an ``Fp8LoraLinear``, so PEFT's own merge works;
+* ``quantization_record``: the config's ``quantization_config`` kept truthful as FP8-resident modules are merged
+  away and put back (every LoRA merge and unmerge path);
 * ``fp8_training_check``: the warning at an optimizer step that can train no FP8-resident layer;
 * ``sharded_merge``: that merge on an FSDP2-sharded model, each rank its own rows (imports peft);
 * ``requantize``: float weights re-quantized for FP8-resident modules, for ``load_state_dict``;

@@ -31,6 +31,7 @@ from automodel_plugins.model.fp8_experts import (
 )
 from automodel_plugins.model.fp8_linear import SCALE_NAME, Fp8Linear, fp8_linear_modules
 from automodel_plugins.model.fp8_resident import check_resident_state_dict
+from automodel_plugins.model.quantization_record import track_quantization
 from automodel_plugins.model.tensors import model_tensors
 from automodel_plugins.pipeline.load.plan import plan_load
 
@@ -160,7 +161,15 @@ def make_fp8_resident(model: nn.Module, plan: LoadPlan, checkpoint: Checkpoint) 
         layers.append(layer_name)
     model.register_load_state_dict_pre_hook(check_resident_state_dict)
     order = {name: index for index, (name, _) in enumerate(model.named_modules())}
-    return sorted(layers, key=order.__getitem__)
+    layers.sort(key=order.__getitem__)
+    # the config names FP8 exactly what stays FP8, now and after any LoRA merge or unmerge
+    dequantized = {
+        name.rpartition(".")[0] for name, planned in plan.items() if planned.action == "dequantized"
+    }
+    track_quantization(
+        model, layers, dequantized_at_load=sorted(dequantized & order.keys(), key=order.__getitem__)
+    )
+    return layers
 
 
 def _make_experts_resident(model: nn.Module, plan: LoadPlan, checkpoint: Checkpoint) -> list[str]:

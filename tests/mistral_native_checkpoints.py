@@ -8,6 +8,7 @@ distributed scenarios.
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -313,4 +314,155 @@ def write_mla_fp8_native(model: Mistral3ForConditionalGeneration, directory: Pat
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "params.json").write_text(json.dumps(params))
     save_file(out, directory / "consolidated.safetensors")
+    return directory
+
+
+# --- Mistral Large 3's form, small: MLA + per-expert experts, compressed-tensors FP8_BLOCK -------------------
+
+MLA_ROPE = {
+    "rope_type": "yarn",
+    "rope_theta": 10000.0,
+    "factor": 4.0,
+    "original_max_position_embeddings": 8,
+    "beta_fast": 32.0,
+    "beta_slow": 1.0,
+    "mscale": 1.0,
+    "mscale_all_dim": 1.0,
+    "llama_4_scaling_beta": 0.1,
+    "partial_rotary_factor": 0.5,
+}
+"""What the params.json translation gives an MLA model (``yarn.apply_scale: false``, Llama-4 scaling)."""
+
+
+def tiny_mla_model(seed: int = 3, **text_overrides: Any) -> Mistral3ForConditionalGeneration:
+    """A tiny Large-3-shaped VLM (``tests/mistral4_checkpoints``' text sizes, ``text_overrides`` applied; a
+    SiLU Pixtral tower), fp32, seeded, the router spread so that routing depends on it."""
+    from mistral4_checkpoints import tiny_text_config
+    from transformers import Mistral3Config, PixtralVisionConfig
+
+    from automodel_plugins.testing.tiny_models import TINY_PIXTRAL_SIZES
+
+    config = Mistral3Config(
+        text_config=tiny_text_config(
+            rope_parameters=dict(MLA_ROPE), norm_topk_prob=True, routed_scaling_factor=1.0, **text_overrides
+        ),
+        vision_config=PixtralVisionConfig(**{**TINY_PIXTRAL_SIZES, "hidden_act": "silu"}),
+        image_token_id=10,
+        spatial_merge_size=2,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = Mistral3ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                param.normal_(0, 0.5)
+    return model
+
+
+LARGE_3_IGNORE = [
+    "model.embed_tokens",
+    "re:patch_merger.*",
+    "re:vision_encoder.*",
+    "re:vision_language_adapter.*",
+    "re:.*kv_a_proj_with_mqa$",
+    "re:.*q_a_proj$",
+    "re:.*gate$",
+    "lm_head",
+]
+"""The ``ignore`` list of Large 3's real ``params.json``, as published."""
+
+
+FP8_MAX = 448.0
+
+
+def compressed_tensors(block: int, ignore: list[str]) -> dict[str, Any]:
+    """Large 3's ``quantization_config`` with ``block`` x ``block`` blocks."""
+    return {
+        "config_groups": {
+            "FP8_BLOCK": {
+                "format": "float-quantized",
+                "input_activations": {
+                    "actorder": None,
+                    "block_structure": None,
+                    "dynamic": True,
+                    "group_size": 128,
+                    "num_bits": 8,
+                    "observer": None,
+                    "observer_kwargs": {},
+                    "strategy": "group",
+                    "symmetric": True,
+                    "type": "float",
+                },
+                "output_activations": None,
+                "targets": ["Linear"],
+                "weights": {
+                    "actorder": None,
+                    "block_structure": [block, block],
+                    "dynamic": False,
+                    "group_size": None,
+                    "num_bits": 8,
+                    "observer": "static_minmax",
+                    "observer_kwargs": {},
+                    "strategy": "block",
+                    "symmetric": True,
+                    "type": "float",
+                },
+            }
+        },
+        "format": "float-quantized",
+        "global_compression_ratio": None,
+        "ignore": ignore,
+        "kv_cache_scheme": None,
+        "quant_method": "compressed-tensors",
+        "quantization_status": "compressed",
+        "sparsity_config": {},
+        "transform_config": {},
+        "version": "0.12.3.dev29+g73c2cf9.d20251119",
+    }
+
+
+def expand(grid: torch.Tensor, shape: torch.Size, block: int) -> torch.Tensor:
+    """Each block's scale over its (possibly partial) block."""
+    return grid.repeat_interleave(block, 0)[: shape[0]].repeat_interleave(block, 1)[:, : shape[1]]
+
+
+def quantize(weight: torch.Tensor, block: int, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8 codes and a ``scale_dtype`` grid of ``block`` x ``block`` scales (amax / 448 per block)."""
+    rows, cols = weight.shape
+    grid = torch.empty(math.ceil(rows / block), math.ceil(cols / block))
+    for i in range(grid.shape[0]):
+        for j in range(grid.shape[1]):
+            part = weight[i * block : (i + 1) * block, j * block : (j + 1) * block]
+            grid[i, j] = (part.abs().amax() / FP8_MAX).clamp(min=1e-8)
+    grid = grid.to(scale_dtype)
+    codes = (weight.float() / expand(grid.float(), weight.shape, block)).clamp(-FP8_MAX, FP8_MAX)
+    return codes.to(torch.float8_e4m3fn), grid
+
+
+QUANTIZED_LEAVES = ("wq_b", "wkv_b", "wo", "w1", "w2", "w3")
+"""Text linears Large 3 quantizes (``wq_a``, ``wkv_a_with_mqa`` and the router ``gate`` are ignored)."""
+
+
+def write_large3_like(
+    model: Mistral3ForConditionalGeneration, directory: Path, scale_name: str, *, block: int = 16
+) -> Path:
+    """:func:`tiny_mla_model` in Large 3's published form, small: compressed-tensors FP8_BLOCK (``block``) on the
+    text linears its ignore list leaves (``weight_scale`` in BF16, as llm-compressor writes it, or Mistral's
+    ``qscale_weight`` in fp32), everything else BF16, per-expert ``experts.E.w1/w2/w3``."""
+    directory.mkdir(parents=True)
+    scale_dtype = torch.bfloat16 if scale_name == "weight_scale" else torch.float32
+    tensors = {}
+    for key, value in mla_native_tensors(model.state_dict(), model.config).items():
+        module = key.removesuffix(".weight").rpartition(".")[2]
+        if key.startswith("layers.") and key.endswith(".weight") and module in QUANTIZED_LEAVES:
+            codes, grid = quantize(value, block, scale_dtype)
+            tensors[key] = codes
+            tensors[key.removesuffix("weight") + scale_name] = grid
+        else:
+            tensors[key] = value.to(torch.bfloat16)  # what Large 3 ignores is BF16 on disk
+    params = mla_params_of(model.config)
+    params["quantization_config"] = compressed_tensors(block, LARGE_3_IGNORE)
+    (directory / "params.json").write_text(json.dumps(params))
+    save_file(tensors, directory / "consolidated.safetensors")
     return directory

@@ -8,7 +8,7 @@ import torch
 
 pytestmark = pytest.mark.distributed
 
-SCENARIOS = ("fsdp_native",)
+SCENARIOS = ("fsdp_native", "fsdp_native_resident")
 
 
 def test_sharded_native_load_equals_single_process(distributed_run) -> None:
@@ -46,3 +46,15 @@ def test_sharded_save_of_rotary_order_rows_is_the_source(distributed_run) -> Non
         if not torch.equal(saved[k].reshape(-1).view(torch.uint8), source[k].reshape(-1).view(torch.uint8))
     ]
     assert different == []
+
+
+def test_fp8_resident_sharded_native_load_permutes_rotary_rows(distributed_run) -> None:
+    """``dequantize=False`` under FSDP2: q stays FP8 with its rows sharded; each rank reads q's rows whole and
+    keeps its shard of the permuted codes; gathered codes, scales and logits equal one process's."""
+    for rank, result in enumerate(distributed_run.ranks("fsdp_native_resident")):
+        assert result["q_resident"], f"rank {rank}"
+        local, total = result["q_rows"]
+        assert 0 < local < total, f"rank {rank}: q's codes are not sharded"
+        assert result["q_bounds"] and all(b is None or b[0] == [0, total] for b in result["q_bounds"]), rank
+        assert result["full_mismatches"] == [], f"rank {rank}"
+        assert result["logits_equal"], f"rank {rank}"

@@ -57,6 +57,7 @@ def ep_experts_lora(ctx: Any, order: str) -> dict[str, Any]:
             if "lora_" in name:
                 param.copy_(initial[name])
     result: dict[str, Any] = {"applied": applied}
+    result.update(plan_facts(path, model, coordinate=(0, ctx.rank, 0), ep=ctx.world, dtype=DTYPE))
     result["lora_shapes"] = {
         n: list(p.shape) for n, p in model.named_parameters() if "lora_" in n and ".experts" in n
     }
@@ -111,6 +112,49 @@ def ep_experts_lora(ctx: Any, order: str) -> dict[str, Any]:
     return result
 
 
+def lora_bytes(model: Any) -> int:
+    """Bytes of this rank's local shards of every LoRA parameter."""
+    return sum(
+        _checks.local_value(p).numel() * _checks.local_value(p).element_size()
+        for n, p in model.named_parameters()
+        if "lora_" in n
+    )
+
+
+def plan_facts(path: Any, model: Any, *, coordinate: tuple[int, int, int], **degrees: Any) -> dict[str, Any]:
+    """``plan_memory`` with LoRA r=4 on q/v and on both fused expert tensors, the planned rank at ``coordinate``:
+    its LoRA parameter bytes (and without ``target_parameters``) against this rank's measured LoRA bytes."""
+    from automodel_plugins.pipeline.load.memory_plan import plan_memory
+
+    def planned(target_parameters: list[str]) -> dict[str, int]:
+        plan = plan_memory(
+            path,
+            dequantize=False,
+            lora_r=4,
+            lora_targets=TARGETS,
+            lora_target_parameters=target_parameters,
+            **degrees,
+        )
+        (mine,) = [rank for rank in plan.ranks if rank.coordinate == coordinate]
+        return dict(mine.lora)
+
+    return {
+        "measured_lora": lora_bytes(model),
+        "planned_lora": planned(EXPERT_TARGETS),
+        "planned_attention_lora": planned([]),
+    }
+
+
+def fsdp_experts_lora_plan(ctx: Any) -> dict[str, Any]:
+    """FSDP2 over 2 ranks (:func:`_experts_lora.sharded_model`: 5 experts, LoRA on q/v and both fused tensors):
+    the plan's LoRA bytes for this rank against what it holds."""
+    from distributed import _experts_lora, _tiny
+
+    path = ctx.checkpoint(_tiny.MOE_ALIGNED)
+    model = _experts_lora.sharded_model(ctx, path)
+    return plan_facts(path, model, coordinate=(ctx.rank, 0, 0), fsdp=ctx.world)
+
+
 def ep_experts_lora_refusals(ctx: Any) -> dict[str, Any]:
     """Dequantized (stock) experts with LoRA on them: PEFT first is refused by ``parallelize_experts``, by name;
     PEFT after fails in stock PEFT's first forward (its parametrization adds plain factors to the fused DTensor),
@@ -145,4 +189,5 @@ SCENARIOS = {
     "ep_experts_lora_peft_first": lambda ctx: ep_experts_lora(ctx, "peft_first"),
     "ep_experts_lora_peft_after": lambda ctx: ep_experts_lora(ctx, "peft_after"),
     "ep_experts_lora_refusals": ep_experts_lora_refusals,
+    "fsdp_experts_lora_plan": fsdp_experts_lora_plan,
 }

@@ -21,7 +21,7 @@ from ._ep_lora import with_experts_lora
 pytestmark = pytest.mark.distributed
 
 ORDERS = ("ep_experts_lora_peft_first", "ep_experts_lora_peft_after")
-SCENARIOS = (*ORDERS, "ep_experts_lora_refusals")
+SCENARIOS = (*ORDERS, "ep_experts_lora_refusals", "fsdp_experts_lora_plan")
 LAYERS, EXPERTS, R = 2, 4, 4
 GATE_UP = "model.language_model.layers.0.mlp.experts.gate_up_proj"
 
@@ -108,3 +108,16 @@ def test_lora_on_dequantized_split_experts_is_refused_by_name(distributed_run) -
         assert first.startswith("ExpertParallelError") and "layers.0.mlp.experts" in first, first
         assert "dequantize=False" in first
         assert result["peft_after"].startswith("RuntimeError") and "DTensor" in result["peft_after"]
+
+
+@pytest.mark.parametrize("scenario", (*ORDERS, "fsdp_experts_lora_plan"))
+def test_the_plan_counts_the_expert_adapters_each_rank_holds(distributed_run, scenario) -> None:
+    """``plan_memory(..., lora_target_parameters=[...])`` against each rank's measured LoRA parameter bytes (EP:
+    every expert's factors on each rank; FSDP2: sharded): within 10% (the bar), exact here."""
+    for rank, result in enumerate(distributed_run.ranks(scenario)):
+        planned, measured = result["planned_lora"], result["measured_lora"]
+        assert abs(planned["params"] - measured) <= 0.1 * measured, (rank, planned, measured)
+        assert planned["params"] == measured, (rank, planned, measured)
+        assert planned["grads"] == planned["params"] and planned["optimizer"] == 2 * planned["params"]
+        # without target_parameters the plan counts the attention's adapters only: less than the rank holds
+        assert result["planned_attention_lora"]["params"] < measured, (rank, result)

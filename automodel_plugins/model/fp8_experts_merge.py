@@ -69,7 +69,8 @@ def merge_expert_delta(
     grid = experts.scale(name)
     sharded_grid = is_dtensor(grid)  # expert parallelism: this rank's experts' grids only
     scale = grid.to_local() if sharded_grid else grid
-    row0 = first if sharded_grid else 0  # the grid row of expert ``first + i`` is ``first + i - row0``
+    grid_region = local_region(grid)  # (FSDP2 over the EP shard may hold fewer experts' codes than grids)
+    row0 = 0 if grid_region is None else grid_region[0].start  # expert ``e``'s grid row is ``e - row0``
     before = scale.clone()
     fresh = torch.zeros_like(scale)
     moved = torch.zeros(scale.shape[0], dtype=torch.int64, device=scale.device)

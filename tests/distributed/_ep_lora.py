@@ -155,6 +155,80 @@ def fsdp_experts_lora_plan(ctx: Any) -> dict[str, Any]:
     return plan_facts(path, model, coordinate=(ctx.rank, 0, 0), fsdp=ctx.world)
 
 
+def ep_fsdp_experts_lora(ctx: Any) -> dict[str, Any]:
+    """4 ranks, mesh (ep=2, dp=2): PEFT on meta -> ``parallelize_experts`` over ep -> ``fully_shard_experts``
+    over dp -> every decoder layer and the root HSDP over the mesh (the adapters sharded over dp, replicated over
+    ep) -> load. FSDP2's averaged adapter gradients, gathered, against one process on the mean of the 4 ranks'
+    losses; then ``merge_lora`` and a save from every rank (the pytest side compares the files)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (2, ctx.world // 2), mesh_dim_names=("ep", "dp"))
+    path = _expert_parallel.checkpoint(ctx, QWEN)
+    plain = automodel_plugins.from_pretrained(path, dequantize=False, dtype=DTYPE)
+    codes_before = {n: t.clone() for n, t in model_tensors(plain).items() if ".experts." in n}
+    single = with_experts_lora(plain)
+    initial = {n: p.detach().clone() for n, p in single.named_parameters() if "lora_" in n}
+    model = with_experts_lora(automodel_plugins.build_model(path, dequantize=False, dtype=DTYPE))
+    applied = automodel_plugins.parallelize_experts(model, mesh["ep"])
+    automodel_plugins.fully_shard_experts(model, mesh["dp"])
+    for layer in model.get_base_model().model.language_model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    model.to_empty(device="cpu")
+    automodel_plugins.load_weights(model, path)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                _checks.local_value(param).copy_(_checks.local_part(param, initial[name]))
+    runs = _expert_parallel.batches(single, QWEN, ctx.world)
+    model.train(), single.train()
+    loss = model(**runs[ctx.rank]).loss
+    loss.backward()
+    single_loss = sum(single(**batch).loss for batch in runs) / len(runs)
+    single_loss.backward()
+    single_params = dict(single.named_parameters())
+    diffs = {}
+    for name, param in model.named_parameters():
+        if param.grad is not None:
+            want = single_params[name].grad
+            diffs[name] = (_checks.full_value(param.grad) - want).abs().max().item() / max(
+                want.abs().max().item(), 1e-12
+            )
+    result: dict[str, Any] = {
+        "applied": applied,
+        "grad_names": sorted(diffs),
+        "single_grad_names": sorted(n for n, p in single_params.items() if p.grad is not None),
+        "max_grad_rel_diff": max(diffs.values()),
+        "worst_grad": max(diffs, key=diffs.get),
+        "loss": _expert_parallel._mean(ctx, loss.item()),
+        "single_loss": single_loss.item(),
+    }
+    held = {
+        _plain_name(n): t for n, t in model_tensors(model).items() if ".experts." in n and "lora_" not in n
+    }
+    result["codes_changed"] = sorted(
+        n for n, t in held.items() if not torch.equal(_checks.full_value(t), codes_before[n])
+    )
+    with torch.no_grad():  # an SGD step, then merge the trained adapters (pytest merges them one-process)
+        for param in model.parameters():
+            if param.grad is not None:
+                _checks.local_value(param).sub_(0.5 * _checks.local_value(param.grad))
+    trained = {n: _checks.full_value(p).detach() for n, p in model.named_parameters() if "lora_" in n}
+    out = ctx.out / "ep-lora-fsdp"
+    if ctx.rank == 0:
+        from safetensors.torch import save_file
+
+        out.mkdir(parents=True, exist_ok=True)
+        save_file({n: t.contiguous() for n, t in trained.items()}, out / "adapters.safetensors")
+    dist.barrier()
+    merged = automodel_plugins.merge_lora(model)
+    result["lora_left"] = sum("lora_" in n for n, _ in merged.named_parameters())
+    automodel_plugins.save_pretrained(merged, out / "merged")
+    dist.barrier()
+    return result
+
+
 def ep_experts_lora_refusals(ctx: Any) -> dict[str, Any]:
     """Dequantized (stock) experts with LoRA on them: PEFT first is refused by ``parallelize_experts``, by name;
     PEFT after fails in stock PEFT's first forward (its parametrization adds plain factors to the fused DTensor),
@@ -190,4 +264,5 @@ SCENARIOS = {
     "ep_experts_lora_peft_after": lambda ctx: ep_experts_lora(ctx, "peft_after"),
     "ep_experts_lora_refusals": ep_experts_lora_refusals,
     "fsdp_experts_lora_plan": fsdp_experts_lora_plan,
+    "ep_fsdp_experts_lora": ep_fsdp_experts_lora,  # 4 ranks: test_ep_lora_fsdp.py
 }

@@ -55,11 +55,10 @@ def test_merge_on_every_rank_requantizes_its_own_experts(distributed_run, scenar
         assert all(b > 0 for b in result["bytes_written_by_rank"]), result["bytes_written_by_rank"]
 
 
-def _single(distributed_run, adapters: dict[str, torch.Tensor]):
+def _single(out: Path, adapters: dict[str, torch.Tensor]):
+    """One process (no process group): the launch's checkpoint FP8-resident with ``adapters``."""
     model = with_experts_lora(
-        automodel_plugins.from_pretrained(
-            distributed_run.out / "ckpt-ep_qwen3_vl_moe", dequantize=False, dtype=torch.float32
-        )
+        automodel_plugins.from_pretrained(out / "ckpt-ep_qwen3_vl_moe", dequantize=False, dtype=torch.float32)
     )
     lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
     assert sorted(lora) == sorted(adapters)
@@ -90,7 +89,7 @@ def test_the_saves_are_the_one_process_saves(distributed_run, scenario, tmp_path
     distributed_run.ranks(scenario)  # fails here with the rank's traceback if the scenario failed
     order = scenario.removeprefix("ep_experts_lora_")
     out = distributed_run.out / f"ep-lora-{order}"
-    model = _single(distributed_run, load_file(out / "adapters.safetensors"))
+    model = _single(distributed_run.out, load_file(out / "adapters.safetensors"))
     model.save_pretrained(tmp_path / "adapter")
     name = "adapter_model.safetensors"
     assert (out / "adapter" / name).read_bytes() == (tmp_path / "adapter" / name).read_bytes()

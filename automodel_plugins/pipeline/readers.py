@@ -229,7 +229,27 @@ def read_fp8(
     The bytes go straight into FP8 storage: memory-mapped from the file for a whole tensor on CPU with
     ``in_place_ok``, otherwise read with ``pread`` into a private FP8 tensor (then moved to ``device``).
     """
+    if source.is_assembled:
+        return _read_fp8_rotary(checkpoint, source, device=device, region=region)
     scale = read_scale(checkpoint, source)
     if in_place_ok and region is None and device.type == "cpu":
         return checkpoint.tensor(source.key), scale
     return checkpoint.read(source.key, region).to(device), scale
+
+
+def _read_fp8_rotary(
+    checkpoint: Checkpoint, source: TensorSource, *, device: torch.device, region: Region | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The codes of a weight stored as one FP8 piece with its rows in Mistral's rotary order (a native q/k),
+    permuted into the model's row order (``region``'s rows of it: a head's rows are read whole), and its scale
+    as stored: planning kept it FP8 only where the permutation keeps every row in its row of scale blocks
+    (``plan.residency_misfit``), so each code keeps its scale."""
+    (piece,) = source.parts()
+    info = checkpoint.info(piece.key)
+    shape = tuple(info.shape)
+    geometry = PieceGeometry.of(piece, shape, len(shape))
+    overlap = whole_box(shape) if region is None else tuple((s.start, s.stop) for s in region)
+    stored_region = geometry.stored_region(overlap)
+    data = checkpoint.read(piece.key, None if stored_region == whole_box(shape) else as_slices(stored_region))
+    codes = geometry.to_model(data.view(torch.uint8), overlap).contiguous().view(info.dtype)
+    return codes.to(device), read_scale(checkpoint, piece.stored_source())

@@ -144,14 +144,15 @@ def make_fp8_resident(model: nn.Module, plan: LoadPlan, checkpoint: Checkpoint) 
         parent = model.get_submodule(parent_name)
         linear = getattr(parent, child)
         planned = plan[weight_name]
+        piece = planned.source.parts()[0]  # the stored tensor (one, maybe with its rows in rotary order)
         resident = Fp8Linear(
             linear.in_features,
             linear.out_features,
             bias=linear.bias is not None,
-            block_size=planned.source.block_size,
+            block_size=piece.block_size,
             fp8_dtype=planned.dtype,
             compute_dtype=linear.weight.dtype,
-            scale_dtype=checkpoint.info(planned.source.scale_key).dtype,
+            scale_dtype=checkpoint.info(piece.scale_key).dtype,
             device="meta",
         )
         if linear.bias is not None:

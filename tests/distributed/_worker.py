@@ -46,6 +46,7 @@ from automodel_plugins.checkpoint import Checkpoint
 from automodel_plugins.model.tensors import model_tensors
 from distributed import (
     _checks,
+    _ep_lora,
     _expert_parallel,
     _experts_lora,
     _mistral4,
@@ -1161,6 +1162,7 @@ SCENARIOS: dict[str, Callable[[Context], dict[str, Any]]] = {
     **_native.SCENARIOS,
     **_experts_lora.SCENARIOS,
     **_expert_parallel.SCENARIOS,
+    **_ep_lora.SCENARIOS,
     **_peft_merge_config.SCENARIOS,
     **_rotary_compile.SCENARIOS,
     **_native_save.SCENARIOS,

@@ -61,11 +61,17 @@ def with_bf16_down_projections(path: Path, original: Path) -> Path:
     return path
 
 
+def write_hf_source(root: Path) -> Path:
+    """The HF source under ``root``: Mistral 4 (MLA, per-expert experts) in compressed-tensors FP8_BLOCK 16x16
+    with Large 3's BF16 down-projections; returns its directory (``root / "hf-ct"``)."""
+    original = write_checkpoint(tiny_model(), root / "fg", "block-per-expert", block=(16, 16))
+    return with_bf16_down_projections(as_compressed_tensors(original, root / "hf-ct"), original)
+
+
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("ct-save")
-    original = write_checkpoint(tiny_model(), root / "fg", "block-per-expert", block=(16, 16))
-    hf = with_bf16_down_projections(as_compressed_tensors(original, root / "hf-ct"), original)
+    hf = write_hf_source(root)
     native = write_large3_like(
         tiny_mla_model(hidden_size=72, moe_intermediate_size=32), root / "native", "weight_scale"
     )

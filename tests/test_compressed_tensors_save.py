@@ -148,3 +148,23 @@ def test_the_written_list_is_short(sources: dict[str, Path], tmp_path: Path) -> 
             "self_attn.q_a_proj",
         }
         assert len(section["modules_to_not_convert"]) <= 8, section
+
+
+def test_without_the_source_re_patterns_cannot_be_resolved(sources: dict[str, Path], tmp_path: Path) -> None:
+    """The ``re:`` entries are resolved against the source's tensor dtypes: with the source gone, the save asks
+    for the list instead of quantizing what the source kept BF16 (the caller's list is then used as given)."""
+    import shutil
+
+    from automodel_plugins.errors import SaveError
+
+    copy = shutil.copytree(sources["hf"], tmp_path / "src")
+    model = automodel_plugins.from_pretrained(copy, dtype=BF16)
+    (copy / "model.safetensors").unlink()
+    with pytest.raises(SaveError, match=r"re: patterns.*modules_to_not_convert"):
+        automodel_plugins.save_pretrained(model, tmp_path / "out", quantization="fp8-tensor")
+    assert not (tmp_path / "out").exists()
+    skip = ["model.vision_tower", "model.multi_modal_projector", "lm_head", "q_a_proj", "kv_a_proj_with_mqa"]
+    automodel_plugins.save_pretrained(
+        model, tmp_path / "out", quantization="fp8-tensor", modules_to_not_convert=skip
+    )
+    assert_faithful(model, tmp_path / "out", None)

@@ -46,6 +46,7 @@ from automodel_plugins.checkpoint import Checkpoint
 from automodel_plugins.model.tensors import model_tensors
 from distributed import (
     _checks,
+    _compressed_tensors_save,
     _ep_lora,
     _expert_parallel,
     _experts_lora,
@@ -1166,6 +1167,7 @@ SCENARIOS: dict[str, Callable[[Context], dict[str, Any]]] = {
     **_peft_merge_config.SCENARIOS,
     **_rotary_compile.SCENARIOS,
     **_native_save.SCENARIOS,
+    **_compressed_tensors_save.SCENARIOS,
 }
 
 

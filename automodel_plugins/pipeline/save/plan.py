@@ -35,10 +35,10 @@ import torch
 from automodel_plugins.adapters.pieces import PieceGeometry
 from automodel_plugins.checkpoint.writer import TensorSpec
 from automodel_plugins.errors import SaveError, SaveOptionError, UnknownQuantizationError
-from automodel_plugins.fp8 import compressed_tensors
 from automodel_plugins.fp8.formats import is_fp8
 from automodel_plugins.fp8.scales import grid_shape
 from automodel_plugins.fp8.stacked import is_stacked, stacked_grid_shape
+from automodel_plugins.sources import compressed_tensors
 
 if TYPE_CHECKING:
     from automodel_plugins.adapters import Piece, StateDictAdapter

@@ -103,7 +103,9 @@ def merge_lora(peft_model: nn.Module, **merge_kwargs: Any) -> nn.Module:
     """``peft_model.merge_and_unload(**merge_kwargs)`` for a model whose LoRA layers sit on FP8-resident bases.
 
     Merged layers become stock ``nn.Linear`` in the compute dtype (dequantized weight + LoRA delta); FP8
-    layers without an adapter stay FP8. The returned stock model's ``quantization_config`` lists the merged
+    layers without an adapter stay FP8. LoRA on ``Fp8Experts`` (``target_parameters``) merges into the experts'
+    FP8 codes, the moved experts re-quantized with fresh scales
+    (:mod:`~automodel_plugins.model.fp8_experts_merge`): the experts stay FP8. The returned stock model's ``quantization_config`` lists the merged
     layers in ``modules_to_not_convert`` (or is dropped when no FP8 layer is left), as after PEFT's own
     ``merge_and_unload``, so a stock ``save_pretrained`` writes a checkpoint transformers loads as it is.
 

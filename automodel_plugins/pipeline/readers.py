@@ -23,7 +23,12 @@ from automodel_plugins.errors import NonFiniteWeightError, ScaleError
 from automodel_plugins.fp8.decode import dequantize
 from automodel_plugins.fp8.formats import ACTIVATION_SCALE_SUFFIXES, is_fp8
 from automodel_plugins.fp8.scales import decode_activation_scale, validate_scale
-from automodel_plugins.fp8.stacked import is_stacked, stacked_dequantize, validate_stacked_scale
+from automodel_plugins.fp8.stacked import (
+    check_stacked_scale_shape,
+    is_stacked,
+    stacked_dequantize,
+    validate_stacked_scale,
+)
 from automodel_plugins.model.placement import Region
 
 __all__ = [
@@ -139,10 +144,29 @@ def _refuse_overflow(stored: torch.Tensor, value: torch.Tensor, *, key: str, pat
         )
 
 
-def read_scale(checkpoint: Checkpoint, source: TensorSource) -> torch.Tensor:
-    """The whole scale of an FP8 tensor as stored, refused unless finite, positive and the right shape."""
-    scale = checkpoint.read(source.scale_key)
+def read_scale(
+    checkpoint: Checkpoint, source: TensorSource, matrices: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """The whole scale of an FP8 tensor as stored, refused unless finite, positive and the right shape; with
+    ``matrices`` (``start, stop`` along the leading dim of a 3-D stacked weight: experts), only those matrices'
+    grids, each refused as it would be in the whole."""
     weight_shape = tuple(checkpoint.info(source.key).shape)
+    if matrices is not None and len(weight_shape) == 3 and is_stacked(weight_shape, source.block_size):
+        info = checkpoint.info(source.scale_key)
+        check_stacked_scale_shape(
+            tuple(info.shape), weight_shape, source.block_size, source.scale_key, info.file
+        )
+        scale = checkpoint.read(source.scale_key, (slice(*matrices),))
+        for grid in scale:
+            validate_scale(
+                grid,
+                weight_shape=weight_shape[1:],
+                block_size=source.block_size,
+                key=source.scale_key,
+                path=info.file,
+            )
+        return scale
+    scale = checkpoint.read(source.scale_key)
     check = validate_stacked_scale if is_stacked(weight_shape, source.block_size) else validate_scale
     check(
         scale,

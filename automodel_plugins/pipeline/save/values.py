@@ -111,8 +111,10 @@ class ModelValues:
         layer = self.resident[name]
         codes = _local(self.tensors[name]).detach().view(layer.fp8_dtype)
         if isinstance(layer, Fp8Experts):
+            scale = layer.scale(name.rpartition(".")[2])
+            held = local_region(scale)  # expert parallelism: the grids of this rank's experts only
             yield from _dequantized_experts(
-                codes, layer.scale(name.rpartition(".")[2]), layer, self.box(name), elements
+                codes, _local(scale), layer, self.box(name), elements, 0 if held is None else held[0].start
             )
             return
         (row0, _), (col0, col1) = self.box(name)
@@ -133,10 +135,15 @@ class ModelValues:
 
 
 def _dequantized_experts(
-    codes: torch.Tensor, scale: torch.Tensor, layer: Fp8Experts, box: Box, elements: int | None
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    layer: Fp8Experts,
+    box: Box,
+    elements: int | None,
+    scale_first: int = 0,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Runs of experts of this rank's box of a fused FP8-resident tensor, each matrix dequantized with its own
-    grid of the whole stacked ``scale`` as the experts' forward does."""
+    grid of the stacked ``scale`` (whole, or from expert ``scale_first`` on) as the experts' forward does."""
     (expert0, _), (row0, row1), (col0, col1) = box
     whole = (row0, col0) == (0, 0) and (row1, col1) == tuple(codes.shape[1:])
     region = None if whole else (slice(row0, row1), slice(col0, col1))
@@ -147,7 +154,7 @@ def _dequantized_experts(
         for index in range(part.shape[0]):
             out[index] = dequantize(
                 part[index].contiguous(),
-                scale[expert0 + first + index],
+                scale[expert0 - scale_first + first + index],
                 dtype=layer.compute_dtype,
                 block_size=layer.block_size,
                 region=region,

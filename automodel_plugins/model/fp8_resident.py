@@ -20,7 +20,7 @@ from automodel_plugins.errors import DtypeMismatchError, FrozenFp8WeightError
 from automodel_plugins.fp8.decode import dequantize
 from automodel_plugins.fp8.formats import is_fp8
 from automodel_plugins.fp8.scales import decode_activation_scale
-from automodel_plugins.model.placement import is_dtensor, write_local
+from automodel_plugins.model.placement import is_dtensor, local_region, write_local
 
 if TYPE_CHECKING:
     from automodel_plugins.model.quantization_record import QuantizationRecord
@@ -239,7 +239,8 @@ class Fp8Resident(nn.Module):
 
     @property
     def activation_count(self) -> int:
-        """How many values each static activation scale holds: one per tensor (one per expert for experts)."""
+        """How many values each static activation scale holds when built: one per tensor (one per expert for
+        experts; under expert parallelism a rank's buffer stays a DTensor of all of them)."""
         return 1
 
     def init_activation_scales(self, present: bool, device: torch.device | str | None = None) -> None:
@@ -256,11 +257,13 @@ class Fp8Resident(nn.Module):
         buffer = self._buffers.get(name)
         if name not in self.ACTIVATION_NAMES or buffer is None:
             raise KeyError(f"{type(self).__name__} holds no static activation scale {name!r}")
-        value = decode_activation_scale(scale, self.activation_count, key=name)
+        # a DTensor's numel is the global one: the whole stored scale is read, this rank's part kept
+        value = decode_activation_scale(scale, buffer.numel(), key=name)
         if buffer.is_meta:
             self._buffers[name] = value.to(self._device())
-        else:
-            write_local(buffer, value.to(buffer.device))
+            return
+        region = local_region(buffer)  # expert parallelism: this rank's experts
+        write_local(buffer, (value if region is None else value[region]).to(buffer.device))
 
     def _device(self) -> torch.device:
         codes = self._parameters.get(self.CODE_NAMES[0])
@@ -356,9 +359,7 @@ class Fp8Resident(nn.Module):
                 and buffer is not None
                 and (scale.dtype != torch.float32 or tuple(scale.shape) != tuple(buffer.shape))
             ):
-                state_dict[prefix + name] = decode_activation_scale(
-                    scale, self.activation_count, key=prefix + name
-                )
+                state_dict[prefix + name] = decode_activation_scale(scale, buffer.numel(), key=prefix + name)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._rewrap_codes()
 

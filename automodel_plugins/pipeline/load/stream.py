@@ -197,11 +197,12 @@ def _activation_scale(
         return None
     leaf = name.rpartition(".")[2]
     buffer = ACTIVATION_NAME if isinstance(module, Fp8Linear) else f"{leaf}_activation_scale"
-    if module._buffers.get(buffer) is None:
+    held = module._buffers.get(buffer)
+    if held is None:
         raise TypeError(
             f"{name!r} has a static activation scale ({key!r}) but its module was built without one"
         )
-    return read_activation_scale(checkpoint, key, module.activation_count)
+    return read_activation_scale(checkpoint, key, held.numel())
 
 
 def _module_of(model: nn.Module, name: str) -> nn.Module:

@@ -275,6 +275,11 @@ class UnknownQuantizationError(SaveOptionError):
     """A ``quantization`` (or ``--to``) value that is not one of the formats a save writes."""
 
 
+class NoNativeLayoutError(SaveOptionError):
+    """Mistral's native form (``params.json``, ``consolidated*.safetensors``) asked of a model that has none (not
+    a Mistral3-family model), or of a config with a field the native ``params.json`` cannot say (named)."""
+
+
 class NoSourceError(SaveError):
     """``quantization="source"`` for a model that was not loaded from a checkpoint (or whose source is gone)."""
 

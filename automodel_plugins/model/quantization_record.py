@@ -17,11 +17,13 @@ the config from what it was loaded under: one rule for every path, and an unmerg
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import nn
 
+from automodel_plugins.fp8 import compressed_tensors
 from automodel_plugins.fp8.quantization import quantization_dict
 
 __all__ = ["QuantizationRecord", "track_quantization"]
@@ -62,27 +64,45 @@ class QuantizationRecord:
 
     def write(self) -> None:
         """Set ``config.quantization_config``: the declared one, with the modules dequantized at load and the
-        dequantized resident ones (module order) appended to ``modules_to_not_convert`` unless an entry already
-        covers them; no quantization at all when no resident module is left FP8."""
+        dequantized resident ones (module order) appended to ``modules_to_not_convert`` (compressed-tensors:
+        its ``ignore``) unless an entry already covers them; no quantization at all when no resident module is
+        left FP8."""
         if self.dequantized.issuperset(self.resident):
             if quantization_dict(self.config) is not None:
                 del self.config.quantization_config
             return
         quantization = copy.deepcopy(self.declared)
         merged = [name for name in self.resident if name in self.dequantized]
-        listed = quantization.get("modules_to_not_convert")
+        field = _not_converted_field(quantization)
+        listed = quantization.get(field)
         kept = list(self.default_not_converted) if listed is None else list(listed)
         added = [name for name in (*self.dequantized_at_load, *merged) if not _covered(name, kept)]
         if added:
-            quantization["modules_to_not_convert"] = kept + added
+            quantization[field] = kept + added
         self.config.quantization_config = quantization
 
     def __repr__(self) -> str:
         return f"QuantizationRecord({len(self.resident)} FP8-resident modules, {len(self.dequantized)} dequantized)"
 
 
+def _not_converted_field(quantization: Mapping[str, Any]) -> str:
+    """Where the declared config lists unquantized modules: compressed-tensors' ``ignore``, else transformers'
+    ``modules_to_not_convert`` (a compressed-tensors dict has no such field: a reader refuses it)."""
+    return (
+        "ignore"
+        if quantization.get("quant_method") == compressed_tensors.METHOD
+        else "modules_to_not_convert"
+    )
+
+
 def _covered(name: str, entries: Sequence[str]) -> bool:
-    return any(name == entry or name.startswith(entry + ".") for entry in entries)
+    """``name`` is an entry or inside one; compressed-tensors' ``re:`` entries match it from its start."""
+    return any(
+        re.match(entry[3:], name)
+        if entry.startswith("re:")
+        else name == entry or name.startswith(entry + ".")
+        for entry in entries
+    )
 
 
 def track_quantization(
@@ -96,7 +116,11 @@ def track_quantization(
     if declared is None:
         return None
     defaults: Sequence[str] = ()
-    if declared.get("modules_to_not_convert") is None and hasattr(model, "all_tied_weights_keys"):
+    if (
+        _not_converted_field(declared) == "modules_to_not_convert"
+        and declared.get("modules_to_not_convert") is None
+        and hasattr(model, "all_tied_weights_keys")
+    ):
         from transformers.quantizers.base import get_keys_to_not_convert
 
         defaults = sorted(get_keys_to_not_convert(model))

@@ -179,13 +179,15 @@ def read_scale(
 
 
 def activation_scale_key(source: TensorSource) -> str | None:
-    """The static activation scale stored beside a one-piece FP8 tensor (one of its ``dropped_keys``), None when
-    there is none or the tensor is assembled from pieces (each piece's would be a scale of its own: a resident
-    load dequantizes such experts, ``pipeline.load.resident``); two spellings beside one tensor are refused
-    (which one applies would be a guess)."""
-    if source.is_assembled:
+    """The static activation scale stored beside an FP8 tensor stored as one piece (one of its ``dropped_keys``;
+    the piece may be stored with its rows reordered: a per-tensor scale does not mind), None when there is none or
+    the tensor is assembled from several pieces (each piece's would be a scale of its own: a resident load
+    dequantizes such experts, ``pipeline.load.resident``); two spellings beside one tensor are refused (which
+    one applies would be a guess)."""
+    parts = source.parts()
+    if len(parts) != 1:
         return None
-    keys = [key for key in source.dropped_keys if key.endswith(ACTIVATION_SCALE_SUFFIXES)]
+    keys = [key for key in parts[0].dropped_keys if key.endswith(ACTIVATION_SCALE_SUFFIXES)]
     if len(keys) > 1:
         raise ScaleError(
             f"FP8 tensor has several static activation scales ({', '.join(keys[:4])}): which one applies is "
@@ -256,7 +258,27 @@ def read_fp8(
     The bytes go straight into FP8 storage: memory-mapped from the file for a whole tensor on CPU with
     ``in_place_ok``, otherwise read with ``pread`` into a private FP8 tensor (then moved to ``device``).
     """
+    if source.is_assembled:
+        return _read_fp8_rotary(checkpoint, source, device=device, region=region)
     scale = read_scale(checkpoint, source)
     if in_place_ok and region is None and device.type == "cpu":
         return checkpoint.tensor(source.key), scale
     return checkpoint.read(source.key, region).to(device), scale
+
+
+def _read_fp8_rotary(
+    checkpoint: Checkpoint, source: TensorSource, *, device: torch.device, region: Region | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The codes of a weight stored as one FP8 piece with its rows in Mistral's rotary order (a native q/k),
+    permuted into the model's row order (``region``'s rows of it: a head's rows are read whole), and its scale
+    as stored: planning kept it FP8 only where the permutation keeps every row in its row of scale blocks
+    (``plan.residency_misfit``), so each code keeps its scale."""
+    (piece,) = source.parts()
+    info = checkpoint.info(piece.key)
+    shape = tuple(info.shape)
+    geometry = PieceGeometry.of(piece, shape, len(shape))
+    overlap = whole_box(shape) if region is None else tuple((s.start, s.stop) for s in region)
+    stored_region = geometry.stored_region(overlap)
+    data = checkpoint.read(piece.key, None if stored_region == whole_box(shape) else as_slices(stored_region))
+    codes = geometry.to_model(data.view(torch.uint8), overlap).contiguous().view(info.dtype)
+    return codes.to(device), read_scale(checkpoint, piece.stored_source())

@@ -49,6 +49,8 @@ from distributed import (
     _expert_parallel,
     _experts_lora,
     _mistral4,
+    _native,
+    _native_save,
     _peft_merge_config,
     _rotary_compile,
     _stages,
@@ -1145,10 +1147,12 @@ SCENARIOS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "accelerate_head": accelerate_head,
     "fsdp_head_layouts": fsdp_head_layouts,
     **_mistral4.SCENARIOS,
+    **_native.SCENARIOS,
     **_experts_lora.SCENARIOS,
     **_expert_parallel.SCENARIOS,
     **_peft_merge_config.SCENARIOS,
     **_rotary_compile.SCENARIOS,
+    **_native_save.SCENARIOS,
 }
 
 

@@ -127,7 +127,7 @@ def _activation_misfit(sources: list[TensorSource]) -> str | None:
     keys = [[k for k in s.dropped_keys if k.endswith(ACTIVATION_SCALE_SUFFIXES)] for s in sources]
     if not any(keys):
         return None
-    if any(s.is_assembled for s in sources):
+    if any(len(s.parts()) > 1 for s in sources):
         return "static activation scales stored per expert piece cannot be kept as one per fused expert"
     if not all(keys):
         return "static activation scales stored for one fused projection but not the other"
@@ -170,14 +170,15 @@ def make_fp8_resident(model: nn.Module, plan: LoadPlan, checkpoint: Checkpoint) 
         parent = model.get_submodule(parent_name)
         linear = getattr(parent, child)
         planned = plan[weight_name]
+        piece = planned.source.parts()[0]  # the stored tensor (one, maybe with its rows in rotary order)
         resident = Fp8Linear(
             linear.in_features,
             linear.out_features,
             bias=linear.bias is not None,
-            block_size=planned.source.block_size,
+            block_size=piece.block_size,
             fp8_dtype=planned.dtype,
             compute_dtype=linear.weight.dtype,
-            scale_dtype=checkpoint.info(planned.source.scale_key).dtype,
+            scale_dtype=checkpoint.info(piece.scale_key).dtype,
             static_activation=activation_scale_key(planned.source) is not None,
             device="meta",
         )

@@ -176,12 +176,13 @@ def _load_resident(
     else:
         codes, scale = read_fp8(checkpoint, source, device=target.device, region=region)
     # Kept FP8, dequantized in every forward: refuse now what would be NaN or inf there.
+    block_size = source.parts()[0].block_size
     check_finite(
         codes,
         scale,
         dtype=layer.compute_dtype,
-        block_size=source.block_size,
-        region=region if source.block_size is not None else None,
+        block_size=block_size,
+        region=region if block_size is not None else None,
         key=source.key,
         path=checkpoint.info(source.key).file,
     )

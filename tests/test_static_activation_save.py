@@ -309,3 +309,49 @@ def test_experts_whose_activation_scales_are_stored_per_piece_are_dequantized_no
             assert torch.equal(getattr(built, p), getattr(model.get_submodule(name), p)), (name, p)
     linears = {n: m for n, m in stock.named_modules() if type(m).__name__ == "FP8Linear"}
     assert linears and all(m.activation_scale is not None for m in linears.values())
+
+
+# --- Mistral-native: qscale_act, q/k stored in rotary order ------------------------------------------------
+
+
+def test_native_qscale_act_is_kept_on_every_layer_and_saved_as_transformers_names_it(
+    tmp_path: Path, registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A native checkpoint's ``qscale_act`` (``qscheme_act: "TENSOR"``: static) is the same multiplier as
+    ``activation_scale`` (transformers' converter renames one into the other); q/k are stored in rotary order
+    (a one-piece source with its rows reordered: a per-tensor scale is unaffected)."""
+    from mistral_native_checkpoints import native_key, native_tensors, params_of, write_fp8_native
+    from safetensors.torch import save_file
+    from transformers import Mistral3ForConditionalGeneration
+
+    from automodel_plugins.testing.tiny_models import tiny_mistral3_config
+
+    torch.manual_seed(0)
+    reference = Mistral3ForConditionalGeneration(tiny_mistral3_config(vision={"hidden_act": "silu"})).eval()
+    (tmp_path / "bf16").mkdir()
+    (tmp_path / "bf16" / "params.json").write_text(json.dumps(params_of(reference.config)))
+    save_file(native_tensors(reference), tmp_path / "bf16" / "consolidated.safetensors")
+    tensors = write_fp8_native(tmp_path / "bf16", reference, tmp_path / "native")
+    acts = sorted(k for k in tensors if k.endswith(".qscale_act"))
+    for index, key in enumerate(acts):
+        tensors[key] = torch.tensor(0.5 + index / 16)
+    save_file(tensors, tmp_path / "native" / "consolidated.safetensors")
+    model = automodel_plugins.from_pretrained(
+        tmp_path / "native", dtype=F32, dequantize=False, registry=registry
+    )
+    layers = fp8_layers(model)
+    assert len(layers) == len(acts) and any(name.endswith("q_proj") for name in layers)
+    for name, layer in layers.items():
+        stored = tensors[native_key(f"{name}.weight").removesuffix("weight") + "qscale_act"]
+        assert torch.equal(layer.activation_scale, stored.float()), name
+    model.save_pretrained(tmp_path / "saved")
+    assert (
+        json.loads((tmp_path / "saved" / "config.json").read_text())["quantization_config"][
+            "activation_scheme"
+        ]
+        == "static"
+    )
+    stock, info = stock_fp8_load(tmp_path / "saved", monkeypatch, dtype=F32)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    for name, layer in layers.items():
+        assert torch.equal(stock.get_submodule(name).activation_scale.detach(), layer.activation_scale), name

@@ -181,6 +181,21 @@ def test_after_a_lora_merge_the_unmerged_layers_keep_their_activation_scales(
             assert torch.equal(layer.activation_scale.detach(), expected[name]), name
 
 
+def test_an_unmerged_layer_is_fp8_again_with_its_activation_scale(
+    path: Path, registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=ATTENTION, init_lora_weights=False)
+    model = peft.get_peft_model(resident(path, registry), lora)
+    model.merge_adapter()
+    model.unmerge_adapter()
+    model.unload().save_pretrained(tmp_path / "saved")
+    expected = source_activation_scales(path)
+    stock, info = stock_fp8_load(tmp_path / "saved", monkeypatch, dtype=F32)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    for name in expected:
+        assert torch.equal(stock.get_submodule(name).activation_scale.detach(), expected[name]), name
+
+
 def test_source_format_save_carries_the_source_activation_scales_once(
     path: Path, registry: Registry, tmp_path: Path
 ) -> None:

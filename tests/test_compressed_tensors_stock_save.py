@@ -184,3 +184,13 @@ def test_the_mislabeled_save_loads_silently_wrong(dense: Path, tmp_path: Path) -
     assert "weight_scale" in missing and {k.rsplit(".", 1)[-1] for k in info["unexpected_keys"]} >= {
         "weight_scale_inv"
     }
+
+
+def test_adapters_added_in_transformers_still_save_alone(dense: Path, tmp_path: Path) -> None:
+    """transformers' own PEFT integration (``add_adapter``) saves only the adapters: not refused."""
+    peft = pytest.importorskip("peft")
+    model = resident(dense)
+    model.add_adapter(peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    model.save_pretrained(tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert not (tmp_path / "adapter" / "model.safetensors").exists()

@@ -48,7 +48,9 @@ class GuardedSave:
         self.model = model
 
     def __call__(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> Any:
-        if mislabels_stock_save(self.model):
+        # with adapters added in transformers (add_adapter / load_adapter) it saves the adapters alone
+        adapters_only = getattr(self.model, "_hf_peft_config_loaded", False)
+        if not adapters_only and mislabels_stock_save(self.model):
             raise StockSaveRefusedError(
                 "a stock save_pretrained of this FP8-resident model (dequantize=False) loaded from a "
                 "compressed-tensors checkpoint would write transformers' FP8 tensor names (weight_scale_inv, "

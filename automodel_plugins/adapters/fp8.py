@@ -72,6 +72,7 @@ class Fp8StateDictAdapter(StateDictAdapter):
     layout: str = "runtime"
     fp8_dtype: torch.dtype | None = None
     _seen_scale_names: set[str] = field(default_factory=set, init=False, repr=False)
+    _listed: dict[str, bool] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._renames = PrefixRenames(self.renames)
@@ -97,7 +98,7 @@ class Fp8StateDictAdapter(StateDictAdapter):
         stored ``transposed`` or not: its FP8 scale found under any accepted name when it is FP8, its static
         activation scale accounted for. ``name`` (the model tensor) is checked against
         ``modules_to_not_convert``; a key the checkpoint lacks gives a plain piece, which planning reports."""
-        stored = self.checkpoint.info(key) if key in self.checkpoint else None
+        stored = self.checkpoint.get(key)
         if stored is None or not is_fp8(stored.dtype):
             return Piece(key, box, transposed=transposed)
         if self.fp8_dtype is not None and stored.dtype != self.fp8_dtype:
@@ -164,8 +165,16 @@ class Fp8StateDictAdapter(StateDictAdapter):
         return present[0]
 
     def _never_converted(self, name: str) -> bool:
-        """``name`` is a listed module or inside one: it or one of its dotted prefixes is listed (a set lookup
-        per prefix, not a scan of the list per tensor: a 235B MoE lists ~100 modules for ~73k tensors)."""
+        """``name`` is a listed module or inside one (remembered per name: the 256 pieces of a fused experts
+        tensor share their model tensor's name)."""
+        listed = self._listed.get(name)
+        if listed is None:
+            self._listed[name] = listed = self._listed_module(name)
+        return listed
+
+    def _listed_module(self, name: str) -> bool:
+        """Whether ``name`` or one of its dotted prefixes is listed (a set lookup per prefix, not a scan of the
+        list per tensor: a 235B MoE lists ~100 modules for ~73k tensors)."""
         if name in self._not_converted:
             return True
         end = name.find(".")

@@ -121,7 +121,7 @@ class Fp8StateDictAdapter(StateDictAdapter):
             scale_key=self._scale_key(key),
             block_size=self.block_size,
             transposed=transposed,
-            dropped_keys=tuple(k for k in activation_key_candidates(key) if k in self.checkpoint),
+            dropped_keys=tuple(k for k in activation_key_candidates(key) if k in self.checkpoint.stored_keys),
         )
 
     def assembled(
@@ -148,7 +148,8 @@ class Fp8StateDictAdapter(StateDictAdapter):
         return "per-tensor" if self.block_size is None else f"block {self.block_size[0]}x{self.block_size[1]}"
 
     def _scale_key(self, key: str) -> str:
-        present = [k for k in scale_key_candidates(key) if k in self.checkpoint]
+        stored = self.checkpoint.stored_keys
+        present = [k for k in scale_key_candidates(key) if k in stored]
         if not present:
             raise ScaleError(
                 f"FP8 weight has no scale (looked for {', '.join(scale_key_candidates(key))})",

@@ -290,8 +290,7 @@ def _check_pieces(
     boxes = []
     for piece in source.parts():
         info = checkpoint.info(piece.key)
-        geometry = _geometry_of(piece, shape, len(info.shape))
-        stored = geometry.stored_shape
+        geometry, stored = _geometry_of(piece, shape, len(info.shape))
         if stored is None or info.shape != stored or len(geometry.box) != len(shape):
             raise ShapeMismatchError(
                 f"checkpoint shape {tuple(info.shape)} cannot fill the box {list(geometry.box)} of model tensor "
@@ -386,19 +385,25 @@ def _check_dtype(name: str, target: torch.Tensor, key: str, info: TensorInfo, *,
         )
 
 
-def _geometry_of(piece: Piece, shape: tuple[int, ...], stored_ndim: int) -> PieceGeometry:
-    """:meth:`PieceGeometry.of`, shared by the pieces of equal boxes."""
+def _geometry_of(
+    piece: Piece, shape: tuple[int, ...], stored_ndim: int
+) -> tuple[PieceGeometry, tuple[int, ...] | None]:
+    """:meth:`PieceGeometry.of` and its ``stored_shape``, shared by the pieces of equal boxes (the experts of
+    every layer of a MoE share theirs)."""
     box = piece.box_in(shape)
     try:
         return _geometry(box, stored_ndim, piece.transposed, piece.rope_heads)
     except TypeError:  # a box of lists (unhashable): a geometry of its own
-        return PieceGeometry.of(piece, shape, stored_ndim)
+        geometry = PieceGeometry.of(piece, shape, stored_ndim)
+        return geometry, geometry.stored_shape
 
 
 @functools.lru_cache(maxsize=4096)
-def _geometry(box: Box, stored_ndim: int, transposed: bool, rope_heads: int | None) -> PieceGeometry:
-    """One :class:`PieceGeometry` per distinct box (the experts of every layer share theirs): immutable."""
-    return PieceGeometry(box, stored_ndim, transposed, rope_heads)
+def _geometry(
+    box: Box, stored_ndim: int, transposed: bool, rope_heads: int | None
+) -> tuple[PieceGeometry, tuple[int, ...] | None]:
+    geometry = PieceGeometry(box, stored_ndim, transposed, rope_heads)
+    return geometry, geometry.stored_shape
 
 
 _SCALES_THAT_FIT: set[tuple[torch.dtype, tuple[int, ...], tuple[int, ...], tuple[int, int] | None]] = set()

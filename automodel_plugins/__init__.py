@@ -86,6 +86,10 @@ _LAZY = {
     # tensor parallelism from the model's tp_plan (FP8-resident layers included)
     "parallelize_fp8": "automodel_plugins.model.tensor_parallel",
     "tensor_parallel_plan": "automodel_plugins.model.tensor_parallel",
+    # expert parallelism from the model's ep_plan (FP8-resident experts included)
+    "parallelize_experts": "automodel_plugins.model.expert_parallel",
+    "expert_parallel_plan": "automodel_plugins.model.expert_parallel",
+    "fully_shard_experts": "automodel_plugins.model.expert_parallel",
 }
 
 if TYPE_CHECKING:
@@ -99,6 +103,11 @@ if TYPE_CHECKING:
     from automodel_plugins.adapters.pieces import stacked_boxes
     from automodel_plugins.checkpoint.reader import Checkpoint
     from automodel_plugins.fp8.quantization import claim_fp8_or_unquantized
+    from automodel_plugins.model.expert_parallel import (
+        expert_parallel_plan,
+        fully_shard_experts,
+        parallelize_experts,
+    )
     from automodel_plugins.model.forward import fused_loss_forward, vlm_fused_loss_forward
     from automodel_plugins.model.fp8_experts import Fp8Experts
     from automodel_plugins.model.fp8_linear import Fp8Linear

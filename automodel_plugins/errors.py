@@ -230,6 +230,11 @@ class TensorParallelError(AutomodelPluginsError, ValueError):
     on one mesh dim, or an input not laid out as that split needs); names the layer and the layout."""
 
 
+class ExpertParallelError(AutomodelPluginsError, ValueError):
+    """An expert-parallel layout the experts cannot take (an expert count the EP degree does not divide, a
+    module already placed, a mesh that is not 1-D); names the experts module and the sizes."""
+
+
 class LayoutError(AutomodelPluginsError, ValueError):
     """A parallel layout the memory plan cannot take (``--layout fsdp=8,tp=2``): names the degree at fault."""
 
@@ -268,6 +273,11 @@ class SaveOptionError(SaveError, ValueError):
 
 class UnknownQuantizationError(SaveOptionError):
     """A ``quantization`` (or ``--to``) value that is not one of the formats a save writes."""
+
+
+class NoNativeLayoutError(SaveOptionError):
+    """Mistral's native form (``params.json``, ``consolidated*.safetensors``) asked of a model that has none (not
+    a Mistral3-family model), or of a config with a field the native ``params.json`` cannot say (named)."""
 
 
 class NoSourceError(SaveError):

@@ -2,10 +2,10 @@
 
 Builds the test kit's tiny Mistral3 (2 text layers, 14 FP8 linears; ``--kind block``: 32x32 block scales) as an
 FP8 checkpoint in a temporary directory, loads it with ``dequantize=False``, wraps q/k/v/o/gate/up/down in LoRA
-(r=4), runs one eager forward (the one-shot rotary repair), then ``torch._dynamo.explain`` on a labelled batch
-(text only; ``--image`` adds an image, whose Pixtral tower breaks in stock transformers code). Prints the graph
-and break counts, the breaks whose stack passes through the FP8 code (``automodel_plugins/fp8/``,
-``model/fp8_*``), and every break by place. ``--compare BACKEND`` then runs one step (loss + backward) of a
+(r=4), then ``torch._dynamo.explain`` on its very first call, a labelled batch (text only; ``--image`` adds an
+image, whose Pixtral tower breaks in stock transformers code). Prints the graph and break counts, the breaks
+whose stack passes through the FP8 code (``automodel_plugins/fp8/``, ``model/fp8_*``) and through the rotary
+repair (``model/rotary.py``), and every break by place. ``--compare BACKEND`` then runs one step (loss + backward) of a
 deep copy compiled with that backend against the eager step and prints the loss difference and the largest
 LoRA-gradient difference (relative to each gradient's largest value). Not a timing.
 
@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 FP8_CODE = ("automodel_plugins/fp8/", "automodel_plugins/model/fp8_")
+ROTARY = "automodel_plugins/model/rotary.py"
 
 
 def main() -> None:
@@ -65,18 +66,19 @@ def main() -> None:
     batch = mistral3_image_batch(config, batch=2, seq=15, image_rows=1 if args.image else 0)
     if not args.image:
         batch = {key: batch[key] for key in ("input_ids", "attention_mask", "labels")}
-    model(**batch)  # eager first: the one-shot rotary repair hook
-    explanation = torch._dynamo.explain(model)(**batch)
+    explanation = torch._dynamo.explain(model)(**batch)  # the first call: no eager call before it
     places: collections.Counter[str] = collections.Counter()
-    in_fp8 = 0
+    in_fp8 = in_rotary = 0
     for reason in explanation.break_reasons:
         frame = reason.user_stack[-1] if reason.user_stack else None
         where = "?" if frame is None else f"{frame.filename.rsplit('site-packages/', 1)[-1]}:{frame.lineno}"
         places[f"{reason.reason.splitlines()[0][:80]} at {where.split('automodel_plugins/', 1)[-1]}"] += 1
         in_fp8 += any(any(p in f.filename for p in FP8_CODE) for f in reason.user_stack)
+        in_rotary += any(ROTARY in f.filename for f in reason.user_stack)
     print(
         f"kind={args.kind} skip_logits={args.skip_logits} image={args.image}: "
-        f"graphs {explanation.graph_count}, breaks {explanation.graph_break_count}, in the FP8 code {in_fp8}"
+        f"graphs {explanation.graph_count}, breaks {explanation.graph_break_count}, in the FP8 code {in_fp8}, "
+        f"in the rotary repair {in_rotary}"
     )
     for place, count in places.most_common():
         print(f"  {count:3d}  {place}")

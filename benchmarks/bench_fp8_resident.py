@@ -21,11 +21,21 @@ Targets: peak resident / peak dequantized <= 0.65; step time resident / dequanti
     python benchmarks/bench_fp8_resident.py --kind block --repeats 3 [--dtype float32] [--device cuda]
     python benchmarks/bench_fp8_resident.py --kind moe --tokens 256 --repeats 3
 
+    python benchmarks/bench_fp8_resident.py --kind moe --lora-experts --tokens 256 --repeats 3
+
 ``--kind moe`` runs the MoE of ``bench_moe_load.py`` (experts ``Fp8Experts``, LoRA on the attention) with each
 ``experts_implementation`` in the same run: ``resident`` (``grouped_mm``: hit experts dequantized into a reused
 buffer, one grouped matmul) and ``resident-eager`` (the exact eager loop) against ``dequantized`` (stock's
 ``grouped_mm``, its default and fastest on CPU) and ``dequantized-eager``. Target for the MoE: step time
 resident / dequantized (``grouped_mm``) <= 1.2.
+
+``--lora-experts`` (with ``--kind moe``) adds LoRA on the experts themselves (``target_parameters`` on both fused
+tensors, r=16 per expert) and runs ``resident`` and ``dequantized`` only, both ``grouped_mm``: on the dequantized
+model stock PEFT parametrizes each fused tensor (``W + B @ A`` for every expert, kept for backward), on the
+resident one the delta is added to each run of hit experts as they are dequantized
+(``automodel_plugins.model.fp8_experts_delta``). ``step_peak`` is the first step's peak over the RSS before it
+(the adapters, their gradients, AdamW's state, activations and whatever the step keeps), beside the load + step
+peak.
 """
 
 from __future__ import annotations
@@ -50,6 +60,8 @@ PEAK_TARGET = 0.65
 TIME_TARGET = 1.5
 MOE_TIME_TARGET = 1.2
 TEXT_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+EXPERT_TARGETS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+"""``--lora-experts``: PEFT ``target_parameters`` on the fused expert tensors, as one writes it for the stock model."""
 
 
 def worker(path_kind: str, checkpoint: str, args: argparse.Namespace) -> dict:
@@ -75,7 +87,7 @@ def worker(path_kind: str, checkpoint: str, args: argparse.Namespace) -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         cuda_base = torch.cuda.memory_allocated()
-    with PeakRss() as peak:
+    with PeakRss() as peak:  # load + LoRA wrapping; the first step is measured on its own, then combined
         started = time.perf_counter()
         model = automodel_plugins.from_pretrained(
             checkpoint,
@@ -89,15 +101,31 @@ def worker(path_kind: str, checkpoint: str, args: argparse.Namespace) -> dict:
             model.set_experts_implementation("eager" if path_kind.endswith("-eager") else "grouped_mm")
         load_seconds = time.perf_counter() - started
         resident_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-        config = peft.LoraConfig(r=16, lora_alpha=32, target_modules=TEXT_TARGETS, lora_dropout=0.0)
+        config = peft.LoraConfig(
+            r=16,
+            lora_alpha=32,
+            target_modules=TEXT_TARGETS,
+            target_parameters=EXPERT_TARGETS if args.lora_experts else None,
+            lora_dropout=0.0,
+        )
         model = peft.get_peft_model(model, config).train()
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    if cuda:
+        load_peak, before_step = torch.cuda.max_memory_allocated(), torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    with PeakRss() as step_peak:
         first = _step(model, optimizer, batch, cuda)
-    step_peak = torch.cuda.max_memory_allocated() - cuda_base if cuda else peak.extra_bytes
+    if cuda:
+        step_max = torch.cuda.max_memory_allocated()
+        total_peak, first_step = max(load_peak, step_max) - cuda_base, step_max - before_step
+    else:  # both peaks over the baseline taken before the load
+        total_peak = (max(peak.peak_kib, step_peak.peak_kib) - peak.base_kib) * 1024
+        first_step = step_peak.extra_bytes
     seconds = [_step(model, optimizer, batch, cuda)[1] for _ in range(args.steps)]
     return {
         "path": path_kind,
-        "peak": step_peak,
+        "peak": total_peak,
+        "step_peak": first_step,
         "memory_method": "cuda max_memory_allocated" if cuda else peak.method,
         "resident_bytes": resident_bytes,
         "load_seconds": load_seconds,
@@ -193,6 +221,8 @@ def run_worker(path_kind: str, checkpoint: Path, args: argparse.Namespace) -> di
         "--dtype",
         args.dtype,
     ]
+    if args.lora_experts:
+        cmd.append("--lora-experts")
     return run_json_worker(cmd, what=path_kind, env=worker_env(MALLOC_MMAP_THRESHOLD_=str(1 << 20)))
 
 
@@ -210,8 +240,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--layer-repeats", type=int, default=9, help="--kind moe: timed rounds of the one-layer measurement"
     )
+    parser.add_argument(
+        "--lora-experts",
+        action="store_true",
+        help="--kind moe: LoRA on the fused experts too (target_parameters)",
+    )
     parser.add_argument("--worker", choices=(*MOE_PATHS, "layer"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.lora_experts and args.kind != "moe":
+        parser.error("--lora-experts needs --kind moe")
     if args.dtype == "auto":
         from bench_train_step import fast_cpu_bf16
 
@@ -227,13 +264,14 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint = args.path or (
         ensure_moe_checkpoint() if args.kind == "moe" else ensure_checkpoint(args.kind)
     )
-    paths = MOE_PATHS if args.kind == "moe" else PATHS
+    paths = PATHS if args.kind != "moe" or args.lora_experts else MOE_PATHS
     results: dict[str, list[dict]] = {p: [] for p in paths}
     for repeat, path_kind in alternating(paths, args.repeats):
         row = run_worker(path_kind, checkpoint, args)
         results[path_kind].append(row)
         print(
-            f"  run {repeat + 1} {path_kind:<17} peak +{row['peak'] / 2**20:6.0f} MiB  resident "
+            f"  run {repeat + 1} {path_kind:<17} peak +{row['peak'] / 2**20:6.0f} MiB  "
+            f"first step +{row['step_peak'] / 2**20:6.0f} MiB  resident "
             f"{row['resident_bytes'] / 2**20:6.0f} MiB  step {row['step_seconds']:6.2f} s  "
             f"loss {row['loss']:.5f}  load average {os.getloadavg()[0]:.1f}",
             flush=True,
@@ -243,20 +281,22 @@ def main(argv: list[str] | None = None) -> int:
         return statistics.median(r[key] for r in results[p])
 
     first = results["resident"][0]
+    lora_on = "the text projections and the fused experts" if args.lora_experts else "the text projections"
     print(
-        f"\n{checkpoint.name}: {first['dtype']} on {args.device}, LoRA r=16 on the text projections "
+        f"\n{checkpoint.name}: {first['dtype']} on {args.device}, LoRA r=16 on {lora_on} "
         f"({first['lora_params'] / 1e6:.2f}M trainable), 1 x {args.tokens} tokens, forward + backward + AdamW, "
         f"median of {args.repeats} process(es) per path; memory: {first['memory_method']}"
     )
     print(
-        "| path | experts | FP8 layers | resident (MiB) | peak, load + step (MiB) | load (s) | step (s) | loss |"
+        "| path | experts | FP8 layers | resident (MiB) | peak, load + step (MiB) | peak, first step (MiB) "
+        "| load (s) | step (s) | loss |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for p in paths:
         print(
             f"| {p} | {results[p][0].get('experts_implementation') or '-'} | {results[p][0]['fp8_layers']} | "
             f"{med(p, 'resident_bytes') / 2**20:.0f} | "
-            f"{med(p, 'peak') / 2**20:.0f} | {med(p, 'load_seconds'):.1f} | {med(p, 'step_seconds'):.2f} | "
+            f"{med(p, 'peak') / 2**20:.0f} | {med(p, 'step_peak') / 2**20:.0f} | {med(p, 'load_seconds'):.1f} | {med(p, 'step_seconds'):.2f} | "
             f"{results[p][0]['loss']:.5f} |"
         )
     peak_ratio = med("resident", "peak") / med("dequantized", "peak")
@@ -273,8 +313,10 @@ def main(argv: list[str] | None = None) -> int:
         f"step time resident / dequantized: {time_ratio:.3f}  target <= {TIME_TARGET}  "
         f"{verdict(time_ratio <= TIME_TARGET)}"
     )
+    step_peak_ratio = med("resident", "step_peak") / med("dequantized", "step_peak")
+    print(f"first-step peak resident / dequantized: {step_peak_ratio:.3f}")
     print(f"|loss resident - loss dequantized| = {loss_diff:.2e}")
-    if args.kind == "moe":
+    if args.kind == "moe" and not args.lora_experts:
         moe_ratio = time_ratio
         print(
             f"MoE step time resident (grouped_mm) / dequantized (grouped_mm): {moe_ratio:.3f}  target <= "

@@ -7,6 +7,15 @@ header-only checkpoints (sparse files: headers, no data), as the table in ``docs
   94 layers, hidden 4096, 64 heads and 4 KV heads of 128, 128 experts of 1536 (8 active), vocabulary 151936,
   vision tower 27 layers of 1152 (the published config's sizes; the Qwen3-235B-A22B model card gives 94 layers,
   64 Q / 4 KV heads, 128 experts, 8 active).
+* Mistral Large 3 675B: its real ``params.json`` (``--large3-params``, default the copy in
+  ``/work/shared/reference/data``; the model is left out when it is absent) translated by the host
+  (``sources.native.translate_params``) into the HF config, written as a header-only checkpoint in the HF form
+  with the release's quantization: FP8 128x128 blocks, one tensor per expert and projection, the release's
+  ``ignore`` list BF16 (embeddings, vision tower, adapter, ``kv_a_proj_with_mqa``, ``q_a_proj``, the routers,
+  the head). The native names would not change a byte of the plan.
+
+Layouts: FSDP2 (``fsdp=``), tensor parallelism (``tp=``) and expert parallelism (``ep=``: the experts split by
+expert, as ``parallelize_experts`` places them, FSDP2 over the remaining ranks).
 
 LoRA: r=16 on q_proj and v_proj (vision tower included where its names match), fp32 adapters, gradients and two
 Adam states. Not counted: activations, temporaries, CUDA context.
@@ -51,9 +60,23 @@ LAYOUTS = {
         ("fsdp=8", False, 0),
         ("fsdp=8", False, 16),
         ("fsdp=4,tp=2", False, 16),
+        ("ep=8", False, 16),
+        ("fsdp=2,ep=4", False, 16),
         ("fsdp=16", False, 16),
+        ("fsdp=2,ep=8", True, 0),
+    ],
+    "Mistral Large 3 675B": [
+        ("fsdp=8", True, 0),
+        ("fsdp=8", False, 0),
+        ("fsdp=8", False, 16),
+        ("ep=8", False, 16),
+        ("fsdp=16", False, 16),
+        ("fsdp=2,ep=8", False, 16),
+        ("fsdp=16", True, 0),
+        ("fsdp=4,ep=8", True, 0),
     ],
 }
+LARGE_3_PARAMS = Path("/work/shared/reference/data/mistral-large-3-675b-instruct-2512.params.json")
 
 
 def write_devstral(directory: Path) -> None:
@@ -84,6 +107,31 @@ def write_qwen3_vl_235b(directory: Path) -> None:
             "model.visual",
             "lm_head",
             *(f"model.language_model.layers.{i}.mlp.gate" for i in range(layers)),
+        ),
+        activation_scale=False,
+        quantization_extra={"fmt": "e4m3"},
+    )
+
+
+def write_large3(directory: Path, params: Path = LARGE_3_PARAMS) -> None:
+    from transformers import AutoConfig
+
+    from automodel_plugins.sources.native import translate_params
+    from automodel_plugins.testing.header_only import write_header_only_checkpoint
+
+    data = translate_params(json.loads(params.read_text()))
+    config = AutoConfig.for_model(data.pop("model_type"), **data)
+    layers = config.text_config.num_hidden_layers
+    ignored = ("mlp.gate", "self_attn.kv_a_proj_with_mqa", "self_attn.q_a_proj")
+    write_header_only_checkpoint(
+        config,
+        directory,
+        block_size=(128, 128),
+        modules_to_not_convert=(
+            "model.vision_tower",
+            "model.multi_modal_projector",
+            "lm_head",
+            *(f"model.language_model.layers.{i}.{module}" for i in range(layers) for module in ignored),
         ),
         activation_scale=False,
         quantization_extra={"fmt": "e4m3"},
@@ -149,10 +197,16 @@ def main() -> int:
     )
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--only", choices=sorted(LAYOUTS), help="one model")
+    parser.add_argument("--large3-params", type=Path, default=LARGE_3_PARAMS, help="Large 3's params.json")
     args = parser.parse_args()
     table = []
+    writers = [("Devstral 2 123B", write_devstral), ("Qwen3-VL-235B-A22B", write_qwen3_vl_235b)]
+    if args.large3_params.is_file():
+        writers.append(("Mistral Large 3 675B", lambda path: write_large3(path, args.large3_params)))
+    else:
+        print(f"{args.large3_params} not found: Mistral Large 3 left out", file=sys.stderr)
     with tempfile.TemporaryDirectory() as tmp:
-        for name, write in (("Devstral 2 123B", write_devstral), ("Qwen3-VL-235B-A22B", write_qwen3_vl_235b)):
+        for name, write in writers:
             if args.only and args.only != name:
                 continue
             path = Path(tmp) / name.replace(" ", "-")

@@ -15,9 +15,13 @@ from typing import Any
 import pytest
 import torch
 from mistral_native_checkpoints import (
+    MLA_TO_NATIVE,
+    mla_native_tensors,
+    mla_params_of,
     native_key,
     native_tensors,
     params_of,
+    tiny_mla_model,
     unpermute_for_rope,
     write_fp8_native,
 )
@@ -266,25 +270,6 @@ def test_native_only_repo_downloads_params_and_consolidated_shards_only(
 
 # --- Mistral Large 3 at full size: a header-only native checkpoint planned ---------------------------------
 
-# transformers' convert_mistral4_weight_to_hf renamings, reversed (HF module path under a text layer -> native).
-_MLA_TO_NATIVE = {
-    "input_layernorm": "attention_norm",
-    "post_attention_layernorm": "ffn_norm",
-    "self_attn.q_a_proj": "attention.wq_a",
-    "self_attn.q_a_layernorm": "attention.q_a_norm",
-    "self_attn.q_b_proj": "attention.wq_b",
-    "self_attn.kv_a_proj_with_mqa": "attention.wkv_a_with_mqa",
-    "self_attn.kv_a_layernorm": "attention.kv_a_norm",
-    "self_attn.kv_b_proj": "attention.wkv_b",
-    "self_attn.o_proj": "attention.wo",
-    "mlp.gate_proj": "feed_forward.w1",
-    "mlp.down_proj": "feed_forward.w2",
-    "mlp.up_proj": "feed_forward.w3",
-    "mlp.gate": "gate",
-    "mlp.shared_experts.gate_proj": "shared_experts.w1",
-    "mlp.shared_experts.down_proj": "shared_experts.w2",
-    "mlp.shared_experts.up_proj": "shared_experts.w3",
-}
 _BF16_LEAVES = ("kv_a_proj_with_mqa", "q_a_proj", "gate")  # the compressed-tensors ignore list's regexes
 
 
@@ -326,7 +311,7 @@ def _large3_native_specs(model: Any) -> list[tuple[str, torch.dtype, tuple[int, 
                 else:
                     linear(f"layers.{n}.experts.{e}.w2.weight", (hidden, width), True)
             continue
-        key = f"layers.{n}.{_MLA_TO_NATIVE[module]}.weight"
+        key = f"layers.{n}.{MLA_TO_NATIVE[module]}.weight"
         if len(shape) == 2:
             linear(key, shape, not module.endswith(_BF16_LEAVES))
         else:
@@ -539,17 +524,25 @@ def test_convert_layout_native_dequantizes_in_native_form(
     assert_same_state_dict(ours, again)
 
 
-def test_convert_layout_native_from_hf_form_is_refused(
+def test_convert_layout_native_from_hf_form_is_the_reference_writers_native_form(
     tmp_path: Path, dense_native: tuple[Path, Any]
 ) -> None:
-    from automodel_plugins.errors import SaveOptionError
+    """HF form -> native: every tensor under the name and in the row order this test's own writer (transformers'
+    converter run backwards) gives, byte for byte in BF16, and the ``params.json`` a Ministral 3 release
+    carries for the config."""
     from automodel_plugins.pipeline.save.convert import convert_checkpoint
 
     _, reference = dense_native
     reference.save_pretrained(tmp_path / "hf")
-    with pytest.raises(SaveOptionError, match="not converted to native yet"):
-        convert_checkpoint(tmp_path / "hf", tmp_path / "out", to="bf16", layout="native")
-    assert not (tmp_path / "out").exists()
+    convert_checkpoint(tmp_path / "hf", tmp_path / "out", to="bf16", layout="native")
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["consolidated.safetensors", "params.json"]
+    assert json.loads((out / "params.json").read_text()) == params_of(reference.config)
+    expected = {
+        key: (str(torch.bfloat16), tuple(t.shape), t.to(torch.bfloat16).view(torch.uint8).numpy().tobytes())
+        for key, t in native_tensors(reference).items()
+    }
+    assert _stored(out) == expected
 
 
 def test_fp8_save_of_a_native_model_keeps_the_translated_modules_to_not_convert(
@@ -575,22 +568,31 @@ def test_fp8_save_of_a_native_model_keeps_the_translated_modules_to_not_convert(
     )
 
 
-def test_fp8_resident_native_load_gives_the_dequantized_logits(
+def test_fp8_resident_native_load_keeps_rotary_order_q_k_fp8(
     tmp_path: Path, dense_native: tuple[Path, Any]
 ) -> None:
-    """``dequantize=False``: v/o and the MLP stay FP8 (one piece each); q/k, whose rows are permuted on read,
-    are dequantized (a permuted piece is no ``Fp8Linear`` as stored); logits as the dequantized load's."""
+    """``dequantize=False``: every text projection stays FP8, q/k included. Their rows are stored in Mistral's
+    rotary order; the codes are permuted into transformers' order and keep their per-tensor scale, so the
+    module's codes, put back in rotary order by the test's own inverse, are the file's bytes; the logits are
+    the dequantized load's, and a source save gives the file back."""
     from automodel_plugins.model.fp8_linear import Fp8Linear
 
     directory, reference = dense_native
-    write_fp8_native(directory, reference, tmp_path / "fp8")
-    with pytest.warns(UserWarning, match=r"4 FP8 tensor\(s\) cannot stay FP8 .*k_proj"):
-        resident = automodel_plugins.from_pretrained(tmp_path / "fp8", dtype=torch.float32, dequantize=False)
+    stored = write_fp8_native(directory, reference, tmp_path / "fp8")
+    resident = automodel_plugins.from_pretrained(tmp_path / "fp8", dtype=torch.float32, dequantize=False)
     plain = automodel_plugins.from_pretrained(tmp_path / "fp8", dtype=torch.float32)
+    text = reference.config.text_config
     attention = resident.model.language_model.layers[0].self_attn
-    assert isinstance(attention.v_proj, Fp8Linear) and isinstance(attention.o_proj, Fp8Linear)
-    assert not isinstance(attention.q_proj, Fp8Linear) and not isinstance(attention.k_proj, Fp8Linear)
-    assert_same_logits(resident, plain, text_batch(reference.config.text_config, labels=False))
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        assert isinstance(getattr(attention, name), Fp8Linear), name
+    assert resident.automodel_composition.fp8_not_resident == []
+    for name, heads in (("q", text.num_attention_heads), ("k", text.num_key_value_heads)):
+        codes = getattr(attention, f"{name}_proj").weight.view(torch.uint8)
+        file = stored[f"layers.0.attention.w{name}.weight"].view(torch.uint8)
+        assert torch.equal(unpermute_for_rope(codes, heads), file), name
+    assert_same_logits(resident, plain, text_batch(text, labels=False))
+    automodel_plugins.save_pretrained(resident, tmp_path / "out")
+    assert _stored(tmp_path / "out") == _stored(tmp_path / "fp8")
 
 
 def test_inspect_of_a_native_only_repo_reads_headers_and_names_params_json(
@@ -705,98 +707,12 @@ def test_mla_moe_native_loads_with_stock_logits(tmp_path: Path) -> None:
     shared experts, a Pixtral tower): written by this test from transformers' Mistral4 conversion run backwards
     (renames inverted, experts split, vision q/k back in rotary order, MLA text q/k as they are), loaded
     natively onto stock ``Mistral3ForConditionalGeneration`` with logits equal to stock holding the weights."""
-    from mistral4_checkpoints import tiny_text_config
-    from transformers import Mistral3Config, PixtralVisionConfig
-
-    from automodel_plugins.testing.tiny_models import TINY_PIXTRAL_SIZES
-
-    rope = {
-        "rope_type": "yarn",
-        "rope_theta": 10000.0,
-        "factor": 4.0,
-        "original_max_position_embeddings": 8,
-        "beta_fast": 32.0,
-        "beta_slow": 1.0,
-        "mscale": 1.0,
-        "mscale_all_dim": 1.0,
-        "llama_4_scaling_beta": 0.1,
-        "partial_rotary_factor": 0.5,
-    }
-    config = Mistral3Config(
-        text_config=tiny_text_config(rope_parameters=rope, norm_topk_prob=True, routed_scaling_factor=1.0),
-        vision_config=PixtralVisionConfig(**{**TINY_PIXTRAL_SIZES, "hidden_act": "silu"}),
-        image_token_id=10,
-        spatial_merge_size=2,
-        tie_word_embeddings=False,
+    reference = tiny_mla_model()
+    config, text = reference.config, reference.config.text_config
+    tensors, params = (
+        mla_native_tensors(reference.state_dict(), reference.config),
+        mla_params_of(reference.config),
     )
-    torch.manual_seed(3)
-    reference = Mistral3ForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        for name, param in reference.named_parameters():
-            if name.endswith("mlp.gate.weight"):
-                param.normal_(0, 0.5)
-    text = config.text_config
-    tensors: dict[str, torch.Tensor] = {}
-    for name, tensor in reference.state_dict().items():
-        value = tensor.detach().clone()
-        layer = re.match(
-            r"^model\.language_model\.layers\.(\d+)\.(.+)\.(weight|gate_up_proj|down_proj)$", name
-        )
-        if layer is None:
-            if name.startswith("model.vision_tower") and name.endswith(("q_proj.weight", "k_proj.weight")):
-                value = unpermute_for_rope(value, config.vision_config.num_attention_heads)
-            tensors[native_key(name)] = value.contiguous()
-            continue
-        n, module, leaf = layer.groups()
-        if module == "mlp.experts":
-            width = text.moe_intermediate_size
-            for e in range(text.n_routed_experts):
-                if leaf == "gate_up_proj":
-                    tensors[f"layers.{n}.experts.{e}.w1.weight"] = value[e, :width].contiguous()
-                    tensors[f"layers.{n}.experts.{e}.w3.weight"] = value[e, width:].contiguous()
-                else:
-                    tensors[f"layers.{n}.experts.{e}.w2.weight"] = value[e].contiguous()
-            continue
-        tensors[f"layers.{n}.{_MLA_TO_NATIVE[module]}.weight"] = value.contiguous()
-    vision = params_of(tiny_mistral3_config(vision={"hidden_act": "silu"}))["vision_encoder"]
-    params = {
-        "dim": text.hidden_size,
-        "n_layers": text.num_hidden_layers,
-        "head_dim": text.qk_nope_head_dim + text.qk_rope_head_dim,
-        "hidden_dim": text.intermediate_size,
-        "n_heads": text.num_attention_heads,
-        "n_kv_heads": text.num_key_value_heads,
-        "norm_eps": text.rms_norm_eps,
-        "vocab_size": text.vocab_size,
-        "tied_embeddings": False,
-        "max_position_embeddings": text.max_position_embeddings,
-        "q_lora_rank": text.q_lora_rank,
-        "kv_lora_rank": text.kv_lora_rank,
-        "qk_nope_head_dim": text.qk_nope_head_dim,
-        "qk_rope_head_dim": text.qk_rope_head_dim,
-        "v_head_dim": text.v_head_dim,
-        "moe": {
-            "expert_hidden_dim": text.moe_intermediate_size,
-            "first_k_dense_replace": text.first_k_dense_replace,
-            "num_expert_groups": 1,
-            "num_expert_groups_per_tok": 1,
-            "num_experts": text.n_routed_experts,
-            "num_experts_per_tok": text.num_experts_per_tok,
-            "num_shared_experts": text.n_shared_experts,
-            "route_every_n": 1,
-            "routed_scale": 1.0,
-        },
-        "rope_theta": rope["rope_theta"],
-        "yarn": {
-            "alpha": 1,
-            "apply_scale": False,
-            "beta": 32,
-            "factor": 4,
-            "original_max_position_embeddings": 8,
-        },
-        "llama_4_scaling": {"beta": 0.1, "original_max_position_embeddings": 8},
-        "vision_encoder": vision,
-    }
     source = tmp_path / "native"
     source.mkdir()
     (source / "params.json").write_text(json.dumps(params))

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from automodel_plugins.adapters.base import Box, Piece, StateDictAdapter, TensorSource
 from automodel_plugins.errors import CheckpointError, DtypeMismatchError, ScaleError
+from automodel_plugins.fp8.compressed_tensors import PER_CHANNEL_BLOCK
 from automodel_plugins.fp8.formats import activation_key_candidates, is_fp8, scale_key_candidates
 from automodel_plugins.fp8.quantization import parse_fp8_quantization
 
@@ -145,7 +146,11 @@ class Fp8StateDictAdapter(StateDictAdapter):
         """How the FP8 tensors met so far are scaled; None before any (or for an unquantized checkpoint)."""
         if not self._seen_scale_names:
             return None
-        return "per-tensor" if self.block_size is None else f"block {self.block_size[0]}x{self.block_size[1]}"
+        if self.block_size is None:
+            return "per-tensor"
+        if self.block_size == PER_CHANNEL_BLOCK:
+            return "per-channel"
+        return f"block {self.block_size[0]}x{self.block_size[1]}"
 
     def _scale_key(self, key: str) -> str:
         stored = self.checkpoint.stored_keys

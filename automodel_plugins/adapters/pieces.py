@@ -151,6 +151,24 @@ class PieceGeometry:
             local[0] = (0, self.box[self.squeezed][1] - self.box[self.squeezed][0])
         return tuple(local)
 
+    def whole_heads(self, overlap: Box) -> tuple[int, int] | None:
+        """For rows in rotary order: the rows ``[start, stop)`` of the stored tensor that ``overlap`` (a box of
+        the model tensor inside :attr:`box`) covers when it covers whole heads only (a head's rows are
+        permuted among themselves, so whole heads are the same rows stored and in the model); else ``None``."""
+        if self.rope_heads is None:
+            return None
+        (start, stop), (first, last) = overlap[self.squeezed], self.box[self.squeezed]
+        per_head = (last - first) // self.rope_heads
+        start, stop = start - first, stop - first
+        return (start, stop) if start % per_head == 0 and stop % per_head == 0 else None
+
+    def heads_to_stored(self, model_view: torch.Tensor) -> torch.Tensor:
+        """:meth:`to_stored` of the model values of whole heads (an overlap :meth:`whole_heads` accepts)."""
+        value = model_view.reshape(model_view.shape[self.squeezed :]) if self.squeezed else model_view
+        per_head = (self.box[self.squeezed][1] - self.box[self.squeezed][0]) // self.rope_heads
+        value = _rope_rows(value, value.shape[0] // per_head, to_half_split=False)
+        return value.transpose(-2, -1) if self.transposed else value
+
     def to_model(self, stored: torch.Tensor, overlap: Box) -> torch.Tensor:
         """Values read from :meth:`stored_region` as a view shaped like ``overlap``, in the model's orientation."""
         value = stored.transpose(-2, -1) if self.transposed else stored

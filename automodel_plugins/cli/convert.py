@@ -59,7 +59,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         choices=("hf", "native"),
         default="hf",
         help="hf (default): transformers' form (config.json, HF names); native: Mistral's native form "
-        "(params.json, consolidated shards, native names), from a native SRC with --to bf16",
+        "(params.json, consolidated shards, native names and scales), from either form, with any --to",
     )
     convert.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     convert.add_argument("--no-progress", action="store_true", help="no progress bar")

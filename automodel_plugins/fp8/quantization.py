@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from automodel_plugins.errors import UnsupportedQuantizationError
+from automodel_plugins.errors import ConfigError, UnsupportedQuantizationError
+from automodel_plugins.fp8 import compressed_tensors
 from automodel_plugins.registry.claims import Claim, Decline
 
 if TYPE_CHECKING:
@@ -27,7 +28,7 @@ __all__ = [
     "quantization_dict",
 ]
 
-SUPPORTED_METHODS = ("fp8",)
+SUPPORTED_METHODS = ("fp8", compressed_tensors.METHOD)
 
 
 class Fp8Quantization(BaseModel):
@@ -78,7 +79,9 @@ def quantization_dict(config: Any, *, path: str | Path | None = None) -> dict[st
 def parse_fp8_quantization(config: Any, *, path: str | Path | None = None) -> Fp8Quantization | None:
     """``None`` for an unquantized config; the parsed FP8 settings; or UnsupportedQuantizationError naming
     ``path`` (the ``config.json``, when known) and the field (``quantization_config.quant_method`` for
-    e.g. ``awq``)."""
+    e.g. ``awq``). A compressed-tensors FP8 dict is read through its translation
+    (:func:`~automodel_plugins.fp8.compressed_tensors.translate_compressed_tensors`), whose errors name the
+    compressed-tensors field (``...weights.num_bits`` of an int4 scheme)."""
     raw = quantization_dict(config, path=path)
     if raw is None:
         return None
@@ -88,6 +91,8 @@ def parse_fp8_quantization(config: Any, *, path: str | Path | None = None) -> Fp
             path,
             f"quantization_config.quant_method {method!r} is not supported (supported: {', '.join(SUPPORTED_METHODS)})",
         )
+    if method == compressed_tensors.METHOD:
+        raw = compressed_tensors.translate_compressed_tensors(raw, path=path)
     try:
         return Fp8Quantization.model_validate(raw)
     except ValidationError as error:
@@ -101,7 +106,8 @@ def parse_fp8_quantization(config: Any, *, path: str | Path | None = None) -> Fp
 
 
 def describe_fp8(quantization: Mapping[str, Any]) -> str:
-    """``"128x128 block FP8 weights"`` or ``"per-tensor FP8 weights"``, for a claim's reason.
+    """``"128x128 block FP8 weights"``, ``"per-tensor FP8 weights"`` or ``"per-channel FP8 weights"``, for a
+    claim's reason.
 
     Lenient on purpose: a malformed ``weight_block_size`` is shown as written and refused later by the
     adapter (``fp8_adapter_for``), whose error names the field.
@@ -109,22 +115,34 @@ def describe_fp8(quantization: Mapping[str, Any]) -> str:
     block = quantization.get("weight_block_size")
     if not block:
         return "per-tensor FP8 weights"
+    if isinstance(block, (list, tuple)) and tuple(block) == compressed_tensors.PER_CHANNEL_BLOCK:
+        return "per-channel FP8 weights"
     shown = "x".join(map(str, block)) if isinstance(block, (list, tuple)) else repr(block)
     return f"{shown} block FP8 weights"
 
 
 def claim_fp8_or_unquantized(config: Any, model: str, *, priority: int = 0) -> Claim | Decline:
-    """The claim for a config already known to be ``model``: unquantized or ``quant_method: fp8``.
+    """The claim for a config already known to be ``model``: unquantized, ``quant_method: fp8``, or
+    compressed-tensors FP8 the host reads (llm-compressor's FP8_BLOCK, FP8_DYNAMIC's per-channel weights,
+    per-tensor FP8).
 
-    Any other method (``awq``, ``gptq``, ``compressed-tensors``, ...) is not ours: a :class:`Decline` naming
-    the method, so another plugin or stock transformers may serve it and ``list --config`` says why this one
-    did not. An FP8 config the host cannot read (``fmt: e5m2``, a zero block) is still claimed, so that the
-    load fails naming the field instead of falling back to another loader.
+    Any other method (``awq``, ``gptq``, ...) and compressed-tensors schemes the host does not apply (int4,
+    int8, NVFP4, per-group scales, activations only, ...) are not ours: a :class:`Decline` naming the method or
+    the compressed-tensors field, so another plugin or stock transformers (whose compressed-tensors
+    integration applies them) may serve it and ``list --config`` says why this one did not. An ``fp8`` config
+    the host cannot read (``fmt: e5m2``, a zero block) is still claimed, so that the load fails naming the
+    field instead of falling back to another loader.
     """
     quantization = quantization_dict(config)
     if quantization is None:
         return Claim(reason=f"{model}, unquantized", priority=priority)
     method = quantization.get("quant_method")
+    if method == compressed_tensors.METHOD:
+        try:
+            translated = compressed_tensors.translate_compressed_tensors(quantization, path=None)
+        except ConfigError as error:
+            return Decline(reason=f"{model} with quant_method {method!r} the host does not apply: {error}")
+        return Claim(reason=f"{model}, compressed-tensors {describe_fp8(translated)}", priority=priority)
     if method != "fp8":
         return Decline(reason=f"{model} with quant_method {method!r}: only FP8 or unquantized is served")
     return Claim(reason=f"{model}, {describe_fp8(quantization)}", priority=priority)

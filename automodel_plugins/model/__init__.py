@@ -13,11 +13,19 @@
 * ``fp8_tensor_parallel``: ``Fp8Linear``'s forward with its codes split by rows or columns (tensor parallel);
 * ``tensor_parallel``: transformers' ``tp_plan`` as torch ``ColwiseParallel`` / ``RowwiseParallel`` (PEFT-aware);
 * ``fp8_experts``: ``Fp8Experts``, fused MoE experts holding their FP8 weights and block scales;
+* ``expert_parallel``: transformers' ``ep_plan`` applied with its own EP styles, ``Fp8Experts``' scale grids
+  split by expert with their codes;
 * ``fp8_grouped``: ``Fp8Experts``' grouped forward: the hit experts dequantized into a reused buffer, one grouped
   matmul;
+* ``fp8_experts_delta``: LoRA deltas on ``Fp8Experts``: each run of hit experts formed as dequantized + delta;
+* ``fp8_experts_lora``: PEFT's ``ParamWrapper`` (``target_parameters``) over ``Fp8Experts`` (imports peft);
+* ``fp8_experts_merge``: merging such a delta back into FP8 codes, the moved experts re-quantized;
 * ``fp8_ops``: the FP8 decode and the resident matmul as ``torch.library`` custom ops, for ``torch.compile``;
 * ``fp8_lora``: merging PEFT LoRA over ``Fp8Linear`` bases (imports peft);
-* ``fp8_peft_hook``: makes PEFT's LoRA over an ``Fp8Linear`` an ``Fp8LoraLinear``, so PEFT's own merge works;
+* ``fp8_peft_hook``: makes PEFT's LoRA over an ``Fp8Linear`` an ``Fp8LoraLinear`` (and its ``ParamWrapper`` over
+  ``Fp8Experts`` an ``Fp8ExpertsParamWrapper``), so PEFT's own forward and merge work;
+* ``quantization_record``: the config's ``quantization_config`` kept truthful as FP8-resident modules are merged
+  away and put back (every LoRA merge and unmerge path);
 * ``fp8_training_check``: the warning at an optimizer step that can train no FP8-resident layer;
 * ``sharded_merge``: that merge on an FSDP2-sharded model, each rank its own rows (imports peft);
 * ``requantize``: float weights re-quantized for FP8-resident modules, for ``load_state_dict``;

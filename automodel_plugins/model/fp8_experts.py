@@ -28,11 +28,16 @@ call as the stock module reads it, so ``model.set_experts_implementation`` appli
 Under autograd only the codes (and the routing) are saved for backward. Only block-scaled FP8 is held (the FP8
 releases' form); one scale per expert (``[E, 1, 1]``, Mistral Small 4's fused form) is held as a grid whose single
 block covers the whole expert matrix; other per-tensor forms are dequantized at load instead.
+
+PEFT LoRA on the fused tensors (``target_parameters``) reaches the forward as deltas its wrapper attaches
+(:mod:`~automodel_plugins.model.fp8_experts_lora`): each hit expert's matrix is then dequantized + delta, formed
+per run of hit experts (:mod:`~automodel_plugins.model.fp8_experts_delta`).
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -45,7 +50,13 @@ from automodel_plugins.fp8.formats import is_fp8
 from automodel_plugins.fp8.scales import decode_scale
 from automodel_plugins.fp8.stacked import stacked_grid_shape
 from automodel_plugins.model import fp8_ops  # noqa: F401  (registers the resident matmul op)
-from automodel_plugins.model.fp8_grouped import grouped_experts_forward
+from automodel_plugins.model.fp8_experts_delta import ExpertDelta, active_deltas, fp8_lora_experts_linear
+from automodel_plugins.model.fp8_grouped import (
+    ExpertGroups,
+    GroupedLinear,
+    fp8_grouped_linear,
+    grouped_experts_forward,
+)
 from automodel_plugins.model.fp8_resident import (
     DequantLayout,
     Fp8Codes,
@@ -225,7 +236,8 @@ class Fp8Experts(Fp8Resident):
         self.load_scale(name, scale)
 
     def load_scale(self, name: str, scale: torch.Tensor) -> None:
-        """Hold ``scale`` (the whole stacked grid, any scale dtype) as ``name``'s fp32 scale buffer."""
+        """Hold ``scale`` (the whole stacked grid, or this rank's experts' grids under expert parallelism, any
+        scale dtype) as ``name``'s fp32 scale buffer."""
         buffer_name = f"{name}_scale_inv"
         buffer = self._buffers[buffer_name]
         device = getattr(self, name).device
@@ -254,17 +266,21 @@ class Fp8Experts(Fp8Resident):
         if parametrize.is_parametrized(self):
             raise FrozenFp8WeightError(
                 "the fused parameters of FP8-resident experts (Fp8Experts) hold FP8 codes: a parametrization of "
-                "them (PEFT LoRA with target_parameters on the experts) would add to the codes, not to the "
-                "weights; put LoRA on the attention projections, or load with dequantize=True to adapt the experts"
+                "them (a stock PEFT ParamWrapper) would add to the codes, not to the weights. PEFT LoRA with "
+                "target_parameters on the experts works through automodel_plugins' PEFT hook, installed by a "
+                "dequantize=False load or by automodel_plugins.model.fp8_peft_hook.install() before get_peft_model"
             )
         if is_dtensor(self.gate_up_proj):
             raise NotImplementedError(
-                "Fp8Experts with DTensor codes in the forward (tensor or expert parallelism) is not "
-                "supported; shard FP8-resident experts with FSDP2, or load with dequantize=True"
+                "Fp8Experts with DTensor codes in the forward: expert parallelism runs through "
+                "automodel_plugins.parallelize_experts (which hands the forward this rank's experts as local "
+                "tensors); tensor parallelism of the experts is not supported (shard them with FSDP2 or by experts)"
             )
         implementation = self.experts_implementation
+        deltas = active_deltas(self)  # LoRA on the experts (target_parameters), attached by its PEFT wrapper
         if implementation in ("grouped_mm", "batched_mm"):
-            return grouped_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+            linear = self._lora_grouped_linear(deltas) if deltas else None
+            return grouped_experts_forward(self, hidden_states, top_k_index, top_k_weights, linear)
         if implementation != "eager":
             raise ExpertsImplementationError(
                 None,
@@ -272,12 +288,18 @@ class Fp8Experts(Fp8Resident):
                 f"choose one of {EXPERTS_IMPLEMENTATIONS} (model.set_experts_implementation), or load with "
                 "dequantize=True to use it",
             )
-        return self._eager_forward(hidden_states, top_k_index, top_k_weights)
+        return self._eager_forward(hidden_states, top_k_index, top_k_weights, deltas)
 
     def _eager_forward(
-        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+        self,
+        hidden_states: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+        deltas: Mapping[str, tuple[ExpertDelta, ...]],
     ) -> torch.Tensor:
         """The stock eager loop over the hit experts, each matrix dequantized on its own (the exact reference)."""
+        if deltas:
+            return self._eager_lora_forward(hidden_states, top_k_index, top_k_weights, deltas)
         layout = self._layout()
         gate_up, down = self.gate_up_proj, self.down_proj
         gate_up_scale, down_scale = self.gate_up_proj_scale_inv, self.down_proj_scale_inv
@@ -296,6 +318,54 @@ class Fp8Experts(Fp8Resident):
             gate, up = fp8_matmul(current_state, gate_up[e], gate_up_scale[e], None, layout).chunk(2, dim=-1)
             current_hidden_states = self.act_fn(gate) * up
             current_hidden_states = fp8_matmul(current_hidden_states, down[e], down_scale[e], None, layout)
+            current_hidden_states = current_hidden_states * top_k_weights[token_idx, top_k_pos, None]
+            final_hidden_states.index_add_(0, token_idx, current_hidden_states.to(final_hidden_states.dtype))
+        return final_hidden_states
+
+    def _lora_grouped_linear(self, deltas: Mapping[str, tuple[ExpertDelta, ...]]) -> GroupedLinear:
+        """The grouped path's projection with LoRA deltas on the tensors that have them."""
+        layout, budget = self._layout(), self.dequant_budget_bytes
+
+        def linear(x: torch.Tensor, name: str, groups: ExpertGroups) -> torch.Tensor:
+            codes, scale = getattr(self, name), self.scale(name)
+            if name in deltas:
+                return fp8_lora_experts_linear(x, codes, scale, groups, layout, budget, deltas[name])
+            return fp8_grouped_linear(x, codes, scale, groups, layout, budget)
+
+        return linear
+
+    def _eager_lora_forward(
+        self,
+        hidden_states: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+        deltas: Mapping[str, tuple[ExpertDelta, ...]],
+    ) -> torch.Tensor:
+        """The same loop with LoRA deltas: each hit expert's matrix formed as dequantized + delta
+        (:func:`~automodel_plugins.model.fp8_experts_delta.fp8_lora_experts_linear`, one ``torch.mm``)."""
+        layout, budget = self._layout(), self.dequant_budget_bytes
+        final_hidden_states = torch.zeros_like(hidden_states)
+        with torch.no_grad():
+            expert_mask = torch.nn.functional.one_hot(top_k_index, num_classes=self.num_experts + 1)
+            expert_mask = expert_mask.permute(2, 1, 0)
+            expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
+
+        def project(name: str, x: torch.Tensor, expert: int) -> torch.Tensor:
+            codes, scale = getattr(self, name), self.scale(name)
+            if name in deltas:
+                groups = ExpertGroups((expert,), (x.shape[0],), x.shape[0])
+                return fp8_lora_experts_linear(
+                    x, codes, scale, groups, layout, budget, deltas[name], grouped=False
+                )
+            return fp8_matmul(x, codes[expert], scale[expert], None, layout)
+
+        for expert_idx in expert_hit:
+            e = int(expert_idx[0])
+            if e == self.num_experts:
+                continue
+            top_k_pos, token_idx = torch.where(expert_mask[e])
+            gate, up = project("gate_up_proj", hidden_states[token_idx], e).chunk(2, dim=-1)
+            current_hidden_states = project("down_proj", self.act_fn(gate) * up, e)
             current_hidden_states = current_hidden_states * top_k_weights[token_idx, top_k_pos, None]
             final_hidden_states.index_add_(0, token_idx, current_hidden_states.to(final_hidden_states.dtype))
         return final_hidden_states

@@ -21,6 +21,7 @@ safe; CUDA graphs and ``torch.compile`` of this path are not supported. Its size
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +40,9 @@ __all__ = [
     "grouped_experts_forward",
     "release_dequant_buffers",
 ]
+
+GroupedLinear = Callable[[torch.Tensor, str, "ExpertGroups"], torch.Tensor]
+"""``(rows sorted by expert, fused tensor name, their groups) -> the projection``."""
 
 _ALIGNMENT = 16
 """Bytes: the CPU ``grouped_mm`` kernel refuses strides (and, before torch 2.11, pointers) not a multiple of it."""
@@ -235,11 +239,23 @@ def fp8_grouped_linear(
 
 
 def grouped_experts_forward(
-    module: Fp8Experts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    module: Fp8Experts,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    linear: GroupedLinear | None = None,
 ) -> torch.Tensor:
     """transformers' ``grouped_mm_experts_forward`` over FP8 codes: the same sort, gathers, gate, routing
-    weights, un-sort and per-token sum over the top-k, so the result is the dequantized model's grouped path."""
+    weights, un-sort and per-token sum over the top-k, so the result is the dequantized model's grouped path.
+    ``linear(x, name, groups)``: the projection by the fused tensor ``name`` (default: :func:`fp8_grouped_linear`
+    over the codes; LoRA on the experts passes its own, :mod:`~automodel_plugins.model.fp8_experts_delta`)."""
     layout, budget = module._layout(), module.dequant_budget_bytes
+
+    def project(x: torch.Tensor, name: str) -> torch.Tensor:
+        if linear is not None:
+            return linear(x, name, groups)
+        return fp8_grouped_linear(x, getattr(module, name), module.scale(name), groups, layout, budget)
+
     num_top_k = top_k_index.size(-1)
     num_tokens, hidden_dim = hidden_states.shape
     sample_weights = top_k_weights.reshape(-1)
@@ -248,14 +264,10 @@ def grouped_experts_forward(
     selected_hidden_states_g = hidden_states[perm // num_top_k]
     sample_weights_g = sample_weights[perm]
     groups = ExpertGroups.of(expert_ids_g, module.num_experts)
-    proj_out = fp8_grouped_linear(
-        selected_hidden_states_g, module.gate_up_proj, module.gate_up_proj_scale_inv, groups, layout, budget
-    )
+    proj_out = project(selected_hidden_states_g, "gate_up_proj")
     gate, up = proj_out.chunk(2, dim=-1)
     proj_out = module.act_fn(gate) * up
-    proj_out = fp8_grouped_linear(
-        proj_out, module.down_proj, module.down_proj_scale_inv, groups, layout, budget
-    )
+    proj_out = project(proj_out, "down_proj")
     weighted_out = proj_out * sample_weights_g.unsqueeze(-1)
     inv_perm = torch.empty_like(perm)
     inv_perm[perm] = torch.arange(perm.size(0), device=hidden_states.device)

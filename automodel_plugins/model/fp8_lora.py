@@ -9,9 +9,10 @@ to ``uint8`` and added to the codes. So every such layer is an :class:`Fp8LoraLi
 nothing registered; :func:`register_fp8_lora` does it through PEFT's custom-module API), whose merge goes into a
 stock ``nn.Linear`` holding the dequantized weight in the compute dtype plus the delta (re-quantizing there
 would lose most of a small delta). PEFT's own ``merge_adapter`` / ``unmerge_adapter`` / ``merge_and_unload``
-then work, and ``unmerge`` restores the FP8 base exactly. :func:`merge_lora` is ``merge_and_unload`` that also
-makes the config's ``quantization_config`` say what the merged model holds (needed before a stock
-``save_pretrained``).
+then work, and ``unmerge`` restores the FP8 base exactly. Every merge and unmerge tells the model's quantization
+record (:meth:`~automodel_plugins.model.fp8_resident.Fp8Resident.mark_fp8`), so ``config.quantization_config``
+always says what the model holds, and a stock ``save_pretrained`` after any of them writes a checkpoint
+transformers reads as it is. :func:`merge_lora` is ``merge_and_unload`` that also merges FSDP2-sharded layers.
 
 Importing this module imports PEFT.
 """
@@ -26,7 +27,6 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from automodel_plugins.model.fp8_linear import Fp8Linear
-from automodel_plugins.model.fp8_resident import sync_quantization_config
 from automodel_plugins.model.sharded_merge import merge_sharded_lora_layers
 
 __all__ = ["Fp8LoraLinear", "adopt_fp8_base", "dequantize_lora_bases", "merge_lora", "register_fp8_lora"]
@@ -48,6 +48,7 @@ class Fp8LoraLinear(LoraLinear):
         if isinstance(base, Fp8Linear):
             object.__setattr__(self, _FP8_BASE, base)  # not a submodule: no state_dict keys, no double merge
             self.base_layer = base.to_linear()
+            base.mark_fp8(False)  # the config lists the layer in modules_to_not_convert
         super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
 
     def unmerge(self) -> None:
@@ -59,6 +60,7 @@ class Fp8LoraLinear(LoraLinear):
             return
         self.base_layer = fp8_base
         object.__delattr__(self, _FP8_BASE)
+        fp8_base.mark_fp8(True)
         self.merged_adapters.clear()
 
     def __repr__(self) -> str:
@@ -89,8 +91,10 @@ def dequantize_lora_bases(model: nn.Module, dtype: torch.dtype | None = None) ->
     many bases were replaced."""
     count = 0
     for module in model.modules():
-        if isinstance(module, BaseTunerLayer) and isinstance(getattr(module, "base_layer", None), Fp8Linear):
-            module.base_layer = module.base_layer.to_linear(dtype)
+        base = getattr(module, "base_layer", None)
+        if isinstance(module, BaseTunerLayer) and isinstance(base, Fp8Linear):
+            module.base_layer = base.to_linear(dtype)
+            base.mark_fp8(False)
             count += 1
     return count
 
@@ -99,9 +103,11 @@ def merge_lora(peft_model: nn.Module, **merge_kwargs: Any) -> nn.Module:
     """``peft_model.merge_and_unload(**merge_kwargs)`` for a model whose LoRA layers sit on FP8-resident bases.
 
     Merged layers become stock ``nn.Linear`` in the compute dtype (dequantized weight + LoRA delta); FP8
-    layers without an adapter stay FP8. The returned stock model's ``quantization_config`` lists the merged
-    layers in ``modules_to_not_convert`` (or is dropped when no FP8 layer is left), so a stock
-    ``save_pretrained`` writes a checkpoint transformers loads as it is.
+    layers without an adapter stay FP8. LoRA on ``Fp8Experts`` (``target_parameters``) merges into the experts'
+    FP8 codes, the moved experts re-quantized with fresh scales
+    (:mod:`~automodel_plugins.model.fp8_experts_merge`): the experts stay FP8. The returned stock model's ``quantization_config`` lists the merged
+    layers in ``modules_to_not_convert`` (or is dropped when no FP8 layer is left), as after PEFT's own
+    ``merge_and_unload``, so a stock ``save_pretrained`` writes a checkpoint transformers loads as it is.
 
     Under FSDP2 (base weights sharded by rows) every rank calls this together and merges its own rows
     (:func:`~automodel_plugins.model.sharded_merge.merge_sharded_lora_layers`): the merged weights are
@@ -115,6 +121,4 @@ def merge_lora(peft_model: nn.Module, **merge_kwargs: Any) -> nn.Module:
         adapter_names=merge_kwargs.get("adapter_names"),
     )
     dequantize_lora_bases(peft_model)
-    merged = peft_model.merge_and_unload(**merge_kwargs)
-    sync_quantization_config(merged)
-    return merged
+    return peft_model.merge_and_unload(**merge_kwargs)

@@ -12,7 +12,11 @@ event:
 a ``peft`` LoRA layer whose ``base_layer`` is set to an ``Fp8Linear`` (in ``LoraLayer.__init__``). That layer,
 when it is exactly PEFT's ``lora.Linear``, becomes an ``Fp8LoraLinear``: a subclass adding no state, only
 ``merge`` (into a stock ``nn.Linear`` holding the dequantized weight plus the delta) and ``unmerge`` (the FP8
-base back, bit for bit). Every other registration returns at the first comparison.
+base back, bit for bit). A ``ParamWrapper`` (``target_parameters``) whose base is an
+:class:`~automodel_plugins.model.fp8_experts.Fp8Experts`, or another such wrapper around one (PEFT nests them, one
+per targeted tensor), becomes an :class:`~automodel_plugins.model.fp8_experts_lora.Fp8ExpertsParamWrapper`, which
+adds the LoRA delta to the dequantized experts instead of parametrizing the codes. Every other registration
+returns at the first comparisons.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from torch import nn
 from torch.nn.modules.module import register_module_module_registration_hook
 from torch.utils.hooks import RemovableHandle
 
+from automodel_plugins.model.fp8_experts import Fp8Experts
 from automodel_plugins.model.fp8_linear import Fp8Linear
 
 __all__ = ["install"]
@@ -36,14 +41,15 @@ def install() -> None:
 
 
 def _adopt_lora_over_fp8(module: nn.Module, name: str, submodule: nn.Module | None) -> None:
-    if (
-        name != "base_layer"
-        or not type(module).__module__.startswith("peft.")
-        or not isinstance(submodule, Fp8Linear)
-    ):
+    if name != "base_layer" or not type(module).__module__.startswith("peft."):
         return
-    from automodel_plugins.model.fp8_lora import (
-        adopt_fp8_base,
-    )  # imports peft: already imported by the caller
+    if isinstance(submodule, Fp8Linear):
+        from automodel_plugins.model.fp8_lora import (
+            adopt_fp8_base,
+        )  # imports peft: already imported by the caller
 
-    adopt_fp8_base(module)
+        adopt_fp8_base(module)
+    elif isinstance(submodule, Fp8Experts) or type(submodule).__qualname__ == "Fp8ExpertsParamWrapper":
+        from automodel_plugins.model.fp8_experts_lora import adopt_experts_wrapper
+
+        adopt_experts_wrapper(module)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import nn
@@ -19,8 +19,10 @@ from torch.nn import functional as F
 from automodel_plugins.errors import DtypeMismatchError, FrozenFp8WeightError
 from automodel_plugins.fp8.decode import dequantize
 from automodel_plugins.fp8.formats import is_fp8
-from automodel_plugins.fp8.quantization import quantization_dict
 from automodel_plugins.model.placement import is_dtensor
+
+if TYPE_CHECKING:
+    from automodel_plugins.model.quantization_record import QuantizationRecord
 
 __all__ = [
     "DequantLayout",
@@ -32,7 +34,6 @@ __all__ = [
     "linear_dequantized",
     "linear_dequantized_input_grad",
     "modules_of_type",
-    "sync_quantization_config",
 ]
 
 M = TypeVar("M", bound=nn.Module)
@@ -214,6 +215,17 @@ class Fp8Resident(nn.Module):
     SCALE_NAMES: tuple[str, ...] = ()
     fp8_dtype: torch.dtype
     compute_dtype: torch.dtype
+    quantization_record: QuantizationRecord | None = None
+    """The model's record of its ``quantization_config``, shared by its resident modules; set at load."""
+    module_name: str | None = None
+    """This module's name in the model the loader made it resident in."""
+
+    def mark_fp8(self, held: bool) -> None:
+        """Say that the model holds this module's FP8 weights again (``held``), or that a dequantized stock module
+        replaces it (a LoRA merge): the model's ``quantization_config`` then names it as it is held
+        (:mod:`~automodel_plugins.model.quantization_record`). Every merge and unmerge path calls this."""
+        if self.quantization_record is not None and self.module_name is not None:
+            self.quantization_record.mark(self.module_name, held)
 
     def fp32_scale_of(self, name: str, scale: torch.Tensor) -> torch.Tensor:
         """The scale buffer ``name`` holding ``scale`` as stored (any scale dtype and layout that fits)."""
@@ -321,25 +333,3 @@ def check_resident_state_dict(module: nn.Module, state_dict: dict[str, Any], pre
             value = state_dict.get(key)
             if isinstance(value, torch.Tensor):
                 resident.check_codes_dtype(key, value.dtype)
-
-
-def sync_quantization_config(model: nn.Module) -> str | None:
-    """Make ``model.config.quantization_config`` say what the model holds, so that a stock ``save_pretrained``
-    writes a checkpoint transformers reads as it is: every plain ``nn.Linear`` not yet covered (a merged LoRA
-    layer, now in the compute dtype) joins ``modules_to_not_convert``; with no FP8-resident module left (layer
-    or experts), the quantization is dropped. Returns the method dropped, or None."""
-    config = getattr(model, "config", None)
-    quantization = quantization_dict(config) if config is not None else None
-    if quantization is None:
-        return None
-    if not modules_of_type(model, Fp8Resident):
-        del config.quantization_config
-        return str(quantization.get("quant_method"))
-    skipped = list(quantization.get("modules_to_not_convert") or [])
-    covered = tuple(skipped)
-    for name, module in model.named_modules():
-        if type(module) is nn.Linear and not any(name == m or name.startswith(m + ".") for m in covered):
-            skipped.append(name)
-    quantization["modules_to_not_convert"] = skipped
-    config.quantization_config = quantization
-    return None

@@ -31,7 +31,7 @@ from automodel_plugins.fp8.stacked import stacked_block_amax, stacked_encode
 from automodel_plugins.model.fp8_resident import Fp8Resident, modules_of_type
 from automodel_plugins.model.placement import is_dtensor
 
-__all__ = ["requantize_state_dict"]
+__all__ = ["requantize_state_dict", "requantize_values"]
 
 
 def requantize_state_dict(model: nn.Module, state_dict: Mapping[str, Any]) -> dict[str, Any]:
@@ -57,7 +57,7 @@ def requantize_state_dict(model: nn.Module, state_dict: Mapping[str, Any]) -> di
             source = state_dict.get(scale_key)
             if not isinstance(source, torch.Tensor):
                 source = module.get_buffer(scale_name)
-            out[key], out[scale_key] = _requantize(module, key, values.detach(), source)
+            out[key], out[scale_key] = requantize_values(module, key, values.detach(), source)
     return out
 
 
@@ -65,10 +65,12 @@ def _key(module_name: str, tensor_name: str) -> str:
     return f"{module_name}.{tensor_name}" if module_name else tensor_name
 
 
-def _requantize(
-    module: Fp8Resident, key: str, values: torch.Tensor, source: torch.Tensor
+def requantize_values(
+    module: Fp8Resident, key: str, values: torch.Tensor, source: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``values`` encoded in ``module``'s format: ``(codes in the FP8 dtype, stored scale)``."""
+    """``values`` (one weight, or a stack of expert matrices) encoded in ``module``'s FP8 dtype, block size and
+    scale dtype: ``(codes in the FP8 dtype, stored scale)``. Each scale is ``source``'s where the values still
+    fit it, else fresh (``amax / fp8_max``); ``source=None``: every scale fresh."""
     block = module.block_size
     stacked = values.dim() > 2
     if block is None:
@@ -80,7 +82,7 @@ def _requantize(
         amax = block_amax(values, block, grid_shape(tuple(values.shape), block))
     if not bool(torch.isfinite(amax).all()):
         raise NonFiniteWeightError("holds NaN or inf values: it cannot be re-quantized to FP8", key=key)
-    if source.numel() != amax.numel():
+    if source is not None and source.numel() != amax.numel():
         source = None  # a scale of another layout: every scale fresh (load_state_dict checks the shape)
     choice = choose_scale(
         amax,

@@ -4,8 +4,9 @@ Rotary modules compute ``inv_freq`` / ``original_inv_freq`` (and the float ``att
 ``__init__`` and register them as non-persistent buffers, so no checkpoint carries them. A model built on
 ``torch.device("meta")`` and materialized with ``to_empty()`` (FSDP2's usual path) runs with uninitialized
 frequencies and trains to a near-random loss without any error. This module finds such modules by what they
-are, recomputes their buffers bit-identically to a freshly constructed module, and can defer that to each
-rotary module's first forward so it also works per pipeline stage.
+are, recomputes their buffers bit-identically to a freshly constructed module, and arms each rotary module to
+repair itself again whenever its tensors are re-created (``to_empty``, ``.to``) and at its first forward, so it
+also works per pipeline stage and under ``torch.compile`` without a graph break.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ _STATE_ATTRS = ("max_seq_len_cached", "original_max_seq_len")
 _SCALING_SUFFIX = "attention_scaling"
 # Constructor parameters that do not describe the rotary table itself.
 _SKIPPED_PARAMS = frozenset({"self", "device", "dtype"})
+# Set on a rotary module once its buffers have been recomputed; a compiled first forward trusts it.
+_REPAIRED = "_automodel_rotary_repaired"
 
 
 # --- detection --------------------------------------------------------------------------------------------
@@ -213,7 +216,12 @@ def rope_suspects(config: Any) -> str:
 def _write_buffer(module: nn.Module, buffer_name: str, value: torch.Tensor) -> None:
     """Copy into the live buffer (keeps its identity); replace it when its dtype or shape no longer fits."""
     current = module._buffers[buffer_name]
-    if current is not None and current.dtype == torch.float32 and current.shape == value.shape:
+    if (
+        current is not None
+        and current.dtype == torch.float32
+        and current.shape == value.shape
+        and not current.is_inference()  # e.g. ``.to(device)`` under inference_mode: not writable outside it
+    ):
         current.copy_(value)
     else:
         device = value.device if current is None else current.device
@@ -251,22 +259,56 @@ def recompute_rotary_buffers(module: nn.Module, *, name: str = "") -> None:
         for buffer_name, value in reference.items():
             _write_buffer(module, buffer_name, value)
     _copy_state_attrs(module, fresh)
+    setattr(module, _REPAIRED, True)
 
 
 # --- deferred repair --------------------------------------------------------------------------------------
+
+
+def _materialized(module: nn.Module) -> bool:
+    """Real storage to write into: neither ``meta`` nor a fake tensor (a tracer's ``_apply``)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    buffers = [module._buffers[n] for n in _rotary_buffer_names(module)]
+    return not any(b.is_meta or isinstance(b, FakeTensor) for b in buffers)  # type: ignore[union-attr]
+
+
+class _RepairAfterApply:
+    """A rotary module's own ``_apply``: the class's (``to_empty``, ``.to``, ``.cuda``, dtype casts all go
+    through it), then a recompute of the buffers it re-created.
+
+    ``to_empty`` is what leaves garbage (FSDP2's materialization, or a second one after loading), so repairing
+    there, outside any forward, keeps the repair out of what ``torch.compile`` traces. A callable object held
+    in the module's ``__dict__`` (``nn.Module._apply`` calls ``child._apply(fn)``, so the instance attribute
+    is what runs); it holds the module so that ``deepcopy`` and pickling carry it to the copy.
+    """
+
+    def __init__(self, module: nn.Module, name: str) -> None:
+        self.module = module
+        self.name = name
+
+    def __call__(self, fn: Any, recurse: bool = True) -> nn.Module:
+        result = type(self.module)._apply(self.module, fn, recurse)
+        if _materialized(self.module):
+            recompute_rotary_buffers(self.module, name=self.name)
+        return result
 
 
 class _RotaryRepairHook:
     """One-shot forward pre-hook: repair the module on its first real call, then unregister itself.
 
     A callable object (not a closure) so that it can find and remove itself from the module it is called on,
-    even on a ``deepcopy`` of the model, and so that hooked models still pickle.
+    even on a ``deepcopy`` of the model, and so that hooked models still pickle. Under ``torch.compile`` it
+    does nothing once the module has been recomputed (at load, or by ``to_empty`` / ``.to``): dynamo then
+    traces a plain attribute check instead of the recompute and the hook removal, which break the graph.
     """
 
     def __init__(self, name: str) -> None:
         self.name = name
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if torch.compiler.is_compiling() and getattr(module, _REPAIRED, False):
+            return
         if _on_meta(module):
             return  # a shape-only pass on meta: stay armed for the forward after to_empty()
         recompute_rotary_buffers(module, name=self.name)
@@ -280,26 +322,33 @@ def _has_repair_hook(module: nn.Module) -> bool:
 
 
 def install_rotary_repair_hooks(model: nn.Module) -> int:
-    """Arm every rotary module with a one-shot pre-hook that recomputes its buffers on its first forward.
+    """Arm every rotary module to repair itself: after each ``_apply`` that re-creates its tensors
+    (``to_empty``, ``.to``, ``.cuda``, casts), and with a one-shot pre-hook at its first forward.
 
     The hook sits on the rotary module itself, so it fires when only a sub-module runs (a pipeline stage, a
     direct ``language_model(inputs_embeds=...)`` call) and not just through the outer forward. It runs before
     the user's pre-hooks, leaves them in place and raises ``RotaryRepairError`` if recomputation fails.
-    Idempotent: a module that already carries the hook is not hooked twice. Returns the number of rotary modules
-    that carry the hook after the call.
+    The ``_apply`` repair makes a model materialized with ``to_empty`` right before any forward, eager or
+    compiled; the hook covers buffers materialized some other way (assigned into ``_buffers``).
+    Idempotent: a module already armed is not armed twice. Returns the number of rotary modules armed.
     """
     hooked = 0
     for name, module in find_rotary_modules(model):
         if not _has_repair_hook(module):
             module.register_forward_pre_hook(_RotaryRepairHook(name), prepend=True)
+        if not isinstance(vars(module).get("_apply"), _RepairAfterApply):
+            module._apply = _RepairAfterApply(module, name)  # type: ignore[method-assign]
+        if not hasattr(module, _REPAIRED):
+            setattr(module, _REPAIRED, False)
         hooked += 1
     return hooked
 
 
 def repair_rotary(model: nn.Module) -> int:
-    """Recompute now every rotary module whose buffers are real, and arm all of them for their first forward.
+    """Recompute now every rotary module whose buffers are real, and arm all of them (see
+    :func:`install_rotary_repair_hooks`).
 
-    The hooks cover modules still on ``meta`` and a later ``to_empty()`` (e.g. FSDP2 materialization after
+    The arming covers modules still on ``meta`` and a later ``to_empty()`` (e.g. FSDP2 materialization after
     loading). Returns the number of rotary modules found.
     """
     found = find_rotary_modules(model)

@@ -15,7 +15,9 @@ LoRA ``Linear`` whose base weight is sharded by rows:
   one-process merge;
 
 and replaces the LoRA layer with a stock ``nn.Linear`` whose weight is a ``DTensor`` of the merged rows, on the
-same mesh and placements. ``automodel_plugins.save_pretrained`` from every rank then writes the merged model.
+same mesh and placements; an FP8 base's layer joins the config's ``modules_to_not_convert``, as in every merge
+(:meth:`~automodel_plugins.model.fp8_resident.Fp8Resident.mark_fp8`). ``automodel_plugins.save_pretrained`` from
+every rank then writes the merged model.
 Every rank must call this together (gathering ``lora_A`` is a collective).
 """
 
@@ -52,6 +54,9 @@ def merge_sharded_lora_layers(
         layer = model.get_submodule(name)
         merged = _merged_linear(name, layer, safe_merge=safe_merge, adapter_names=adapter_names)
         setattr(model.get_submodule(parent_name), child, merged)
+        base = layer.get_base_layer()
+        if isinstance(base, Fp8Linear):
+            base.mark_fp8(False)  # the config lists the layer in modules_to_not_convert
     return names
 
 

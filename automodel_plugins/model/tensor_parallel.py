@@ -19,7 +19,7 @@ from torch import nn
 
 from automodel_plugins.model.tensors import unwrap_peft
 
-__all__ = ["parallelize_fp8", "tensor_parallel_plan"]
+__all__ = ["parallelize_fp8", "pattern_of", "tensor_parallel_plan"]
 
 STYLES = ("colwise", "rowwise")
 
@@ -30,7 +30,8 @@ def _styles(model: nn.Module) -> dict[str, str]:
     return {pattern: style for pattern, style in dict(plan).items() if style in STYLES}
 
 
-def _pattern(pattern: str) -> re.Pattern[str]:
+def pattern_of(pattern: str) -> re.Pattern[str]:
+    """A plan's module pattern (``layers.*.mlp``: ``*`` any layer index) as a regex for ``fullmatch``."""
     return re.compile(r"\.".join(r"\d+" if part == "*" else re.escape(part) for part in pattern.split(".")))
 
 
@@ -42,7 +43,7 @@ def tensor_parallel_plan(model: nn.Module) -> dict[str, Any]:
     base = unwrap_peft(model)
     prefix = next((name for name, module in model.named_modules() if module is base), "")
     prefix = f"{prefix}." if prefix else ""
-    patterns = [(_pattern(p), style) for p, style in _styles(base).items()]
+    patterns = [(pattern_of(p), style) for p, style in _styles(base).items()]
     plan: dict[str, Any] = {}
     for name, module in base.named_modules():
         style = next((s for p, s in patterns if p.fullmatch(name)), None)

@@ -21,7 +21,12 @@ from automodel_plugins.errors import NonFiniteWeightError, ScaleError
 from automodel_plugins.fp8.decode import dequantize
 from automodel_plugins.fp8.formats import is_fp8
 from automodel_plugins.fp8.scales import validate_scale
-from automodel_plugins.fp8.stacked import is_stacked, stacked_dequantize, validate_stacked_scale
+from automodel_plugins.fp8.stacked import (
+    check_stacked_scale_shape,
+    is_stacked,
+    stacked_dequantize,
+    validate_stacked_scale,
+)
 from automodel_plugins.model.placement import Region
 
 __all__ = [
@@ -135,10 +140,29 @@ def _refuse_overflow(stored: torch.Tensor, value: torch.Tensor, *, key: str, pat
         )
 
 
-def read_scale(checkpoint: Checkpoint, source: TensorSource) -> torch.Tensor:
-    """The whole scale of an FP8 tensor as stored, refused unless finite, positive and the right shape."""
-    scale = checkpoint.read(source.scale_key)
+def read_scale(
+    checkpoint: Checkpoint, source: TensorSource, matrices: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """The whole scale of an FP8 tensor as stored, refused unless finite, positive and the right shape; with
+    ``matrices`` (``start, stop`` along the leading dim of a 3-D stacked weight: experts), only those matrices'
+    grids, each refused as it would be in the whole."""
     weight_shape = tuple(checkpoint.info(source.key).shape)
+    if matrices is not None and len(weight_shape) == 3 and is_stacked(weight_shape, source.block_size):
+        info = checkpoint.info(source.scale_key)
+        check_stacked_scale_shape(
+            tuple(info.shape), weight_shape, source.block_size, source.scale_key, info.file
+        )
+        scale = checkpoint.read(source.scale_key, (slice(*matrices),))
+        for grid in scale:
+            validate_scale(
+                grid,
+                weight_shape=weight_shape[1:],
+                block_size=source.block_size,
+                key=source.scale_key,
+                path=info.file,
+            )
+        return scale
+    scale = checkpoint.read(source.scale_key)
     check = validate_stacked_scale if is_stacked(weight_shape, source.block_size) else validate_scale
     check(
         scale,
@@ -205,7 +229,27 @@ def read_fp8(
     The bytes go straight into FP8 storage: memory-mapped from the file for a whole tensor on CPU with
     ``in_place_ok``, otherwise read with ``pread`` into a private FP8 tensor (then moved to ``device``).
     """
+    if source.is_assembled:
+        return _read_fp8_rotary(checkpoint, source, device=device, region=region)
     scale = read_scale(checkpoint, source)
     if in_place_ok and region is None and device.type == "cpu":
         return checkpoint.tensor(source.key), scale
     return checkpoint.read(source.key, region).to(device), scale
+
+
+def _read_fp8_rotary(
+    checkpoint: Checkpoint, source: TensorSource, *, device: torch.device, region: Region | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The codes of a weight stored as one FP8 piece with its rows in Mistral's rotary order (a native q/k),
+    permuted into the model's row order (``region``'s rows of it: a head's rows are read whole), and its scale
+    as stored: planning kept it FP8 only where the permutation keeps every row in its row of scale blocks
+    (``plan.residency_misfit``), so each code keeps its scale."""
+    (piece,) = source.parts()
+    info = checkpoint.info(piece.key)
+    shape = tuple(info.shape)
+    geometry = PieceGeometry.of(piece, shape, len(shape))
+    overlap = whole_box(shape) if region is None else tuple((s.start, s.stop) for s in region)
+    stored_region = geometry.stored_region(overlap)
+    data = checkpoint.read(piece.key, None if stored_region == whole_box(shape) else as_slices(stored_region))
+    codes = geometry.to_model(data.view(torch.uint8), overlap).contiguous().view(info.dtype)
+    return codes.to(device), read_scale(checkpoint, piece.stored_source())

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from automodel_plugins.errors import ConfigError, UnsupportedQuantizationError
+from automodel_plugins.fp8.compressed_tensors import translate_compressed_tensors
 
 __all__ = ["PARAMS_NAME", "translate_params"]
 
@@ -369,19 +370,6 @@ def _quantization(at: _Where, params: Mapping[str, Any], *, vision: bool, mla: b
     return _compressed_tensors(at, compressed, vision=vision)
 
 
-_CT_KNOWN = {
-    "config_groups",
-    "format",
-    "global_compression_ratio",
-    "ignore",
-    "kv_cache_scheme",
-    "quant_method",
-    "quantization_status",
-    "sparsity_config",
-    "transform_config",
-    "version",
-}
-
 _IGNORED_PREFIXES = {
     "model.embed_tokens": "model.language_model.embed_tokens",
     "lm_head": "lm_head",
@@ -396,69 +384,13 @@ _SUFFIX_PATTERN = re.compile(r"^re:\.\*([A-Za-z_][A-Za-z0-9_]*)\$$")
 
 
 def _compressed_tensors(at: _Where, compressed: Any, *, vision: bool) -> dict[str, Any]:
-    """One FP8 group (float 8-bit static symmetric weights, per tensor or in blocks) -> ``quant_method: fp8``.
+    """compressed-tensors FP8 (the host's one reading, ``fp8/compressed_tensors.py``), its ``ignore`` list in
+    native module names."""
 
-    Weight scales of compressed-tensors are multiplied like ``weight_scale_inv`` (the host accepts
-    ``weight_scale`` and Mistral's ``qscale_weight``); dynamic activations need no scale.
-    """
-    section = _object(at, "quantization_config", compressed, _CT_KNOWN)
-    field = "quantization_config"
-    if section.get("quant_method") != "compressed-tensors":
-        raise at.unsupported(
-            f"{field}.quant_method", f"{section.get('quant_method')!r}: only compressed-tensors"
-        )
-    if section.get("format") not in (None, "float-quantized"):
-        raise at.unsupported(f"{field}.format", f"{section['format']!r}: only float-quantized is read")
-    if section.get("quantization_status", "compressed") != "compressed":
-        raise at.unsupported(
-            f"{field}.quantization_status",
-            f"{section['quantization_status']!r}: weights are not stored compressed",
-        )
-    if section.get("kv_cache_scheme") is not None:
-        raise at.unsupported(f"{field}.kv_cache_scheme", "a quantized KV cache is not applied")
-    for empty in ("sparsity_config", "transform_config"):
-        if section.get(empty):
-            raise at.unsupported(f"{field}.{empty}", "not applied by the host")
-    groups = section.get("config_groups")
-    if not isinstance(groups, dict) or len(groups) != 1:
-        raise at.unsupported(f"{field}.config_groups", "exactly one group is read")
-    ((name, group),) = groups.items()
-    where = f"{field}.config_groups.{name}"
-    if not isinstance(group, dict):
-        raise at.error(where, "must be an object")
-    if group.get("targets") != ["Linear"]:
-        raise at.unsupported(f"{where}.targets", f"{group.get('targets')!r}: only ['Linear'] is read")
-    if group.get("output_activations") is not None:
-        raise at.unsupported(f"{where}.output_activations", "quantized outputs are not applied")
-    weights = group.get("weights")
-    if not isinstance(weights, dict):
-        raise at.unsupported(f"{where}.weights", "missing: nothing says how the weights are stored")
-    wanted = {"type": "float", "num_bits": 8, "symmetric": True, "dynamic": False}
-    for key, value in wanted.items():
-        if weights.get(key) != value:
-            raise at.unsupported(
-                f"{where}.weights.{key}", f"{weights.get(key)!r}: only {value!r} (static FP8 E4M3) is read"
-            )
-    strategy = weights.get("strategy")
-    if strategy == "block":
-        block = weights.get("block_structure")
-        if not (
-            isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)
-        ):
-            raise at.unsupported(f"{where}.weights.block_structure", f"{block!r}: expected [rows, columns]")
-        block_size: list[int] | None = list(block)
-    elif strategy == "tensor":
-        block_size = None
-    else:
-        raise at.unsupported(f"{where}.weights.strategy", f"{strategy!r}: only 'block' and 'tensor' are read")
-    activations = group.get("input_activations")
-    scheme = "dynamic" if activations is None or activations.get("dynamic") is True else "static"
-    return {
-        "quant_method": "fp8",
-        "activation_scheme": scheme,
-        "weight_block_size": block_size,
-        "modules_to_not_convert": _not_converted(at, section.get("ignore") or [], vision=vision),
-    }
+    def ignore(listed: list[Any], _: Any) -> list[str]:
+        return _not_converted(at, listed, vision=vision)
+
+    return translate_compressed_tensors(compressed, path=at.path, ignore=ignore)
 
 
 def _not_converted(at: _Where, ignore: Any, *, vision: bool) -> list[str]:
@@ -466,7 +398,7 @@ def _not_converted(at: _Where, ignore: Any, *, vision: bool) -> list[str]:
         raise at.error("quantization_config.ignore", f"must be a list, got {ignore!r}")
     prefixes: list[str] = []
     for entry in ignore:
-        if entry in _IGNORED_PREFIXES:
+        if isinstance(entry, str) and entry in _IGNORED_PREFIXES:
             mapped = _IGNORED_PREFIXES[entry]
             if not vision:
                 mapped = mapped.replace("model.language_model.", "model.")

@@ -44,7 +44,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, as pytes
 import automodel_plugins
 from automodel_plugins.checkpoint import Checkpoint
 from automodel_plugins.model.tensors import model_tensors
-from distributed import _checks, _mistral4, _stages, _tiny
+from distributed import (
+    _checks,
+    _expert_parallel,
+    _experts_lora,
+    _mistral4,
+    _native,
+    _native_save,
+    _peft_merge_config,
+    _rotary_compile,
+    _stages,
+    _tiny,
+)
 
 CHECKPOINTS = {  # name -> (block size, tied embeddings)
     "per_tensor_tied": (None, True),
@@ -1136,6 +1147,12 @@ SCENARIOS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "accelerate_head": accelerate_head,
     "fsdp_head_layouts": fsdp_head_layouts,
     **_mistral4.SCENARIOS,
+    **_native.SCENARIOS,
+    **_experts_lora.SCENARIOS,
+    **_expert_parallel.SCENARIOS,
+    **_peft_merge_config.SCENARIOS,
+    **_rotary_compile.SCENARIOS,
+    **_native_save.SCENARIOS,
 }
 
 

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from automodel_plugins.checkpoint import Checkpoint
+from automodel_plugins.errors import ConfigError
+from automodel_plugins.fp8 import compressed_tensors
 from automodel_plugins.fp8.formats import is_fp8
 from automodel_plugins.fp8.quantization import quantization_dict
 from automodel_plugins.model.tensors import model_tensors
@@ -117,10 +119,21 @@ def _config_summary(config: PretrainedConfig) -> dict[str, Any]:
         "vocab_size": getattr(text, "vocab_size", None),
         "tie_word_embeddings": bool(getattr(config, "tie_word_embeddings", False)),
         "dtype": _dtype_name(getattr(config, "dtype", None)),
-        "quantization": None
-        if quantization is None
-        else {k: quantization.get(k) for k in _QUANTIZATION_FIELDS},
+        "quantization": None if quantization is None else _quantization_summary(quantization),
     }
+
+
+def _quantization_summary(quantization: dict[str, Any]) -> dict[str, Any]:
+    """The declared quantization's fields; a compressed-tensors dict's as the host reads them (block size,
+    activation scheme, modules named in ``ignore``), its method kept; one it cannot read as written."""
+    if quantization.get("quant_method") == compressed_tensors.METHOD:
+        try:
+            read = compressed_tensors.translate_compressed_tensors(quantization, path=None)
+        except ConfigError:
+            pass
+        else:
+            quantization = {**read, "quant_method": compressed_tensors.METHOD}
+    return {k: quantization.get(k) for k in _QUANTIZATION_FIELDS}
 
 
 def _hub_summary(location: HubLocation, checkpoint: Checkpoint) -> dict[str, Any]:

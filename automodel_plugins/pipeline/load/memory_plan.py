@@ -10,14 +10,16 @@ the function the streaming loader reads by. The placements are those of the docu
 
 * ``tp``: the model's ``tp_plan`` as :func:`~automodel_plugins.model.tensor_parallel.tensor_parallel_plan`
   applies it (column-wise weight and bias ``Shard(0)``; row-wise weight ``Shard(1)``, bias replicated);
-* ``ep``: fused MoE expert tensors ``Shard(0)`` (by expert) over the ``ep`` mesh dim; everything else
-  replicated across it;
+* ``ep``: fused MoE expert tensors ``Shard(0)`` (by expert) over the ``ep`` mesh dim, as
+  :func:`~automodel_plugins.model.expert_parallel.parallelize_experts` places them (FP8-resident experts' scale
+  grids too); everything else replicated across it (an expert count ``ep`` does not divide is a ``LayoutError``);
 * ``fsdp``: FSDP2's ``fully_shard``: every parameter ``Shard(0)`` over the ``fsdp`` mesh dim (as a
   ``_StridedShard`` where a later mesh dim splits dim 0 too, as FSDP2 over tensor parallelism does);
 * buffers (FP8 scales among them) replicated whole on every rank, as the loader holds them.
 
 Reads: each rank's region of every tensor in its stored dtype, plus each FP8 scale it needs whole (for
-pieces: the pieces its region overlaps; FP8-resident experts read every piece's scale). Held: the region in
+pieces: the pieces its region overlaps; FP8-resident experts read every piece's scale, or under ``ep`` the grids
+of the pieces of the rank's experts). Held: the region in
 the loaded dtype (FP8 codes: one byte), FP8 scales as fp32. LoRA (PEFT on ``lora_targets``, rank ``lora_r``):
 adapters ``A [r, in]`` and ``B [out, r]`` placed as :func:`tensor_parallel_plan` and FSDP2 place them, held in
 fp32 (PEFT's ``autocast_adapter_dtype`` default), plus their fp32 gradients and two fp32 Adam(W) states a
@@ -41,6 +43,7 @@ from torch import nn
 from automodel_plugins.adapters.pieces import PieceGeometry, intersect
 from automodel_plugins.checkpoint import Checkpoint
 from automodel_plugins.errors import LayoutError, NoPluginClaimError
+from automodel_plugins.fp8.stacked import is_stacked
 from automodel_plugins.model.fp8_experts import EXPERT_PROJECTIONS, fused_experts_shapes
 from automodel_plugins.model.placement import Region, shard_region
 from automodel_plugins.model.tensor_parallel import tensor_parallel_plan
@@ -242,8 +245,26 @@ class _Placer:
             for name, style in (tensor_parallel_plan(model).items() if layout.tp > 1 else ())
         }
         self.experts = {
-            name for name, module in model.named_modules() if fused_experts_shapes(module) is not None
+            name: shapes["gate_up_proj"][0]
+            for name, module in model.named_modules()
+            if (shapes := fused_experts_shapes(module)) is not None
         }
+        for name, experts in self.experts.items():
+            if experts % layout.ep:
+                raise LayoutError(
+                    f"layout ep={layout.ep}: {name} has {experts} experts, which {layout.ep} expert-parallel "
+                    "ranks cannot split evenly"
+                )
+
+    def expert_box(self, module: str, shape: tuple[int, ...], coordinate: tuple[int, ...]) -> Any:
+        """The box of an expert tensor that this rank's EP shard holds (its experts, whole), or None when the
+        tensor is not split by expert: FP8-resident experts hold (and read) the scale grids of that box."""
+        from torch.distributed.tensor import Replicate, Shard
+
+        if module not in self.experts or self.layout.ep == 1:
+            return None
+        region = self.region(shape, [Replicate(), Shard(0), Replicate()], coordinate)
+        return tuple((part.start, part.stop) for part in region)
 
     def tp_dim(self, module: str, leaf: str) -> int | None:
         style = self.styles.get(module)
@@ -306,14 +327,16 @@ def _account(
         )
         if key not in cache:
             region = placer.region(shape, placements, rank.coordinate)
+            grids = placer.expert_box(module, shape, rank.coordinate) if kept else None
             cache[key] = (
                 _numel(region) if shape else 1,
-                _read_bytes(planned, parts, region, shape, checkpoint, kept),
+                _read_bytes(planned, parts, region, shape, checkpoint, kept, grids),
             )
         elements, read = cache[key]
         rank.held[kind] += elements * planned.dtype.itemsize
         if kept:
-            rank.held["scales"] += planned.scale_numel * 4
+            split = placer.layout.ep if module in placer.experts else 1
+            rank.held["scales"] += planned.scale_numel * 4 // split
         rank.read += read
 
 
@@ -330,9 +353,11 @@ def _read_bytes(
     shape: tuple[int, ...],
     checkpoint: Checkpoint,
     kept: bool,
+    grids: Any = None,
 ) -> int:
     """What the streaming loader reads for ``region`` of this tensor: its bytes of each stored piece it overlaps,
-    and the scales it needs whole."""
+    and the scales it needs whole (kept FP8 experts: every piece's, or those of the pieces overlapping
+    ``grids``, the box of the rank's experts under expert parallelism)."""
     wanted = tuple((part.start, part.stop) for part in region)
     total = 0
     for piece in parts:
@@ -345,8 +370,19 @@ def _read_bytes(
             overlap = intersect(geometry.box, wanted)
             if overlap is not None:
                 total += math.prod(stop - start for start, stop in overlap) * info.dtype.itemsize
-        if piece.scale_key is not None and (overlap is not None or kept):
-            total += checkpoint.info(piece.scale_key).nbytes
+        if piece.scale_key is None:
+            continue
+        scale_bytes = checkpoint.info(piece.scale_key).nbytes
+        if kept and grids is not None:
+            box = PieceGeometry.of(piece, shape, len(info.shape)).box
+            held = intersect(box, grids)
+            if held is not None and len(info.shape) == 3 and is_stacked(tuple(info.shape), piece.block_size):
+                # a piece stacking experts: the loader reads the grids of the rank's experts only
+                total += scale_bytes * (held[0][1] - held[0][0]) // (box[0][1] - box[0][0])
+            elif held is not None or overlap is not None:
+                total += scale_bytes
+        elif overlap is not None or kept:
+            total += scale_bytes
     return total
 
 

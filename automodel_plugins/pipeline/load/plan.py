@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from automodel_plugins.adapters.pieces import PieceGeometry, boxes_tile
+from automodel_plugins.adapters.pieces import PieceGeometry, boxes_tile, whole_box
 from automodel_plugins.errors import (
     DtypeMismatchError,
     MissingKeysError,
@@ -269,7 +269,7 @@ def _plan_assembled(
             stored,
             "kept_fp8",
             numel=target.numel(),
-            scale_numel=math.prod(stacked_grid_shape(shape, block)),
+            scale_numel=1 if block is None else math.prod(stacked_grid_shape(shape, block)),
             shape=shape,
         )
     return PlannedTensor(
@@ -316,7 +316,8 @@ def _check_pieces(
 def residency_misfit(source: TensorSource, shape: tuple[int, ...], checkpoint: Checkpoint) -> str | None:
     """Why the FP8 data of a residency candidate of ``shape`` cannot be kept FP8, or ``None`` when it can.
 
-    A 2-D weight stored as one tensor always can (:class:`~automodel_plugins.model.fp8_linear.Fp8Linear`). A
+    A 2-D weight stored as one tensor always can (:class:`~automodel_plugins.model.fp8_linear.Fp8Linear`), and
+    one stored with its rows in Mistral's rotary order when its scales allow (:func:`_rotary_misfit`). A
     fused expert tensor ``[E, R, C]`` can when its codes and one block grid per expert can be put together
     from its pieces as they are stored: every piece FP8 of one dtype with block scales of one block size,
     none stored transposed, and every piece's box starting on a block boundary of its expert's matrix (so that
@@ -326,6 +327,8 @@ def residency_misfit(source: TensorSource, shape: tuple[int, ...], checkpoint: C
         return None
     if len(shape) == 2 and not source.is_assembled:
         return None
+    if len(shape) == 2:
+        return _rotary_misfit(source, shape)
     if len(shape) != 3:
         return f"FP8 data of a {len(shape)}-D tensor made of pieces"
     parts = source.parts()
@@ -348,6 +351,32 @@ def residency_misfit(source: TensorSource, shape: tuple[int, ...], checkpoint: C
                 f"piece {piece.key!r} starts at row {box[1][0]}, column {box[2][0]} of its expert's matrix, "
                 f"not on a {block[0]}x{block[1]} block boundary"
             )
+    return None
+
+
+def _rotary_misfit(source: TensorSource, shape: tuple[int, ...]) -> str | None:
+    """A 2-D weight stored as one FP8 piece whose rows are in Mistral's rotary order (a native q/k projection)
+    stays FP8 with its codes' rows permuted into the model's order and its scale as stored, which is exact
+    when the permutation, which moves rows only within a head, never moves one out of its row of scale blocks:
+    per-tensor scales, or block rows a multiple of the head's rows. Anything else made of pieces cannot."""
+    parts = source.parts()
+    piece = parts[0]
+    if (
+        len(parts) != 1
+        or piece.rope_heads is None
+        or piece.transposed
+        or piece.box not in (None, whole_box(shape))
+    ):
+        return f"FP8 data of a {len(shape)}-D tensor made of pieces"
+    rows = shape[0]
+    if piece.rope_heads <= 0 or rows % (2 * piece.rope_heads):
+        return f"its {rows} rows in rotary order do not split into {piece.rope_heads} heads of an even size"
+    head = rows // piece.rope_heads
+    if piece.block_size is not None and piece.block_size[0] % head:
+        return (
+            f"its rows are stored in Mistral's rotary order and permuted within heads of {head} rows, which "
+            f"cross its {piece.block_size[0]}-row scale blocks (a permuted grid would not fit the codes)"
+        )
     return None
 
 

@@ -31,6 +31,7 @@ from automodel_plugins.model.fp8_experts import (
 )
 from automodel_plugins.model.fp8_linear import SCALE_NAME, Fp8Linear, fp8_linear_modules
 from automodel_plugins.model.fp8_resident import check_resident_state_dict
+from automodel_plugins.model.quantization_record import track_quantization
 from automodel_plugins.model.tensors import model_tensors
 from automodel_plugins.pipeline.load.plan import plan_load
 
@@ -143,14 +144,15 @@ def make_fp8_resident(model: nn.Module, plan: LoadPlan, checkpoint: Checkpoint) 
         parent = model.get_submodule(parent_name)
         linear = getattr(parent, child)
         planned = plan[weight_name]
+        piece = planned.source.parts()[0]  # the stored tensor (one, maybe with its rows in rotary order)
         resident = Fp8Linear(
             linear.in_features,
             linear.out_features,
             bias=linear.bias is not None,
-            block_size=planned.source.block_size,
+            block_size=piece.block_size,
             fp8_dtype=planned.dtype,
             compute_dtype=linear.weight.dtype,
-            scale_dtype=checkpoint.info(planned.source.scale_key).dtype,
+            scale_dtype=checkpoint.info(piece.scale_key).dtype,
             device="meta",
         )
         if linear.bias is not None:
@@ -159,7 +161,15 @@ def make_fp8_resident(model: nn.Module, plan: LoadPlan, checkpoint: Checkpoint) 
         layers.append(layer_name)
     model.register_load_state_dict_pre_hook(check_resident_state_dict)
     order = {name: index for index, (name, _) in enumerate(model.named_modules())}
-    return sorted(layers, key=order.__getitem__)
+    layers.sort(key=order.__getitem__)
+    # the config names FP8 exactly what stays FP8, now and after any LoRA merge or unmerge
+    dequantized = {
+        name.rpartition(".")[0] for name, planned in plan.items() if planned.action == "dequantized"
+    }
+    track_quantization(
+        model, layers, dequantized_at_load=sorted(dequantized & order.keys(), key=order.__getitem__)
+    )
+    return layers
 
 
 def _make_experts_resident(model: nn.Module, plan: LoadPlan, checkpoint: Checkpoint) -> list[str]:

@@ -38,9 +38,7 @@ from automodel_plugins.adapters.pieces import (
 from automodel_plugins.checkpoint import Checkpoint
 from automodel_plugins.fp8.decode import check_finite
 from automodel_plugins.fp8.scales import decode_scale
-from automodel_plugins.fp8.stacked import (
-    stacked_grid_shape,
-)
+from automodel_plugins.fp8.stacked import is_stacked, stacked_grid_shape
 from automodel_plugins.model.fp8_experts import Fp8Experts
 from automodel_plugins.model.fp8_linear import Fp8Linear
 from automodel_plugins.model.placement import is_dtensor, local_region, write_local
@@ -168,12 +166,13 @@ def _load_resident(
     else:
         codes, scale = read_fp8(checkpoint, source, device=target.device, region=region)
     # Kept FP8, dequantized in every forward: refuse now what would be NaN or inf there.
+    block_size = source.parts()[0].block_size
     check_finite(
         codes,
         scale,
         dtype=layer.compute_dtype,
-        block_size=source.block_size,
-        region=region if source.block_size is not None else None,
+        block_size=block_size,
+        region=region if block_size is not None else None,
         key=source.key,
         path=checkpoint.info(source.key).file,
     )
@@ -195,8 +194,10 @@ def _load_resident_experts(
     """Put a fused expert tensor's FP8 codes and stacked block grid into its :class:`Fp8Experts`, straight from
     the pieces as stored: each piece's FP8 bytes (only the part this rank's region overlaps) are copied into
     their rows of the ``uint8`` destination (a new tensor for a meta target, else this rank's local shard), and
-    each piece's validated scale grid into its cells of the stacked grid (every piece's, so that the replicated
-    grid is whole on every rank). No dequantized copy is made. Returns the pieces whose bytes were read."""
+    each piece's validated scale grid into its cells of the stacked grid: every piece's where the grid is a
+    replicated buffer (FSDP2: whole on every rank), only the pieces of this rank's experts where expert
+    parallelism placed the grid ``Shard(0)`` too. No dequantized copy is made. Returns the pieces whose bytes
+    were read."""
     layer = _module_of(model, name)
     leaf = name.rpartition(".")[2]
     shape = tuple(target.shape)
@@ -207,24 +208,47 @@ def _load_resident_experts(
         codes = torch.empty(shape, dtype=torch.uint8, device=device)
     else:
         codes = target.to_local() if is_dtensor(target) else target
-    scale = torch.empty(stacked_grid_shape(shape, block), dtype=torch.float32, device=codes.device)
+    grid_region = None if target.is_meta else local_region(layer.scale(leaf))
+    grid_wanted = whole_box(stacked_grid_shape(shape, block))
+    if grid_region is not None:
+        grid_wanted = tuple((part.start, part.stop) for part in grid_region)
+    grid_held = tuple(stop - start for start, stop in grid_wanted)
+    scale = torch.empty(grid_held, dtype=torch.float32, device=codes.device)
     read = 0
     for piece in planned.source.parts():
         info = checkpoint.info(piece.key)
         geometry = PieceGeometry.of(piece, shape, len(info.shape))
-        piece_scale = read_scale(checkpoint, piece.stored_source())
         cells = _grid_cells(geometry.box, block)
-        scale[as_slices(cells)] = decode_scale(piece_scale).reshape(
-            tuple(stop - start for start, stop in cells)
-        )
+        cells_held = intersect(cells, grid_wanted)
+        piece_scale, scale_first = None, 0
+        if cells_held is not None:
+            # a piece stacking several experts (a fused tensor): only the grids of the experts held
+            stacked = (
+                grid_region is not None
+                and len(info.shape) == 3
+                and is_stacked(tuple(info.shape), piece.block_size)
+                and cells_held[1:] == cells[1:]
+            )
+            if stacked:
+                scale_first = cells_held[0][0] - cells[0][0]
+                matrices = (scale_first, cells_held[0][1] - cells[0][0])
+                piece_scale = read_scale(checkpoint, piece.stored_source(), matrices)
+                grid = decode_scale(piece_scale).reshape(tuple(stop - start for start, stop in cells_held))
+                scale[relative_slices(cells_held, grid_wanted)] = grid
+            else:
+                piece_scale = read_scale(checkpoint, piece.stored_source())
+                grid = decode_scale(piece_scale).reshape(tuple(stop - start for start, stop in cells))
+                scale[relative_slices(cells_held, grid_wanted)] = grid[relative_slices(cells_held, cells)]
         overlap = intersect(geometry.box, wanted)
         if overlap is None:
             continue
+        if piece_scale is None:
+            piece_scale, scale_first = read_scale(checkpoint, piece.stored_source()), 0
         stored_region = geometry.stored_region(overlap)
         whole = stored_region == whole_box(info.shape)
         data = checkpoint.read(piece.key, None if whole else as_slices(stored_region))
         _check_finite_matrices(
-            data, piece_scale, stored_region, layer.compute_dtype, block, piece.key, info.file
+            data, piece_scale, stored_region, layer.compute_dtype, block, piece.key, info.file, scale_first
         )
         with torch.no_grad():
             codes[relative_slices(overlap, wanted)] = geometry.to_model(data, overlap).view(torch.uint8)
@@ -254,14 +278,16 @@ def _check_finite_matrices(
     block: tuple[int, int],
     key: str,
     path: object,
+    scale_first: int = 0,
 ) -> None:
     """Kept FP8, dequantized in every forward: refuse now what would be NaN or inf there, matrix by matrix
-    (``data`` is ``stored_region`` of a 2-D piece or of a stacked one, ``scale`` the piece's whole scale)."""
+    (``data`` is ``stored_region`` of a 2-D piece or of a stacked one, ``scale`` the piece's scale: whole, or
+    the grids of its matrices from ``scale_first`` on)."""
     matrix_region = as_slices(stored_region[-2:])
     if data.dim() == 2:
         check_finite(data, scale, dtype=dtype, block_size=block, region=matrix_region, key=key, path=path)
         return
-    first = stored_region[0][0]
+    first = stored_region[0][0] - scale_first
     for index in range(data.shape[0]):
         check_finite(
             data[index],

@@ -16,7 +16,6 @@ put that file in the new checkpoint, ready to be shared.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -27,12 +26,18 @@ from automodel_plugins.checkpoint import Checkpoint
 from automodel_plugins.checkpoint.index import link_leads_outside
 from automodel_plugins.errors import SaveOptionError, UnknownQuantizationError, UnsafeCheckpointPathError
 from automodel_plugins.fp8.quantization import quantization_dict
-from automodel_plugins.model.hf_layout import saved_tensors
+from automodel_plugins.model.hf_layout import linear_weights, saved_tensors
 from automodel_plugins.model.stock import build_on_meta
 from automodel_plugins.model.tensors import model_tensors
 from automodel_plugins.pipeline.composition import adapter_for
 from automodel_plugins.pipeline.load.plan import plan_load
-from automodel_plugins.pipeline.save.plan import ModelTensor, SaveFormat, SourceView, plan_in_layout
+from automodel_plugins.pipeline.save.native import (
+    NativeLayout,
+    check_native_adapter,
+    native_params_bytes,
+    plan_native,
+)
+from automodel_plugins.pipeline.save.plan import ModelTensor, SaveFormat, SourceView
 from automodel_plugins.pipeline.save.save import SaveReport, write_checkpoint
 from automodel_plugins.pipeline.save.values import CheckpointValues
 from automodel_plugins.registry import Registry, get_registry
@@ -72,8 +77,9 @@ def convert_checkpoint(
     transformers' ``revision``, ``cache_dir``, ``token``, ``local_files_only``: only the config, the index, the
     shards it names and the repo's other top-level ``.json`` files, such as the tokenizer's, are downloaded).
     Options as :func:`automodel_plugins.save_pretrained`'s. ``layout``: ``"hf"`` (transformers' form, whatever
-    the source's), or ``"native"`` (Mistral's native form: ``params.json`` without its quantization,
-    ``consolidated*.safetensors`` with native names; from a native source, ``to="bf16"``). Returns its :class:`SaveReport` (``seconds``: the
+    the source's), or ``"native"`` (Mistral's native form, from either form: ``params.json`` declaring what
+    ``to`` writes, ``consolidated*.safetensors`` with native names and scales; see
+    :mod:`automodel_plugins.pipeline.save.native`). Returns its :class:`SaveReport` (``seconds``: the
     whole conversion, from resolving ``source`` on).
     """
     started = time.perf_counter()
@@ -82,9 +88,7 @@ def convert_checkpoint(
             f"unknown target format {to!r}: pass one of {', '.join(map(repr, CONVERT_FORMATS))}"
         )
     if layout not in ("hf", "native"):
-        raise SaveOptionError(f"unknown layout {layout!r}: pass 'hf' or 'native'")
-    if layout == "native" and to != "bf16":
-        raise SaveOptionError(f"layout 'native' is written unquantized: pass to='bf16', not {to!r}")
+        raise SaveOptionError(f"unknown layout {layout!r} (--layout): pass 'hf' or 'native'")
     save_format = SaveFormat.parse(
         CONVERT_FORMATS[to], block_size=block_size, modules_to_not_convert=modules_to_not_convert
     )
@@ -97,25 +101,45 @@ def convert_checkpoint(
         progress=progress,
     )
     location = resolve(source, options)
-    if layout == "native" and not location.is_native:
-        raise SaveOptionError(
-            f"layout 'native' needs a Mistral-native source (params.json + consolidated*.safetensors); "
-            f"{location.given} is in transformers' form, which is not converted to native yet"
-        )
     config = load_config(location)
+    native = layout == "native"
+    params = (
+        native_params_bytes(
+            config, save_format, source_params=location.config if location.is_native else None
+        )
+        if native
+        else None
+    )
     claim = registry.winning_claim(config)
+    plugin = claim.plugin if claim else None
     model = build_on_meta(config, torch.bfloat16)
     with Checkpoint.open(location) as checkpoint:
-        adapter = adapter_for(registry, claim.plugin if claim else None, config, checkpoint)
+        adapter = adapter_for(registry, plugin, config, checkpoint)
         plan = plan_load(model_tensors(model), adapter, checkpoint)
         declared = quantization_dict(config)
         source_view = SourceView(checkpoint, adapter, declared)
         if "quantization_config" in vars(model.config):
             del model.config.quantization_config  # the values are plain floats once read
         extra = _extra_files(location)
-        has_generation_config = _GENERATION_CONFIG in extra
-        native = layout == "native"
         tensors = saved_tensors(model)
+        native_plan = None
+        if native:
+            extra.pop(_GENERATION_CONFIG, None)  # the native form has none
+            target = (
+                adapter
+                if location.is_native
+                else adapter_for(registry, plugin, config, NativeLayout(location.directory))
+            )
+            check_native_adapter(target, config, plugin)
+            native_plan = plan_native(
+                model_tensors_for_save(model, tensors),
+                target,
+                save_format,
+                source=source_view,
+                text_prefix="model.language_model." if config.model_type == "mistral3" else "model.",
+                mla=config.get_text_config().model_type == "mistral4",
+            )
+        has_generation_config = _GENERATION_CONFIG in extra
         return write_checkpoint(
             model,
             dest,
@@ -134,24 +158,17 @@ def convert_checkpoint(
             extra_files=extra,
             label="converting",
             started=started,
-            native_params=_unquantized_params(location.config) if native else None,
-            plan=plan_in_layout(model_tensors_for_save(model, tensors), source_view) if native else None,
+            native_params=params,
+            plan=native_plan,
         )
-
-
-def _unquantized_params(params: Path) -> bytes:
-    """``params.json`` as it is, less the quantization it declares (the weights are written unquantized)."""
-    data = json.loads(params.read_text(encoding="utf-8"))
-    for field in ("quantization", "quantization_config"):
-        data.pop(field, None)
-    return (json.dumps(data, indent=2) + "\n").encode()
 
 
 def model_tensors_for_save(
     model: torch.nn.Module, tensors: Mapping[str, torch.Tensor]
 ) -> dict[str, ModelTensor]:
-    """Shape and dtype of each tensor to write (the meta model's)."""
-    return {name: ModelTensor(tuple(t.shape), t.dtype) for name, t in tensors.items()}
+    """Shape, dtype and linear module of each tensor to write (the meta model's)."""
+    linears = linear_weights(model)
+    return {name: ModelTensor(tuple(t.shape), t.dtype, linears.get(name)) for name, t in tensors.items()}
 
 
 def _extra_files(location: CheckpointLocation) -> dict[str, Path]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -51,6 +52,7 @@ __all__ = [
     "SavePlan",
     "SourceView",
     "fp8_quantization_config",
+    "partial_blocks",
     "plan_save",
 ]
 
@@ -150,6 +152,9 @@ class PlannedScale:
     shape: tuple[int, ...]
     block_size: tuple[int, int] | None
     source_key: str | None = None
+    source_index: tuple[int, ...] | None = None
+    """Where this weight's scale lies within ``source_key`` (one expert's of a ``[E, 1, 1]`` scale); ``None``:
+    all of it."""
 
 
 @dataclass(frozen=True)
@@ -268,39 +273,8 @@ def plan_save(
     skip = _not_converted(save_format, declared, default_not_converted)
     planned = [_fp8_format(name, t, save_format, skip, hf_keys, source) for name, t in tensors.items()]
     plan = SavePlan(save_format, planned, fp8_quantization_config(save_format.block_size, skip))
-    plan.partial_blocks = _partial_blocks(plan)
+    plan.partial_blocks = partial_blocks(plan)
     return plan
-
-
-def plan_in_layout(tensors: Mapping[str, ModelTensor], source: SourceView) -> SavePlan:
-    """Plan writing ``tensors`` unquantized, in their own dtype, in the source's key layout (Mistral's native
-    names, say) rather than transformers': the source adapter's keys, a tensor assembled from pieces split back
-    into them (each piece's box in its stored orientation, rows in rotary order where the adapter says so)."""
-    planned: list[PlannedWrite] = []
-    checkpoint = source.checkpoint
-    for name, tensor in tensors.items():
-        where = source.adapter.from_hf(name)
-        if not where.is_assembled:
-            planned.append(PlannedWrite(name, where.key, tensor.dtype, tensor.shape))
-            continue
-        for piece in where.pieces:
-            if piece.key not in checkpoint:
-                raise SaveError(
-                    f"tensor {name!r} is assembled from a piece the source lacks ({piece.key!r})",
-                    path=checkpoint.directory,
-                )
-            geometry = PieceGeometry.of(piece, tensor.shape, len(checkpoint.info(piece.key).shape))
-            stored = geometry.stored_shape
-            if stored is None or tuple(checkpoint.info(piece.key).shape) != stored:
-                raise SaveError(
-                    f"piece {piece.key!r} of {name!r} (shape {tensor.shape}) does not fit the source's "
-                    f"{tuple(checkpoint.info(piece.key).shape)}",
-                    path=checkpoint.directory,
-                )
-            planned.append(
-                PlannedWrite(piece.key, piece.key, tensor.dtype, stored, piece_of=name, geometry=geometry)
-            )
-    return SavePlan(SaveFormat.parse("none"), planned, None)
 
 
 def fp8_scale_name(weight_name: str) -> str:
@@ -413,10 +387,14 @@ def _fp8_format(
 def _reusable_scale(
     name: str, tensor: ModelTensor, block: tuple[int, int] | None, source: SourceView | None
 ) -> str | None:
-    """The source scale of ``name`` when the source stored it as E4M3 with this granularity and shape."""
+    """The source scale of ``name`` when the source stored it as E4M3 with this granularity and shape (per
+    tensor, also as one piece whose rows are only permuted, Mistral-native q/k: one scale covers any order)."""
     if source is None:
         return None
     where = source.adapter.from_hf(name)
+    only = where.pieces[0] if len(where.pieces) == 1 else None
+    if block is None and only is not None and only.box is None and not only.transposed:
+        where = only.stored_source()
     if (
         where.is_assembled
         or not where.is_fp8
@@ -427,10 +405,13 @@ def _reusable_scale(
     info = source.checkpoint.info(where.key)
     if info.dtype != torch.float8_e4m3fn or tuple(info.shape) != tensor.shape:
         return None
+    if block is None and math.prod(source.checkpoint.info(where.scale_key).shape) != 1:
+        return None
     return where.scale_key
 
 
-def _partial_blocks(plan: SavePlan) -> list[str]:
+def partial_blocks(plan: SavePlan) -> list[str]:
+    """Keys of the planned FP8-block weights whose sizes the block size does not divide."""
     block = plan.format.block_size
     if block is None:
         return []

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from automodel_plugins.checkpoint import Checkpoint
     from automodel_plugins.model.fp8_linear import Fp8Linear
     from automodel_plugins.pipeline.load.plan import LoadPlan
+    from automodel_plugins.pipeline.save.collective import Ranks
     from automodel_plugins.pipeline.save.plan import SavePlan
 
 __all__ = ["CHUNK_ELEMENTS", "Box", "CheckpointValues", "ModelValues", "PieceValues", "TensorValues"]
@@ -57,9 +58,12 @@ class TensorValues(Protocol):
     def dtype(self, name: str) -> torch.dtype:
         """The dtype the values of ``name`` come in."""
 
-    def chunks(self, name: str, elements: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+    def chunks(
+        self, name: str, elements: int | None = None, rows: tuple[int, int] | None = None
+    ) -> Iterator[tuple[int, torch.Tensor]]:
         """``(first row within the box, values)`` for consecutive chunks of whole rows of the box, of about
-        ``elements`` elements each (default :data:`CHUNK_ELEMENTS`; ``0``: as large as costs no memory)."""
+        ``elements`` elements each (default :data:`CHUNK_ELEMENTS`; ``0``: as large as costs no memory);
+        ``rows``: only the box's rows ``[start, stop)`` (default all)."""
 
 
 def _rows_per_chunk(shape: tuple[int, ...], elements: int | None) -> int:
@@ -81,6 +85,15 @@ class ModelValues:
         first = next(iter(self.tensors.values()), None)
         self.device = torch.device("cpu") if first is None else _local(first).device
 
+    def gather_whole(self, name: str) -> None:
+        """Hold tensor ``name`` whole from now on: a DTensor's ``full_tensor()`` (a collective every rank of its
+        mesh calls, in the same order); a plain tensor already is."""
+        tensor = self.tensors[name]
+        if name in self.resident:
+            raise SaveError(f"{name!r} is FP8-resident and cut inside a rotary head: it cannot be gathered")
+        if is_dtensor(tensor):
+            self.tensors[name] = tensor.full_tensor()  # type: ignore[attr-defined]
+
     def dtype(self, name: str) -> torch.dtype:
         layer = self.resident.get(name)
         return layer.compute_dtype if layer is not None else self.tensors[name].dtype
@@ -92,28 +105,40 @@ class ModelValues:
             return tuple((0, size) for size in tensor.shape)
         return tuple((part.start, part.stop) for part in region)
 
-    def chunks(self, name: str, elements: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+    def chunks(
+        self, name: str, elements: int | None = None, rows: tuple[int, int] | None = None
+    ) -> Iterator[tuple[int, torch.Tensor]]:
         """Views of the local tensor: ``elements=0`` gives it whole (one write, no copy)."""
         if name in self.resident:
-            yield from self._dequantized_chunks(name, elements)
+            yield from _rows_of(self._dequantized_chunks(name, elements, rows), rows)
             return
         local = _local(self.tensors[name]).detach()
-        if local.dim() == 0 or (elements == 0 and local.is_contiguous()):
+        if local.dim() == 0 or (elements == 0 and rows is None and local.is_contiguous()):
             yield 0, local
             return
+        start, stop = rows if rows is not None else (0, local.shape[0])
         step = _rows_per_chunk(tuple(local.shape), elements)
-        for row in range(0, local.shape[0], step):
-            yield row, local[row : row + step]
+        for row in range(start, stop, step):
+            yield row, local[row : min(row + step, stop)]
 
-    def _dequantized_chunks(self, name: str, elements: int | None) -> Iterator[tuple[int, torch.Tensor]]:
+    def _dequantized_chunks(
+        self, name: str, elements: int | None, rows: tuple[int, int] | None = None
+    ) -> Iterator[tuple[int, torch.Tensor]]:
         """Rows of this rank's box of an FP8-resident weight, dequantized as the layer's forward does (fp32
-        product with the block of each element, one rounding to the compute dtype)."""
+        product with the block of each element, one rounding to the compute dtype); of fused experts, only
+        the experts ``rows`` names (one piece's expert is not all of them)."""
         layer = self.resident[name]
         codes = _local(self.tensors[name]).detach().view(layer.fp8_dtype)
         if isinstance(layer, Fp8Experts):
-            yield from _dequantized_experts(
-                codes, layer.scale(name.rpartition(".")[2]), layer, self.box(name), elements
-            )
+            scale = layer.scale(name.rpartition(".")[2])
+            held = local_region(scale)  # expert parallelism: the grids of this rank's experts only
+            box = self.box(name)
+            first, last = rows if rows is not None else (0, codes.shape[0])
+            box = ((box[0][0] + first, box[0][0] + last), *box[1:])
+            for row, chunk in _dequantized_experts(
+                codes[first:last], _local(scale), layer, box, elements, 0 if held is None else held[0].start
+            ):
+                yield first + row, chunk
             return
         (row0, _), (col0, col1) = self.box(name)
         step = _rows_per_chunk(tuple(codes.shape), elements or None)
@@ -133,10 +158,15 @@ class ModelValues:
 
 
 def _dequantized_experts(
-    codes: torch.Tensor, scale: torch.Tensor, layer: Fp8Experts, box: Box, elements: int | None
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    layer: Fp8Experts,
+    box: Box,
+    elements: int | None,
+    scale_first: int = 0,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Runs of experts of this rank's box of a fused FP8-resident tensor, each matrix dequantized with its own
-    grid of the whole stacked ``scale`` as the experts' forward does."""
+    grid of the stacked ``scale`` (whole, or from expert ``scale_first`` on) as the experts' forward does."""
     (expert0, _), (row0, row1), (col0, col1) = box
     whole = (row0, col0) == (0, 0) and (row1, col1) == tuple(codes.shape[1:])
     region = None if whole else (slice(row0, row1), slice(col0, col1))
@@ -147,12 +177,25 @@ def _dequantized_experts(
         for index in range(part.shape[0]):
             out[index] = dequantize(
                 part[index].contiguous(),
-                scale[expert0 + first + index],
+                scale[expert0 - scale_first + first + index],
                 dtype=layer.compute_dtype,
                 block_size=layer.block_size,
                 region=region,
             )
         yield first, out
+
+
+def _rows_of(
+    chunks: Iterator[tuple[int, torch.Tensor]], rows: tuple[int, int] | None
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """The part of ``chunks`` within rows ``[start, stop)`` (all of them for ``None``)."""
+    for row, chunk in chunks:
+        if rows is None:
+            yield row, chunk
+            continue
+        first, last = max(row, rows[0]), min(row + chunk.shape[0], rows[1])
+        if first < last:
+            yield first, chunk[first - row : last - row]
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -173,7 +216,9 @@ class CheckpointValues:
     def box(self, name: str) -> Box:
         return tuple((0, size) for size in self.plan[name].shape)
 
-    def chunks(self, name: str, elements: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+    def chunks(
+        self, name: str, elements: int | None = None, rows: tuple[int, int] | None = None
+    ) -> Iterator[tuple[int, torch.Tensor]]:
         """Reads into fresh buffers: never more than about ``elements`` (``0`` and ``None``: the default)."""
         planned = self.plan[name]
         shape = planned.shape
@@ -181,10 +226,11 @@ class CheckpointValues:
             value, _ = read_value(self.checkpoint, planned.source, dtype=planned.dtype, device=self.device)
             yield 0, value
             return
+        start, stop = rows if rows is not None else (0, shape[0])
         step = _rows_per_chunk(shape, elements)
-        for row in range(0, shape[0], step):
+        for row in range(start, stop, step):
             region = tuple(slice(0, size) for size in shape)
-            region = (slice(row, min(row + step, shape[0])), *region[1:])
+            region = (slice(row, min(row + step, stop)), *region[1:])
             value, _ = read_value(
                 self.checkpoint,
                 planned.source,
@@ -206,7 +252,7 @@ class PieceValues:
     expert or a transposed matrix: at most one piece).
     """
 
-    def __init__(self, base: TensorValues, plan: SavePlan) -> None:
+    def __init__(self, base: TensorValues, plan: SavePlan, ranks: Ranks | None = None) -> None:
         self.base = base
         self.device = base.device
         self.pieces = {
@@ -214,6 +260,32 @@ class PieceValues:
             for planned in plan.tensors
             if planned.piece_of is not None and planned.geometry is not None
         }
+        if ranks is not None and ranks.distributed:
+            self._gather_cut_heads(ranks)
+
+    def _gather_cut_heads(self, ranks: Ranks) -> None:
+        """Every rank: the model tensors of rotary-order pieces whose rows some rank holds only part of a head
+        of (a shard boundary inside a head) are gathered whole on every rank (``TensorValues.gather_whole``,
+        a collective), so rank 0 writes them; whole heads stay with the rank holding them."""
+        if not any(geometry.rope_heads is not None for _, geometry in self.pieces.values()):
+            return
+        cut = set()
+        for name, (tensor, geometry) in self.pieces.items():
+            overlap = self._overlap(name)[3]
+            if (
+                geometry.rope_heads is not None
+                and overlap is not None
+                and geometry.whole_heads(overlap) is None
+            ):
+                cut.add(tensor)
+        everyone = sorted(set().union(*ranks.gather(sorted(cut))))
+        gather = getattr(self.base, "gather_whole", None)
+        for tensor in everyone:
+            if gather is None:
+                raise SaveError(
+                    f"{tensor!r} is held in parts that cut its rotary heads, and cannot be gathered"
+                )
+            gather(tensor)
 
     def dtype(self, name: str) -> torch.dtype:
         entry = self.pieces.get(name)
@@ -230,41 +302,49 @@ class PieceValues:
         _, geometry, _, overlap = self._overlap(name)
         if overlap is None:
             return tuple((0, 0) for _ in range(geometry.stored_ndim))
-        return geometry.stored_region(overlap)
+        region = geometry.stored_region(overlap)
+        heads = geometry.whole_heads(overlap)
+        if heads is not None and not geometry.transposed:  # whole heads: their own stored rows
+            region = (heads, *region[1:])
+        return region
 
-    def chunks(self, name: str, elements: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+    def chunks(
+        self, name: str, elements: int | None = None, rows: tuple[int, int] | None = None
+    ) -> Iterator[tuple[int, torch.Tensor]]:
         if name not in self.pieces:
-            yield from self.base.chunks(name, elements)
+            yield from self.base.chunks(name, elements, rows)
             return
+        if rows is not None:
+            raise SaveError(f"rows of the piece {name!r} are not asked for by the writer")
         tensor, geometry, held, overlap = self._overlap(name)
         if overlap is None:
             return
         first = geometry.stored_region(overlap)[0][0] if geometry.stored_ndim else 0
+        own_rows = (overlap[0][0] - held[0][0], overlap[0][1] - held[0][0])  # only the rows the piece has
         if geometry.keeps_rows:
-            for row, chunk in self.base.chunks(tensor, elements):
+            for row, chunk in self.base.chunks(tensor, elements, own_rows):
                 rows = ((held[0][0] + row, held[0][0] + row + chunk.shape[0]), *held[1:])
                 part = intersect(rows, overlap)
                 if part is not None:
                     values = geometry.to_stored(chunk[relative_slices(part, rows)])
                     yield geometry.stored_region(part)[0][0] - first, values.contiguous()
             return
-        if geometry.rope_heads is not None and overlap[geometry.squeezed] != geometry.box[geometry.squeezed]:
+        heads = geometry.whole_heads(overlap)
+        if geometry.rope_heads is not None and (heads is None or geometry.transposed):
             raise SaveError(
-                f"{name!r} is stored with its rows in Mistral's rotary order, and this rank holds rows "
-                f"{overlap[geometry.squeezed]} of {geometry.box[geometry.squeezed]}: a head's rows are spread over "
-                "the stored tensor, so it is written whole by one rank; a sharded save of a Mistral-native model "
-                "is not supported yet (save from one process, or with quantization='none' in transformers' form)"
+                f"{name!r} is stored with its rows in Mistral's rotary order, and this process holds rows "
+                f"{overlap[geometry.squeezed]} of {geometry.box[geometry.squeezed]}, which cut a head: its rows "
+                "are permuted within the head, so it is written by a process holding whole heads"
             )
-        gathered = torch.cat(
-            [
-                chunk[relative_slices(part, rows)]
-                for row, chunk in self.base.chunks(tensor, 0)
-                for rows in [((held[0][0] + row, held[0][0] + row + chunk.shape[0]), *held[1:])]
-                for part in [intersect(rows, overlap)]
-                if part is not None
-            ]
-        )
-        stored = geometry.to_stored(gathered)
+        parts = [
+            chunk[relative_slices(part, rows)]
+            for row, chunk in self.base.chunks(tensor, 0, own_rows)
+            for rows in [((held[0][0] + row, held[0][0] + row + chunk.shape[0]), *held[1:])]
+            for part in [intersect(rows, overlap)]
+            if part is not None
+        ]
+        gathered = parts[0] if len(parts) == 1 else torch.cat(parts)  # one expert's run: no copy
+        stored = geometry.to_stored(gathered) if heads is None else geometry.heads_to_stored(gathered)
         step = _rows_per_chunk(tuple(stored.shape), elements or None)
         for row in range(0, stored.shape[0], step):
             yield row, stored[row : row + step].contiguous()

@@ -77,7 +77,7 @@ def write_plan(
     to all, then raised everywhere), so no rank is left waiting.
     """
     if any(planned.piece_of is not None for planned in plan.tensors):
-        values = PieceValues(values, plan)
+        values = PieceValues(values, plan, ranks)
     writes = _assign_boxes(plan, values, ranks)
     scales = _choose_scales(plan, values, writes, source, ranks)
     shards = plan_shards(plan.specs(), max_shard_size, native=native)
@@ -206,7 +206,10 @@ def _choose_scales(
                 )
             source_scale = None
             if planned.scale.source_key is not None and source is not None:
-                source_scale = source.read(planned.scale.source_key).reshape(shape)
+                source_scale = source.read(planned.scale.source_key)
+                if planned.scale.source_index is not None:
+                    source_scale = source_scale[planned.scale.source_index]
+                source_scale = source_scale.reshape(shape)
             choices[planned.key] = choose_scale(
                 amax, source=source_scale, scale_dtype=planned.scale.dtype, fp8_dtype=planned.dtype
             )

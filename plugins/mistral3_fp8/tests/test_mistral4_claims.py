@@ -67,7 +67,8 @@ def test_mistral4_is_claimed(make: Any, quantization: dict[str, Any] | None, sho
 
 
 def test_compressed_tensors_is_declined_with_the_method() -> None:
-    """Mistral Large 3's quantization (compressed-tensors FP8_BLOCK) is not read by this HF-form path."""
+    """compressed-tensors without a group the host reads (here: none at all) is declined naming the method;
+    FP8 groups are claimed (``tests/test_compressed_tensors_hf.py``)."""
     answer = plugin.claim_config(with_quantization(tiny_config(), {"quant_method": "compressed-tensors"}))
     assert isinstance(answer, Decline) and "'compressed-tensors'" in answer.reason
 

@@ -30,7 +30,7 @@ from moe_checkpoints import (
 )
 
 import automodel_plugins
-from automodel_plugins.errors import DtypeMismatchError, FrozenFp8WeightError
+from automodel_plugins.errors import DtypeMismatchError
 from automodel_plugins.model.fp8_experts import Fp8Experts
 from automodel_plugins.pipeline.load.describe import describe_checkpoint
 from automodel_plugins.testing.checkpoints import write_fp8_checkpoint
@@ -191,18 +191,6 @@ def test_no_dequantized_expert_stays_alive_or_is_saved_for_backward(moe_checkpoi
     assert watch.alive_after_layers == [0] * LAYERS and watch.peak_alive <= 3
     assert watch.saved_copies == []
     assert all(m.gate_up_proj.grad is None for m in experts)
-
-
-def test_lora_on_the_resident_experts_parameters_is_refused(moe_checkpoint: Any, image_batch: Any) -> None:
-    """PEFT's ``target_parameters`` parametrizes the fused tensor (``W + delta``): on FP8 codes that would train
-    nothing sensible, so the forward refuses it rather than compute with altered codes."""
-    model = load_resident(moe_checkpoint(experts="per-expert", block_size=ALIGNED), F32)
-    config = peft.LoraConfig(
-        r=4, target_modules=[], target_parameters=["mlp.experts.gate_up_proj"], init_lora_weights=False
-    )
-    lora = peft.get_peft_model(model, config)
-    with pytest.raises(FrozenFp8WeightError, match="target_parameters"):
-        lora(**image_batch)
 
 
 def test_bf16_experts_beside_fp8_attention_stay_stock_without_a_warning(

@@ -81,9 +81,8 @@ def state_dict_adapter(config: Any, checkpoint: Any) -> Any:
 
 @hookimpl
 def post_materialize(model: Any, config: Any) -> None:
-    """Recompute the text (and, for a VLM, vision) rotary buffers now, and once more at each rotary module's
-    first call (after a user's ``to_empty``), since meta init leaves them as garbage that no checkpoint
-    restores."""
+    """Recompute the text (and, for a VLM, vision) rotary buffers now, and again whenever a user's
+    ``to_empty`` re-creates them, since meta init leaves them as garbage that no checkpoint restores."""
     from automodel_plugins import repair_rotary
 
     repair_rotary(model)

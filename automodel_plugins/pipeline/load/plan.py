@@ -139,7 +139,8 @@ def plan_load(
     second plan of the same tensors, ``inspect``'s ``dequantize=False`` one): the answers are not asked again.
     ``checked`` names the tensors whose sources an earlier plan of the same tensors and sources already checked
     against the headers (shapes, boxes, scales: checks that do not depend on what is kept FP8); they are not
-    checked again, and this plan adds the names it checks. Dtype checks, which do, always run.
+    checked again, and this plan adds the names it checks (when it names every source, the check that each key
+    and scale key is in the checkpoint is not made again either). Dtype checks, which do, always run.
     """
     checked = set() if checked is None else checked
     if sources is None:

@@ -497,13 +497,14 @@ def test_rope_factor_zero_is_refused_naming_the_field(registry: Registry, damage
 def test_non_finite_rotary_buffers_are_refused_naming_module_and_field(
     registry: Registry, checkpoints: Checkpoints
 ) -> None:
-    """A config object built in Python skips the config.json checks: the rotary repair refuses what it gives."""
+    """A config object built in Python skips the config.json checks: the rotary repair refuses what it gives, as
+    soon as the buffers are real (the rotary modules recompute in their own ``_apply``, so at ``to_empty``)."""
     path = checkpoints()
     config = load_config(path)
     config.text_config.rope_parameters["factor"] = 0.0
     model = build_model(config, registry=registry)
-    model.to_empty(device="cpu")
     with pytest.raises(RotaryRepairError, match=r"'model\.language_model\.rotary_emb'.*NaN/inf") as caught:
+        model.to_empty(device="cpu")
         load_weights(model, path, registry=registry)
     assert "rope_parameters.factor = 0.0" in str(caught.value)
 

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from automodel_plugins.adapters.base import Box, Piece, StateDictAdapter, TensorSource
+from automodel_plugins.adapters.base import Box, Piece, StateDictAdapter, TensorSource, key_view
 from automodel_plugins.errors import CheckpointError, DtypeMismatchError, ScaleError
 from automodel_plugins.fp8.compressed_tensors import PER_CHANNEL_BLOCK
 from automodel_plugins.fp8.formats import activation_key_candidates, is_fp8, scale_key_candidates
@@ -99,7 +99,8 @@ class Fp8StateDictAdapter(StateDictAdapter):
         stored ``transposed`` or not: its FP8 scale found under any accepted name when it is FP8, its static
         activation scale accounted for. ``name`` (the model tensor) is checked against
         ``modules_to_not_convert``; a key the checkpoint lacks gives a plain piece, which planning reports."""
-        stored = self.checkpoint.get(key)
+        keys = key_view(self.checkpoint)
+        stored = self.checkpoint.info(key) if key in keys else None
         if stored is None or not is_fp8(stored.dtype):
             return Piece(key, box, transposed=transposed)
         if self.fp8_dtype is not None and stored.dtype != self.fp8_dtype:
@@ -122,7 +123,7 @@ class Fp8StateDictAdapter(StateDictAdapter):
             scale_key=self._scale_key(key),
             block_size=self.block_size,
             transposed=transposed,
-            dropped_keys=tuple(k for k in activation_key_candidates(key) if k in self.checkpoint.stored_keys),
+            dropped_keys=tuple(k for k in activation_key_candidates(key) if k in keys),
         )
 
     def assembled(
@@ -153,7 +154,7 @@ class Fp8StateDictAdapter(StateDictAdapter):
         return f"block {self.block_size[0]}x{self.block_size[1]}"
 
     def _scale_key(self, key: str) -> str:
-        stored = self.checkpoint.stored_keys
+        stored = key_view(self.checkpoint)
         present = [k for k in scale_key_candidates(key) if k in stored]
         if not present:
             raise ScaleError(

@@ -178,12 +178,6 @@ class Checkpoint:
     def __iter__(self):
         return iter(list(self._entries))
 
-    def get(self, key: str) -> TensorInfo | None:
-        """What the header says about ``key``, or ``None`` when the checkpoint holds no such tensor (one lookup
-        where ``key in checkpoint`` then :meth:`info` take two)."""
-        entry = self._entries.get(key)
-        return entry.info if entry is not None else None
-
     def info(self, key: str) -> TensorInfo:
         """Dtype, shape, file and size of a tensor, from the header alone."""
         entry = self._entries.get(key)  # inline, not self._entry: planning a 235B MoE asks ~500k times

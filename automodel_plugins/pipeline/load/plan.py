@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from automodel_plugins.adapters.base import key_view
 from automodel_plugins.adapters.pieces import PieceGeometry, boxes_tile, whole_box
 from automodel_plugins.errors import (
     DtypeMismatchError,
@@ -145,7 +146,7 @@ def plan_load(
     checked = set() if checked is None else checked
     if sources is None:
         sources = {name: adapter.from_hf(name) for name in tensors}
-    stored = checkpoint.stored_keys
+    stored = key_view(checkpoint)
     if not checked.issuperset(sources):  # an earlier plan of these sources found every key
         _refuse_absent_keys(sources, checkpoint)
     order = dict(zip(checkpoint.keys(), itertools.count()))
@@ -216,7 +217,7 @@ def plan_load(
 
 def _refuse_absent_keys(sources: Mapping[str, TensorSource], checkpoint: Checkpoint) -> None:
     """Every source's data keys, then every FP8 piece's scale key, must be in the checkpoint."""
-    stored = checkpoint.stored_keys
+    stored = key_view(checkpoint)
     missing = sorted(
         f"{name} (checkpoint key {key!r})"
         for name, src in sources.items()

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from automodel_plugins.adapters.base import key_view
 from automodel_plugins.errors import CheckpointError, ConfigMismatchError, UnsupportedQuantizationError
 from automodel_plugins.fp8.formats import is_fp8
 from automodel_plugins.fp8.quantization import quantization_dict
@@ -130,7 +131,7 @@ def _check_embedding(config: PretrainedConfig, checkpoint: Checkpoint) -> None:
     width = width or getattr(text, "hidden_size", None)
     embeddings = {
         key: checkpoint.info(key).shape
-        for key in checkpoint.stored_keys
+        for key in key_view(checkpoint)
         if key == _EMBEDDING_SUFFIX or key.endswith(_DOTTED_EMBEDDING_SUFFIX)
     }
     if not embeddings:

@@ -17,8 +17,10 @@ header-only checkpoints (sparse files: headers, no data), as the table in ``docs
 Layouts: FSDP2 (``fsdp=``), tensor parallelism (``tp=``) and expert parallelism (``ep=``: the experts split by
 expert, as ``parallelize_experts`` places them, FSDP2 over the remaining ranks).
 
-LoRA: r=16 on q_proj and v_proj (vision tower included where its names match), fp32 adapters, gradients and two
-Adam states. Not counted: activations, temporaries, CUDA context.
+LoRA: r=16 on the default targets (q_proj and v_proj, the vision tower included where its names match; MLA's
+q_b_proj and kv_b_proj for Large 3), and in the rows marked "+ experts" on both fused expert tensors too
+(``target_parameters``: ``r * E * (in + out)`` a tensor and layer, every expert's on each rank under ``ep``);
+fp32 adapters, gradients and two Adam states. Not counted: activations, temporaries, CUDA context.
 
     python benchmarks/plan_table.py            # markdown table on stdout
     python benchmarks/plan_table.py --json
@@ -46,7 +48,9 @@ DEVSTRAL_2_123B = {
     "head_dim": 128,
     "vocab_size": 131072,
 }
-LAYOUTS = {
+EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+"""LoRA ``target_parameters`` of the expert rows (both fused expert tensors of every MoE layer)."""
+LAYOUTS: dict[str, list[tuple[Any, ...]]] = {  # (layout, dequantize, LoRA r[, target_parameters])
     "Devstral 2 123B": [
         ("fsdp=8", True, 0),
         ("fsdp=8", False, 0),
@@ -64,6 +68,8 @@ LAYOUTS = {
         ("fsdp=2,ep=4", False, 16),
         ("fsdp=16", False, 16),
         ("fsdp=2,ep=8", True, 0),
+        ("fsdp=8", False, 16, EXPERTS),
+        ("fsdp=2,ep=8", False, 16, EXPERTS),
     ],
     "Mistral Large 3 675B": [
         ("fsdp=8", True, 0),
@@ -74,6 +80,8 @@ LAYOUTS = {
         ("fsdp=2,ep=8", False, 16),
         ("fsdp=16", True, 0),
         ("fsdp=4,ep=8", True, 0),
+        ("fsdp=16", False, 16, EXPERTS),
+        ("fsdp=2,ep=8", False, 16, EXPERTS),
     ],
 }
 LARGE_3_PARAMS = Path("/work/shared/reference/data/mistral-large-3-675b-instruct-2512.params.json")
@@ -147,11 +155,17 @@ def rows(name: str, path: Path) -> list[dict[str, Any]]:
     from automodel_plugins.pipeline.load.memory_plan import Layout
 
     out = []
-    for layout, dequantize, lora_r in LAYOUTS[name]:
+    for layout, dequantize, lora_r, *target_parameters in LAYOUTS[name]:
         degrees = Layout.parse(layout)
         started = time.perf_counter()
         plan = automodel_plugins.plan_memory(
-            path, fsdp=degrees.fsdp, tp=degrees.tp, ep=degrees.ep, dequantize=dequantize, lora_r=lora_r
+            path,
+            fsdp=degrees.fsdp,
+            tp=degrees.tp,
+            ep=degrees.ep,
+            dequantize=dequantize,
+            lora_r=lora_r,
+            lora_target_parameters=target_parameters[0] if target_parameters else (),
         )
         worst = plan.worst
         out.append(
@@ -160,6 +174,7 @@ def rows(name: str, path: Path) -> list[dict[str, Any]]:
                 "layout": layout,
                 "load": "dequantized (BF16)" if dequantize else "FP8-resident",
                 "lora_r": lora_r,
+                "lora_experts": bool(target_parameters),
                 "read_worst": max(r.read for r in plan.ranks),
                 "held": dict(worst.held),
                 "weights_worst": worst.weights,
@@ -183,8 +198,9 @@ def markdown(table: list[dict[str, Any]]) -> str:
     for row in table:
         held = row["held"]
         parts = " + ".join(f"{gb(held[k])}" for k in ("fp8_codes", "scales", "bfloat16") if k in held)
+        lora = f"{row['lora_r']}{' + experts' if row.get('lora_experts') else ''}" if row["lora_r"] else "-"
         lines.append(
-            f"| {row['model']} | {row['layout']} | {row['load']} | {row['lora_r'] or '-'} | {gb(row['read_worst'])} GB"
+            f"| {row['model']} | {row['layout']} | {row['load']} | {lora} | {gb(row['read_worst'])} GB"
             f" | {gb(row['weights_worst'])} GB ({parts}) | {gb(row['lora_worst'])} GB | {gb(row['total_worst'])} GB"
             f" | {gb(row['total_all'])} GB | {'yes' if row['total_worst'] < GPU_BYTES else 'no'} |"
         )

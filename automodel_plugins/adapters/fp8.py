@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING, Any
 
 from automodel_plugins.adapters.base import Box, Piece, StateDictAdapter, TensorSource, key_view
 from automodel_plugins.errors import CheckpointError, DtypeMismatchError, ScaleError
-from automodel_plugins.fp8.compressed_tensors import PER_CHANNEL_BLOCK
 from automodel_plugins.fp8.formats import activation_key_candidates, is_fp8, scale_key_candidates
 from automodel_plugins.fp8.quantization import parse_fp8_quantization
+from automodel_plugins.sources.compressed_tensors import PER_CHANNEL_BLOCK
 
 if TYPE_CHECKING:
     import torch

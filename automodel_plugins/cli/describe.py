@@ -36,9 +36,15 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     plan.add_argument(
         "--lora-targets",
-        default="q_proj,v_proj",
+        default="q_proj,v_proj,q_b_proj,kv_b_proj",  # memory_plan.LORA_TARGETS (not imported: torch)
         metavar="NAMES",
-        help="LoRA target_modules, comma-separated",
+        help="LoRA target_modules, comma-separated (default: q/v and MLA's q_b/kv_b, where the model has them)",
+    )
+    plan.add_argument(
+        "--lora-target-parameters",
+        default="",
+        metavar="NAMES",
+        help="LoRA target_parameters (fused expert tensors, e.g. mlp.experts.gate_up_proj), comma-separated",
     )
     inspect.set_defaults(dequantize=True)
     add_hub_options(inspect)
@@ -71,6 +77,7 @@ def run_plan(args: argparse.Namespace) -> int:
         dequantize=args.dequantize,
         lora_r=args.lora_r,
         lora_targets=tuple(t for t in args.lora_targets.split(",") if t),
+        lora_target_parameters=tuple(t for t in args.lora_target_parameters.split(",") if t),
         hub=HubOptions(**hub_options(args)),
     )
     summary = plan.to_dict()
@@ -109,7 +116,11 @@ def plan_lines(summary: dict) -> list[str]:
         f"{summary['path']}: {summary['world_size']} ranks ("
         + ",".join(f"{k}={v}" for k, v in summary["layout"].items())
         + f"), {load}"
-        + (f", LoRA r={lora['r']} on {','.join(lora['targets'])} ({lora['optimizer']})" if lora else ""),
+        + (
+            f", LoRA r={lora['r']} on {','.join(lora['targets'] + lora['target_parameters'])} ({lora['optimizer']})"
+            if lora
+            else ""
+        ),
     ]
     worst = summary["worst_rank"]
     return [

@@ -8,7 +8,6 @@
 * ``amax``: the largest magnitude per tensor or per block of the part of a weight a rank holds, combined over ranks;
 * ``scale_policy``: which scale a weight is saved with (its source scale while it fits, else a fresh one);
 * ``quantization``: a config's ``quantization_config`` read into what a load needs (no torch);
-* ``compressed_tensors``: compressed-tensors' (llm-compressor's) FP8 ``quantization_config`` read as that (no torch).
 
 Names are imported on first use (``automodel_plugins.fp8.dequantize``), so that ``quantization`` (which the
 claim helpers use, and ``automodel-plugins list`` imports) does not import torch.

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from automodel_plugins.errors import ConfigError, UnsupportedQuantizationError
-from automodel_plugins.fp8 import compressed_tensors
 from automodel_plugins.registry.claims import Claim, Decline
+from automodel_plugins.sources import compressed_tensors
 
 if TYPE_CHECKING:
     import torch
@@ -80,7 +80,7 @@ def parse_fp8_quantization(config: Any, *, path: str | Path | None = None) -> Fp
     """``None`` for an unquantized config; the parsed FP8 settings; or UnsupportedQuantizationError naming
     ``path`` (the ``config.json``, when known) and the field (``quantization_config.quant_method`` for
     e.g. ``awq``). A compressed-tensors FP8 dict is read through its translation
-    (:func:`~automodel_plugins.fp8.compressed_tensors.translate_compressed_tensors`), whose errors name the
+    (:func:`~automodel_plugins.sources.compressed_tensors.translate_compressed_tensors`), whose errors name the
     compressed-tensors field (``...weights.num_bits`` of an int4 scheme)."""
     raw = quantization_dict(config, path=path)
     if raw is None:

@@ -36,7 +36,7 @@ from torch import nn
 
 from automodel_plugins.errors import ExpertParallelError
 from automodel_plugins.model.fp8_experts import EXPERT_PROJECTIONS, Fp8Experts, fused_experts_shapes
-from automodel_plugins.model.placement import is_dtensor
+from automodel_plugins.model.placement import is_dtensor, local_region
 from automodel_plugins.model.tensor_parallel import pattern_of
 from automodel_plugins.model.tensors import unwrap_peft
 
@@ -59,8 +59,30 @@ def expert_parallel_plan(model: nn.Module) -> dict[str, nn.Module]:
     for name, module in base.named_modules():
         planned = any(p.fullmatch(name) for p in patterns)
         if planned or (not patterns and (isinstance(module, Fp8Experts) or fused_experts_shapes(module))):
-            found[prefix + name] = module
+            found[prefix + name] = experts_under_peft(module)
     return found
+
+
+def experts_under_peft(module: nn.Module) -> nn.Module:
+    """The experts module itself under PEFT's ``ParamWrapper``s (LoRA ``target_parameters`` nests one a
+    targeted tensor around it; the model's ``ep_plan`` names the outermost)."""
+    while type(module).__name__ == "ParamWrapper" and isinstance(
+        getattr(module, "base_layer", None), nn.Module
+    ):
+        module = module.base_layer
+    return module
+
+
+def _stock_lora_wrapper(model: nn.Module, experts: nn.Module) -> str | None:
+    """The name of a stock PEFT ``ParamWrapper`` directly around ``experts``, if any."""
+    for name, module in model.named_modules():
+        if (
+            type(module).__name__ == "ParamWrapper"
+            and type(module).__qualname__ != "Fp8ExpertsParamWrapper"
+            and getattr(module, "base_layer", None) is experts
+        ):
+            return name
+    return None
 
 
 def _check(name: str, module: nn.Module, ep: int) -> None:
@@ -125,6 +147,15 @@ def _local_buffers(module: nn.Module) -> Iterator[None]:
         module._buffers.update(originals)
 
 
+def stock_lora_refusal(where: str) -> str:
+    return (
+        f"{where}: PEFT LoRA target_parameters on dequantized experts under expert parallelism is not supported "
+        "(stock PEFT parametrizes the whole fused tensor, a DTensor of every expert, which the dispatched "
+        "forward cannot run); load the experts FP8-resident (dequantize=False), whose adapters run on each "
+        "rank's experts, or adapt the attention only"
+    )
+
+
 def parallelize_experts(
     model: nn.Module, ep_mesh: Any, *, tp_mesh: Any = None, implementation: str = "auto"
 ) -> dict[str, str]:
@@ -152,6 +183,9 @@ def parallelize_experts(
     ep = ep_mesh.size()
     for name, module in modules.items():
         _check(name, module, ep)
+        wrapper = _stock_lora_wrapper(model, module)
+        if wrapper is not None:
+            raise ExpertParallelError(stock_lora_refusal(wrapper))
     tp_mesh = _singleton_mesh(ep_mesh.device_type) if tp_mesh is None else tp_mesh
     parameters, dispatch, applied = MoEParamShard(Shard(0), shards_expert_dim=True), _dispatch_style(), {}
     for name, module in modules.items():
@@ -164,6 +198,8 @@ def parallelize_experts(
                 )
         dispatch.install_forward(module, ep_mesh, tp_mesh=tp_mesh, ep_implementation=implementation)
         module._is_hooked = True
+        region = local_region(module._parameters["gate_up_proj"])
+        module.expert_offset = 0 if region is None else region[0].start  # global id of local expert 0
         applied[name] = (
             f"{type(module).__name__}: {module.num_experts} of {module.num_experts * ep} experts a rank"
         )

@@ -82,16 +82,16 @@ def fused_loss_forward(
 
     ``vocab_size``: the head's vocabulary size, or a function of the model's config returning it (checked
     against ``lm_head.weight`` at call time, so a tensor-parallel-sharded head fails loudly instead of
-    computing a wrong loss). ``memory_budget_bytes``: the fused op's budget for one chunk's fp32
-    working set (its logit tiles, the hidden-state rows they read and write, and the fp32 copy of a bf16
-    head's tile; its
-    :func:`~automodel_plugins.ops.default_memory_budget` when ``None``). ``output_class``: the output dataclass, when the stock return annotation does not
+    computing a wrong loss). ``memory_budget_bytes``: the fused op's budget for one block's working
+    set (its logit tiles and the hidden-state rows they read and write; for a bf16 head twice
+    :func:`~automodel_plugins.ops.default_memory_budget` when ``None``, else that default). ``output_class``: the output dataclass, when the stock return annotation does not
     name exactly one ``ModelOutput`` subclass. The result wraps ``stock_forward`` (``functools.wraps``) so
     ``inspect.signature`` reports the stock signature, which ``generate`` reads.
     """
     function = getattr(stock_forward, "__func__", stock_forward)  # a bound method's signature lacks self
     signature = inspect.signature(function)
     resolved_output = output_class or stock_output_class(function)
+    output_fields = frozenset(field.name for field in dataclasses.fields(resolved_output))
     router_loss = router_aux_loss_function(function)
 
     @functools.wraps(function)
@@ -138,7 +138,13 @@ def fused_loss_forward(
             keep = 0 if head["logits_to_keep"] is None else head["logits_to_keep"]
             logits = self.lm_head(slice_positions(hidden, keep))
         output = _compose_output(
-            resolved_output, outputs, loss=loss, logits=logits, final_hidden=hidden, aux_loss=aux_loss
+            resolved_output,
+            output_fields,
+            outputs,
+            loss=loss,
+            logits=logits,
+            final_hidden=hidden,
+            aux_loss=aux_loss,
         )
         return output if return_dict else output.to_tuple()
 
@@ -379,6 +385,7 @@ def _skip_logits(model: nn.Module, per_call: bool | None) -> bool:
 
 def _compose_output(
     output_class: type,
+    names: frozenset[str],
     outputs: Any,
     *,
     loss: torch.Tensor | None,
@@ -387,12 +394,13 @@ def _compose_output(
     aux_loss: torch.Tensor | None = None,
 ) -> Any:
     """The stock output: loss and logits (and a MoE's ``aux_loss``), every base-model field the class shares,
-    and the hidden states."""
-    names = {f.name for f in dataclasses.fields(output_class)}
+    and the hidden states. ``names`` are the output class's fields, read once when the forward is built;
+    the base model's fields are its set keys (a ``ModelOutput`` keeps only those not ``None``), since
+    ``dataclasses.fields`` inside the call would break a ``torch.compile`` graph."""
     values: dict[str, Any] = {"loss": loss, "logits": logits, "aux_loss": aux_loss}
-    for field in dataclasses.fields(outputs):
-        if field.name in names and field.name not in _COMPOSED_FIELDS:
-            values[field.name] = getattr(outputs, field.name)
+    for name in outputs.keys():  # noqa: SIM118 - a ModelOutput, not a plain dict
+        if name in names and name not in _COMPOSED_FIELDS:
+            values[name] = outputs[name]
     if "hidden_states" in names:
         layers = getattr(outputs, "hidden_states", None)
         values["hidden_states"] = layers if layers is not None else final_hidden

@@ -10,7 +10,10 @@ initialisation, ``save_pretrained`` / ``from_pretrained`` and forward, and chang
 
 * ``_activate_lora`` attaches the adapters' factors (``get_delta_factors``, in the experts' compute dtype) to
   the experts instead of parametrizing the codes; the experts' forward adds them expert by expert
-  (:mod:`~automodel_plugins.model.fp8_experts_delta`);
+  (:mod:`~automodel_plugins.model.fp8_experts_delta`). Under expert parallelism the factors stay PEFT's
+  ``[E, ...]`` on every rank (the shapes stock PEFT gives a DTensor of every expert, and the file a one-process
+  run saves; ``lora_B``'s ``[out, r * E]`` is expert-minor, so no ``Shard`` placement holds whole experts) and
+  each rank's forward takes its experts' slice (from the module's ``expert_offset``);
 * the adapters live in the experts' compute dtype as stock's live in its weight's dtype;
 * ``merge`` adds the delta expert by expert and re-quantizes the moved experts with fresh scales
   (:mod:`~automodel_plugins.model.fp8_experts_merge`); ``unmerge`` restores the codes bit for bit. So PEFT's
@@ -87,8 +90,9 @@ class Fp8ExpertsParamWrapper(ParamWrapper):
         if not adapters:
             yield
             return
-        deltas = [ExpertDelta(*self.get_delta_factors(adapter)) for adapter in adapters]
-        with attached_deltas(self._experts(), self.parameter_name, deltas):
+        experts = self._experts()
+        deltas = [_held_experts(experts, *self.get_delta_factors(adapter)) for adapter in adapters]
+        with attached_deltas(experts, self.parameter_name, deltas):
             yield
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
@@ -134,6 +138,17 @@ class Fp8ExpertsParamWrapper(ParamWrapper):
             return delta.mul_(scaling)[0]
 
         return delta_of
+
+
+def _held_experts(experts: Fp8Experts, lhs: torch.Tensor, rhs: torch.Tensor, scaling: float) -> ExpertDelta:
+    """The delta on the experts this rank computes: under expert parallelism the factors are PEFT's (every
+    expert, as a one-process run holds and saves them) and the codes this rank's ``num_experts`` from
+    ``expert_offset`` on, so the factors are sliced to those (their gradient lands on those rows only)."""
+    if experts.num_experts != lhs.shape[0]:
+        first = getattr(experts, "expert_offset", 0)
+        held = slice(first, first + experts.num_experts)
+        lhs, rhs = lhs[held], rhs[held]
+    return ExpertDelta(lhs, rhs, scaling)
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,8 @@ as stock adds it, and:
 
 The result is within one FP8 rounding of the stock merge. Under FSDP2 the codes are a ``DTensor`` sharded over
 experts (``Shard(0)``): each rank merges the experts it holds, and the fresh scale cells (the grids are replicated
-buffers) are summed over the mesh so that every rank holds the same grids; every rank must call this together.
+buffers) are summed over the mesh so that every rank holds the same grids; every rank must call this together. Under expert parallelism the grids are sharded with the codes
+(``Shard(0)``): each rank re-quantizes its experts into its own grids and nothing is exchanged.
 :class:`MergeRecord` keeps what was replaced, so PEFT's ``unmerge_adapter`` restores the codes bit for bit.
 """
 
@@ -46,9 +47,9 @@ class MergeRecord:
     codes: torch.Tensor
     """``[len(local_experts), R, C]`` ``uint8``: their codes before."""
     scale: torch.Tensor
-    """The fp32 grid before (every expert: the grid is replicated)."""
+    """The fp32 grid before (every expert where the grid is replicated; this rank's under expert parallelism)."""
     moved: tuple[int, ...]
-    """Every moved expert (global indices, all ranks)."""
+    """The moved experts (global indices: every rank's; this rank's under expert parallelism)."""
 
 
 @torch.no_grad()
@@ -65,7 +66,11 @@ def merge_expert_delta(
     param = getattr(experts, name)
     local = param.to_local() if is_dtensor(param) else param.data
     first = _first_expert(param, key or name)
-    scale = experts.scale(name)
+    grid = experts.scale(name)
+    sharded_grid = is_dtensor(grid)  # expert parallelism: this rank's experts' grids only
+    scale = grid.to_local() if sharded_grid else grid
+    grid_region = local_region(grid)  # (FSDP2 over the EP shard may hold fewer experts' codes than grids)
+    row0 = 0 if grid_region is None else grid_region[0].start  # expert ``e``'s grid row is ``e - row0``
     before = scale.clone()
     fresh = torch.zeros_like(scale)
     moved = torch.zeros(scale.shape[0], dtype=torch.int64, device=scale.device)
@@ -74,7 +79,7 @@ def merge_expert_delta(
         expert = first + i
         values = dequantize(
             local[i].view(experts.fp8_dtype),
-            scale[expert],
+            scale[expert - row0],
             dtype=experts.compute_dtype,
             block_size=experts.block_size,
             key=f"{key or name}[{expert}]",
@@ -91,16 +96,16 @@ def merge_expert_delta(
         changed.append(i)
         saved.append(local[i].clone())
         local[i].copy_(codes.view(torch.uint8))
-        fresh[expert] = decode_scale(stored).to(fresh.device)
-        moved[expert] = 1
-    if is_dtensor(param):
+        fresh[expert - row0] = decode_scale(stored).to(fresh.device)
+        moved[expert - row0] = 1
+    if is_dtensor(param) and not sharded_grid:
         group = param.device_mesh.get_group()
         torch.distributed.all_reduce(fresh, group=group)
         torch.distributed.all_reduce(moved, group=group)
     mask = moved.bool()
     scale[mask] = fresh[mask]
     codes_before = torch.stack(saved) if saved else local.new_empty((0, *local.shape[1:]))
-    moved_experts = tuple(int(e) for e in mask.nonzero().flatten().tolist())
+    moved_experts = tuple(row0 + int(e) for e in mask.nonzero().flatten().tolist())
     return MergeRecord(name, tuple(changed), codes_before, before, moved_experts)
 
 
@@ -111,7 +116,8 @@ def restore_merged(experts: Fp8Experts, record: MergeRecord) -> None:
     local = param.to_local() if is_dtensor(param) else param.data
     for i, codes in zip(record.local_experts, record.codes, strict=True):
         local[i].copy_(codes)
-    experts.scale(record.name).copy_(record.scale)
+    grid = experts.scale(record.name)
+    (grid.to_local() if is_dtensor(grid) else grid).copy_(record.scale)
 
 
 def _first_expert(param: torch.Tensor, key: str) -> int:

@@ -23,8 +23,8 @@ from typing import Any
 
 from torch import nn
 
-from automodel_plugins.fp8 import compressed_tensors
 from automodel_plugins.fp8.quantization import quantization_dict
+from automodel_plugins.sources import compressed_tensors
 
 __all__ = ["QuantizationRecord", "track_quantization"]
 

@@ -10,6 +10,13 @@ from automodel_plugins.ops.linear_cross_entropy import (
     choose_chunk_size,
     default_memory_budget,
     linear_cross_entropy,
+    low_precision_chunk_size,
 )
 
-__all__ = ["ChunkShape", "choose_chunk_size", "default_memory_budget", "linear_cross_entropy"]
+__all__ = [
+    "ChunkShape",
+    "choose_chunk_size",
+    "default_memory_budget",
+    "linear_cross_entropy",
+    "low_precision_chunk_size",
+]

@@ -13,7 +13,10 @@ id mean the same checkpoint everywhere.
 * ``head``: a safetensors header's length, bounded, from a file's first 8 bytes (local or by range request);
 * ``resolve``: what a path or repo id names (``LocalLocation`` or ``HubLocation``);
 * ``config``: ``load_config``; ``schema``: the config fields checked before transformers sees them;
-* ``native``: Mistral's native ``params.json`` translated, field by field, into the config it describes.
+* ``native``: Mistral's native ``params.json`` translated, field by field, into the config it describes;
+* ``native_params``: the way back, a transformers config written as the ``params.json`` it stands for;
+* ``compressed_tensors``: compressed-tensors' (llm-compressor's) FP8 ``quantization_config`` read as the FP8
+  settings the host applies (no torch): one reading for a ``config.json`` and a ``params.json``.
 """
 
 from __future__ import annotations

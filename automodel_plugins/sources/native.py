@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from automodel_plugins.errors import ConfigError, UnsupportedQuantizationError
-from automodel_plugins.fp8.compressed_tensors import translate_compressed_tensors
+from automodel_plugins.sources.compressed_tensors import translate_compressed_tensors
 
 __all__ = ["PARAMS_NAME", "translate_params"]
 
@@ -384,7 +384,7 @@ _SUFFIX_PATTERN = re.compile(r"^re:\.\*([A-Za-z_][A-Za-z0-9_]*)\$$")
 
 
 def _compressed_tensors(at: _Where, compressed: Any, *, vision: bool) -> dict[str, Any]:
-    """compressed-tensors FP8 (the host's one reading, ``fp8/compressed_tensors.py``), its ``ignore`` list in
+    """compressed-tensors FP8 (the host's one reading, ``sources/compressed_tensors.py``), its ``ignore`` list in
     native module names."""
 
     def ignore(listed: list[Any], _: Any) -> list[str]:

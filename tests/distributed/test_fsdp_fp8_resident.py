@@ -56,4 +56,7 @@ def test_a_lora_step_on_two_ranks_equals_one_process(distributed_run) -> None:
         assert abs(sharded[0] - single[0]) <= 1e-6 and abs(sharded[1] - single[1]) <= 1e-6, (sharded, single)
         assert single[1] != single[0], "the step must change the loss"
         assert result["max_grad_diff"] <= 1e-6 and result["max_param_diff"] <= 1e-6, result
+        # The whole batch in one process: the same loss, and gradients up to fp32 summation order.
+        assert abs(result["whole_losses"][0] - single[0]) <= 1e-6, (result["whole_losses"], single)
+        assert result["max_whole_grad_diff"] <= 1e-6, result
         assert result["codes_held"] * 2 <= result["codes_total"] + 4 * 72 * 16, f"rank {rank}"

@@ -124,16 +124,58 @@ def expand(scale: torch.Tensor, shape: tuple[int, ...], block: list[int] | None)
     return scale.float().repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
 
 
+def block_amax(weight: torch.Tensor, block: list[int] | None) -> torch.Tensor:
+    """``max |w|`` of the whole tensor (0-d), or of each block (the scale grid's shape)."""
+    if block is None:
+        return weight.float().abs().max()
+    rows, cols = weight.shape
+    grid = torch.zeros(math.ceil(rows / block[0]), math.ceil(cols / block[1]))
+    for i in range(grid.shape[0]):
+        for j in range(grid.shape[1]):
+            part = weight[i * block[0] : (i + 1) * block[0], j * block[1] : (j + 1) * block[1]]
+            grid[i, j] = part.float().abs().max()
+    return grid
+
+
+FIT_LIMIT = FP8_MAX + 16.0
+"""The largest ``|w| / scale`` E4M3 stores without clipping past its own rounding: 448 plus half its ulp (32)."""
+
+
+def reference_scale(weight: torch.Tensor, source: torch.Tensor, block: list[int] | None) -> torch.Tensor:
+    """docs/saving.md's policy, written out: per tensor or per block, the source scale while ``amax / scale``
+    fits, else ``amax / 448`` (1 for an all-zero block), in the source's (fp32) dtype and shape."""
+    amax = block_amax(weight, block).reshape(source.shape)
+    fresh = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    return torch.where(amax / source.float() <= FIT_LIMIT, source.float(), fresh).to(source.dtype)
+
+
+FROZEN = "model.language_model.layers.1.self_attn.q_proj.weight"
+GROWN = "model.language_model.layers.0.mlp.up_proj.weight"
+
+
+def train_one_step(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """One large SGD step on the image batch with one projection frozen, then one projection tripled (its amax
+    far past its source scale); the state dict after it."""
+    model.get_parameter(FROZEN).requires_grad_(False)
+    model.train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=5.0)
+    batch = image_inputs(BF16)
+    model(**batch, labels=batch["input_ids"]).loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        model.get_parameter(GROWN).mul_(3.0)
+    model.eval()
+    return {name: t.detach().clone() for name, t in model.state_dict().items()}
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0))
+
+
 def loss(model: torch.nn.Module) -> float:
     batch = image_inputs(BF16)
     with torch.no_grad():
         return model(**batch, labels=batch["input_ids"]).loss.item()
-
-
-LOSS_TOLERANCE = 0.05
-"""Loss of the saved FP8 checkpoint vs the trained BF16 model's, relative. Storing the trained weights in FP8
-rounds each to its FP8 grid (at most half a step, up to 1/16 of the value); on these tiny random models after
-one large SGD step that moves the loss by 3.6% (per tensor) and 2.6% (16x16 blocks)."""
 
 
 @pytest.mark.parametrize(
@@ -144,25 +186,29 @@ one large SGD step that moves the loss by 3.6% (per tensor) and 2.6% (16x16 bloc
 def test_after_a_training_step_stock_reads_the_trained_weights_within_one_fp8_step(
     registry: Registry, checkpoints: Checkpoints, spec: CheckpointSpec, tmp_path: Path
 ) -> None:
+    """Train one step with our model, save, read back with stock transformers. Two references, neither ours:
+
+    - the FP8 codes and scales: docs/saving.md's scale policy and ``clamp(w / s).to(e4m3) * s``, written out
+      here, applied to the weights the model holds: stock's read must equal them bit for bit;
+    - the trained weights: stock transformers' own training step on the same checkpoint and batch (its loss on
+      BF16 logits upcast to fp32). Each FP8 weight stock reads is within one FP8 step of that block's scale of
+      stock's trained weight: half a step of round-to-nearest, the other half for the two steps' bf16 rounding
+      (their updates agree with cosine > 0.999, the fused loss's gradient bar).
+
+    No bound on the loss of the FP8 copy against the BF16 one: FP8 rounding moves this tiny model's loss by what
+    its curvature makes of half-step errors (measured 3.5% per tensor, 5.2% with 16x16 blocks, within 1% / 30%
+    of the first-order ``grad . delta``), a property of the model, not of the save. The loss checked is that of
+    the saved checkpoint through our load and forward against stock's, within the fused loss's 1e-3."""
     source = checkpoints(spec)
+    original = checkpoint_tensors(source)
     model = from_pretrained(source, registry=registry)
-    frozen = "model.language_model.layers.1.self_attn.q_proj.weight"
-    grown = "model.language_model.layers.0.mlp.up_proj.weight"
-    model.get_parameter(frozen).requires_grad_(False)
-    model.train()
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=5.0)
-    batch = image_inputs(BF16)
-    model(**batch, labels=batch["input_ids"]).loss.backward()
-    optimizer.step()
-    with torch.no_grad():
-        model.get_parameter(grown).mul_(3.0)  # its amax now far past its source scale
-    model.eval()
-    trained = {name: t.detach().clone() for name, t in model.state_dict().items()}
+    loaded = {name: t.detach().clone() for name, t in model.state_dict().items()}
+    trained = train_one_step(model)
+    expected = train_one_step(stock_load(source))
 
     report = save_pretrained(model, tmp_path / "out")
     assert report.quantized == TEXT_LINEARS and report.scales_fresh >= 1 and report.scales_kept >= 1
     saved = checkpoint_tensors(tmp_path / "out")
-    original = checkpoint_tensors(source)
     frozen_key = "language_model.model.layers.1.self_attn.q_proj"
     for suffix in ("weight", "weight_scale_inv"):
         assert same_bytes(saved[f"{frozen_key}.{suffix}"], original[f"{frozen_key}.{suffix}"]), suffix
@@ -176,16 +222,25 @@ def test_after_a_training_step_stock_reads_the_trained_weights_within_one_fp8_st
     block = quantization_config(tmp_path / "out")["weight_block_size"]
     state = stock.state_dict()
     for name, value in trained.items():
+        if name != FROZEN:
+            update, stock_update = (
+                value.float() - loaded[name].float(),
+                expected[name].float() - loaded[name].float(),
+            )
+            if stock_update.any():
+                assert cosine(update, stock_update) > 0.999, name
         key = legacy_name(name)
         if saved[key].dtype != E4M3:
             assert torch.equal(state[name], value), name
             continue
-        scale = expand(saved[key.removesuffix("weight") + "weight_scale_inv"], tuple(value.shape), block)
-        error = (state[name].float() - value.float()).abs()
-        assert (error <= fp8_step(value, scale)).all(), name
+        scale_key = key.removesuffix("weight") + "weight_scale_inv"
+        assert same_bytes(saved[scale_key], reference_scale(value, original[scale_key], block)), scale_key
+        scale = expand(saved[scale_key], tuple(value.shape), block)
         requantized = (value.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(E4M3).float() * scale
         assert torch.equal(state[name], requantized.to(BF16)), name
-    assert abs(loss(ours) - loss(model)) <= LOSS_TOLERANCE * loss(model)
+        error = (state[name].float() - expected[name].float()).abs()
+        assert (error <= fp8_step(expected[name], scale)).all(), name
+    assert abs(loss(ours) - loss(stock)) <= 1e-3 * loss(stock)
 
 
 # --- FP8 from a BF16 model --------------------------------------------------------------------------------

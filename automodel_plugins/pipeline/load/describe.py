@@ -17,7 +17,6 @@ import torch
 
 from automodel_plugins.checkpoint import Checkpoint
 from automodel_plugins.errors import ConfigError
-from automodel_plugins.fp8 import compressed_tensors
 from automodel_plugins.fp8.formats import is_fp8
 from automodel_plugins.fp8.quantization import quantization_dict
 from automodel_plugins.model.tensors import model_tensors
@@ -31,6 +30,7 @@ from automodel_plugins.sources import (
     CheckpointLocation,
     HubLocation,
     HubOptions,
+    compressed_tensors,
     load_config,
     resolve,
 )

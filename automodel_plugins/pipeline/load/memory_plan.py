@@ -21,7 +21,9 @@ Reads: each rank's region of every tensor in its stored dtype, plus each FP8 sca
 pieces: the pieces its region overlaps; FP8-resident experts read every piece's scale, or under ``ep`` the grids
 of the pieces of the rank's experts). Held: the region in
 the loaded dtype (FP8 codes: one byte), FP8 scales as fp32. LoRA (PEFT on ``lora_targets``, rank ``lora_r``):
-adapters ``A [r, in]`` and ``B [out, r]`` placed as :func:`tensor_parallel_plan` and FSDP2 place them, held in
+adapters ``A [r, in]`` and ``B [out, r]`` placed as :func:`tensor_parallel_plan` and FSDP2 place them; on the
+fused expert tensors ``lora_target_parameters`` names (``target_parameters``), ``r * E * (d1 + d2)`` a tensor,
+sharded by FSDP2 and, every expert's, replicated over ``ep`` (as PEFT shapes them and each rank holds them); held in
 fp32 (PEFT's ``autocast_adapter_dtype`` default), plus their fp32 gradients and two fp32 Adam(W) states a
 parameter. Not counted: activations, temporaries (a dequantized weight in the forward, all-gather buffers),
 the CUDA context and allocator slack.
@@ -61,7 +63,9 @@ if TYPE_CHECKING:
 
 __all__ = ["LORA_TARGETS", "Layout", "MemoryPlan", "RankMemory", "plan_memory"]
 
-LORA_TARGETS = ("q_proj", "v_proj")
+LORA_TARGETS = ("q_proj", "v_proj", "q_b_proj", "kv_b_proj")
+"""PEFT's default for Mistral and Qwen (``q_proj``, ``v_proj``) and their analogues in MLA attention (DeepSeek V3,
+Mistral Large 3: the query and key/value up-projections), which has neither name."""
 LORA_OPTIMIZER = "Adam(W): two fp32 states a parameter; adapters and their gradients fp32"
 MESH_DIMS = ("fsdp", "ep", "tp")
 
@@ -153,6 +157,7 @@ class MemoryPlan:
     lora_r: int
     lora_targets: tuple[str, ...]
     ranks: list[RankMemory]
+    lora_target_parameters: tuple[str, ...] = ()
 
     @property
     def worst(self) -> RankMemory:
@@ -164,7 +169,12 @@ class MemoryPlan:
             "layout": {name: getattr(self.layout, name) for name in MESH_DIMS},
             "world_size": self.layout.world_size,
             "dequantize": self.dequantize,
-            "lora": {"r": self.lora_r, "targets": list(self.lora_targets), "optimizer": LORA_OPTIMIZER}
+            "lora": {
+                "r": self.lora_r,
+                "targets": list(self.lora_targets),
+                "target_parameters": list(self.lora_target_parameters),
+                "optimizer": LORA_OPTIMIZER,
+            }
             if self.lora_r
             else None,
             "worst_rank": self.worst.to_dict(),
@@ -189,13 +199,16 @@ def plan_memory(
     dequantize: bool = True,
     lora_r: int = 0,
     lora_targets: Sequence[str] = LORA_TARGETS,
+    lora_target_parameters: Sequence[str] = (),
     dtype: torch.dtype | None = None,
     registry: Registry | None = None,
     hub: HubOptions | None = None,
 ) -> MemoryPlan:
     """The bytes each rank reads and holds after loading ``path`` (a directory, a hub repo id, a header-only
     checkpoint) on a ``fsdp x ep x tp`` mesh (``fsdp`` defaults to what ``world_size`` leaves), FP8-resident
-    (``dequantize=False``) or not, with LoRA of rank ``lora_r`` on ``lora_targets``. Reads headers only."""
+    (``dequantize=False``) or not, with LoRA of rank ``lora_r`` on ``lora_targets`` (PEFT's ``target_modules``)
+    and on ``lora_target_parameters`` (PEFT's ``target_parameters``: fused expert tensors such as
+    ``"mlp.experts.gate_up_proj"``). Reads headers only."""
     if fsdp is None:
         if world_size is None:
             fsdp = 1
@@ -229,8 +242,11 @@ def plan_memory(
             _account(ranks, name, planned, placer, checkpoint, is_parameter=name in parameters)
         if lora_r:
             _account_lora(ranks, model, placer, lora_r, tuple(lora_targets))
+            _account_expert_lora(ranks, placer, lora_r, tuple(lora_target_parameters))
         directory = str(checkpoint.directory)
-    return MemoryPlan(directory, layout, dequantize, lora_r, tuple(lora_targets), ranks)
+    return MemoryPlan(
+        directory, layout, dequantize, lora_r, tuple(lora_targets), ranks, tuple(lora_target_parameters)
+    )
 
 
 class _Placer:
@@ -244,11 +260,12 @@ class _Placer:
             name: "colwise" if isinstance(style, ColwiseParallel) else "rowwise"
             for name, style in (tensor_parallel_plan(model).items() if layout.tp > 1 else ())
         }
-        self.experts = {
-            name: shapes["gate_up_proj"][0]
+        self.expert_shapes = {
+            name: shapes
             for name, module in model.named_modules()
             if (shapes := fused_experts_shapes(module)) is not None
         }
+        self.experts = {name: shapes["gate_up_proj"][0] for name, shapes in self.expert_shapes.items()}
         for name, experts in self.experts.items():
             if experts % layout.ep:
                 raise LayoutError(
@@ -412,3 +429,24 @@ def _account_lora(
                 rank.lora["params"] += nbytes
                 rank.lora["grads"] += nbytes
                 rank.lora["optimizer"] += 2 * nbytes
+
+
+def _account_expert_lora(ranks: list[RankMemory], placer: _Placer, r: int, targets: tuple[str, ...]) -> None:
+    """PEFT LoRA of rank ``r`` on every fused expert tensor ``[E, d1, d2]`` matching ``targets`` (a
+    ``ParamWrapper``): A ``[r * E, d]`` and B ``[d', r * E]``, ``r * E * (d1 + d2)`` a tensor. They are placed as
+    the adapters of linear layers: sharded by FSDP2, and under expert parallelism replicated over ``ep`` with every
+    expert's factors, as PEFT shapes them for a tensor split by expert (each rank's forward uses its experts'
+    slice: :mod:`~automodel_plugins.model.fp8_experts_lora`); fp32, fp32 gradients, two fp32 Adam states."""
+    if not targets:
+        return
+    for module, shapes in placer.expert_shapes.items():
+        for leaf, (experts, rows, cols) in shapes.items():
+            if not _matches(f"{module}.{leaf}", targets):
+                continue
+            placements = placer.placements("", "lora", parameter=True, tp_dim=None)
+            for shape in ((r * experts, rows), (cols, r * experts)):
+                for rank in ranks:
+                    nbytes = _numel(placer.region(shape, placements, rank.coordinate)) * 4
+                    rank.lora["params"] += nbytes
+                    rank.lora["grads"] += nbytes
+                    rank.lora["optimizer"] += 2 * nbytes

@@ -5,5 +5,6 @@
 * ``write``: who writes what, the scales (one all-reduce), the shard files;
 * ``collective``: the few collectives a sharded save needs;
 * ``save``: ``save_pretrained``;
-* ``convert``: ``convert_checkpoint`` (``automodel-plugins convert``).
+* ``convert``: ``convert_checkpoint`` (``automodel-plugins convert``);
+* ``native``: ``convert --layout native``, a checkpoint written in Mistral's native form.
 """

@@ -38,6 +38,7 @@ from automodel_plugins.errors import SaveError, SaveOptionError, UnknownQuantiza
 from automodel_plugins.fp8.formats import is_fp8
 from automodel_plugins.fp8.scales import grid_shape
 from automodel_plugins.fp8.stacked import is_stacked, stacked_grid_shape
+from automodel_plugins.sources import compressed_tensors
 
 if TYPE_CHECKING:
     from automodel_plugins.adapters import Piece, StateDictAdapter
@@ -270,7 +271,7 @@ def plan_save(
     if save_format.quantization == "none":
         planned = [PlannedWrite(name, hf_keys[name], t.dtype, t.shape) for name, t in tensors.items()]
         return SavePlan(save_format, planned, None)
-    skip = _not_converted(save_format, declared, default_not_converted)
+    skip = _not_converted(save_format, declared, default_not_converted, tensors, source)
     planned = [_fp8_format(name, t, save_format, skip, hf_keys, source) for name, t in tensors.items()]
     plan = SavePlan(save_format, planned, fp8_quantization_config(save_format.block_size, skip))
     plan.partial_blocks = partial_blocks(plan)
@@ -344,15 +345,99 @@ def _stored_as(
 
 
 def _not_converted(
-    save_format: SaveFormat, declared: Mapping[str, Any] | None, default: Sequence[str]
+    save_format: SaveFormat,
+    declared: Mapping[str, Any] | None,
+    default: Sequence[str],
+    tensors: Mapping[str, ModelTensor],
+    source: SourceView | None,
 ) -> tuple[str, ...]:
+    """The modules an FP8 format keeps unquantized: the caller's list; else, for a quantized source, the
+    source's choice (its ``modules_to_not_convert``, or the module names of a compressed-tensors ``ignore``,
+    and every linear the source stores unquantized: what ``re:`` patterns and native ignore lists matched);
+    else transformers' default."""
     if save_format.modules_to_not_convert is not None:
         return save_format.modules_to_not_convert
     declared = declared or {}
-    if declared.get("quant_method") == "fp8":
-        listed = declared.get("modules_to_not_convert") or declared.get("ignored_layers") or ()
-        return tuple(listed)
-    return tuple(sorted(default))
+    method = declared.get("quant_method")
+    if method == "fp8":
+        listed = tuple(declared.get("modules_to_not_convert") or declared.get("ignored_layers") or ())
+    elif method == compressed_tensors.METHOD:
+        ignore = declared.get("ignore") or []
+        listed = tuple(entry for entry in ignore if isinstance(entry, str) and not entry.startswith("re:"))
+        if source is None and len(listed) != len(ignore):
+            raise SaveError(
+                "the model was loaded from compressed-tensors FP8 whose ignore list has re: patterns, resolved "
+                "against the source checkpoint's tensors, which cannot be reopened (changed or gone): pass "
+                "modules_to_not_convert=[...] to say which modules stay unquantized"
+            )
+    else:
+        return tuple(sorted(default))
+    if source is None:
+        return listed
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    linears = [t.linear for t in tensors.values() if t.linear is not None]
+    kept = {
+        t.linear
+        for name, t in tensors.items()
+        if t.linear is not None
+        and should_convert_module(t.linear, list(listed))
+        and _stored_unquantized(name, source)
+    }
+    return listed + _covering(kept, [m for m in linears if should_convert_module(m, list(listed))])
+
+
+def _stored_unquantized(name: str, source: SourceView) -> bool:
+    """Whether the source checkpoint holds ``name`` and stores none of it as FP8."""
+    checkpoint = source.checkpoint
+    parts = source.adapter.from_hf(name).parts()
+    return all(
+        piece.key in checkpoint and not piece.is_fp8 and not is_fp8(checkpoint.info(piece.key).dtype)
+        for piece in parts
+    )
+
+
+def _covering(kept: set[str], linears: Sequence[str]) -> tuple[str, ...]:
+    """Few names that, as transformers matches ``modules_to_not_convert``, exclude exactly the linears ``kept``
+    of ``linears``: each kept module's highest ancestor whose linears are all kept (``model.visual``), or the
+    names themselves where shorter names would match more."""
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    if not kept:
+        return ()
+
+    def under(prefix: str) -> list[str]:
+        return [m for m in linears if m == prefix or m.startswith(prefix + ".")]
+
+    names: set[str] = set()
+    for module in kept:
+        parts = module.split(".")
+        for depth in range(1, len(parts) + 1):
+            prefix = ".".join(parts[:depth])
+            if all(m in kept for m in under(prefix)):
+                names.add(prefix)
+                break
+
+    def exact(candidate: Sequence[str]) -> bool:
+        return all(should_convert_module(m, list(candidate)) == (m not in kept) for m in linears)
+
+    covering = sorted(names)
+    if not exact(covering):
+        return tuple(sorted(kept))
+    for suffix in sorted({_layer_suffix(name) for name in covering} - {None}):
+        shorter = [name for name in covering if _layer_suffix(name) != suffix] + [suffix]
+        if exact(shorter):  # ``self_attn.q_a_proj`` for every layer's (transformers matches suffixes)
+            covering = shorter
+    return tuple(covering)
+
+
+def _layer_suffix(name: str) -> str | None:
+    """What follows the last layer index of ``name`` (``layers.3.mlp.gate`` -> ``mlp.gate``), if anything."""
+    parts = name.split(".")
+    indices = [i for i, part in enumerate(parts) if part.isdecimal()]
+    if not indices or indices[-1] == len(parts) - 1:
+        return None
+    return ".".join(parts[indices[-1] + 1 :])
 
 
 def _fp8_format(

@@ -6,7 +6,8 @@ transformers 5 holds fused (``experts.gate_up_proj [E, 2I, H]``, ``experts.down_
 releases store the fused experts transposed. ``experts.py`` tells the forms apart and returns the many-to-one
 adapter; the rest (streaming dequant of each piece with its own scale, per-rank reads, rotary repair, the fused
 loss with the router's load-balancing loss) is the host's. The router (``mlp.gate``, a bare ``[E, H]`` weight,
-not an ``nn.Linear``) stays BF16, as ``modules_to_not_convert`` lists it. Imports of torch and transformers stay
+not an ``nn.Linear``) stays BF16, as ``modules_to_not_convert`` lists it. llm-compressor's compressed-tensors form
+(FP8_DYNAMIC per-channel or FP8_BLOCK, ``weight_scale``) has the same per-expert keys and is read the same way. Imports of torch and transformers stay
 inside the hooks: ``automodel-plugins list`` imports this module and must stay fast.
 """
 

@@ -83,6 +83,11 @@ def expected(path: Path, model: nn.Module, block: tuple[int, int] | None) -> dic
         return math.prod(lead) * -(-rows // block[0]) * -(-cols // block[1])
 
     kept = {n for n in fp8 if n in linears or n in experts}
+
+    def activation_bytes(name: str) -> int:  # a resident layer keeps its static activation scale
+        stored_scale = stored.get(name.removesuffix("weight") + "activation_scale")
+        return 0 if stored_scale is None else ITEMSIZE[stored_scale[0]] * math.prod(stored_scale[1])
+
     numel = {n: t.numel() for n, t in tensors.items()}
     return {
         "checkpoint": {
@@ -110,7 +115,10 @@ def expected(path: Path, model: nn.Module, block: tuple[int, int] | None) -> dic
             "bytes_after_load": 2 * sum(numel.values()),
             "fp8_resident_layers": len(kept),
             "bytes_after_load_fp8_resident": sum(
-                numel[n] + 4 * grid(tuple(tensors[n].shape)) if n in kept else 2 * numel[n] for n in tensors
+                numel[n] + 4 * grid(tuple(tensors[n].shape)) + activation_bytes(n)
+                if n in kept
+                else 2 * numel[n]
+                for n in tensors
             ),
             "fp8_not_resident": len(fp8 - kept),
         },

@@ -3,7 +3,7 @@ sub-configs too (``from_pretrained(dtype="auto")`` reads each sub-model's from t
 model's own config as it was. A defect: the key mapping of an FSDP2 model builds a stock stand-in on meta, and
 transformers' ``_from_config`` wrote that build's bfloat16 into the live config and its sub-configs, so an fp32
 model loaded from a bfloat16 checkpoint was saved with ``text_config.dtype == "bfloat16"``. One rank (gloo,
-in-process); the 2- and 4-rank flows are in tests/distributed (test_ep_lora_fsdp.py)."""
+in-process); 2 ranks: tests/distributed/test_fsdp_save_dtype.py; 4 ranks, (ep, dp): test_ep_lora_fsdp.py."""
 
 from __future__ import annotations
 

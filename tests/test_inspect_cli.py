@@ -124,10 +124,11 @@ def test_claimed_checkpoint_gets_a_planned_load(tmp_path: Path) -> None:
     assert load["layout"] == "runtime" and load["granularity"] == "block 16x16"
     assert load["fp8_tensors"] == 7 and load["dropped_keys"] == 7
     assert load["model_tensors"] == len({id(p) for p in model.parameters()})
-    # dequantize=False: the 7 FP8 weights at 1 byte + a 2x2 / 2x4 / 4x2 fp32 grid instead of 2 bytes (BF16)
+    # dequantize=False: the 7 FP8 weights at 1 byte + a 2x2 / 2x4 / 4x2 fp32 grid + their 0-d fp32 static
+    # activation scale (kept: the checkpoint's activation_scheme is static) instead of 2 bytes (BF16)
     fp8 = {n: p for n, p in model.named_parameters() if n.endswith("_proj.weight") and "language_model" in n}
     assert len(fp8) == load["fp8_resident_layers"] == 7
     grids = sum(-(-p.shape[0] // 16) * -(-p.shape[1] // 16) for p in fp8.values())
-    saved = sum(p.numel() for p in fp8.values()) * (2 - 1) - grids * 4
+    saved = sum(p.numel() for p in fp8.values()) * (2 - 1) - grids * 4 - len(fp8) * 4
     assert load["bytes_after_load"] - load["bytes_after_load_fp8_resident"] == saved
     assert document["bytes_read"] == 0

@@ -25,8 +25,8 @@ merge path updates the config: the merged layers join ``modules_to_not_convert``
 them out again, and with no FP8 module left the quantization is dropped (and comes back on unmerge).
 
 Reference, independent of the resident path: stock transformers loading the source checkpoint (dequantized on
-CPU) with the same LoRA (same seed, non-zero ``B``) merged by PEFT. The checkpoints use dynamic activations:
-a resident model does not keep a static checkpoint's ``activation_scale`` (a separate matter).
+CPU) with the same LoRA (same seed, non-zero ``B``) merged by PEFT. The checkpoints use dynamic activations
+(static ones, which the resident layers keep: tests/test_static_activation_save.py).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from mistral3_checkpoints import (
     registry,
     stock_load,
 )
-from transformers.quantizers.quantizer_finegrained_fp8 import FineGrainedFP8HfQuantizer
+from stock_fp8 import keep_fp8_on_cpu
 
 import automodel_plugins
 from automodel_plugins.fp8.quantization import quantization_dict
@@ -130,7 +130,7 @@ def test_stock_transformers_keeping_fp8_builds_the_merged_layers_as_plain_linear
     the layers the config names FP8. Its CPU forward needs its Triton kernels, so the weights are compared."""
     merged = resident(path, registry).merge_and_unload()
     merged.save_pretrained(tmp_path / "merged")
-    monkeypatch.setattr(FineGrainedFP8HfQuantizer, "validate_environment", lambda self, *a, **k: None)
+    keep_fp8_on_cpu(monkeypatch)
     stock, info = transformers.AutoModelForImageTextToText.from_pretrained(
         tmp_path / "merged", dtype=F32, output_loading_info=True
     )
@@ -201,7 +201,7 @@ def test_a_config_without_modules_to_not_convert_keeps_transformers_defaults_bes
     edit_config(source, lambda config: config["quantization_config"].pop("modules_to_not_convert"))
     merged = resident(source, registry).merge_and_unload()
     merged.save_pretrained(tmp_path / "merged")
-    monkeypatch.setattr(FineGrainedFP8HfQuantizer, "validate_environment", lambda self, *a, **k: None)
+    keep_fp8_on_cpu(monkeypatch)
     built = {}
     for name in ("source", "merged"):
         stock = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / name, dtype=F32)

@@ -19,6 +19,7 @@ __all__ = [
     "check_block_size",
     "check_scale_header",
     "check_scale_shape",
+    "decode_activation_scale",
     "decode_scale",
     "encode_scale",
     "grid_shape",
@@ -41,6 +42,25 @@ def decode_scale(scale: torch.Tensor) -> torch.Tensor:
         decoded = (scale.to(torch.float32) - 127.0).exp2()
         return decoded.masked_fill(scale == 255, float("nan"))
     raise ScaleError(f"unsupported scale dtype {scale.dtype}; expected one of {dtype_names(SCALE_DTYPES)}")
+
+
+def decode_activation_scale(
+    scale: torch.Tensor, count: int, *, key: str | None = None, path: str | Path | None = None
+) -> torch.Tensor:
+    """A static activation scale as its module holds it: fp32, 0-d for a linear layer (``count`` 1), ``[E]`` for
+    fused experts (``count`` E, one per expert), as transformers' ``FP8Linear`` / ``FP8Experts`` declare it.
+    Refused unless it holds ``count`` finite, positive values: its FP8 matmul divides the input by it."""
+    if scale.numel() != count:
+        raise ScaleError(
+            f"static activation scale of shape {tuple(scale.shape)} does not hold the {count} value(s) expected "
+            f"({'one per tensor' if count == 1 else 'one per expert'})",
+            path=path,
+            key=key,
+        )
+    decoded = decode_scale(scale).reshape(() if count == 1 else (count,))
+    if not bool((torch.isfinite(decoded) & (decoded > 0)).all()):
+        raise ScaleError("static activation scale is not finite and positive", path=path, key=key)
+    return decoded
 
 
 def dtype_names(dtypes: frozenset[torch.dtype]) -> str:

@@ -13,8 +13,8 @@ applies it with ``transformers.distributed.expert_parallel``:
   routing weights are applied (both all-to-alls are differentiable).
 
 Both are used here as they are. What they do not know, and this module adds: an ``Fp8Experts`` keeps its block
-scales in **buffers** (``gate_up_proj_scale_inv [E, ...]``), which a parameter style leaves whole. They are
-placed ``Shard(0)`` beside their codes, so each rank reads and holds only its experts' codes and grids, and the
+scales in **buffers** (``gate_up_proj_scale_inv [E, ...]``, and static activation scales ``[E]`` when the
+checkpoint has them), which a parameter style leaves whole. They are placed ``Shard(0)`` beside their codes, so each rank reads and holds only its experts' codes and grids, and the
 forward context hands them to the experts' forward as local tensors with the codes. The plan is checked first:
 an expert count the EP degree does not divide is a :class:`~automodel_plugins.errors.ExpertParallelError`
 naming the module and both sizes (transformers raises a bare ``ValueError`` half-way through the model).
@@ -192,7 +192,9 @@ def parallelize_experts(
         for leaf in EXPERT_PROJECTIONS:
             parameters.shard_param(module, leaf, ep_mesh)
         if isinstance(module, Fp8Experts):
-            for scale in Fp8Experts.SCALE_NAMES:
+            for scale in (*Fp8Experts.SCALE_NAMES, *Fp8Experts.ACTIVATION_NAMES):
+                if module._buffers.get(scale) is None:
+                    continue  # no static activation scales (dynamic activations)
                 module._buffers[scale] = distribute_tensor(
                     module._buffers[scale], ep_mesh, [Shard(0)], src_data_rank=None
                 )

@@ -130,6 +130,8 @@ class Fp8Experts(Fp8Resident):
 
     CODE_NAMES = EXPERT_PROJECTIONS
     SCALE_NAMES = tuple(f"{name}_scale_inv" for name in EXPERT_PROJECTIONS)
+    ACTIVATION_NAMES = tuple(f"{name}_activation_scale" for name in EXPERT_PROJECTIONS)
+    """``[E]`` fp32 static activation scales, one per expert (transformers' ``FP8Experts`` names and shape)."""
     dequant_budget_bytes: int = 256 << 20
     """The grouped path dequantizes at most this many bytes of hit experts at a time (at least one expert):
     more hit experts are processed a run at a time, each run one grouped matmul (the same products)."""
@@ -145,6 +147,7 @@ class Fp8Experts(Fp8Resident):
         fp8_dtype: torch.dtype = torch.float8_e4m3fn,
         compute_dtype: torch.dtype = torch.bfloat16,
         scale_dtype: torch.dtype = torch.float32,
+        static_activation: bool = False,
         device: torch.device | str | None = None,
         config: Any = None,
     ) -> None:
@@ -163,6 +166,7 @@ class Fp8Experts(Fp8Resident):
                 f"{name}_scale_inv",
                 torch.ones(stacked_grid_shape(shape, self.block_size), dtype=torch.float32, device=device),
             )
+        self.init_activation_scales(static_activation, device)
 
     @classmethod
     def replacing(
@@ -172,6 +176,7 @@ class Fp8Experts(Fp8Resident):
         block_size: tuple[int, int],
         fp8_dtype: torch.dtype,
         scale_dtype: torch.dtype = torch.float32,
+        static_activation: bool = False,
         device: torch.device | str | None = "meta",
     ) -> Fp8Experts:
         """The stand-in for the transformers experts ``module`` (its shapes, activation and compute dtype)."""
@@ -190,6 +195,7 @@ class Fp8Experts(Fp8Resident):
             fp8_dtype=fp8_dtype,
             compute_dtype=module.gate_up_proj.dtype,
             scale_dtype=scale_dtype,
+            static_activation=static_activation,
             device=device,
             config=getattr(module, "config", None),
         )
@@ -204,6 +210,10 @@ class Fp8Experts(Fp8Resident):
     def shapes(self) -> dict[str, tuple[int, int, int]]:
         e, h, i = self.num_experts, self.hidden_dim, self.intermediate_dim
         return {"gate_up_proj": (e, 2 * i, h), "down_proj": (e, h, i)}
+
+    @property
+    def activation_count(self) -> int:
+        return self.num_experts
 
     def codes(self, name: str) -> torch.Tensor:
         """The codes of ``name`` (``gate_up_proj`` or ``down_proj``) in their FP8 dtype (a view)."""

@@ -14,6 +14,10 @@ What :class:`Fp8Linear` holds:
 * ``weight_scale_inv``: the fp32 multiplier, a persistent buffer (FSDP2 refuses 0-d parameters, and a buffer is
   replicated, never cast by a mixed-precision policy): 0-d per tensor, or the ``ceil(out/bm) x ceil(in/bn)``
   grid of block FP8 (partial edge blocks included). ``scale_dtype`` remembers how the checkpoint stored it.
+* ``activation_scale``: the checkpoint's static input scale (``activation_scheme: "static"``), a 0-d fp32
+  persistent buffer named and shaped as transformers' ``FP8Linear`` declares it, or None when the checkpoint has
+  none (dynamic activations). The forward never reads it (activations are not quantized here); it is kept so that
+  a stock ``save_pretrained`` writes it and transformers' FP8 GPU path finds it.
 
 The forward dequantizes with the loader's own :func:`~automodel_plugins.fp8.decode.dequantize` (fp32 product,
 one rounding to ``compute_dtype``: bit-identical to a dequantize-at-load model) and runs ``F.linear``; the
@@ -53,12 +57,13 @@ from automodel_plugins.model.fp8_resident import (
 )
 from automodel_plugins.model.placement import is_dtensor, write_local
 
-__all__ = ["DEFAULT_DEQUANT_BUDGET_BYTES", "SCALE_NAME", "Fp8Linear", "fp8_linear_modules"]
+__all__ = ["ACTIVATION_NAME", "DEFAULT_DEQUANT_BUDGET_BYTES", "SCALE_NAME", "Fp8Linear", "fp8_linear_modules"]
 
 DEFAULT_DEQUANT_BUDGET_BYTES = 256 * 2**20
 """Above this many bytes of dequantized weight, a layer dequantizes and multiplies a block of rows at a time."""
 
 SCALE_NAME = "weight_scale_inv"
+ACTIVATION_NAME = "activation_scale"
 
 
 class Fp8Linear(Fp8Resident, nn.Linear):
@@ -71,6 +76,7 @@ class Fp8Linear(Fp8Resident, nn.Linear):
     dequant_budget_bytes: int = DEFAULT_DEQUANT_BUDGET_BYTES
     CODE_NAMES = ("weight",)
     SCALE_NAMES = (SCALE_NAME,)
+    ACTIVATION_NAMES = (ACTIVATION_NAME,)
 
     def __init__(
         self,
@@ -82,6 +88,7 @@ class Fp8Linear(Fp8Resident, nn.Linear):
         fp8_dtype: torch.dtype = torch.float8_e4m3fn,
         compute_dtype: torch.dtype = torch.bfloat16,
         scale_dtype: torch.dtype = torch.float32,
+        static_activation: bool = False,
         device: torch.device | str | None = None,
     ) -> None:
         nn.Module.__init__(self)  # not nn.Linear.__init__: it would allocate and initialize a float weight
@@ -94,6 +101,7 @@ class Fp8Linear(Fp8Resident, nn.Linear):
         self.scale_dtype = scale_dtype
         self.weight = Fp8Codes(torch.empty(out_features, in_features, dtype=torch.uint8, device=device))
         self.register_buffer(SCALE_NAME, torch.ones(self.scale_shape, dtype=torch.float32, device=device))
+        self.init_activation_scales(static_activation, device)
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=compute_dtype, device=device))
         else:
@@ -108,8 +116,10 @@ class Fp8Linear(Fp8Resident, nn.Linear):
         block_size: tuple[int, int] | None,
         bias: torch.Tensor | None = None,
         compute_dtype: torch.dtype = torch.bfloat16,
+        activation_scale: torch.Tensor | None = None,
     ) -> Fp8Linear:
-        """A layer holding ``codes`` (FP8, used as they are, not copied) and ``scale`` (any stored dtype)."""
+        """A layer holding ``codes`` (FP8, used as they are, not copied), ``scale`` (any stored dtype) and the
+        static ``activation_scale`` when there is one."""
         if not is_fp8(codes.dtype) or codes.dim() != 2:
             raise TypeError(
                 f"codes must be a 2-D FP8 tensor, got {codes.dtype} of shape {tuple(codes.shape)}"
@@ -122,10 +132,13 @@ class Fp8Linear(Fp8Resident, nn.Linear):
             fp8_dtype=codes.dtype,
             compute_dtype=compute_dtype,
             scale_dtype=scale.dtype,
+            static_activation=activation_scale is not None,
             device="meta",
         )
         layer.weight = Fp8Codes(codes.view(torch.uint8))
         layer.weight_scale_inv = layer.fp32_scale(scale)
+        if activation_scale is not None:
+            layer.load_activation_scale(ACTIVATION_NAME, activation_scale)
         if bias is not None:
             layer.bias = nn.Parameter(bias.detach().to(compute_dtype))  # trainable, as nn.Linear's
         return layer
@@ -156,19 +169,24 @@ class Fp8Linear(Fp8Resident, nn.Linear):
     def fp32_scale_of(self, name: str, scale: torch.Tensor) -> torch.Tensor:
         return self.fp32_scale(scale)
 
-    def load_fp8(self, codes: torch.Tensor, scale: torch.Tensor) -> None:
+    def load_fp8(
+        self, codes: torch.Tensor, scale: torch.Tensor, activation_scale: torch.Tensor | None = None
+    ) -> None:
         """Hold ``codes`` (FP8: the whole weight, or the region this rank's shard holds) and ``scale`` (the
-        whole scale as stored). A layer still on meta takes the tensors as they are (the codes may be
-        memory-mapped from the checkpoint, never copied); a materialized one copies them into its storage."""
+        whole scale as stored), and the static ``activation_scale`` of a layer built with one. A layer still on
+        meta takes the tensors as they are (the codes may be memory-mapped from the checkpoint, never copied);
+        a materialized one copies them into its storage."""
         if not is_fp8(codes.dtype):
             raise TypeError(f"FP8 codes expected, got {codes.dtype}")
         scale32 = self.fp32_scale(scale).to(codes.device)
         if self.weight.is_meta:
             self.weight = Fp8Codes(codes.view(torch.uint8))
             self._buffers[SCALE_NAME] = scale32
-            return
-        write_local(self.weight, codes.view(torch.uint8))
-        write_local(self.weight_scale_inv, scale32)
+        else:
+            write_local(self.weight, codes.view(torch.uint8))
+            write_local(self.weight_scale_inv, scale32)
+        if activation_scale is not None:
+            self.load_activation_scale(ACTIVATION_NAME, activation_scale)
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The whole weight in ``dtype`` (default: the compute dtype): what a dequantize-at-load model holds."""

@@ -19,7 +19,8 @@ from torch.nn import functional as F
 from automodel_plugins.errors import DtypeMismatchError, FrozenFp8WeightError
 from automodel_plugins.fp8.decode import dequantize
 from automodel_plugins.fp8.formats import is_fp8
-from automodel_plugins.model.placement import is_dtensor
+from automodel_plugins.fp8.scales import decode_activation_scale
+from automodel_plugins.model.placement import is_dtensor, local_region, write_local
 
 if TYPE_CHECKING:
     from automodel_plugins.model.quantization_record import QuantizationRecord
@@ -213,6 +214,11 @@ class Fp8Resident(nn.Module):
 
     CODE_NAMES: tuple[str, ...] = ()
     SCALE_NAMES: tuple[str, ...] = ()
+    ACTIVATION_NAMES: tuple[str, ...] = ()
+    """The static activation scale buffer of each code (transformers' names), ``None`` unless the checkpoint
+    stores one (``activation_scheme: "static"``). Never used by this module's forward (it does not quantize
+    activations): kept so that a stock ``save_pretrained`` writes what a static config promises and transformers'
+    FP8 layers need."""
     fp8_dtype: torch.dtype
     compute_dtype: torch.dtype
     quantization_record: QuantizationRecord | None = None
@@ -231,11 +237,43 @@ class Fp8Resident(nn.Module):
         """The scale buffer ``name`` holding ``scale`` as stored (any scale dtype and layout that fits)."""
         raise NotImplementedError
 
+    @property
+    def activation_count(self) -> int:
+        """How many values each static activation scale holds when built: one per tensor (one per expert for
+        experts; under expert parallelism a rank's buffer stays a DTensor of all of them)."""
+        return 1
+
+    def init_activation_scales(self, present: bool, device: torch.device | str | None = None) -> None:
+        """Register every :attr:`ACTIVATION_NAMES` buffer: fp32 ones (to be loaded) when ``present``, else None
+        (no key in ``state_dict()``, as transformers' dynamic layers have none)."""
+        shape = () if self.activation_count == 1 else (self.activation_count,)
+        for name in self.ACTIVATION_NAMES:
+            value = torch.ones(shape, dtype=torch.float32, device=device) if present else None
+            self.register_buffer(name, value)
+
+    def load_activation_scale(self, name: str, scale: torch.Tensor) -> None:
+        """Hold ``scale`` (as stored: any float dtype, 0-d or ``[1]``; ``[E]`` for experts) as the fp32 static
+        activation scale ``name``; a module still on meta takes it as it is, a materialized one copies it."""
+        buffer = self._buffers.get(name)
+        if name not in self.ACTIVATION_NAMES or buffer is None:
+            raise KeyError(f"{type(self).__name__} holds no static activation scale {name!r}")
+        # a DTensor's numel is the global one: the whole stored scale is read, this rank's part kept
+        value = decode_activation_scale(scale, buffer.numel(), key=name)
+        if buffer.is_meta:
+            self._buffers[name] = value.to(self._device())
+            return
+        region = local_region(buffer)  # expert parallelism: this rank's experts
+        write_local(buffer, (value if region is None else value[region]).to(buffer.device))
+
+    def _device(self) -> torch.device:
+        codes = self._parameters.get(self.CODE_NAMES[0])
+        return codes.device if codes is not None and not codes.is_meta else torch.device("cpu")
+
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Fp8Resident:
         """``model.to(bf16)`` / ``.half()`` / ``.float()`` change the compute dtype (and float parameters such
         as a bias), never the codes (an integer tensor is left alone by casts) nor the fp32 scales, which only
         follow device moves."""
-        scales = {name: self._buffers.get(name) for name in self.SCALE_NAMES}
+        scales = {name: self._buffers.get(name) for name in (*self.SCALE_NAMES, *self.ACTIVATION_NAMES)}
         present = [t for t in (*scales.values(), *(self._parameters.get(n) for n in self.CODE_NAMES))]
         device = next((t.device for t in present if t is not None), torch.device("cpu"))
         probe = fn(torch.empty(0, dtype=self.compute_dtype, device=device))
@@ -314,6 +352,14 @@ class Fp8Resident(nn.Module):
                 and (scale.dtype != torch.float32 or tuple(scale.shape) != tuple(buffer.shape))
             ):
                 state_dict[prefix + name] = self.fp32_scale_of(name, scale)
+        for name in self.ACTIVATION_NAMES:
+            scale, buffer = state_dict.get(prefix + name), self._buffers.get(name)
+            if (
+                isinstance(scale, torch.Tensor)
+                and buffer is not None
+                and (scale.dtype != torch.float32 or tuple(scale.shape) != tuple(buffer.shape))
+            ):
+                state_dict[prefix + name] = decode_activation_scale(scale, buffer.numel(), key=prefix + name)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._rewrap_codes()
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from automodel_plugins.errors import SaveError
 from automodel_plugins.model.fp8_experts import EXPERT_PROJECTIONS, Fp8Experts, fp8_experts_modules
-from automodel_plugins.model.fp8_linear import SCALE_NAME, Fp8Linear, fp8_linear_modules
+from automodel_plugins.model.fp8_linear import ACTIVATION_NAME, SCALE_NAME, Fp8Linear, fp8_linear_modules
 from automodel_plugins.model.tensors import model_tensors
 
 if TYPE_CHECKING:
@@ -35,12 +35,15 @@ def saved_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
     An FP8-resident layer (:class:`~automodel_plugins.model.fp8_linear.Fp8Linear`) counts as the linear it
     stands for: its weight (the FP8 codes, valued through :func:`resident_modules`), not its scale buffer,
-    which the save's scale policy writes itself; FP8-resident experts
+    which the save's scale policy writes itself, nor its static activation scale (the source format carries the
+    source's, the other formats declare dynamic activations); FP8-resident experts
     (:class:`~automodel_plugins.model.fp8_experts.Fp8Experts`) likewise count as their fused tensors.
     """
     tensors = model_tensors(model)
-    scales = {f"{name}.{SCALE_NAME}" for name in fp8_linear_modules(model)}
-    scales |= {_join(name, scale) for name in fp8_experts_modules(model) for scale in Fp8Experts.SCALE_NAMES}
+    linear_scales = (SCALE_NAME, ACTIVATION_NAME)
+    experts_scales = (*Fp8Experts.SCALE_NAMES, *Fp8Experts.ACTIVATION_NAMES)
+    scales = {_join(name, scale) for name in fp8_linear_modules(model) for scale in linear_scales}
+    scales |= {_join(name, scale) for name in fp8_experts_modules(model) for scale in experts_scales}
     tensors = {name: tensor for name, tensor in tensors.items() if name not in scales}
     for target, source in (getattr(model, "all_tied_weights_keys", None) or {}).items():
         if target in tensors and source not in tensors and _same(model, target, source):

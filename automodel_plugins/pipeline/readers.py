@@ -5,6 +5,8 @@
   its validated scale (:func:`read_scale`), a narrowing float cast refused when it overflows;
 * :func:`read_assembled`: a model tensor put together from its pieces, one piece in memory at a time;
 * :func:`read_fp8`: an FP8 weight's stored codes and its scale, kept FP8;
+* :func:`activation_scale_key` / :func:`read_activation_scale`: its static activation scale, which an
+  FP8-resident module keeps beside them;
 * :func:`action_for` / :func:`loaded_dtype`: how a stored tensor becomes the model's value (:data:`Action`).
 """
 
@@ -19,8 +21,8 @@ from automodel_plugins.adapters.pieces import PieceGeometry, as_slices, intersec
 from automodel_plugins.checkpoint import Checkpoint
 from automodel_plugins.errors import NonFiniteWeightError, ScaleError
 from automodel_plugins.fp8.decode import dequantize
-from automodel_plugins.fp8.formats import is_fp8
-from automodel_plugins.fp8.scales import validate_scale
+from automodel_plugins.fp8.formats import ACTIVATION_SCALE_SUFFIXES, is_fp8
+from automodel_plugins.fp8.scales import decode_activation_scale, validate_scale
 from automodel_plugins.fp8.stacked import (
     check_stacked_scale_shape,
     is_stacked,
@@ -32,7 +34,9 @@ from automodel_plugins.model.placement import Region
 __all__ = [
     "Action",
     "action_for",
+    "activation_scale_key",
     "loaded_dtype",
+    "read_activation_scale",
     "read_assembled",
     "read_fp8",
     "read_scale",
@@ -172,6 +176,31 @@ def read_scale(
         path=checkpoint.info(source.scale_key).file,
     )
     return scale
+
+
+def activation_scale_key(source: TensorSource) -> str | None:
+    """The static activation scale stored beside an FP8 tensor stored as one piece (one of its ``dropped_keys``;
+    the piece may be stored with its rows reordered: a per-tensor scale does not mind), None when there is none or
+    the tensor is assembled from several pieces (each piece's would be a scale of its own: a resident load
+    dequantizes such experts, ``pipeline.load.resident``); two spellings beside one tensor are refused (which
+    one applies would be a guess)."""
+    parts = source.parts()
+    if len(parts) != 1:
+        return None
+    keys = [key for key in parts[0].dropped_keys if key.endswith(ACTIVATION_SCALE_SUFFIXES)]
+    if len(keys) > 1:
+        raise ScaleError(
+            f"FP8 tensor has several static activation scales ({', '.join(keys[:4])}): which one applies is "
+            "ambiguous",
+            key=source.key,
+        )
+    return keys[0] if keys else None
+
+
+def read_activation_scale(checkpoint: Checkpoint, key: str, count: int) -> torch.Tensor:
+    """The static activation scale ``key`` as an FP8-resident module holds it (fp32, ``count`` finite positive
+    values: 0-d for one, ``[count]`` for experts)."""
+    return decode_activation_scale(checkpoint.read(key), count, key=key, path=checkpoint.info(key).file)
 
 
 def read_assembled(

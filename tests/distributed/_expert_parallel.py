@@ -141,8 +141,8 @@ def read_facts(reads: list, path: Path) -> dict[str, Any]:
         for key, bounds in reads:
             if ".experts." not in key and not key.startswith("layers."):
                 continue
-            if "experts" not in key or "shared_experts" in key:
-                continue
+            if "experts" not in key or "shared_experts" in key or "activation" in key:
+                continue  # a static activation scale ([E] fp32) is read whole, and not counted in the total
             nbytes = _checks._read_bytes(opened_checkpoint, key, bounds)
             if "scale" in key:
                 scales += nbytes
@@ -361,7 +361,7 @@ def held_by_kind(model: Any) -> dict[str, int]:
             "fp8_codes"
             if id(tensor) in codes
             else "scales"
-            if name.endswith("_scale_inv")
+            if name.endswith(("_scale_inv", "activation_scale"))
             else str(local.dtype).removeprefix("torch.")
         )
         held[kind] = held.get(kind, 0) + local.numel() * local.element_size()

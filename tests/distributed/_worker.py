@@ -108,7 +108,8 @@ def load_recorded(model: Any, path: Path, *, stage: bool = False, rename: Any = 
         report = automodel_plugins.load_weights(model, path, stage=stage)
     with Checkpoint.open(path) as checkpoint:
         expected, expected_bytes = _checks.expected_reads(model, checkpoint, rename or _tiny.legacy_rename)
-        scale_bytes = sum(checkpoint.info(key).nbytes for key, _ in reads if key.endswith("_scale_inv"))
+        scales = ("_scale_inv", "activation_scale")  # weight scales, and the static activation scales kept
+        scale_bytes = sum(checkpoint.info(key).nbytes for key, _ in reads if key.endswith(scales))
         weight_bytes = sum(checkpoint.info(k).nbytes for k in checkpoint if not k.endswith(_NOT_WEIGHTS))
     return {
         "bytes_read": report.bytes_read,
@@ -828,7 +829,7 @@ def held_by_kind(model: Any) -> dict[str, int]:
             else "fp8_codes"
             if id(tensor) in codes
             else "scales"
-            if name.endswith("_scale_inv")
+            if name.endswith(("_scale_inv", "activation_scale"))
             else str(local.dtype).removeprefix("torch.")
         )
         held[kind] = held.get(kind, 0) + local.numel() * local.element_size()

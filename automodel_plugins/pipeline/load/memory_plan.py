@@ -55,6 +55,7 @@ from automodel_plugins.pipeline.load.load import build_model, resolve_dtype
 from automodel_plugins.pipeline.load.plan import plan_load
 from automodel_plugins.pipeline.load.preflight import check_structure
 from automodel_plugins.pipeline.load.resident import plan_resident
+from automodel_plugins.pipeline.readers import activation_scale_key
 from automodel_plugins.registry import Registry, get_registry, pick_winner
 from automodel_plugins.sources import CheckpointLocation, HubOptions, load_config, resolve
 
@@ -374,7 +375,7 @@ def _read_bytes(
 ) -> int:
     """What the streaming loader reads for ``region`` of this tensor: its bytes of each stored piece it overlaps,
     and the scales it needs whole (kept FP8 experts: every piece's, or those of the pieces overlapping
-    ``grids``, the box of the rank's experts under expert parallelism)."""
+    ``grids``, the box of the rank's experts under expert parallelism; a kept static activation scale)."""
     wanted = tuple((part.start, part.stop) for part in region)
     total = 0
     for piece in parts:
@@ -400,6 +401,9 @@ def _read_bytes(
                 total += scale_bytes
         elif overlap is not None or kept:
             total += scale_bytes
+    activation = activation_scale_key(planned.source) if kept else None
+    if activation is not None:  # the static activation scale a resident module keeps: read whole
+        total += checkpoint.info(activation).nbytes
     return total
 
 

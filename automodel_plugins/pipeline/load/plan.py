@@ -35,7 +35,7 @@ from automodel_plugins.errors import (
 from automodel_plugins.fp8.formats import is_fp8, weight_key_of_scale
 from automodel_plugins.fp8.scales import check_scale_header, grid_shape
 from automodel_plugins.fp8.stacked import check_stacked_scale_header, is_stacked, stacked_grid_shape
-from automodel_plugins.pipeline.readers import Action, action_for, loaded_dtype
+from automodel_plugins.pipeline.readers import Action, action_for, activation_scale_key, loaded_dtype
 
 if TYPE_CHECKING:
     from automodel_plugins.adapters import Piece, StateDictAdapter, TensorSource
@@ -74,7 +74,8 @@ class PlannedTensor:
 
     @property
     def resident_bytes(self) -> int:
-        """Bytes the model holds for this tensor once loaded: FP8 codes plus their fp32 scale when kept FP8."""
+        """Bytes the model holds for this tensor once loaded: FP8 codes plus their fp32 scale (and static
+        activation scale) when kept FP8."""
         return self.numel * self.dtype.itemsize + (self.scale_numel * 4 if self.action == "kept_fp8" else 0)
 
 
@@ -213,7 +214,9 @@ def plan_load(
             loaded_dtype(info.dtype, fp8=source.is_fp8, dtype=target_dtype, keep_fp8=kept),
             action_for(info.dtype, fp8=source.is_fp8, dtype=target_dtype, keep_fp8=kept),
             numel=target.numel(),
-            scale_numel=_scale_numel(source, tuple(info.shape)) if kept else 0,
+            scale_numel=_scale_numel(source, tuple(info.shape)) + _activation_numel(source, checkpoint)
+            if kept
+            else 0,
             shape=tuple(target.shape),
             note=misfit or "",
         )
@@ -259,7 +262,8 @@ def _plan_assembled(
             stored,
             "kept_fp8",
             numel=target.numel(),
-            scale_numel=1 if block is None else math.prod(stacked_grid_shape(shape, block)),
+            scale_numel=(1 if block is None else math.prod(stacked_grid_shape(shape, block)))
+            + _activation_numel(source, checkpoint),
             shape=shape,
         )
     return PlannedTensor(
@@ -378,6 +382,12 @@ def _scale_numel(source: TensorSource, shape: tuple[int, ...]) -> int:
     if is_stacked(shape, source.block_size):
         return math.prod(stacked_grid_shape(shape, source.block_size))
     return math.prod(grid_shape(shape, source.block_size))
+
+
+def _activation_numel(source: TensorSource, checkpoint: Checkpoint) -> int:
+    """Elements of the fp32 static activation scale an FP8-resident module keeps beside the weight (0: none)."""
+    key = activation_scale_key(source)
+    return 0 if key is None else math.prod(checkpoint.info(key).shape)
 
 
 def _check_compatible(

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from automodel_plugins.errors import NotQuantizedError
+from automodel_plugins.fp8.formats import ACTIVATION_SCALE_SUFFIXES
 from automodel_plugins.fp8.quantization import quantization_dict
 from automodel_plugins.model.fp8_experts import (
     EXPERT_PROJECTIONS,
@@ -29,11 +30,12 @@ from automodel_plugins.model.fp8_experts import (
     fp8_experts_modules,
     fused_experts_shapes,
 )
-from automodel_plugins.model.fp8_linear import SCALE_NAME, Fp8Linear, fp8_linear_modules
+from automodel_plugins.model.fp8_linear import ACTIVATION_NAME, SCALE_NAME, Fp8Linear, fp8_linear_modules
 from automodel_plugins.model.fp8_resident import check_resident_state_dict
 from automodel_plugins.model.quantization_record import track_quantization
 from automodel_plugins.model.tensors import model_tensors
 from automodel_plugins.pipeline.load.plan import plan_load
+from automodel_plugins.pipeline.readers import activation_scale_key
 
 if TYPE_CHECKING:
     from automodel_plugins.adapters import StateDictAdapter, TensorSource
@@ -99,10 +101,16 @@ def plan_resident(
         if not all(n in plan for n in names):
             continue
         kept = [n for n in names if plan[n].action == "kept_fp8"]
-        if not kept or len(kept) == len(names):
+        if not kept:
             continue
-        (other,) = (n for n in names if n not in kept)
-        why = f"{other} cannot stay FP8 ({plan[other].note or 'not FP8'}){SIBLING_NOTE}"
+        if len(kept) == len(names):
+            misfit = _activation_misfit([plan[n].source for n in names])
+            if misfit is None:
+                continue
+            why = f"{name}: {misfit}"
+        else:
+            (other,) = (n for n in names if n not in kept)
+            why = f"{other} cannot stay FP8 ({plan[other].note or 'not FP8'}){SIBLING_NOTE}"
         for n in kept:
             dtype = tensors[n].dtype
             plan.tensors[n] = dataclasses.replace(
@@ -111,14 +119,32 @@ def plan_resident(
     return plan
 
 
+def _activation_misfit(sources: list[TensorSource]) -> str | None:
+    """Why experts' static activation scales cannot be kept as transformers' ``FP8Experts`` holds them (one
+    ``[E]`` tensor per fused projection, both or neither), else None. Experts that cannot keep them are
+    dequantized (and so listed in ``modules_to_not_convert``) rather than saved FP8 under a static config
+    without their activation scales."""
+    keys = [[k for k in s.dropped_keys if k.endswith(ACTIVATION_SCALE_SUFFIXES)] for s in sources]
+    if not any(keys):
+        return None
+    if any(len(s.parts()) > 1 for s in sources):
+        return "static activation scales stored per expert piece cannot be kept as one per fused expert"
+    if not all(keys):
+        return "static activation scales stored for one fused projection but not the other"
+    return None
+
+
 def loadable_tensors(model: nn.Module, names: Mapping[str, str] | None = None) -> dict[str, torch.Tensor]:
     """The tensors a load plans, by stock name (``names``: stock name -> model name, see
     :func:`~automodel_plugins.model.tensors.stock_names`; default: the model's own names). An FP8-resident
     layer's scale arrives with its weight, not on its own."""
     tensors = model_tensors(model)
     names = names if names is not None else {name: name for name in tensors}
-    scales = {f"{name}.{SCALE_NAME}" for name in fp8_linear_modules(model)}
-    scales |= {f"{name}.{scale}" for name in fp8_experts_modules(model) for scale in Fp8Experts.SCALE_NAMES}
+    scales = {
+        f"{name}.{scale}" for name in fp8_linear_modules(model) for scale in (SCALE_NAME, ACTIVATION_NAME)
+    }
+    experts_scales = (*Fp8Experts.SCALE_NAMES, *Fp8Experts.ACTIVATION_NAMES)
+    scales |= {f"{name}.{scale}" for name in fp8_experts_modules(model) for scale in experts_scales}
     return {stock: tensors[name] for stock, name in names.items() if name not in scales}
 
 
@@ -153,6 +179,7 @@ def make_fp8_resident(model: nn.Module, plan: LoadPlan, checkpoint: Checkpoint) 
             fp8_dtype=planned.dtype,
             compute_dtype=linear.weight.dtype,
             scale_dtype=checkpoint.info(piece.scale_key).dtype,
+            static_activation=activation_scale_key(planned.source) is not None,
             device="meta",
         )
         if linear.bias is not None:
@@ -186,6 +213,7 @@ def _make_experts_resident(model: nn.Module, plan: LoadPlan, checkpoint: Checkpo
             block_size=piece.block_size,
             fp8_dtype=planned[0].dtype,
             scale_dtype=checkpoint.info(piece.scale_key).dtype,
+            static_activation=activation_scale_key(planned[0].source) is not None,  # both or neither: planned
         )
         setattr(model.get_submodule(parent_name), child, resident)
         swapped.append(name)

@@ -40,12 +40,21 @@ from automodel_plugins.fp8.decode import check_finite
 from automodel_plugins.fp8.scales import decode_scale
 from automodel_plugins.fp8.stacked import is_stacked, stacked_grid_shape
 from automodel_plugins.model.fp8_experts import Fp8Experts
-from automodel_plugins.model.fp8_linear import Fp8Linear
+from automodel_plugins.model.fp8_linear import ACTIVATION_NAME, Fp8Linear
+from automodel_plugins.model.fp8_resident import Fp8Resident
 from automodel_plugins.model.placement import is_dtensor, local_region, write_local
 from automodel_plugins.model.tensors import model_tensors
 from automodel_plugins.pipeline.load.plan import LoadPlan, PlannedTensor
 from automodel_plugins.pipeline.load.report import LoadReport
-from automodel_plugins.pipeline.readers import Action, read_assembled, read_fp8, read_scale, read_value
+from automodel_plugins.pipeline.readers import (
+    Action,
+    activation_scale_key,
+    read_activation_scale,
+    read_assembled,
+    read_fp8,
+    read_scale,
+    read_value,
+)
 from automodel_plugins.progress import progress_bar
 
 __all__ = ["stream_into"]
@@ -106,7 +115,8 @@ def stream_into(
             write_local(target, value)
         report.tensors += 1
         setattr(report, how, getattr(report, how) + 1)
-        report.dropped_keys.extend(planned.source.dropped_keys)
+        kept = activation_scale_key(planned.source) if how == "kept_fp8" else None  # held by the module
+        report.dropped_keys.extend(key for key in planned.source.dropped_keys if key != kept)
     checkpoint.check_unchanged()
     report.bytes_read = checkpoint.bytes_read - bytes_before
     report.seconds = time.perf_counter() - started
@@ -176,7 +186,24 @@ def _load_resident(
         key=source.key,
         path=checkpoint.info(source.key).file,
     )
-    layer.load_fp8(codes, scale)
+    layer.load_fp8(codes, scale, _activation_scale(layer, name, source, checkpoint))
+
+
+def _activation_scale(
+    module: Fp8Resident, name: str, source: TensorSource, checkpoint: Checkpoint
+) -> torch.Tensor | None:
+    """The static activation scale a resident module built with one keeps (read beside the codes)."""
+    key = activation_scale_key(source)
+    if key is None:
+        return None
+    leaf = name.rpartition(".")[2]
+    buffer = ACTIVATION_NAME if isinstance(module, Fp8Linear) else f"{leaf}_activation_scale"
+    held = module._buffers.get(buffer)
+    if held is None:
+        raise TypeError(
+            f"{name!r} has a static activation scale ({key!r}) but its module was built without one"
+        )
+    return read_activation_scale(checkpoint, key, held.numel())
 
 
 def _module_of(model: nn.Module, name: str) -> nn.Module:
@@ -257,6 +284,9 @@ def _load_resident_experts(
         layer.load_fp8(leaf, codes, scale)
     else:
         layer.load_scale(leaf, scale)
+    activation = _activation_scale(layer, name, planned.source, checkpoint)
+    if activation is not None:
+        layer.load_activation_scale(f"{leaf}_activation_scale", activation)
     return read
 
 

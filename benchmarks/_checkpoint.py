@@ -257,63 +257,22 @@ def write_header_only_235b(directory: Path) -> Path:
     128x128-block FP8 tensor + ``weight_scale_inv`` grid per expert and projection, attention FP8, routers /
     vision / embeddings / norms / ``lm_head`` BF16) with its real shape, dtype and offsets, in full-size files
     whose data is a hole (sparse: ~10 MB on disk for ~236 GB declared). Only headers can be read from it."""
-    import torch
+    from automodel_plugins.testing.header_only import write_header_only_checkpoint
 
-    from automodel_plugins.checkpoint.writer import FileLayout, SafetensorsWriter, TensorSpec
-    from automodel_plugins.model.stock import build_on_meta
-
-    config = build_qwen3_vl_235b_config()
-    block = QWEN3_VL_235B_BLOCK
-    not_converted = ("model.visual", "lm_head", ".mlp.gate.")
-
-    def fp8(name: str, rows: int, cols: int) -> list[TensorSpec]:
-        grid = (-(-rows // block[0]), -(-cols // block[1]))
-        return [
-            TensorSpec(name, torch.float8_e4m3fn, (rows, cols)),
-            TensorSpec(name.removesuffix("weight") + "weight_scale_inv", torch.float32, grid),
-        ]
-
-    model = build_on_meta(config, torch.bfloat16)
-    linears = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    specs: list[TensorSpec] = []
-    for name, tensor in model.state_dict().items():
-        if name.endswith((".experts.gate_up_proj", ".experts.down_proj")):
-            layer, parameter = name.rsplit(".experts.", 1)
-            projections = ("gate_proj", "up_proj") if parameter == "gate_up_proj" else ("down_proj",)
-            rows = tensor.shape[1] // len(projections)
-            for expert in range(tensor.shape[0]):
-                for projection in projections:
-                    specs += fp8(f"{layer}.experts.{expert}.{projection}.weight", rows, tensor.shape[2])
-        elif name in linears and not any(part in name + "." for part in not_converted):
-            specs += fp8(name, *tensor.shape)
-        else:
-            specs.append(TensorSpec(name, torch.bfloat16, tuple(tensor.shape)))
-    directory.mkdir(parents=True, exist_ok=True)
-    weight_map: dict[str, str] = {}
-    shards = QWEN3_VL_235B_SHARDS
-    for index in range(shards):
-        part = specs[index::shards]
-        filename = f"model-{index + 1:05d}-of-{shards:05d}.safetensors"
-        layout = FileLayout.plan(part, {"format": "pt"})
-        SafetensorsWriter.create(directory / filename, layout).close(sync=False)
-        weight_map.update(dict.fromkeys((spec.name for spec in part), filename))
-    total = sum(spec.nbytes for spec in specs)
-    index_json = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (directory / "model.safetensors.index.json").write_text(json.dumps(index_json, indent=2))
-    document = config.to_dict()
-    document["dtype"] = "bfloat16"
-    document["quantization_config"] = {
-        "quant_method": "fp8",
-        "fmt": "e4m3",
-        "activation_scheme": "dynamic",
-        "weight_block_size": list(block),
-        "modules_to_not_convert": ["model.visual", "lm_head"]
-        + [
-            f"model.language_model.layers.{i}.mlp.gate"
-            for i in range(QWEN3_VL_235B_TEXT["num_hidden_layers"])
-        ],
-    }
-    (directory / "config.json").write_text(json.dumps(document, indent=2))
+    layers = QWEN3_VL_235B_TEXT["num_hidden_layers"]
+    write_header_only_checkpoint(
+        build_qwen3_vl_235b_config(),
+        directory,
+        block_size=QWEN3_VL_235B_BLOCK,
+        modules_to_not_convert=(
+            "model.visual",
+            "lm_head",
+            *(f"model.language_model.layers.{i}.mlp.gate" for i in range(layers)),
+        ),
+        activation_scale=False,
+        quantization_extra={"fmt": "e4m3"},
+        shards=QWEN3_VL_235B_SHARDS,
+    )
     return directory
 
 

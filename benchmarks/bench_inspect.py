@@ -4,10 +4,11 @@ Issue 24 asks for headers-only tools in about the time of that import: ``inspect
 ≤ 1.0 of it, ``list --config`` of it ≤ 0.5, ``inspect`` of a header-only Qwen3-VL-235B-A22B (73,768 header
 entries, ``benchmarks/_checkpoint.py``'s ``ensure_header_only_235b``) ≤ 1.1. The commands run interleaved, a
 fresh process each, after one uncounted warm-up round; medians of wall and CPU (user+sys) time, ratios to the
-peer measured in the same run. Two floors are measured too, to show what a command cannot go below while it
-keeps its contract: the imports ``list --config`` needs to build a transformers config (``AutoConfig``), and those
-``inspect`` needs to build the stock model on meta (its modeling module). Last, the parse and plan of the 73,768
-entries alone, in one process after the imports (CPU seconds). Prints PASS/FAIL; never asserts.
+peer measured in the same run. Floors are measured too, to show what a command cannot go below while it keeps
+its contract: building the transformers config ``list --config`` hands the plugins, and building the stock model
+on meta as ``inspect`` does (its modeling module imported); then the imports of that floor one by one (CPU each
+adds, in order), and the parse and plan of the 73,768 entries alone, in one process after the imports (CPU
+seconds). Prints PASS/FAIL; never asserts.
 
     python benchmarks/bench_inspect.py [--runs 5]
 """
@@ -15,6 +16,7 @@ entries alone, in one process after the imports (CPU seconds). Prints PASS/FAIL;
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -29,6 +31,37 @@ from benchmarks.bench_cli import REPO_ROOT, cli_command, timed_run
 
 PEER = "import torch, transformers"
 TARGETS = {"list --config tiny": 0.5, "inspect tiny": 1.0, "inspect 235B": 1.1}
+
+_BUILD_CONFIG = "import sys, torch, transformers; transformers.AutoConfig.from_pretrained(sys.argv[1])"
+"""What ``list --config`` cannot skip: the transformers config plugins are asked about (torch, transformers'
+model-type registry, the config classes)."""
+_BUILD_ON_META = """
+import sys, torch, transformers
+config = transformers.AutoConfig.from_pretrained(sys.argv[1])
+with torch.device("meta"):
+    getattr(transformers, config.architectures[0])._from_config(config, dtype=torch.bfloat16)
+"""
+"""What ``inspect`` cannot skip: that config, and the stock model built on meta (its modeling module)."""
+
+_IMPORT_STEPS = """
+import json, sys, time
+steps, last = [], time.process_time()
+def step(name):
+    global last
+    now = time.process_time(); steps.append((name, now - last)); last = now
+import torch; step("torch")
+import transformers; step("transformers (lazy)")
+import transformers.models; step("transformers.models (its model-type registry)")
+import transformers.configuration_utils; step("transformers.configuration_utils")
+config = transformers.AutoConfig.from_pretrained(sys.argv[1]); step("the checkpoint's config")
+import torch._dynamo; step("torch._dynamo, with sympy and torch.distributed.tensor (masking_utils, core_model_loading)")
+import accelerate; step("accelerate (integrations.accelerate)")
+import transformers.modeling_utils; step("transformers.modeling_utils, the rest")
+import transformers.models.mistral3.modeling_mistral3; step("modeling_mistral3 (+ ministral3, pixtral)")
+import automodel_plugins.pipeline.load.describe; step("automodel_plugins' inspect (registry, plugins, planner)")
+print(json.dumps(steps))
+"""
+"""CPU seconds each import adds after the ones before it, in this order: the floor of ``inspect tiny``, each."""
 
 _PARSE_AND_PLAN = """
 import gc, sys, time
@@ -74,21 +107,9 @@ def main() -> int:
         "list --config tiny": [*cli, "list", "--config", str(tiny)],
         "inspect tiny": [*cli, "inspect", str(tiny)],
         "inspect 235B": [*cli, "inspect", str(big)],
-        "floor: AutoConfig": [
-            python,
-            "-c",
-            "import torch, transformers; from transformers import AutoConfig",
-        ],
-        "floor: modeling_mistral3": [
-            python,
-            "-c",
-            "import torch, transformers; import transformers.models.mistral3.modeling_mistral3",
-        ],
-        "floor: modeling_qwen3_vl_moe": [
-            python,
-            "-c",
-            "import torch, transformers; import transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe",
-        ],
+        "floor: config tiny": [python, "-c", _BUILD_CONFIG, str(tiny)],
+        "floor: meta model tiny": [python, "-c", _BUILD_ON_META, str(tiny)],
+        "floor: meta model 235B": [python, "-c", _BUILD_ON_META, str(big)],
     }
     env = dict(os.environ, AUTOMODEL_PLUGINS_PROGRESS="0")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
@@ -103,6 +124,13 @@ def main() -> int:
             wall, cpu = timed_run(command, env)
             walls[name].append(wall)
             cpus[name].append(cpu)
+    imports: dict[str, list[float]] = {}
+    for _ in range(runs):
+        steps = subprocess.run(
+            [python, "-c", _IMPORT_STEPS, str(tiny)], env=env, check=True, capture_output=True, text=True
+        ).stdout
+        for name, seconds in json.loads(steps):
+            imports.setdefault(name, []).append(seconds)
     parse_plan = subprocess.run(
         [python, "-c", _PARSE_AND_PLAN, str(big)], env=env, check=True, capture_output=True, text=True
     ).stdout.split()
@@ -131,6 +159,10 @@ def main() -> int:
             f"| `{name}` | {wall:.2f} | {cpu:.2f} | {wall / peer_wall:.2f} | {cpu / peer_cpu:.2f} | "
             f"{'-' if target is None else f'≤ {target}'} | {verdict} |"
         )
+    print(f"\nimports, in this order (CPU s added by each, median of {runs} fresh processes):")
+    print("| import | CPU (s) | ÷ peer CPU |\n| --- | --- | --- |")
+    for name, seconds in imports.items():
+        print(f"| {name} | {statistics.median(seconds):.3f} | {statistics.median(seconds) / peer_cpu:.2f} |")
     entries, parse, plan = int(parse_plan[0]), float(parse_plan[1]), float(parse_plan[2])
     print(
         f"235B, in one process after the imports: {entries:,} header entries parsed and checked in {parse:.2f} s "

@@ -13,14 +13,14 @@ such a source lists its :class:`Piece` objects, each a checkpoint tensor filling
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Box", "Piece", "StateDictAdapter", "TensorSource"]
+__all__ = ["Box", "Piece", "StateDictAdapter", "TensorSource", "key_view"]
 
 Box = tuple[tuple[int, int], ...]
 """A region of a tensor: ``(start, stop)`` per dim."""
@@ -127,6 +127,13 @@ class TensorSource:
     def is_fp8(self) -> bool:
         """FP8 data is (part of) the value: the source's own scale, or any piece's."""
         return self.scale_key is not None or any(piece.is_fp8 for piece in self.pieces)
+
+
+def key_view(checkpoint: Any) -> Collection[str]:
+    """``checkpoint.stored_keys`` for a :class:`~automodel_plugins.checkpoint.Checkpoint` (``in`` is one dict
+    lookup, no method call), else the object itself: adapters are also asked with stand-ins that only answer
+    ``in`` and iterate (a native layout holding no tensor yet)."""
+    return getattr(checkpoint, "stored_keys", checkpoint)
 
 
 class StateDictAdapter(ABC):

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from automodel_plugins.adapters.base import Box, Piece, StateDictAdapter, TensorSource
+from automodel_plugins.adapters.base import Box, Piece, StateDictAdapter, TensorSource, key_view
 from automodel_plugins.errors import CheckpointError, DtypeMismatchError, ScaleError
 from automodel_plugins.fp8.formats import activation_key_candidates, is_fp8, scale_key_candidates
 from automodel_plugins.fp8.quantization import parse_fp8_quantization
@@ -73,6 +73,7 @@ class Fp8StateDictAdapter(StateDictAdapter):
     layout: str = "runtime"
     fp8_dtype: torch.dtype | None = None
     _seen_scale_names: set[str] = field(default_factory=set, init=False, repr=False)
+    _listed: dict[str, bool] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._renames = PrefixRenames(self.renames)
@@ -98,7 +99,8 @@ class Fp8StateDictAdapter(StateDictAdapter):
         stored ``transposed`` or not: its FP8 scale found under any accepted name when it is FP8, its static
         activation scale accounted for. ``name`` (the model tensor) is checked against
         ``modules_to_not_convert``; a key the checkpoint lacks gives a plain piece, which planning reports."""
-        stored = self.checkpoint.info(key) if key in self.checkpoint else None
+        keys = key_view(self.checkpoint)
+        stored = self.checkpoint.info(key) if key in keys else None
         if stored is None or not is_fp8(stored.dtype):
             return Piece(key, box, transposed=transposed)
         if self.fp8_dtype is not None and stored.dtype != self.fp8_dtype:
@@ -121,7 +123,7 @@ class Fp8StateDictAdapter(StateDictAdapter):
             scale_key=self._scale_key(key),
             block_size=self.block_size,
             transposed=transposed,
-            dropped_keys=tuple(k for k in activation_key_candidates(key) if k in self.checkpoint),
+            dropped_keys=tuple(k for k in activation_key_candidates(key) if k in keys),
         )
 
     def assembled(
@@ -152,7 +154,8 @@ class Fp8StateDictAdapter(StateDictAdapter):
         return f"block {self.block_size[0]}x{self.block_size[1]}"
 
     def _scale_key(self, key: str) -> str:
-        present = [k for k in scale_key_candidates(key) if k in self.checkpoint]
+        stored = key_view(self.checkpoint)
+        present = [k for k in scale_key_candidates(key) if k in stored]
         if not present:
             raise ScaleError(
                 f"FP8 weight has no scale (looked for {', '.join(scale_key_candidates(key))})",
@@ -169,8 +172,16 @@ class Fp8StateDictAdapter(StateDictAdapter):
         return present[0]
 
     def _never_converted(self, name: str) -> bool:
-        """``name`` is a listed module or inside one: it or one of its dotted prefixes is listed (a set lookup
-        per prefix, not a scan of the list per tensor: a 235B MoE lists ~100 modules for ~73k tensors)."""
+        """``name`` is a listed module or inside one (remembered per name: the 256 pieces of a fused experts
+        tensor share their model tensor's name)."""
+        listed = self._listed.get(name)
+        if listed is None:
+            self._listed[name] = listed = self._listed_module(name)
+        return listed
+
+    def _listed_module(self, name: str) -> bool:
+        """Whether ``name`` or one of its dotted prefixes is listed (a set lookup per prefix, not a scan of the
+        list per tensor: a 235B MoE lists ~100 modules for ~73k tensors)."""
         if name in self._not_converted:
             return True
         end = name.find(".")

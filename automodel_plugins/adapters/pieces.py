@@ -61,9 +61,10 @@ def boxes_tile(shape: Sequence[int], boxes: Sequence[Box]) -> bool:
     Pairwise for a few boxes; for many, they must form a grid (each dim cut into intervals that tile it, every
     combination present once), which stacked pieces and chunked placements give.
     """
-    boxes = [box for box in boxes if volume(box)]
-    if sum(volume(box) for box in boxes) != math.prod(shape):
+    volumes = list(map(volume, boxes))
+    if sum(volumes) != math.prod(shape):
         return False
+    boxes = [box for box, size in zip(boxes, volumes, strict=True) if size]
     if any(start < 0 or stop > size for box in boxes for (start, stop), size in zip(box, shape, strict=True)):
         return False
     if len(boxes) <= 64:
@@ -82,11 +83,12 @@ def stacked_boxes(shape: Sequence[int], parts: int, *, dim: int = 1) -> list[lis
     if shape[dim] % parts:
         raise ValueError(f"dim {dim} of shape {shape} does not split into {parts} equal parts")
     step = shape[dim] // parts
+    whole = whole_box(shape)
     out = []
     for index in range(shape[0]):
         row = []
         for part in range(parts):
-            box = list(whole_box(shape))
+            box = list(whole)
             box[0] = (index, index + 1)
             box[dim] = (part * step, (part + 1) * step)
             row.append(tuple(box))

@@ -12,6 +12,7 @@ import json
 import math
 import os
 from dataclasses import dataclass
+from itertools import chain
 from operator import attrgetter
 from pathlib import Path
 from typing import Any
@@ -142,6 +143,8 @@ def _decode_header(file: Path, head: bytes, file_size: int) -> tuple[dict[str, A
 
 
 _INT = frozenset({int})
+_LIST = frozenset({list})
+_PAIR = frozenset({2})
 
 
 def _naturals(values: Any) -> bool:
@@ -184,6 +187,35 @@ def _parse_entry(file: Path, key: str, raw: Any, data_size: int) -> HeaderEntry:
     return HeaderEntry(
         TensorInfo(key, dtype, tuple(shape), file, end - begin), begin, end
     )  # positional: faster
+
+
+def _parse_entries(file: Path, header: dict[str, Any], data_size: int) -> list[HeaderEntry] | None:
+    """Every entry of ``header`` when all pass :func:`_parse_entry`'s checks, else ``None``.
+
+    The same checks, made on all entries at once where they can be (each field's type, every dimension and
+    offset an integer >= 0 in one pass over them all, in C): a 235B MoE's headers hold 73,768 entries. The
+    caller finds the first bad entry, and its error, with :func:`_parse_entry`."""
+    try:
+        fields = [(raw["dtype"], raw["shape"], raw["data_offsets"]) for raw in header.values()]
+        dtypes = [SAFETENSORS_DTYPES[name] for name, _, _ in fields]
+    except (KeyError, TypeError):  # a field missing, no JSON object, an unknown (or unhashable) dtype
+        return None
+    shapes = [shape for _, shape, _ in fields]
+    offsets = [pair for _, _, pair in fields]
+    if not (set(map(type, shapes)) <= _LIST and set(map(type, offsets)) <= _LIST):
+        return None
+    if not (
+        set(map(len, offsets)) <= _PAIR and _naturals(list(chain(chain.from_iterable(shapes), *offsets)))
+    ):
+        return None
+    entries = []
+    append = entries.append
+    for key, dtype, shape, (begin, end) in zip(header, dtypes, shapes, offsets, strict=True):
+        nbytes = end - begin
+        if nbytes != math.prod(shape) * dtype.itemsize or end > data_size:
+            return None
+        append(HeaderEntry(TensorInfo(key, dtype, tuple(shape), file, nbytes), begin, end))
+    return entries
 
 
 def _check_coverage(file: Path, entries: list[HeaderEntry], data_size: int) -> None:
@@ -233,8 +265,9 @@ def parse_header_bytes(file: Path, head: bytes, file_size: int) -> Header:
     metadata = header.pop("__metadata__", None)
     if metadata is not None and not isinstance(metadata, dict):
         raise CorruptCheckpointError("__metadata__ is not a JSON object", path=file)
-    entries = sorted(
-        (_parse_entry(file, key, raw, data_size) for key, raw in header.items()), key=attrgetter("begin")
-    )
+    entries = _parse_entries(file, header, data_size)
+    if entries is None:  # some entry is invalid: checked one by one, the first bad one named
+        entries = [_parse_entry(file, key, raw, data_size) for key, raw in header.items()]
+    entries.sort(key=attrgetter("begin"))
     _check_coverage(file, entries, data_size)
     return Header(entries=entries, data_start=8 + length)

@@ -13,7 +13,8 @@ to be the one read before). Nothing in the directory is ever executed or unpickl
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, KeysView, Mapping
+from operator import attrgetter
 from pathlib import Path
 
 import torch
@@ -27,6 +28,8 @@ from automodel_plugins.sources.options import HubOptions
 from automodel_plugins.sources.resolve import CONFIG_NAME, INDEX_NAME, CheckpointLocation, resolve
 
 __all__ = ["Checkpoint"]
+
+_KEY = attrgetter("info.key")
 
 
 class Checkpoint:
@@ -64,13 +67,13 @@ class Checkpoint:
                 else:
                     self._shards[file] = shard = ShardFile(file)
                     entries = shard.header.entries
-                for entry in entries:
-                    other = self._entries.get(entry.info.key)
-                    if other is not None:
-                        raise CorruptCheckpointError(
-                            f"tensor also stored in {other.info.file}", path=file, key=entry.info.key
-                        )
-                    self._entries[entry.info.key] = entry
+                keyed = dict(zip(map(_KEY, entries), entries, strict=True))  # a header holds a key once
+                if not self._entries.keys().isdisjoint(keyed):
+                    key = next(key for key in keyed if key in self._entries)
+                    raise CorruptCheckpointError(
+                        f"tensor also stored in {self._entries[key].info.file}", path=file, key=key
+                    )
+                self._entries.update(keyed)
         except BaseException:
             self.close()
             raise
@@ -128,11 +131,8 @@ class Checkpoint:
     def _check_index(self, assigned: dict[Path, set[str]]) -> None:
         """The index must list exactly the keys each shard's header holds, in the right shard."""
         index_name = self.index_path.name if self.index_path else INDEX_NAME
-        by_file: dict[Path, set[str]] = {file: set() for file in self.files}
-        for key, entry in self._entries.items():
-            by_file.setdefault(entry.info.file, set()).add(key)
         for file in self.files:
-            stored = by_file[file]
+            stored = set(map(_KEY, self._header(file).entries))
             listed = assigned.get(file, set())
             for key in sorted(listed - stored):
                 where = self._entries[key].info.file.name if key in self._entries else "no shard"
@@ -159,6 +159,16 @@ class Checkpoint:
         """Every tensor key, ordered by shard file then by offset within it."""
         return list(self._entries)
 
+    @property
+    def stored_keys(self) -> KeysView[str]:
+        """Every tensor key, as a read-only set-like view in :meth:`keys` order: ``key in view`` is one dict
+        lookup, without the method call ``key in checkpoint`` costs (planning a 235B MoE asks ~150k times)."""
+        return self._entries.keys()
+
+    def infos(self) -> Iterator[TensorInfo]:
+        """What the headers say about every tensor, in :meth:`keys` order."""
+        return (entry.info for entry in self._entries.values())
+
     def __contains__(self, key: object) -> bool:
         return key in self._entries
 
@@ -180,6 +190,11 @@ class Checkpoint:
         """The size of shard ``file`` (one of :attr:`files`) as it was when opened (or when its header was read)."""
         shard = self._shards.get(file)
         return shard.size if shard is not None else self._remote[file][1]
+
+    def _header(self, file: Path) -> Header:
+        """The parsed header of shard ``file`` (one of :attr:`files`)."""
+        shard = self._shards.get(file)
+        return shard.header if shard is not None else self._remote[file][0]
 
     def _entry(self, key: str) -> HeaderEntry:
         entry = self._entries.get(key)

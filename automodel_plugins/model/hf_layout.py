@@ -11,6 +11,7 @@ format quantizes.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -84,7 +85,10 @@ def linear_weights(model: nn.Module) -> dict[str, str]:
 
 def _unwrapped(model: PreTrainedModel) -> PreTrainedModel:
     """``model``, or, when FSDP2 renamed its classes (``FSDPMistral3ForConditionalGeneration``: transformers
-    finds a model's conversions by class name), the stock class on meta in its place."""
+    finds a model's conversions by class name), the stock class on meta in its place, built from a copy of the
+    config: transformers' ``_from_config`` writes the build dtype into the config it is given and into every
+    sub-config, and the model's own config then named bfloat16 for an fp32 model (the saved ``config.json``
+    too, whose sub-configs ``from_pretrained(dtype="auto")`` reads)."""
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:
@@ -93,7 +97,7 @@ def _unwrapped(model: PreTrainedModel) -> PreTrainedModel:
         return model
     from automodel_plugins.model.stock import build_on_meta
 
-    stand_in = build_on_meta(model.config, torch.bfloat16)
+    stand_in = build_on_meta(copy.deepcopy(model.config), torch.bfloat16)
     if hasattr(model, "_weight_conversions"):
         stand_in._weight_conversions = model._weight_conversions
     return stand_in

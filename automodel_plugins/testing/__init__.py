@@ -2,7 +2,8 @@
 
 * ``pytest_plugin``: the fixtures (loaded through the ``pytest11`` entry point), listed in its docstring;
 * ``checkpoints``: ``write_fp8_checkpoint``, a stock model written as an FP8 checkpoint;
-* ``header_only``: ``write_header_only_checkpoint``, a full-size FP8 checkpoint of headers and no data (sparse);
+* ``header_only``: ``write_header_only_checkpoint``, a full-size FP8 checkpoint of headers and no data (sparse;
+  one file, or shards and their index);
 * ``compare``: ``assert_matches_stock`` and an independent reference dequantization;
 * ``tiny_models``: tiny stock configs and batches (Mistral3, Qwen3-VL, Llama);
 * ``fake_hub``: a stand-in Hugging Face Hub on 127.0.0.1 (stdlib only), for repo ids without network;

@@ -1,5 +1,5 @@
-"""Full-size FP8 checkpoints with headers and no data: ``config.json`` and one safetensors file whose data is a
-hole (a sparse file). Every header entry is what :func:`~automodel_plugins.testing.checkpoints.write_fp8_checkpoint`
+"""Full-size FP8 checkpoints with headers and no data: ``config.json`` and safetensors files whose data is a
+hole (sparse files: one, or shards and their index). Every header entry is what :func:`~automodel_plugins.testing.checkpoints.write_fp8_checkpoint`
 would write for the model (FP8 linears with their scales, fused MoE experts per expert, the rest BF16), so
 ``inspect`` and :func:`~automodel_plugins.plan_memory` can answer for a 100B+ model without its bytes."""
 
@@ -45,9 +45,14 @@ def write_header_only_checkpoint(
     modules_to_not_convert: Sequence[str],
     activation_scale: bool = True,
     quantization_extra: dict[str, Any] | None = None,
+    shards: int = 1,
 ) -> int:
     """Write ``config`` (a transformers config) as a header-only FP8 checkpoint into ``directory``; fused experts
-    are written per expert and projection, as the FP8 releases store them. Returns the tensor bytes declared."""
+    are written per expert and projection, as the FP8 releases store them. ``shards`` > 1 deals the tensors
+    out round-robin to ``model-0000i-of-0000n.safetensors`` files and writes their index. Returns the tensor
+    bytes declared."""
+    if shards < 1:
+        raise ValueError(f"shards must be at least 1, not {shards}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model = build_on_meta(config, torch.bfloat16)
@@ -67,8 +72,7 @@ def write_header_only_checkpoint(
             specs += _fp8(name, shape, block_size, activation_scale)
         else:
             specs.append(TensorSpec(name, torch.bfloat16, shape))
-    layout = FileLayout.plan(specs, {"format": "pt"})
-    SafetensorsWriter.create(directory / "model.safetensors", layout).close(sync=False)
+    _write_files(directory, specs, shards)
     described = config.to_dict()
     described["dtype"] = "bfloat16"
     described["quantization_config"] = {
@@ -80,3 +84,25 @@ def write_header_only_checkpoint(
     }
     (directory / "config.json").write_text(json.dumps(described, indent=2, sort_keys=True))
     return sum(spec.nbytes for spec in specs)
+
+
+def _write_files(directory: Path, specs: list[TensorSpec], shards: int) -> None:
+    """``model.safetensors``, or ``shards`` files (tensor ``i`` in file ``i % shards``) and their index."""
+    if shards == 1:
+        _write_file(directory / "model.safetensors", specs)
+        return
+    weight_map: dict[str, str] = {}
+    for index in range(shards):
+        part = specs[index::shards]
+        filename = f"model-{index + 1:05d}-of-{shards:05d}.safetensors"
+        _write_file(directory / filename, part)
+        weight_map.update(dict.fromkeys((spec.name for spec in part), filename))
+    index_json = {
+        "metadata": {"total_size": sum(spec.nbytes for spec in specs)},
+        "weight_map": dict(sorted(weight_map.items())),
+    }
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index_json, indent=2))
+
+
+def _write_file(path: Path, specs: list[TensorSpec]) -> None:
+    SafetensorsWriter.create(path, FileLayout.plan(specs, {"format": "pt"})).close(sync=False)

@@ -50,6 +50,7 @@ from distributed import (
     _ep_lora,
     _expert_parallel,
     _experts_lora,
+    _fsdp_save_config,
     _mistral4,
     _native,
     _native_save,
@@ -1169,6 +1170,7 @@ SCENARIOS: dict[str, Callable[[Context], dict[str, Any]]] = {
     **_rotary_compile.SCENARIOS,
     **_native_save.SCENARIOS,
     **_compressed_tensors_save.SCENARIOS,
+    **_fsdp_save_config.SCENARIOS,
 }
 
 

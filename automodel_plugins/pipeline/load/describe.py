@@ -162,13 +162,14 @@ def _hub_summary(location: HubLocation, checkpoint: Checkpoint) -> dict[str, Any
 
 def _checkpoint_summary(checkpoint: Checkpoint, location: CheckpointLocation) -> dict[str, Any]:
     """Files, tensor counts by dtype and sizes, from the headers."""
-    dtypes = Counter(_dtype_name(checkpoint.info(key).dtype) for key in checkpoint)
+    by_dtype = Counter(info.dtype for info in checkpoint.infos())
+    dtypes = Counter({_dtype_name(dtype): count for dtype, count in by_dtype.items()})
     return {
         "files": [file.name for file in checkpoint.files],
         "index": checkpoint.index_path is not None,
         "tensors": len(checkpoint),
         "tensors_by_dtype": dict(sorted(dtypes.items())),
-        "fp8_tensors": sum(is_fp8(checkpoint.info(key).dtype) for key in checkpoint),
+        "fp8_tensors": sum(count for dtype, count in by_dtype.items() if is_fp8(dtype)),
         "tensor_bytes": checkpoint.total_nbytes(),
         "file_bytes": sum(checkpoint.file_size(file) for file in checkpoint.files),
     }

@@ -17,6 +17,8 @@ tensor (3-D) named a residency candidate is kept FP8 (codes and one stacked bloc
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -24,6 +26,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from automodel_plugins.adapters.base import key_view
 from automodel_plugins.adapters.pieces import PieceGeometry, boxes_tile, whole_box
 from automodel_plugins.errors import (
     DtypeMismatchError,
@@ -38,7 +41,7 @@ from automodel_plugins.fp8.stacked import check_stacked_scale_header, is_stacked
 from automodel_plugins.pipeline.readers import Action, action_for, activation_scale_key, loaded_dtype
 
 if TYPE_CHECKING:
-    from automodel_plugins.adapters import Piece, StateDictAdapter, TensorSource
+    from automodel_plugins.adapters import Box, Piece, StateDictAdapter, TensorSource
     from automodel_plugins.checkpoint import Checkpoint
     from automodel_plugins.checkpoint.header import TensorInfo
 
@@ -138,33 +141,19 @@ def plan_load(
     second plan of the same tensors, ``inspect``'s ``dequantize=False`` one): the answers are not asked again.
     ``checked`` names the tensors whose sources an earlier plan of the same tensors and sources already checked
     against the headers (shapes, boxes, scales: checks that do not depend on what is kept FP8); they are not
-    checked again, and this plan adds the names it checks. Dtype checks, which do, always run.
+    checked again, and this plan adds the names it checks (when it names every source, the check that each key
+    and scale key is in the checkpoint is not made again either). Dtype checks, which do, always run.
     """
     checked = set() if checked is None else checked
     if sources is None:
         sources = {name: adapter.from_hf(name) for name in tensors}
-    missing = sorted(
-        f"{name} (checkpoint key {key!r})"
-        for name, src in sources.items()
-        for key in src.data_keys
-        if key not in checkpoint
-    )
-    if missing:
-        raise MissingKeysError(missing, path=checkpoint.directory)
-    absent_scales = sorted(
-        piece.scale_key
-        for src in sources.values()
-        for piece in src.parts()
-        if piece.scale_key and piece.scale_key not in checkpoint
-    )
-    if absent_scales:
-        raise ScaleError(
-            f"scale tensor(s) not in the checkpoint: {', '.join(absent_scales)}", path=checkpoint.directory
-        )
-    order = {key: i for i, key in enumerate(checkpoint.keys())}
+    stored = key_view(checkpoint)
+    if not checked.issuperset(sources):  # an earlier plan of these sources found every key
+        _refuse_absent_keys(sources, checkpoint)
+    order = dict(zip(checkpoint.keys(), itertools.count()))
     keep, required = set(keep_fp8) | set(require_fp8), set(require_fp8)
     planned = {}
-    for name in sorted(sources, key=lambda n: min(order[key] for key in sources[n].data_keys)):
+    for name in sorted(sources, key=lambda n: min(map(order.__getitem__, sources[n].data_keys))):
         source, target = sources[name], tensors[name]
         misfit = residency_misfit(source, tuple(target.shape), checkpoint) if name in keep else None
         if name in required and source.is_fp8 and misfit:
@@ -205,7 +194,7 @@ def plan_load(
             )
         _check_compatible(name, target, source, checkpoint, kept=kept)
         if source.is_fp8 and name not in checked:
-            _check_scale(source.parts()[0], checkpoint)
+            _check_scale(source.parts()[0], checkpoint, checkpoint.info(source.key))
         checked.add(name)
         info = checkpoint.info(source.key)
         target_dtype = _target_dtype(target, dtype)
@@ -222,11 +211,34 @@ def plan_load(
         )
     plan = LoadPlan(planned)
     consumed = plan.consumed_keys()
-    plan.unused_keys = [key for key in checkpoint if key not in consumed]
+    plan.unused_keys = [key for key in stored if key not in consumed]
     _refuse_scales_beside_plain_weights(plan, checkpoint)
     if plan.unused_keys and not allow_unused:
         raise UnexpectedKeysError(plan.unused_keys, path=checkpoint.directory)
     return plan
+
+
+def _refuse_absent_keys(sources: Mapping[str, TensorSource], checkpoint: Checkpoint) -> None:
+    """Every source's data keys, then every FP8 piece's scale key, must be in the checkpoint."""
+    stored = key_view(checkpoint)
+    missing = sorted(
+        f"{name} (checkpoint key {key!r})"
+        for name, src in sources.items()
+        for key in src.data_keys
+        if key not in stored
+    )
+    if missing:
+        raise MissingKeysError(missing, path=checkpoint.directory)
+    absent_scales = sorted(
+        piece.scale_key
+        for src in sources.values()
+        for piece in src.parts()
+        if piece.scale_key and piece.scale_key not in stored
+    )
+    if absent_scales:
+        raise ScaleError(
+            f"scale tensor(s) not in the checkpoint: {', '.join(absent_scales)}", path=checkpoint.directory
+        )
 
 
 def _target_dtype(target: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
@@ -284,9 +296,8 @@ def _check_pieces(
     boxes = []
     for piece in source.parts():
         info = checkpoint.info(piece.key)
-        geometry = PieceGeometry.of(piece, shape, len(info.shape))
-        stored = geometry.stored_shape
-        if stored is None or tuple(info.shape) != stored or len(geometry.box) != len(shape):
+        geometry, stored = _geometry_of(piece, shape, len(info.shape))
+        if stored is None or info.shape != stored or len(geometry.box) != len(shape):
             raise ShapeMismatchError(
                 f"checkpoint shape {tuple(info.shape)} cannot fill the box {list(geometry.box)} of model tensor "
                 f"{name!r} (shape {shape}){' stored transposed' if piece.transposed else ''}: expected "
@@ -297,7 +308,7 @@ def _check_pieces(
         if not kept:  # kept pieces are FP8 codes held as stored, by an Fp8Experts (uint8 once built)
             _check_dtype(name, target, piece.key, info, fp8=piece.is_fp8)
         if piece.is_fp8:
-            _check_scale(piece, checkpoint)
+            _check_scale(piece, checkpoint, info)
         boxes.append(geometry.box)
     if not boxes_tile(shape, boxes):
         raise ShapeMismatchError(
@@ -415,10 +426,39 @@ def _check_dtype(name: str, target: torch.Tensor, key: str, info: TensorInfo, *,
         )
 
 
-def _check_scale(piece: Piece, checkpoint: Checkpoint) -> None:
+def _geometry_of(
+    piece: Piece, shape: tuple[int, ...], stored_ndim: int
+) -> tuple[PieceGeometry, tuple[int, ...] | None]:
+    """:meth:`PieceGeometry.of` and its ``stored_shape``, shared by the pieces of equal boxes (the experts of
+    every layer of a MoE share theirs)."""
+    box = piece.box_in(shape)
+    try:
+        return _geometry(box, stored_ndim, piece.transposed, piece.rope_heads)
+    except TypeError:  # a box of lists (unhashable): a geometry of its own
+        geometry = PieceGeometry.of(piece, shape, stored_ndim)
+        return geometry, geometry.stored_shape
+
+
+@functools.lru_cache(maxsize=4096)
+def _geometry(
+    box: Box, stored_ndim: int, transposed: bool, rope_heads: int | None
+) -> tuple[PieceGeometry, tuple[int, ...] | None]:
+    geometry = PieceGeometry(box, stored_ndim, transposed, rope_heads)
+    return geometry, geometry.stored_shape
+
+
+_SCALES_THAT_FIT: set[tuple[torch.dtype, tuple[int, ...], tuple[int, ...], tuple[int, int] | None]] = set()
+"""(scale dtype, scale shape, weight shape, block size) the header checks passed for: what they check depends on
+nothing else, and a 235B MoE asks about ~36k scales of a few distinct forms."""
+
+
+def _check_scale(piece: Piece, checkpoint: Checkpoint, weight: TensorInfo) -> None:
     """What the header alone says about an FP8 tensor's scale (one grid per matrix of a stacked weight), so
-    that ``inspect`` refuses what the load would."""
-    scale, weight = checkpoint.info(piece.scale_key), checkpoint.info(piece.key)
+    that ``inspect`` refuses what the load would. ``weight`` is the header of ``piece.key``."""
+    scale = checkpoint.info(piece.scale_key)
+    form = (scale.dtype, scale.shape, weight.shape, piece.block_size)
+    if form in _SCALES_THAT_FIT:
+        return
     check = (
         check_stacked_scale_header
         if is_stacked(tuple(weight.shape), piece.block_size)
@@ -432,6 +472,8 @@ def _check_scale(piece: Piece, checkpoint: Checkpoint) -> None:
         key=piece.scale_key,
         path=scale.file,
     )
+    if len(_SCALES_THAT_FIT) < 4096:
+        _SCALES_THAT_FIT.add(form)
 
 
 def _refuse_scales_beside_plain_weights(plan: LoadPlan, checkpoint: Checkpoint) -> None:

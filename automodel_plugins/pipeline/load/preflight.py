@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from automodel_plugins.adapters.base import key_view
 from automodel_plugins.errors import CheckpointError, ConfigMismatchError, UnsupportedQuantizationError
 from automodel_plugins.fp8.formats import is_fp8
 from automodel_plugins.fp8.quantization import quantization_dict
@@ -34,6 +35,7 @@ LAYER_COUNT_FIELDS = ("num_hidden_layers", "num_layers", "n_layer", "depth")
 EMBEDDING_WIDTH_FIELDS = ("word_embed_proj_dim", "embedding_size")
 """Fields of models whose token embedding is narrower than ``hidden_size`` (OPT, ALBERT)."""
 _EMBEDDING_SUFFIX = "embed_tokens.weight"
+_DOTTED_EMBEDDING_SUFFIX = "." + _EMBEDDING_SUFFIX
 _SHOWN = 5
 
 
@@ -106,6 +108,8 @@ def _check_key_digits(checkpoint: Checkpoint) -> None:
     """Refuse a tensor key with a segment of non-ASCII digits (``layers.²``): ``str.isdigit`` takes it for a
     list index and ``int`` refuses it, so transformers' loader would fail on it with a raw ``ValueError``."""
     keys = checkpoint.keys()
+    if all(map(str.isascii, keys)):  # no non-ASCII digit anywhere
+        return
     for module in {key.rpartition(".")[0] for key in keys}:
         odd = next((p for p in module.split(".") if p.isdigit() and not p.isascii()), None)
         if odd is not None:
@@ -127,8 +131,8 @@ def _check_embedding(config: PretrainedConfig, checkpoint: Checkpoint) -> None:
     width = width or getattr(text, "hidden_size", None)
     embeddings = {
         key: checkpoint.info(key).shape
-        for key in checkpoint
-        if key == _EMBEDDING_SUFFIX or key.endswith("." + _EMBEDDING_SUFFIX)
+        for key in key_view(checkpoint)
+        if key == _EMBEDDING_SUFFIX or key.endswith(_DOTTED_EMBEDDING_SUFFIX)
     }
     if not embeddings:
         return

@@ -337,3 +337,9 @@ def cli_spelling() -> Iterator[None]:
         yield
     finally:
         _CLI.reset(token)
+
+
+class StockSaveRefusedError(SaveError):
+    """A stock ``model.save_pretrained`` that would write a checkpoint whose ``quantization_config`` does not
+    describe its tensors (an FP8-resident model loaded from compressed-tensors: transformers' FP8 names under a
+    compressed-tensors config). Names the destination; nothing is written."""

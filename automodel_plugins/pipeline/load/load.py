@@ -36,6 +36,7 @@ from automodel_plugins.model.forward import SKIP_LOGITS_OPTION
 from automodel_plugins.model.fp8_training_check import watch_resident_training
 from automodel_plugins.model.rotary import rope_suspects
 from automodel_plugins.model.stock import auto_target, build_on_meta, stock_class
+from automodel_plugins.model.stock_save_guard import guard_stock_save
 from automodel_plugins.model.tensors import (
     ensure_materialized,
     model_tensors,
@@ -382,6 +383,7 @@ def _plan_build(
     plan = plan_resident(model, model_tensors(model), adapter, checkpoint)
     if not dequantize:
         composition.fp8_resident = make_fp8_resident(model, plan, checkpoint)
+        guard_stock_save(model)  # a stock save would write FP8 names under a compressed-tensors config
         watch_resident_training(model)  # warns at an optimizer step that can train no FP8 layer
         fp8_peft_hook.install()  # PEFT's own merge over these layers
         composition.fp8_not_resident = [name for name, p in plan.items() if p.action == "dequantized"]

@@ -7,7 +7,7 @@ PLUGINS := $(wildcard plugins/*/pyproject.toml)
 # The CPU wheel of torch this machine carries; users bring their own torch (the package asks for a range).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test bench lint format docs clean
+.PHONY: install demo test test-slow test-all bench lint format docs clean
 
 install: $(STAMP)
 
@@ -23,6 +23,13 @@ demo: install
 	$(BIN)/python examples/demo.py
 
 test: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+# Cases marked slow (cold torch.compile/inductor runs, huggingface_hub's retry backoff): run by CI after make test.
+test-slow: install
+	$(BIN)/python -m pytest -q -m slow
+
+test-all: install
 	$(BIN)/python -m pytest -q
 
 bench: install

@@ -25,6 +25,7 @@ from automodel_plugins.model.fp8_linear import Fp8Linear
 from automodel_plugins.testing.tiny_models import mistral3_image_batch, tiny_mistral3_config
 
 peft = pytest.importorskip("peft")
+pytestmark = pytest.mark.slow  # inductor compiles: seconds each warm, ~10-30 s from a cold cache
 
 F32 = torch.float32
 FP8_CODE = ("automodel_plugins/fp8/", "automodel_plugins/model/fp8_")

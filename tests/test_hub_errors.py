@@ -96,6 +96,7 @@ def test_a_repo_id_only_when_no_such_path(tmp_path: Path) -> None:
         assert is_repo_id(text) and isinstance(resolve(text), HubLocation)
 
 
+@pytest.mark.slow  # huggingface_hub retries the 500 with backoff: ~20 s
 def test_a_hub_that_answers_with_an_error_is_not_called_unreachable(hub: FakeHub) -> None:
     """huggingface_hub reports a failed HEAD as "not in the local cache"; the hub's answer is the error."""
     hub.add_override(r"/org/public/resolve/[^/]+/config\.json$", 403)

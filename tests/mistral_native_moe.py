@@ -3,8 +3,8 @@ with its compressed-tensors ``FP8_BLOCK`` section (static FP8 weights in blocks,
 release's ``ignore`` list: embeddings, vision, adapter, ``kv_a_proj_with_mqa``, ``q_a_proj``, the router
 ``gate``, the head) and ``consolidated.safetensors`` with native names, the routed experts one tensor per expert
 and projection (``layers.N.experts.E.w1/w2/w3``). Written from the tiny Mistral 4 model of
-``tests/mistral4_checkpoints.py`` by this file's own name table (transformers' Mistral 4 conversion run backwards,
-as ``test_mistral_native.py``'s BF16 MoE test writes it), never the plugin's mapping."""
+``tests/mistral4_checkpoints.py`` by ``mistral_native_checkpoints``' name table (transformers' Mistral 4 conversion run
+backwards), never the plugin's mapping."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 from mistral4_checkpoints import _FP8_MAX, _blocks, _expand, tiny_model
-from mistral_native_checkpoints import native_key, params_of, unpermute_for_rope
+from mistral_native_checkpoints import LARGE_3_IGNORE, mla_native_tensors, params_of
 from safetensors.torch import save_file
 
 from automodel_plugins.testing.tiny_models import tiny_mistral3_config
@@ -23,62 +23,8 @@ from automodel_plugins.testing.tiny_models import tiny_mistral3_config
 BLOCK = (8, 8)
 """Expert intermediate 24 and hidden 64 are multiples of 8: every expert piece starts on a block boundary, so
 ``dequantize=False`` keeps the experts FP8 (``Fp8Experts``)."""
-_TO_NATIVE = {
-    "input_layernorm": "attention_norm",
-    "post_attention_layernorm": "ffn_norm",
-    "self_attn.q_a_proj": "attention.wq_a",
-    "self_attn.q_a_layernorm": "attention.q_a_norm",
-    "self_attn.q_b_proj": "attention.wq_b",
-    "self_attn.kv_a_proj_with_mqa": "attention.wkv_a_with_mqa",
-    "self_attn.kv_a_layernorm": "attention.kv_a_norm",
-    "self_attn.kv_b_proj": "attention.wkv_b",
-    "self_attn.o_proj": "attention.wo",
-    "mlp.gate_proj": "feed_forward.w1",
-    "mlp.down_proj": "feed_forward.w2",
-    "mlp.up_proj": "feed_forward.w3",
-    "mlp.gate": "gate",
-    "mlp.shared_experts.gate_proj": "shared_experts.w1",
-    "mlp.shared_experts.down_proj": "shared_experts.w2",
-    "mlp.shared_experts.up_proj": "shared_experts.w3",
-}
-IGNORE = [
-    "model.embed_tokens",
-    "re:patch_merger.*",
-    "re:vision_encoder.*",
-    "re:vision_language_adapter.*",
-    "re:.*kv_a_proj_with_mqa$",
-    "re:.*q_a_proj$",
-    "re:.*gate$",
-    "lm_head",
-]
+IGNORE = LARGE_3_IGNORE
 _BF16 = ("wkv_a_with_mqa.weight", "wq_a.weight", ".gate.weight")
-
-
-def _native_tensors(model: Any) -> dict[str, torch.Tensor]:
-    config = model.config
-    width = config.text_config.moe_intermediate_size
-    out: dict[str, torch.Tensor] = {}
-    for name, tensor in model.state_dict().items():
-        value = tensor.detach().clone()
-        layer = re.match(
-            r"^model\.language_model\.layers\.(\d+)\.(.+)\.(weight|gate_up_proj|down_proj)$", name
-        )
-        if layer is None:
-            if name.startswith("model.vision_tower") and name.endswith(("q_proj.weight", "k_proj.weight")):
-                value = unpermute_for_rope(value, config.vision_config.num_attention_heads)
-            out[native_key(name)] = value.contiguous()
-            continue
-        n, module, leaf = layer.groups()
-        if module != "mlp.experts":
-            out[f"layers.{n}.{_TO_NATIVE[module]}.weight"] = value.contiguous()
-            continue
-        for e in range(value.shape[0]):
-            if leaf == "gate_up_proj":
-                out[f"layers.{n}.experts.{e}.w1.weight"] = value[e, :width].contiguous()
-                out[f"layers.{n}.experts.{e}.w3.weight"] = value[e, width:].contiguous()
-            else:
-                out[f"layers.{n}.experts.{e}.w2.weight"] = value[e].contiguous()
-    return out
 
 
 def _params(model: Any) -> dict[str, Any]:
@@ -159,7 +105,7 @@ def write_mla_moe_native(directory: Path, seed: int = 0) -> Path:
     """The checkpoint (see the module doc); the text linears (experts, shared experts, the dense MLP, ``wq_b``,
     ``wkv_b``, ``wo``) FP8 in ``BLOCK`` blocks with a BF16 ``weight_scale`` grid, the rest as the model holds it."""
     model = tiny_model(seed)
-    tensors = _native_tensors(model)
+    tensors = mla_native_tensors(model.state_dict(), model.config)
     linear = re.compile(r"^layers\.\d+\.")
     for key in [k for k in tensors if linear.match(k) and k.endswith(".weight") and tensors[k].dim() == 2]:
         if key.endswith(_BF16):

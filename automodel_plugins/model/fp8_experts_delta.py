@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from automodel_plugins.model.fp8_grouped import ExpertGroups, _dequantize_experts, _grouped_mm
+from automodel_plugins.model.fp8_grouped import ExpertGroups, _dequantize_experts, _grouped_mm, per_group_mm
 from automodel_plugins.model.fp8_resident import DequantLayout
 
 if TYPE_CHECKING:
@@ -90,14 +90,7 @@ def _merged_run(
 
 def _matmul(a: torch.Tensor, b: torch.Tensor, counts: tuple[int, ...], grouped: bool) -> torch.Tensor:
     """``a``'s row groups each times its matrix of ``b``: the grouped kernel, or ``torch.mm`` per group."""
-    if grouped:
-        return _grouped_mm(a, b, counts)
-    out = a.new_empty(a.shape[0], b.shape[-1])
-    row = 0
-    for i, count in enumerate(counts):
-        torch.mm(a[row : row + count], b[i], out=out[row : row + count])
-        row += count
-    return out
+    return _grouped_mm(a, b, counts) if grouped else per_group_mm(a, b, counts)
 
 
 class _LoraExpertsLinear(torch.autograd.Function):

@@ -163,6 +163,11 @@ def _grouped_mm(a: torch.Tensor, b: torch.Tensor, counts: tuple[int, ...]) -> to
         offsets = torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(a.device)
         grouped = getattr(F, "grouped_mm", None) or torch._grouped_mm
         return grouped(a, b, offs=offsets)
+    return per_group_mm(a, b, counts)
+
+
+def per_group_mm(a: torch.Tensor, b: torch.Tensor, counts: tuple[int, ...]) -> torch.Tensor:
+    """The same product one ``torch.mm`` per group (the eager order of sums; strides the kernel refuses)."""
     out = a.new_empty(a.shape[0], b.shape[-1])
     row = 0
     for i, count in enumerate(counts):

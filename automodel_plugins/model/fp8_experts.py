@@ -307,51 +307,8 @@ class Fp8Experts(Fp8Resident):
         top_k_weights: torch.Tensor,
         deltas: Mapping[str, tuple[ExpertDelta, ...]],
     ) -> torch.Tensor:
-        """The stock eager loop over the hit experts, each matrix dequantized on its own (the exact reference)."""
-        if deltas:
-            return self._eager_lora_forward(hidden_states, top_k_index, top_k_weights, deltas)
-        layout = self._layout()
-        gate_up, down = self.gate_up_proj, self.down_proj
-        gate_up_scale, down_scale = self.gate_up_proj_scale_inv, self.down_proj_scale_inv
-        final_hidden_states = torch.zeros_like(hidden_states)
-        with torch.no_grad():
-            expert_mask = torch.nn.functional.one_hot(top_k_index, num_classes=self.num_experts + 1)
-            expert_mask = expert_mask.permute(2, 1, 0)
-            expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
-        for expert_idx in expert_hit:
-            expert_idx = expert_idx[0]
-            if expert_idx == self.num_experts:
-                continue
-            top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
-            current_state = hidden_states[token_idx]
-            e = int(expert_idx)
-            gate, up = fp8_matmul(current_state, gate_up[e], gate_up_scale[e], None, layout).chunk(2, dim=-1)
-            current_hidden_states = self.act_fn(gate) * up
-            current_hidden_states = fp8_matmul(current_hidden_states, down[e], down_scale[e], None, layout)
-            current_hidden_states = current_hidden_states * top_k_weights[token_idx, top_k_pos, None]
-            final_hidden_states.index_add_(0, token_idx, current_hidden_states.to(final_hidden_states.dtype))
-        return final_hidden_states
-
-    def _lora_grouped_linear(self, deltas: Mapping[str, tuple[ExpertDelta, ...]]) -> GroupedLinear:
-        """The grouped path's projection with LoRA deltas on the tensors that have them."""
-        layout, budget = self._layout(), self.dequant_budget_bytes
-
-        def linear(x: torch.Tensor, name: str, groups: ExpertGroups) -> torch.Tensor:
-            codes, scale = getattr(self, name), self.scale(name)
-            if name in deltas:
-                return fp8_lora_experts_linear(x, codes, scale, groups, layout, budget, deltas[name])
-            return fp8_grouped_linear(x, codes, scale, groups, layout, budget)
-
-        return linear
-
-    def _eager_lora_forward(
-        self,
-        hidden_states: torch.Tensor,
-        top_k_index: torch.Tensor,
-        top_k_weights: torch.Tensor,
-        deltas: Mapping[str, tuple[ExpertDelta, ...]],
-    ) -> torch.Tensor:
-        """The same loop with LoRA deltas: each hit expert's matrix formed as dequantized + delta
+        """The stock eager loop over the hit experts, each matrix dequantized on its own (the exact reference);
+        with LoRA deltas, each hit expert's matrix formed as dequantized + delta
         (:func:`~automodel_plugins.model.fp8_experts_delta.fp8_lora_experts_linear`, one ``torch.mm``)."""
         layout, budget = self._layout(), self.dequant_budget_bytes
         final_hidden_states = torch.zeros_like(hidden_states)
@@ -379,6 +336,18 @@ class Fp8Experts(Fp8Resident):
             current_hidden_states = current_hidden_states * top_k_weights[token_idx, top_k_pos, None]
             final_hidden_states.index_add_(0, token_idx, current_hidden_states.to(final_hidden_states.dtype))
         return final_hidden_states
+
+    def _lora_grouped_linear(self, deltas: Mapping[str, tuple[ExpertDelta, ...]]) -> GroupedLinear:
+        """The grouped path's projection with LoRA deltas on the tensors that have them."""
+        layout, budget = self._layout(), self.dequant_budget_bytes
+
+        def linear(x: torch.Tensor, name: str, groups: ExpertGroups) -> torch.Tensor:
+            codes, scale = getattr(self, name), self.scale(name)
+            if name in deltas:
+                return fp8_lora_experts_linear(x, codes, scale, groups, layout, budget, deltas[name])
+            return fp8_grouped_linear(x, codes, scale, groups, layout, budget)
+
+        return linear
 
     def extra_repr(self) -> str:
         return (

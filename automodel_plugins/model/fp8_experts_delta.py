@@ -26,7 +26,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from automodel_plugins.model.fp8_grouped import ExpertGroups, _dequantize_experts, _grouped_mm, per_group_mm
+from automodel_plugins.model.fp8_grouped import (
+    ExpertGroups,
+    _dequantize_experts,
+    _grouped_mm,
+    experts_per_run,
+    per_group_mm,
+)
 from automodel_plugins.model.fp8_resident import DequantLayout
 
 if TYPE_CHECKING:
@@ -104,7 +110,7 @@ class _LoraExpertsLinear(torch.autograd.Function):
         ctx.groups, ctx.layout, ctx.budget = groups, layout, budget
         ctx.grouped, ctx.scalings = grouped, scalings
         out = x.new_zeros(groups.rows, codes.shape[1])  # rows past the groups (sentinel ids) stay zero
-        for g0, g1, r0, r1 in groups.runs(_per_run(codes, layout, budget)):
+        for g0, g1, r0, r1 in groups.runs(experts_per_run(codes, layout, budget)):
             weights = _merged_run(codes, scale, groups.experts[g0:g1], layout, pairs, scalings)
             out[r0:r1] = _matmul(x[r0:r1], weights.transpose(-2, -1), groups.counts[g0:g1], grouped)
         return out
@@ -119,7 +125,7 @@ class _LoraExpertsLinear(torch.autograd.Function):
         grad = grad_out.to(layout.compute_dtype).contiguous()
         grad_x = torch.zeros_like(x) if needs_x else None
         grad_factors = [torch.zeros_like(f) if needs_factors else None for f in factors]
-        for g0, g1, r0, r1 in groups.runs(_per_run(codes, layout, ctx.budget)):
+        for g0, g1, r0, r1 in groups.runs(experts_per_run(codes, layout, ctx.budget)):
             experts = groups.experts[g0:g1]
             weights = _merged_run(codes, scale, experts, layout, pairs, scalings)
             if needs_x:
@@ -137,11 +143,6 @@ class _LoraExpertsLinear(torch.autograd.Function):
                 grad_factors[2 * j][index] = grad_weights.bmm(rhs_run.transpose(1, 2)) * scaling
                 grad_factors[2 * j + 1][index] = lhs_run.transpose(1, 2).bmm(grad_weights) * scaling
         return grad_x, None, None, None, None, None, None, None, *grad_factors
-
-
-def _per_run(codes: torch.Tensor, layout: DequantLayout, budget: int) -> int:
-    _, rows, cols = codes.shape
-    return max(1, budget // max(1, rows * cols * layout.compute_dtype.itemsize))
 
 
 def fp8_lora_experts_linear(

@@ -176,6 +176,12 @@ def per_group_mm(a: torch.Tensor, b: torch.Tensor, counts: tuple[int, ...]) -> t
     return out
 
 
+def experts_per_run(codes: torch.Tensor, layout: DequantLayout, budget_bytes: int) -> int:
+    """How many experts' dequantized ``[R, C]`` matrices fit ``budget_bytes`` at once (at least one)."""
+    _, rows, cols = codes.shape
+    return max(1, budget_bytes // max(1, rows * cols * layout.compute_dtype.itemsize))
+
+
 def _fp8_grouped_apply(
     x: torch.Tensor,
     codes: torch.Tensor,
@@ -192,8 +198,7 @@ def _fp8_grouped_apply(
     width = rows if transposed else cols
     if not groups.experts:
         return x.new_zeros(groups.rows, width)
-    per_run = max(1, budget_bytes // max(1, rows * cols * layout.compute_dtype.itemsize))
-    runs = groups.runs(per_run)
+    runs = groups.runs(experts_per_run(codes, layout, budget_bytes))
     out = None
     for g0, g1, r0, r1 in runs:
         weights = _dequantize_experts(codes, scale, groups.experts[g0:g1], layout)

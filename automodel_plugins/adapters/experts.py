@@ -11,12 +11,23 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from automodel_plugins.adapters.base import Box
+from automodel_plugins.adapters.base import Box, StateDictAdapter
 from automodel_plugins.adapters.pieces import stacked_boxes
 
-__all__ = ["EXPERTS", "FUSED_KEY", "PER_EXPERT_KEY", "PROJECTIONS", "ExpertShapes", "per_expert_pieces"]
+if TYPE_CHECKING:
+    from automodel_plugins.adapters.fp8 import Fp8StateDictAdapter
+
+__all__ = [
+    "EXPERTS",
+    "FUSED_KEY",
+    "PER_EXPERT_KEY",
+    "PROJECTIONS",
+    "ExpertShapes",
+    "FusedExpertsAdapter",
+    "per_expert_pieces",
+]
 
 EXPERTS = ".mlp.experts."
 PROJECTIONS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
@@ -60,3 +71,20 @@ def per_expert_pieces(layer_key: str, parameter: str, shapes: ExpertShapes) -> I
     for expert, row in enumerate(boxes):
         for projection, box in zip(projections, row, strict=True):
             yield f"{layer_key}{EXPERTS}{expert}.{projection}.weight", box
+
+
+class FusedExpertsAdapter(StateDictAdapter):
+    """``inner`` (the layout's renames, FP8 scales) for every tensor; a subclass's ``from_hf`` reads the
+    experts' fused parameters in the checkpoint's ``form`` (the plugin's own name for it, ``None``: no experts
+    found)."""
+
+    def __init__(self, inner: Fp8StateDictAdapter, form: str | None, shapes: ExpertShapes) -> None:
+        self.inner = inner
+        self.form = form
+        self.shapes = shapes
+
+    def to_hf(self, name: str) -> str:
+        return self.inner.to_hf(name)
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.inner.describe(), "adapter": type(self).__name__, "experts": self.form}

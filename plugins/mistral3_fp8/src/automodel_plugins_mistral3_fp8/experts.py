@@ -17,15 +17,14 @@ Two on-disk forms, told apart by the checkpoint's keys:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
-from automodel_plugins import Fp8StateDictAdapter, StateDictAdapter, TensorSource
+from automodel_plugins import TensorSource
 from automodel_plugins.adapters.experts import (
     EXPERTS,
     FUSED_KEY,
     PER_EXPERT_KEY,
     PROJECTIONS,
-    ExpertShapes,
+    FusedExpertsAdapter,
     per_expert_pieces,
 )
 from automodel_plugins.errors import CheckpointError
@@ -47,14 +46,9 @@ def detect_form(keys: list[str], *, where: object = None) -> str | None:
     return PER_EXPERT if per_expert else FUSED if fused else None
 
 
-class Mistral4ExpertsAdapter(StateDictAdapter):
+class Mistral4ExpertsAdapter(FusedExpertsAdapter):
     """``inner`` (the layout's renames, FP8 scales) for every tensor; the experts' fused parameters read in
     the checkpoint's ``form``."""
-
-    def __init__(self, inner: Fp8StateDictAdapter, form: str | None, shapes: ExpertShapes) -> None:
-        self.inner = inner
-        self.form = form
-        self.shapes = shapes
 
     def from_hf(self, name: str) -> TensorSource:
         layer, _, parameter = name.rpartition(EXPERTS)
@@ -75,9 +69,3 @@ class Mistral4ExpertsAdapter(StateDictAdapter):
         if tuple(scale.shape) != (self.shapes.experts, 1, 1):
             return source
         return dataclasses.replace(source, block_size=self.shapes.whole_matrix_block)
-
-    def to_hf(self, name: str) -> str:
-        return self.inner.to_hf(name)
-
-    def describe(self) -> dict[str, Any]:
-        return {**self.inner.describe(), "adapter": type(self).__name__, "experts": self.form}

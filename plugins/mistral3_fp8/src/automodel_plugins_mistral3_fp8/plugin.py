@@ -49,9 +49,9 @@ def state_dict_adapter(config: Any, checkpoint: Any) -> Any:
     name; for a Mistral 4 text model, the experts in their on-disk form (fused or per expert; native: per
     expert, ``experts.E.w1/w2/w3``)."""
     from automodel_plugins import fp8_adapter_for
+    from automodel_plugins.adapters.experts import ExpertShapes
     from automodel_plugins_mistral3_fp8.experts import (
         EXPERTS_FIELD,
-        ExpertShapes,
         Mistral4ExpertsAdapter,
         detect_form,
     )

@@ -20,13 +20,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from automodel_plugins import Fp8StateDictAdapter, StateDictAdapter, TensorSource
+from automodel_plugins import TensorSource
 from automodel_plugins.adapters.experts import (
     EXPERTS,
     FUSED_KEY,
     PER_EXPERT_KEY,
     PROJECTIONS,
     ExpertShapes,
+    FusedExpertsAdapter,
     per_expert_pieces,
 )
 from automodel_plugins.errors import CheckpointError
@@ -84,14 +85,9 @@ def _fused_orientation(checkpoint: Any, fused: list[str], shapes: ExpertShapes) 
     return next(iter(decided))
 
 
-class ExpertsAdapter(StateDictAdapter):
+class ExpertsAdapter(FusedExpertsAdapter):
     """``inner`` (runtime names, FP8 scales) for every tensor, except the expert parameters of MoE layers,
     which are read in the checkpoint's ``form``."""
-
-    def __init__(self, inner: Fp8StateDictAdapter, form: str | None, shapes: ExpertShapes) -> None:
-        self.inner = inner
-        self.form = form
-        self.shapes = shapes
 
     def from_hf(self, name: str) -> TensorSource:
         layer, _, parameter = name.rpartition(EXPERTS)
@@ -100,9 +96,3 @@ class ExpertsAdapter(StateDictAdapter):
         if self.form == FUSED_TRANSPOSED:
             return self.inner.assembled(name, [(self.inner.to_hf(name), None)], transposed=True)
         return self.inner.assembled(name, per_expert_pieces(self.inner.to_hf(layer), parameter, self.shapes))
-
-    def to_hf(self, name: str) -> str:
-        return self.inner.to_hf(name)
-
-    def describe(self) -> dict[str, Any]:
-        return {**self.inner.describe(), "adapter": type(self).__name__, "experts": self.form}

@@ -34,10 +34,10 @@ def state_dict_adapter(config: Any, checkpoint: Any) -> Any:
     """Runtime names and FP8 scales for every tensor (the host's default adapter); the experts in their
     on-disk form (per-expert, fused-transposed or fused-runtime: from the checkpoint's keys and shapes)."""
     from automodel_plugins import fp8_adapter_for
+    from automodel_plugins.adapters.experts import ExpertShapes
     from automodel_plugins_qwen3_vl_moe_fp8.experts import (
         EXPERTS_FIELD,
         ExpertsAdapter,
-        ExpertShapes,
         detect_form,
     )
 

@@ -239,6 +239,8 @@ class FakeHub:
         self.chunk_delay = chunk_delay  # seconds slept between body chunks (to make downloads overlap)
         self._repos: dict[tuple[str, str], _Repo] = {}
         self._lock = threading.Lock()
+        self._generation = 0
+        """Bumped by :meth:`reset_counters`: a request that began before keeps off the new counters."""
         self.file_bytes: Counter = Counter()  # (repo_id, filename) -> body bytes sent
         self.file_requests: Counter = Counter()  # (repo_id, filename, method) -> count
         self.requests: list[RequestRecord] = []
@@ -414,6 +416,7 @@ class FakeHub:
 
     def reset_counters(self) -> None:
         with self._lock:
+            self._generation += 1
             self.file_bytes.clear()
             self.file_requests.clear()
             self.requests.clear()
@@ -474,6 +477,7 @@ class FakeHub:
                 for k, v in hdrs.items():
                     self.send_header(k, v)
                 self.end_headers()
+                record, generation = self._record(status, count_as)
                 sent = 0
                 if not head and (body or tail):
                     size = (how.chunk_size if how else None) or hub.chunk_size
@@ -485,7 +489,12 @@ class FakeHub:
                             n = min(size, stop - sent)
                             chunk = body[sent : sent + n]
                             chunk += bytes(n - len(chunk))  # past the body: the misbehaviour's extra zeros
-                            self.wfile.write(chunk)
+                            self._count(record, generation, count_as, n)
+                            try:
+                                self.wfile.write(chunk)
+                            except BaseException:
+                                self._count(record, generation, count_as, -n)  # not sent after all
+                                raise
                             sent += n
                             if delay:
                                 self.wfile.flush()
@@ -495,24 +504,32 @@ class FakeHub:
                             self.close_connection = True  # fewer bytes than Content-Length promised
                     except (BrokenPipeError, ConnectionResetError):
                         self.close_connection = True
-                self._record(status, sent, count_as)
 
-            def _record(self, status: int, sent: int, count_as: tuple | None) -> None:
+            def _record(self, status: int, count_as: tuple | None) -> tuple[RequestRecord, int]:
+                """The request on record before its body goes out (so a client that has read the whole answer
+                never finds it missing), with the counters' generation it belongs to."""
+                record = RequestRecord(
+                    self.command,
+                    self.path,
+                    status,
+                    self.headers.get("Range"),
+                    self.headers.get("Authorization") is not None,
+                    0,
+                    server_name,
+                )
                 with hub._lock:
-                    hub.requests.append(
-                        RequestRecord(
-                            self.command,
-                            self.path,
-                            status,
-                            self.headers.get("Range"),
-                            self.headers.get("Authorization") is not None,
-                            sent,
-                            server_name,
-                        )
-                    )
+                    hub.requests.append(record)
                     if count_as is not None:
-                        hub.file_bytes[count_as] += sent
                         hub.file_requests[(*count_as, self.command)] += 1
+                    return record, hub._generation
+
+            def _count(self, record: RequestRecord, generation: int, count_as: tuple | None, n: int) -> None:
+                """``n`` body bytes on ``record`` (counted before they are written, for the same reason), and
+                on the file's counter unless :meth:`FakeHub.reset_counters` ran since the request began."""
+                with hub._lock:
+                    record.body_bytes += n
+                    if count_as is not None and generation == hub._generation:
+                        hub.file_bytes[count_as] += n
 
             def _json(self, status: int, obj, headers: dict | None = None, *, head: bool) -> None:
                 self._send(status, json.dumps(obj).encode(), headers, head=head)

@@ -146,9 +146,9 @@ class Fp8ExpertsParamWrapper(ParamWrapper):
         for delta in deltas:
             if delta.lhs.shape[0] != experts.num_experts:
                 raise ExpertParallelError(
-                    f"LoRA on {self.parameter_name}: factors of {delta.lhs.shape[0]} experts for experts holding "
-                    f"{experts.num_experts} (split by parallelize_experts after the factors were made without it: "
-                    "apply PEFT on the model built on meta, before or after parallelize_experts)"
+                    f"LoRA on {self.parameter_name}: this rank's factors cover {delta.lhs.shape[0]} experts but "
+                    f"its experts module holds {experts.num_experts}: expert-parallel experts need their factors "
+                    "split with them, which parallelize_experts does for PEFT applied before or after it"
                 )
         with attached_deltas(experts, self.parameter_name, deltas):
             yield

@@ -85,8 +85,8 @@ def _same_files(got: Path, want: Path) -> None:
 @pytest.mark.parametrize("scenario", ORDERS)
 def test_the_saves_are_the_one_process_saves(distributed_run, scenario, tmp_path: Path) -> None:
     """One process (this pytest process, no process group), the ranks' trained adapters: PEFT's adapter save is
-    the file rank 0 saved under expert parallelism; ``merge_lora`` + ``save_pretrained`` writes the files every
-    rank wrote, byte for byte."""
+    the file PEFT's save under expert parallelism wrote (every rank calling it: it gathers the split factors; rank
+    0 writing); ``merge_lora`` + ``save_pretrained`` writes the files every rank wrote, byte for byte."""
     distributed_run.ranks(scenario)  # fails here with the rank's traceback if the scenario failed
     order = scenario.removeprefix("ep_experts_lora_")
     out = distributed_run.out / f"ep-lora-{order}"

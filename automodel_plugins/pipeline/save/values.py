@@ -241,6 +241,20 @@ class CheckpointValues:
             )
             yield row, value
 
+    def values_of(self, name: str, box: Box) -> torch.Tensor:
+        """Only ``box`` of tensor ``name``, read as a load would read it: the bytes of that box and nothing
+        else (a piece of one expert's gate rows reads those rows, not the expert's whole matrix)."""
+        planned = self.plan[name]
+        value, _ = read_value(
+            self.checkpoint,
+            planned.source,
+            dtype=planned.dtype,
+            device=self.device,
+            region=tuple(slice(start, stop) for start, stop in box),
+            shape=planned.shape,
+        )
+        return value
+
 
 class PieceValues:
     """The values of a plan's pieces (entries with ``piece_of``) from ``base``, which holds the model tensors;
@@ -321,6 +335,14 @@ class PieceValues:
             return
         first = geometry.stored_region(overlap)[0][0] if geometry.stored_ndim else 0
         own_rows = (overlap[0][0] - held[0][0], overlap[0][1] - held[0][0])  # only the rows the piece has
+        values_of = getattr(self.base, "values_of", None)  # a reader: only the piece's own box is read
+        if values_of is not None and geometry.keeps_rows:
+            step = _rows_per_chunk(tuple(b - a for a, b in overlap), elements)
+            for row in range(overlap[0][0], overlap[0][1], step):
+                part = ((row, min(row + step, overlap[0][1])), *overlap[1:])
+                values = geometry.to_stored(values_of(tensor, part))
+                yield geometry.stored_region(part)[0][0] - first, values.contiguous()
+            return
         if geometry.keeps_rows:
             for row, chunk in self.base.chunks(tensor, elements, own_rows):
                 rows = ((held[0][0] + row, held[0][0] + row + chunk.shape[0]), *held[1:])
@@ -336,15 +358,19 @@ class PieceValues:
                 f"{overlap[geometry.squeezed]} of {geometry.box[geometry.squeezed]}, which cut a head: its rows "
                 "are permuted within the head, so it is written by a process holding whole heads"
             )
-        parts = [
-            chunk[relative_slices(part, rows)]
-            for row, chunk in self.base.chunks(tensor, 0, own_rows)
-            for rows in [((held[0][0] + row, held[0][0] + row + chunk.shape[0]), *held[1:])]
-            for part in [intersect(rows, overlap)]
-            if part is not None
-        ]
-        gathered = parts[0] if len(parts) == 1 else torch.cat(parts)  # one expert's run: no copy
+        if values_of is not None:
+            gathered = values_of(tensor, overlap)
+        else:
+            parts = [
+                chunk[relative_slices(part, rows)]
+                for row, chunk in self.base.chunks(tensor, 0, own_rows)
+                for rows in [((held[0][0] + row, held[0][0] + row + chunk.shape[0]), *held[1:])]
+                for part in [intersect(rows, overlap)]
+                if part is not None
+            ]
+            gathered = parts[0] if len(parts) == 1 else torch.cat(parts)  # one expert's run: no copy
         stored = geometry.to_stored(gathered) if heads is None else geometry.heads_to_stored(gathered)
+        del gathered  # the piece's values are held once, in stored order
         step = _rows_per_chunk(tuple(stored.shape), elements or None)
         for row in range(0, stored.shape[0], step):
             yield row, stored[row : row + step].contiguous()

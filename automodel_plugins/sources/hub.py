@@ -41,7 +41,14 @@ from automodel_plugins.errors import (
 from automodel_plugins.progress import progress_enabled
 from automodel_plugins.sources import shared
 from automodel_plugins.sources.head import header_length
-from automodel_plugins.sources.hub_guard import COMMIT, check_commit, check_revision, read_at_most, watching
+from automodel_plugins.sources.hub_guard import (
+    COMMIT,
+    check_commit,
+    check_listed_file,
+    check_revision,
+    read_at_most,
+    watching,
+)
 from automodel_plugins.sources.location import (
     CONFIG_NAME,
     INDEX_NAME,
@@ -234,13 +241,18 @@ class HubLocation(CheckpointLocation):
         from huggingface_hub.hf_api import RepoFile
 
         api = HfApi(library_name=_LIBRARY, library_version=__version__)
-        try:
-            entries = api.list_repo_tree(
-                self.repo_id, revision=self.commit, recursive=True, token=self.options.token
-            )
-            return {entry.path: entry.size for entry in entries if isinstance(entry, RepoFile)}
-        except Exception as exc:
-            raise self._error(exc) from exc
+        commit = self.commit
+        with watching(self.repo_id, self.options.revision, None, commit) as watch:
+            try:
+                entries = api.list_repo_tree(
+                    self.repo_id, revision=commit, recursive=True, token=self.options.token
+                )
+                files = [entry for entry in entries if isinstance(entry, RepoFile)]
+            except Exception as exc:
+                raise self._error(exc) from exc
+            for entry in files:
+                check_listed_file(entry.path, entry.size, watch)
+        return {entry.path: entry.size for entry in files}
 
     # --- fetching ------------------------------------------------------------------------------------------
 

@@ -202,6 +202,27 @@ class Misbehaviour:
     chunk_delay: float | None = None
     """Seconds between body chunks (default: the hub's ``chunk_delay``): a trickling server."""
     files: str | None = None
+    api_padding: int = 0
+    """Spaces sent after each API answer's JSON (repo info, tree listing): still valid JSON, as long as a hostile
+    hub likes (counted in its ``Content-Length`` unless ``api_chunked`` or ``api_content_length``)."""
+    api_chunked: bool = False
+    """API answers go out chunked, without a ``Content-Length`` (a body of no announced end)."""
+    api_content_length: int | None = None
+    """Sent as every API answer's ``Content-Length`` whatever the body's length (a lie); the connection then
+    closes."""
+    api_chunk_delay: float | None = None
+    """Seconds between API answer chunks (of ``chunk_size`` bytes): a metadata answer that drips."""
+    xet: bool = False
+    """File answers announce Xet storage (``X-Xet-Hash``, ``X-Xet-Refresh-Route``), as the hub does for files it
+    stores with Xet; this hub serves no Xet (the refresh route is answered 404), only plain HTTP."""
+
+    def api_hostile(self) -> bool:
+        return bool(
+            self.api_padding
+            or self.api_chunked
+            or self.api_content_length is not None
+            or self.api_chunk_delay
+        )
 
     def applies(self, filename: str) -> bool:
         return self.files is None or re.search(self.files, filename) is not None
@@ -534,6 +555,49 @@ class FakeHub:
             def _json(self, status: int, obj, headers: dict | None = None, *, head: bool) -> None:
                 self._send(status, json.dumps(obj).encode(), headers, head=head)
 
+            def _api_json(
+                self, obj: Any, headers: dict | None, how: Misbehaviour | None, *, head: bool
+            ) -> None:
+                """An API answer, as the repo's misbehaviour has it (padded, chunked, a lying length, a drip)."""
+                body = json.dumps(obj).encode()
+                if how is None or not how.api_hostile():
+                    return self._send(200, body, headers, head=head)
+                total = len(body) + how.api_padding
+                self.send_response(200)
+                hdrs = {"Content-Type": "application/json; charset=utf-8", **(headers or {})}
+                if how.api_chunked:
+                    hdrs["Transfer-Encoding"] = "chunked"
+                else:
+                    hdrs["Content-Length"] = str(
+                        total if how.api_content_length is None else how.api_content_length
+                    )
+                for k, v in hdrs.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                record, generation = self._record(200, None)
+                if head:
+                    return
+                size = how.chunk_size or hub.chunk_size
+                sent = 0
+                try:
+                    while sent < total:
+                        n = min(size, total - sent)
+                        chunk = body[sent : sent + n]
+                        chunk += b" " * (n - len(chunk))
+                        self._count(record, generation, None, n)
+                        self.wfile.write(b"%x\r\n%s\r\n" % (n, chunk) if how.api_chunked else chunk)
+                        sent += n
+                        if how.api_chunk_delay:
+                            self.wfile.flush()
+                            if hub._calm.wait(how.api_chunk_delay):
+                                break  # the test is over
+                    if how.api_chunked and sent == total:
+                        self.wfile.write(b"0\r\n\r\n")
+                    self.wfile.flush()
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+                self.close_connection = True
+
             def _error(
                 self, status: int, code: str | None, message: str, *, head: bool, extra: dict | None = None
             ) -> None:
@@ -671,7 +735,7 @@ class FakeHub:
                 }
                 if repo_type == "model":
                     body["modelId"] = repo_id
-                self._json(200, body, head=head)
+                self._api_json(body, None, how, head=head)
 
             # ---------------------------------------------------------- /api/{type}s/{repo}/tree/{rev}[/{path}]
             def _tree(
@@ -718,7 +782,7 @@ class FakeHub:
                         nxt = f"{hub.url}{urlsplit(self.path).path}?{urlencode(q)}"
                         headers["Link"] = f'<{nxt}>; rel="next"'
                     entries = entries[start:end]
-                self._json(200, entries, headers, head=head)
+                self._api_json(entries, headers, self._misbehaviour(repo_id), head=head)
 
             # ---------------------------------------------------------- /{repo}/resolve/{rev}/{file}
             def _resolve(self, repo_type: str, repo_id: str, rev: str, filename: str, *, head: bool) -> None:
@@ -753,6 +817,9 @@ class FakeHub:
                 }
                 if how and how.etag is not None:
                     headers["ETag"] = how.etag
+                if how and how.xet:
+                    headers["X-Xet-Hash"] = f.sha256
+                    headers["X-Xet-Refresh-Route"] = f"{hub.url}/api/models/{repo_id}/xet-read-token/{sha}"
                 if f.lfs:
                     headers["X-Linked-Etag"] = how.etag if how and how.etag is not None else f'"{f.sha256}"'
                     headers["X-Linked-Size"] = str(f.size)

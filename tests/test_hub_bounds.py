@@ -42,9 +42,15 @@ def api_records(hub: FakeHub, part: str) -> list:
     ("how", "said"),
     [
         # no Content-Length, no end in sight: read up to the limit
-        ({"api_padding": 64 * MIB, "api_chunked": True}, f"is longer than {MIB} bytes"),
+        (
+            {"api_padding": 64 * MIB, "api_chunked": True},
+            f"goes past the {MIB} bytes that one call's answers may take together",
+        ),
         # an honest, gigantic Content-Length: refused from the header
-        ({"api_padding": 64 * MIB}, rf"announces \d+ bytes, more than the {MIB} allowed"),
+        (
+            {"api_padding": 64 * MIB},
+            rf"announces \d+ bytes, more than the \d+ left of the {MIB} bytes that one call's answers may take together",
+        ),
     ],
     ids=["chunked", "gigantic"],
 )
@@ -61,7 +67,7 @@ def test_an_endless_repo_info_is_cut_at_the_metadata_limit(
     serve(fake_hub, "hostile/endless", checkpoint)
     monkeypatch.setenv(METADATA_BYTES_ENV, str(MIB))
     fake_hub.misbehave("hostile/endless", **how)
-    with pytest.raises(UnsafeHubAnswerError, match=rf"{said} \({METADATA_BYTES_ENV}") as caught:
+    with pytest.raises(UnsafeHubAnswerError, match=rf"{said} \(?{METADATA_BYTES_ENV}") as caught:
         automodel_plugins.load_config("hostile/endless")
     assert caught.value.repo_id == "hostile/endless"
     assert "the answer to GET /api/models/hostile/endless " in str(caught.value)
@@ -77,7 +83,10 @@ def test_a_lying_content_length_is_refused_before_reading(
     then read whatever comes): refused from the header, the body never read."""
     serve(fake_hub, "hostile/liar", checkpoint)
     fake_hub.misbehave("hostile/liar", api_content_length=1 << 40)
-    with pytest.raises(UnsafeHubAnswerError, match=r"announces 1099511627776 bytes, more than the 67108864"):
+    with pytest.raises(
+        UnsafeHubAnswerError,
+        match=r"announces 1099511627776 bytes, more than the \d+ left of the 67108864 bytes",
+    ):
         automodel_plugins.load_config("hostile/liar")
 
 
@@ -89,9 +98,40 @@ def test_an_endless_tree_listing_is_cut_at_the_metadata_limit(
     sha = serve(fake_hub, "hostile/tree", checkpoint)
     monkeypatch.setenv(METADATA_BYTES_ENV, str(MIB))
     fake_hub.misbehave("hostile/tree", api_padding=64 * MIB, api_chunked=True)
-    with pytest.raises(UnsafeHubAnswerError, match=rf"GET /api/models/hostile/tree/tree/{sha}.* longer than"):
+    with pytest.raises(
+        UnsafeHubAnswerError, match=rf"GET /api/models/hostile/tree/tree/{sha} goes past the {MIB} bytes"
+    ):
         automodel_plugins.describe_checkpoint("hostile/tree", revision=sha, registry=registry())
     assert max(r.body_bytes for r in api_records(fake_hub, "/tree/")) < 16 * MIB
+
+
+def test_an_endless_pagination_of_a_tree_listing_ends(
+    fake_hub: FakeHub, checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every page of the listing is empty and links to a next one: each answer is tiny, their number has no
+    end (here 500, then the honest listing). The pages of one listing share the metadata limit, each answer
+    counting 1 KiB: at 64 KiB, at most 64 pages are read."""
+    sha = serve(fake_hub, "hostile/pages", checkpoint)
+    monkeypatch.setenv(METADATA_BYTES_ENV, str(64 << 10))
+    page = f"{fake_hub.url}/api/models/hostile/pages/tree/{sha}?recursive=true&cursor=x"
+    fake_hub.add_override(
+        r"^/api/models/hostile/pages/tree/", 200, {"Link": f'<{page}>; rel="next"'}, b"[]", times=500
+    )
+    with pytest.raises(UnsafeHubAnswerError, match=r"tree/\w+ goes past the 65536 bytes"):
+        automodel_plugins.describe_checkpoint("hostile/pages", revision=sha, registry=registry())
+    assert len(api_records(fake_hub, "/tree/")) <= 64
+
+
+def test_a_pagination_link_to_another_origin_is_refused(fake_hub: FakeHub, checkpoint: Path) -> None:
+    """The next page of a listing is fetched where the hub's ``Link`` header says: not off the endpoint."""
+    sha = serve(fake_hub, "hostile/pagelink", checkpoint)
+    page = f"{fake_hub.cdn_url}/api/models/hostile/pagelink/tree/{sha}?cursor=1"
+    fake_hub.add_override(  # 50 times: without the check, the pages would go on
+        r"^/api/models/hostile/pagelink/tree/", 200, {"Link": f'<{page}>; rel="next"'}, b"[]", times=50
+    )
+    with pytest.raises(UnsafeHubAnswerError, match=rf"GET {fake_hub.cdn_url}/api/\S+ is another origin"):
+        automodel_plugins.describe_checkpoint("hostile/pagelink", revision=sha, registry=registry())
+    assert not [r for r in fake_hub.requests if r.server == "cdn"]
 
 
 def test_a_dripping_metadata_answer_is_stopped_at_its_deadline(

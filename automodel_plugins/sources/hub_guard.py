@@ -46,6 +46,7 @@ from automodel_plugins.errors import (
 )
 
 __all__ = [
+    "ANSWER_BYTES",
     "DEADLINE_ENV",
     "METADATA_BYTES_ENV",
     "METADATA_DEADLINE_ENV",
@@ -62,9 +63,12 @@ DEADLINE_ENV = "AUTOMODEL_PLUGINS_FILE_DEADLINE"
 """Seconds one file's download (or range read) may take from its first request to its last byte; ``0``: none."""
 _DEFAULT_DEADLINE_S = 3600.0
 METADATA_BYTES_ENV = "AUTOMODEL_PLUGINS_METADATA_BYTES"
-"""Bytes one answer other than a file's announced body may have (repo info, a tree listing page, an error, a
-redirect, a file whose size was not announced); ``0``: no limit."""
-_DEFAULT_METADATA_BYTES = 64 << 20  # a 100,000-file repo's listing is about 21 MB (docs/hub.md)
+"""Bytes the answers of one call (a commit look-up, a tree listing with all its pages, one file's requests) may
+take together, but for a file's announced body: repo info, listings, errors, redirects, a file whose size was
+not announced, and :data:`ANSWER_BYTES` for each answer (so endless pagination ends too); ``0``: no limit."""
+_DEFAULT_METADATA_BYTES = 64 << 20  # a 100,000-file repo's listing is 34 MB (benchmarks/bench_hub_listing.py)
+ANSWER_BYTES = 1024
+"""What each answer counts against :data:`METADATA_BYTES_ENV` besides its body (its headers, roughly)."""
 METADATA_DEADLINE_ENV = "AUTOMODEL_PLUGINS_METADATA_DEADLINE"
 """Seconds one such answer may take from its headers to its last byte; ``0``: none."""
 _DEFAULT_METADATA_DEADLINE_S = 300.0
@@ -196,7 +200,9 @@ class Watch:
     received: int = 0
     """Body bytes of the file received so far, over every attempt."""
     metadata_bytes: int | None = None
-    """The most bytes of an answer other than the file's announced body (:data:`METADATA_BYTES_ENV`)."""
+    """The most bytes of the answers, but for the file's announced body (:data:`METADATA_BYTES_ENV`)."""
+    metadata_used: int = 0
+    """What the answers took of it so far."""
     metadata_seconds: float | None = None
     """The most seconds such an answer's body may take (:data:`METADATA_DEADLINE_ENV`)."""
     elsewhere: set[str] = field(default_factory=set)
@@ -401,6 +407,9 @@ def _on_response(response: Any) -> None:
     request = response.request
     method = request.method
     url = str(request.url)
+    watch.metadata_used += ANSWER_BYTES
+    if watch.metadata_bytes is not None and watch.metadata_used > watch.metadata_bytes:
+        raise _past_metadata_limit(watch, response)
     if (commit := headers.get("X-Repo-Commit")) is not None:
         check_commit(commit, watch, "X-Repo-Commit")
     file_body = method == "GET" and url == watch.expected_url and not response.is_redirect
@@ -446,32 +455,39 @@ def _longer_than_announced(watch: Watch) -> UnsafeHubAnswerError:
     return watch.unsafe(f"the server sent more than the {watch.expected} bytes it announced; stopped reading")
 
 
+def _what(response: Any) -> str:
+    return f"the answer to {response.request.method} {response.request.url.path}"
+
+
+def _past_metadata_limit(watch: Watch, response: Any) -> UnsafeHubAnswerError:
+    return watch.unsafe(
+        f"{_what(response)} goes past the {watch.metadata_bytes} bytes that one call's answers may take together "
+        f"({METADATA_BYTES_ENV}: repo info, listings with all their pages, errors, redirects, each answer "
+        f"counting {ANSWER_BYTES} bytes more; a file's announced body apart); stopped reading"
+    )
+
+
 def _metadata_bound(response: Any, watch: Watch) -> _Bound:
-    """An answer other than a file's announced body: at most :data:`METADATA_BYTES_ENV` bytes (a larger
-    ``Content-Length`` is refused before reading) within :data:`METADATA_DEADLINE_ENV` seconds."""
-    what = f"the answer to {response.request.method} {response.request.url.path}"
+    """An answer other than a file's announced body: within what is left of :data:`METADATA_BYTES_ENV` (a
+    larger ``Content-Length`` is refused before reading), within :data:`METADATA_DEADLINE_ENV` seconds."""
     limit, seconds = watch.metadata_bytes, watch.metadata_seconds
     length = response.headers.get("Content-Length", "")
-    if limit is not None and length.isascii() and length.isdigit() and int(length) > limit:
-        raise watch.unsafe(
-            f"{what} announces {int(length)} bytes, more than the {limit} allowed ({METADATA_BYTES_ENV}, for "
-            "answers other than a file of announced size); not reading it"
-        )
-
-    def too_long() -> Exception:
-        return watch.unsafe(
-            f"{what} is longer than {limit} bytes ({METADATA_BYTES_ENV}, for answers other than a file of "
-            "announced size); stopped reading"
-        )
+    if limit is not None and length.isascii() and length.isdigit():
+        left = limit - watch.metadata_used
+        if int(length) > left:
+            raise watch.unsafe(
+                f"{_what(response)} announces {int(length)} bytes, more than the {left} left of the {limit} "
+                f"bytes that one call's answers may take together ({METADATA_BYTES_ENV}); not reading it"
+            )
 
     def late(taken: int) -> Exception:
         return watch.error(
-            f"{what} was not complete within its {seconds:g} s deadline ({METADATA_DEADLINE_ENV}; 0 turns it "
-            f"off): {taken} bytes received"
+            f"{_what(response)} was not complete within its {seconds:g} s deadline ({METADATA_DEADLINE_ENV}; "
+            f"0 turns it off): {taken} bytes received"
         )
 
     until = None if seconds is None else time.monotonic() + seconds
-    return _Bound(limit, too_long, until=until, late=late)
+    return _Bound(None, lambda: _past_metadata_limit(watch, response), until=until, late=late, metadata=True)
 
 
 def _check_api_sha(response: Any, watch: Watch) -> None:
@@ -488,14 +504,16 @@ def _check_api_sha(response: Any, watch: Watch) -> None:
 
 @dataclass
 class _Bound:
-    """How far one body may go: ``limit`` bytes (then ``too_long()``), until ``until`` (then ``late(bytes)``),
-    and whether its bytes are the file's (counted into the watch)."""
+    """How far one body may go: ``limit`` bytes, or for ``metadata`` what is left of the watch's metadata
+    bytes (then ``too_long()``); until ``until`` (then ``late(bytes)``); whether its bytes are the file's
+    (``counted`` into the watch)."""
 
     limit: int | None
     too_long: Callable[[], Exception] | None = None
     until: float | None = None
     late: Callable[[int], Exception] | None = None
     counted: bool = False
+    metadata: bool = False
 
 
 class _CountedBody:
@@ -517,7 +535,12 @@ class _CountedBody:
                 watch.received += len(chunk)
             if bound.until is not None and bound.late is not None and time.monotonic() > bound.until:
                 raise bound.late(taken)
-            if bound.limit is not None and bound.too_long is not None and taken > bound.limit:
+            if bound.metadata:
+                watch.metadata_used += len(chunk)
+                over = watch.metadata_bytes is not None and watch.metadata_used > watch.metadata_bytes
+            else:
+                over = bound.limit is not None and taken > bound.limit
+            if over and bound.too_long is not None:
                 raise bound.too_long()
             yield chunk
 

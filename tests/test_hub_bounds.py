@@ -386,3 +386,64 @@ def test_a_client_factory_the_user_installed_is_kept(fake_hub: FakeHub, checkpoi
         assert any("/hostile/users-client/resolve/" in url for url in seen)
     finally:
         set_client_factory(saved)
+
+
+# --- compressed answers --------------------------------------------------------------------------------------
+
+
+def gzipped(data: bytes, padding: int) -> bytes:
+    import zlib
+
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)  # gzip framing
+    return packer.compress(data) + packer.compress(b" " * padding) + packer.flush()
+
+
+def test_a_compressed_metadata_answer_is_refused(
+    fake_hub: FakeHub, checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A repo info of 32 KB on the wire that expands to 32 MiB (a gzip bomb: the ratio is a thousand and more):
+    the limit counts bytes on the wire, so the answer is asked uncompressed and a compressed one refused."""
+    sha = serve(fake_hub, "hostile/bomb", checkpoint)
+    monkeypatch.setenv(METADATA_BYTES_ENV, str(MIB))
+    body = gzipped(json.dumps({"id": "hostile/bomb", "sha": sha, "siblings": []}).encode(), 32 * MIB)
+    assert len(body) < MIB // 8
+    fake_hub.add_override(r"^/api/models/hostile/bomb(\?|$)", 200, {"Content-Encoding": "gzip"}, body)
+    with pytest.raises(UnsafeHubAnswerError, match=r"GET /api/models/hostile/bomb is 'gzip'-encoded"):
+        automodel_plugins.load_config("hostile/bomb")
+
+
+def test_a_compressed_file_body_is_refused(fake_hub: FakeHub, checkpoint: Path, outside: Callable) -> None:  # noqa: F811
+    """A shard's body compressed to fewer bytes than the shard announces, expanding to a thousand times more:
+    huggingface_hub would write all of it to disk before its size check."""
+    serve(fake_hub, "hostile/filebomb", checkpoint)
+    shard = sorted(set(index_of(checkpoint).values()))[0]
+    size = (checkpoint / shard).stat().st_size
+    body = gzipped(b"", 1000 * size)
+    assert len(body) < size
+    fake_hub.add_override(
+        rf"^/hostile/filebomb/resolve/[^/]+/{shard}$", 200, {"Content-Encoding": "gzip"}, body, method="GET"
+    )
+    with pytest.raises(UnsafeHubAnswerError, match="is 'gzip'-encoded") as caught:
+        automodel_plugins.from_pretrained("hostile/filebomb", registry=registry())
+    assert caught.value.filename == shard
+    outside()
+
+
+# --- huge headers --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["api", "head"])
+def test_huge_headers_are_broken_http_not_an_unreachable_hub(
+    fake_hub: FakeHub, checkpoint: Path, where: str
+) -> None:
+    """A header of 1 MiB: the HTTP client stops reading headers at its own limit (64 KiB), and the error says
+    the hub answered with broken HTTP, not that it "cannot be reached"."""
+    sha = serve(fake_hub, "hostile/headers", checkpoint)
+    if where == "api":
+        fake_hub.add_override(r"^/api/models/hostile/headers(\?|$)", 200, {"X-Big": "a" * MIB}, b"{}")
+        revision = None
+    else:
+        fake_hub.add_override(r"^/hostile/headers/resolve/", 200, {"X-Big": "a" * MIB}, method="HEAD")
+        revision = sha
+    with pytest.raises(HubDownloadError, match="answered with broken HTTP: Receive buffer too long"):
+        automodel_plugins.load_config("hostile/headers", revision=revision)

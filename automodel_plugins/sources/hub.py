@@ -510,6 +510,11 @@ class HubLocation(CheckpointLocation):
             # hf_hub_download falls back to the cache when its HEAD request fails, and says "not in the cache"
             # for a hub that answered: the answer (403, 500, ...) is the error, not a missing connection.
             return self._error(cause, name)
+        broken = _broken_http(exc)
+        if broken is not None:  # the hub answered, with something that is not HTTP (h11 bounds what it reads)
+            return HubDownloadError(
+                self.repo_id, f"the hub at {constants.ENDPOINT} answered with broken HTTP: {broken}", **where
+            )
         if isinstance(exc, (LocalEntryNotFoundError, OfflineModeIsEnabled, RevisionResolutionError)):
             return self._offline(name, exc)
         if isinstance(exc, HfHubHTTPError) and exc.response is not None:
@@ -573,6 +578,18 @@ def _content_range(text: str) -> tuple[int | None, int | None, int | None]:
     if unit.lower() != "bytes" or not (f"{first}{last}".isascii() and first.isdigit() and last.isdigit()):
         return None, None, None
     return int(first), int(last), int(size) if size.isascii() and size.isdigit() else None
+
+
+def _broken_http(exc: BaseException | None) -> str | None:
+    """What broke, when a request failed on an answer that is not HTTP (headers past the client's limit, a
+    malformed status line); ``None`` otherwise (a connection dropped before any answer is the network's)."""
+    import httpx2
+
+    while exc is not None:
+        if isinstance(exc, httpx2.RemoteProtocolError) and "without sending" not in str(exc):
+            return str(exc)
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _is_timeout(exc: BaseException | None) -> bool:

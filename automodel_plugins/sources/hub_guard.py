@@ -10,6 +10,8 @@ huggingface_hub's HTTP client (added to every client its factory makes, the fact
 
 * cap every request's timeouts by the file's deadline (:data:`DEADLINE_ENV`) and metadata requests by
   ``HF_HUB_ETAG_TIMEOUT`` (also huggingface_hub's retries, which would otherwise wait 60 s six times);
+* ask every answer uncompressed and refuse a compressed one (a gzip bomb expands a thousandfold past the
+  bounds, which count bytes on the wire);
 * bound every body: a file's by the size its metadata announced (a short one is reported with its byte counts),
   every other answer (repo info, tree listings, errors, redirects, a file of no announced size) by
   :data:`METADATA_BYTES_ENV` and :data:`METADATA_DEADLINE_ENV`;
@@ -378,6 +380,7 @@ def _on_request(request: Any) -> None:
         raise watch.unsafe(
             f"{request.method} {url} is another origin than the endpoint {constants.ENDPOINT}: {what}"
         )
+    request.headers["Accept-Encoding"] = "identity"  # the bounds count bytes on the wire: no compression
     caps = []
     remaining = watch.remaining()
     if remaining is not None:
@@ -439,6 +442,12 @@ def _on_response(response: Any) -> None:
             watch.expected = int(size)
             watch.expected_url = urljoin(url, headers["Location"]) if "Location" in headers else url
         return
+    encoding = headers.get("Content-Encoding", "").strip().lower()
+    if encoding not in ("", "identity"):
+        raise watch.unsafe(
+            f"{_what(response)} is {encoding!r}-encoded though asked uncompressed (Accept-Encoding: identity): "
+            "the bounds count bytes on the wire, and a compressed body can expand a thousandfold; not reading it"
+        )
     ok = 200 <= response.status_code < 300
     if file_body and ok:
         bound = _Bound(watch.expected, lambda: _longer_than_announced(watch), counted=True)

@@ -447,3 +447,20 @@ def test_huge_headers_are_broken_http_not_an_unreachable_hub(
         revision = sha
     with pytest.raises(HubDownloadError, match="answered with broken HTTP: Receive buffer too long"):
         automodel_plugins.load_config("hostile/headers", revision=revision)
+
+
+def test_a_gigantic_json_file_is_refused_before_its_download(
+    fake_hub: FakeHub,
+    checkpoint: Path,
+    outside: Callable,  # noqa: F811
+) -> None:
+    """``config.json`` announced (and sent) with 100 MiB more: a config, an index or ``params.json`` is metadata
+    too, and one announced past the metadata limit is not downloaded (a shard's size is the hub's to say)."""
+    serve(fake_hub, "hostile/bigconfig", checkpoint)
+    fake_hub.misbehave("hostile/bigconfig", extra_bytes=100 * MIB, files=r"^config\.json$")
+    with pytest.raises(
+        UnsafeHubAnswerError, match=r"announces \d+ bytes for a JSON file, more than the 67108864"
+    ):
+        automodel_plugins.load_config("hostile/bigconfig")
+    assert fake_hub.bytes_for("hostile/bigconfig", "config.json") == 0
+    outside()

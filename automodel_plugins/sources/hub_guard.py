@@ -439,6 +439,12 @@ def _on_response(response: Any) -> None:
             None if response.is_redirect else headers.get("Content-Length")
         )
         if size is not None and size.isascii() and size.isdigit():
+            limit = watch.metadata_bytes
+            if limit is not None and (watch.filename or "").endswith(".json") and int(size) > limit:
+                raise watch.unsafe(
+                    f"the hub announces {int(size)} bytes for a JSON file, more than the {limit} that metadata "
+                    f"may take ({METADATA_BYTES_ENV}); not downloading it"
+                )
             watch.expected = int(size)
             watch.expected_url = urljoin(url, headers["Location"]) if "Location" in headers else url
         return

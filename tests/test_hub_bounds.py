@@ -464,3 +464,25 @@ def test_a_gigantic_json_file_is_refused_before_its_download(
         automodel_plugins.load_config("hostile/bigconfig")
     assert fake_hub.bytes_for("hostile/bigconfig", "config.json") == 0
     outside()
+
+
+@pytest.mark.parametrize("endpoint", ["revision", "tree"])
+def test_an_x_repo_commit_that_is_a_path_is_refused_on_every_endpoint(
+    fake_hub: FakeHub, checkpoint: Path, endpoint: str
+) -> None:
+    """Not only a file's answers: the repo info and the tree listing are checked the same way (the listing was
+    read outside the checks)."""
+    sha = serve(fake_hub, "hostile/everywhere", checkpoint)
+    automodel_plugins.describe_checkpoint(
+        "hostile/everywhere", revision=sha, registry=registry()
+    )  # cached now
+    body = {"revision": json.dumps({"id": "hostile/everywhere", "sha": sha, "siblings": []}), "tree": "[]"}[
+        endpoint
+    ]
+    fake_hub.add_override(
+        rf"^/api/models/hostile/everywhere(\?|$|/{endpoint}/)", 200, {"X-Repo-Commit": "../../x"}, body.encode()
+    )
+    with pytest.raises(UnsafeHubAnswerError, match=r"X-Repo-Commit '\.\./\.\./x' is not a 40-hex commit"):
+        automodel_plugins.describe_checkpoint(
+            "hostile/everywhere", revision=None if endpoint == "revision" else sha, registry=registry()
+        )

@@ -38,7 +38,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urlsplit
 
 from automodel_plugins.errors import (
     HubDownloadError,
@@ -207,8 +207,8 @@ class Watch:
     """What the answers took of it so far."""
     metadata_seconds: float | None = None
     """The most seconds such an answer's body may take (:data:`METADATA_DEADLINE_ENV`)."""
-    elsewhere: set[str] = field(default_factory=set)
-    """URLs off the endpoint that a redirect of a file request (or a file's metadata) sent a file's bytes to."""
+    elsewhere: set[tuple[str, str, int]] = field(default_factory=set)
+    """Origins off the endpoint that a redirect of a file request (or a file's metadata) sent its bytes to."""
 
     def remaining(self) -> float | None:
         return None if self.deadline is None else self.deadline - time.monotonic()
@@ -375,7 +375,8 @@ def _on_request(request: Any) -> None:
     metadata = _is_metadata(request.method, request.url)
     if request.url.scheme not in _SCHEMES:
         raise watch.unsafe(f"{request.method} {url}: only http and https locations are followed")
-    if _origin(url) != _origin(constants.ENDPOINT) and (metadata or url not in watch.elsewhere):
+    origin = _origin(url)
+    if origin != _origin(constants.ENDPOINT) and (metadata or origin not in watch.elsewhere):
         what = "metadata is read only from the endpoint" if metadata else "no file redirect led there"
         raise watch.unsafe(
             f"{request.method} {url} is another origin than the endpoint {constants.ENDPOINT}: {what}"
@@ -415,16 +416,17 @@ def _on_response(response: Any) -> None:
         raise _past_metadata_limit(watch, response)
     if (commit := headers.get("X-Repo-Commit")) is not None:
         check_commit(commit, watch, "X-Repo-Commit")
-    file_body = method == "GET" and url == watch.expected_url and not response.is_redirect
+    file_body = (  # a file watch's GETs without a range are its file; one watch of several files: by URL
+        method == "GET"
+        and not response.is_redirect
+        and not _is_metadata(method, request.url)
+        and watch.expected is not None
+        and (url == watch.expected_url or (watch.filename is not None and "Range" not in request.headers))
+    )
     if response.has_redirect_location:
-        target = urljoin(url, headers["Location"])
-        if urlsplit(target).scheme not in _SCHEMES:
-            raise watch.unsafe(
-                f"the answer to {method} {request.url.path} redirects to {target}: only http and https "
-                "locations are followed"
-            )
+        target = _location(response, watch)
         if method == "HEAD" or (method == "GET" and not _is_metadata(method, request.url)):
-            watch.elsewhere.add(target)  # a file's bytes may come from there (the hub's CDN)
+            watch.elsewhere.add(_origin(target))  # a file's bytes may come from there (the hub's CDN)
             if url == watch.expected_url:
                 watch.expected_url = target  # the file's body follows its redirects
     if method == "HEAD":
@@ -446,7 +448,7 @@ def _on_response(response: Any) -> None:
                     f"may take ({METADATA_BYTES_ENV}); not downloading it"
                 )
             watch.expected = int(size)
-            watch.expected_url = urljoin(url, headers["Location"]) if "Location" in headers else url
+            watch.expected_url = _location(response, watch) if "Location" in headers else url
         return
     encoding = headers.get("Content-Encoding", "").strip().lower()
     if encoding not in ("", "identity"):
@@ -468,6 +470,21 @@ def _on_response(response: Any) -> None:
 
 def _longer_than_announced(watch: Watch) -> UnsafeHubAnswerError:
     return watch.unsafe(f"the server sent more than the {watch.expected} bytes it announced; stopped reading")
+
+
+def _location(response: Any, watch: Watch) -> str:
+    """Where a redirect leads, as the HTTP client joins and spells it (so it compares with its request URLs);
+    http(s) only."""
+    location = response.headers["Location"]
+    try:
+        target = response.request.url.join(location)
+    except Exception:
+        target = None
+    if target is None or target.scheme not in _SCHEMES:
+        raise watch.unsafe(
+            f"{_what(response)} redirects to {location}: only http and https locations are followed"
+        )
+    return str(target)
 
 
 def _what(response: Any) -> str:

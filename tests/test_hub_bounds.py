@@ -480,7 +480,10 @@ def test_an_x_repo_commit_that_is_a_path_is_refused_on_every_endpoint(
         endpoint
     ]
     fake_hub.add_override(
-        rf"^/api/models/hostile/everywhere(\?|$|/{endpoint}/)", 200, {"X-Repo-Commit": "../../x"}, body.encode()
+        rf"^/api/models/hostile/everywhere(\?|$|/{endpoint}/)",
+        200,
+        {"X-Repo-Commit": "../../x"},
+        body.encode(),
     )
     with pytest.raises(UnsafeHubAnswerError, match=r"X-Repo-Commit '\.\./\.\./x' is not a 40-hex commit"):
         automodel_plugins.describe_checkpoint(

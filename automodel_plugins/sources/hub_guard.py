@@ -14,7 +14,9 @@ huggingface_hub's HTTP client (added to every client its factory makes, the fact
   bounds, which count bytes on the wire);
 * bound every body: a file's by the size its metadata announced (a short one is reported with its byte counts),
   every other answer (repo info, tree listings, errors, redirects, a file of no announced size) by
-  :data:`METADATA_BYTES_ENV` and :data:`METADATA_DEADLINE_ENV`;
+  :data:`METADATA_DEADLINE_ENV`, and all of one call's answers together (each counting :data:`ANSWER_BYTES`
+  more, so endless pagination ends) by :data:`METADATA_BYTES_ENV`, which also caps a JSON file's announced
+  size;
 * keep metadata on the endpoint: a ``HEAD`` or ``/api/`` request to another origin (a redirect, a pagination
   link) is refused; only a file's bytes may come from elsewhere (the hub's CDN), over http(s), where a redirect
   of a file request sent them;

@@ -152,6 +152,20 @@ def test_a_dripping_metadata_answer_is_stopped_at_its_deadline(
     outside()
 
 
+@pytest.mark.parametrize("revision", ["main", "commit"])
+def test_headers_that_drip_are_stopped_at_the_metadata_deadline(
+    fake_hub: FakeHub, checkpoint: Path, monkeypatch: pytest.MonkeyPatch, revision: str
+) -> None:
+    """A byte of the status line and headers every 50 ms: each read returns at once, so no read timeout fires,
+    and the hooks that bound bodies only run once the headers are in (a real hostile hub: 64 KiB of headers,
+    a byte every 9 s, a week per request). The headers of each answer are bounded by the metadata deadline."""
+    sha = serve(fake_hub, "hostile/headerdrip", checkpoint)
+    monkeypatch.setenv(METADATA_DEADLINE_ENV, "1")
+    fake_hub.misbehave("hostile/headerdrip", header_drip=0.05)
+    with pytest.raises(HubDownloadError, match=rf"no complete headers within 1 s \({METADATA_DEADLINE_ENV}"):
+        automodel_plugins.load_config("hostile/headerdrip", revision=sha if revision == "commit" else None)
+
+
 @pytest.mark.parametrize("setting", [METADATA_BYTES_ENV, METADATA_DEADLINE_ENV])
 def test_a_bad_metadata_setting_is_named(
     fake_hub: FakeHub, checkpoint: Path, monkeypatch: pytest.MonkeyPatch, setting: str

@@ -249,7 +249,7 @@ class HubLocation(CheckpointLocation):
                 )
                 files = [entry for entry in entries if isinstance(entry, RepoFile)]
             except Exception as exc:
-                raise self._error(exc) from exc
+                raise self._error(watch.stalled or exc) from exc
             for entry in files:
                 check_listed_file(entry.path, entry.size, watch)
         return {entry.path: entry.size for entry in files}
@@ -327,6 +327,8 @@ class HubLocation(CheckpointLocation):
                     return False
                 raise self._error(exc, name) from exc
             except Exception as exc:
+                if watch.stalled is not None:
+                    raise watch.stalled from exc
                 if watch.received and not isinstance(exc, (HubError, HfHubHTTPError)):
                     # the body was cut short (the connection closed, or fewer bytes than the metadata said)
                     raise watch.error(f"download failed after {watch.counts()}: {exc}") from exc
@@ -358,7 +360,7 @@ class HubLocation(CheckpointLocation):
                     token=self.options.token,
                 )
             except Exception as exc:
-                raise self._error(exc) from exc
+                raise self._error(watch.stalled or exc) from exc
             # the server's answer was checked before huggingface_hub wrote it; a cached ref is checked here
             return check_commit(resolved.resolved, watch, "the commit")
 
@@ -407,7 +409,7 @@ class HubLocation(CheckpointLocation):
             except HubError:
                 raise
             except Exception as exc:
-                raise self._error(exc, name) from exc
+                raise self._error(watch.stalled or exc, name) from exc
 
     def _range_answer(self, response: Any, watch: Any, start: int, stop: int) -> tuple[bytes, int]:
         status = response.status_code

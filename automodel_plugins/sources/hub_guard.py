@@ -36,7 +36,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
@@ -209,6 +209,9 @@ class Watch:
     """What the answers took of it so far."""
     metadata_seconds: float | None = None
     """The most seconds such an answer's body may take (:data:`METADATA_DEADLINE_ENV`)."""
+    stalled: HubDownloadError | None = None
+    """Set when an answer's headers did not arrive in time (its connection was then shut): raised for every
+    later request of the watch, and by the callers in place of the HTTP client's error."""
     elsewhere: set[tuple[str, str, int]] = field(default_factory=set)
     """Origins off the endpoint that a redirect of a file request (or a file's metadata) sent its bytes to."""
 
@@ -373,6 +376,8 @@ def _on_request(request: Any) -> None:
         return
     from huggingface_hub import constants
 
+    if watch.stalled is not None:
+        raise watch.stalled
     url = str(request.url)
     metadata = _is_metadata(request.method, request.url)
     if request.url.scheme not in _SCHEMES:
@@ -401,6 +406,64 @@ def _on_request(request: Any) -> None:
             value = timeout.get(key)
             timeout[key] = cap if value is None else min(value, cap)
         request.extensions["timeout"] = timeout
+    header_caps = [c for c in (remaining, watch.metadata_seconds) if c is not None]
+    if header_caps:
+        _HeaderWatchdog(watch, request, min(header_caps)).attach()
+
+
+class _HeaderWatchdog:
+    """Shuts a request's connection when its answer's status line and headers are not in within ``seconds``.
+
+    Read timeouts bound each wait, not the sum: a server sending a header byte now and then is never caught by
+    them, and the response hooks only run once the headers are in. The connection's socket comes from the
+    HTTP client's ``trace`` extension (its connect and TLS events); ``Connection: close`` keeps every watched
+    request on a connection of its own, so each is seen connecting. Shutting the socket makes the blocked
+    read return; the watch then carries the error (:attr:`Watch.stalled`).
+    """
+
+    def __init__(self, watch: Watch, request: Any, seconds: float) -> None:
+        self.watch = watch
+        self.what = f"the answer to {request.method} {request.url.path}"
+        self.seconds = seconds
+        self.request = request
+        self.inner = request.extensions.get("trace")
+        self.socket: Any = None
+        self.timer: threading.Timer | None = None
+        self.lock = threading.Lock()
+
+    def attach(self) -> None:
+        self.request.headers["Connection"] = "close"
+        self.request.extensions["trace"] = self
+        self.timer = threading.Timer(self.seconds, self.fire)
+        self.timer.daemon = True
+        self.timer.start()
+
+    def __call__(self, name: str, info: dict[str, Any]) -> None:
+        if name in ("connection.connect_tcp.complete", "connection.start_tls.complete"):
+            stream = info.get("return_value")
+            with self.lock:
+                self.socket = None if stream is None else stream.get_extra_info("socket")
+        elif name == "http11.receive_response_headers.complete" or name.endswith(".failed"):
+            self.cancel()
+        if self.inner is not None:
+            self.inner(name, info)
+
+    def cancel(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+
+    def fire(self) -> None:
+        import socket
+
+        self.watch.stalled = self.watch.error(
+            f"{self.what} sent no complete headers within {self.seconds:g} s ({METADATA_DEADLINE_ENV}, "
+            f"{DEADLINE_ENV}; 0 turns them off); the connection was closed"
+        )
+        with self.lock:
+            sock = self.socket
+        if sock is not None:
+            with suppress(OSError):  # already closed
+                sock.shutdown(socket.SHUT_RDWR)
 
 
 def _on_response(response: Any) -> None:

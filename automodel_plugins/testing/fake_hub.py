@@ -212,6 +212,9 @@ class Misbehaviour:
     closes."""
     api_chunk_delay: float | None = None
     """Seconds between API answer chunks (of ``chunk_size`` bytes): a metadata answer that drips."""
+    header_drip: float | None = None
+    """Seconds between the bytes of each answer's status line and headers (a hub that never finishes saying
+    what it will send)."""
     xet: bool = False
     """File answers announce Xet storage (``X-Xet-Hash``, ``X-Xet-Refresh-Route``), as the hub does for files it
     stores with Xet; this hub serves no Xet (the refresh route is answered 404), only plain HTTP."""
@@ -497,8 +500,8 @@ class FakeHub:
                 hdrs["Content-Length"] = str(len(body) + tail if content_length is None else content_length)
                 for k, v in hdrs.items():
                     self.send_header(k, v)
+                record, generation = self._record(status, count_as)  # before the headers: see _record
                 self.end_headers()
-                record, generation = self._record(status, count_as)
                 sent = 0
                 if not head and (body or tail):
                     size = (how.chunk_size if how else None) or hub.chunk_size
@@ -527,8 +530,8 @@ class FakeHub:
                         self.close_connection = True
 
             def _record(self, status: int, count_as: tuple | None) -> tuple[RequestRecord, int]:
-                """The request on record before its body goes out (so a client that has read the whole answer
-                never finds it missing), with the counters' generation it belongs to."""
+                """The request on record before its headers go out (so a client that has read them, or the whole
+                answer, never finds it missing), with the counters' generation it belongs to."""
                 record = RequestRecord(
                     self.command,
                     self.path,
@@ -573,8 +576,8 @@ class FakeHub:
                     )
                 for k, v in hdrs.items():
                     self.send_header(k, v)
-                self.end_headers()
                 record, generation = self._record(200, None)
+                self.end_headers()
                 if head:
                     return
                 size = how.chunk_size or hub.chunk_size
@@ -645,7 +648,22 @@ class FakeHub:
                 return None
 
             # ---------------------------------------------------------- routing
+            def flush_headers(self) -> None:
+                """The status line and headers, a byte at a time when the repo's misbehaviour drips them."""
+                drip = self._header_drip
+                if not drip or not getattr(self, "_headers_buffer", None):
+                    return super().flush_headers()
+                data = b"".join(self._headers_buffer)
+                self._headers_buffer = []
+                for i in range(len(data)):
+                    self.wfile.write(data[i : i + 1])
+                    self.wfile.flush()
+                    if hub._calm.wait(drip):  # the test is over: the rest at once
+                        self.wfile.write(data[i + 1 :])
+                        break
+
             def _dispatch(self, head: bool) -> None:
+                self._header_drip = None
                 split = urlsplit(self.path)
                 raw_path, query = split.path, parse_qs(split.query)
                 with hub._lock:
@@ -860,6 +878,7 @@ class FakeHub:
                     how = hub._misbehaviours.get(repo_id)
                 if how is not None and how.stall:
                     hub._calm.wait(how.stall)
+                self._header_drip = how.header_drip if how is not None else None
                 return how
 
             def _body_with_range(

@@ -17,6 +17,8 @@ huggingface_hub's HTTP client (added to every client its factory makes, the fact
   :data:`METADATA_DEADLINE_ENV`, and all of one call's answers together (each counting :data:`ANSWER_BYTES`
   more, so endless pagination ends) by :data:`METADATA_BYTES_ENV`, which also caps a JSON file's announced
   size;
+* bound the status line and headers of every answer by :data:`METADATA_DEADLINE_ENV` (a watchdog shuts the
+  connection of a server that drips them: read timeouts bound each wait, not their sum);
 * keep metadata on the endpoint: a ``HEAD`` or ``/api/`` request to another origin (a redirect, a pagination
   link) is refused; only a file's bytes may come from elsewhere (the hub's CDN), over http(s), where a redirect
   of a file request sent them;
@@ -418,7 +420,9 @@ class _HeaderWatchdog:
     them, and the response hooks only run once the headers are in. The connection's socket comes from the
     HTTP client's ``trace`` extension (its connect and TLS events); ``Connection: close`` keeps every watched
     request on a connection of its own, so each is seen connecting. Shutting the socket makes the blocked
-    read return; the watch then carries the error (:attr:`Watch.stalled`).
+    read return; the watch then carries the error (:attr:`Watch.stalled`). A request that reuses a connection
+    opened outside the checks (another library's, kept alive) has no socket here: it ends at its read
+    timeouts, and fails then with the same error.
     """
 
     def __init__(self, watch: Watch, request: Any, seconds: float) -> None:

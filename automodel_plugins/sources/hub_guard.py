@@ -434,6 +434,7 @@ class _HeaderWatchdog:
         self.socket: Any = None
         self.timer: threading.Timer | None = None
         self.lock = threading.Lock()
+        self.done = False
 
     def attach(self) -> None:
         self.request.headers["Connection"] = "close"
@@ -447,24 +448,29 @@ class _HeaderWatchdog:
             stream = info.get("return_value")
             with self.lock:
                 self.socket = None if stream is None else stream.get_extra_info("socket")
-        elif name == "http11.receive_response_headers.complete" or name.endswith(".failed"):
+        elif name.endswith(("receive_response_headers.complete", ".failed")):
             self.cancel()
         if self.inner is not None:
             self.inner(name, info)
 
     def cancel(self) -> None:
+        with self.lock:
+            self.done = True
         if self.timer is not None:
             self.timer.cancel()
 
     def fire(self) -> None:
         import socket
 
+        with self.lock:
+            if self.done:
+                return
+            self.done = True
+            sock = self.socket
         self.watch.stalled = self.watch.error(
             f"{self.what} sent no complete headers within {self.seconds:g} s ({METADATA_DEADLINE_ENV}, "
             f"{DEADLINE_ENV}; 0 turns them off); the connection was closed"
         )
-        with self.lock:
-            sock = self.socket
         if sock is not None:
             with suppress(OSError):  # already closed
                 sock.shutdown(socket.SHUT_RDWR)
@@ -473,6 +479,8 @@ class _HeaderWatchdog:
 def _on_response(response: Any) -> None:
     """Refuse a commit, ETag or location that would name a path or leave the endpoint, before huggingface_hub
     reads them; bound (and count) every body."""
+    if isinstance(watchdog := response.request.extensions.get("trace"), _HeaderWatchdog):
+        watchdog.cancel()  # the headers are in
     watch = _WATCH.get()
     if watch is None:
         return

@@ -503,3 +503,26 @@ def test_an_x_repo_commit_that_is_a_path_is_refused_on_every_endpoint(
         automodel_plugins.describe_checkpoint(
             "hostile/everywhere", revision=None if endpoint == "revision" else sha, registry=registry()
         )
+
+
+# --- the hub's resolve-cache redirect ----------------------------------------------------------------------
+
+
+def test_small_files_through_the_resolve_cache_redirect_are_bounded_as_files(
+    fake_hub: FakeHub, checkpoint: Path
+) -> None:
+    """The hub answers a small file's ``resolve`` with a relative ``307`` to ``/api/resolve-cache/...`` on
+    itself, which serves the file: an ``/api/`` path, but the file's body, counted and bounded by its announced
+    size (a mirror's truncated copy is reported with its byte counts), and the load is the local load."""
+    fake_hub.resolve_cache = True
+    serve(fake_hub, "org/resolve-cache", checkpoint)
+    model = automodel_plugins.from_pretrained("org/resolve-cache", registry=registry())
+    assert_same_state_dict(model, automodel_plugins.from_pretrained(checkpoint, registry=registry()))
+    assert any(r.path.startswith("/api/resolve-cache/models/org/resolve-cache/") for r in fake_hub.requests)
+
+    serve(fake_hub, "mirror/resolve-cache", checkpoint)
+    size = (checkpoint / "config.json").stat().st_size
+    fake_hub.misbehave("mirror/resolve-cache", body_bytes=10, files=r"^config\.json$")
+    with pytest.raises(HubDownloadError, match=f"10 bytes received of the {size} announced") as caught:
+        automodel_plugins.load_config("mirror/resolve-cache")
+    assert caught.value.filename == "config.json"

@@ -493,16 +493,15 @@ def _on_response(response: Any) -> None:
         raise _past_metadata_limit(watch, response)
     if (commit := headers.get("X-Repo-Commit")) is not None:
         check_commit(commit, watch, "X-Repo-Commit")
-    file_body = (  # a file watch's GETs without a range are its file; one watch of several files: by URL
-        method == "GET"
-        and not response.is_redirect
-        and not _is_metadata(method, request.url)
-        and watch.expected is not None
-        and (url == watch.expected_url or (watch.filename is not None and "Range" not in request.headers))
+    # the file's own GET (where its metadata pointed: a CDN, or the hub's /api/resolve-cache/ for small files);
+    # in a one-file watch every GET without a range is that file's
+    file_get = method == "GET" and (
+        url == watch.expected_url or (watch.filename is not None and "Range" not in request.headers)
     )
+    file_body = file_get and not response.is_redirect and watch.expected is not None
     if response.has_redirect_location:
         target = _location(response, watch)
-        if method == "HEAD" or (method == "GET" and not _is_metadata(method, request.url)):
+        if method == "HEAD" or file_get or (method == "GET" and not _is_metadata(method, request.url)):
             watch.elsewhere.add(_origin(target))  # a file's bytes may come from there (the hub's CDN)
             if url == watch.expected_url:
                 watch.expected_url = target  # the file's body follows its redirects

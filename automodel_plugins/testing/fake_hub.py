@@ -35,7 +35,8 @@ Routes (``{type}`` = models|datasets|spaces; repo ids are ``name`` or ``ns/name`
   (git blob sha1, or sha256 for LFS files + ``X-Linked-Etag``/``X-Linked-Size``), ``Accept-Ranges``,
   ``Range: bytes=a-b`` -> 206 + ``Content-Range``. With ``lfs_redirect`` set (at construction or later)
   LFS files answer ``302`` to a second "CDN" server on another port (a different origin, like the real
-  hub's CDN).
+  hub's CDN). With ``resolve_cache`` set, non-LFS files answer ``307`` to
+  ``/api/resolve-cache/models/{repo}/{sha}/{file}`` on the hub itself, which serves them (as the real hub does).
 
 Errors mirror the real Hub (header ``X-Error-Code``, which ``hf_raise_for_status`` maps):
 
@@ -60,7 +61,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlencode, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 
 __all__ = [
     "LFS_SUFFIXES",
@@ -102,6 +103,9 @@ _RESOLVE_RE = re.compile(
     r"^/(?:(?P<type>datasets|spaces)/)?" + _REPO + r"/resolve/(?P<rev>[^/]+)/(?P<file>.+)$"
 )
 _CDN_RE = re.compile(r"^/cdn/(?P<sha256>[0-9a-f]{64})$")
+_RESOLVE_CACHE_RE = re.compile(
+    r"^/api/resolve-cache/(?P<type>models|datasets|spaces)/" + _REPO + r"/(?P<sha>[0-9a-f]{40})/(?P<file>.+)$"
+)
 _RANGE_RE = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$", re.IGNORECASE)
 _TYPES = {"models": "model", "datasets": "dataset", "spaces": "space", None: "model"}
 
@@ -251,6 +255,7 @@ class FakeHub:
         port: int = 0,
         *,
         lfs_redirect: bool = False,
+        resolve_cache: bool = False,
         tree_page_size: int | None = None,
         chunk_size: int = 64 * 1024,
         chunk_delay: float = 0.0,
@@ -258,6 +263,9 @@ class FakeHub:
         self.host = host
         self.port = port
         self.lfs_redirect = lfs_redirect
+        self.resolve_cache = resolve_cache
+        """Non-LFS files answer a relative ``307`` to ``/api/resolve-cache/models/{repo}/{sha}/{file}`` (on the
+        hub itself), which serves them, as the real hub does for small files."""
         self.tree_page_size = tree_page_size
         self.chunk_size = chunk_size
         self.chunk_delay = chunk_delay  # seconds slept between body chunks (to make downloads overlap)
@@ -701,6 +709,16 @@ class FakeHub:
                         if m["op"] == "revision" and m["path"]:
                             return self._error(404, None, "Not found", head=head)
                         return self._info(repo_type, repo_id, unquote(m["rev"] or "main"), query, head=head)
+                    m = _RESOLVE_CACHE_RE.match(raw_path)
+                    if m:
+                        return self._resolve(
+                            _TYPES[m["type"]],
+                            unquote(m["repo"]),
+                            m["sha"],
+                            unquote(m["file"]),
+                            head=head,
+                            cached=True,
+                        )
                     m = _RESOLVE_RE.match(raw_path)
                     if m:
                         return self._resolve(
@@ -803,7 +821,16 @@ class FakeHub:
                 self._api_json(entries, headers, self._misbehaviour(repo_id), head=head)
 
             # ---------------------------------------------------------- /{repo}/resolve/{rev}/{file}
-            def _resolve(self, repo_type: str, repo_id: str, rev: str, filename: str, *, head: bool) -> None:
+            def _resolve(
+                self,
+                repo_type: str,
+                repo_id: str,
+                rev: str,
+                filename: str,
+                *,
+                head: bool,
+                cached: bool = False,
+            ) -> None:
                 found = self._repo_at(repo_type, repo_id, rev, head=head)
                 if found is None:
                     return
@@ -838,6 +865,12 @@ class FakeHub:
                 if how and how.xet:
                     headers["X-Xet-Hash"] = f.sha256
                     headers["X-Xet-Refresh-Route"] = f"{hub.url}/api/models/{repo_id}/xet-read-token/{sha}"
+                if hub.resolve_cache and not f.lfs and not cached:
+                    kind = {"model": "models", "dataset": "datasets", "space": "spaces"}[repo_type]
+                    loc = f"/api/resolve-cache/{kind}/{repo_id}/{sha}/{quote(filename)}?" + urlencode(
+                        {"etag": headers["ETag"]}
+                    )
+                    return self._send(307, b"", {**headers, "Location": loc}, head=head)
                 if f.lfs:
                     headers["X-Linked-Etag"] = how.etag if how and how.etag is not None else f'"{f.sha256}"'
                     headers["X-Linked-Size"] = str(f.size)

@@ -297,13 +297,13 @@ def test_a_same_origin_api_redirect_is_followed(fake_hub: FakeHub, checkpoint: P
 def test_a_file_redirect_to_another_scheme_is_refused(fake_hub: FakeHub, checkpoint: Path) -> None:
     """A file's metadata may send its body to another origin (the hub's CDN), over http(s) only: a
     ``file://`` location is refused with a typed error, not handed to the HTTP client."""
-    serve(fake_hub, "hostile/scheme", checkpoint)
+    sha = serve(fake_hub, "hostile/scheme", checkpoint)
     fake_hub.add_override(
         r"^/hostile/scheme/resolve/[^/]+/config\.json$",
         302,
         {
             "Location": "file:///etc/passwd",
-            "X-Repo-Commit": sha_of(fake_hub, "hostile/scheme"),
+            "X-Repo-Commit": sha,
             "ETag": '"abc"',
             "X-Linked-Etag": '"abc"',
             "X-Linked-Size": "10",
@@ -312,10 +312,6 @@ def test_a_file_redirect_to_another_scheme_is_refused(fake_hub: FakeHub, checkpo
     )
     with pytest.raises(UnsafeHubAnswerError, match=r"file:///etc/passwd.*only http and https"):
         automodel_plugins.load_config("hostile/scheme")
-
-
-def sha_of(hub: FakeHub, repo_id: str) -> str:
-    return hub._repos[("model", repo_id)].refs["main"]
 
 
 def test_a_head_redirect_to_another_hub_host_is_refused(

@@ -47,6 +47,7 @@ from automodel_plugins.model.tensors import model_tensors
 from distributed import (
     _checks,
     _compressed_tensors_save,
+    _ct_state_dict,
     _ep_lora,
     _expert_parallel,
     _experts_lora,
@@ -1171,6 +1172,7 @@ SCENARIOS: dict[str, Callable[[Context], dict[str, Any]]] = {
     **_native_save.SCENARIOS,
     **_compressed_tensors_save.SCENARIOS,
     **_fsdp_save_config.SCENARIOS,
+    **_ct_state_dict.SCENARIOS,
 }
 
 

@@ -155,13 +155,13 @@ def test_stock_save_loads_in_stock_compressed_tensors_as_the_source(dense: Path,
     model.save_pretrained(tmp_path / "stock")
     written = json.loads((tmp_path / "stock" / "config.json").read_text())["quantization_config"]
     assert written == json.loads((dense / "config.json").read_text())["quantization_config"]
-    _assert_stock_loads_it_as_the_source(tmp_path / "stock", dense)
-    again = resident(tmp_path / "stock")  # and the host loads it back bit for bit
+    again = resident(tmp_path / "stock")  # the host loads it back bit for bit
     assert_same_state_dict(again, model)
     assert torch.equal(logits(again), expected)
     assert torch.equal(logits(automodel_plugins.from_pretrained(tmp_path / "stock", dtype=F32)), expected)
     copied = copy.deepcopy(model)  # a copy shows the same names
     assert copied.state_dict().keys() == model.state_dict().keys()
+    _assert_stock_loads_it_as_the_source(tmp_path / "stock", dense)  # skipped without compressed-tensors
 
 
 def test_stock_save_after_a_partial_merge(dense: Path, tmp_path: Path) -> None:

@@ -57,6 +57,7 @@ from distributed import (
     _native_save,
     _peft_merge_config,
     _rotary_compile,
+    _source_save_dtype,
     _stages,
     _tiny,
 )
@@ -1173,6 +1174,7 @@ SCENARIOS: dict[str, Callable[[Context], dict[str, Any]]] = {
     **_compressed_tensors_save.SCENARIOS,
     **_fsdp_save_config.SCENARIOS,
     **_ct_state_dict.SCENARIOS,
+    **_source_save_dtype.SCENARIOS,
 }
 
 

@@ -144,6 +144,9 @@ def test_load_state_dict_takes_the_compressed_tensors_names(dense: Path) -> None
     assert not other.load_state_dict(state, strict=True).unexpected_keys
     layer = other.model.language_model.layers[0].self_attn.q_proj
     assert torch.equal(layer.weight_scale_inv.reshape(-1), state[prefix + "weight_scale"].reshape(-1))
+    if layer.activation_scale is None:  # dynamic activations: an input_scale is unexpected, named as given
+        extra = {**state, prefix + "input_scale": torch.ones(1)}
+        assert other.load_state_dict(extra, strict=False).unexpected_keys == [prefix + "input_scale"]
     del state[prefix + "weight_scale"]
     missing = other.load_state_dict(state, strict=False).missing_keys
     assert missing == [prefix + "weight_scale"]  # named as state_dict() shows it

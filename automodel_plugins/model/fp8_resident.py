@@ -378,9 +378,10 @@ class Fp8Resident(nn.Module):
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
-        for buffer, key, _ in self.shown_as:  # the shown name wins: it is what state_dict() gave the caller
-            if prefix + key in state_dict:
-                state_dict[prefix + buffer] = state_dict.pop(prefix + key)
+        shown = {prefix + buffer: prefix + key for buffer, key, _ in self.shown_as}
+        for internal, key in shown.items():  # the shown name wins: it is what state_dict() gave the caller
+            if key in state_dict:
+                state_dict[internal] = state_dict.pop(key)
         for name in self.CODE_NAMES:
             codes = state_dict.get(prefix + name)
             if isinstance(codes, torch.Tensor):
@@ -401,13 +402,16 @@ class Fp8Resident(nn.Module):
                 and buffer is not None
                 and (scale.dtype != torch.float32 or tuple(scale.shape) != tuple(buffer.shape))
             ):
-                state_dict[prefix + name] = decode_activation_scale(scale, buffer.numel(), key=prefix + name)
-        missing = len(missing_keys)
+                key = shown.get(prefix + name, prefix + name)
+                state_dict[prefix + name] = decode_activation_scale(scale, buffer.numel(), key=key)
+        missing, unexpected = len(missing_keys), len(unexpected_keys)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
-        shown = {prefix + buffer: prefix + key for buffer, key, _ in self.shown_as}
-        missing_keys[missing:] = [shown.get(key, key) for key in missing_keys[missing:]]
+        missing_keys[missing:] = [
+            shown.get(key, key) for key in missing_keys[missing:]
+        ]  # as the caller named them
+        unexpected_keys[unexpected:] = [shown.get(key, key) for key in unexpected_keys[unexpected:]]
         self._rewrap_codes()
 
 

@@ -346,5 +346,6 @@ def cli_spelling() -> Iterator[None]:
 
 class StockSaveRefusedError(SaveError):
     """A stock ``model.save_pretrained`` that would write a checkpoint whose ``quantization_config`` does not
-    describe its tensors (an FP8-resident model loaded from compressed-tensors: transformers' FP8 names under a
-    compressed-tensors config). Names the destination; nothing is written."""
+    describe its tensors (an FP8-resident model loaded from compressed-tensors that holds FP8-resident fused
+    experts, which have no compressed-tensors form transformers loads). Names the destination; nothing is
+    written."""

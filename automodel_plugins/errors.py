@@ -164,6 +164,11 @@ class UnsafeHubAnswerError(HubDownloadError):
     huggingface_hub names cache paths after these answers, so they are refused before anything is written."""
 
 
+class HubGuardUnavailableError(HubError):
+    """The installed huggingface_hub lacks what this package checks a hub's answers through (its client factory,
+    its Xet switch): downloads are refused rather than made unchecked."""
+
+
 class CorruptCheckpointError(CheckpointError):
     """A safetensors file that is truncated, has a malformed header, or an index that does not parse."""
 

@@ -173,3 +173,23 @@ def test_qwen3_vl_moe_per_expert_to_bf16_reads_every_byte_once(
         per_key[key] += 1
     experts = [key for key in stored if re.search(r"\.experts\.\d+\.\w+_proj\.weight$", key)]
     assert experts and all(per_key[key] == 1 for key in experts)
+
+
+@pytest.mark.parametrize(
+    ("form", "to"), [("large3", "fp8-block"), ("fused", "bf16"), ("fused", "fp8-tensor")]
+)
+def test_region_reads_write_the_files_whole_rows_wrote(
+    large3: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, form: str, to: str
+) -> None:
+    """The files are byte for byte those of the former reads (every piece cut out of its expert's whole rows,
+    which a base without ``values_of`` still does)."""
+    from automodel_plugins.pipeline.save.values import CheckpointValues
+
+    source = large3 if form == "large3" else write_checkpoint(mla_model(), tmp_path / "fused", "block-fused")
+    convert_checkpoint(source, tmp_path / "regions", to=to, layout="native")
+    monkeypatch.delattr(CheckpointValues, "values_of")
+    convert_checkpoint(source, tmp_path / "rows", to=to, layout="native")
+    names = sorted(p.name for p in (tmp_path / "rows").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "regions").iterdir())
+    for name in names:
+        assert (tmp_path / "regions" / name).read_bytes() == (tmp_path / "rows" / name).read_bytes(), name

@@ -263,7 +263,8 @@ class PieceValues:
     A piece's box is the overlap of its geometry's box with the box of the model tensor ``base`` holds, in the
     piece's stored coordinates; its chunks are that overlap's values, reoriented, a bounded run of stored rows
     at a time (the whole overlap is gathered first only where stored rows are not model rows, a piece of one
-    expert or a transposed matrix: at most one piece).
+    expert or a transposed matrix: at most one piece; from a base with ``values_of``, a checkpoint, that box is
+    read alone: an expert's gate rows never read its up rows).
     """
 
     def __init__(self, base: TensorValues, plan: SavePlan, ranks: Ranks | None = None) -> None:
@@ -335,14 +336,6 @@ class PieceValues:
             return
         first = geometry.stored_region(overlap)[0][0] if geometry.stored_ndim else 0
         own_rows = (overlap[0][0] - held[0][0], overlap[0][1] - held[0][0])  # only the rows the piece has
-        values_of = getattr(self.base, "values_of", None)  # a reader: only the piece's own box is read
-        if values_of is not None and geometry.keeps_rows:
-            step = _rows_per_chunk(tuple(b - a for a, b in overlap), elements)
-            for row in range(overlap[0][0], overlap[0][1], step):
-                part = ((row, min(row + step, overlap[0][1])), *overlap[1:])
-                values = geometry.to_stored(values_of(tensor, part))
-                yield geometry.stored_region(part)[0][0] - first, values.contiguous()
-            return
         if geometry.keeps_rows:
             for row, chunk in self.base.chunks(tensor, elements, own_rows):
                 rows = ((held[0][0] + row, held[0][0] + row + chunk.shape[0]), *held[1:])
@@ -358,6 +351,7 @@ class PieceValues:
                 f"{overlap[geometry.squeezed]} of {geometry.box[geometry.squeezed]}, which cut a head: its rows "
                 "are permuted within the head, so it is written by a process holding whole heads"
             )
+        values_of = getattr(self.base, "values_of", None)  # a reader: only the piece's own box is read
         if values_of is not None:
             gathered = values_of(tensor, overlap)
         else:
@@ -370,7 +364,6 @@ class PieceValues:
             ]
             gathered = parts[0] if len(parts) == 1 else torch.cat(parts)  # one expert's run: no copy
         stored = geometry.to_stored(gathered) if heads is None else geometry.heads_to_stored(gathered)
-        del gathered  # the piece's values are held once, in stored order
         step = _rows_per_chunk(tuple(stored.shape), elements or None)
         for row in range(0, stored.shape[0], step):
             yield row, stored[row : row + step].contiguous()

@@ -654,6 +654,234 @@ class _EagerLinearCrossEntropy(torch.autograd.Function):
         return _backward(ctx, grad_loss, grad_lse, grad_denom, backward_fn=_backward_impl)
 
 
+# --- a scalar loss: the gradients during the forward, three matmuls ---------------------------------------
+#
+# When the loss reaches autograd as a scalar (reduction "mean" or "sum"), its upstream gradient is one number,
+# so the gradients can be formed in the forward (Liger's order) and the backward only scales them: per chunk of
+# token rows, one matmul for the logits over the whole vocabulary, softmax in the accumulation dtype, then
+# ``G @ W`` and ``G^T x``. Three matmuls in all, as stock, instead of four; and a handful of large ops per chunk.
+
+# Fewer rows of the whole vocabulary than this per chunk make narrow matmuls and many ops: tiles instead.
+_MIN_GRAD_ROWS = 16
+# A low-precision head's chunk budget in units of default_memory_budget (see _grad_chunk_budget).
+_LOW_PRECISION_GRAD_BUDGET = 4
+
+
+def grad_chunk_rows(
+    n_tokens: int, vocab: int, budget_bytes: int, *, dtype: torch.dtype, softcap: bool
+) -> int:
+    """Token rows per chunk of the gradients-in-forward path (every chunk spans the whole vocabulary), or 0
+    when fewer than ``min(n_tokens, 16)`` rows fit ``budget_bytes`` (then vocabulary tiles serve better).
+
+    A chunk holds its logits in the accumulation dtype (plus, for a low-precision head, the matmul's own
+    output, reused for the gradient ``G`` fed to the two gradient matmuls; with ``softcap``, the cap's
+    derivative in a second accumulation-dtype buffer). Chunks are balanced: no short last chunk.
+    """
+    if vocab <= 0 or budget_bytes <= 0:
+        raise ValueError(f"vocab and budget_bytes must be positive, got vocab={vocab}, budget={budget_bytes}")
+    n_tokens = max(n_tokens, 1)
+    acc_bytes = torch.empty((), dtype=_acc_dtype(dtype)).element_size()
+    per_entry = acc_bytes * (2 if softcap else 1)
+    if _low_precision(dtype):
+        per_entry += torch.empty((), dtype=dtype).element_size()
+    rows = budget_bytes // (per_entry * vocab)
+    if rows < min(n_tokens, _MIN_GRAD_ROWS):
+        return 0
+    chunks = -(-n_tokens // rows)
+    return -(-n_tokens // chunks)
+
+
+def _grad_chunk_budget(vocab: int, hidden: int, dtype: torch.dtype) -> int:
+    """Default bytes of a gradients-in-forward chunk: :func:`default_memory_budget` (1/16 of an fp32 weight
+    gradient, at most 64 MiB), four times that for a bf16/fp16 head (half its own weight gradient, at most
+    256 MiB): rows enough that each ``dW += G^T x`` product outweighs reading and writing ``dW`` once more,
+    and few chunks, so few multi-threaded ops (each of which, on a busy CPU, waits for its slowest thread)."""
+    budget = default_memory_budget(vocab, hidden)
+    return _LOW_PRECISION_GRAD_BUDGET * budget if _low_precision(dtype) else budget
+
+
+def _forward_grads_impl(
+    x2d: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor,
+    normalizer: torch.Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    softcap: float | None,
+    rows: int,
+    need_input: bool,
+    need_weight: bool,
+    need_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, per-token log-sum-exp (0 where ignored), denominator, d input, d weight, d bias), the gradients
+    for an upstream gradient of 1.
+
+    Chunk by chunk of ``rows`` label tokens: ``logits = x_c W^T`` (+ bias) in the head's dtype, the softmax in
+    the accumulation dtype, ``G = (softmax - onehot) / denominator`` (times the softcap's derivative) rounded
+    once to the head's dtype, as stock's logits gradient is; then ``dx_c = G W`` (written once, as stock's) and
+    ``dW += G^T x_c`` in the weight's dtype (one rounding per chunk: with one chunk, stock's ``dW``). No fp32
+    ``[V, H]`` buffer. Gradients not wanted come back as empty tensors.
+    """
+    vocab = weight.shape[0]
+    valid, tgt = _valid_rows(target, ignore_index, vocab)
+    n_valid = valid.numel()
+    denom = _denominator(reduction, normalizer, n_valid)  # validates before any compute
+    scale = 1.0 / denom
+    all_rows = n_valid == x2d.shape[0]
+    head = _Head(weight, bias, softcap, min(rows, max(n_valid, 1)), vocab)
+    acc = head.acc
+    empty = x2d.new_empty(0)
+    d_input = empty
+    if need_input:
+        d_input = torch.empty_like(x2d) if all_rows else torch.zeros_like(x2d)
+    d_weight = torch.empty_like(weight) if need_weight else x2d.new_empty(0)
+    d_bias = torch.zeros(vocab, dtype=acc, device=x2d.device) if need_bias else None
+    lse = torch.zeros(x2d.shape[0], dtype=acc, device=x2d.device)
+    loss = torch.zeros((), dtype=acc, device=x2d.device)
+    for j, (r0, r1) in enumerate(_spans(n_valid, head.rows)):
+        index = None if all_rows else valid[r0:r1]
+        x = x2d[r0:r1] if index is None else x2d.index_select(0, index)
+        t = tgt[r0:r1].unsqueeze(1)
+        logits = head.logits(x, 0, vocab)
+        row_max = logits.amax(dim=1).to(acc)  # bf16 - bf16 would round: the shift in the accumulation dtype
+        picked = logits.gather(1, t).squeeze(1).to(acc)  # before the in-place exp below
+        probs = head.shifted_exp(logits, row_max)  # exp(logits - max), unnormalized
+        sums = probs.sum(dim=1)
+        chunk_lse = sums.log().add_(row_max)
+        loss += (chunk_lse - picked).sum()
+        if index is None:
+            lse[r0:r1] = chunk_lse
+        else:
+            lse.index_copy_(0, index, chunk_lse)
+        probs.scatter_add_(1, t, sums.neg().unsqueeze(1))  # exp - sum * onehot = sum * (softmax - onehot)
+        if softcap is not None:
+            probs.mul_(head.cap_buf[: probs.numel()].view_as(probs))
+        grad = head.matmul_operand(probs, sums.reciprocal_().mul_(scale).unsqueeze(1), scaled=False)
+        if d_bias is not None:
+            d_bias += grad.sum(dim=0, dtype=acc)
+        if need_input:
+            if index is None:
+                torch.mm(grad, weight, out=d_input[r0:r1])
+            else:
+                d_input.index_copy_(0, index, torch.mm(grad, weight))
+        if need_weight:
+            (torch.mm(grad.T, x, out=d_weight) if j == 0 else d_weight.addmm_(grad.T, x))
+    if need_weight and not n_valid:
+        d_weight.zero_()
+    return (
+        loss / denom,
+        lse,
+        torch.tensor(denom, dtype=acc, device=x2d.device),
+        d_input,
+        d_weight,
+        empty.new_empty(0) if d_bias is None else d_bias.to(bias.dtype),
+    )
+
+
+@torch.library.custom_op("automodel_plugins::linear_cross_entropy_with_grads", mutates_args=())
+def _lce_forward_grads(
+    x2d: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor,
+    normalizer: torch.Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    softcap: float | None,
+    rows: int,
+    need_input: bool,
+    need_weight: bool,
+    need_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients-in-forward pass as an op torch.compile keeps whole (see :func:`_forward_grads_impl`)."""
+    return _forward_grads_impl(
+        x2d,
+        weight,
+        bias,
+        target,
+        normalizer,
+        ignore_index,
+        reduction,
+        softcap,
+        rows,
+        need_input,
+        need_weight,
+        need_bias,
+    )
+
+
+@_lce_forward_grads.register_fake
+def _lce_forward_grads_fake(
+    x2d,
+    weight,
+    bias,
+    target,
+    normalizer,
+    ignore_index,
+    reduction,
+    softcap,
+    rows,
+    need_input,
+    need_weight,
+    need_bias,
+):
+    acc = _acc_dtype(weight.dtype)
+    return (
+        x2d.new_empty((), dtype=acc),
+        x2d.new_empty((x2d.shape[0],), dtype=acc),
+        x2d.new_empty((), dtype=acc),
+        torch.empty_like(x2d) if need_input else x2d.new_empty(0),
+        torch.empty_like(weight) if need_weight else x2d.new_empty(0),
+        torch.empty_like(bias) if need_bias and bias is not None else x2d.new_empty(0),
+    )
+
+
+def _setup_grads_context(ctx, inputs, output) -> None:
+    ctx.wanted = inputs[9:12]
+    ctx.save_for_backward(*output[3:])
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _backward_grads(ctx, grad_loss, *_unused):
+    """The saved gradients times the upstream scalar (traced by torch.compile: out of place, functional)."""
+    grads = [
+        g * grad_loss if wanted else None for g, wanted in zip(ctx.saved_tensors, ctx.wanted, strict=True)
+    ]
+    return (*grads, None, None, None, None, None, None, None, None, None)
+
+
+_lce_forward_grads.register_autograd(_backward_grads, setup_context=_setup_grads_context)
+
+
+class _EagerLinearCrossEntropyGrads(torch.autograd.Function):
+    """The gradients-in-forward pass in eager mode: the backward scales the gradients in place and hands them
+    over (no second ``[V, H]`` tensor). A second backward through the same graph (``retain_graph=True``) finds
+    them gone and recomputes them from the saved inputs and log-sum-exp with the tiled backward."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        x2d, weight, bias, target, _normalizer, ignore_index, reduction, softcap, rows = inputs[:9]
+        loss, lse, denom, *grads = _forward_grads_impl(*inputs)
+        ctx.grads = grads
+        ctx.wanted = inputs[9:12]
+        ctx.save_for_backward(x2d, weight, bias, target, lse, denom)
+        ctx.options = (ignore_index, reduction, softcap, rows, weight.shape[0])
+        ctx.mark_non_differentiable(lse, denom)
+        return loss, lse, denom
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, _grad_lse, _grad_denom):
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:  # a second backward: the first one handed the precomputed gradients over
+            grads = _backward_impl(grad_loss, *ctx.saved_tensors, *ctx.options, *ctx.wanted)
+        else:
+            grads = [g.mul_(grad_loss) if wanted else g for g, wanted in zip(grads, ctx.wanted, strict=True)]
+        scaled = [g if wanted else None for g, wanted in zip(grads, ctx.wanted, strict=True)]
+        return (*scaled, None, None, None, None, None, None, None, None, None)
+
+
 def _chunk_shape(
     n_tokens: int,
     weight: torch.Tensor,
@@ -675,6 +903,31 @@ def _chunk_shape(
     budget = memory_budget_bytes or default_memory_budget(vocab, hidden)
     buffers = 2 if softcap is not None else 1  # softcap keeps its derivative in a second tile buffer
     return choose_chunk_size(n_tokens, vocab, budget, hidden=hidden, logit_buffers=buffers)
+
+
+def _wanted_grads(
+    x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[bool, bool, bool]:
+    """Which of (input, weight, bias) autograd will ask a gradient for: decided here, outside the op (under
+    torch.compile, grad mode and ``requires_grad`` are guarded at trace time)."""
+    if not torch.is_grad_enabled():
+        return False, False, False
+    return x2d.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad
+
+
+def _grad_rows(
+    n_tokens: int,
+    weight: torch.Tensor,
+    softcap: float | None,
+    chunk_size: int | tuple[int, int] | None,
+    memory_budget_bytes: int | None,
+) -> int:
+    """Rows per chunk of the gradients-in-forward path, or 0 where vocabulary tiles are needed instead."""
+    if chunk_size is not None:
+        return min(chunk_size[0] if isinstance(chunk_size, tuple) else chunk_size, max(n_tokens, 1))
+    vocab, hidden = weight.shape
+    budget = memory_budget_bytes or _grad_chunk_budget(vocab, hidden, weight.dtype)
+    return grad_chunk_rows(n_tokens, vocab, budget, dtype=weight.dtype, softcap=softcap is not None)
 
 
 def linear_cross_entropy(
@@ -718,8 +971,8 @@ def linear_cross_entropy(
         normalizer_tensor = torch.tensor(normalizer_value, dtype=torch.float64)
     else:
         normalizer_tensor = None
-    op = _lce_forward if torch.compiler.is_compiling() else _EagerLinearCrossEntropy.apply
-    loss, _lse, _denom = op(
+    softcap = None if softcap is None else float(softcap)
+    args = (
         x2d,
         weight,
         bias,
@@ -727,9 +980,18 @@ def linear_cross_entropy(
         normalizer_tensor,
         int(ignore_index),
         reduction,
-        None if softcap is None else float(softcap),
-        chunk.rows,
-        chunk.vocab,
+        softcap,
     )
+    wanted = _wanted_grads(x2d, weight, bias)
+    rows = 0
+    tiles_asked = isinstance(chunk_size, tuple) and chunk_size[1] < weight.shape[0]
+    if reduction != "none" and any(wanted) and not tiles_asked:
+        rows = _grad_rows(x2d.shape[0], weight, softcap, chunk_size, memory_budget_bytes)
+    if rows:  # a scalar loss: the gradients in the forward, three matmuls
+        op = _lce_forward_grads if torch.compiler.is_compiling() else _EagerLinearCrossEntropyGrads.apply
+        loss = op(*args, rows, *wanted)[0]
+    else:
+        op = _lce_forward if torch.compiler.is_compiling() else _EagerLinearCrossEntropy.apply
+        loss = op(*args, chunk.rows, chunk.vocab)[0]
     loss = loss.to(loss_dtype or input.dtype)
     return loss.reshape(target.shape) if reduction == "none" else loss

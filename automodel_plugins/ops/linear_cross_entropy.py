@@ -293,17 +293,22 @@ class _Head:
         return out
 
     def shifted_exp(self, logits: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-        """``exp(logits - shift[:, None])`` in the accumulation-dtype buffer (widening fused into the subtraction)."""
+        """``exp(logits - shift[:, None])`` in the accumulation-dtype buffer: widened by a copy first (a
+        mixed-dtype ``sub(..., out=)`` would allocate a temporary of the whole block on CPU)."""
         out = self.acc_buf[: logits.numel()].view_as(logits)
-        return torch.sub(logits, shift.unsqueeze(1), out=out).exp_()
+        if logits.data_ptr() != out.data_ptr():
+            out.copy_(logits)
+        return out.sub_(shift.unsqueeze(1)).exp_()
 
     def matmul_operand(self, probs: torch.Tensor, scale: torch.Tensor, scaled: bool) -> torch.Tensor:
-        """``probs * scale`` in the matmul dtype: scaled in place, or rounded into the low-precision buffer in
-        the same pass (``scaled``: already multiplied, for the bias sum)."""
+        """``probs * scale`` in the matmul dtype: scaled in place, then rounded into the low-precision buffer
+        (``scaled``: already multiplied, for the bias sum). Two passes, not a mixed-dtype ``mul(..., out=)``,
+        which would allocate a temporary of the whole block on CPU."""
+        if not scaled:
+            probs.mul_(scale)
         if not self.low:
-            return probs if scaled else probs.mul_(scale)
-        grad = self.low_buf[: probs.numel()].view_as(probs)
-        return grad.copy_(probs) if scaled else torch.mul(probs, scale, out=grad)
+            return probs
+        return self.low_buf[: probs.numel()].view_as(probs).copy_(probs)
 
 
 def _spans(total: int, step: int) -> list[tuple[int, int]]:

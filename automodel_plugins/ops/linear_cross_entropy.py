@@ -27,6 +27,7 @@ __all__ = [
     "ChunkShape",
     "choose_chunk_size",
     "default_memory_budget",
+    "grad_chunk_rows",
     "linear_cross_entropy",
     "low_precision_chunk_size",
 ]

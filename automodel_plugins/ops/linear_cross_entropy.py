@@ -1,17 +1,24 @@
-"""Blocked ("cut") linear cross-entropy: ``cross_entropy(input @ weight.T + bias, target)`` without ``[N, V]``.
+"""Fused linear cross-entropy: ``cross_entropy(input @ weight.T + bias, target)`` without ``[N, V]`` logits.
 
 The logits of a large-vocabulary head dominate training memory (``N * V * 4`` bytes, kept twice by autograd).
-Like Cut Cross-Entropy, this op walks ``[rows, vocabulary tile]`` blocks of the non-ignored tokens: forward
-keeps only each token's log-sum-exp; backward recomputes each block's logits from it and turns them into
-``G = softmax - onehot``, vocabulary tile by vocabulary tile, so each weight-gradient tile ``G^T x`` is summed
-over all tokens and written once in the weight's dtype (no fp32 ``[V, H]`` buffer), while ``G W`` adds into
-an fp32 input gradient. Matmuls run in the head's dtype (bf16 matmuls accumulate in fp32 and round once, like
-stock's ``x @ W.T``); log-sum-exp, softmax and every sum across blocks in fp32. Four matmuls in all, against
-three for the naive path; a bf16 block takes every token when the budget allows.
+Two paths, picked outside the op from grad mode, ``requires_grad`` and the reduction:
 
-Under ``torch.compile`` the forward and backward are ``torch.library`` custom ops (their host syncs stay
-inside; fake kernels give the shapes), so a compiled caller has no graph break; eager calls run the same
-functions through an ``autograd.Function``.
+* A scalar loss (``"mean"``/``"sum"``) that needs gradients: its upstream gradient is one number, so the
+  gradients are formed in the forward (Liger's order), in chunks of token rows over the whole vocabulary:
+  ``logits = x_c W^T`` in the head's dtype, log-sum-exp and softmax in fp32 in place, ``G = softmax - onehot``
+  (scaled by the denominator, times the softcap's derivative) rounded once to the head's dtype, then
+  ``dx_c = G W`` and ``dW += G^T x_c`` (``addmm`` into the weight's dtype: no fp32 ``[V, H]`` buffer). Three
+  matmuls, as stock, and about ten large ops per chunk; the backward only scales the saved gradients by the
+  upstream scalar. One chunk is stock's arithmetic; each further chunk adds one rounding to the bf16 ``dW``.
+* Otherwise (``reduction="none"``: a per-token upstream gradient; no gradient wanted; vocabulary tiles asked
+  for, or a vocabulary too wide for the chunk budget), as Cut Cross-Entropy: walk ``[rows, vocabulary tile]``
+  blocks of the label tokens keeping only each token's log-sum-exp; the backward recomputes each block's
+  logits and writes each weight-gradient tile ``G^T x`` once in the weight's dtype. Four matmuls.
+
+Matmuls run in the head's dtype (bf16 matmuls accumulate in fp32 and round once, like stock's ``x @ W.T``);
+log-sum-exp, softmax and every sum across blocks in fp32 (fp64 for an fp64 head). Under ``torch.compile`` each
+path is a ``torch.library`` custom op (host syncs inside, fake kernels for shapes, registered autograd), so a
+compiled caller has no graph break; eager calls run the same functions through an ``autograd.Function``.
 """
 
 from __future__ import annotations
@@ -958,10 +965,13 @@ def linear_cross_entropy(
     ``"sum"``, or ``"none"`` (per-token loss shaped like ``target``, 0 where ignored). ``normalizer``: with
     ``"mean"`` or ``"sum"``, return ``sum / normalizer`` instead (e.g. the label-token count of a whole
     gradient-accumulation batch). ``softcap``: logits become ``softcap * tanh(logits / softcap)``.
-    ``chunk_size`` (rows per block, or ``(rows, vocab_tile)``) or ``memory_budget_bytes`` (bytes of a block's
-    working set, see :func:`choose_chunk_size` and :func:`low_precision_chunk_size`) override the default,
-    :func:`default_memory_budget`. Matmuls run in the head's dtype (fp32 accumulation inside the matmul, as
-    stock's ``x @ W.T``); log-sum-exp, softmax and gradient sums in fp32. The gradients come back in the
+    ``chunk_size`` (rows per block, or ``(rows, vocab_tile)``; a tile narrower than the vocabulary selects the
+    tiled path) or ``memory_budget_bytes`` (bytes of a block's working set, see :func:`grad_chunk_rows` for a
+    scalar loss that needs gradients, :func:`choose_chunk_size` and :func:`low_precision_chunk_size` otherwise)
+    override the default, derived from :func:`default_memory_budget`. A scalar loss with gradients forms them
+    in the forward and its backward scales them (three matmuls); a second backward through the same graph
+    (``retain_graph=True``) recomputes them. Matmuls run in the head's dtype (fp32 accumulation inside the
+    matmul, as stock's ``x @ W.T``); log-sum-exp, softmax and gradient sums in fp32. The gradients come back in the
     inputs' dtypes and so does the loss, unless ``loss_dtype`` asks for another floating dtype
     (``torch.float32`` keeps a bf16 model's loss unrounded, as transformers reports it).
     """

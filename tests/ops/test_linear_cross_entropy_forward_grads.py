@@ -261,22 +261,22 @@ def test_bf16_options(path_calls) -> None:
     assert path_calls["forward_grads"] == 2
 
 
-def test_bf16_one_chunk_is_stocks_input_gradient() -> None:
-    """With every label token in one chunk, ``dx = G @ W`` is one bf16 matmul from ``G`` rounded once, as
-    stock's; the weight gradient summed over 8 chunks (8 roundings in bf16) stays within 3x stock's error
-    against fp64 (measured ~1.7x; numbers in docs/performance.md)."""
+def test_bf16_one_chunk_is_stocks_arithmetic() -> None:
+    """With every label token in one chunk the op is stock's arithmetic: ``dx = G @ W`` from ``G`` rounded once
+    is stock's bit for bit, ``dW = G^T x`` differs in a few last bits (0.025 % of entries measured). Over 8
+    chunks ``dW`` is rounded to bf16 once per chunk: within 2x stock's error against fp64 (measured 1.58x)."""
     case = make_inputs((256,), 128, 4096, dtype=BF16, ignore_every=None)
     stock, leaves = stock_bf16(case, reduction="mean")
     stock.backward()
     fp64, fp64_leaves = reference(case, reduction="mean")
     fp64.backward()
-    one = ours(case, chunk_size=256)
-    one.backward()
-    assert cosine(case["x"].grad, leaves["x"].grad) > 0.99999
+    ours(case, chunk_size=256).backward()
+    assert torch.equal(case["x"].grad, leaves["x"].grad)
+    assert (case["w"].grad != leaves["w"].grad).float().mean() < 1e-3
     err_stock = relative(leaves["w"].grad, fp64_leaves["w"].grad)
     case["w"].grad = None
     ours(case, chunk_size=32).backward()
-    assert relative(case["w"].grad, fp64_leaves["w"].grad) < 3 * err_stock
+    assert relative(case["w"].grad, fp64_leaves["w"].grad) < 2 * err_stock
 
 
 def relative(got: torch.Tensor, expected: torch.Tensor) -> float:

@@ -688,7 +688,8 @@ def grad_chunk_rows(
 
     A chunk holds its logits in the accumulation dtype (plus, for a low-precision head, the matmul's own
     output, reused for the gradient ``G`` fed to the two gradient matmuls; with ``softcap``, the cap's
-    derivative in a second accumulation-dtype buffer). Chunks are balanced: no short last chunk.
+    derivative in a second accumulation-dtype buffer). The op balances its chunks over the label tokens (no
+    short last chunk), so it may use fewer rows than this.
     """
     if vocab <= 0 or budget_bytes <= 0:
         raise ValueError(f"vocab and budget_bytes must be positive, got vocab={vocab}, budget={budget_bytes}")
@@ -700,8 +701,7 @@ def grad_chunk_rows(
     rows = budget_bytes // (per_entry * vocab)
     if rows < min(n_tokens, _MIN_GRAD_ROWS):
         return 0
-    chunks = -(-n_tokens // rows)
-    return -(-n_tokens // chunks)
+    return min(rows, n_tokens)
 
 
 def _grad_chunk_budget(vocab: int, hidden: int, dtype: torch.dtype) -> int:
@@ -742,7 +742,10 @@ def _forward_grads_impl(
     denom = _denominator(reduction, normalizer, n_valid)  # validates before any compute
     scale = 1.0 / denom
     all_rows = n_valid == x2d.shape[0]
-    head = _Head(weight, bias, softcap, min(rows, max(n_valid, 1)), vocab)
+    chunks = -(-max(n_valid, 1) // rows)
+    head = _Head(
+        weight, bias, softcap, -(-max(n_valid, 1) // chunks), vocab
+    )  # balanced over the label tokens
     acc = head.acc
     empty = x2d.new_empty(0)
     d_input = empty

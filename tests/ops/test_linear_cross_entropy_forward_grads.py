@@ -190,9 +190,9 @@ def test_vocabulary_too_wide_for_the_budget_uses_tiles(path_calls) -> None:
 
 def test_grad_chunk_rows() -> None:
     mib = 1 << 20
-    # bf16: 2 + 4 bytes per logit; 64 MiB of V = 32768 is 341 rows: 2048 tokens in 7 balanced chunks.
-    assert grad_chunk_rows(2048, 32768, 64 * mib, dtype=BF16, softcap=False) == 293
-    assert grad_chunk_rows(512, 65536, 64 * mib, dtype=BF16, softcap=False) == 128  # 170 fit: 4 chunks
+    # bf16: 2 + 4 bytes per logit; 64 MiB of V = 32768 is 341 rows (the op balances 2048 tokens: 7 x 293).
+    assert grad_chunk_rows(2048, 32768, 64 * mib, dtype=BF16, softcap=False) == 341
+    assert grad_chunk_rows(512, 65536, 64 * mib, dtype=BF16, softcap=False) == 170
     assert grad_chunk_rows(100, 65536, 1 << 30, dtype=BF16, softcap=False) == 100  # all tokens in one chunk
     # fp32: 4 bytes per logit, softcap 4 more.
     assert grad_chunk_rows(4096, 65536, 16 * mib, dtype=torch.float32, softcap=False) == 64

@@ -13,7 +13,7 @@ to be the one read before). Nothing in the directory is ever executed or unpickl
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, KeysView, Mapping
+from collections.abc import Iterable, Iterator, KeysView, Mapping
 from operator import attrgetter
 from pathlib import Path
 
@@ -30,6 +30,7 @@ from automodel_plugins.sources.resolve import CONFIG_NAME, INDEX_NAME, Checkpoin
 __all__ = ["Checkpoint"]
 
 _KEY = attrgetter("info.key")
+_INFO = attrgetter("info")
 
 
 class Checkpoint:
@@ -182,6 +183,15 @@ class Checkpoint:
         """Dtype, shape, file and size of a tensor, from the header alone."""
         entry = self._entries.get(key)  # inline, not self._entry: planning a 235B MoE asks ~500k times
         return entry.info if entry is not None else self._entry(key).info
+
+    def infos_of(self, keys: Iterable[str]) -> list[TensorInfo]:
+        """:meth:`info` of each of ``keys``, in order, in one C-level pass (planning asks for a fused experts
+        tensor's 256 pieces at once)."""
+        try:
+            return list(map(_INFO, map(self._entries.__getitem__, keys)))
+        except KeyError as exc:
+            key = exc.args[0]
+            raise CheckpointError(f"no tensor {key!r} in checkpoint", path=self.directory, key=key) from None
 
     def total_nbytes(self) -> int:
         return sum(e.info.nbytes for e in self._entries.values())

@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 
     from automodel_plugins.checkpoint import Checkpoint
 
+_KEY = attrgetter("key")
+
 __all__ = ["Fp8StateDictAdapter", "PrefixRename", "PrefixRenames", "fp8_adapter_for"]
 
 
@@ -132,11 +134,12 @@ class Fp8StateDictAdapter(StateDictAdapter):
         infos_of = getattr(self.checkpoint, "infos_of", None)
         if infos_of is None or not pairs:
             return None
-        names = list(map(itemgetter(0), pairs))
         try:
-            dtypes = set(map(attrgetter("dtype"), infos_of(names)))
+            infos = infos_of(map(itemgetter(0), pairs))
         except CheckpointError:  # a key not stored: a plain piece, reported by planning
             return None
+        names = list(map(_KEY, infos))  # the checkpoint's own key objects: later lookups match by identity
+        dtypes = set(map(attrgetter("dtype"), infos))
         scales, activations = self._sibling_suffixes(keys)
         (dtype,) = dtypes if len(dtypes) == 1 else (None,)
         if (
@@ -148,8 +151,16 @@ class Fp8StateDictAdapter(StateDictAdapter):
             or not all(map(methodcaller("endswith", ".weight"), names))
         ):
             return None
-        scale_keys = list(map(add, map(itemgetter(slice(None, -len("weight"))), names), repeat(scales[0])))
-        if not all(map(keys.__contains__, scale_keys)):
+        try:
+            scale_keys = list(
+                map(
+                    _KEY,
+                    infos_of(
+                        map(add, map(itemgetter(slice(None, -len("weight"))), names), repeat(scales[0]))
+                    ),
+                )
+            )
+        except CheckpointError:  # a scale not stored: refused, naming its weight, by _piece
             return None
         self._seen_scale_names.add(scales[0])
         boxes = map(itemgetter(1), pairs)

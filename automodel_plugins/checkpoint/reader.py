@@ -12,6 +12,7 @@ to be the one read before). Nothing in the directory is ever executed or unpickl
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections.abc import Iterable, Iterator, KeysView, Mapping
 from operator import attrgetter
@@ -57,6 +58,7 @@ class Checkpoint:
         self.index_path = index
         self.bytes_read = 0
         self._entries: dict[str, HeaderEntry] = {}
+        self._positions: dict[str, int] | None = None
         self._shards: dict[Path, ShardFile] = {}
         self._remote: dict[Path, tuple[Header, int]] = dict(headers or {})
         self._lock = threading.Lock()
@@ -185,6 +187,13 @@ class Checkpoint:
         """Dtype, shape, file and size of a tensor, from the header alone."""
         entry = self._entries.get(key)  # inline, not self._entry: planning a 235B MoE asks ~500k times
         return entry.info if entry is not None else self._entry(key).info
+
+    def positions(self) -> dict[str, int]:
+        """Each key's index in :meth:`keys`, made once (both of ``inspect``'s plans order their tensors by it);
+        read-only."""
+        if self._positions is None:
+            self._positions = dict(zip(self._entries, itertools.count()))
+        return self._positions
 
     def infos_of(self, keys: Iterable[str]) -> list[TensorInfo]:
         """:meth:`info` of each of ``keys``, in order, in one C-level pass (planning asks for a fused experts

@@ -18,7 +18,6 @@ tensor (3-D) named a residency candidate is kept FP8 (codes and one stacked bloc
 from __future__ import annotations
 
 import functools
-import itertools
 import math
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -164,7 +163,7 @@ def plan_load(
     stored = key_view(checkpoint)
     if not checked.issuperset(sources):  # an earlier plan of these sources found every key
         _refuse_absent_keys(sources, checkpoint)
-    order = dict(zip(checkpoint.keys(), itertools.count()))
+    order = checkpoint.positions()
     keep, required = set(keep_fp8) | set(require_fp8), set(require_fp8)
     planned = {}
     for name in sorted(sources, key=lambda n: min(map(order.__getitem__, map(_KEY, sources[n].parts())))):

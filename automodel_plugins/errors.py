@@ -164,6 +164,11 @@ class UnsafeHubAnswerError(HubDownloadError):
     huggingface_hub names cache paths after these answers, so they are refused before anything is written."""
 
 
+class HubGuardUnavailableError(HubError):
+    """The installed huggingface_hub lacks what this package checks a hub's answers through (its client factory,
+    its Xet switch): downloads are refused rather than made unchecked."""
+
+
 class CorruptCheckpointError(CheckpointError):
     """A safetensors file that is truncated, has a malformed header, or an index that does not parse."""
 
@@ -341,5 +346,6 @@ def cli_spelling() -> Iterator[None]:
 
 class StockSaveRefusedError(SaveError):
     """A stock ``model.save_pretrained`` that would write a checkpoint whose ``quantization_config`` does not
-    describe its tensors (an FP8-resident model loaded from compressed-tensors: transformers' FP8 names under a
-    compressed-tensors config). Names the destination; nothing is written."""
+    describe its tensors (an FP8-resident model loaded from compressed-tensors that holds FP8-resident fused
+    experts, which have no compressed-tensors form transformers loads). Names the destination; nothing is
+    written."""

@@ -19,7 +19,8 @@ expert, as ``parallelize_experts`` places them, FSDP2 over the remaining ranks).
 
 LoRA: r=16 on the default targets (q_proj and v_proj, the vision tower included where its names match; MLA's
 q_b_proj and kv_b_proj for Large 3), and in the rows marked "+ experts" on both fused expert tensors too
-(``target_parameters``: ``r * E * (in + out)`` a tensor and layer, every expert's on each rank under ``ep``);
+(``target_parameters``: ``r * E * (in + out)`` a tensor and layer, split by expert under ``ep`` as
+``parallelize_experts`` splits them, each rank its experts' rows);
 fp32 adapters, gradients and two Adam states. Not counted: activations, temporaries, CUDA context.
 
     python benchmarks/plan_table.py            # markdown table on stdout

@@ -53,11 +53,16 @@ def test_expert_target_parameters_count_r_times_experts_times_both_sides(checkpo
     assert one.worst.lora["params"] == want > attention
     assert one.worst.lora["grads"] == want and one.worst.lora["optimizer"] == 2 * want
     assert one.to_dict()["lora"]["target_parameters"] == list(EXPERT_TARGETS)
-    # FSDP2 shards them: the ranks' bytes sum to the whole; expert parallelism keeps every expert's on each rank
+    # FSDP2 shards them: the ranks' bytes sum to the whole; expert parallelism splits the experts' factors by
+    # expert (each rank its 2 experts' of 4) and keeps the attention's whole on each rank
     fsdp = plan_memory(checkpoint, fsdp=2, dequantize=False, lora_r=R, lora_target_parameters=EXPERT_TARGETS)
     assert sum(rank.lora["params"] for rank in fsdp.ranks) == want
     ep = plan_memory(checkpoint, ep=2, dequantize=False, lora_r=R, lora_target_parameters=EXPERT_TARGETS)
-    assert [rank.lora["params"] for rank in ep.ranks] == [want, want]
+    assert [rank.lora["params"] for rank in ep.ranks] == [attention + (want - attention) // 2] * 2
+    both = plan_memory(
+        checkpoint, fsdp=2, ep=2, dequantize=False, lora_r=R, lora_target_parameters=EXPERT_TARGETS
+    )
+    assert sum(rank.lora["params"] for rank in both.ranks) == 2 * attention + (want - attention)
 
 
 def test_inspect_takes_lora_target_parameters(checkpoint: Path, run_cli) -> None:

@@ -19,6 +19,10 @@ forward context hands them to the experts' forward as local tensors with the cod
 an expert count the EP degree does not divide is a :class:`~automodel_plugins.errors.ExpertParallelError`
 naming the module and both sizes (transformers raises a bare ``ValueError`` half-way through the model).
 
+PEFT LoRA on the experts (``target_parameters``: :class:`~automodel_plugins.model.fp8_experts_lora.
+Fp8ExpertsParamWrapper`) is split with them: each rank holds its experts' rows of every factor, as DTensors on the
+EP mesh (:func:`lora_factor_placements`), whichever order PEFT and :func:`parallelize_experts` ran in.
+
 Without tensor parallelism every rank holds its own batch, so ``AutoEP`` always runs the all-to-all (its
 all-reduce variant needs the EP group to share one batch). The flow on an ``(ep, dp)`` mesh: ``build_model`` on
 meta (PEFT, if any) -> :func:`parallelize_experts` on ``mesh["ep"]`` -> :func:`fully_shard_experts` on
@@ -36,14 +40,32 @@ from torch import nn
 
 from automodel_plugins.errors import ExpertParallelError
 from automodel_plugins.model.fp8_experts import EXPERT_PROJECTIONS, Fp8Experts, fused_experts_shapes
-from automodel_plugins.model.placement import is_dtensor, local_region
+from automodel_plugins.model.placement import is_dtensor
 from automodel_plugins.model.tensor_parallel import pattern_of
 from automodel_plugins.model.tensors import unwrap_peft
 
-__all__ = ["expert_parallel_plan", "fully_shard_experts", "parallelize_experts"]
+__all__ = ["expert_parallel_plan", "fully_shard_experts", "lora_factor_placements", "parallelize_experts"]
 
 MODULE_STYLE = "ep_dispatch_experts"
 """The ``ep_plan`` style of an experts module (its fused parameters' ``grouped_gemm`` entries go with it)."""
+EP_LORA_MESH = "_ep_lora_mesh"
+"""The attribute :func:`parallelize_experts` leaves on an experts module: the EP mesh its LoRA factors split over
+(PEFT applied later reads it)."""
+
+
+def lora_factor_placements(r: int) -> tuple[Any, Any]:
+    """The placements over the EP mesh dim of PEFT's expert LoRA factors of rank ``r`` (a ``ParamWrapper`` over
+    ``[E, ...]``) that give each rank exactly its experts' factors, ``(lora_A, lora_B)``:
+
+    * ``lora_A.weight [r * E, in]`` is expert-major (PEFT reads it as ``[E, r, in]``): ``Shard(0)``;
+    * ``lora_B.weight [out, r * E]`` is expert-minor (read as ``[out, r, E]``: column ``k * E + e``), so an expert's
+      columns are ``r`` apart: ``_StridedShard(1, split_factor=r)`` (the ``r`` runs of ``E`` columns, each
+      chunked over the ranks) gives rank ``i`` the columns ``k * E + e`` of its experts ``e``, in PEFT's order,
+      which reads locally as ``[out, r, E / ep]``."""
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    return Shard(0), _StridedShard(1, split_factor=r)
 
 
 def expert_parallel_plan(model: nn.Module) -> dict[str, nn.Module]:
@@ -66,11 +88,33 @@ def expert_parallel_plan(model: nn.Module) -> dict[str, nn.Module]:
 def experts_under_peft(module: nn.Module) -> nn.Module:
     """The experts module itself under PEFT's ``ParamWrapper``s (LoRA ``target_parameters`` nests one a
     targeted tensor around it; the model's ``ep_plan`` names the outermost)."""
-    while type(module).__name__ == "ParamWrapper" and isinstance(
-        getattr(module, "base_layer", None), nn.Module
-    ):
+    while _is_param_wrapper(module) and isinstance(getattr(module, "base_layer", None), nn.Module):
         module = module.base_layer
     return module
+
+
+def _is_param_wrapper(module: nn.Module) -> bool:
+    """PEFT's ``ParamWrapper`` or a subclass (FSDP2's ``FSDPParamWrapper`` included), told by class name as PEFT
+    does (no import of PEFT here)."""
+    return any(kind.__name__ == "ParamWrapper" for kind in type(module).__mro__)
+
+
+def _lora_wrappers(model: nn.Module, experts: nn.Module) -> list[nn.Module]:
+    """The ``Fp8ExpertsParamWrapper``s (one a targeted tensor, nested) whose base is ``experts``, outermost first."""
+    return [
+        module
+        for module in model.modules()
+        if callable(getattr(module, "shard_lora_over_experts", None)) and module.get_base_layer() is experts
+    ]
+
+
+def _unit_of(model: nn.Module, experts: nn.Module) -> nn.Module:
+    """The outermost module of ``experts`` and the LoRA wrappers around it: what FSDP2 shards as one unit, so the
+    factors, DTensors on the EP mesh like the codes, are sharded over dp with them."""
+    wrappers = _lora_wrappers(model, experts)
+    inner = {id(w.base_layer) for w in wrappers}
+    outer = [w for w in wrappers if id(w) not in inner]
+    return outer[0] if outer else experts
 
 
 def _stock_lora_wrapper(model: nn.Module, experts: nn.Module) -> str | None:
@@ -166,7 +210,13 @@ def parallelize_experts(
 
     ``tp_mesh``: the ranks sharing one batch (transformers' meaning); default a 1-rank mesh per rank, every rank
     its own batch. ``implementation``: a name of transformers' ``EPImplementationInterface`` (``"auto"``,
-    ``"all_to_all"``, ``"all_reduce"`` with a shared batch). Returns module name -> what it holds."""
+    ``"all_to_all"``, ``"all_reduce"`` with a shared batch). Returns module name -> what it holds.
+
+    LoRA factors on the experts (PEFT's ``target_parameters``, applied before or after this call) become DTensors
+    on ``ep_mesh`` holding this rank's experts' rows (:func:`lora_factor_placements`): their gradients are
+    DTensors too and, like the experts', already sum every rank's tokens routed to them (the all-to-all's
+    backward): divide them by the number of batches, do not all-reduce them (:func:`fully_shard_experts` does
+    this under FSDP2)."""
     from torch.distributed.tensor import Shard, distribute_tensor
     from transformers.distributed.expert_parallel import MoEParamShard
 
@@ -200,8 +250,9 @@ def parallelize_experts(
                 )
         dispatch.install_forward(module, ep_mesh, tp_mesh=tp_mesh, ep_implementation=implementation)
         module._is_hooked = True
-        region = local_region(module._parameters["gate_up_proj"])
-        module.expert_offset = 0 if region is None else region[0].start  # global id of local expert 0
+        setattr(module, EP_LORA_MESH, ep_mesh)
+        for wrapper in _lora_wrappers(model, module):  # PEFT ran first: split its factors now
+            wrapper.shard_lora_over_experts(ep_mesh)
         applied[name] = (
             f"{type(module).__name__}: {module.num_experts} of {module.num_experts * ep} experts a rank"
         )
@@ -214,7 +265,9 @@ def fully_shard_experts(model: nn.Module, dp_mesh: Any, **fsdp_kwargs: Any) -> l
     already sums the tokens of its EP group's batches (the all-to-all's backward), so it is divided by all
     ``dp x ep`` batches, as transformers' ``apply_fully_sharded_data_parallelism`` does: with ``dp > 1``
     FSDP2 sums and divides locally (a custom divide factor would be a ``PREMUL_SUM``, which gloo refuses);
-    with ``dp == 1`` there is no reduction and FSDP2 divides by the factor itself. Returns the modules sharded."""
+    with ``dp == 1`` there is no reduction and FSDP2 divides by the factor itself. With LoRA on the experts the
+    unit is the outermost PEFT wrapper (experts and factors together: the factors are DTensors on the EP mesh,
+    whose gradients follow the same rule). Returns the modules sharded."""
     from torch.distributed.fsdp import fully_shard
 
     done = []
@@ -222,9 +275,10 @@ def fully_shard_experts(model: nn.Module, dp_mesh: Any, **fsdp_kwargs: Any) -> l
         if not getattr(module, "_is_expert_parallel", False):
             raise ExpertParallelError(f"{name} is not expert-parallel: run parallelize_experts on it first")
         ep = module._parameters["gate_up_proj"].device_mesh.size()
-        fully_shard(module, mesh=dp_mesh, **fsdp_kwargs)
-        module.set_gradient_divide_factor(float(dp_mesh.size() * ep))
+        unit = _unit_of(model, module)
+        fully_shard(unit, mesh=dp_mesh, **fsdp_kwargs)
+        unit.set_gradient_divide_factor(float(dp_mesh.size() * ep))
         if dp_mesh.size() > 1:
-            module.set_force_sum_reduction_for_comms(True)
+            unit.set_force_sum_reduction_for_comms(True)
         done.append(name)
     return done

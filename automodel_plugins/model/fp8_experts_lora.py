@@ -10,10 +10,14 @@ initialisation, ``save_pretrained`` / ``from_pretrained`` and forward, and chang
 
 * ``_activate_lora`` attaches the adapters' factors (``get_delta_factors``, in the experts' compute dtype) to
   the experts instead of parametrizing the codes; the experts' forward adds them expert by expert
-  (:mod:`~automodel_plugins.model.fp8_experts_delta`). Under expert parallelism the factors stay PEFT's
-  ``[E, ...]`` on every rank (the shapes stock PEFT gives a DTensor of every expert, and the file a one-process
-  run saves; ``lora_B``'s ``[out, r * E]`` is expert-minor, so no ``Shard`` placement holds whole experts) and
-  each rank's forward takes its experts' slice (from the module's ``expert_offset``);
+  (:mod:`~automodel_plugins.model.fp8_experts_delta`). Under expert parallelism the factors keep PEFT's global
+  shapes (``lora_A [r * E, in]``, ``lora_B [out, r * E]``: the file a one-process run saves) as DTensors on the
+  EP mesh holding this rank's experts' rows only
+  (:func:`~automodel_plugins.model.expert_parallel.lora_factor_placements`: ``Shard(0)`` and
+  ``_StridedShard(1, split_factor=r)``), split by :func:`~automodel_plugins.model.expert_parallel.parallelize_experts`
+  or, when PEFT comes after it, by ``update_layer``; the forward reads the local factors as PEFT reads the whole
+  ones. PEFT's ``save_pretrained`` gathers them (every rank calls it), and ``load_state_dict`` of whole factors
+  (``PeftModel.from_pretrained``, ``set_peft_model_state_dict``) keeps each rank's experts' rows;
 * the adapters live in the experts' compute dtype as stock's live in its weight's dtype;
 * ``merge`` adds the delta expert by expert and re-quantizes the moved experts with fresh scales
   (:mod:`~automodel_plugins.model.fp8_experts_merge`); ``unmerge`` restores the codes bit for bit. So PEFT's
@@ -34,6 +38,8 @@ from peft.tuners.lora.layer import ParamWrapper
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
+from automodel_plugins.errors import ExpertParallelError
+from automodel_plugins.model.expert_parallel import EP_LORA_MESH, lora_factor_placements
 from automodel_plugins.model.fp8_experts import Fp8Experts
 from automodel_plugins.model.fp8_experts_delta import ExpertDelta, attached_deltas
 from automodel_plugins.model.fp8_experts_merge import MergeRecord, merge_expert_delta, restore_merged
@@ -75,14 +81,59 @@ class Fp8ExpertsParamWrapper(ParamWrapper):
             if requires_grad is not None:
                 layer[adapter_name].requires_grad = requires_grad
 
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config: Any, **kwargs: Any) -> None:
+        """PEFT's, then, over experts already split by expert, the new adapter's factors split with them."""
+        super().update_layer(adapter_name, r, lora_alpha, config, **kwargs)
+        mesh = getattr(self._experts(), EP_LORA_MESH, None)
+        if mesh is not None:
+            self.shard_lora_over_experts(mesh, adapter_names=[adapter_name])
+
+    def shard_lora_over_experts(self, ep_mesh: Any, adapter_names: list[str] | None = None) -> None:
+        """Make every adapter's factors (or ``adapter_names``') DTensors on ``ep_mesh`` holding this rank's experts'
+        rows (:func:`~automodel_plugins.model.expert_parallel.lora_factor_placements`). On meta nothing is
+        allocated; materialized factors are taken from rank 0 (a collective), so every rank holds the rows of
+        one initialization, as one process seeded like rank 0 does."""
+        from torch.distributed.tensor import distribute_tensor
+
+        for adapter in adapter_names or list(self.lora_A):
+            for layers, placement in zip(
+                (self.lora_A, self.lora_B), lora_factor_placements(self.r[adapter]), strict=True
+            ):
+                linear = layers[adapter]
+                weight = linear.weight
+                if is_dtensor(weight):
+                    continue
+                source = None if weight.is_meta else 0
+                sharded = distribute_tensor(weight.detach(), ep_mesh, [placement], src_data_rank=source)
+                linear.weight = nn.Parameter(sharded, requires_grad=weight.requires_grad)
+
     def get_delta_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """PEFT's ``(lhs [E, R, r], rhs [E, r, C], scaling)``, in the experts' compute dtype (stock: the weight's)."""
-        weight_a = self.lora_A[adapter_name].weight
-        weight_b = self.lora_B[adapter_name].weight
-        weight_a = weight_a.reshape(self.num_experts, -1, weight_a.shape[-1])
-        weight_b = weight_b.reshape(weight_b.shape[0], -1, self.num_experts).permute(2, 0, 1)
+        """PEFT's ``(lhs [E, R, r], rhs [E, r, C], scaling)``, in the experts' compute dtype (stock: the weight's);
+        under expert parallelism of this rank's experts only (the local rows of the sharded factors)."""
+        weight_a = _local(self.lora_A[adapter_name].weight)
+        weight_b = _local(self.lora_B[adapter_name].weight)
+        experts = weight_a.shape[0] // self.r[adapter_name]  # every expert, or this rank's under EP
+        weight_a = weight_a.reshape(experts, -1, weight_a.shape[-1])
+        weight_b = weight_b.reshape(weight_b.shape[0], -1, experts).permute(2, 0, 1)
         dtype = self._experts().compute_dtype
         return weight_b.to(dtype), weight_a.to(dtype), self.scaling[adapter_name]
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        """Whole factors (PEFT's adapter file, a one-process state dict) loaded into factors split by expert: each
+        rank keeps its experts' rows of them (no communication); DTensor values load as they are."""
+        from torch.distributed.tensor import distribute_tensor
+
+        for layer_name in ("lora_A", "lora_B"):
+            for adapter, linear in getattr(self, layer_name).items():
+                key, weight = f"{prefix}{layer_name}.{adapter}.weight", linear.weight
+                value = state_dict.get(key)
+                whole = isinstance(value, torch.Tensor) and not is_dtensor(value)
+                # a value of another shape is left to the copy, which names the mismatch
+                if is_dtensor(weight) and whole and tuple(value.shape) == tuple(weight.shape):
+                    state_dict[key] = distribute_tensor(
+                        value.to(weight.device), weight.device_mesh, weight.placements, src_data_rank=None
+                    )
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     @contextmanager
     def _activate_lora(self, active_adapters: list[str]) -> Iterator[None]:
@@ -91,7 +142,14 @@ class Fp8ExpertsParamWrapper(ParamWrapper):
             yield
             return
         experts = self._experts()
-        deltas = [_held_experts(experts, *self.get_delta_factors(adapter)) for adapter in adapters]
+        deltas = [ExpertDelta(*self.get_delta_factors(adapter)) for adapter in adapters]
+        for delta in deltas:
+            if delta.lhs.shape[0] != experts.num_experts:
+                raise ExpertParallelError(
+                    f"LoRA on {self.parameter_name}: this rank's factors cover {delta.lhs.shape[0]} experts but "
+                    f"its experts module holds {experts.num_experts}: expert-parallel experts need their factors "
+                    "split with them, which parallelize_experts does for PEFT applied before or after it"
+                )
         with attached_deltas(experts, self.parameter_name, deltas):
             yield
 
@@ -140,19 +198,13 @@ class Fp8ExpertsParamWrapper(ParamWrapper):
         return delta_of
 
 
-def _held_experts(experts: Fp8Experts, lhs: torch.Tensor, rhs: torch.Tensor, scaling: float) -> ExpertDelta:
-    """The delta on the experts this rank computes: under expert parallelism the factors are PEFT's (every
-    expert, as a one-process run holds and saves them) and the codes this rank's ``num_experts`` from
-    ``expert_offset`` on, so the factors are sliced to those (their gradient lands on those rows only)."""
-    if experts.num_experts != lhs.shape[0]:
-        first = getattr(experts, "expert_offset", 0)
-        held = slice(first, first + experts.num_experts)
-        lhs, rhs = lhs[held], rhs[held]
-    return ExpertDelta(lhs, rhs, scaling)
-
-
 def _full(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if is_dtensor(tensor) else tensor
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor factor (differentiable: its gradient lands on the same rows), or the tensor."""
+    return tensor.to_local() if is_dtensor(tensor) else tensor
 
 
 # PEFT tells its parameter wrappers from other tuner layers by class *name* (``tuners_utils``: a second targeted

@@ -19,6 +19,10 @@ What :class:`Fp8Linear` holds:
   none (dynamic activations). The forward never reads it (activations are not quantized here); it is kept so that
   a stock ``save_pretrained`` writes it and transformers' FP8 GPU path finds it.
 
+Under a compressed-tensors ``quantization_config`` the loader has ``state_dict()`` show both scales as that
+format names and shapes them (``weight_scale`` ``[1]`` / ``[out, 1]`` / grid, ``input_scale`` ``[1]``; views of
+these buffers), and ``load_state_dict`` take them (:mod:`~automodel_plugins.model.compressed_tensors_state`).
+
 The forward dequantizes with the loader's own :func:`~automodel_plugins.fp8.decode.dequantize` (fp32 product,
 one rounding to ``compute_dtype``: bit-identical to a dequantize-at-load model) and runs ``F.linear``; the
 dequantized copy dies before the layer returns. Under autograd,

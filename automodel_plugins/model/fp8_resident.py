@@ -8,6 +8,7 @@ Why ``uint8`` codes, fp32 scale buffers and dequantize-then-matmul: see :mod:`au
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -225,6 +226,33 @@ class Fp8Resident(nn.Module):
     """The model's record of its ``quantization_config``, shared by its resident modules; set at load."""
     module_name: str | None = None
     """This module's name in the model the loader made it resident in."""
+    shown_as: tuple[tuple[str, str, tuple[int, ...] | None], ...] = ()
+    """``(buffer, key, shape)`` for each scale buffer ``state_dict()`` shows under the checkpoint format's own
+    name and shape (``shape`` None: the buffer's), and ``load_state_dict`` takes under either name: a
+    compressed-tensors source's ``weight_scale`` / ``input_scale`` (:func:`show_scales_as`). Empty:
+    transformers' FP8 names, the buffers' own."""
+
+    def show_scales_as(self, shown: tuple[tuple[str, str, tuple[int, ...] | None], ...]) -> None:
+        """Show scale buffers in ``state_dict()`` as ``(buffer, key, shape)`` says (see :attr:`shown_as`)."""
+        for buffer, _, shape in shown:
+            if buffer not in (*self.SCALE_NAMES, *self.ACTIVATION_NAMES):
+                raise KeyError(f"{type(self).__name__} has no scale buffer {buffer!r}")
+            held = self._buffers.get(buffer)
+            if shape is not None and held is not None and math.prod(shape) != held.numel():
+                raise ValueError(f"{buffer!r} of shape {tuple(held.shape)} cannot be shown as {shape}")
+        self.shown_as = tuple(shown)
+
+    def state_key(self, buffer: str) -> str:
+        """The ``state_dict()`` key (within this module) of the scale buffer ``buffer``."""
+        return next((key for name, key, _ in self.shown_as if name == buffer), buffer)
+
+    def __getattr__(self, name: str) -> Any:
+        # every key state_dict() shows is an attribute too, as torch.distributed.checkpoint expects (_get_fqns)
+        for buffer, key, shape in self.__dict__.get("shown_as", ()):
+            if key == name:
+                value = super().__getattr__(buffer)
+                return value if shape is None or value is None else value.reshape(shape)
+        return super().__getattr__(name)
 
     def mark_fp8(self, held: bool) -> None:
         """Say that the model holds this module's FP8 weights again (``held``), or that a dequantized stock module
@@ -335,10 +363,25 @@ class Fp8Resident(nn.Module):
         for name in self.CODE_NAMES:
             if prefix + name in destination:
                 destination[prefix + name] = destination[prefix + name].view(self.fp8_dtype)
+        for buffer, key, shape in self.shown_as:  # last in the module's keys, as the buffers were: same order
+            value = destination.pop(prefix + buffer, None)
+            if value is not None:
+                destination[prefix + key] = value if shape is None else value.reshape(shape)  # a view
 
     def _load_from_state_dict(
-        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
     ) -> None:
+        shown = {prefix + buffer: prefix + key for buffer, key, _ in self.shown_as}
+        for internal, key in shown.items():  # the shown name wins: it is what state_dict() gave the caller
+            if key in state_dict:
+                state_dict[internal] = state_dict.pop(key)
         for name in self.CODE_NAMES:
             codes = state_dict.get(prefix + name)
             if isinstance(codes, torch.Tensor):
@@ -359,8 +402,16 @@ class Fp8Resident(nn.Module):
                 and buffer is not None
                 and (scale.dtype != torch.float32 or tuple(scale.shape) != tuple(buffer.shape))
             ):
-                state_dict[prefix + name] = decode_activation_scale(scale, buffer.numel(), key=prefix + name)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+                key = shown.get(prefix + name, prefix + name)
+                state_dict[prefix + name] = decode_activation_scale(scale, buffer.numel(), key=key)
+        missing, unexpected = len(missing_keys), len(unexpected_keys)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        missing_keys[missing:] = [
+            shown.get(key, key) for key in missing_keys[missing:]
+        ]  # as the caller named them
+        unexpected_keys[unexpected:] = [shown.get(key, key) for key in unexpected_keys[unexpected:]]
         self._rewrap_codes()
 
 

@@ -13,6 +13,7 @@ is not one run of consecutive indices is refused rather than read wrong.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -21,7 +22,7 @@ from automodel_plugins.errors import CheckpointError
 
 Region = tuple[slice, ...]
 
-__all__ = ["Region", "is_dtensor", "local_region", "shard_region", "write_local"]
+__all__ = ["Region", "is_dtensor", "local_region", "shard_numel", "shard_region", "write_local"]
 
 
 def _dtensor_type() -> type | None:
@@ -76,14 +77,10 @@ def _as_slice(indices: torch.Tensor, dim_size: int) -> slice | None:
     return None
 
 
-def shard_region(
+def _held_indices(
     shape: Sequence[int], mesh_shape: Sequence[int], coordinate: Sequence[int], placements: Sequence[object]
-) -> Region:
-    """The region of a ``shape`` tensor held at mesh ``coordinate`` under ``placements`` (one slice per dim).
-
-    Pure: no process group needed. Raises ``CheckpointError`` for a placement that is not a shard or a
-    replica, or a layout whose local shard is not one rectangle of the global tensor.
-    """
+) -> list[torch.Tensor]:
+    """The indices along each dim of a ``shape`` tensor held at mesh ``coordinate`` under ``placements``."""
     if not (len(mesh_shape) == len(coordinate) == len(placements)):
         raise ValueError(
             f"mesh shape {tuple(mesh_shape)}, coordinate {tuple(coordinate)} and placements {tuple(placements)!r} "
@@ -104,6 +101,18 @@ def shard_region(
             held[dim] = _chunk(held[dim], parts, index)
         else:
             held[dim] = _strided_chunk(held[dim], parts, index, int(placement.split_factor))  # type: ignore[attr-defined]
+    return held
+
+
+def shard_region(
+    shape: Sequence[int], mesh_shape: Sequence[int], coordinate: Sequence[int], placements: Sequence[object]
+) -> Region:
+    """The region of a ``shape`` tensor held at mesh ``coordinate`` under ``placements`` (one slice per dim).
+
+    Pure: no process group needed. Raises ``CheckpointError`` for a placement that is not a shard or a
+    replica, or a layout whose local shard is not one rectangle of the global tensor.
+    """
+    held = _held_indices(shape, mesh_shape, coordinate, placements)
     region = tuple(_as_slice(indices, size) for indices, size in zip(held, shape, strict=True))
     if any(part is None for part in region):
         raise CheckpointError(
@@ -112,6 +121,16 @@ def shard_region(
             "tensor (load the tensor-parallel model before applying fully_shard, or use sizes the mesh divides)"
         )
     return region  # type: ignore[return-value]
+
+
+def shard_numel(
+    shape: Sequence[int], mesh_shape: Sequence[int], coordinate: Sequence[int], placements: Sequence[object]
+) -> int:
+    """How many elements of a ``shape`` tensor the rank at ``coordinate`` holds under ``placements``, whether or
+    not they form one rectangle (a ``_StridedShard`` over a later dim: expert LoRA's ``lora_B`` under expert
+    parallelism holds every rank-block's columns of its experts)."""
+    held = _held_indices(shape, mesh_shape, coordinate, placements)
+    return math.prod(indices.numel() for indices in held)
 
 
 def local_region(tensor: torch.Tensor) -> Region | None:

@@ -41,7 +41,7 @@ def requantize_state_dict(model: nn.Module, state_dict: Mapping[str, Any]) -> di
     out = dict(state_dict)
     for name, module in modules_of_type(model, Fp8Resident).items():
         for code_name, scale_name in zip(module.CODE_NAMES, module.SCALE_NAMES, strict=True):
-            key, scale_key = _key(name, code_name), _key(name, scale_name)
+            key, scale_key = _key(name, code_name), _key(name, module.state_key(scale_name))
             values = state_dict.get(key)
             if (
                 not isinstance(values, torch.Tensor)

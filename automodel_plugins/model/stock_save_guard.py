@@ -1,17 +1,19 @@
 """Refuse a stock ``save_pretrained`` whose checkpoint would say one format and hold another.
 
-An FP8-resident model (``dequantize=False``) loaded from compressed-tensors (llm-compressor) holds its FP8
-layers as ``Fp8Linear`` / ``Fp8Experts``, whose ``state_dict()`` keys are transformers' FP8 names
-(``weight_scale_inv``, ``activation_scale``, fused experts' ``gate_up_proj_scale_inv``), while
-``config.quantization_config`` stays the compressed-tensors dict (its ``ignore`` kept truthful by
-:mod:`~automodel_plugins.model.quantization_record`). A stock ``save_pretrained`` writes both as they are, and
-transformers 5.25 with the ``compressed-tensors`` package loads that checkpoint with every ``weight_scale`` and
-``input_scale`` reported MISSING and left as ``torch.empty``'s memory: silently wrong weights (without the package
-it raises ImportError). So the host sets a :class:`GuardedSave` as ``save_pretrained`` on such an instance (class
-untouched, like a ``forward_override``): while the model still holds an FP8-resident module under a compressed-tensors
-config it raises :class:`~automodel_plugins.errors.StockSaveRefusedError` before writing anything, naming
-``automodel_plugins.save_pretrained`` (which writes the source's own format); once every resident module is merged
-away (the config then declares no quantization) it is transformers' own ``save_pretrained``.
+An FP8-resident model (``dequantize=False``) loaded from compressed-tensors (llm-compressor) keeps
+``config.quantization_config`` the compressed-tensors dict (its ``ignore`` kept truthful by
+:mod:`~automodel_plugins.model.quantization_record`). Its ``Fp8Linear`` layers show compressed-tensors' own
+``weight_scale`` / ``input_scale`` in ``state_dict()`` (:mod:`~automodel_plugins.model.compressed_tensors_state`),
+so a stock save of them is the format the config declares. FP8-resident fused experts (``Fp8Experts``) have no
+such form: compressed-tensors quantizes ``Linear`` modules, and transformers 5.25 + compressed-tensors 0.20 loads
+no fused experts from a compressed-tensors checkpoint (those of the source itself come back MISSING, left as
+``torch.empty``'s memory). A stock save of a model holding them (written as transformers' FP8
+``gate_up_proj_scale_inv`` under the compressed-tensors config) would load silently wrong. So the host sets a
+:class:`GuardedSave` as ``save_pretrained`` on such an instance (class untouched, like a ``forward_override``):
+while the model holds an FP8-resident module that does not show compressed-tensors names under a
+compressed-tensors config it raises :class:`~automodel_plugins.errors.StockSaveRefusedError` before writing
+anything, naming ``automodel_plugins.save_pretrained`` (which writes the source's own format); otherwise it is
+transformers' own ``save_pretrained``.
 """
 
 from __future__ import annotations
@@ -22,22 +24,23 @@ from typing import Any
 from torch import nn
 
 from automodel_plugins.errors import StockSaveRefusedError
-from automodel_plugins.fp8.quantization import quantization_dict
+from automodel_plugins.model.compressed_tensors_state import declares_compressed_tensors
 from automodel_plugins.model.fp8_resident import Fp8Resident, modules_of_type
-from automodel_plugins.sources import compressed_tensors
 
-__all__ = ["GuardedSave", "guard_stock_save", "mislabels_stock_save"]
+__all__ = ["GuardedSave", "guard_stock_save", "mislabeled_modules", "mislabels_stock_save"]
+
+
+def mislabeled_modules(model: nn.Module) -> list[str]:
+    """The FP8-resident modules of ``model`` a stock save would write under names its compressed-tensors config
+    does not declare (those showing no compressed-tensors names: fused experts); none without that config."""
+    if not declares_compressed_tensors(model):
+        return []
+    return [name for name, module in modules_of_type(model, Fp8Resident).items() if not module.shown_as]
 
 
 def mislabels_stock_save(model: nn.Module) -> bool:
-    """A stock save of ``model`` would write FP8-resident tensors under a compressed-tensors config."""
-    config = getattr(model, "config", None)
-    declared = quantization_dict(config) if config is not None else None
-    return (
-        declared is not None
-        and declared.get("quant_method") == compressed_tensors.METHOD
-        and bool(modules_of_type(model, Fp8Resident))
-    )
+    """A stock save of ``model`` would write FP8-resident tensors its compressed-tensors config misnames."""
+    return bool(mislabeled_modules(model))
 
 
 class GuardedSave:
@@ -50,12 +53,17 @@ class GuardedSave:
     def __call__(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> Any:
         # with adapters added in transformers (add_adapter / load_adapter) it saves the adapters alone
         adapters_only = getattr(self.model, "_hf_peft_config_loaded", False)
-        if not adapters_only and mislabels_stock_save(self.model):
+        mislabeled = [] if adapters_only else mislabeled_modules(self.model)
+        if mislabeled:
+            shown = ", ".join(mislabeled[:3]) + (
+                f", ... ({len(mislabeled)} in all)" if len(mislabeled) > 3 else ""
+            )
             raise StockSaveRefusedError(
                 "a stock save_pretrained of this FP8-resident model (dequantize=False) loaded from a "
-                "compressed-tensors checkpoint would write transformers' FP8 tensor names (weight_scale_inv, "
-                "activation_scale) under the compressed-tensors quantization_config, which transformers loads "
-                "with every weight_scale MISSING (uninitialized memory). Save it with "
+                f"compressed-tensors checkpoint would write its FP8-resident fused experts ({shown}) as "
+                "transformers' FP8 tensors (gate_up_proj_scale_inv) under the compressed-tensors "
+                "quantization_config, and transformers + compressed-tensors loads no fused experts from "
+                "compressed-tensors (every scale MISSING: uninitialized memory). Save it with "
                 "automodel_plugins.save_pretrained(model, dest) (the compressed-tensors format it was loaded "
                 "from; quantization='fp8-block' / 'fp8-tensor' / 'none' for another), or load it with "
                 "dequantize=True",

@@ -41,7 +41,14 @@ from automodel_plugins.errors import (
 from automodel_plugins.progress import progress_enabled
 from automodel_plugins.sources import shared
 from automodel_plugins.sources.head import header_length
-from automodel_plugins.sources.hub_guard import COMMIT, check_commit, check_revision, read_at_most, watching
+from automodel_plugins.sources.hub_guard import (
+    COMMIT,
+    check_commit,
+    check_listed_file,
+    check_revision,
+    read_at_most,
+    watching,
+)
 from automodel_plugins.sources.location import (
     CONFIG_NAME,
     INDEX_NAME,
@@ -234,13 +241,18 @@ class HubLocation(CheckpointLocation):
         from huggingface_hub.hf_api import RepoFile
 
         api = HfApi(library_name=_LIBRARY, library_version=__version__)
-        try:
-            entries = api.list_repo_tree(
-                self.repo_id, revision=self.commit, recursive=True, token=self.options.token
-            )
-            return {entry.path: entry.size for entry in entries if isinstance(entry, RepoFile)}
-        except Exception as exc:
-            raise self._error(exc) from exc
+        commit = self.commit
+        with watching(self.repo_id, self.options.revision, None, commit) as watch:
+            try:
+                entries = api.list_repo_tree(
+                    self.repo_id, revision=commit, recursive=True, token=self.options.token
+                )
+                files = [entry for entry in entries if isinstance(entry, RepoFile)]
+            except Exception as exc:
+                raise self._error(watch.stalled or exc) from exc
+            for entry in files:
+                check_listed_file(entry.path, entry.size, watch)
+        return {entry.path: entry.size for entry in files}
 
     # --- fetching ------------------------------------------------------------------------------------------
 
@@ -315,6 +327,8 @@ class HubLocation(CheckpointLocation):
                     return False
                 raise self._error(exc, name) from exc
             except Exception as exc:
+                if watch.stalled is not None:
+                    raise watch.stalled from exc
                 if watch.received and not isinstance(exc, (HubError, HfHubHTTPError)):
                     # the body was cut short (the connection closed, or fewer bytes than the metadata said)
                     raise watch.error(f"download failed after {watch.counts()}: {exc}") from exc
@@ -346,7 +360,7 @@ class HubLocation(CheckpointLocation):
                     token=self.options.token,
                 )
             except Exception as exc:
-                raise self._error(exc) from exc
+                raise self._error(watch.stalled or exc) from exc
             # the server's answer was checked before huggingface_hub wrote it; a cached ref is checked here
             return check_commit(resolved.resolved, watch, "the commit")
 
@@ -395,7 +409,7 @@ class HubLocation(CheckpointLocation):
             except HubError:
                 raise
             except Exception as exc:
-                raise self._error(exc, name) from exc
+                raise self._error(watch.stalled or exc, name) from exc
 
     def _range_answer(self, response: Any, watch: Any, start: int, stop: int) -> tuple[bytes, int]:
         status = response.status_code
@@ -498,6 +512,11 @@ class HubLocation(CheckpointLocation):
             # hf_hub_download falls back to the cache when its HEAD request fails, and says "not in the cache"
             # for a hub that answered: the answer (403, 500, ...) is the error, not a missing connection.
             return self._error(cause, name)
+        broken = _broken_http(exc)
+        if broken is not None:  # the hub answered, with something that is not HTTP (h11 bounds what it reads)
+            return HubDownloadError(
+                self.repo_id, f"the hub at {constants.ENDPOINT} answered with broken HTTP: {broken}", **where
+            )
         if isinstance(exc, (LocalEntryNotFoundError, OfflineModeIsEnabled, RevisionResolutionError)):
             return self._offline(name, exc)
         if isinstance(exc, HfHubHTTPError) and exc.response is not None:
@@ -561,6 +580,18 @@ def _content_range(text: str) -> tuple[int | None, int | None, int | None]:
     if unit.lower() != "bytes" or not (f"{first}{last}".isascii() and first.isdigit() and last.isdigit()):
         return None, None, None
     return int(first), int(last), int(size) if size.isascii() and size.isdigit() else None
+
+
+def _broken_http(exc: BaseException | None) -> str | None:
+    """What broke, when a request failed on an answer that is not HTTP (headers past the client's limit, a
+    malformed status line); ``None`` otherwise (a connection dropped before any answer is the network's)."""
+    import httpx2
+
+    while exc is not None:
+        if isinstance(exc, httpx2.RemoteProtocolError) and "without sending" not in str(exc):
+            return str(exc)
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _is_timeout(exc: BaseException | None) -> bool:

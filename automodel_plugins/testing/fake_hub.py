@@ -35,7 +35,8 @@ Routes (``{type}`` = models|datasets|spaces; repo ids are ``name`` or ``ns/name`
   (git blob sha1, or sha256 for LFS files + ``X-Linked-Etag``/``X-Linked-Size``), ``Accept-Ranges``,
   ``Range: bytes=a-b`` -> 206 + ``Content-Range``. With ``lfs_redirect`` set (at construction or later)
   LFS files answer ``302`` to a second "CDN" server on another port (a different origin, like the real
-  hub's CDN).
+  hub's CDN). With ``resolve_cache`` set, non-LFS files answer ``307`` to
+  ``/api/resolve-cache/models/{repo}/{sha}/{file}`` on the hub itself, which serves them (as the real hub does).
 
 Errors mirror the real Hub (header ``X-Error-Code``, which ``hf_raise_for_status`` maps):
 
@@ -60,7 +61,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlencode, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 
 __all__ = [
     "LFS_SUFFIXES",
@@ -102,6 +103,9 @@ _RESOLVE_RE = re.compile(
     r"^/(?:(?P<type>datasets|spaces)/)?" + _REPO + r"/resolve/(?P<rev>[^/]+)/(?P<file>.+)$"
 )
 _CDN_RE = re.compile(r"^/cdn/(?P<sha256>[0-9a-f]{64})$")
+_RESOLVE_CACHE_RE = re.compile(
+    r"^/api/resolve-cache/(?P<type>models|datasets|spaces)/" + _REPO + r"/(?P<sha>[0-9a-f]{40})/(?P<file>.+)$"
+)
 _RANGE_RE = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$", re.IGNORECASE)
 _TYPES = {"models": "model", "datasets": "dataset", "spaces": "space", None: "model"}
 
@@ -202,6 +206,30 @@ class Misbehaviour:
     chunk_delay: float | None = None
     """Seconds between body chunks (default: the hub's ``chunk_delay``): a trickling server."""
     files: str | None = None
+    api_padding: int = 0
+    """Spaces sent after each API answer's JSON (repo info, tree listing): still valid JSON, as long as a hostile
+    hub likes (counted in its ``Content-Length`` unless ``api_chunked`` or ``api_content_length``)."""
+    api_chunked: bool = False
+    """API answers go out chunked, without a ``Content-Length`` (a body of no announced end)."""
+    api_content_length: int | None = None
+    """Sent as every API answer's ``Content-Length`` whatever the body's length (a lie); the connection then
+    closes."""
+    api_chunk_delay: float | None = None
+    """Seconds between API answer chunks (of ``chunk_size`` bytes): a metadata answer that drips."""
+    header_drip: float | None = None
+    """Seconds between the bytes of each answer's status line and headers (a hub that never finishes saying
+    what it will send)."""
+    xet: bool = False
+    """File answers announce Xet storage (``X-Xet-Hash``, ``X-Xet-Refresh-Route``), as the hub does for files it
+    stores with Xet; this hub serves no Xet (the refresh route is answered 404), only plain HTTP."""
+
+    def api_hostile(self) -> bool:
+        return bool(
+            self.api_padding
+            or self.api_chunked
+            or self.api_content_length is not None
+            or self.api_chunk_delay
+        )
 
     def applies(self, filename: str) -> bool:
         return self.files is None or re.search(self.files, filename) is not None
@@ -227,6 +255,7 @@ class FakeHub:
         port: int = 0,
         *,
         lfs_redirect: bool = False,
+        resolve_cache: bool = False,
         tree_page_size: int | None = None,
         chunk_size: int = 64 * 1024,
         chunk_delay: float = 0.0,
@@ -234,6 +263,9 @@ class FakeHub:
         self.host = host
         self.port = port
         self.lfs_redirect = lfs_redirect
+        self.resolve_cache = resolve_cache
+        """Non-LFS files answer a relative ``307`` to ``/api/resolve-cache/models/{repo}/{sha}/{file}`` (on the
+        hub itself), which serves them, as the real hub does for small files."""
         self.tree_page_size = tree_page_size
         self.chunk_size = chunk_size
         self.chunk_delay = chunk_delay  # seconds slept between body chunks (to make downloads overlap)
@@ -476,8 +508,8 @@ class FakeHub:
                 hdrs["Content-Length"] = str(len(body) + tail if content_length is None else content_length)
                 for k, v in hdrs.items():
                     self.send_header(k, v)
+                record, generation = self._record(status, count_as)  # before the headers: see _record
                 self.end_headers()
-                record, generation = self._record(status, count_as)
                 sent = 0
                 if not head and (body or tail):
                     size = (how.chunk_size if how else None) or hub.chunk_size
@@ -506,8 +538,8 @@ class FakeHub:
                         self.close_connection = True
 
             def _record(self, status: int, count_as: tuple | None) -> tuple[RequestRecord, int]:
-                """The request on record before its body goes out (so a client that has read the whole answer
-                never finds it missing), with the counters' generation it belongs to."""
+                """The request on record before its headers go out (so a client that has read them, or the whole
+                answer, never finds it missing), with the counters' generation it belongs to."""
                 record = RequestRecord(
                     self.command,
                     self.path,
@@ -533,6 +565,49 @@ class FakeHub:
 
             def _json(self, status: int, obj, headers: dict | None = None, *, head: bool) -> None:
                 self._send(status, json.dumps(obj).encode(), headers, head=head)
+
+            def _api_json(
+                self, obj: Any, headers: dict | None, how: Misbehaviour | None, *, head: bool
+            ) -> None:
+                """An API answer, as the repo's misbehaviour has it (padded, chunked, a lying length, a drip)."""
+                body = json.dumps(obj).encode()
+                if how is None or not how.api_hostile():
+                    return self._send(200, body, headers, head=head)
+                total = len(body) + how.api_padding
+                self.send_response(200)
+                hdrs = {"Content-Type": "application/json; charset=utf-8", **(headers or {})}
+                if how.api_chunked:
+                    hdrs["Transfer-Encoding"] = "chunked"
+                else:
+                    hdrs["Content-Length"] = str(
+                        total if how.api_content_length is None else how.api_content_length
+                    )
+                for k, v in hdrs.items():
+                    self.send_header(k, v)
+                record, generation = self._record(200, None)
+                self.end_headers()
+                if head:
+                    return
+                size = how.chunk_size or hub.chunk_size
+                sent = 0
+                try:
+                    while sent < total:
+                        n = min(size, total - sent)
+                        chunk = body[sent : sent + n]
+                        chunk += b" " * (n - len(chunk))
+                        self._count(record, generation, None, n)
+                        self.wfile.write(b"%x\r\n%s\r\n" % (n, chunk) if how.api_chunked else chunk)
+                        sent += n
+                        if how.api_chunk_delay:
+                            self.wfile.flush()
+                            if hub._calm.wait(how.api_chunk_delay):
+                                break  # the test is over
+                    if how.api_chunked and sent == total:
+                        self.wfile.write(b"0\r\n\r\n")
+                    self.wfile.flush()
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+                self.close_connection = True
 
             def _error(
                 self, status: int, code: str | None, message: str, *, head: bool, extra: dict | None = None
@@ -581,7 +656,22 @@ class FakeHub:
                 return None
 
             # ---------------------------------------------------------- routing
+            def flush_headers(self) -> None:
+                """The status line and headers, a byte at a time when the repo's misbehaviour drips them."""
+                drip = self._header_drip
+                if not drip or not getattr(self, "_headers_buffer", None):
+                    return super().flush_headers()
+                data = b"".join(self._headers_buffer)
+                self._headers_buffer = []
+                for i in range(len(data)):
+                    self.wfile.write(data[i : i + 1])
+                    self.wfile.flush()
+                    if hub._calm.wait(drip):  # the test is over: the rest at once
+                        self.wfile.write(data[i + 1 :])
+                        break
+
             def _dispatch(self, head: bool) -> None:
+                self._header_drip = None
                 split = urlsplit(self.path)
                 raw_path, query = split.path, parse_qs(split.query)
                 with hub._lock:
@@ -619,6 +709,16 @@ class FakeHub:
                         if m["op"] == "revision" and m["path"]:
                             return self._error(404, None, "Not found", head=head)
                         return self._info(repo_type, repo_id, unquote(m["rev"] or "main"), query, head=head)
+                    m = _RESOLVE_CACHE_RE.match(raw_path)
+                    if m:
+                        return self._resolve(
+                            _TYPES[m["type"]],
+                            unquote(m["repo"]),
+                            m["sha"],
+                            unquote(m["file"]),
+                            head=head,
+                            cached=True,
+                        )
                     m = _RESOLVE_RE.match(raw_path)
                     if m:
                         return self._resolve(
@@ -671,7 +771,7 @@ class FakeHub:
                 }
                 if repo_type == "model":
                     body["modelId"] = repo_id
-                self._json(200, body, head=head)
+                self._api_json(body, None, how, head=head)
 
             # ---------------------------------------------------------- /api/{type}s/{repo}/tree/{rev}[/{path}]
             def _tree(
@@ -718,10 +818,19 @@ class FakeHub:
                         nxt = f"{hub.url}{urlsplit(self.path).path}?{urlencode(q)}"
                         headers["Link"] = f'<{nxt}>; rel="next"'
                     entries = entries[start:end]
-                self._json(200, entries, headers, head=head)
+                self._api_json(entries, headers, self._misbehaviour(repo_id), head=head)
 
             # ---------------------------------------------------------- /{repo}/resolve/{rev}/{file}
-            def _resolve(self, repo_type: str, repo_id: str, rev: str, filename: str, *, head: bool) -> None:
+            def _resolve(
+                self,
+                repo_type: str,
+                repo_id: str,
+                rev: str,
+                filename: str,
+                *,
+                head: bool,
+                cached: bool = False,
+            ) -> None:
                 found = self._repo_at(repo_type, repo_id, rev, head=head)
                 if found is None:
                     return
@@ -753,6 +862,15 @@ class FakeHub:
                 }
                 if how and how.etag is not None:
                     headers["ETag"] = how.etag
+                if how and how.xet:
+                    headers["X-Xet-Hash"] = f.sha256
+                    headers["X-Xet-Refresh-Route"] = f"{hub.url}/api/models/{repo_id}/xet-read-token/{sha}"
+                if hub.resolve_cache and not f.lfs and not cached:
+                    kind = {"model": "models", "dataset": "datasets", "space": "spaces"}[repo_type]
+                    loc = f"/api/resolve-cache/{kind}/{repo_id}/{sha}/{quote(filename)}?" + urlencode(
+                        {"etag": headers["ETag"]}
+                    )
+                    return self._send(307, b"", {**headers, "Location": loc}, head=head)
                 if f.lfs:
                     headers["X-Linked-Etag"] = how.etag if how and how.etag is not None else f'"{f.sha256}"'
                     headers["X-Linked-Size"] = str(f.size)
@@ -793,6 +911,7 @@ class FakeHub:
                     how = hub._misbehaviours.get(repo_id)
                 if how is not None and how.stall:
                     hub._calm.wait(how.stall)
+                self._header_drip = how.header_drip if how is not None else None
                 return how
 
             def _body_with_range(

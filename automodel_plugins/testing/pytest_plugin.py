@@ -250,6 +250,7 @@ def fake_hub(fake_hub_server: FakeHub, tmp_path: Path, monkeypatch: pytest.Monke
     finally:
         fake_hub_server.clear_overrides()
         fake_hub_server.lfs_redirect = False
+        fake_hub_server.resolve_cache = False
 
 
 @pytest.fixture

@@ -165,9 +165,34 @@ def local_value(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def local_part(tensor: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
-    """The region of ``full`` that this rank's shard of ``tensor`` holds (by ``torch.chunk``'s rule)."""
-    bounds = chunk_bounds(tensor)
-    return full if bounds is None else full[tuple(slice(lo, hi) for lo, hi in bounds)]
+    """The part of ``full`` that this rank's shard of ``tensor`` holds (by ``torch.chunk``'s rule), in the local
+    tensor's order: ``Shard(d)`` chunks what the rank still holds along ``d``; ``_StridedShard(d, split_factor=s)``
+    chunks it into ``s`` runs first and takes this rank's chunk of each (expert LoRA's ``lora_B`` under expert
+    parallelism: columns ``k * E + e`` of the rank's experts ``e``)."""
+    if not is_dtensor(tensor):
+        return full
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    held = [torch.arange(size) for size in tensor.shape]
+    coordinate = tensor.device_mesh.get_coordinate()
+    for mesh_dim, placement in enumerate(tensor.placements):
+        parts, index = tensor.device_mesh.size(mesh_dim), coordinate[mesh_dim]
+        if isinstance(placement, _StridedShard):
+            runs = torch.chunk(held[placement.dim], placement.split_factor)
+            held[placement.dim] = torch.cat([_torch_chunk(run, parts, index) for run in runs])
+        elif isinstance(placement, Shard):
+            held[placement.dim] = _torch_chunk(held[placement.dim], parts, index)
+    for dim, indices in enumerate(held):
+        if indices.numel() != full.shape[dim] or not torch.equal(indices, torch.arange(full.shape[dim])):
+            full = full.index_select(dim, indices)
+    return full
+
+
+def _torch_chunk(indices: torch.Tensor, parts: int, index: int) -> torch.Tensor:
+    """``torch.chunk(indices, parts)[index]``, empty past the last chunk (DTensor's padding)."""
+    chunks = torch.chunk(indices, parts)
+    return chunks[index] if index < len(chunks) else indices[:0]
 
 
 def full_value(tensor: torch.Tensor) -> torch.Tensor:

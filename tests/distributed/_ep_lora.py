@@ -3,7 +3,7 @@
 (experts 0-1 and 2-3), LoRA on q/v and on both fused expert tensors, in both orders a user writes (PEFT on the
 model built on meta, then ``parallelize_experts``; or ``parallelize_experts`` first, then PEFT). Each rank runs its
 own batch; against one process holding the whole model on both batches (fp32): the LoRA gradients (averaged over
-the ranks, as data parallelism averages them), the losses before and after an SGD step, the codes unchanged; then
+the ranks, as data parallelism averages them; the experts' factors, split by expert, each rank its experts' rows), the losses before and after an SGD step, the codes unchanged; then
 ``merge_lora`` on every rank (each re-quantizes its own moved experts) and a source-format save from every rank,
 which the pytest process compares with a one-process merge and save of the same adapters (rank 0 writes them and
 PEFT's adapter save)."""
@@ -52,10 +52,10 @@ def ep_experts_lora(ctx: Any, order: str) -> dict[str, Any]:
         model = with_experts_lora(model)
     model.to_empty(device="cpu")
     automodel_plugins.load_weights(model, path)
-    with torch.no_grad():
+    with torch.no_grad():  # the experts' factors are split by expert (DTensors): each rank its experts' rows
         for name, param in model.named_parameters():
             if "lora_" in name:
-                param.copy_(initial[name])
+                _checks.local_value(param).copy_(_checks.local_part(param, initial[name]))
     result: dict[str, Any] = {"applied": applied}
     result.update(plan_facts(path, model, coordinate=(0, ctx.rank, 0), ep=ctx.world, dtype=DTYPE))
     result["lora_shapes"] = {
@@ -77,14 +77,15 @@ def ep_experts_lora(ctx: Any, order: str) -> dict[str, Any]:
         for n, t in held.items()
         if not torch.equal(_checks.local_value(t), _checks.local_part(t, codes_before[n]))
     )
-    trained = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    trained = {n: _checks.full_value(p).detach().clone() for n, p in model.named_parameters() if "lora_" in n}
     out = ctx.out / f"ep-lora-{order}"
     if ctx.rank == 0:
         from safetensors.torch import save_file
 
         out.mkdir(parents=True, exist_ok=True)
         save_file({n: t.contiguous() for n, t in trained.items()}, out / "adapters.safetensors")
-        model.save_pretrained(out / "adapter")  # PEFT's own adapter save, under expert parallelism
+    # PEFT's own adapter save under expert parallelism: every rank (it gathers the split factors), rank 0 writes
+    model.save_pretrained(out / "adapter", is_main_process=ctx.rank == 0)
     dist.barrier()
 
     merged = automodel_plugins.merge_lora(model)  # every rank: its own experts (and the replicated q/v)
@@ -156,9 +157,9 @@ def fsdp_experts_lora_plan(ctx: Any) -> dict[str, Any]:
 
 
 def ep_fsdp_experts_lora(ctx: Any) -> dict[str, Any]:
-    """4 ranks, mesh (ep=2, dp=2): PEFT on meta -> ``parallelize_experts`` over ep -> ``fully_shard_experts``
-    over dp -> every decoder layer and the root HSDP over the mesh (the adapters sharded over dp, replicated over
-    ep) -> load. FSDP2's averaged adapter gradients, gathered, against one process on the mean of the 4 ranks'
+    """4 ranks, mesh (ep=2, dp=2): PEFT on meta -> ``parallelize_experts`` over ep (the experts' factors split by
+    expert) -> ``fully_shard_experts`` over dp (the experts and their factors) -> every decoder layer and the root
+    HSDP over the mesh (the other adapters sharded over dp, replicated over ep) -> load; the plan's LoRA bytes. FSDP2's averaged adapter gradients, gathered, against one process on the mean of the 4 ranks'
     losses; then ``merge_lora`` and a save from every rank (the pytest side compares the files)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -181,6 +182,8 @@ def ep_fsdp_experts_lora(ctx: Any) -> dict[str, Any]:
         for name, param in model.named_parameters():
             if "lora_" in name:
                 _checks.local_value(param).copy_(_checks.local_part(param, initial[name]))
+    ep_index, dp_index = mesh.get_coordinate()
+    facts = plan_facts(path, model, coordinate=(dp_index, ep_index, 0), fsdp=2, ep=2, dtype=DTYPE)
     runs = _expert_parallel.batches(single, QWEN, ctx.world)
     model.train(), single.train()
     loss = model(**runs[ctx.rank]).loss
@@ -203,6 +206,7 @@ def ep_fsdp_experts_lora(ctx: Any) -> dict[str, Any]:
         "worst_grad": max(diffs, key=diffs.get),
         "loss": _expert_parallel._mean(ctx, loss.item()),
         "single_loss": single_loss.item(),
+        **facts,
     }
     held = {
         _plain_name(n): t for n, t in model_tensors(model).items() if ".experts." in n and "lora_" not in n

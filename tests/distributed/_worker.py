@@ -47,7 +47,9 @@ from automodel_plugins.model.tensors import model_tensors
 from distributed import (
     _checks,
     _compressed_tensors_save,
+    _ct_state_dict,
     _ep_lora,
+    _ep_lora_shard,
     _expert_parallel,
     _experts_lora,
     _fsdp_save_config,
@@ -56,6 +58,7 @@ from distributed import (
     _native_save,
     _peft_merge_config,
     _rotary_compile,
+    _source_save_dtype,
     _stages,
     _tiny,
 )
@@ -1166,11 +1169,14 @@ SCENARIOS: dict[str, Callable[[Context], dict[str, Any]]] = {
     **_experts_lora.SCENARIOS,
     **_expert_parallel.SCENARIOS,
     **_ep_lora.SCENARIOS,
+    **_ep_lora_shard.SCENARIOS,
     **_peft_merge_config.SCENARIOS,
     **_rotary_compile.SCENARIOS,
     **_native_save.SCENARIOS,
     **_compressed_tensors_save.SCENARIOS,
     **_fsdp_save_config.SCENARIOS,
+    **_ct_state_dict.SCENARIOS,
+    **_source_save_dtype.SCENARIOS,
 }
 
 

@@ -1,7 +1,7 @@
 """LoRA on FP8-resident experts (PEFT ``target_parameters`` on ``Fp8Experts``) under expert parallelism, 2 gloo
 ranks, experts 0-1 and 2-3 of 4, each rank its own batch; PEFT before ``parallelize_experts`` and after it. The
-adapters keep PEFT's shapes (every expert, as one process holds them); each rank's forward uses its experts'
-slice, so the factors' gradients, averaged over the ranks, equal one process on the mean loss. ``merge_lora`` on
+experts' adapters keep PEFT's global shapes, split by expert (each rank holds its experts' rows: DTensors); their
+gradients, divided by the ranks, equal one process on the mean loss (sharding specifics: test_ep_lora_shard.py). ``merge_lora`` on
 every rank re-quantizes only its own moved experts, and the files every rank writes are, byte for byte, the
 one-process merge and save of the same adapters; PEFT's adapter save under EP is the one-process adapter file."""
 
@@ -31,11 +31,12 @@ def test_a_lora_step_on_split_experts_equals_one_process(distributed_run, scenar
     for rank, result in enumerate(distributed_run.ranks(scenario)):
         assert len(result["applied"]) == LAYERS
         assert all("2 of 4 experts" in v for v in result["applied"].values()), result["applied"]
-        assert result["lora_shapes"] == result["single_lora_shapes"]  # PEFT's [r * E, ...]: every expert
+        assert result["lora_shapes"] == result["single_lora_shapes"]  # PEFT's global [r * E, ...]
         assert all(R * EXPERTS in shape for shape in result["lora_shapes"].values())
         assert result["grad_names"] == result["single_grad_names"]
         assert result["expert_lora_grads"] == LAYERS * 2 * 2  # lora_A and lora_B of both fused tensors
-        assert result["expert_grads"] == 0  # the codes are no parameter that trains
+        # the only DTensor gradients are the experts' factors' (split by expert): the codes are no parameter that trains
+        assert result["expert_grads"] == result["expert_lora_grads"]
         assert result["max_grad_rel_diff"] <= 1e-5, (rank, result["worst_grad"], result["max_grad_rel_diff"])
         assert abs(result["loss"] - result["single_loss"]) <= 1e-5 * result["single_loss"]
         assert abs(result["loss_after"] - result["single_loss_after"]) <= 1e-5 * result["single_loss_after"]
@@ -84,8 +85,8 @@ def _same_files(got: Path, want: Path) -> None:
 @pytest.mark.parametrize("scenario", ORDERS)
 def test_the_saves_are_the_one_process_saves(distributed_run, scenario, tmp_path: Path) -> None:
     """One process (this pytest process, no process group), the ranks' trained adapters: PEFT's adapter save is
-    the file rank 0 saved under expert parallelism; ``merge_lora`` + ``save_pretrained`` writes the files every
-    rank wrote, byte for byte."""
+    the file PEFT's save under expert parallelism wrote (every rank calling it: it gathers the split factors; rank
+    0 writing); ``merge_lora`` + ``save_pretrained`` writes the files every rank wrote, byte for byte."""
     distributed_run.ranks(scenario)  # fails here with the rank's traceback if the scenario failed
     order = scenario.removeprefix("ep_experts_lora_")
     out = distributed_run.out / f"ep-lora-{order}"
@@ -112,7 +113,7 @@ def test_lora_on_dequantized_split_experts_is_refused_by_name(distributed_run) -
 @pytest.mark.parametrize("scenario", (*ORDERS, "fsdp_experts_lora_plan"))
 def test_the_plan_counts_the_expert_adapters_each_rank_holds(distributed_run, scenario) -> None:
     """``plan_memory(..., lora_target_parameters=[...])`` against each rank's measured LoRA parameter bytes (EP:
-    every expert's factors on each rank; FSDP2: sharded): within 10% (the bar), exact here."""
+    each rank its experts' factors; FSDP2: sharded): within 10% (the bar), exact here."""
     for rank, result in enumerate(distributed_run.ranks(scenario)):
         planned, measured = result["planned_lora"], result["measured_lora"]
         assert abs(planned["params"] - measured) <= 0.1 * measured, (rank, planned, measured)

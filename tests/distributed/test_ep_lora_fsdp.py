@@ -1,6 +1,7 @@
 """LoRA on FP8-resident experts under expert parallelism combined with FSDP2 on a 2-D mesh, 4 gloo ranks:
-``(ep=2, dp=2)``, PEFT on meta, ``parallelize_experts`` over ep, ``fully_shard_experts`` over dp (one expert of 4 a
-rank), every decoder layer and the root HSDP (the adapters sharded over dp, replicated over ep). FSDP2's averaged
+``(ep=2, dp=2)``, PEFT on meta, ``parallelize_experts`` over ep (the experts' factors split by expert),
+``fully_shard_experts`` over dp (one expert of 4 a rank, with its factors), every decoder layer and the root HSDP
+(the attention's adapters sharded over dp, replicated over ep). FSDP2's averaged
 adapter gradients, gathered, against one process on the mean of the 4 ranks' losses; the codes unchanged; the
 merged save from every rank against a one-process merge and save of the same adapters, byte for byte."""
 
@@ -54,6 +55,14 @@ def test_a_lora_step_on_the_experts_over_ep_and_fsdp2_equals_one_process(four_ra
         assert result["max_grad_rel_diff"] <= 1e-5, (rank, result["worst_grad"], result["max_grad_rel_diff"])
         assert abs(result["loss"] - result["single_loss"]) <= 1e-5 * result["single_loss"]
         assert result["codes_changed"] == [] and result["lora_left"] == 0, f"rank {rank}"
+
+
+def test_the_plan_counts_the_factors_split_over_ep_and_dp(four_ranks) -> None:
+    """``plan_memory(fsdp=2, ep=2, lora_target_parameters=...)``: each rank's LoRA bytes as measured (the experts'
+    factors split over both dims, a quarter each; the attention's over dp)."""
+    results, _ = four_ranks
+    for rank, result in enumerate(results):
+        assert result["planned_lora"]["params"] == result["measured_lora"], (rank, result["planned_lora"])
 
 
 def test_the_merged_save_from_every_rank_is_the_one_process_save(four_ranks, tmp_path: Path) -> None:

@@ -31,6 +31,7 @@ from automodel_plugins.errors import (
     RotaryRepairError,
 )
 from automodel_plugins.model import fp8_peft_hook
+from automodel_plugins.model.compressed_tensors_state import show_compressed_tensors_names
 from automodel_plugins.model.device_map import Placement, dispatch, normalize_device_map
 from automodel_plugins.model.forward import SKIP_LOGITS_OPTION
 from automodel_plugins.model.fp8_training_check import watch_resident_training
@@ -383,7 +384,8 @@ def _plan_build(
     plan = plan_resident(model, model_tensors(model), adapter, checkpoint)
     if not dequantize:
         composition.fp8_resident = make_fp8_resident(model, plan, checkpoint)
-        guard_stock_save(model)  # a stock save would write FP8 names under a compressed-tensors config
+        show_compressed_tensors_names(model)  # state_dict() in the format config.json declares
+        guard_stock_save(model)  # FP8 experts under a compressed-tensors config have no such form
         watch_resident_training(model)  # warns at an optimizer step that can train no FP8 layer
         fp8_peft_hook.install()  # PEFT's own merge over these layers
         composition.fp8_not_resident = [name for name, p in plan.items() if p.action == "dequantized"]

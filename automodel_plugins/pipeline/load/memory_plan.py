@@ -23,7 +23,8 @@ of the pieces of the rank's experts). Held: the region in
 the loaded dtype (FP8 codes: one byte), FP8 scales as fp32. LoRA (PEFT on ``lora_targets``, rank ``lora_r``):
 adapters ``A [r, in]`` and ``B [out, r]`` placed as :func:`tensor_parallel_plan` and FSDP2 place them; on the
 fused expert tensors ``lora_target_parameters`` names (``target_parameters``), ``r * E * (d1 + d2)`` a tensor,
-sharded by FSDP2 and, every expert's, replicated over ``ep`` (as PEFT shapes them and each rank holds them); held in
+split by expert over ``ep`` as :func:`~automodel_plugins.model.expert_parallel.lora_factor_placements` places them
+(each rank its experts' rows) and sharded by FSDP2 over ``fsdp``; held in
 fp32 (PEFT's ``autocast_adapter_dtype`` default), plus their fp32 gradients and two fp32 Adam(W) states a
 parameter. Not counted: activations, temporaries (a dequantized weight in the forward, all-gather buffers),
 the CUDA context and allocator slack.
@@ -47,7 +48,7 @@ from automodel_plugins.checkpoint import Checkpoint
 from automodel_plugins.errors import LayoutError, NoPluginClaimError
 from automodel_plugins.fp8.stacked import is_stacked
 from automodel_plugins.model.fp8_experts import EXPERT_PROJECTIONS, fused_experts_shapes
-from automodel_plugins.model.placement import Region, shard_region
+from automodel_plugins.model.placement import Region, shard_numel, shard_region
 from automodel_plugins.model.tensor_parallel import tensor_parallel_plan
 from automodel_plugins.model.tensors import model_tensors
 from automodel_plugins.pipeline.composition import adapter_for
@@ -436,21 +437,33 @@ def _account_lora(
 
 
 def _account_expert_lora(ranks: list[RankMemory], placer: _Placer, r: int, targets: tuple[str, ...]) -> None:
-    """PEFT LoRA of rank ``r`` on every fused expert tensor ``[E, d1, d2]`` matching ``targets`` (a
-    ``ParamWrapper``): A ``[r * E, d]`` and B ``[d', r * E]``, ``r * E * (d1 + d2)`` a tensor. They are placed as
-    the adapters of linear layers: sharded by FSDP2, and under expert parallelism replicated over ``ep`` with every
-    expert's factors, as PEFT shapes them for a tensor split by expert (each rank's forward uses its experts'
-    slice: :mod:`~automodel_plugins.model.fp8_experts_lora`); fp32, fp32 gradients, two fp32 Adam states."""
+    """PEFT LoRA of rank ``r`` on every fused expert tensor ``[E, rows, cols]`` matching ``targets`` (a
+    ``ParamWrapper``): A ``[r * E, cols]`` and B ``[rows, r * E]``, ``r * E * (rows + cols)`` a tensor. Under
+    expert parallelism split by expert as
+    :func:`~automodel_plugins.model.expert_parallel.parallelize_experts` splits them
+    (:func:`~automodel_plugins.model.expert_parallel.lora_factor_placements`: A ``Shard(0)``, B
+    ``_StridedShard(1, split_factor=r)``), then FSDP2's ``Shard(0)`` over ``fsdp`` (``_StridedShard`` over A's
+    EP split, as FSDP2 composes over a split of dim 0); fp32, fp32 gradients, two fp32 Adam states."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    from automodel_plugins.model.expert_parallel import lora_factor_placements
+
     if not targets:
         return
+    ep = placer.layout.ep
     for module, shapes in placer.expert_shapes.items():
         for leaf, (experts, rows, cols) in shapes.items():
             if not _matches(f"{module}.{leaf}", targets):
                 continue
-            placements = placer.placements("", "lora", parameter=True, tp_dim=None)
-            for shape in ((r * experts, rows), (cols, r * experts)):
+            ep_a, ep_b = lora_factor_placements(r) if ep > 1 else (Replicate(), Replicate())
+            fsdp_a = _StridedShard(0, split_factor=ep) if ep > 1 else Shard(0)
+            for shape, placements in (
+                ((r * experts, cols), [fsdp_a, ep_a, Replicate()]),
+                ((rows, r * experts), [Shard(0), ep_b, Replicate()]),
+            ):
                 for rank in ranks:
-                    nbytes = _numel(placer.region(shape, placements, rank.coordinate)) * 4
+                    nbytes = shard_numel(shape, placer.layout.mesh_shape, rank.coordinate, placements) * 4
                     rank.lora["params"] += nbytes
                     rank.lora["grads"] += nbytes
                     rank.lora["optimizer"] += 2 * nbytes

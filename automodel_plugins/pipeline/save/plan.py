@@ -55,6 +55,7 @@ __all__ = [
     "fp8_quantization_config",
     "partial_blocks",
     "plan_save",
+    "saved_dtype",
 ]
 
 QUANTIZATIONS = ("source", "fp8-tensor", "fp8-block", "none")
@@ -276,6 +277,17 @@ def plan_save(
     plan = SavePlan(save_format, planned, fp8_quantization_config(save_format.block_size, skip))
     plan.partial_blocks = partial_blocks(plan)
     return plan
+
+
+def saved_dtype(plan: SavePlan) -> torch.dtype | None:
+    """The floating-point dtype of the values a plan writes unquantized, by element count (FP8 weights, their
+    scales and carried activation scales aside): what ``config.json``'s ``dtype`` must name. ``None`` when it
+    writes no such tensor."""
+    sizes: dict[torch.dtype, int] = {}
+    for planned in plan.tensors:
+        if planned.scale is None and planned.dtype.is_floating_point and not is_fp8(planned.dtype):
+            sizes[planned.dtype] = sizes.get(planned.dtype, 0) + math.prod(planned.shape)
+    return max(sizes, key=lambda dtype: sizes[dtype]) if sizes else None
 
 
 def fp8_scale_name(weight_name: str) -> str:

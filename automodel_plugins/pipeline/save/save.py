@@ -54,6 +54,7 @@ from automodel_plugins.pipeline.save.plan import (
     SourceView,
     fp8_scale_name,
     plan_save,
+    saved_dtype,
 )
 from automodel_plugins.pipeline.save.values import ModelValues, TensorValues
 from automodel_plugins.pipeline.save.write import WriteResult, write_plan
@@ -468,9 +469,19 @@ def _total_parameters(model: PreTrainedModel, plan: SavePlan) -> int:
 
 def _config_to_save(config: PretrainedConfig, model: PreTrainedModel, plan: SavePlan) -> PretrainedConfig:
     """A copy of the config as ``save_pretrained`` records it (``dtype``, ``architectures``), declaring the
-    plan's ``quantization_config`` (or none)."""
+    plan's ``quantization_config`` (or none).
+
+    ``dtype`` names what the files hold (:func:`~automodel_plugins.pipeline.save.plan.saved_dtype`), at the top
+    and in every sub-config that names one: ``"source"`` writes the source's dtypes, so an fp32 model from a
+    bfloat16 checkpoint is saved as bfloat16, and ``from_pretrained(dtype="auto")`` (which reads the top-level
+    ``dtype`` and sets it on every sub-config) must load it as such, as it loads the source."""
     config = copy.deepcopy(config)
-    config.dtype = str(model.dtype).split(".")[1]
+    written = str(saved_dtype(plan) or model.dtype).split(".")[1]
+    config.dtype = written
+    for name in getattr(config, "sub_configs", None) or {}:
+        sub = getattr(config, name, None)
+        if sub is not None and getattr(sub, "dtype", None) is not None:
+            sub.dtype = written
     config.architectures = [type(model).__name__.removeprefix("FSDP")]
     if "quantization_config" in vars(config):
         del config.quantization_config

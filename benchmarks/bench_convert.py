@@ -14,6 +14,12 @@ Targets: ours, peak over baseline / output bytes <= 0.15, and wall time ours / t
 checks that both wrote the same tensors, bit for bit (safetensors' own reader).
 
     python benchmarks/bench_convert.py [--repeats 3] [--kind block] [--path DIR]
+
+``--kind native-moe`` measures ``convert`` of the MoE forms instead (Mistral Large 3's native form with FP8_BLOCK
+experts, Mistral 4's HF fused and per-expert forms, Qwen3-VL-MoE per-expert): peak / output bytes and bytes read /
+checkpoint bytes, against transformers where it reads the form (see ``benchmarks/_convert_moe.py``).
+
+    python benchmarks/bench_convert.py --kind native-moe [--repeats 1]
 """
 
 from __future__ import annotations
@@ -94,11 +100,22 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--kind", default="per-tensor", choices=("per-tensor", "block"))
+    parser.add_argument("--kind", default="per-tensor", choices=("per-tensor", "block", "native-moe"))
     parser.add_argument("--path", type=Path, help="an existing checkpoint instead of the generated one")
     parser.add_argument("--worker", choices=CONVERTERS, help=argparse.SUPPRESS)
     parser.add_argument("--dest", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-moe", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.worker_moe:
+        from _convert_moe import worker as moe_worker
+
+        print(json.dumps(moe_worker(args.worker_moe, args.worker, args.dest)))
+        return 0
+    if args.kind == "native-moe":
+        from _convert_moe import run as run_moe
+
+        with tempfile.TemporaryDirectory(dir=Path(__file__).resolve().parent.parent / ".cache") as scratch:
+            return run_moe(__file__, args.repeats, Path(scratch))
     if args.worker:
         print(json.dumps(worker(args.worker, str(args.path), args.dest)))
         return 0

@@ -348,9 +348,10 @@ def test_hf_to_native_streams_a_chunk_of_rows_at_a_time(
             if ".experts." in k and k.endswith(("proj", "_scale_inv"))
         )
     assert 0 < largest["elements"] <= max(4 * 1000, row)  # per-tensor FP8 encodes 4 chunks at once
-    # Each pass (amax, write) reads an expert's matrix once per piece of it (gate and up: twice), never the
-    # whole fused tensor per piece (which is 4 experts x 12 pieces x 2 passes here).
-    assert largest["bytes"] <= 2 * 2 * expert_bytes
+    # Each pass (amax, write) reads each piece's own rows (the gate and the up half of an expert's matrix,
+    # its grid with each), never the whole fused tensor per piece (which is 4 experts x 12 pieces x 2 passes
+    # here); the exact counts are in tests/test_convert_region_reads.py.
+    assert largest["bytes"] <= 2 * 1.05 * expert_bytes
     monkeypatch.undo()
     convert_checkpoint(source, tmp_path / "default", to="fp8-tensor", layout="native")
     assert (tmp_path / "small" / "consolidated.safetensors").read_bytes() == (

@@ -26,8 +26,10 @@
   ``Fp8Experts`` an ``Fp8ExpertsParamWrapper``), so PEFT's own forward and merge work;
 * ``quantization_record``: the config's ``quantization_config`` kept truthful as FP8-resident modules are merged
   away and put back (every LoRA merge and unmerge path);
+* ``compressed_tensors_state``: FP8-resident linears of a compressed-tensors source shown and loaded under its
+  names and shapes (``weight_scale``, ``input_scale``), so a stock ``save_pretrained`` writes that format;
 * ``stock_save_guard``: a stock ``save_pretrained`` refused where its files would say one format and hold another
-  (FP8-resident under a compressed-tensors config);
+  (FP8-resident fused experts under a compressed-tensors config);
 * ``fp8_training_check``: the warning at an optimizer step that can train no FP8-resident layer;
 * ``sharded_merge``: that merge on an FSDP2-sharded model, each rank its own rows (imports peft);
 * ``requantize``: float weights re-quantized for FP8-resident modules, for ``load_state_dict``;

@@ -95,10 +95,14 @@ def read_value(
         )
     action = action_for(info.dtype, fp8=source.is_fp8, dtype=dtype)
     if action == "dequantized":
-        scale = read_scale(checkpoint, source)
+        stacked = is_stacked(tuple(info.shape), source.block_size)
+        matrices = _leading_run(region, info.shape[0]) if stacked and len(info.shape) == 3 else None
+        scale = read_scale(checkpoint, source, matrices)
         data = checkpoint.read(source.key, region).to(device)
         block_region = None if region is None or source.block_size is None else region
-        decode = stacked_dequantize if is_stacked(tuple(info.shape), source.block_size) else dequantize
+        if matrices is not None and block_region is not None:  # the grids of those matrices only were read
+            block_region = (slice(0, matrices[1] - matrices[0]), *block_region[1:])
+        decode = stacked_dequantize if stacked else dequantize
         value = decode(
             data,
             scale.to(device),
@@ -117,6 +121,15 @@ def read_value(
     value = stored.to(device=device, dtype=dtype if info.dtype.is_floating_point else info.dtype)
     _refuse_overflow(stored, value, key=source.key, path=info.file)
     return value, action
+
+
+def _leading_run(region: Region | None, size: int) -> tuple[int, int] | None:
+    """``(start, stop)`` along dim 0 of ``region`` of a stacked weight of ``size`` matrices, when it is fewer
+    than all of them (then only their grids are read: a piece of one expert reads one expert's grid)."""
+    if not region:
+        return None
+    start, stop, _ = region[0].indices(size)
+    return None if (start, stop) == (0, size) else (start, max(start, stop))
 
 
 def _refuse_overflow(stored: torch.Tensor, value: torch.Tensor, *, key: str, path: object) -> None:

@@ -241,6 +241,20 @@ class CheckpointValues:
             )
             yield row, value
 
+    def values_of(self, name: str, box: Box) -> torch.Tensor:
+        """Only ``box`` of tensor ``name``, read as a load would read it: the bytes of that box and nothing
+        else (a piece of one expert's gate rows reads those rows, not the expert's whole matrix)."""
+        planned = self.plan[name]
+        value, _ = read_value(
+            self.checkpoint,
+            planned.source,
+            dtype=planned.dtype,
+            device=self.device,
+            region=tuple(slice(start, stop) for start, stop in box),
+            shape=planned.shape,
+        )
+        return value
+
 
 class PieceValues:
     """The values of a plan's pieces (entries with ``piece_of``) from ``base``, which holds the model tensors;
@@ -249,7 +263,8 @@ class PieceValues:
     A piece's box is the overlap of its geometry's box with the box of the model tensor ``base`` holds, in the
     piece's stored coordinates; its chunks are that overlap's values, reoriented, a bounded run of stored rows
     at a time (the whole overlap is gathered first only where stored rows are not model rows, a piece of one
-    expert or a transposed matrix: at most one piece).
+    expert or a transposed matrix: at most one piece; from a base with ``values_of``, a checkpoint, that box is
+    read alone: an expert's gate rows never read its up rows).
     """
 
     def __init__(self, base: TensorValues, plan: SavePlan, ranks: Ranks | None = None) -> None:
@@ -336,14 +351,18 @@ class PieceValues:
                 f"{overlap[geometry.squeezed]} of {geometry.box[geometry.squeezed]}, which cut a head: its rows "
                 "are permuted within the head, so it is written by a process holding whole heads"
             )
-        parts = [
-            chunk[relative_slices(part, rows)]
-            for row, chunk in self.base.chunks(tensor, 0, own_rows)
-            for rows in [((held[0][0] + row, held[0][0] + row + chunk.shape[0]), *held[1:])]
-            for part in [intersect(rows, overlap)]
-            if part is not None
-        ]
-        gathered = parts[0] if len(parts) == 1 else torch.cat(parts)  # one expert's run: no copy
+        values_of = getattr(self.base, "values_of", None)  # a reader: only the piece's own box is read
+        if values_of is not None:
+            gathered = values_of(tensor, overlap)
+        else:
+            parts = [
+                chunk[relative_slices(part, rows)]
+                for row, chunk in self.base.chunks(tensor, 0, own_rows)
+                for rows in [((held[0][0] + row, held[0][0] + row + chunk.shape[0]), *held[1:])]
+                for part in [intersect(rows, overlap)]
+                if part is not None
+            ]
+            gathered = parts[0] if len(parts) == 1 else torch.cat(parts)  # one expert's run: no copy
         stored = geometry.to_stored(gathered) if heads is None else geometry.heads_to_stored(gathered)
         step = _rows_per_chunk(tuple(stored.shape), elements or None)
         for row in range(0, stored.shape[0], step):

@@ -186,13 +186,17 @@ def _choose_scales(
     if not quantized:
         return {}
     error: BaseException | None = None
-    parts: list[torch.Tensor] = []
+    local = torch.zeros(sum(math.prod(planned.scale.shape) for _, planned in quantized), dtype=torch.float32)
     try:
-        parts = [_local_amax(planned, writes[i], values).reshape(-1) for i, planned in quantized]
+        offset = 0
+        for i, planned in quantized:
+            size = math.prod(planned.scale.shape)
+            local[offset : offset + size] = _local_amax(planned, writes[i], values).reshape(-1)
+            offset += size
     except Exception as exc:
         error = exc
     ranks.agree(error, "measuring the weights' amax")
-    combined = all_reduce_max(torch.cat(parts).to(values.device)).cpu()
+    combined = all_reduce_max(local.to(values.device)).cpu()
     choices: dict[str, ScaleChoice] = {}
     offset = 0
     try:

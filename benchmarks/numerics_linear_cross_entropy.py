@@ -156,6 +156,8 @@ def cases(quick: bool) -> list[Case]:
         Case(512, 256, 32768, logit_std=8.0),
         Case(512, 256, 32768, chunk=(128, 1024)),
         Case(512, 256, 32768, chunk=(512, 32768)),
+        Case(512, 256, 32768, chunk=(64, 32768)),
+        Case(2048, 256, 32768, chunk=(64, 32768)),
     ]
     if not quick:
         out += [Case(2048, 256, 32768), Case(512, 1024, 65536), Case(2048, 1024, 65536)]

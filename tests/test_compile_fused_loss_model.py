@@ -24,8 +24,9 @@ def test_inductor_resident_lora_step_with_the_fused_loss_has_no_graph_break_and_
     checkpoint: Any, plugin_registry: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = []
-    forward_impl = lce._forward_impl
-    monkeypatch.setattr(lce, "_forward_impl", lambda *args: calls.append(1) or forward_impl(*args))
+    for name in ("_forward_impl", "_forward_grads_impl"):  # the per-token path, or the scalar loss's
+        impl = getattr(lce, name)
+        monkeypatch.setattr(lce, name, lambda *args, impl=impl: calls.append(1) or impl(*args))
     eager = resident_lora_model(checkpoint, plugin_registry, skip_logits=True)
     compiled_model = copy.deepcopy(eager)
     eager_loss = eager(**text_batch()).loss

@@ -9,6 +9,7 @@ from automodel_plugins.ops.linear_cross_entropy import (
     ChunkShape,
     choose_chunk_size,
     default_memory_budget,
+    grad_chunk_rows,
     linear_cross_entropy,
     low_precision_chunk_size,
 )
@@ -17,6 +18,7 @@ __all__ = [
     "ChunkShape",
     "choose_chunk_size",
     "default_memory_budget",
+    "grad_chunk_rows",
     "linear_cross_entropy",
     "low_precision_chunk_size",
 ]

@@ -1,17 +1,24 @@
-"""Blocked ("cut") linear cross-entropy: ``cross_entropy(input @ weight.T + bias, target)`` without ``[N, V]``.
+"""Fused linear cross-entropy: ``cross_entropy(input @ weight.T + bias, target)`` without ``[N, V]`` logits.
 
 The logits of a large-vocabulary head dominate training memory (``N * V * 4`` bytes, kept twice by autograd).
-Like Cut Cross-Entropy, this op walks ``[rows, vocabulary tile]`` blocks of the non-ignored tokens: forward
-keeps only each token's log-sum-exp; backward recomputes each block's logits from it and turns them into
-``G = softmax - onehot``, vocabulary tile by vocabulary tile, so each weight-gradient tile ``G^T x`` is summed
-over all tokens and written once in the weight's dtype (no fp32 ``[V, H]`` buffer), while ``G W`` adds into
-an fp32 input gradient. Matmuls run in the head's dtype (bf16 matmuls accumulate in fp32 and round once, like
-stock's ``x @ W.T``); log-sum-exp, softmax and every sum across blocks in fp32. Four matmuls in all, against
-three for the naive path; a bf16 block takes every token when the budget allows.
+Two paths, picked outside the op from grad mode, ``requires_grad`` and the reduction:
 
-Under ``torch.compile`` the forward and backward are ``torch.library`` custom ops (their host syncs stay
-inside; fake kernels give the shapes), so a compiled caller has no graph break; eager calls run the same
-functions through an ``autograd.Function``.
+* A scalar loss (``"mean"``/``"sum"``) that needs gradients: its upstream gradient is one number, so the
+  gradients are formed in the forward (Liger's order), in chunks of token rows over the whole vocabulary:
+  ``logits = x_c W^T`` in the head's dtype, log-sum-exp and softmax in fp32 in place, ``G = softmax - onehot``
+  (scaled by the denominator, times the softcap's derivative) rounded once to the head's dtype, then
+  ``dx_c = G W`` and ``dW += G^T x_c`` (``addmm`` into the weight's dtype: no fp32 ``[V, H]`` buffer). Three
+  matmuls, as stock, and about ten large ops per chunk; the backward only scales the saved gradients by the
+  upstream scalar. One chunk is stock's arithmetic; each further chunk adds one rounding to the bf16 ``dW``.
+* Otherwise (``reduction="none"``: a per-token upstream gradient; no gradient wanted; vocabulary tiles asked
+  for, or a vocabulary too wide for the chunk budget), as Cut Cross-Entropy: walk ``[rows, vocabulary tile]``
+  blocks of the label tokens keeping only each token's log-sum-exp; the backward recomputes each block's
+  logits and writes each weight-gradient tile ``G^T x`` once in the weight's dtype. Four matmuls.
+
+Matmuls run in the head's dtype (bf16 matmuls accumulate in fp32 and round once, like stock's ``x @ W.T``);
+log-sum-exp, softmax and every sum across blocks in fp32 (fp64 for an fp64 head). Under ``torch.compile`` each
+path is a ``torch.library`` custom op (host syncs inside, fake kernels for shapes, registered autograd), so a
+compiled caller has no graph break; eager calls run the same functions through an ``autograd.Function``.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ __all__ = [
     "ChunkShape",
     "choose_chunk_size",
     "default_memory_budget",
+    "grad_chunk_rows",
     "linear_cross_entropy",
     "low_precision_chunk_size",
 ]
@@ -293,17 +301,22 @@ class _Head:
         return out
 
     def shifted_exp(self, logits: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-        """``exp(logits - shift[:, None])`` in the accumulation-dtype buffer (widening fused into the subtraction)."""
+        """``exp(logits - shift[:, None])`` in the accumulation-dtype buffer: widened by a copy first (a
+        mixed-dtype ``sub(..., out=)`` would allocate a temporary of the whole block on CPU)."""
         out = self.acc_buf[: logits.numel()].view_as(logits)
-        return torch.sub(logits, shift.unsqueeze(1), out=out).exp_()
+        if logits.data_ptr() != out.data_ptr():
+            out.copy_(logits)
+        return out.sub_(shift.unsqueeze(1)).exp_()
 
     def matmul_operand(self, probs: torch.Tensor, scale: torch.Tensor, scaled: bool) -> torch.Tensor:
-        """``probs * scale`` in the matmul dtype: scaled in place, or rounded into the low-precision buffer in
-        the same pass (``scaled``: already multiplied, for the bias sum)."""
+        """``probs * scale`` in the matmul dtype: scaled in place, then rounded into the low-precision buffer
+        (``scaled``: already multiplied, for the bias sum). Two passes, not a mixed-dtype ``mul(..., out=)``,
+        which would allocate a temporary of the whole block on CPU."""
+        if not scaled:
+            probs.mul_(scale)
         if not self.low:
-            return probs if scaled else probs.mul_(scale)
-        grad = self.low_buf[: probs.numel()].view_as(probs)
-        return grad.copy_(probs) if scaled else torch.mul(probs, scale, out=grad)
+            return probs
+        return self.low_buf[: probs.numel()].view_as(probs).copy_(probs)
 
 
 def _spans(total: int, step: int) -> list[tuple[int, int]]:
@@ -654,6 +667,237 @@ class _EagerLinearCrossEntropy(torch.autograd.Function):
         return _backward(ctx, grad_loss, grad_lse, grad_denom, backward_fn=_backward_impl)
 
 
+# --- a scalar loss: the gradients during the forward, three matmuls ---------------------------------------
+#
+# When the loss reaches autograd as a scalar (reduction "mean" or "sum"), its upstream gradient is one number,
+# so the gradients can be formed in the forward (Liger's order) and the backward only scales them: per chunk of
+# token rows, one matmul for the logits over the whole vocabulary, softmax in the accumulation dtype, then
+# ``G @ W`` and ``G^T x``. Three matmuls in all, as stock, instead of four; and a handful of large ops per chunk.
+
+# Fewer rows of the whole vocabulary than this per chunk make narrow matmuls and many ops: tiles instead.
+_MIN_GRAD_ROWS = 16
+# A low-precision head's chunk budget in units of default_memory_budget (see _grad_chunk_budget).
+_LOW_PRECISION_GRAD_BUDGET = 4
+
+
+def grad_chunk_rows(
+    n_tokens: int, vocab: int, budget_bytes: int, *, dtype: torch.dtype, softcap: bool
+) -> int:
+    """Token rows per chunk of the gradients-in-forward path (every chunk spans the whole vocabulary), or 0
+    when fewer than ``min(n_tokens, 16)`` rows fit ``budget_bytes`` (then vocabulary tiles serve better).
+
+    A chunk holds its logits in the accumulation dtype (plus, for a low-precision head, the matmul's own
+    output, reused for the gradient ``G`` fed to the two gradient matmuls; with ``softcap``, the cap's
+    derivative in a second accumulation-dtype buffer). The op balances its chunks over the label tokens (no
+    short last chunk), so it may use fewer rows than this.
+    """
+    if vocab <= 0 or budget_bytes <= 0:
+        raise ValueError(f"vocab and budget_bytes must be positive, got vocab={vocab}, budget={budget_bytes}")
+    n_tokens = max(n_tokens, 1)
+    acc_bytes = torch.empty((), dtype=_acc_dtype(dtype)).element_size()
+    per_entry = acc_bytes * (2 if softcap else 1)
+    if _low_precision(dtype):
+        per_entry += torch.empty((), dtype=dtype).element_size()
+    rows = budget_bytes // (per_entry * vocab)
+    if rows < min(n_tokens, _MIN_GRAD_ROWS):
+        return 0
+    return min(rows, n_tokens)
+
+
+def _grad_chunk_budget(vocab: int, hidden: int, dtype: torch.dtype) -> int:
+    """Default bytes of a gradients-in-forward chunk: :func:`default_memory_budget` (1/16 of an fp32 weight
+    gradient, at most 64 MiB), four times that for a bf16/fp16 head (half its own weight gradient, at most
+    256 MiB): rows enough that each ``dW += G^T x`` product outweighs reading and writing ``dW`` once more,
+    and few chunks, so few multi-threaded ops (each of which, on a busy CPU, waits for its slowest thread)."""
+    budget = default_memory_budget(vocab, hidden)
+    return _LOW_PRECISION_GRAD_BUDGET * budget if _low_precision(dtype) else budget
+
+
+def _forward_grads_impl(
+    x2d: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor,
+    normalizer: torch.Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    softcap: float | None,
+    rows: int,
+    need_input: bool,
+    need_weight: bool,
+    need_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, per-token log-sum-exp (0 where ignored), denominator, d input, d weight, d bias), the gradients
+    for an upstream gradient of 1.
+
+    Chunk by chunk of ``rows`` label tokens: ``logits = x_c W^T`` (+ bias) in the head's dtype, the softmax in
+    the accumulation dtype, ``G = (softmax - onehot) / denominator`` (times the softcap's derivative) rounded
+    once to the head's dtype, as stock's logits gradient is; then ``dx_c = G W`` (written once, as stock's) and
+    ``dW += G^T x_c`` in the weight's dtype (one rounding per chunk: with one chunk, stock's ``dW``). No fp32
+    ``[V, H]`` buffer. Gradients not wanted come back as empty tensors.
+    """
+    vocab = weight.shape[0]
+    valid, tgt = _valid_rows(target, ignore_index, vocab)
+    n_valid = valid.numel()
+    denom = _denominator(reduction, normalizer, n_valid)  # validates before any compute
+    scale = 1.0 / denom
+    all_rows = n_valid == x2d.shape[0]
+    chunks = -(-max(n_valid, 1) // rows)
+    head = _Head(
+        weight, bias, softcap, -(-max(n_valid, 1) // chunks), vocab
+    )  # balanced over the label tokens
+    acc = head.acc
+    empty = x2d.new_empty(0)
+    d_input = empty
+    if need_input:
+        d_input = torch.empty_like(x2d) if all_rows else torch.zeros_like(x2d)
+    d_weight = torch.empty_like(weight) if need_weight else x2d.new_empty(0)
+    d_bias = torch.zeros(vocab, dtype=acc, device=x2d.device) if need_bias else None
+    lse = torch.zeros(x2d.shape[0], dtype=acc, device=x2d.device)
+    loss = torch.zeros((), dtype=acc, device=x2d.device)
+    for j, (r0, r1) in enumerate(_spans(n_valid, head.rows)):
+        index = None if all_rows else valid[r0:r1]
+        x = x2d[r0:r1] if index is None else x2d.index_select(0, index)
+        t = tgt[r0:r1].unsqueeze(1)
+        logits = head.logits(x, 0, vocab)
+        row_max = logits.amax(dim=1).to(acc)  # bf16 - bf16 would round: the shift in the accumulation dtype
+        picked = logits.gather(1, t).squeeze(1).to(acc)  # before the in-place exp below
+        probs = head.shifted_exp(logits, row_max)  # exp(logits - max), unnormalized
+        sums = probs.sum(dim=1)
+        chunk_lse = sums.log().add_(row_max)
+        loss += (chunk_lse - picked).sum()
+        if index is None:
+            lse[r0:r1] = chunk_lse
+        else:
+            lse.index_copy_(0, index, chunk_lse)
+        probs.scatter_add_(1, t, sums.neg().unsqueeze(1))  # exp - sum * onehot = sum * (softmax - onehot)
+        if softcap is not None:
+            probs.mul_(head.cap_buf[: probs.numel()].view_as(probs))
+        grad = head.matmul_operand(probs, sums.reciprocal_().mul_(scale).unsqueeze(1), scaled=False)
+        if d_bias is not None:
+            d_bias += grad.sum(dim=0, dtype=acc)
+        if need_input:
+            if index is None:
+                torch.mm(grad, weight, out=d_input[r0:r1])
+            else:
+                d_input.index_copy_(0, index, torch.mm(grad, weight))
+        if need_weight:
+            (torch.mm(grad.T, x, out=d_weight) if j == 0 else d_weight.addmm_(grad.T, x))
+    if need_weight and not n_valid:
+        d_weight.zero_()
+    return (
+        loss / denom,
+        lse,
+        torch.tensor(denom, dtype=acc, device=x2d.device),
+        d_input,
+        d_weight,
+        empty.new_empty(0) if d_bias is None else d_bias.to(bias.dtype),
+    )
+
+
+@torch.library.custom_op("automodel_plugins::linear_cross_entropy_with_grads", mutates_args=())
+def _lce_forward_grads(
+    x2d: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor,
+    normalizer: torch.Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    softcap: float | None,
+    rows: int,
+    need_input: bool,
+    need_weight: bool,
+    need_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients-in-forward pass as an op torch.compile keeps whole (see :func:`_forward_grads_impl`)."""
+    return _forward_grads_impl(
+        x2d,
+        weight,
+        bias,
+        target,
+        normalizer,
+        ignore_index,
+        reduction,
+        softcap,
+        rows,
+        need_input,
+        need_weight,
+        need_bias,
+    )
+
+
+@_lce_forward_grads.register_fake
+def _lce_forward_grads_fake(
+    x2d,
+    weight,
+    bias,
+    target,
+    normalizer,
+    ignore_index,
+    reduction,
+    softcap,
+    rows,
+    need_input,
+    need_weight,
+    need_bias,
+):
+    acc = _acc_dtype(weight.dtype)
+    return (
+        x2d.new_empty((), dtype=acc),
+        x2d.new_empty((x2d.shape[0],), dtype=acc),
+        x2d.new_empty((), dtype=acc),
+        torch.empty_like(x2d) if need_input else x2d.new_empty(0),
+        torch.empty_like(weight) if need_weight else x2d.new_empty(0),
+        torch.empty_like(bias) if need_bias and bias is not None else x2d.new_empty(0),
+    )
+
+
+def _setup_grads_context(ctx, inputs, output) -> None:
+    ctx.wanted = inputs[9:12]
+    ctx.save_for_backward(*output[3:])
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _backward_grads(ctx, grad_loss, *_unused):
+    """The saved gradients times the upstream scalar (traced by torch.compile: out of place, functional)."""
+    grads = [
+        g * grad_loss if wanted else None for g, wanted in zip(ctx.saved_tensors, ctx.wanted, strict=True)
+    ]
+    return (*grads, None, None, None, None, None, None, None, None, None)
+
+
+_lce_forward_grads.register_autograd(_backward_grads, setup_context=_setup_grads_context)
+
+
+class _EagerLinearCrossEntropyGrads(torch.autograd.Function):
+    """The gradients-in-forward pass in eager mode: the backward scales the gradients in place and hands them
+    over (no second ``[V, H]`` tensor). A second backward through the same graph (``retain_graph=True``) finds
+    them gone and recomputes them from the saved inputs and log-sum-exp with the tiled backward."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        x2d, weight, bias, target, _normalizer, ignore_index, reduction, softcap, rows = inputs[:9]
+        loss, lse, denom, *grads = _forward_grads_impl(*inputs)
+        ctx.grads = grads
+        ctx.wanted = inputs[9:12]
+        ctx.save_for_backward(x2d, weight, bias, target, lse, denom)
+        ctx.options = (ignore_index, reduction, softcap, rows, weight.shape[0])
+        ctx.mark_non_differentiable(lse, denom)
+        return loss, lse, denom
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, _grad_lse, _grad_denom):
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:  # a second backward: the first one handed the precomputed gradients over
+            grads = _backward_impl(grad_loss, *ctx.saved_tensors, *ctx.options, *ctx.wanted)
+        else:
+            grads = [g.mul_(grad_loss) if wanted else g for g, wanted in zip(grads, ctx.wanted, strict=True)]
+        scaled = [g if wanted else None for g, wanted in zip(grads, ctx.wanted, strict=True)]
+        return (*scaled, None, None, None, None, None, None, None, None, None)
+
+
 def _chunk_shape(
     n_tokens: int,
     weight: torch.Tensor,
@@ -675,6 +919,31 @@ def _chunk_shape(
     budget = memory_budget_bytes or default_memory_budget(vocab, hidden)
     buffers = 2 if softcap is not None else 1  # softcap keeps its derivative in a second tile buffer
     return choose_chunk_size(n_tokens, vocab, budget, hidden=hidden, logit_buffers=buffers)
+
+
+def _wanted_grads(
+    x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[bool, bool, bool]:
+    """Which of (input, weight, bias) autograd will ask a gradient for: decided here, outside the op (under
+    torch.compile, grad mode and ``requires_grad`` are guarded at trace time)."""
+    if not torch.is_grad_enabled():
+        return False, False, False
+    return x2d.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad
+
+
+def _grad_rows(
+    n_tokens: int,
+    weight: torch.Tensor,
+    softcap: float | None,
+    chunk_size: int | tuple[int, int] | None,
+    memory_budget_bytes: int | None,
+) -> int:
+    """Rows per chunk of the gradients-in-forward path, or 0 where vocabulary tiles are needed instead."""
+    if chunk_size is not None:
+        return min(chunk_size[0] if isinstance(chunk_size, tuple) else chunk_size, max(n_tokens, 1))
+    vocab, hidden = weight.shape
+    budget = memory_budget_bytes or _grad_chunk_budget(vocab, hidden, weight.dtype)
+    return grad_chunk_rows(n_tokens, vocab, budget, dtype=weight.dtype, softcap=softcap is not None)
 
 
 def linear_cross_entropy(
@@ -699,10 +968,13 @@ def linear_cross_entropy(
     ``"sum"``, or ``"none"`` (per-token loss shaped like ``target``, 0 where ignored). ``normalizer``: with
     ``"mean"`` or ``"sum"``, return ``sum / normalizer`` instead (e.g. the label-token count of a whole
     gradient-accumulation batch). ``softcap``: logits become ``softcap * tanh(logits / softcap)``.
-    ``chunk_size`` (rows per block, or ``(rows, vocab_tile)``) or ``memory_budget_bytes`` (bytes of a block's
-    working set, see :func:`choose_chunk_size` and :func:`low_precision_chunk_size`) override the default,
-    :func:`default_memory_budget`. Matmuls run in the head's dtype (fp32 accumulation inside the matmul, as
-    stock's ``x @ W.T``); log-sum-exp, softmax and gradient sums in fp32. The gradients come back in the
+    ``chunk_size`` (rows per block, or ``(rows, vocab_tile)``; a tile narrower than the vocabulary selects the
+    tiled path) or ``memory_budget_bytes`` (bytes of a block's working set, see :func:`grad_chunk_rows` for a
+    scalar loss that needs gradients, :func:`choose_chunk_size` and :func:`low_precision_chunk_size` otherwise)
+    override the default, derived from :func:`default_memory_budget`. A scalar loss with gradients forms them
+    in the forward and its backward scales them (three matmuls); a second backward through the same graph
+    (``retain_graph=True``) recomputes them. Matmuls run in the head's dtype (fp32 accumulation inside the
+    matmul, as stock's ``x @ W.T``); log-sum-exp, softmax and gradient sums in fp32. The gradients come back in the
     inputs' dtypes and so does the loss, unless ``loss_dtype`` asks for another floating dtype
     (``torch.float32`` keeps a bf16 model's loss unrounded, as transformers reports it).
     """
@@ -718,8 +990,8 @@ def linear_cross_entropy(
         normalizer_tensor = torch.tensor(normalizer_value, dtype=torch.float64)
     else:
         normalizer_tensor = None
-    op = _lce_forward if torch.compiler.is_compiling() else _EagerLinearCrossEntropy.apply
-    loss, _lse, _denom = op(
+    softcap = None if softcap is None else float(softcap)
+    args = (
         x2d,
         weight,
         bias,
@@ -727,9 +999,18 @@ def linear_cross_entropy(
         normalizer_tensor,
         int(ignore_index),
         reduction,
-        None if softcap is None else float(softcap),
-        chunk.rows,
-        chunk.vocab,
+        softcap,
     )
+    wanted = _wanted_grads(x2d, weight, bias)
+    rows = 0
+    tiles_asked = isinstance(chunk_size, tuple) and chunk_size[1] < weight.shape[0]
+    if reduction != "none" and any(wanted) and not tiles_asked:
+        rows = _grad_rows(x2d.shape[0], weight, softcap, chunk_size, memory_budget_bytes)
+    if rows:  # a scalar loss: the gradients in the forward, three matmuls
+        op = _lce_forward_grads if torch.compiler.is_compiling() else _EagerLinearCrossEntropyGrads.apply
+        loss = op(*args, rows, *wanted)[0]
+    else:
+        op = _lce_forward if torch.compiler.is_compiling() else _EagerLinearCrossEntropy.apply
+        loss = op(*args, chunk.rows, chunk.vocab)[0]
     loss = loss.to(loss_dtype or input.dtype)
     return loss.reshape(target.shape) if reduction == "none" else loss

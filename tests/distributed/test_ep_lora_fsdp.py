@@ -73,5 +73,15 @@ def test_the_merged_save_from_every_rank_is_the_one_process_save(four_ranks, tmp
     assert sorted(p.name for p in got.iterdir()) == sorted(p.name for p in want.iterdir())
     for name in sorted(p.name for p in want.iterdir()):  # config.json too: its sub-configs' dtype included
         assert (got / name).read_bytes() == (want / name).read_bytes(), name
+    # config.json names the dtype of the unquantized tensors the save wrote (the source's, here), everywhere.
     config = json.loads((got / "config.json").read_text())
-    assert config["dtype"] == config["text_config"]["dtype"] == config["vision_config"]["dtype"] == "float32"
+    written = {
+        str(t.dtype).removeprefix("torch.")
+        for shard in got.glob("*.safetensors")
+        for name, t in load_file(shard).items()
+        if t.is_floating_point()
+        and t.element_size() > 1
+        and "scale" not in name  # FP8 codes and scales aside
+    }
+    assert written == {config["dtype"]}, written
+    assert config["dtype"] == config["text_config"]["dtype"] == config["vision_config"]["dtype"]

@@ -29,6 +29,7 @@ Targets: peak over baseline / output bytes <= 0.15; bytes read / checkpoint byte
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -97,7 +98,7 @@ def _config():
     from automodel_plugins.testing.tiny_models import TINY_PIXTRAL_SIZES
 
     return Mistral3Config(
-        text_config=Mistral4Config(**TEXT),
+        text_config=Mistral4Config(**copy.deepcopy(TEXT)),  # transformers writes into rope_parameters
         vision_config=PixtralVisionConfig(**{**TINY_PIXTRAL_SIZES, "hidden_act": "silu"}),
         image_token_id=10,
         spatial_merge_size=2,

@@ -15,11 +15,12 @@ from hub_checkpoints import index_of, registry, weights_bytes, write_llama
 
 import automodel_plugins
 from automodel_plugins import Checkpoint
-from automodel_plugins.errors import HubDiskSpaceError, UnsafeHubAnswerError
+from automodel_plugins.errors import HubDiskSpaceError, HubDownloadError, UnsafeHubAnswerError
 from automodel_plugins.sources import hub_space
 from automodel_plugins.testing.fake_hub import FakeHub
 
 TERABYTE = 1 << 40
+GB = 1000**3
 
 
 @pytest.fixture(scope="module")
@@ -50,25 +51,44 @@ def serve(hub: FakeHub, repo_id: str, directory: Path) -> None:
     hub.reset_counters()
 
 
-def test_a_terabyte_shard_is_refused_before_its_body(
-    fake_hub: FakeHub, checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("announced", [40 * GB, TERABYTE], ids=["40GB", "1TB"])
+def test_a_shard_larger_than_the_disk_is_refused_before_its_body(
+    fake_hub: FakeHub, checkpoint: Path, monkeypatch: pytest.MonkeyPatch, announced: int
 ) -> None:
-    """Every shard announced as 1 TB on a 1 GiB disk: huggingface_hub would only warn and download until the disk
-    is full. Refused at the first shard's ``HEAD``, naming the repo, the file, the bytes announced and free."""
-    serve(fake_hub, "space/terabyte", checkpoint)
-    fake_hub.misbehave("space/terabyte", announced_size=TERABYTE, files=r"\.safetensors$")
+    """Every shard announced as 40 GB (under huggingface_hub's 50 GB plain-HTTP limit: it would only warn and
+    download until the disk is full) or 1 TB on a 1 GiB disk: refused at the first shard's ``HEAD``, naming the
+    repo, the file, the bytes announced and free."""
+    repo = f"space/huge-{announced}"
+    serve(fake_hub, repo, checkpoint)
+    fake_hub.misbehave(repo, announced_size=announced, files=r"\.safetensors$")
     cache = small_disk(monkeypatch, 1 << 30)
     with pytest.raises(
-        HubDiskSpaceError, match=rf"announces {TERABYTE} bytes.* bytes free on the cache's"
+        HubDiskSpaceError, match=rf"announces {announced} bytes.* bytes free on the cache's"
     ) as e:
-        automodel_plugins.from_pretrained("space/terabyte", registry=registry())
-    assert e.value.repo_id == "space/terabyte"
+        automodel_plugins.from_pretrained(repo, registry=registry())
+    assert e.value.repo_id == repo
     assert e.value.filename in shards_of(checkpoint)
-    assert e.value.announced == TERABYTE
+    assert e.value.announced == announced
     assert 0 < e.value.free <= 1 << 30
     for shard in shards_of(checkpoint):
-        assert fake_hub.bytes_for("space/terabyte", shard) == 0, shard
+        assert fake_hub.bytes_for(repo, shard) == 0, shard
     assert not list(cache.rglob("*.incomplete"))
+
+
+def test_a_shard_past_the_plain_http_limit_is_a_typed_error(
+    fake_hub: FakeHub, checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a disk that holds it, a 1 TB shard is past the 50 GB huggingface_hub downloads over plain HTTP (the
+    only way checked downloads go): a typed error naming the file, not huggingface_hub's bare ``ValueError``."""
+    serve(fake_hub, "space/past-http", checkpoint)
+    fake_hub.misbehave("space/past-http", announced_size=TERABYTE, files=r"\.safetensors$")
+    small_disk(monkeypatch, 4 * TERABYTE)  # room for all three shards
+    with pytest.raises(
+        HubDownloadError, match=rf"announces {TERABYTE} bytes, more than the \d+ that huggingface"
+    ):
+        automodel_plugins.from_pretrained("space/past-http", registry=registry())
+    for shard in shards_of(checkpoint):
+        assert fake_hub.bytes_for("space/past-http", shard) == 0, shard
 
 
 @pytest.mark.parametrize("slack", [-1, 0], ids=["one-byte-short", "exact-fit"])

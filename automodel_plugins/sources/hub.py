@@ -323,6 +323,7 @@ class HubLocation(CheckpointLocation):
         def announced(size: int, blob: str | None) -> None:
             self._check_announced(name, size, watch)
             space.claim(name, size, blob)
+            _check_plain_http(size, watch)
 
         with watching(self.repo_id, self.options.revision, name, self.commit, on_size=announced) as watch:
             try:
@@ -600,6 +601,19 @@ def _in_threads(work: Callable[[str], T], names: list[str]) -> list[T]:
     contexts = [contextvars.copy_context() for _ in names]
     with ThreadPoolExecutor(max_workers=min(_PARALLEL_DOWNLOADS, len(names))) as pool:
         return list(pool.map(lambda context, name: context.run(work, name), contexts, names))
+
+
+def _check_plain_http(size: int, watch: Watch) -> None:
+    """huggingface_hub downloads no file past ``MAX_HTTP_DOWNLOAD_SIZE`` (50 GB) over plain HTTP, the only way
+    checked downloads go (Xet is off for them): said here, typed, rather than as its bare ``ValueError``."""
+    from huggingface_hub import constants
+
+    limit = constants.MAX_HTTP_DOWNLOAD_SIZE
+    if size > limit:
+        raise watch.error(
+            f"the hub announces {size} bytes, more than the {limit} that huggingface_hub downloads over plain "
+            "HTTP (this package's checked downloads do not use Xet); not downloading it"
+        )
 
 
 def _content_range(text: str) -> tuple[int | None, int | None, int | None]:

@@ -68,7 +68,7 @@ class SpaceBudget:
             for name, size in sorted(self.pending.items()):
                 running += size
                 if running > free:
-                    raise self._refusal(name, size, running - size, free)
+                    raise self._refusal(name, size, total - size, free)
 
     def claim(self, name: str, announced: int, etag: str | None) -> None:
         """The hub announced ``announced`` bytes for ``name`` (blob ``etag``): refuse it unless it fits with the
@@ -102,11 +102,15 @@ class SpaceBudget:
             self.started.pop(name, None)
 
     def _refusal(self, name: str, announced: int, others: int, free: int) -> HubDiskSpaceError:
-        rest = f", with the {others} bytes this load still downloads besides," if others else ""
+        rest = (
+            f"; with the {others} bytes this load still downloads besides, {announced + others} bytes,"
+            if others
+            else ","
+        )
         error = HubDiskSpaceError(
             self.repo_id,
-            f"the hub announces {announced} bytes{rest} needing {announced + others} bytes, more than the "
-            f"{free} bytes free on the cache's filesystem ({self.blobs}): not downloading it (free space, or "
+            f"the hub announces {announced} bytes{rest} more than the {free} bytes free on the cache's filesystem "
+            f"({self.blobs}): not downloading it (free space, or "
             "point cache_dir / HF_HUB_CACHE at a larger disk)",
             revision=self.revision,
             filename=name,

@@ -159,3 +159,23 @@ def test_a_shard_announced_past_its_header_is_refused_before_its_body(
             location.fetch([shard])
     assert e.value.filename == shard
     assert fake_hub.bytes_for("space/liar", shard) == 0
+
+
+def test_a_file_already_cached_by_another_revision_needs_no_room(
+    fake_hub: FakeHub, checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second revision holding the same files (the same blobs) loads on a full disk: its files are only
+    linked to the blobs already in the cache, so none of them counts."""
+    fake_hub.add_directory("space/revisions", checkpoint)
+    fake_hub.add_directory("space/revisions", checkpoint, extra={"notes.json": b"{}"}, revision="v2")
+    automodel_plugins.from_pretrained("space/revisions", registry=registry())
+    from huggingface_hub import constants
+
+    cache = Path(constants.HF_HUB_CACHE)
+    small_disk(monkeypatch, held(cache))  # no byte free
+    fake_hub.reset_counters()
+    automodel_plugins.from_pretrained("space/revisions", revision="v2", registry=registry())
+    for shard in shards_of(checkpoint):
+        assert fake_hub.requests_for("space/revisions", shard, "HEAD") == 1, shard
+        assert fake_hub.bytes_for("space/revisions", shard) == 0, shard
+    assert len(list(cache.glob("models--space--revisions/snapshots/*"))) == 2

@@ -326,20 +326,25 @@ def ensure_checkpoint(kind: str = "per-tensor", *, quiet: bool = False) -> Path:
 
 
 def _ensure(kind: str, write: Any, *, quiet: bool) -> Path:
-    final = checkpoint_dir(kind)
-    if (final / "config.json").is_file():
+    return ensure_directory(checkpoint_dir(kind), write, label=f"the {kind} FP8 checkpoint", quiet=quiet)
+
+
+def ensure_directory(final: Path, write: Any, *, label: str, quiet: bool = False) -> Path:
+    """``final``, written once by ``write(tmp)`` into a temporary sibling and renamed, under a lock (parallel
+    benchmark processes wait for the first writer instead of writing it twice)."""
+    if final.is_dir():  # written whole into a temporary sibling, then renamed: present means complete
         return final
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     with open(CACHE_DIR / f".{final.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if (final / "config.json").is_file():  # another process wrote it while we waited
+        if final.is_dir():  # another process wrote it while we waited
             return final
         tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         started = time.perf_counter()
         if not quiet:
             print(
-                f"[bench] generating the {kind} FP8 checkpoint into {final} (once) ...",
+                f"[bench] generating {label} into {final} (once) ...",
                 file=sys.stderr,
                 flush=True,
             )

@@ -29,7 +29,7 @@ Targets: peak over baseline / output bytes <= 0.15; bytes read / checkpoint byte
 
 from __future__ import annotations
 
-import fcntl
+import copy
 import json
 import os
 import shutil
@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _checkpoint import CACHE_DIR, ensure_moe_checkpoint
+from _checkpoint import CACHE_DIR, ensure_directory, ensure_moe_checkpoint
 from _memory import PeakRss
 from _workers import run_json_worker, worker_env
 
@@ -98,7 +98,7 @@ def _config():
     from automodel_plugins.testing.tiny_models import TINY_PIXTRAL_SIZES
 
     return Mistral3Config(
-        text_config=Mistral4Config(**TEXT),
+        text_config=Mistral4Config(**copy.deepcopy(TEXT)),  # transformers writes into rope_parameters
         vision_config=PixtralVisionConfig(**{**TINY_PIXTRAL_SIZES, "hidden_act": "silu"}),
         image_token_id=10,
         spatial_merge_size=2,
@@ -162,26 +162,7 @@ def ensure_form(form: str) -> Path:
         :10
     ]
     final = CACHE_DIR / f"mistral4-moe-{form}-{digest}"
-    if final.is_dir():
-        return final
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    with open(CACHE_DIR / f".{final.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if final.is_dir():
-            return final
-        tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        started = time.perf_counter()
-        print(f"[bench] generating {form} into {final} (once) ...", file=sys.stderr, flush=True)
-        _write(form, tmp)
-        tmp.rename(final)
-        size = sum(f.stat().st_size for f in final.iterdir()) / 2**20
-        print(
-            f"[bench] wrote {size:.0f} MiB in {time.perf_counter() - started:.1f} s",
-            file=sys.stderr,
-            flush=True,
-        )
-    return final
+    return ensure_directory(final, lambda tmp: _write(form, tmp), label=form)
 
 
 def worker(case: str, converter: str, dest: str) -> dict[str, Any]:

@@ -65,7 +65,7 @@ print(json.dumps(steps))
 
 _PARSE_AND_PLAN = """
 import gc, sys, time
-gc.set_threshold(200_000, 30, 30)  # as the CLI sets it
+gc.disable()  # as the CLI does
 import torch
 from automodel_plugins.checkpoint import Checkpoint
 from automodel_plugins.model.tensors import model_tensors

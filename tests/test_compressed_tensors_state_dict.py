@@ -18,15 +18,14 @@ from typing import Any
 import pytest
 import torch
 from mistral3_checkpoints import (
-    ODD,
-    CheckpointSpec,
     checkpoint_tensors,
     edit_tensors,
     legacy_name,
     tiny_model,
     write_checkpoint,
 )
-from test_compressed_tensors_hf import CHANNEL, fp8_block
+from test_compressed_tensors_hf import fp8_block
+from test_compressed_tensors_stock_save import FORMS  # the same three forms, written the same way
 from test_fsdp_save_config import single_rank_mesh
 
 import automodel_plugins
@@ -36,19 +35,6 @@ __all__ = ["single_rank_mesh"]  # the fixture, used here
 
 F32 = torch.float32
 PLUGIN = "mistral3_fp8"
-FORMS = {
-    "block": (
-        CheckpointSpec(model=ODD, block_size=(16, 16), scale_name="weight_scale", activation_scale_name=None),
-        [16, 16],
-    ),
-    "channel": (
-        CheckpointSpec(
-            model=ODD, block_size=tuple(CHANNEL), scale_name="weight_scale", activation_scale_name=None
-        ),
-        CHANNEL,
-    ),
-    "tensor-static": (CheckpointSpec(scale_name="weight_scale", activation_scale_name="input_scale"), None),
-}
 
 
 @pytest.fixture(autouse=True)

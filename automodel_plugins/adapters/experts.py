@@ -8,6 +8,7 @@ Which forms a plugin accepts, and how it tells them apart, stays the plugin's.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -67,10 +68,17 @@ def per_expert_pieces(layer_key: str, parameter: str, shapes: ExpertShapes) -> I
     whose checkpoint key is ``layer_key``: expert ``e``'s ``j``-th projection fills the ``j``-th block of row
     ``e``."""
     projections = PROJECTIONS[parameter]
-    boxes = stacked_boxes(shapes.runtime(parameter), len(projections))
+    boxes = _stacked_boxes(shapes.runtime(parameter), len(projections))
     for expert, row in enumerate(boxes):
         for projection, box in zip(projections, row, strict=True):
             yield f"{layer_key}{EXPERTS}{expert}.{projection}.weight", box
+
+
+@functools.lru_cache(maxsize=64)
+def _stacked_boxes(shape: tuple[int, int, int], parts: int) -> tuple[tuple[Box, ...], ...]:
+    """:func:`stacked_boxes`, made once per shape: every MoE layer's experts have the same boxes (and so share
+    one object per box)."""
+    return tuple(map(tuple, stacked_boxes(shape, parts)))
 
 
 class FusedExpertsAdapter(StateDictAdapter):

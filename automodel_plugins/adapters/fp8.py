@@ -4,13 +4,22 @@ FP8 scales found beside their weights under any accepted name.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
+from operator import add, attrgetter, itemgetter, methodcaller
 from typing import TYPE_CHECKING, Any
 
 from automodel_plugins.adapters.base import Box, Piece, StateDictAdapter, TensorSource, key_view
 from automodel_plugins.errors import CheckpointError, DtypeMismatchError, ScaleError
-from automodel_plugins.fp8.formats import activation_key_candidates, is_fp8, scale_key_candidates
+from automodel_plugins.fp8.formats import (
+    ACTIVATION_SCALE_SUFFIXES,
+    FP8_DTYPES,
+    WEIGHT_SCALE_SUFFIXES,
+    activation_key_candidates,
+    scale_key_candidates,
+    suffixes_in,
+)
 from automodel_plugins.fp8.quantization import parse_fp8_quantization
 from automodel_plugins.sources.compressed_tensors import PER_CHANNEL_BLOCK
 
@@ -18,6 +27,8 @@ if TYPE_CHECKING:
     import torch
 
     from automodel_plugins.checkpoint import Checkpoint
+
+_KEY = attrgetter("key")
 
 __all__ = ["Fp8StateDictAdapter", "PrefixRename", "PrefixRenames", "fp8_adapter_for"]
 
@@ -74,6 +85,7 @@ class Fp8StateDictAdapter(StateDictAdapter):
     fp8_dtype: torch.dtype | None = None
     _seen_scale_names: set[str] = field(default_factory=set, init=False, repr=False)
     _listed: dict[str, bool] = field(default_factory=dict, init=False, repr=False)
+    _suffixes: tuple[tuple[str, ...], tuple[str, ...]] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._renames = PrefixRenames(self.renames)
@@ -99,10 +111,68 @@ class Fp8StateDictAdapter(StateDictAdapter):
         stored ``transposed`` or not: its FP8 scale found under any accepted name when it is FP8, its static
         activation scale accounted for. ``name`` (the model tensor) is checked against
         ``modules_to_not_convert``; a key the checkpoint lacks gives a plain piece, which planning reports."""
-        keys = key_view(self.checkpoint)
+        return self._piece(key, box, transposed, name, key_view(self.checkpoint))
+
+    def assembled(
+        self, name: str, pieces: Iterable[tuple[str, Box | None]], *, transposed: bool = False
+    ) -> TensorSource:
+        """The model tensor ``name`` assembled from ``(checkpoint key, box)`` pairs, each FP8 piece with its
+        own scale (see :meth:`piece`)."""
+        pairs, keys = list(pieces), key_view(self.checkpoint)
+        made = self._fp8_pieces(name, pairs, transposed, keys)
+        if made is None:
+            made = [self._piece(key, box, transposed, name, keys) for key, box in pairs]
+        return TensorSource.assembled(made)
+
+    def _fp8_pieces(
+        self, name: str, pairs: list[tuple[str, Box | None]], transposed: bool, keys: Collection[str]
+    ) -> list[Piece] | None:
+        """What :meth:`_piece` makes of each pair, made in C-level passes for the common case (a fused experts
+        tensor's 256 pieces): every key stored, FP8 of the declared format, named ``*.weight``, with its scale
+        under the one scale suffix the checkpoint uses and no activation scale. ``None`` for anything else,
+        which :meth:`_piece` then answers (or refuses, naming the first key at fault) pair by pair."""
+        infos_of = getattr(self.checkpoint, "infos_of", None)
+        if infos_of is None or not pairs:
+            return None
+        try:
+            infos = infos_of(map(itemgetter(0), pairs))
+        except CheckpointError:  # a key not stored: a plain piece, reported by planning
+            return None
+        names = list(map(_KEY, infos))  # the checkpoint's own key objects: later lookups match by identity
+        dtypes = set(map(attrgetter("dtype"), infos))
+        scales, activations = self._sibling_suffixes(keys)
+        (dtype,) = dtypes if len(dtypes) == 1 else (None,)
+        if (
+            dtype not in FP8_DTYPES
+            or (self.fp8_dtype is not None and dtype != self.fp8_dtype)
+            or self._never_converted(name)
+            or len(scales) != 1
+            or activations
+            or not all(map(methodcaller("endswith", ".weight"), names))
+        ):
+            return None
+        try:
+            scale_keys = list(
+                map(
+                    _KEY,
+                    infos_of(
+                        map(add, map(itemgetter(slice(None, -len("weight"))), names), repeat(scales[0]))
+                    ),
+                )
+            )
+        except CheckpointError:  # a scale not stored: refused, naming its weight, by _piece
+            return None
+        self._seen_scale_names.add(scales[0])
+        boxes = map(itemgetter(1), pairs)
+        return list(map(Piece, names, boxes, scale_keys, repeat(self.block_size), repeat(transposed)))
+
+    def _piece(
+        self, key: str, box: Box | None, transposed: bool, name: str | None, keys: Collection[str]
+    ) -> Piece:
+        """:meth:`piece`, given the checkpoint's keys (a fused experts tensor asks for 256 pieces at once)."""
         stored = self.checkpoint.info(key) if key in keys else None
-        if stored is None or not is_fp8(stored.dtype):
-            return Piece(key, box, transposed=transposed)
+        if stored is None or stored.dtype not in FP8_DTYPES:
+            return Piece(key, box, None, None, transposed)
         if self.fp8_dtype is not None and stored.dtype != self.fp8_dtype:
             raise DtypeMismatchError(
                 f"FP8 weight is stored as {stored.dtype} but the config's quantization_config declares "
@@ -117,22 +187,15 @@ class Fp8StateDictAdapter(StateDictAdapter):
                 path=self.checkpoint.info(key).file,
                 key=key,
             )
+        scales, activations = self._sibling_suffixes(keys)
+        dropped = [k for k in activation_key_candidates(key, activations) if k in keys] if activations else ()
         return Piece(
             key,
             box,
-            scale_key=self._scale_key(key),
-            block_size=self.block_size,
-            transposed=transposed,
-            dropped_keys=tuple(k for k in activation_key_candidates(key) if k in keys),
-        )
-
-    def assembled(
-        self, name: str, pieces: Iterable[tuple[str, Box | None]], *, transposed: bool = False
-    ) -> TensorSource:
-        """The model tensor ``name`` assembled from ``(checkpoint key, box)`` pairs, each FP8 piece with its
-        own scale (see :meth:`piece`)."""
-        return TensorSource.assembled(
-            self.piece(key, box, transposed=transposed, name=name) for key, box in pieces
+            self._scale_key(key, keys, scales),
+            self.block_size,
+            transposed,
+            tuple(dropped) if dropped else (),
         )
 
     def describe(self) -> dict[str, Any]:
@@ -153,9 +216,22 @@ class Fp8StateDictAdapter(StateDictAdapter):
             return "per-channel"
         return f"block {self.block_size[0]}x{self.block_size[1]}"
 
-    def _scale_key(self, key: str) -> str:
-        stored = key_view(self.checkpoint)
-        present = [k for k in scale_key_candidates(key) if k in stored]
+    def _sibling_suffixes(self, keys: Collection[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The weight- and activation-scale suffixes a sibling in the checkpoint may have (see
+        :func:`~automodel_plugins.fp8.formats.suffixes_in`), found once: a 235B MoE's 36k FP8 pieces would
+        otherwise look up six names each, of which one exists. Every suffix for a stand-in key view (it may
+        still change)."""
+        if not hasattr(self.checkpoint, "stored_keys"):
+            return WEIGHT_SCALE_SUFFIXES, ACTIVATION_SCALE_SUFFIXES
+        if self._suffixes is None:
+            self._suffixes = (
+                suffixes_in(keys, WEIGHT_SCALE_SUFFIXES),
+                suffixes_in(keys, ACTIVATION_SCALE_SUFFIXES),
+            )
+        return self._suffixes
+
+    def _scale_key(self, key: str, stored: Collection[str], suffixes: tuple[str, ...]) -> str:
+        present = [k for k in scale_key_candidates(key, suffixes) if k in stored]
         if not present:
             raise ScaleError(
                 f"FP8 weight has no scale (looked for {', '.join(scale_key_candidates(key))})",

@@ -88,6 +88,8 @@ def load_weight_map(index: Path) -> dict[str, str]:
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict):
         raise CorruptCheckpointError("index has no 'weight_map' object", path=index)
+    if set(map(type, weight_map.values())) <= {str}:  # checked in C; else the first other value is named
+        return weight_map
     for key, name in weight_map.items():
         if not isinstance(name, str):
             raise CorruptCheckpointError(f"weight_map value {name!r} is not a file name", path=index, key=key)

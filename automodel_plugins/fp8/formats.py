@@ -7,6 +7,9 @@ scales are ``activation_scale``, ``input_scale`` or ``qscale_act``.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from operator import itemgetter, methodcaller
+
 import torch
 
 __all__ = [
@@ -16,6 +19,7 @@ __all__ = [
     "activation_key_candidates",
     "is_fp8",
     "scale_key_candidates",
+    "suffixes_in",
     "weight_key_of_scale",
 ]
 
@@ -46,14 +50,24 @@ def _sibling_keys(weight_key: str, suffixes: tuple[str, ...]) -> list[str]:
     ]
 
 
-def scale_key_candidates(weight_key: str) -> list[str]:
-    """Names a weight's scale may have on disk, most common first."""
-    return _sibling_keys(weight_key, WEIGHT_SCALE_SUFFIXES)
+def scale_key_candidates(weight_key: str, suffixes: tuple[str, ...] = WEIGHT_SCALE_SUFFIXES) -> list[str]:
+    """Names a weight's scale may have on disk, most common first (``suffixes``: those of them to name)."""
+    return _sibling_keys(weight_key, suffixes)
 
 
-def activation_key_candidates(weight_key: str) -> list[str]:
+def activation_key_candidates(
+    weight_key: str, suffixes: tuple[str, ...] = ACTIVATION_SCALE_SUFFIXES
+) -> list[str]:
     """Names a weight's static activation scale may have on disk (to be dropped)."""
-    return _sibling_keys(weight_key, ACTIVATION_SCALE_SUFFIXES)
+    return _sibling_keys(weight_key, suffixes)
+
+
+def suffixes_in(keys: Iterable[str], suffixes: tuple[str, ...]) -> tuple[str, ...]:
+    """Those of ``suffixes`` (weight- or activation-scale ones) under which some key of ``keys`` may be a sibling
+    (its last dotted segment ends with the suffix, less its ``weight_``): a name made with any other suffix is
+    not among ``keys``, so a caller naming thousands of weights' siblings need not look those up."""
+    ends = set(map(itemgetter(2), map(methodcaller("rpartition", "."), keys)))
+    return tuple(s for s in suffixes if any(end.endswith(s.removeprefix("weight_")) for end in ends))
 
 
 def weight_key_of_scale(key: str) -> str | None:

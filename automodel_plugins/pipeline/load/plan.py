@@ -18,10 +18,11 @@ tensor (3-D) named a residency candidate is kept FP8 (codes and one stacked bloc
 from __future__ import annotations
 
 import functools
-import itertools
 import math
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import chain, compress, filterfalse, repeat
+from operator import attrgetter, is_, is_not, itemgetter
 from typing import TYPE_CHECKING
 
 import torch
@@ -29,6 +30,8 @@ import torch
 from automodel_plugins.adapters.base import key_view
 from automodel_plugins.adapters.pieces import PieceGeometry, boxes_tile, whole_box
 from automodel_plugins.errors import (
+    AutomodelPluginsError,
+    CheckpointError,
     DtypeMismatchError,
     MissingKeysError,
     ScaleError,
@@ -44,6 +47,10 @@ if TYPE_CHECKING:
     from automodel_plugins.adapters import Box, Piece, StateDictAdapter, TensorSource
     from automodel_plugins.checkpoint import Checkpoint
     from automodel_plugins.checkpoint.header import TensorInfo
+
+_KEY, _SCALE_KEY, _BOX = attrgetter("key"), attrgetter("scale_key"), attrgetter("box")
+_DROPPED, _BLOCK, _TRANSPOSED = attrgetter("dropped_keys"), attrgetter("block_size"), attrgetter("transposed")
+_SHAPE, _DTYPE = attrgetter("shape"), attrgetter("dtype")
 
 __all__ = [
     "LoadPlan",
@@ -99,8 +106,14 @@ class LoadPlan(Mapping[str, PlannedTensor]):
         return len(self.tensors)
 
     def consumed_keys(self) -> set[str]:
-        """Every checkpoint key some model tensor accounts for (data, scales, dropped keys)."""
-        return {key for planned in self.tensors.values() for key in planned.source.keys}
+        """Every checkpoint key some model tensor accounts for (data, scales, dropped keys: each piece's
+        :attr:`~automodel_plugins.adapters.base.Piece.keys`, gathered in C-level passes)."""
+        parts = list(chain.from_iterable(planned.source.parts() for planned in self.tensors.values()))
+        return {
+            *map(_KEY, parts),
+            *filter(None, map(_SCALE_KEY, parts)),
+            *chain.from_iterable(map(_DROPPED, parts)),
+        }
 
     def read_keys(self) -> set[str]:
         """The checkpoint keys a load reads: each tensor's (or piece's) data and its scale (dropped keys are
@@ -150,10 +163,10 @@ def plan_load(
     stored = key_view(checkpoint)
     if not checked.issuperset(sources):  # an earlier plan of these sources found every key
         _refuse_absent_keys(sources, checkpoint)
-    order = dict(zip(checkpoint.keys(), itertools.count()))
+    order = checkpoint.positions()
     keep, required = set(keep_fp8) | set(require_fp8), set(require_fp8)
     planned = {}
-    for name in sorted(sources, key=lambda n: min(map(order.__getitem__, sources[n].data_keys))):
+    for name in sorted(sources, key=lambda n: min(map(order.__getitem__, map(_KEY, sources[n].parts())))):
         source, target = sources[name], tensors[name]
         misfit = residency_misfit(source, tuple(target.shape), checkpoint) if name in keep else None
         if name in required and source.is_fp8 and misfit:
@@ -211,7 +224,7 @@ def plan_load(
         )
     plan = LoadPlan(planned)
     consumed = plan.consumed_keys()
-    plan.unused_keys = [key for key in stored if key not in consumed]
+    plan.unused_keys = list(filterfalse(consumed.__contains__, stored))
     _refuse_scales_beside_plain_weights(plan, checkpoint)
     if plan.unused_keys and not allow_unused:
         raise UnexpectedKeysError(plan.unused_keys, path=checkpoint.directory)
@@ -221,6 +234,11 @@ def plan_load(
 def _refuse_absent_keys(sources: Mapping[str, TensorSource], checkpoint: Checkpoint) -> None:
     """Every source's data keys, then every FP8 piece's scale key, must be in the checkpoint."""
     stored = key_view(checkpoint)
+    parts = list(chain.from_iterable(source.parts() for source in sources.values()))
+    if all(map(stored.__contains__, map(_KEY, parts))) and all(
+        map(stored.__contains__, filter(None, map(_SCALE_KEY, parts)))
+    ):
+        return  # checked in C; else the keys missing are gathered and named below
     missing = sorted(
         f"{name} (checkpoint key {key!r})"
         for name, src in sources.items()
@@ -261,8 +279,10 @@ def _plan_assembled(
     shape = tuple(target.shape)
     kept = keep and source.is_fp8 and misfit is None
     if checked:
-        for piece in () if kept else source.parts():
-            _check_dtype(name, target, piece.key, checkpoint.info(piece.key), fp8=piece.is_fp8)
+        parts = () if kept else source.parts()
+        if parts and not _dtypes_fit(target, checkpoint.infos_of(map(_KEY, parts))):
+            for piece in parts:
+                _check_dtype(name, target, piece.key, checkpoint.info(piece.key), fp8=piece.is_fp8)
     else:
         _check_pieces(name, target, source, checkpoint, kept=kept)
     target_dtype = _target_dtype(target, dtype)
@@ -292,6 +312,8 @@ def _check_pieces(
     name: str, target: torch.Tensor, source: TensorSource, checkpoint: Checkpoint, *, kept: bool
 ) -> None:
     """Every piece's stored shape against its box, its dtype (unless ``kept``) and scale; the boxes' tiling."""
+    if _pieces_fit(target, source.parts(), checkpoint, kept=kept):
+        return
     shape = tuple(target.shape)
     boxes = []
     for piece in source.parts():
@@ -319,6 +341,88 @@ def _check_pieces(
         )
 
 
+def _pieces_fit(target: torch.Tensor, parts: Sequence[Piece], checkpoint: Checkpoint, *, kept: bool) -> bool:
+    """Whether every check of :func:`_check_pieces` passes, made per distinct form instead of per piece: the
+    stored shapes against the boxes and the boxes' tiling once per layout (:func:`_layout`: every MoE layer's
+    experts share theirs), each distinct dtype once, each distinct scale form once; the pieces' headers read
+    in C-level passes. ``False`` sends the caller to the piece-by-piece checks, which name the first bad key."""
+    shape = tuple(target.shape)
+    try:
+        infos = checkpoint.infos_of(map(_KEY, parts))
+        stored = list(map(_SHAPE, infos))
+        layout = _layout(
+            shape,
+            tuple(map(_BOX, parts)),
+            tuple(map(_TRANSPOSED, parts)),
+            tuple(map(attrgetter("rope_heads"), parts)),
+            tuple(map(len, stored)),
+        )
+    except (CheckpointError, TypeError):  # a key not stored, a box of lists (unhashable)
+        return False
+    if layout is None or stored != layout:
+        return False
+    if not kept and not _dtypes_fit(target, infos):
+        return False
+    fp8 = list(map(is_not, map(_SCALE_KEY, parts), repeat(None)))
+    if not any(fp8):
+        return True
+    scaled = list(compress(parts, fp8))
+    try:
+        scales = checkpoint.infos_of(map(_SCALE_KEY, scaled))
+    except CheckpointError:
+        return False
+    forms = set(
+        zip(map(_DTYPE, scales), map(_SHAPE, scales), compress(stored, fp8), map(_BLOCK, scaled), strict=True)
+    )
+    return all(form in _SCALES_THAT_FIT or _scale_form_fits(form) for form in forms)
+
+
+@functools.lru_cache(maxsize=1024)
+def _layout(
+    shape: tuple[int, ...],
+    boxes: tuple[Box | None, ...],
+    transposed: tuple[bool, ...],
+    rope_heads: tuple[int | None, ...],
+    stored_ndims: tuple[int, ...],
+) -> list[tuple[int, ...]] | None:
+    """The stored shape each piece's box needs, when every box has the tensor's rank, can be held by a stored
+    tensor of its rank and the boxes tile the tensor exactly once; else ``None``. (A list: compared with the
+    stored shapes in C.)"""
+    needed = []
+    for box, flipped, heads, ndim in zip(boxes, transposed, rope_heads, stored_ndims, strict=True):
+        whole = box if box is not None else tuple((0, size) for size in shape)
+        geometry, stored = _geometry(whole, ndim, flipped, heads)
+        if stored is None or len(geometry.box) != len(shape):
+            return None
+        needed.append(stored)
+    return needed if boxes_tile(shape, [b if b is not None else whole_box(shape) for b in boxes]) else None
+
+
+def _dtypes_fit(target: torch.Tensor, infos: Sequence[TensorInfo]) -> bool:
+    """:func:`_check_dtype` passes for every one of ``infos``: checked once per distinct dtype."""
+    return all(_dtype_fits(target.dtype, dtype) for dtype in set(map(_DTYPE, infos)))
+
+
+def _dtype_fits(target: torch.dtype, stored: torch.dtype) -> bool:
+    both_float = target.is_floating_point and (stored.is_floating_point or is_fp8(stored))
+    return both_float or stored == target
+
+
+def _scale_form_fits(
+    form: tuple[torch.dtype, tuple[int, ...], tuple[int, ...], tuple[int, int] | None],
+) -> bool:
+    """:func:`_check_scale`'s verdict on one (scale dtype, scale shape, weight shape, block size) form."""
+    dtype, shape, weight, block = form
+    check = check_stacked_scale_header if is_stacked(tuple(weight), block) else check_scale_header
+    try:
+        check(dtype, tuple(shape), weight_shape=tuple(weight), block_size=block, key="", path=None)
+    except AutomodelPluginsError:
+        return False
+    if len(_SCALES_THAT_FIT) < 4096:
+        _SCALES_THAT_FIT.add(form)
+    return True
+
+
 def residency_misfit(source: TensorSource, shape: tuple[int, ...], checkpoint: Checkpoint) -> str | None:
     """Why the FP8 data of a residency candidate of ``shape`` cannot be kept FP8, or ``None`` when it can.
 
@@ -338,18 +442,20 @@ def residency_misfit(source: TensorSource, shape: tuple[int, ...], checkpoint: C
     if len(shape) != 3:
         return f"FP8 data of a {len(shape)}-D tensor made of pieces"
     parts = source.parts()
-    if not all(piece.is_fp8 for piece in parts):
+    if any(map(is_, map(_SCALE_KEY, parts), repeat(None))):
         return "some of its pieces are not FP8"
-    blocks = {piece.block_size for piece in parts}
+    blocks = set(map(_BLOCK, parts))
     if None in blocks:
         return "its FP8 scales are per tensor, not per block"
     if len(blocks) > 1:
         return f"its pieces use different block sizes {sorted(blocks)}"
-    if len({checkpoint.info(piece.key).dtype for piece in parts}) > 1:
+    if len(set(map(_DTYPE, checkpoint.infos_of(map(_KEY, parts))))) > 1:
         return "its pieces are stored in different FP8 dtypes"
-    if any(piece.transposed for piece in parts):
+    if any(map(_TRANSPOSED, parts)):
         return "it is stored transposed"
     (block,) = blocks
+    if _starts_on_blocks(parts, block):
+        return None
     for piece in parts:
         box = piece.box_in(shape)
         if box[1][0] % block[0] or box[2][0] % block[1]:
@@ -358,6 +464,25 @@ def residency_misfit(source: TensorSource, shape: tuple[int, ...], checkpoint: C
                 f"not on a {block[0]}x{block[1]} block boundary"
             )
     return None
+
+
+def _starts_on_blocks(parts: Sequence[Piece], block: tuple[int, int]) -> bool:
+    """Whether every piece's box (all given) starts on a block boundary of its expert's matrix, checked per
+    distinct start (the experts of a layer share a few)."""
+    boxes = list(map(_BOX, parts))
+    if None in boxes:
+        return False
+    try:
+        starts = set(
+            zip(
+                map(itemgetter(0), map(itemgetter(1), boxes)),
+                map(itemgetter(0), map(itemgetter(2), boxes)),
+                strict=True,
+            )
+        )
+    except (IndexError, TypeError):
+        return False
+    return not any(row % block[0] or column % block[1] for row, column in starts)
 
 
 def _rotary_misfit(source: TensorSource, shape: tuple[int, ...]) -> str | None:
@@ -480,6 +605,8 @@ def _refuse_scales_beside_plain_weights(plan: LoadPlan, checkpoint: Checkpoint) 
     """An FP8 weight scale nobody reads, beside a weight this plan loads as it is stored: the checkpoint holds a
     plain (BF16, say) weight where the FP8 weight its scale was made for should be. Said as such, rather than
     as an unused scale key."""
+    if not plan.unused_keys:
+        return
     plain = {piece.key for p in plan.values() for piece in p.source.parts() if piece.scale_key is None}
     for key in plan.unused_keys:
         weight = weight_key_of_scale(key)

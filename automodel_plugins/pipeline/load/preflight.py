@@ -13,7 +13,8 @@ Two checks, from ``config.json`` and the safetensors headers alone (no tensor da
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from operator import itemgetter, methodcaller
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,16 +45,62 @@ _SHOWN = 5
 
 def layer_lists(keys: list[str]) -> dict[str, set[int]]:
     """Every indexed module list in ``keys`` (``language_model.model.layers`` -> {0, 1, ...}), with the indices
-    of enclosing lists written ``*`` (``model.layers.*.mlp.experts``)."""
+    of enclosing lists written ``*`` (``model.layers.*.mlp.experts``).
+
+    Modules are grouped by their form (digits masked), and the indices of a form whose digit segments are whole
+    segments read by slicing every member at the same offsets, in C: a 235B MoE holds 37k modules of a few
+    hundred forms. Other forms' modules are split one by one."""
+    modules = list({key.rpartition(".")[0] for key in keys})  # a weight and its scales: one module
     lists: dict[str, set[int]] = {}
-    for module in {key.rpartition(".")[0] for key in keys}:  # a weight and its scales: one module
+    joined = "\n".join(modules)
+    if (
+        _MASK in joined or joined.count("\n") != len(modules) - 1
+    ):  # the mask (or the split) would be ambiguous
+        _add_lists(modules, lists)
+        return lists
+    forms = joined.encode().translate(_MASK_DIGITS).decode().split("\n")  # UTF-8: digits are ASCII bytes only
+    by_form: dict[str, list[str]] = {}
+    for module, form in zip(modules, forms, strict=True):
+        members = by_form.get(form)
+        if members is None:
+            by_form[form] = [module]
+        else:
+            members.append(module)
+    for form, members in by_form.items():
+        if _MASK not in form:
+            continue
+        parts = form.split(".")
+        if any(_MASK in part and part.strip(_MASK) for part in parts):  # digits inside a name: not an index
+            _add_lists(members, lists)
+            continue
+        pattern: list[str] = []
+        start = 0
+        for i, part in enumerate(parts):
+            end = start + len(part)
+            if part and not part.strip(_MASK):  # ASCII digits only: an index (not '²', which int() refuses)
+                if i:
+                    indices = map(int, map(itemgetter(slice(start, end)), members))
+                    lists.setdefault(".".join(pattern), set()).update(indices)
+                pattern.append("*")
+            else:
+                pattern.append(part)  # no digit in it: the same in every member
+            start = end + 1
+    return lists
+
+
+_MASK = "\0"
+_MASK_DIGITS = bytes.maketrans(b"0123456789", _MASK.encode() * 10)
+
+
+def _add_lists(modules: Iterable[str], lists: dict[str, set[int]]) -> None:
+    """:func:`layer_lists` of ``modules``, module by module, into ``lists``."""
+    for module in modules:
         pattern: list[str] = []
         for i, part in enumerate(module.split(".")):
             digit = part.isascii() and part.isdigit()  # not '²', which int() refuses
             if digit and i:
                 lists.setdefault(".".join(pattern), set()).add(int(part))
             pattern.append("*" if digit else part)
-    return lists
 
 
 def _layer_counts(data: Any, where: str = "", depth: int = 0) -> Iterator[tuple[str, int]]:
@@ -131,7 +178,7 @@ def _check_embedding(config: PretrainedConfig, checkpoint: Checkpoint) -> None:
     width = width or getattr(text, "hidden_size", None)
     embeddings = {
         key: checkpoint.info(key).shape
-        for key in key_view(checkpoint)
+        for key in filter(methodcaller("endswith", _EMBEDDING_SUFFIX), key_view(checkpoint))  # in C
         if key == _EMBEDDING_SUFFIX or key.endswith(_DOTTED_EMBEDDING_SUFFIX)
     }
     if not embeddings:

@@ -65,13 +65,18 @@ def _experts_modules(model: nn.Module) -> dict[str, nn.Module]:
 def residency_candidates(model: nn.Module) -> set[str]:
     """Tensors that may stay FP8: the weights of plain ``nn.Linear`` layers, unless tied to another tensor,
     and the fused tensors of experts modules."""
+    return _candidates(model, _experts_modules(model))
+
+
+def _candidates(model: nn.Module, experts_modules: Mapping[str, nn.Module]) -> set[str]:
+    """:func:`residency_candidates`, given the model's experts modules."""
     names = model_tensors(model)
     linears = {
         f"{name}.weight"
         for name, module in model.named_modules()
         if type(module) is nn.Linear and f"{name}.weight" in names
     }
-    experts = {f"{name}.{p}" for name in _experts_modules(model) for p in EXPERT_PROJECTIONS}
+    experts = {f"{name}.{p}" for name in experts_modules for p in EXPERT_PROJECTIONS}
     return linears | (experts & set(names))
 
 
@@ -93,10 +98,16 @@ def plan_resident(
     """The ``dequantize=False`` plan of ``tensors`` (the model's, by name): residency candidates whose FP8 data
     fits kept FP8, except an experts module's tensor whose sibling cannot be (then both are dequantized).
     ``sources``, ``checked``: the adapter's answers and the tensors already checked (see :func:`plan_load`)."""
+    experts_modules = _experts_modules(model)
     plan = plan_load(
-        tensors, adapter, checkpoint, keep_fp8=residency_candidates(model), sources=sources, checked=checked
+        tensors,
+        adapter,
+        checkpoint,
+        keep_fp8=_candidates(model, experts_modules),
+        sources=sources,
+        checked=checked,
     )
-    for name in _experts_modules(model):
+    for name in experts_modules:
         names = [f"{name}.{p}" for p in EXPERT_PROJECTIONS]
         if not all(n in plan for n in names):
             continue

@@ -18,6 +18,7 @@ The orientation of a fused checkpoint is read from both tensors' shapes: ``gate_
 
 from __future__ import annotations
 
+from operator import methodcaller
 from typing import Any
 
 from automodel_plugins import TensorSource
@@ -42,7 +43,9 @@ def detect_form(checkpoint: Any, shapes: ExpertShapes) -> str | None:
     when it holds no expert tensor (no MoE layer). A checkpoint mixing forms is refused."""
     keys = list(checkpoint.keys())
     per_expert = next((key for key in keys if PER_EXPERT_KEY.search(key)), None)
-    fused = [key for key in keys if FUSED_KEY.search(key)]
+    fused = [
+        key for key in filter(methodcaller("endswith", "_proj"), keys) if FUSED_KEY.search(key)
+    ]  # C filter
     if per_expert and fused:
         raise CheckpointError(
             f"checkpoint mixes per-expert ({per_expert!r}) and fused ({fused[0]!r}) expert tensors",

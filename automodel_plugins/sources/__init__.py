@@ -9,6 +9,7 @@ id mean the same checkpoint everywhere.
 * ``hub``: ``HubLocation``, a repo's files fetched on demand into the Hugging Face cache;
 * ``hub_guard``: what a hub's answers may not decide (a commit or ETag naming a path), and the bounds on every
   wait and body while this package talks to a hub;
+* ``hub_space``: the room a fetch still needs on the cache's disk, checked before a file's body is requested;
 * ``shared``: one rank per machine does such work under ``torch.distributed`` while the others wait;
 * ``head``: a safetensors header's length, bounded, from a file's first 8 bytes (local or by range request);
 * ``resolve``: what a path or repo id names (``LocalLocation`` or ``HubLocation``);

@@ -225,6 +225,9 @@ class Fp8Experts(Fp8Resident):
     def fp32_scale_of(self, name: str, scale: torch.Tensor) -> torch.Tensor:
         experts, rows, cols = self.shapes[name.removesuffix("_scale_inv")]
         expected = stacked_grid_shape((experts, rows, cols), self.block_size)
+        held = self._buffers.get(name)
+        if held is not None and is_dtensor(held):  # a split grid (expert tensor parallelism): this rank's part
+            expected = tuple(held.to_local().shape)
         if tuple(scale.shape) != expected:
             raise ScaleError(
                 f"scale of shape {tuple(scale.shape)} does not fit {name!r}: expected {expected} "

@@ -13,6 +13,7 @@ is not one run of consecutive indices is refused rather than read wrong.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -22,7 +23,15 @@ from automodel_plugins.errors import CheckpointError
 
 Region = tuple[slice, ...]
 
-__all__ = ["Region", "is_dtensor", "local_region", "shard_numel", "shard_region", "write_local"]
+__all__ = [
+    "Region",
+    "is_dtensor",
+    "local_boxes",
+    "local_region",
+    "shard_numel",
+    "shard_region",
+    "write_local",
+]
 
 
 def _dtensor_type() -> type | None:
@@ -150,6 +159,45 @@ def local_region(tensor: torch.Tensor) -> Region | None:
     if all(part.start == 0 and part.stop == size for part, size in zip(region, tensor.shape, strict=True)):
         return None
     return region
+
+
+def _runs(indices: torch.Tensor) -> list[slice]:
+    """``indices`` (increasing) as runs of consecutive indices."""
+    if indices.numel() == 0:
+        return []
+    breaks = (torch.nonzero(indices[1:] - indices[:-1] != 1).flatten() + 1).tolist()
+    starts = [0, *breaks]
+    ends = [*breaks, indices.numel()]
+    return [slice(int(indices[a]), int(indices[b - 1]) + 1) for a, b in zip(starts, ends, strict=True)]
+
+
+def local_boxes(tensor: torch.Tensor) -> list[tuple[Region, Region]] | None:
+    """The rectangles of the global tensor this rank holds, each as ``(global region, region of the local
+    tensor)``; None when it holds all of it. Unlike :func:`local_region` it takes a local shard made of several
+    rectangles: a ``_StridedShard`` whose runs stay apart (expert tensor parallelism's ``gate_up_proj``: this
+    rank's rows of the gate half and the matching rows of the up half)."""
+    if not is_dtensor(tensor):
+        return None
+    mesh = tensor.device_mesh  # type: ignore[attr-defined]
+    coordinate = mesh.get_coordinate()
+    shape = tuple(tensor.shape)
+    if coordinate is None:
+        empty = tuple(slice(0, 0) for _ in shape)
+        return [(empty, empty)]
+    held = _held_indices(shape, tuple(mesh.shape), coordinate, tensor.placements)  # type: ignore[attr-defined]
+    if all(indices.numel() == size for indices, size in zip(held, shape, strict=True)):
+        return None
+    per_dim: list[list[tuple[slice, slice]]] = []
+    for indices in held:
+        runs, offset, pairs = _runs(indices), 0, []
+        for run in runs:
+            pairs.append((run, slice(offset, offset + run.stop - run.start)))
+            offset += run.stop - run.start
+        per_dim.append(pairs or [(slice(0, 0), slice(0, 0))])
+    return [
+        (tuple(g for g, _ in combo), tuple(local for _, local in combo))
+        for combo in itertools.product(*per_dim)
+    ]
 
 
 @torch.no_grad()

@@ -226,7 +226,9 @@ class Fp8Experts(Fp8Resident):
         experts, rows, cols = self.shapes[name.removesuffix("_scale_inv")]
         expected = stacked_grid_shape((experts, rows, cols), self.block_size)
         held = self._buffers.get(name)
-        if held is not None and is_dtensor(held):  # a split grid (expert tensor parallelism): this rank's part
+        if held is not None and is_dtensor(
+            held
+        ):  # a split grid (expert tensor parallelism): this rank's part
             expected = tuple(held.to_local().shape)
         if tuple(scale.shape) != expected:
             raise ScaleError(

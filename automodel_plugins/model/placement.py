@@ -28,6 +28,7 @@ __all__ = [
     "is_dtensor",
     "local_boxes",
     "local_region",
+    "shard_boxes",
     "shard_numel",
     "shard_region",
     "write_local",
@@ -171,6 +172,31 @@ def _runs(indices: torch.Tensor) -> list[slice]:
     return [slice(int(indices[a]), int(indices[b - 1]) + 1) for a, b in zip(starts, ends, strict=True)]
 
 
+def _held_runs(
+    shape: Sequence[int], mesh_shape: Sequence[int], coordinate: Sequence[int], placements: Sequence[object]
+) -> list[list[tuple[slice, slice]]]:
+    """Per dim, the runs of consecutive indices held, each as ``(global slice, slice of the local tensor)``."""
+    per_dim: list[list[tuple[slice, slice]]] = []
+    for indices in _held_indices(shape, mesh_shape, coordinate, placements):
+        offset, pairs = 0, []
+        for run in _runs(indices):
+            pairs.append((run, slice(offset, offset + run.stop - run.start)))
+            offset += run.stop - run.start
+        per_dim.append(pairs or [(slice(0, 0), slice(0, 0))])
+    return per_dim
+
+
+def shard_boxes(
+    shape: Sequence[int], mesh_shape: Sequence[int], coordinate: Sequence[int], placements: Sequence[object]
+) -> list[Region]:
+    """The rectangles of a ``shape`` tensor held at mesh ``coordinate`` under ``placements``: one for any layout
+    :func:`shard_region` takes, several where a ``_StridedShard``'s runs stay apart. Pure, as it is."""
+    if not shape:
+        return [()]
+    runs = _held_runs(shape, mesh_shape, coordinate, placements)
+    return [tuple(g for g, _ in combo) for combo in itertools.product(*runs)]
+
+
 def local_boxes(tensor: torch.Tensor) -> list[tuple[Region, Region]] | None:
     """The rectangles of the global tensor this rank holds, each as ``(global region, region of the local
     tensor)``; None when it holds all of it. Unlike :func:`local_region` it takes a local shard made of several
@@ -184,19 +210,11 @@ def local_boxes(tensor: torch.Tensor) -> list[tuple[Region, Region]] | None:
     if coordinate is None:
         empty = tuple(slice(0, 0) for _ in shape)
         return [(empty, empty)]
-    held = _held_indices(shape, tuple(mesh.shape), coordinate, tensor.placements)  # type: ignore[attr-defined]
-    if all(indices.numel() == size for indices, size in zip(held, shape, strict=True)):
+    runs = _held_runs(shape, tuple(mesh.shape), coordinate, tensor.placements)  # type: ignore[attr-defined]
+    if all(len(r) == 1 and r[0][0] == slice(0, size) for r, size in zip(runs, shape, strict=True)):
         return None
-    per_dim: list[list[tuple[slice, slice]]] = []
-    for indices in held:
-        runs, offset, pairs = _runs(indices), 0, []
-        for run in runs:
-            pairs.append((run, slice(offset, offset + run.stop - run.start)))
-            offset += run.stop - run.start
-        per_dim.append(pairs or [(slice(0, 0), slice(0, 0))])
     return [
-        (tuple(g for g, _ in combo), tuple(local for _, local in combo))
-        for combo in itertools.product(*per_dim)
+        (tuple(g for g, _ in combo), tuple(local for _, local in combo)) for combo in itertools.product(*runs)
     ]
 
 

@@ -91,6 +91,11 @@ def etp_scenario(ctx: Any, name: str) -> dict[str, Any]:
         report = automodel_plugins.load_weights(model, path)
     result: dict[str, Any] = {"applied": applied, "bytes_read": report.bytes_read}
     result.update(ep.read_facts(reads, path))
+    result.update(
+        ep.plan_facts(
+            path, report, model, dequantize=False, coordinate=(0, 0, ctx.rank), tp=2, expert_tp=True
+        )
+    )
     result["resident_experts"] = sum(isinstance(m, Fp8Experts) for m in model.modules())
     result["local_mismatches"] = _mismatches(model, single)
     tensors = model_tensors(model)

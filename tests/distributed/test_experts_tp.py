@@ -50,6 +50,15 @@ def test_each_rank_reads_and_holds_only_its_slice_of_every_expert(distributed_ru
 
 
 @pytest.mark.parametrize("scenario", LOADS)
+def test_the_memory_plan_matches_each_ranks_reads_and_holdings(distributed_run, scenario) -> None:
+    """``plan_memory(tp=2, expert_tp=True, dequantize=False)`` from headers alone: every byte this rank read and
+    holds, by kind (the experts' codes and grids halved, the attention's split by the model's tp_plan)."""
+    for rank, result in enumerate(distributed_run.ranks(scenario)):
+        assert result["planned_held"] == result["measured_held"], rank
+        assert result["planned_read"] == result["measured_read"], rank
+
+
+@pytest.mark.parametrize("scenario", LOADS)
 def test_logits_and_gradients_equal_one_process(distributed_run, scenario) -> None:
     for rank, result in enumerate(distributed_run.ranks(scenario)):
         scale = result["logits_scale"]

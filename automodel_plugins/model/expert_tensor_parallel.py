@@ -39,6 +39,7 @@ from torch import nn
 from automodel_plugins.errors import ExpertTensorParallelError
 from automodel_plugins.model.expert_parallel import _lora_wrappers, _stock_lora_wrapper, expert_parallel_plan
 from automodel_plugins.model.fp8_experts import EXPERT_PROJECTIONS, Fp8Experts
+from automodel_plugins.model.fp8_experts_delta import active_deltas
 from automodel_plugins.model.placement import _held_indices, is_dtensor
 from automodel_plugins.model.tensors import unwrap_peft
 
@@ -63,6 +64,18 @@ def expert_tp_placement(name: str) -> Any:
     raise KeyError(f"{name!r} is not a tensor of Fp8Experts")
 
 
+def lora_refusal(where: str) -> str:
+    return (
+        f"{where}: PEFT LoRA target_parameters on the experts under expert tensor parallelism is not "
+        "supported (each expert's LoRA delta is formed over the whole intermediate dim); split the experts "
+        "by expert instead (parallelize_experts), whose adapters run on each rank's experts"
+    )
+
+
+def _name_in_error(module: nn.Module) -> str:
+    return f"{type(module).__name__}({module.num_experts} experts, intermediate {module.intermediate_dim})"
+
+
 def _check(model: nn.Module, name: str, module: nn.Module, tp: int) -> None:
     if not isinstance(module, Fp8Experts):
         raise ExpertTensorParallelError(
@@ -73,11 +86,7 @@ def _check(model: nn.Module, name: str, module: nn.Module, tp: int) -> None:
     wrapper = _stock_lora_wrapper(model, module)
     if wrapper is not None or _lora_wrappers(model, module):
         where = wrapper or next(n for n, m in model.named_modules() if m in _lora_wrappers(model, module))
-        raise ExpertTensorParallelError(
-            f"{where}: PEFT LoRA target_parameters on the experts under expert tensor parallelism is not "
-            "supported (each expert's LoRA delta is formed over the whole intermediate dim); split the experts "
-            "by expert instead (parallelize_experts), whose adapters run on each rank's experts"
-        )
+        raise ExpertTensorParallelError(lora_refusal(where))
     if getattr(module, "_is_hooked", False) or getattr(module, EXPERT_TP_MESH, None) is not None:
         raise ExpertTensorParallelError(
             f"{name} is already split (parallelize_experts or _tp ran on it before)"
@@ -203,6 +212,8 @@ def _tp_forward(
     self: Fp8Experts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
     """This rank's partial output over its intermediate slice of every expert, summed over the tp group."""
+    if active_deltas(self):  # PEFT applied after the split: its factors span the whole intermediate dim
+        raise ExpertTensorParallelError(lora_refusal(_name_in_error(self)))
     group = getattr(self, EXPERT_TP_MESH).get_group()
     hidden_states = _CopyToTp.apply(hidden_states, group)
     if top_k_weights.requires_grad:

@@ -289,7 +289,7 @@ class Fp8Experts(Fp8Resident):
             raise NotImplementedError(
                 "Fp8Experts with DTensor codes in the forward: expert parallelism runs through "
                 "automodel_plugins.parallelize_experts (which hands the forward this rank's experts as local "
-                "tensors); tensor parallelism of the experts is not supported (shard them with FSDP2 or by experts)"
+                "tensors); tensor parallelism of the experts runs through automodel_plugins.parallelize_experts_tp"
             )
         implementation = self.experts_implementation
         deltas = active_deltas(self)  # LoRA on the experts (target_parameters), attached by its PEFT wrapper

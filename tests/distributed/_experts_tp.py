@@ -182,6 +182,15 @@ def etp_refusals(ctx: Any) -> dict[str, Any]:
         peft.LoraConfig(r=2, target_modules=[], target_parameters=["mlp.experts.gate_up_proj"]),
     )
     result["lora"] = _refused(lambda: automodel_plugins.parallelize_experts_tp(lora, ctx.mesh))
+    # PEFT after the split: refused at the first forward, naming the experts module
+    split, _ = etp_model(qwen, ctx.mesh)
+    automodel_plugins.load_weights(split, qwen)
+    late = peft.get_peft_model(
+        split, peft.LoraConfig(r=2, target_modules=[], target_parameters=["mlp.experts.gate_up_proj"])
+    )
+    single = automodel_plugins.from_pretrained(qwen, dequantize=False, dtype=DTYPE)
+    inputs = {k: v for k, v in _batch(single, ep.QWEN).items() if k != "labels"}
+    result["lora_after"] = _refused(lambda: late(**inputs))
     dequantized = automodel_plugins.build_model(qwen, dequantize=True, dtype=DTYPE)
     result["dequantized"] = _refused(lambda: automodel_plugins.parallelize_experts_tp(dequantized, ctx.mesh))
     return result

@@ -90,5 +90,7 @@ def test_splits_it_cannot_take_are_refused_naming_the_tensor_or_module(distribut
         assert result["block_cut_untouched"], "a refused split changes nothing"
         lora = result["lora"]
         assert lora is not None and "layers.0.mlp.experts" in lora and "parallelize_experts" in lora, lora
+        late = result["lora_after"]  # PEFT applied after the split: its first forward
+        assert late is not None and "Fp8Experts" in late and "parallelize_experts" in late, late
         dequantized = result["dequantized"]
         assert dequantized is not None and "Qwen3VLMoeTextExperts" in dequantized, dequantized

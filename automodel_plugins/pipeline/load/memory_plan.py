@@ -13,6 +13,9 @@ the function the streaming loader reads by. The placements are those of the docu
 * ``ep``: fused MoE expert tensors ``Shard(0)`` (by expert) over the ``ep`` mesh dim, as
   :func:`~automodel_plugins.model.expert_parallel.parallelize_experts` places them (FP8-resident experts' scale
   grids too); everything else replicated across it (an expert count ``ep`` does not divide is a ``LayoutError``);
+* ``expert_tp`` (with ``tp``, FP8-resident): the experts split over the ``tp`` dim by the intermediate dim, as
+  :func:`~automodel_plugins.model.expert_tensor_parallel.parallelize_experts_tp` places them (``gate_up_proj``
+  ``_StridedShard(1, 2)``: two boxes a rank; ``down_proj`` ``Shard(2)``; their grids with them);
 * ``fsdp``: FSDP2's ``fully_shard``: every parameter ``Shard(0)`` over the ``fsdp`` mesh dim (as a
   ``_StridedShard`` where a later mesh dim splits dim 0 too, as FSDP2 over tensor parallelism does);
 * buffers (FP8 scales among them) replicated whole on every rank, as the loader holds them.

@@ -164,6 +164,8 @@ class MemoryPlan:
     lora_targets: tuple[str, ...]
     ranks: list[RankMemory]
     lora_target_parameters: tuple[str, ...] = ()
+    expert_tp: bool = False
+    """The FP8-resident experts split over ``tp`` (``parallelize_experts_tp``), not replicated across it."""
 
     @property
     def worst(self) -> RankMemory:
@@ -175,6 +177,7 @@ class MemoryPlan:
             "layout": {name: getattr(self.layout, name) for name in MESH_DIMS},
             "world_size": self.layout.world_size,
             "dequantize": self.dequantize,
+            "expert_tp": self.expert_tp,
             "lora": {
                 "r": self.lora_r,
                 "targets": list(self.lora_targets),
@@ -259,7 +262,14 @@ def plan_memory(
             _account_expert_lora(ranks, placer, lora_r, tuple(lora_target_parameters))
         directory = str(checkpoint.directory)
     return MemoryPlan(
-        directory, layout, dequantize, lora_r, tuple(lora_targets), ranks, tuple(lora_target_parameters)
+        directory,
+        layout,
+        dequantize,
+        lora_r,
+        tuple(lora_targets),
+        ranks,
+        tuple(lora_target_parameters),
+        expert_tp=placer.expert_tp,
     )
 
 

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from mistral_native_moe import write_mla_moe_native
 
 from automodel_plugins.checkpoint import Checkpoint
@@ -42,9 +43,15 @@ def test_expert_tp_halves_every_ranks_expert_codes(checkpoint: Path) -> None:
         assert before.read - after.read >= experts // 2
 
 
-def test_expert_tp_needs_fp8_resident_experts_without_ep(checkpoint: Path) -> None:
-    with pytest.raises(LayoutError, match="expert_tp"):
-        plan_memory(checkpoint, tp=2, dequantize=True, expert_tp=True)
+def test_expert_tp_halves_dequantized_experts_too(checkpoint: Path) -> None:
+    experts = routed_expert_code_bytes(checkpoint) * 2  # loaded in BF16
+    replicated = plan_memory(checkpoint, tp=2, dtype=torch.bfloat16)
+    split = plan_memory(checkpoint, tp=2, dtype=torch.bfloat16, expert_tp=True)
+    for before, after in zip(replicated.ranks, split.ranks, strict=True):
+        assert before.held["bfloat16"] - after.held["bfloat16"] == experts // 2
+
+
+def test_expert_tp_is_without_ep(checkpoint: Path) -> None:
     with pytest.raises(LayoutError, match="expert_tp"):
         plan_memory(checkpoint, tp=2, ep=2, dequantize=False, expert_tp=True)
 

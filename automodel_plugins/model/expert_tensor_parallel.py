@@ -1,6 +1,7 @@
-"""Expert tensor parallelism (ETP, as vLLM and torchtitan call it) of FP8-resident fused experts
-(:class:`~automodel_plugins.model.fp8_experts.Fp8Experts`): on a 1-D ``tp`` mesh every rank holds **every**
-expert's slice of the intermediate dimension, FP8 codes and block-scale grids together:
+"""Expert tensor parallelism (ETP, as vLLM and torchtitan call it) of fused MoE experts, FP8-resident
+(:class:`~automodel_plugins.model.fp8_experts.Fp8Experts`) or dequantized (the stock experts module): on a 1-D
+``tp`` mesh every rank holds **every** expert's slice of the intermediate dimension (FP8 codes and block-scale
+grids together):
 
 * ``gate_up_proj [E, 2I, H]`` (and its grid ``[E, 2I/br, H/bc]``): ``_StridedShard(1, split_factor=2)``, i.e.
   rank ``i``'s rows of the gate half and the matching rows of the up half, so gate and up stay paired and the
@@ -12,18 +13,20 @@ Every rank sees the same tokens (tensor parallelism shares one batch) and routes
 replicated); it runs the experts' own forward on its local tensors, which gives its partial ``down`` output, and
 one all-reduce (sum) over ``tp`` completes it. The all-reduce's backward is the identity; the inputs' (hidden
 states and routing weights) backward is an all-reduce, so their gradients sum every rank's part (Megatron's
-"reduce" and "copy" regions). The scale grid is split with its codes, so ``I / tp`` must be a multiple of the
-block's rows (``gate_up_proj``) and columns (``down_proj``): a split that would cut a scale block is an
+"reduce" and "copy" regions); a dequantized expert's gradient is a DTensor of its slice. The scale grid is split
+with its codes, so ``I / tp`` must be a multiple of the block's rows (``gate_up_proj``) and columns
+(``down_proj``): a split that would cut a scale block is an
 :class:`~automodel_plugins.errors.ExpertTensorParallelError` naming the tensor.
 
 transformers' ``tp_plan``s leave the routed experts out; the attention, shared experts and router are split (or
 replicated) by :func:`~automodel_plugins.model.tensor_parallel.parallelize_fp8` from the model's own plan. The
-flow: ``build_model(dequantize=False)`` on meta -> ``parallelize_fp8(model, mesh)`` ->
-``parallelize_experts_tp(model, mesh)`` -> ``to_empty`` -> ``load_weights`` (each rank reads only its slices).
+flow: ``build_model`` on meta -> ``parallelize_fp8(model, mesh)`` -> ``parallelize_experts_tp(model, mesh)`` ->
+``to_empty`` -> ``load_weights`` (each rank reads only its slices).
 
-Not supported (refused, typed, naming the module): LoRA on the experts (PEFT ``target_parameters``: its expert
-deltas are formed over the whole intermediate dim; use expert parallelism, :func:`~automodel_plugins.model.
-expert_parallel.parallelize_experts`) and dequantized experts (use expert parallelism or FSDP2).
+Not supported (refused, typed, naming the module): LoRA on the experts (PEFT ``target_parameters``, before the
+split or after it: its expert deltas span the whole intermediate dim; use expert parallelism,
+:func:`~automodel_plugins.model.expert_parallel.parallelize_experts`), and expert TP with expert parallelism on
+one module.
 """
 
 from __future__ import annotations
@@ -35,10 +38,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from automodel_plugins.errors import ExpertTensorParallelError
 from automodel_plugins.model.expert_parallel import _lora_wrappers, _stock_lora_wrapper, expert_parallel_plan
-from automodel_plugins.model.fp8_experts import EXPERT_PROJECTIONS, Fp8Experts
+from automodel_plugins.model.fp8_experts import EXPERT_PROJECTIONS, Fp8Experts, fused_experts_shapes
 from automodel_plugins.model.fp8_experts_delta import active_deltas
 from automodel_plugins.model.placement import _held_indices, is_dtensor
 from automodel_plugins.model.tensors import unwrap_peft
@@ -73,15 +77,15 @@ def lora_refusal(where: str) -> str:
 
 
 def _name_in_error(module: nn.Module) -> str:
-    return f"{type(module).__name__}({module.num_experts} experts, intermediate {module.intermediate_dim})"
+    return f"{type(module).__name__}({module.num_experts} experts, intermediate {_intermediate(module)})"
 
 
 def _check(model: nn.Module, name: str, module: nn.Module, tp: int) -> None:
-    if not isinstance(module, Fp8Experts):
+    if not isinstance(module, Fp8Experts) and fused_experts_shapes(module) is None:
         raise ExpertTensorParallelError(
-            f"{name} ({type(module).__name__}): expert tensor parallelism splits FP8-resident experts "
-            "(Fp8Experts, a dequantize=False load); split dequantized experts by expert (parallelize_experts) "
-            "or with FSDP2"
+            f"{name} ({type(module).__name__}): expert tensor parallelism splits fused experts whose forward "
+            "Fp8Experts reproduces (gate and up concatenated, no bias); split these by expert "
+            "(parallelize_experts) or with FSDP2"
         )
     wrapper = _stock_lora_wrapper(model, module)
     if wrapper is not None or _lora_wrappers(model, module):
@@ -97,15 +101,21 @@ def _check(model: nn.Module, name: str, module: nn.Module, tp: int) -> None:
             f"{name}.{held[0]} is already a DTensor: apply parallelize_experts_tp to the model built on meta, "
             "before fully_shard or any other placement"
         )
-    inter, (rows, cols) = module.intermediate_dim, module.block_size
+    inter = _intermediate(module)
+    rows, cols = module.block_size if isinstance(module, Fp8Experts) else (1, 1)
     for leaf, step, what in (("gate_up_proj", rows, "rows"), ("down_proj", cols, "columns")):
         if inter % tp or (inter // tp) % step:
             raise ExpertTensorParallelError(
                 f"{name}.{leaf}: {tp} tensor-parallel ranks cannot split the intermediate size {inter} without "
-                f"cutting a scale block ({module.block_size} blocks: each rank's {inter / tp:g} {what} must be "
+                f"cutting a scale block ({(rows, cols)} blocks: each rank's {inter / tp:g} {what} must be "
                 f"a multiple of {step}); choose a TP degree whose share is whole blocks, or split the experts "
                 "by expert (parallelize_experts)"
             )
+
+
+def _intermediate(module: nn.Module) -> int:
+    """The experts' intermediate size (``down_proj [E, H, I]``: its last dim, whole, also once split)."""
+    return int(module._parameters["down_proj"].shape[2])
 
 
 def _distribute(tensor: torch.Tensor, mesh: Any, placement: Any) -> torch.Tensor:
@@ -139,11 +149,13 @@ def parallelize_experts_tp(model: nn.Module, tp_mesh: Any) -> dict[str, str]:
     applied = {}
     for name, module in modules.items():
         for leaf in EXPERT_PROJECTIONS:
-            codes = module._parameters[leaf]
+            held = module._parameters[leaf]
             module._parameters[leaf] = nn.Parameter(
-                _distribute(codes.data, tp_mesh, expert_tp_placement(leaf)), requires_grad=False
+                _distribute(held.data, tp_mesh, expert_tp_placement(leaf)), requires_grad=held.requires_grad
             )
-        for buffer in (*Fp8Experts.SCALE_NAMES, *Fp8Experts.ACTIVATION_NAMES):
+        for buffer in (
+            (*Fp8Experts.SCALE_NAMES, *Fp8Experts.ACTIVATION_NAMES) if isinstance(module, Fp8Experts) else ()
+        ):
             if module._buffers.get(buffer) is not None:
                 module._buffers[buffer] = _distribute(
                     module._buffers[buffer], tp_mesh, expert_tp_placement(buffer)
@@ -151,8 +163,8 @@ def parallelize_experts_tp(model: nn.Module, tp_mesh: Any) -> dict[str, str]:
         setattr(module, EXPERT_TP_MESH, tp_mesh)
         module.forward = types.MethodType(_tp_forward, module)
         applied[name] = (
-            f"{type(module).__name__}: intermediate {module.intermediate_dim // tp} of "
-            f"{module.intermediate_dim} of all {module.num_experts} experts a rank"
+            f"{type(module).__name__}: intermediate {_intermediate(module) // tp} of "
+            f"{_intermediate(module)} of all {module.num_experts} experts a rank"
         )
     return applied
 
@@ -192,27 +204,31 @@ class _ReduceFromTp(torch.autograd.Function):
 
 
 @contextlib.contextmanager
-def _local(module: Fp8Experts) -> Iterator[None]:
+def _local(module: nn.Module) -> Iterator[None]:
     """The module's DTensor codes and grids as their local parts, its intermediate size this rank's share."""
     params = {leaf: module._parameters[leaf] for leaf in EXPERT_PROJECTIONS}
     buffers = {name: b for name, b in module._buffers.items() if b is not None and is_dtensor(b)}
-    inter = module.intermediate_dim
+    inter = getattr(module, "intermediate_dim", None)
+    # the local parts (differentiable: a dequantized expert's gradient comes back as a DTensor of its slice)
     module._parameters.update({leaf: p.to_local() for leaf, p in params.items()})  # type: ignore[misc]
     module._buffers.update({name: b.to_local() for name, b in buffers.items()})  # type: ignore[misc]
-    module.intermediate_dim = inter // getattr(module, EXPERT_TP_MESH).size()
+    if inter is not None:
+        module.intermediate_dim = inter // getattr(module, EXPERT_TP_MESH).size()
     try:
         yield
     finally:
         module._parameters.update(params)
         module._buffers.update(buffers)
-        module.intermediate_dim = inter
+        if inter is not None:
+            module.intermediate_dim = inter
 
 
 def _tp_forward(
-    self: Fp8Experts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
     """This rank's partial output over its intermediate slice of every expert, summed over the tp group."""
-    if active_deltas(self):  # PEFT applied after the split: its factors span the whole intermediate dim
+    # PEFT applied after the split: its factors (or stock PEFT's parametrization) span the whole intermediate dim
+    if parametrize.is_parametrized(self) or (isinstance(self, Fp8Experts) and active_deltas(self)):
         raise ExpertTensorParallelError(lora_refusal(_name_in_error(self)))
     group = getattr(self, EXPERT_TP_MESH).get_group()
     hidden_states = _CopyToTp.apply(hidden_states, group)

@@ -39,9 +39,9 @@ def _write_mistral4_aligned(path: Path) -> None:
 ep.WRITERS.setdefault(MISTRAL4_ALIGNED, _write_mistral4_aligned)
 
 
-def etp_model(path: Path, mesh: Any) -> tuple[Any, dict[str, str]]:
+def etp_model(path: Path, mesh: Any, *, dequantize: bool = False) -> tuple[Any, dict[str, str]]:
     """build on meta -> the model's tp_plan (``parallelize_fp8``) -> expert TP -> to_empty."""
-    model = automodel_plugins.build_model(path, dequantize=False, dtype=DTYPE)
+    model = automodel_plugins.build_model(path, dequantize=dequantize, dtype=DTYPE)
     automodel_plugins.parallelize_fp8(model, mesh)
     applied = automodel_plugins.parallelize_experts_tp(model, mesh)
     model.to_empty(device="cpu")
@@ -81,10 +81,10 @@ def _batch(single: Any, name: str) -> dict[str, torch.Tensor]:
     return ep.batches(single, name, 1)[0]
 
 
-def etp_scenario(ctx: Any, name: str) -> dict[str, Any]:
+def etp_scenario(ctx: Any, name: str, *, dequantize: bool = False) -> dict[str, Any]:
     path = ep.checkpoint(ctx, name)
-    single = automodel_plugins.from_pretrained(path, dequantize=False, dtype=DTYPE)
-    model, applied = etp_model(path, ctx.mesh)
+    single = automodel_plugins.from_pretrained(path, dequantize=dequantize, dtype=DTYPE)
+    model, applied = etp_model(path, ctx.mesh, dequantize=dequantize)
     from distributed import _checks
 
     with _checks.record_reads() as reads:
@@ -93,7 +93,7 @@ def etp_scenario(ctx: Any, name: str) -> dict[str, Any]:
     result.update(ep.read_facts(reads, path))
     result.update(
         ep.plan_facts(
-            path, report, model, dequantize=False, coordinate=(0, 0, ctx.rank), tp=2, expert_tp=True
+            path, report, model, dequantize=dequantize, coordinate=(0, 0, ctx.rank), tp=2, expert_tp=True
         )
     )
     result["resident_experts"] = sum(isinstance(m, Fp8Experts) for m in model.modules())
@@ -125,7 +125,7 @@ def etp_scenario(ctx: Any, name: str) -> dict[str, Any]:
         result["logits_scale"] = want.abs().max().item()
     ep._experts_implementation(model, "grouped_mm"), ep._experts_implementation(single, "grouped_mm")
     result.update(_grads(model, single, batch))
-    result.update(ep.source_save(ctx, model, path, f"etp-save-{name}"))
+    result.update(ep.source_save(ctx, model, path, f"etp-save-{name}-{'bf16' if dequantize else 'fp8'}"))
     return result
 
 
@@ -167,8 +167,8 @@ def _refused(call: Any) -> str | None:
 
 
 def etp_refusals(ctx: Any) -> dict[str, Any]:
-    """A split cutting a scale block (Mistral 4 in 8x8 blocks: 12 of 24 rows a rank), LoRA on the experts,
-    dequantized experts: each an ``ExpertTensorParallelError`` naming the tensor or module, before any change."""
+    """A split cutting a scale block (Mistral 4 in 8x8 blocks: 12 of 24 rows a rank), LoRA on the experts (PEFT
+    before the split, FP8-resident or dequantized, or after it): each an ``ExpertTensorParallelError`` naming the tensor or module, before any change."""
     import peft
 
     cut = ep.checkpoint(ctx, ep.MISTRAL4_PIECES)
@@ -191,13 +191,19 @@ def etp_refusals(ctx: Any) -> dict[str, Any]:
     single = automodel_plugins.from_pretrained(qwen, dequantize=False, dtype=DTYPE)
     inputs = {k: v for k, v in _batch(single, ep.QWEN).items() if k != "labels"}
     result["lora_after"] = _refused(lambda: late(**inputs))
-    dequantized = automodel_plugins.build_model(qwen, dequantize=True, dtype=DTYPE)
-    result["dequantized"] = _refused(lambda: automodel_plugins.parallelize_experts_tp(dequantized, ctx.mesh))
+    dequantized = peft.get_peft_model(
+        automodel_plugins.build_model(qwen, dequantize=True, dtype=DTYPE),
+        peft.LoraConfig(r=2, target_modules=[], target_parameters=["mlp.experts.gate_up_proj"]),
+    )
+    result["dequantized_lora"] = _refused(
+        lambda: automodel_plugins.parallelize_experts_tp(dequantized, ctx.mesh)
+    )
     return result
 
 
 SCENARIOS = {
     "etp_qwen_resident": lambda ctx: etp_scenario(ctx, ep.QWEN),
     "etp_mistral4_resident": lambda ctx: etp_scenario(ctx, MISTRAL4_ALIGNED),
+    "etp_qwen_dequantized": lambda ctx: etp_scenario(ctx, ep.QWEN, dequantize=True),
     "etp_refusals": etp_refusals,
 }

@@ -13,7 +13,7 @@ the function the streaming loader reads by. The placements are those of the docu
 * ``ep``: fused MoE expert tensors ``Shard(0)`` (by expert) over the ``ep`` mesh dim, as
   :func:`~automodel_plugins.model.expert_parallel.parallelize_experts` places them (FP8-resident experts' scale
   grids too); everything else replicated across it (an expert count ``ep`` does not divide is a ``LayoutError``);
-* ``expert_tp`` (with ``tp``, FP8-resident): the experts split over the ``tp`` dim by the intermediate dim, as
+* ``expert_tp`` (with ``tp``): the experts split over the ``tp`` dim by the intermediate dim, as
   :func:`~automodel_plugins.model.expert_tensor_parallel.parallelize_experts_tp` places them (``gate_up_proj``
   ``_StridedShard(1, 2)``: two boxes a rank; ``down_proj`` ``Shard(2)``; their grids with them);
 * ``fsdp``: FSDP2's ``fully_shard``: every parameter ``Shard(0)`` over the ``fsdp`` mesh dim (as a
@@ -218,13 +218,12 @@ def plan_memory(
     checkpoint) on a ``fsdp x ep x tp`` mesh (``fsdp`` defaults to what ``world_size`` leaves), FP8-resident
     (``dequantize=False``) or not, with LoRA of rank ``lora_r`` on ``lora_targets`` (PEFT's ``target_modules``)
     and on ``lora_target_parameters`` (PEFT's ``target_parameters``: fused expert tensors such as
-    ``"mlp.experts.gate_up_proj"``); ``expert_tp``: the FP8-resident experts split over the ``tp`` dim by
+    ``"mlp.experts.gate_up_proj"``); ``expert_tp``: the experts split over the ``tp`` dim by
     :func:`~automodel_plugins.model.expert_tensor_parallel.parallelize_experts_tp` (not by expert). Reads headers
     only."""
-    if expert_tp and (dequantize or ep > 1):
+    if expert_tp and ep > 1:
         raise LayoutError(
-            "expert_tp splits FP8-resident experts (dequantize=False) over the tp dim, without expert "
-            f"parallelism: got dequantize={dequantize}, ep={ep}"
+            f"expert_tp splits the experts over the tp dim, without expert parallelism: got ep={ep}"
         )
     if fsdp is None:
         if world_size is None:

@@ -106,14 +106,12 @@ def stream_into(
             )
             _assign(model, name, target, value)
         else:
-            value, how = read_value(
-                checkpoint,
-                planned.source,
-                dtype=planned.dtype,
-                device=target.device,
-                region=local_region(target),
-            )
-            write_local(target, value)
+            local = target.to_local() if is_dtensor(target) else target
+            for region, view in _local_parts(target, local):
+                value, how = read_value(
+                    checkpoint, planned.source, dtype=planned.dtype, device=target.device, region=region
+                )
+                write_local(view, value)
         report.tensors += 1
         setattr(report, how, getattr(report, how) + 1)
         kept = activation_scale_key(planned.source) if how == "kept_fp8" else None  # held by the module
@@ -142,20 +140,31 @@ def _load_assembled(
         _assign(model, name, target, value)
         return read
     local = target.to_local() if is_dtensor(target) else target
-    region = local_region(target)
     if local.numel() == 0:
         return 0
-    with torch.no_grad():
-        _, read = read_assembled(
-            checkpoint,
-            planned.source,
-            shape=shape,
-            dtype=local.dtype,
-            device=local.device,
-            region=region,
-            out=local,
-        )
+    read = 0
+    for region, view in _local_parts(target, local):
+        with torch.no_grad():
+            _, pieces = read_assembled(
+                checkpoint,
+                planned.source,
+                shape=shape,
+                dtype=local.dtype,
+                device=local.device,
+                region=region,
+                out=view,
+            )
+        read += pieces
     return read
+
+
+def _local_parts(target: torch.Tensor, local: torch.Tensor) -> list[tuple[Region | None, torch.Tensor]]:
+    """``(region of the global tensor, the view of this rank's local tensor holding it)``: one for a plain
+    tensor or a one-box shard (``local_region``), several for expert tensor parallelism's ``gate_up_proj``."""
+    boxes = local_boxes(target)
+    if boxes is None or len(boxes) == 1:
+        return [(local_region(target), local)]
+    return [(region, local[slices]) for region, slices in boxes]
 
 
 def _load_resident(

@@ -27,7 +27,7 @@ from automodel_plugins.adapters.pieces import intersect, relative_slices
 from automodel_plugins.errors import SaveError
 from automodel_plugins.fp8.decode import dequantize
 from automodel_plugins.model.fp8_experts import Fp8Experts
-from automodel_plugins.model.placement import is_dtensor, local_boxes, local_region
+from automodel_plugins.model.placement import is_dtensor, local_region
 from automodel_plugins.pipeline.readers import read_value
 
 if TYPE_CHECKING:
@@ -97,13 +97,12 @@ class ModelValues:
         experts' dequantization take them as they take any split tensor."""
         from automodel_plugins.model.expert_tensor_parallel import EXPERT_TP_MESH
 
-        for name, layer in self.resident.items():
-            if not isinstance(layer, Fp8Experts) or getattr(layer, EXPERT_TP_MESH, None) is None:
-                continue
-            tensor, leaf = self.tensors[name], name.rpartition(".")[2]
-            grid = layer.scale(leaf)
-            self.whole_scales[name] = grid.full_tensor() if is_dtensor(grid) else grid  # type: ignore[attr-defined]
-            if is_dtensor(tensor) and local_region_or_none(tensor) is _MANY:
+        for name, tensor in list(self.tensors.items()):
+            layer = self.resident.get(name)
+            if isinstance(layer, Fp8Experts) and getattr(layer, EXPERT_TP_MESH, None) is not None:
+                grid = layer.scale(name.rpartition(".")[2])
+                self.whole_scales[name] = grid.full_tensor() if is_dtensor(grid) else grid  # type: ignore[attr-defined]
+            if _strided_past_dim0(tensor):  # dequantized experts' too
                 self.tensors[name] = _one_box_a_rank(tensor, dim=1)
 
     def gather_whole(self, name: str) -> None:
@@ -235,16 +234,16 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if is_dtensor(tensor) else tensor  # type: ignore[attr-defined]
 
 
-_MANY = object()
-"""What :func:`local_region_or_none` answers for a local shard made of several boxes."""
-
-
-def local_region_or_none(tensor: torch.Tensor) -> object:
-    """:func:`local_region`, or :data:`_MANY` where this rank's shard is several boxes of the tensor."""
-    boxes = local_boxes(tensor)
-    if boxes is not None and len(boxes) > 1:
-        return _MANY
-    return local_region(tensor)
+def _strided_past_dim0(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a DTensor placed ``_StridedShard`` on a dim past 0 (expert tensor parallelism's
+    ``gate_up_proj``: several boxes a rank). Told by placement, so every rank decides alike (a collective
+    follows)."""
+    if not is_dtensor(tensor):
+        return False
+    return any(
+        type(p).__name__ in ("_StridedShard", "StridedShard") and p.dim % tensor.dim() != 0  # type: ignore[attr-defined]
+        for p in tensor.placements  # type: ignore[attr-defined]
+    )
 
 
 def _one_box_a_rank(tensor: torch.Tensor, dim: int) -> torch.Tensor:

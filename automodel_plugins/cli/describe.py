@@ -49,7 +49,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     plan.add_argument(
         "--expert-tp",
         action="store_true",
-        help="with --fp8-resident and tp: the experts split over tp by the intermediate dim (parallelize_experts_tp)",
+        help="with tp: the experts split over tp by the intermediate dim (parallelize_experts_tp)",
     )
     inspect.set_defaults(dequantize=True)
     add_hub_options(inspect)

@@ -164,6 +164,14 @@ class UnsafeHubAnswerError(HubDownloadError):
     huggingface_hub names cache paths after these answers, so they are refused before anything is written."""
 
 
+class HubDiskSpaceError(HubDownloadError):
+    """A file the hub announces (with the load's other files still to download) does not fit in the free space
+    of the cache's filesystem: refused before its body is fetched, rather than filling the disk."""
+
+    announced: int | None = None
+    free: int | None = None
+
+
 class HubGuardUnavailableError(HubError):
     """The installed huggingface_hub lacks what this package checks a hub's answers through (its client factory,
     its Xet switch): downloads are refused rather than made unchecked."""

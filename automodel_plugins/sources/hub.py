@@ -43,12 +43,14 @@ from automodel_plugins.sources import shared
 from automodel_plugins.sources.head import header_length
 from automodel_plugins.sources.hub_guard import (
     COMMIT,
+    Watch,
     check_commit,
     check_listed_file,
     check_revision,
     read_at_most,
     watching,
 )
+from automodel_plugins.sources.hub_space import SpaceBudget
 from automodel_plugins.sources.location import (
     CONFIG_NAME,
     INDEX_NAME,
@@ -279,11 +281,22 @@ class HubLocation(CheckpointLocation):
             )
 
     def _download_all(self, names: list[str], *, optional: bool) -> None:
-        """Download ``names`` that are not cached (several at once); a missing one fails unless ``optional``."""
+        """Download ``names`` that are not cached (several at once); a missing one fails unless ``optional``.
+
+        None is downloaded past the free space of the cache's disk (:mod:`.hub_space`): those whose sizes the
+        range requests for their headers gave are checked together before any request, every one again when
+        its ``HEAD`` announces its size.
+        """
         needed = [name for name in names if not self.is_local(name)]
         if not needed:
             return
-        found = dict(zip(needed, _in_threads(self._download, needed), strict=True))
+        from huggingface_hub.file_download import repo_folder_name
+
+        blobs = self.cache_root / repo_folder_name(repo_id=self.repo_id, repo_type="model") / "blobs"
+        known = {name: self._heads[name][1] for name in needed if name in self._heads}
+        space = SpaceBudget(self.repo_id, self.options.revision, blobs, known)
+        space.check_known()
+        found = dict(zip(needed, _in_threads(lambda name: self._download(name, space), needed), strict=True))
         absent = [name for name, ok in found.items() if not ok]
         if absent and not optional:
             raise self._missing(absent)
@@ -302,12 +315,17 @@ class HubLocation(CheckpointLocation):
             filename=names[0],
         )
 
-    def _download(self, name: str) -> bool:
+    def _download(self, name: str, space: SpaceBudget) -> bool:
         """``hf_hub_download`` of one file at the commit; False when the repo has no such file."""
         from huggingface_hub import hf_hub_download
         from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RemoteEntryNotFoundError
 
-        with watching(self.repo_id, self.options.revision, name, self.commit) as watch:
+        def announced(size: int, blob: str | None) -> None:
+            self._check_announced(name, size, watch)
+            space.claim(name, size, blob)
+            _check_plain_http(size, watch)
+
+        with watching(self.repo_id, self.options.revision, name, self.commit, on_size=announced) as watch:
             try:
                 hf_hub_download(
                     self.repo_id,
@@ -333,7 +351,20 @@ class HubLocation(CheckpointLocation):
                     # the body was cut short (the connection closed, or fewer bytes than the metadata said)
                     raise watch.error(f"download failed after {watch.counts()}: {exc}") from exc
                 raise self._error(exc, name) from exc
+            finally:
+                space.done(name)
         return True
+
+    def _check_announced(self, name: str, size: int, watch: Watch) -> None:
+        """A file whose header was read by range requests must be announced at the size those gave: the size
+        the checkpoint reader checked its header against (8 bytes, the header, and the data its tensors tile
+        exactly), so a body past what the header declares is refused before it is asked for."""
+        head = self._heads.get(name)
+        if head is not None and head[1] != size:
+            raise watch.unsafe(
+                f"the hub announces {size} bytes, but its range requests gave {head[1]} bytes, which its "
+                f"safetensors header accounts for (8 + header + the data its tensors declare); not downloading it"
+            )
 
     def _known_missing(self, name: str) -> bool:
         """Whether the cache records that the repo has no ``name`` at this commit (its ``.no_exist`` marker)."""
@@ -570,6 +601,19 @@ def _in_threads(work: Callable[[str], T], names: list[str]) -> list[T]:
     contexts = [contextvars.copy_context() for _ in names]
     with ThreadPoolExecutor(max_workers=min(_PARALLEL_DOWNLOADS, len(names))) as pool:
         return list(pool.map(lambda context, name: context.run(work, name), contexts, names))
+
+
+def _check_plain_http(size: int, watch: Watch) -> None:
+    """huggingface_hub downloads no file past ``MAX_HTTP_DOWNLOAD_SIZE`` (50 GB) over plain HTTP, the only way
+    checked downloads go (Xet is off for them): said here, typed, rather than as its bare ``ValueError``."""
+    from huggingface_hub import constants
+
+    limit = constants.MAX_HTTP_DOWNLOAD_SIZE
+    if size > limit:
+        raise watch.error(
+            f"the hub announces {size} bytes, more than the {limit} that huggingface_hub downloads over plain "
+            "HTTP (this package's checked downloads do not use Xet); not downloading it"
+        )
 
 
 def _content_range(text: str) -> tuple[int | None, int | None, int | None]:

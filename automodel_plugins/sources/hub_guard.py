@@ -177,13 +177,15 @@ def check_listed_file(path: Any, size: Any, watch: Watch) -> None:
         raise watch.unsafe(f"the tree listing's size {size!r} for {path!r} is not a number of bytes")
 
 
-def _check_etag(value: str, watch: Watch, where: str) -> None:
+def _check_etag(value: str, watch: Watch, where: str) -> str:
+    """The blob name huggingface_hub makes of ``value``, when it is a plain token."""
     normalized = value.lstrip("W/").strip('"')  # as huggingface_hub's _normalize_etag, which names the blob
     if not _ETAG.fullmatch(normalized):
         raise watch.unsafe(
             f"{where} {value!r} is not a plain token (letters, digits, . _ + = -); huggingface_hub names the "
             "cached file after it"
         )
+    return normalized
 
 
 @dataclass
@@ -216,6 +218,9 @@ class Watch:
     later request of the watch, and by the callers in place of the HTTP client's error."""
     elsewhere: set[tuple[str, str, int]] = field(default_factory=set)
     """Origins off the endpoint that a redirect of a file request (or a file's metadata) sent its bytes to."""
+    on_size: Callable[[int, str | None], None] | None = None
+    """Called with a file's announced size and ``ETag`` (normalized) when its ``HEAD`` answers, before its
+    body is asked for: raising refuses the file (the caller's disk-space and header checks)."""
 
     def remaining(self) -> float | None:
         return None if self.deadline is None else self.deadline - time.monotonic()
@@ -241,9 +246,16 @@ _LOCK = threading.Lock()
 
 
 @contextmanager
-def watching(repo_id: str, revision: str | None, filename: str | None, commit: str | None) -> Iterator[Watch]:
+def watching(
+    repo_id: str,
+    revision: str | None,
+    filename: str | None,
+    commit: str | None,
+    *,
+    on_size: Callable[[int, str | None], None] | None = None,
+) -> Iterator[Watch]:
     """Check every answer huggingface_hub's client receives in this context (this thread) against ``commit``,
-    under the per-file deadline."""
+    under the per-file deadline (``on_size``: :attr:`Watch.on_size`)."""
     seconds = deadline_seconds(repo_id)
     metadata_bytes = _setting(METADATA_BYTES_ENV, _DEFAULT_METADATA_BYTES, repo_id, "bytes")
     watch = Watch(
@@ -255,6 +267,7 @@ def watching(repo_id: str, revision: str | None, filename: str | None, commit: s
         seconds,
         metadata_bytes=None if metadata_bytes is None else int(metadata_bytes),
         metadata_seconds=_setting(METADATA_DEADLINE_ENV, _DEFAULT_METADATA_DEADLINE_S, repo_id, "seconds"),
+        on_size=on_size,
     )
     _install(repo_id)
     token = _WATCH.set(watch)
@@ -509,9 +522,10 @@ def _on_response(response: Any) -> None:
         for name in _XET_HEADERS:  # plain HTTP, through these checks (huggingface_hub's HF_HUB_DISABLE_XET)
             if name in headers:
                 del headers[name]
+        blob = None
         for name in ("X-Linked-Etag", "ETag"):
             if (etag := headers.get(name)) is not None:
-                _check_etag(etag, watch, name)
+                blob = _check_etag(etag, watch, name)
                 break  # huggingface_hub uses the linked ETag when there is one
         size = headers.get("X-Linked-Size") or (
             None if response.is_redirect else headers.get("Content-Length")
@@ -525,6 +539,8 @@ def _on_response(response: Any) -> None:
                 )
             watch.expected = int(size)
             watch.expected_url = _location(response, watch) if "Location" in headers else url
+            if watch.on_size is not None:
+                watch.on_size(int(size), blob)
         return
     encoding = headers.get("Content-Encoding", "").strip().lower()
     if encoding not in ("", "identity"):

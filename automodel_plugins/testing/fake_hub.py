@@ -196,6 +196,9 @@ class Misbehaviour:
     body_bytes: int | None = None
     """Each ``GET`` body is only the file's first ``body_bytes`` bytes, with a matching ``Content-Length``, while
     the metadata still announces the whole size (a mirror's truncated copy)."""
+    announced_size: int | None = None
+    """Sent as each file's size in its metadata (``X-Linked-Size``, a ``HEAD``'s ``Content-Length``) while bodies
+    and ``Content-Range`` stay the file's own: a hub announcing a terabyte (or one byte more) for a shard."""
     body_cut_at: int | None = None
     """The connection closes after this many body bytes although ``Content-Length`` promised more."""
     stall: float = 0.0
@@ -873,7 +876,9 @@ class FakeHub:
                     return self._send(307, b"", {**headers, "Location": loc}, head=head)
                 if f.lfs:
                     headers["X-Linked-Etag"] = how.etag if how and how.etag is not None else f'"{f.sha256}"'
-                    headers["X-Linked-Size"] = str(f.size)
+                    headers["X-Linked-Size"] = str(
+                        how.announced_size if how and how.announced_size is not None else f.size
+                    )
                     if hub.lfs_redirect:
                         loc = f"{hub.cdn_url}/cdn/{f.sha256}?" + urlencode(
                             {"repo": repo_id, "file": filename}
@@ -941,7 +946,8 @@ class FakeHub:
                     return self._send(206, f.data[start : end + 1], headers, head=head, count_as=count_as)
                 body = f.data if how is None or how.body_bytes is None else f.data[: how.body_bytes]
                 extra = how.extra_bytes if how else 0
-                length = f.size + extra if head else len(body) + extra
+                size = how.announced_size if how and how.announced_size is not None else f.size
+                length = size + extra if head else len(body) + extra
                 self._send(200, body, headers, head=head, count_as=count_as, content_length=length, how=how)
 
         return Handler

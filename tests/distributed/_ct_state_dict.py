@@ -16,7 +16,7 @@ import torch.distributed as dist
 import automodel_plugins
 from automodel_plugins.model.fp8_linear import fp8_linear_modules
 
-FORMS = ("tensor-static", "block")
+FORMS = ("tensor-static", "block-partial-edges")  # keys of test_compressed_tensors_stock_save.FORMS
 
 
 def checkpoint(ctx: Any, form: str) -> Path:

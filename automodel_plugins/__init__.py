@@ -90,6 +90,8 @@ _LAZY = {
     "parallelize_experts": "automodel_plugins.model.expert_parallel",
     "expert_parallel_plan": "automodel_plugins.model.expert_parallel",
     "fully_shard_experts": "automodel_plugins.model.expert_parallel",
+    # expert tensor parallelism: every expert's slice of the intermediate dim a rank (FP8-resident experts)
+    "parallelize_experts_tp": "automodel_plugins.model.expert_tensor_parallel",
 }
 
 if TYPE_CHECKING:
@@ -108,6 +110,7 @@ if TYPE_CHECKING:
         fully_shard_experts,
         parallelize_experts,
     )
+    from automodel_plugins.model.expert_tensor_parallel import parallelize_experts_tp
     from automodel_plugins.model.forward import fused_loss_forward, vlm_fused_loss_forward
     from automodel_plugins.model.fp8_experts import Fp8Experts
     from automodel_plugins.model.fp8_linear import Fp8Linear

@@ -248,6 +248,11 @@ class ExpertParallelError(AutomodelPluginsError, ValueError):
     module already placed, a mesh that is not 1-D); names the experts module and the sizes."""
 
 
+class ExpertTensorParallelError(ExpertParallelError, TensorParallelError):
+    """An expert tensor-parallel split the experts cannot take (an intermediate size the TP degree does not
+    divide into whole scale blocks, LoRA on the experts, dequantized experts); names the module or tensor."""
+
+
 class LayoutError(AutomodelPluginsError, ValueError):
     """A parallel layout the memory plan cannot take (``--layout fsdp=8,tp=2``): names the degree at fault."""
 

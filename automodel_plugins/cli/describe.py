@@ -46,6 +46,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         metavar="NAMES",
         help="LoRA target_parameters (fused expert tensors, e.g. mlp.experts.gate_up_proj), comma-separated",
     )
+    plan.add_argument(
+        "--expert-tp",
+        action="store_true",
+        help="with tp: the experts split over tp by the intermediate dim (parallelize_experts_tp)",
+    )
     inspect.set_defaults(dequantize=True)
     add_hub_options(inspect)
     inspect.set_defaults(handler=run)
@@ -79,6 +84,7 @@ def run_plan(args: argparse.Namespace) -> int:
         lora_targets=tuple(t for t in args.lora_targets.split(",") if t),
         lora_target_parameters=tuple(t for t in args.lora_target_parameters.split(",") if t),
         hub=HubOptions(**hub_options(args)),
+        expert_tp=args.expert_tp,
     )
     summary = plan.to_dict()
     if args.json:

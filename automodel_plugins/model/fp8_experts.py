@@ -225,6 +225,11 @@ class Fp8Experts(Fp8Resident):
     def fp32_scale_of(self, name: str, scale: torch.Tensor) -> torch.Tensor:
         experts, rows, cols = self.shapes[name.removesuffix("_scale_inv")]
         expected = stacked_grid_shape((experts, rows, cols), self.block_size)
+        held = self._buffers.get(name)
+        if held is not None and is_dtensor(
+            held
+        ):  # a split grid (expert tensor parallelism): this rank's part
+            expected = tuple(held.to_local().shape)
         if tuple(scale.shape) != expected:
             raise ScaleError(
                 f"scale of shape {tuple(scale.shape)} does not fit {name!r}: expected {expected} "
@@ -284,7 +289,7 @@ class Fp8Experts(Fp8Resident):
             raise NotImplementedError(
                 "Fp8Experts with DTensor codes in the forward: expert parallelism runs through "
                 "automodel_plugins.parallelize_experts (which hands the forward this rank's experts as local "
-                "tensors); tensor parallelism of the experts is not supported (shard them with FSDP2 or by experts)"
+                "tensors); tensor parallelism of the experts runs through automodel_plugins.parallelize_experts_tp"
             )
         implementation = self.experts_implementation
         deltas = active_deltas(self)  # LoRA on the experts (target_parameters), attached by its PEFT wrapper

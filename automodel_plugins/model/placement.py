@@ -13,6 +13,7 @@ is not one run of consecutive indices is refused rather than read wrong.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -22,7 +23,16 @@ from automodel_plugins.errors import CheckpointError
 
 Region = tuple[slice, ...]
 
-__all__ = ["Region", "is_dtensor", "local_region", "shard_numel", "shard_region", "write_local"]
+__all__ = [
+    "Region",
+    "is_dtensor",
+    "local_boxes",
+    "local_region",
+    "shard_boxes",
+    "shard_numel",
+    "shard_region",
+    "write_local",
+]
 
 
 def _dtensor_type() -> type | None:
@@ -150,6 +160,62 @@ def local_region(tensor: torch.Tensor) -> Region | None:
     if all(part.start == 0 and part.stop == size for part, size in zip(region, tensor.shape, strict=True)):
         return None
     return region
+
+
+def _runs(indices: torch.Tensor) -> list[slice]:
+    """``indices`` (increasing) as runs of consecutive indices."""
+    if indices.numel() == 0:
+        return []
+    breaks = (torch.nonzero(indices[1:] - indices[:-1] != 1).flatten() + 1).tolist()
+    starts = [0, *breaks]
+    ends = [*breaks, indices.numel()]
+    return [slice(int(indices[a]), int(indices[b - 1]) + 1) for a, b in zip(starts, ends, strict=True)]
+
+
+def _held_runs(
+    shape: Sequence[int], mesh_shape: Sequence[int], coordinate: Sequence[int], placements: Sequence[object]
+) -> list[list[tuple[slice, slice]]]:
+    """Per dim, the runs of consecutive indices held, each as ``(global slice, slice of the local tensor)``."""
+    per_dim: list[list[tuple[slice, slice]]] = []
+    for indices in _held_indices(shape, mesh_shape, coordinate, placements):
+        offset, pairs = 0, []
+        for run in _runs(indices):
+            pairs.append((run, slice(offset, offset + run.stop - run.start)))
+            offset += run.stop - run.start
+        per_dim.append(pairs or [(slice(0, 0), slice(0, 0))])
+    return per_dim
+
+
+def shard_boxes(
+    shape: Sequence[int], mesh_shape: Sequence[int], coordinate: Sequence[int], placements: Sequence[object]
+) -> list[Region]:
+    """The rectangles of a ``shape`` tensor held at mesh ``coordinate`` under ``placements``: one for any layout
+    :func:`shard_region` takes, several where a ``_StridedShard``'s runs stay apart. Pure, as it is."""
+    if not shape:
+        return [()]
+    runs = _held_runs(shape, mesh_shape, coordinate, placements)
+    return [tuple(g for g, _ in combo) for combo in itertools.product(*runs)]
+
+
+def local_boxes(tensor: torch.Tensor) -> list[tuple[Region, Region]] | None:
+    """The rectangles of the global tensor this rank holds, each as ``(global region, region of the local
+    tensor)``; None when it holds all of it. Unlike :func:`local_region` it takes a local shard made of several
+    rectangles: a ``_StridedShard`` whose runs stay apart (expert tensor parallelism's ``gate_up_proj``: this
+    rank's rows of the gate half and the matching rows of the up half)."""
+    if not is_dtensor(tensor):
+        return None
+    mesh = tensor.device_mesh  # type: ignore[attr-defined]
+    coordinate = mesh.get_coordinate()
+    shape = tuple(tensor.shape)
+    if coordinate is None:
+        empty = tuple(slice(0, 0) for _ in shape)
+        return [(empty, empty)]
+    runs = _held_runs(shape, tuple(mesh.shape), coordinate, tensor.placements)  # type: ignore[attr-defined]
+    if all(len(r) == 1 and r[0][0] == slice(0, size) for r, size in zip(runs, shape, strict=True)):
+        return None
+    return [
+        (tuple(g for g, _ in combo), tuple(local for _, local in combo)) for combo in itertools.product(*runs)
+    ]
 
 
 @torch.no_grad()

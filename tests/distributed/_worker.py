@@ -52,6 +52,7 @@ from distributed import (
     _ep_lora_shard,
     _expert_parallel,
     _experts_lora,
+    _experts_tp,
     _fsdp_save_config,
     _mistral4,
     _native,
@@ -1177,6 +1178,7 @@ SCENARIOS: dict[str, Callable[[Context], dict[str, Any]]] = {
     **_fsdp_save_config.SCENARIOS,
     **_ct_state_dict.SCENARIOS,
     **_source_save_dtype.SCENARIOS,
+    **_experts_tp.SCENARIOS,
 }
 
 

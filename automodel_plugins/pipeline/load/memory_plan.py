@@ -13,6 +13,9 @@ the function the streaming loader reads by. The placements are those of the docu
 * ``ep``: fused MoE expert tensors ``Shard(0)`` (by expert) over the ``ep`` mesh dim, as
   :func:`~automodel_plugins.model.expert_parallel.parallelize_experts` places them (FP8-resident experts' scale
   grids too); everything else replicated across it (an expert count ``ep`` does not divide is a ``LayoutError``);
+* ``expert_tp`` (with ``tp``): the experts split over the ``tp`` dim by the intermediate dim, as
+  :func:`~automodel_plugins.model.expert_tensor_parallel.parallelize_experts_tp` places them (``gate_up_proj``
+  ``_StridedShard(1, 2)``: two boxes a rank; ``down_proj`` ``Shard(2)``; their grids with them);
 * ``fsdp``: FSDP2's ``fully_shard``: every parameter ``Shard(0)`` over the ``fsdp`` mesh dim (as a
   ``_StridedShard`` where a later mesh dim splits dim 0 too, as FSDP2 over tensor parallelism does);
 * buffers (FP8 scales among them) replicated whole on every rank, as the loader holds them.
@@ -47,8 +50,9 @@ from automodel_plugins.adapters.pieces import PieceGeometry, intersect
 from automodel_plugins.checkpoint import Checkpoint
 from automodel_plugins.errors import LayoutError, NoPluginClaimError
 from automodel_plugins.fp8.stacked import is_stacked
+from automodel_plugins.model.expert_tensor_parallel import expert_tp_placement
 from automodel_plugins.model.fp8_experts import EXPERT_PROJECTIONS, fused_experts_shapes
-from automodel_plugins.model.placement import Region, shard_numel, shard_region
+from automodel_plugins.model.placement import Region, shard_boxes, shard_numel, shard_region
 from automodel_plugins.model.tensor_parallel import tensor_parallel_plan
 from automodel_plugins.model.tensors import model_tensors
 from automodel_plugins.pipeline.composition import adapter_for
@@ -160,6 +164,8 @@ class MemoryPlan:
     lora_targets: tuple[str, ...]
     ranks: list[RankMemory]
     lora_target_parameters: tuple[str, ...] = ()
+    expert_tp: bool = False
+    """The FP8-resident experts split over ``tp`` (``parallelize_experts_tp``), not replicated across it."""
 
     @property
     def worst(self) -> RankMemory:
@@ -171,6 +177,7 @@ class MemoryPlan:
             "layout": {name: getattr(self.layout, name) for name in MESH_DIMS},
             "world_size": self.layout.world_size,
             "dequantize": self.dequantize,
+            "expert_tp": self.expert_tp,
             "lora": {
                 "r": self.lora_r,
                 "targets": list(self.lora_targets),
@@ -205,12 +212,19 @@ def plan_memory(
     dtype: torch.dtype | None = None,
     registry: Registry | None = None,
     hub: HubOptions | None = None,
+    expert_tp: bool = False,
 ) -> MemoryPlan:
     """The bytes each rank reads and holds after loading ``path`` (a directory, a hub repo id, a header-only
     checkpoint) on a ``fsdp x ep x tp`` mesh (``fsdp`` defaults to what ``world_size`` leaves), FP8-resident
     (``dequantize=False``) or not, with LoRA of rank ``lora_r`` on ``lora_targets`` (PEFT's ``target_modules``)
     and on ``lora_target_parameters`` (PEFT's ``target_parameters``: fused expert tensors such as
-    ``"mlp.experts.gate_up_proj"``). Reads headers only."""
+    ``"mlp.experts.gate_up_proj"``); ``expert_tp``: the experts split over the ``tp`` dim by
+    :func:`~automodel_plugins.model.expert_tensor_parallel.parallelize_experts_tp` (not by expert). Reads headers
+    only."""
+    if expert_tp and ep > 1:
+        raise LayoutError(
+            f"expert_tp splits the experts over the tp dim, without expert parallelism: got ep={ep}"
+        )
     if fsdp is None:
         if world_size is None:
             fsdp = 1
@@ -237,7 +251,7 @@ def plan_memory(
             if dequantize
             else plan_resident(model, targets, adapter, checkpoint)
         )
-        placer = _Placer(model, layout)
+        placer = _Placer(model, layout, expert_tp=expert_tp)
         ranks = [RankMemory(rank, layout.coordinate(rank)) for rank in range(layout.world_size)]
         parameters = {name for name, _ in model.named_parameters()}
         for name, planned in plan.items():
@@ -247,17 +261,24 @@ def plan_memory(
             _account_expert_lora(ranks, placer, lora_r, tuple(lora_target_parameters))
         directory = str(checkpoint.directory)
     return MemoryPlan(
-        directory, layout, dequantize, lora_r, tuple(lora_targets), ranks, tuple(lora_target_parameters)
+        directory,
+        layout,
+        dequantize,
+        lora_r,
+        tuple(lora_targets),
+        ranks,
+        tuple(lora_target_parameters),
+        expert_tp=placer.expert_tp,
     )
 
 
 class _Placer:
     """The placements a tensor gets under the layout (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, layout: Layout) -> None:
+    def __init__(self, model: nn.Module, layout: Layout, *, expert_tp: bool = False) -> None:
         from torch.distributed.tensor.parallel import ColwiseParallel
 
-        self.layout = layout
+        self.layout, self.expert_tp = layout, expert_tp and layout.tp > 1
         self.styles = {
             name: "colwise" if isinstance(style, ColwiseParallel) else "rowwise"
             for name, style in (tensor_parallel_plan(model).items() if layout.tp > 1 else ())
@@ -299,6 +320,8 @@ class _Placer:
 
         tp = self.tp_dim(module, leaf) if tp_dim is None else tp_dim
         ep = 0 if module in self.experts and leaf in EXPERT_PROJECTIONS else None
+        if self.expert_tp and ep == 0:  # expert tensor parallelism: placed as parallelize_experts_tp does
+            return [Shard(0) if parameter else Replicate(), Replicate(), expert_tp_placement(leaf)]
         later_dim0 = (self.layout.ep if ep == 0 else 1) * (self.layout.tp if tp == 0 else 1)
         if not parameter:
             fsdp: Any = Replicate()
@@ -311,6 +334,18 @@ class _Placer:
             Replicate() if ep is None else Shard(0),
             Replicate() if tp is None else Shard(tp),
         ]
+
+    def boxes(
+        self, shape: tuple[int, ...], placements: list[Any], coordinate: tuple[int, ...]
+    ) -> list[Region]:
+        """The rectangles this rank holds (several for expert TP's ``gate_up_proj``: gate rows and up rows)."""
+        return shard_boxes(shape, self.layout.mesh_shape, coordinate, placements)
+
+    def scale_split(self, module: str) -> int:
+        """The ranks an FP8-resident experts module's scale grids are split over (with their codes)."""
+        if module not in self.experts:
+            return 1
+        return self.layout.tp if self.expert_tp else self.layout.ep
 
     def region(self, shape: tuple[int, ...], placements: list[Any], coordinate: tuple[int, ...]) -> Region:
         if not shape:
@@ -345,17 +380,16 @@ def _account(
             if not _replicated(p)
         )
         if key not in cache:
-            region = placer.region(shape, placements, rank.coordinate)
+            regions = placer.boxes(shape, placements, rank.coordinate)
             grids = placer.expert_box(module, shape, rank.coordinate) if kept else None
             cache[key] = (
-                _numel(region) if shape else 1,
-                _read_bytes(planned, parts, region, shape, checkpoint, kept, grids),
+                sum(_numel(region) for region in regions) if shape else 1,
+                _read_bytes(planned, parts, regions, shape, checkpoint, kept, grids),
             )
         elements, read = cache[key]
         rank.held[kind] += elements * planned.dtype.itemsize
         if kept:
-            split = placer.layout.ep if module in placer.experts else 1
-            rank.held["scales"] += planned.scale_numel * 4 // split
+            rank.held["scales"] += planned.scale_numel * 4 // placer.scale_split(module)
         rank.read += read
 
 
@@ -368,27 +402,33 @@ def _replicated(placement: Any) -> bool:
 def _read_bytes(
     planned: PlannedTensor,
     parts: Sequence[Any],
-    region: Region,
+    regions: Sequence[Region],
     shape: tuple[int, ...],
     checkpoint: Checkpoint,
     kept: bool,
     grids: Any = None,
 ) -> int:
-    """What the streaming loader reads for ``region`` of this tensor: its bytes of each stored piece it overlaps,
+    """What the streaming loader reads for ``regions`` of this tensor (one box, or expert TP's two): its bytes of
+    each stored piece they overlap,
     and the scales it needs whole (kept FP8 experts: every piece's, or those of the pieces overlapping
     ``grids``, the box of the rank's experts under expert parallelism; a kept static activation scale)."""
-    wanted = tuple((part.start, part.stop) for part in region)
+    boxes = [tuple((part.start, part.stop) for part in region) for region in regions]
     total = 0
     for piece in parts:
         info = checkpoint.info(piece.key)
         if not planned.source.is_assembled:
-            total += (_numel(region) if shape else 1) * info.dtype.itemsize
+            total += (
+                sum(_numel(region) for region in regions) * info.dtype.itemsize
+                if shape
+                else info.dtype.itemsize
+            )
             overlap: Any = True
         else:
             geometry = PieceGeometry.of(piece, shape, len(info.shape))
-            overlap = intersect(geometry.box, wanted)
-            if overlap is not None:
-                total += math.prod(stop - start for start, stop in overlap) * info.dtype.itemsize
+            overlaps = [o for wanted in boxes if (o := intersect(geometry.box, wanted)) is not None]
+            overlap = overlaps[0] if overlaps else None
+            for part in overlaps:
+                total += math.prod(stop - start for start, stop in part) * info.dtype.itemsize
         if piece.scale_key is None:
             continue
         scale_bytes = checkpoint.info(piece.scale_key).nbytes

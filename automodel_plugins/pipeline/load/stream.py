@@ -29,6 +29,7 @@ from torch import nn
 
 from automodel_plugins.adapters import TensorSource
 from automodel_plugins.adapters.pieces import (
+    Box,
     PieceGeometry,
     as_slices,
     intersect,
@@ -42,7 +43,7 @@ from automodel_plugins.fp8.stacked import is_stacked, stacked_grid_shape
 from automodel_plugins.model.fp8_experts import Fp8Experts
 from automodel_plugins.model.fp8_linear import ACTIVATION_NAME, Fp8Linear
 from automodel_plugins.model.fp8_resident import Fp8Resident
-from automodel_plugins.model.placement import is_dtensor, local_region, write_local
+from automodel_plugins.model.placement import Region, is_dtensor, local_boxes, local_region, write_local
 from automodel_plugins.model.tensors import model_tensors
 from automodel_plugins.pipeline.load.plan import LoadPlan, PlannedTensor
 from automodel_plugins.pipeline.load.report import LoadReport
@@ -105,14 +106,12 @@ def stream_into(
             )
             _assign(model, name, target, value)
         else:
-            value, how = read_value(
-                checkpoint,
-                planned.source,
-                dtype=planned.dtype,
-                device=target.device,
-                region=local_region(target),
-            )
-            write_local(target, value)
+            local = target.to_local() if is_dtensor(target) else target
+            for region, view in _local_parts(target, local):
+                value, how = read_value(
+                    checkpoint, planned.source, dtype=planned.dtype, device=target.device, region=region
+                )
+                write_local(view, value)
         report.tensors += 1
         setattr(report, how, getattr(report, how) + 1)
         kept = activation_scale_key(planned.source) if how == "kept_fp8" else None  # held by the module
@@ -141,20 +140,31 @@ def _load_assembled(
         _assign(model, name, target, value)
         return read
     local = target.to_local() if is_dtensor(target) else target
-    region = local_region(target)
     if local.numel() == 0:
         return 0
-    with torch.no_grad():
-        _, read = read_assembled(
-            checkpoint,
-            planned.source,
-            shape=shape,
-            dtype=local.dtype,
-            device=local.device,
-            region=region,
-            out=local,
-        )
+    read = 0
+    for region, view in _local_parts(target, local):
+        with torch.no_grad():
+            _, pieces = read_assembled(
+                checkpoint,
+                planned.source,
+                shape=shape,
+                dtype=local.dtype,
+                device=local.device,
+                region=region,
+                out=view,
+            )
+        read += pieces
     return read
+
+
+def _local_parts(target: torch.Tensor, local: torch.Tensor) -> list[tuple[Region | None, torch.Tensor]]:
+    """``(region of the global tensor, the view of this rank's local tensor holding it)``: one for a plain
+    tensor or a one-box shard (``local_region``), several for expert tensor parallelism's ``gate_up_proj``."""
+    boxes = local_boxes(target)
+    if boxes is None or len(boxes) == 1:
+        return [(local_region(target), local)]
+    return [(region, local[slices]) for region, slices in boxes]
 
 
 def _load_resident(
@@ -229,29 +239,33 @@ def _load_resident_experts(
     leaf = name.rpartition(".")[2]
     shape = tuple(target.shape)
     block = layer.block_size
-    region = None if target.is_meta else local_region(target)
-    wanted = whole_box(shape) if region is None else tuple((part.start, part.stop) for part in region)
     if target.is_meta:
         codes = torch.empty(shape, dtype=torch.uint8, device=device)
     else:
         codes = target.to_local() if is_dtensor(target) else target
-    grid_region = None if target.is_meta else local_region(layer.scale(leaf))
-    grid_wanted = whole_box(stacked_grid_shape(shape, block))
-    if grid_region is not None:
-        grid_wanted = tuple((part.start, part.stop) for part in grid_region)
-    grid_held = tuple(stop - start for start, stop in grid_wanted)
+    # (global box, this rank's tensor over it): one box each, or two under expert tensor parallelism (the gate
+    # half's rows and the up half's, ``_StridedShard``)
+    code_parts = _held_parts(None if target.is_meta else target, shape, codes)
+    grid_shape = stacked_grid_shape(shape, block)
+    grid_target = None if target.is_meta else layer.scale(leaf)
+    grid_boxes = _held_boxes(grid_target, grid_shape)
+    grid_split = grid_target is not None and local_boxes(grid_target) is not None
+    grid_held = tuple(stop - start for start, stop in _local_extent(grid_target, grid_shape))
     scale = torch.empty(grid_held, dtype=torch.float32, device=codes.device)
+    grid_parts = [(box, scale[local]) for box, local in grid_boxes]
     read = 0
     for piece in planned.source.parts():
         info = checkpoint.info(piece.key)
         geometry = PieceGeometry.of(piece, shape, len(info.shape))
         cells = _grid_cells(geometry.box, block)
-        cells_held = intersect(cells, grid_wanted)
-        piece_scale, scale_first = None, 0
-        if cells_held is not None:
+        piece_scale, scale_first, whole_grid = None, 0, None
+        for grid_wanted, grid_view in grid_parts:
+            cells_held = intersect(cells, grid_wanted)
+            if cells_held is None:
+                continue
             # a piece stacking several experts (a fused tensor): only the grids of the experts held
             stacked = (
-                grid_region is not None
+                grid_split
                 and len(info.shape) == 3
                 and is_stacked(tuple(info.shape), piece.block_size)
                 and cells_held[1:] == cells[1:]
@@ -261,25 +275,38 @@ def _load_resident_experts(
                 matrices = (scale_first, cells_held[0][1] - cells[0][0])
                 piece_scale = read_scale(checkpoint, piece.stored_source(), matrices)
                 grid = decode_scale(piece_scale).reshape(tuple(stop - start for start, stop in cells_held))
-                scale[relative_slices(cells_held, grid_wanted)] = grid
+                grid_view[relative_slices(cells_held, grid_wanted)] = grid
             else:
-                piece_scale = read_scale(checkpoint, piece.stored_source())
-                grid = decode_scale(piece_scale).reshape(tuple(stop - start for start, stop in cells))
-                scale[relative_slices(cells_held, grid_wanted)] = grid[relative_slices(cells_held, cells)]
-        overlap = intersect(geometry.box, wanted)
-        if overlap is None:
-            continue
-        if piece_scale is None:
-            piece_scale, scale_first = read_scale(checkpoint, piece.stored_source()), 0
-        stored_region = geometry.stored_region(overlap)
-        whole = stored_region == whole_box(info.shape)
-        data = checkpoint.read(piece.key, None if whole else as_slices(stored_region))
-        _check_finite_matrices(
-            data, piece_scale, stored_region, layer.compute_dtype, block, piece.key, info.file, scale_first
-        )
-        with torch.no_grad():
-            codes[relative_slices(overlap, wanted)] = geometry.to_model(data, overlap).view(torch.uint8)
-        read += 1
+                if whole_grid is None:
+                    piece_scale, scale_first = read_scale(checkpoint, piece.stored_source()), 0
+                    whole_grid = decode_scale(piece_scale).reshape(
+                        tuple(stop - start for start, stop in cells)
+                    )
+                grid_view[relative_slices(cells_held, grid_wanted)] = whole_grid[
+                    relative_slices(cells_held, cells)
+                ]
+        for wanted, view in code_parts:
+            overlap = intersect(geometry.box, wanted)
+            if overlap is None:
+                continue
+            if piece_scale is None:
+                piece_scale, scale_first = read_scale(checkpoint, piece.stored_source()), 0
+            stored_region = geometry.stored_region(overlap)
+            whole = stored_region == whole_box(info.shape)
+            data = checkpoint.read(piece.key, None if whole else as_slices(stored_region))
+            _check_finite_matrices(
+                data,
+                piece_scale,
+                stored_region,
+                layer.compute_dtype,
+                block,
+                piece.key,
+                info.file,
+                scale_first,
+            )
+            with torch.no_grad():
+                view[relative_slices(overlap, wanted)] = geometry.to_model(data, overlap).view(torch.uint8)
+            read += 1
     if target.is_meta:
         layer.load_fp8(leaf, codes, scale)
     else:
@@ -288,6 +315,29 @@ def _load_resident_experts(
     if activation is not None:
         layer.load_activation_scale(f"{leaf}_activation_scale", activation)
     return read
+
+
+def _held_boxes(target: torch.Tensor | None, shape: tuple[int, ...]) -> list[tuple[Box, Region]]:
+    """The boxes of a ``shape`` tensor this rank holds, each with the slices of its local tensor over it."""
+    boxes = None if target is None else local_boxes(target)
+    if boxes is None:
+        return [(whole_box(shape), tuple(slice(None) for _ in shape))]
+    return [(tuple((g.start, g.stop) for g in region), local) for region, local in boxes]
+
+
+def _held_parts(
+    target: torch.Tensor | None, shape: tuple[int, ...], local: torch.Tensor
+) -> list[tuple[Box, torch.Tensor]]:
+    """:func:`_held_boxes` with the views of ``local`` (this rank's tensor) they fill."""
+    return [(box, local[slices]) for box, slices in _held_boxes(target, shape)]
+
+
+def _local_extent(target: torch.Tensor | None, shape: tuple[int, ...]) -> Box:
+    """The local shape of ``target`` as a box from 0 (the whole ``shape`` on meta or unsplit)."""
+    if target is None:
+        return whole_box(shape)
+    local = target.to_local() if is_dtensor(target) else target
+    return tuple((0, int(size)) for size in local.shape)
 
 
 def _grid_cells(box: tuple[tuple[int, int], ...], block: tuple[int, int]) -> tuple[tuple[int, int], ...]:

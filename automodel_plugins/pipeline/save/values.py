@@ -82,8 +82,28 @@ class ModelValues:
     ) -> None:
         self.tensors = dict(tensors)
         self.resident = dict(resident)
+        self.whole_scales: dict[str, torch.Tensor] = {}
+        """Grids gathered whole, by weight name: those of experts split by expert tensor parallelism."""
         first = next(iter(self.tensors.values()), None)
         self.device = torch.device("cpu") if first is None else _local(first).device
+        self._regroup_expert_slices()
+
+    def _regroup_expert_slices(self) -> None:
+        """Every rank, in the same order: experts split by expert tensor parallelism
+        (:mod:`~automodel_plugins.model.expert_tensor_parallel`) hold, of ``gate_up_proj``, rows of both halves
+        (two boxes), and their grids split with the codes. For the save each ``gate_up_proj`` is re-split into
+        one box a rank (``Shard(1)``: gate rows on one rank, up rows on the other, one fused tensor whole at a
+        time in passing) and the grids (4 bytes a block) are gathered whole, so the box-at-a-time writer and the
+        experts' dequantization take them as they take any split tensor."""
+        from automodel_plugins.model.expert_tensor_parallel import EXPERT_TP_MESH
+
+        for name, tensor in list(self.tensors.items()):
+            layer = self.resident.get(name)
+            if isinstance(layer, Fp8Experts) and getattr(layer, EXPERT_TP_MESH, None) is not None:
+                grid = layer.scale(name.rpartition(".")[2])
+                self.whole_scales[name] = grid.full_tensor() if is_dtensor(grid) else grid  # type: ignore[attr-defined]
+            if _strided_past_dim0(tensor):  # dequantized experts' too
+                self.tensors[name] = _one_box_a_rank(tensor, dim=1)
 
     def gather_whole(self, name: str) -> None:
         """Hold tensor ``name`` whole from now on: a DTensor's ``full_tensor()`` (a collective every rank of its
@@ -130,13 +150,22 @@ class ModelValues:
         layer = self.resident[name]
         codes = _local(self.tensors[name]).detach().view(layer.fp8_dtype)
         if isinstance(layer, Fp8Experts):
-            scale = layer.scale(name.rpartition(".")[2])
+            scale = self.whole_scales.get(name)
+            if scale is None:
+                scale = layer.scale(name.rpartition(".")[2])
             held = local_region(scale)  # expert parallelism: the grids of this rank's experts only
             box = self.box(name)
             first, last = rows if rows is not None else (0, codes.shape[0])
             box = ((box[0][0] + first, box[0][0] + last), *box[1:])
+            matrix = tuple(self.tensors[name].shape[1:])
             for row, chunk in _dequantized_experts(
-                codes[first:last], _local(scale), layer, box, elements, 0 if held is None else held[0].start
+                codes[first:last],
+                _local(scale),
+                layer,
+                box,
+                elements,
+                0 if held is None else held[0].start,
+                matrix=matrix,
             ):
                 yield first + row, chunk
             return
@@ -149,7 +178,7 @@ class ModelValues:
                 row,
                 dequantize(
                     part.contiguous(),
-                    layer.weight_scale_inv,
+                    _local(layer.weight_scale_inv),  # tensor parallelism replicates it: the whole grid
                     dtype=layer.compute_dtype,
                     block_size=layer.block_size,
                     region=region if layer.block_size is not None else None,
@@ -164,11 +193,14 @@ def _dequantized_experts(
     box: Box,
     elements: int | None,
     scale_first: int = 0,
+    *,
+    matrix: tuple[int, ...] | None = None,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Runs of experts of this rank's box of a fused FP8-resident tensor, each matrix dequantized with its own
     grid of the stacked ``scale`` (whole, or from expert ``scale_first`` on) as the experts' forward does."""
     (expert0, _), (row0, row1), (col0, col1) = box
-    whole = (row0, col0) == (0, 0) and (row1, col1) == tuple(codes.shape[1:])
+    # whole: the box is each expert's whole matrix (``matrix``: its global shape; a column split from 0 is not)
+    whole = (row0, col0) == (0, 0) and (row1, col1) == (matrix or tuple(codes.shape[1:]))
     region = None if whole else (slice(row0, row1), slice(col0, col1))
     step = _rows_per_chunk(tuple(codes.shape), elements or None)
     for first in range(0, codes.shape[0], step):
@@ -200,6 +232,31 @@ def _rows_of(
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if is_dtensor(tensor) else tensor  # type: ignore[attr-defined]
+
+
+def _strided_past_dim0(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a DTensor placed ``_StridedShard`` on a dim past 0 (expert tensor parallelism's
+    ``gate_up_proj``: several boxes a rank). Told by placement, so every rank decides alike (a collective
+    follows)."""
+    if not is_dtensor(tensor):
+        return False
+    return any(
+        type(p).__name__ in ("_StridedShard", "StridedShard") and p.dim % tensor.dim() != 0  # type: ignore[attr-defined]
+        for p in tensor.placements  # type: ignore[attr-defined]
+    )
+
+
+def _one_box_a_rank(tensor: torch.Tensor, dim: int) -> torch.Tensor:
+    """``tensor`` (a DTensor on a 1-D mesh) re-split ``Shard(dim)``, whole on every rank in passing."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    mesh = tensor.device_mesh  # type: ignore[attr-defined]
+    whole = tensor.full_tensor()  # type: ignore[attr-defined]
+    index = mesh.get_local_rank()
+    local = whole.tensor_split(mesh.size(), dim=dim)[index].clone()  # torch.chunk's split where it divides
+    return DTensor.from_local(
+        local, mesh, [Shard(dim)], run_check=False, shape=whole.shape, stride=whole.stride()
+    )
 
 
 class CheckpointValues:

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 import automodel_plugins
 from automodel_plugins.errors import ExpertTensorParallelError
@@ -135,26 +134,18 @@ def _grads(model: Any, single: Any, batch: dict[str, torch.Tensor]) -> dict[str,
     model(**batch).loss.backward()
     single(**batch).loss.backward()
     single_params = dict(single.named_parameters())
-    diffs, summed = {}, {}
+    diffs = {}
     for pname, param in model.named_parameters():
         if param.grad is None:
             continue
         want = _same_indices(param, single_params[pname].grad)
         scale = max(want.abs().max().item(), 1e-12)
         diffs[pname] = _max_diff(_local(param.grad), want) / scale
-        if not is_dtensor(param.grad):  # a replicated parameter: its gradient summed over the ranks too
-            total = param.grad.clone()
-            dist.all_reduce(total)
-            summed[pname] = _max_diff(total, want) / scale
-    exact = {n: d for n, d in diffs.items() if d <= GRAD_TOLERANCE}
     return {
         "grad_names": sorted(diffs),
         "single_grad_names": sorted(n for n, p in single_params.items() if p.grad is not None),
         "max_grad_rel_diff": max(diffs.values()),
         "worst_grad": max(diffs, key=diffs.get),
-        "grads_partial": sorted(n for n in diffs if n not in exact),
-        "partial_summed_max_rel_diff": max((summed[n] for n in diffs if n not in exact), default=0.0),
-        "max_exact_rel_diff": max(exact.values()),
     }
 
 

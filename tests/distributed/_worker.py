@@ -62,6 +62,7 @@ from distributed import (
     _source_save_dtype,
     _stages,
     _tiny,
+    _tp_norm_grads,
 )
 
 CHECKPOINTS = {  # name -> (block size, tied embeddings)
@@ -1179,6 +1180,7 @@ SCENARIOS: dict[str, Callable[[Context], dict[str, Any]]] = {
     **_ct_state_dict.SCENARIOS,
     **_source_save_dtype.SCENARIOS,
     **_experts_tp.SCENARIOS,
+    **_tp_norm_grads.SCENARIOS,
 }
 
 

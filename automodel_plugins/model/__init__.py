@@ -13,6 +13,8 @@
 * ``fp8_tensor_parallel``: ``Fp8Linear``'s forward with its codes split by rows or columns (tensor parallel);
 * ``tensor_parallel``: transformers' ``tp_plan`` as torch ``ColwiseParallel`` / ``RowwiseParallel`` (PEFT-aware);
 * ``fp8_experts``: ``Fp8Experts``, fused MoE experts holding their FP8 weights and block scales;
+* ``expert_tensor_parallel``: ``Fp8Experts`` (or dequantized experts) split over ``tp`` by the intermediate dim,
+  every expert's slice on every rank, one all-reduce per MoE layer;
 * ``expert_parallel``: transformers' ``ep_plan`` applied with its own EP styles, ``Fp8Experts``' scale grids
   split by expert with their codes;
 * ``fp8_grouped``: ``Fp8Experts``' grouped forward: the hit experts dequantized into a reused buffer, one grouped

@@ -15,10 +15,8 @@ from typing import Any
 
 import torch
 from mistral4_checkpoints import _FP8_MAX, _blocks, _expand, tiny_model
-from mistral_native_checkpoints import LARGE_3_IGNORE, mla_native_tensors, params_of
+from mistral_native_checkpoints import LARGE_3_IGNORE, mla_native_tensors, mla_params_of
 from safetensors.torch import save_file
-
-from automodel_plugins.testing.tiny_models import tiny_mistral3_config
 
 BLOCK = (8, 8)
 """Expert intermediate 24 and hidden 64 are multiples of 8: every expert piece starts on a block boundary, so
@@ -28,48 +26,9 @@ _BF16 = ("wkv_a_with_mqa.weight", "wq_a.weight", ".gate.weight")
 
 
 def _params(model: Any) -> dict[str, Any]:
-    text = model.config.text_config
-    rope = text.rope_parameters
+    """The release's ``params.json``: the Large-3 fields of ``mla_params_of`` and the FP8_BLOCK section."""
     return {
-        "dim": text.hidden_size,
-        "n_layers": text.num_hidden_layers,
-        "head_dim": text.qk_nope_head_dim + text.qk_rope_head_dim,
-        "hidden_dim": text.intermediate_size,
-        "n_heads": text.num_attention_heads,
-        "n_kv_heads": text.num_key_value_heads,
-        "norm_eps": text.rms_norm_eps,
-        "vocab_size": text.vocab_size,
-        "tied_embeddings": False,
-        "max_position_embeddings": text.max_position_embeddings,
-        "q_lora_rank": text.q_lora_rank,
-        "kv_lora_rank": text.kv_lora_rank,
-        "qk_nope_head_dim": text.qk_nope_head_dim,
-        "qk_rope_head_dim": text.qk_rope_head_dim,
-        "v_head_dim": text.v_head_dim,
-        "moe": {
-            "expert_hidden_dim": text.moe_intermediate_size,
-            "first_k_dense_replace": text.first_k_dense_replace,
-            "num_expert_groups": 1,
-            "num_expert_groups_per_tok": 1,
-            "num_experts": text.n_routed_experts,
-            "num_experts_per_tok": text.num_experts_per_tok,
-            "num_shared_experts": text.n_shared_experts,
-            "route_every_n": 1,
-            "routed_scale": 1.0,
-        },
-        "rope_theta": rope["rope_theta"],
-        "yarn": {
-            "alpha": rope["beta_slow"],
-            "apply_scale": False,
-            "beta": rope["beta_fast"],
-            "factor": rope["factor"],
-            "original_max_position_embeddings": rope["original_max_position_embeddings"],
-        },
-        "llama_4_scaling": {
-            "beta": rope["llama_4_scaling_beta"],
-            "original_max_position_embeddings": rope["original_max_position_embeddings"],
-        },
-        "vision_encoder": params_of(tiny_mistral3_config(vision={"hidden_act": "silu"}))["vision_encoder"],
+        **mla_params_of(model.config),
         "quantization_config": {
             "config_groups": {
                 "FP8_BLOCK": {
